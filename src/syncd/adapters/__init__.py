@@ -1,0 +1,1 @@
+"""Adapters: one per service, each its models and its client."""

@@ -1,0 +1,354 @@
+"""The HTTP plumbing both service clients share: request budget, retries, typed errors.
+
+Each service gets one :class:`RequestBudget` for the whole daemon, so every task that talks
+to Katana draws from the same 60-per-minute allowance. GET, PUT, PATCH and DELETE are retried
+with backoff and jitter on 5xx and transport failures; a POST is retried only when the
+service honours an idempotency key, otherwise the caller looks its natural key up first.
+A 429 means the request was not processed, so any method waits for the window and retries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+import stamina
+
+from syncd.errors import (
+    ApiError,
+    AuthError,
+    DecodeError,
+    NotFound,
+    PaymentRequired,
+    RateLimited,
+    ServerError,
+    TransportError,
+    ValidationFailed,
+)
+
+__all__ = [
+    "Page",
+    "RequestBudget",
+    "ServiceClient",
+    "parse_reset",
+]
+
+T = TypeVar("T")
+
+Params = Mapping[str, str | int | Sequence[str | int]]
+
+_IDEMPOTENT = frozenset({"GET", "PUT", "PATCH", "DELETE", "HEAD"})
+
+
+def parse_reset(value: str, now: float) -> float | None:
+    """Turn a rate-limit reset header into an absolute epoch time in seconds.
+
+    Katana's spec says epoch milliseconds, its docs show epoch seconds, and some proxies send
+    seconds-until-reset; all three are accepted.
+    """
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if not math.isfinite(number) or number < 0:
+        return None
+    if number > 1e12:
+        return number / 1000.0
+    if number > 1e9:
+        return number
+    return now + number
+
+
+class RequestBudget:
+    """A sliding-window allowance of ``limit`` requests per ``period`` seconds.
+
+    :meth:`acquire` waits until a request fits. The service's own headers correct the
+    picture: when it says nothing remains, callers wait until its reset time.
+    """
+
+    def __init__(self, limit: int, period: float, *, clock: Callable[[], float] = time.monotonic):
+        if limit < 1 or period <= 0:
+            raise ValueError("a request budget needs limit >= 1 and period > 0")
+        self.limit = limit
+        self.period = period
+        self._clock = clock
+        self._sent: deque[float] = deque()
+        self._blocked_until = 0.0
+        self._lock = anyio.Lock()
+        self.remaining_reported: int | None = None
+
+    def _wait_time(self) -> float:
+        now = self._clock()
+        while self._sent and now - self._sent[0] >= self.period:
+            self._sent.popleft()
+        wait = max(0.0, self._blocked_until - now)
+        if len(self._sent) >= self.limit:
+            wait = max(wait, self._sent[0] + self.period - now)
+        return wait
+
+    async def acquire(self) -> None:
+        """Wait until one more request fits in the window, then count it."""
+        async with self._lock:
+            while (wait := self._wait_time()) > 0:
+                await anyio.sleep(wait)
+            self._sent.append(self._clock())
+
+    def block_for(self, seconds: float) -> None:
+        """Stop every caller for ``seconds`` (a 429, or the service saying nothing remains)."""
+        self._blocked_until = max(self._blocked_until, self._clock() + max(0.0, seconds))
+
+    @property
+    def used(self) -> int:
+        """Requests counted in the current window."""
+        self._wait_time()
+        return len(self._sent)
+
+
+class Page:
+    """One page of a list: its items and the pagination facts the service gave."""
+
+    def __init__(self, items: list[Any], total_pages: int | None) -> None:
+        self.items = items
+        self.total_pages = total_pages
+
+
+class _Retryable(Exception):
+    def __init__(self, error: ApiError) -> None:
+        self.error = error
+
+
+class ServiceClient:
+    """A thin async HTTP client for one service, with budget, retries and typed errors.
+
+    :param service: the service's name for errors and metrics (``katana``, ``tradegecko``).
+    :param base_url: the API root.
+    :param token: the bearer token.
+    :param budget: the shared request budget; one per service per daemon.
+    :param transport: an httpx transport, for tests.
+    :param attempts: how many times an idempotent request is tried.
+    :param max_rate_wait: the longest total time spent waiting out 429s for one request.
+    """
+
+    #: The header names of the service's rate limit; set by subclasses.
+    remaining_header = "X-RateLimit-Remaining"
+    reset_header = "X-RateLimit-Reset"
+
+    def __init__(
+        self,
+        service: str,
+        base_url: str,
+        token: str,
+        *,
+        budget: RequestBudget,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 30.0,
+        attempts: int = 5,
+        max_rate_wait: float = 180.0,
+        on_response: Callable[[str, str, int, float], None] | None = None,
+    ) -> None:
+        self.service = service
+        self.budget = budget
+        self.attempts = attempts
+        self.max_rate_wait = max_rate_wait
+        self._on_response = on_response
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+            transport=transport,
+            timeout=timeout,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> ServiceClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Params | None = None,
+        body: bytes | None = None,
+        idempotency_key: str | None = None,
+        template: str | None = None,
+    ) -> httpx.Response:
+        """Send one request and return the 2xx response, or raise a typed :class:`ApiError`.
+
+        :param template: the endpoint as a template (``/sales_orders/{id}``) for errors and
+            metrics, so that ids do not explode label cardinality.
+        """
+        endpoint = template or path
+        retry_errors = method in _IDEMPOTENT or idempotency_key is not None
+        headers: dict[str, str] = {}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+
+        rate_waited = 0.0
+        attempts = self.attempts if retry_errors else 1
+        try:
+            async for attempt in stamina.retry_context(
+                on=_Retryable, attempts=attempts, wait_initial=0.2, wait_max=10.0, timeout=None
+            ):
+                with attempt:
+                    while True:
+                        response = await self._send_once(
+                            method, path, endpoint, params, body, headers
+                        )
+                        if response.status_code != 429:
+                            break
+                        wait = self._retry_after(response)
+                        if rate_waited + wait > self.max_rate_wait:
+                            raise self._error(method, endpoint, response, RateLimited)
+                        rate_waited += wait
+                        self.budget.block_for(wait)
+                    if response.status_code >= 500:
+                        raise _Retryable(self._error(method, endpoint, response, ServerError))
+                    if response.status_code >= 400:
+                        raise self._client_error(method, endpoint, response)
+                    return response
+        except _Retryable as exc:
+            raise exc.error from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send_once(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        params: Params | None,
+        body: bytes | None,
+        headers: dict[str, str],
+    ) -> httpx.Response:
+        await self.budget.acquire()
+        started = time.perf_counter()
+        try:
+            response = await self._http.request(
+                method, path, params=params, content=body, headers=headers
+            )
+            await response.aread()
+        except httpx.TimeoutException as exc:
+            self._observe(method, endpoint, 0, started)
+            raise _Retryable(
+                TransportError(self.service, method, endpoint, f"timed out ({exc!r})")
+            ) from exc
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            self._observe(method, endpoint, 0, started)
+            raise _Retryable(
+                TransportError(self.service, method, endpoint, f"connection failed ({exc!r})")
+            ) from exc
+        self._observe(method, endpoint, response.status_code, started)
+        self._read_rate_headers(response)
+        return response
+
+    def _observe(self, method: str, endpoint: str, status: int, started: float) -> None:
+        if self._on_response is not None:
+            self._on_response(method, endpoint, status, time.perf_counter() - started)
+
+    def _read_rate_headers(self, response: httpx.Response) -> None:
+        remaining = response.headers.get(self.remaining_header)
+        if remaining is None:
+            return
+        try:
+            left = int(float(remaining))
+        except ValueError:
+            return
+        self.budget.remaining_reported = left
+        if left <= 0:
+            reset = parse_reset(response.headers.get(self.reset_header, ""), time.time())
+            if reset is not None:
+                self.budget.block_for(min(reset - time.time(), self.budget.period))
+
+    def _retry_after(self, response: httpx.Response) -> float:
+        value = response.headers.get("Retry-After")
+        if value is not None:
+            try:
+                return max(0.5, float(value))
+            except ValueError:
+                pass
+        reset = parse_reset(response.headers.get(self.reset_header, ""), time.time())
+        if reset is not None:
+            return max(0.5, min(reset - time.time(), self.budget.period))
+        return min(5.0, self.budget.period)
+
+    # -- errors ------------------------------------------------------------------------
+
+    def _client_error(self, method: str, endpoint: str, response: httpx.Response) -> ApiError:
+        kinds: dict[int, type[ApiError]] = {
+            401: AuthError,
+            402: PaymentRequired,
+            404: NotFound,
+            422: ValidationFailed,
+        }
+        return self._error(method, endpoint, response, kinds.get(response.status_code, ApiError))
+
+    def _error(
+        self, method: str, endpoint: str, response: httpx.Response, kind: type[ApiError]
+    ) -> ApiError:
+        reason, details = describe_error_body(response)
+        return kind(
+            self.service,
+            method,
+            endpoint,
+            reason,
+            status=response.status_code,
+            details=details,
+            request_id=response.headers.get("X-Request-Id"),
+        )
+
+    def decode_error(self, method: str, endpoint: str, problem: str) -> DecodeError:
+        """A :class:`DecodeError` for a 2xx body that breaks the contract."""
+        return DecodeError(self.service, method, endpoint, f"unexpected answer: {problem}")
+
+
+def describe_error_body(response: httpx.Response) -> tuple[str, Any]:
+    """A short reason and any field details from an error body of either service.
+
+    Handles Katana's ``{statusCode, name, message, details}`` and its ``{"error": {...}}``
+    wrapper, TradeGecko's ``{"errors": {field: [msg]}}``, and bodies that are HTML or empty.
+    """
+    text = response.content
+    if not text.strip():
+        return f"{response.reason_phrase or 'error'} (empty body)", None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        kind = response.headers.get("Content-Type", "unknown type").split(";")[0]
+        return f"{response.reason_phrase or 'error'} (non-JSON body of {kind})", None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        data = data["error"]
+    if not isinstance(data, dict):
+        return f"{response.reason_phrase or 'error'}", data
+    if "errors" in data:
+        errors = data["errors"]
+        if isinstance(errors, dict):
+            parts = [
+                f"{field} {', '.join(map(str, msgs)) if isinstance(msgs, list) else msgs}"
+                for field, msgs in errors.items()
+            ]
+            return "; ".join(parts) or "validation failed", errors
+        return str(errors), errors
+    message = data.get("message") or data.get("name") or response.reason_phrase or "error"
+    details = data.get("details")
+    if isinstance(details, list) and details:
+        parts = []
+        for item in details:
+            if isinstance(item, dict):
+                parts.append(f"{item.get('path', '?')}: {item.get('message', item.get('code'))}")
+        if parts:
+            message = f"{message} ({'; '.join(parts)})"
+    return str(message), details
