@@ -95,7 +95,8 @@ class RequestBudget:
     async def acquire(self) -> None:
         """Wait until one more request fits in the window, then count it."""
         async with self._lock:
-            while (wait := self._wait_time()) > 0:
+            # The wait is computed from the window, not signalled by anyone.
+            while (wait := self._wait_time()) > 0:  # noqa: ASYNC110
                 await anyio.sleep(wait)
             self._sent.append(self._clock())
 

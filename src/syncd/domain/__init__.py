@@ -1,1 +1,1 @@
-
+"""The pure domain: the linked-order statechart, the order types and the mapping rules."""

@@ -43,7 +43,9 @@ def _base_url(sock: socket.socket) -> str:
     return f"http://{host}:{port}"
 
 
-async def serve(app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+async def serve(
+    app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+) -> None:
     """Serve ``app`` until cancelled."""
     async with serving(app, host, port, log_level=log_level):
         await anyio.sleep_forever()
@@ -63,7 +65,7 @@ async def serving(
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve, [sock])
             with anyio.fail_after(10):
-                while not server.started:
+                while not server.started:  # noqa: ASYNC110 - uvicorn only sets a flag
                     await anyio.sleep(0.005)
             try:
                 yield _base_url(sock)

@@ -1,0 +1,314 @@
+"""The linked-order statechart: loaded from ``statecharts/linked_order.toml``, decided purely.
+
+The file is the single source of state names. :class:`Statechart` wraps a synchronous
+``transitions`` machine used only as a decision: given a state and a trigger it answers where
+the order goes and which effect that entails. Nothing here does I/O beyond reading the file,
+and no callback runs work; effects are the runtime's business.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transitions import Machine, MachineError
+
+from syncd.errors import StatechartError
+
+__all__ = [
+    "RESUME",
+    "Decision",
+    "State",
+    "Statechart",
+    "default_statechart_path",
+    "load_statechart",
+]
+
+#: The destination that means "back to the state the order was in before attention".
+RESUME = "resume"
+
+_STATE_KEYS = frozenset({"description", "effect", "follow", "attention", "terminal"})
+_TRANSITION_KEYS = frozenset({"trigger", "source", "dest", "description"})
+
+
+@dataclass(frozen=True)
+class State:
+    """One state of a linked order as the statechart file describes it."""
+
+    name: str
+    description: str = ""
+    effect: str | None = None
+    follow: bool = False
+    attention: bool = False
+    terminal: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of firing ``trigger`` in ``source``.
+
+    ``resume_state`` is what the order returns to on ``retry``: set when it enters an
+    attention state, cleared when it leaves one.
+    """
+
+    trigger: str
+    source: str
+    dest: str
+    effect: str | None
+    resume_state: str | None
+
+
+class _Decider:
+    """The model the machine moves; it only carries the state and the resume target."""
+
+    state: str
+    resume_state: str | None = None
+
+
+class Statechart:
+    """A loaded statechart: states, transitions, and a pure :meth:`decide`."""
+
+    def __init__(self, data: Mapping[str, Any], *, source: str = "<data>") -> None:
+        self.source = source
+        self.states, self.initial, self._transitions = _parse(data, source)
+        self.triggers = tuple(sorted({t["trigger"] for t in self._transitions}))
+        self._resumable = tuple(
+            s.name for s in self.states.values() if not (s.attention or s.terminal)
+        )
+        self._decider = _Decider()
+        self._machine = Machine(
+            model=self._decider,
+            states=list(self.states),
+            transitions=self._machine_transitions(),
+            initial=self.initial,
+            auto_transitions=False,
+            send_event=True,
+            ignore_invalid_triggers=False,
+        )
+
+    def _machine_transitions(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = []
+        for t in self._transitions:
+            if t["dest"] != RESUME:
+                result.append({"trigger": t["trigger"], "source": t["source"], "dest": t["dest"]})
+                continue
+            result.extend(
+                {
+                    "trigger": t["trigger"],
+                    "source": t["source"],
+                    "dest": target,
+                    "conditions": [_resumes_to(target)],
+                }
+                for target in self._resumable
+            )
+        return result
+
+    # -- questions -----------------------------------------------------------------------
+
+    def state(self, name: str) -> State:
+        """The state called ``name``; :class:`StatechartError` if there is none."""
+        try:
+            return self.states[name]
+        except KeyError:
+            raise StatechartError(f"unknown state {name!r} (not in {self.source})") from None
+
+    def effect_states(self) -> dict[str, str]:
+        """State name → the effect run on entering it."""
+        return {s.name: s.effect for s in self.states.values() if s.effect}
+
+    def followed_states(self) -> list[str]:
+        """States in which syncd watches the Katana sales order."""
+        return [s.name for s in self.states.values() if s.follow]
+
+    def open_states(self) -> list[str]:
+        """States an order can still leave."""
+        return [s.name for s in self.states.values() if not s.terminal]
+
+    def attention_states(self) -> list[str]:
+        return [s.name for s in self.states.values() if s.attention]
+
+    def terminal_states(self) -> list[str]:
+        return [s.name for s in self.states.values() if s.terminal]
+
+    def allows(self, state: str, trigger: str, *, resume_state: str | None = None) -> bool:
+        """Whether ``trigger`` moves an order in ``state``."""
+        return self.decide(state, trigger, resume_state=resume_state) is not None
+
+    def decide(
+        self, state: str, trigger: str, *, resume_state: str | None = None
+    ) -> Decision | None:
+        """Where ``trigger`` takes an order in ``state``, or ``None`` if it does not apply.
+
+        A trigger the statechart does not know at all is an error (a bug, not an event).
+
+        :raises StatechartError: unknown state or trigger.
+        """
+        self.state(state)
+        if trigger not in self.triggers:
+            raise StatechartError(f"unknown trigger {trigger!r} (not in {self.source})")
+        decider = self._decider
+        self._machine.set_state(state, decider)
+        decider.resume_state = resume_state
+        try:
+            moved = decider.trigger(trigger)  # type: ignore[attr-defined]
+        except MachineError:
+            return None
+        if not moved:
+            return None
+        dest: str = decider.state
+        entered = self.states[dest]
+        if entered.attention:
+            resume = resume_state if self.states[state].attention else state
+        else:
+            resume = None
+        return Decision(trigger, state, dest, entered.effect, resume)
+
+    def valid_path(self, steps: Sequence[tuple[str | None, str, str]]) -> bool:
+        """Whether a history of ``(from, to, trigger)`` steps is a path of this chart.
+
+        The first step enters the initial state from nothing.
+        """
+        resume: str | None = None
+        current: str | None = None
+        for source, dest, trigger in steps:
+            if current is None:
+                if source is not None or dest != self.initial:
+                    return False
+                current = dest
+                continue
+            if source != current:
+                return False
+            decision = self.decide(current, trigger, resume_state=resume)
+            if decision is None or decision.dest != dest:
+                return False
+            current, resume = decision.dest, decision.resume_state
+        return True
+
+    # -- drawing -------------------------------------------------------------------------
+
+    def mermaid(self) -> str:
+        """The statechart as a mermaid ``stateDiagram-v2``, drawn by ``transitions``."""
+        from transitions.extensions import GraphMachine
+
+        graph = GraphMachine(
+            states=list(self.states),
+            transitions=[
+                {"trigger": t["trigger"], "source": t["source"], "dest": t["dest"]}
+                for t in self._transitions
+                if t["dest"] != RESUME
+            ]
+            + [
+                {"trigger": f"{t['trigger']} (back)", "source": t["source"], "dest": target}
+                for t in self._transitions
+                if t["dest"] == RESUME
+                for target in self._resumable
+            ],
+            initial=self.initial,
+            auto_transitions=False,
+            graph_engine="mermaid",
+            title="Linked order",
+        )
+        text: str = graph.get_graph().draw(None)
+        return text.rstrip() + "\n"
+
+
+def _resumes_to(target: str) -> Any:
+    def condition(event: Any) -> bool:
+        return bool(event.model.resume_state == target)
+
+    condition.__name__ = f"resumes_to_{target}"
+    return condition
+
+
+def _parse(
+    data: Mapping[str, Any], source: str
+) -> tuple[dict[str, State], str, list[dict[str, Any]]]:
+    def fail(message: str) -> StatechartError:
+        return StatechartError(f"{source}: {message}")
+
+    raw_states = data.get("states")
+    if not isinstance(raw_states, Mapping) or not raw_states:
+        raise fail("needs a [states] table with at least one state")
+    states: dict[str, State] = {}
+    for name, spec in raw_states.items():
+        if not isinstance(spec, Mapping):
+            raise fail(f"states.{name} must be a table")
+        unknown = set(spec) - _STATE_KEYS
+        if unknown:
+            raise fail(f"states.{name} has unknown keys {sorted(unknown)}")
+        if name == RESUME:
+            raise fail(f"{RESUME!r} is reserved as the destination of a retry")
+        states[name] = State(
+            name=name,
+            description=str(spec.get("description", "")),
+            effect=spec.get("effect"),
+            follow=bool(spec.get("follow", False)),
+            attention=bool(spec.get("attention", False)),
+            terminal=bool(spec.get("terminal", False)),
+        )
+    initial = data.get("initial")
+    if initial not in states:
+        raise fail(f"initial state {initial!r} is not among the states")
+    raw_transitions = data.get("transitions")
+    if not isinstance(raw_transitions, list) or not raw_transitions:
+        raise fail("needs [[transitions]]")
+    transitions: list[dict[str, Any]] = []
+    for index, spec in enumerate(raw_transitions):
+        where = f"transitions[{index}]"
+        if not isinstance(spec, Mapping):
+            raise fail(f"{where} must be a table")
+        unknown = set(spec) - _TRANSITION_KEYS
+        if unknown:
+            raise fail(f"{where} has unknown keys {sorted(unknown)}")
+        trigger, sources, dest = spec.get("trigger"), spec.get("source"), spec.get("dest")
+        if not isinstance(trigger, str) or not trigger:
+            raise fail(f"{where}.trigger must be a name")
+        if isinstance(sources, str):
+            sources = [sources]
+        if not isinstance(sources, list) or not sources:
+            raise fail(f"{where}.source must name one or more states")
+        for name in sources:
+            if name not in states:
+                raise fail(f"{where}.source names unknown state {name!r}")
+            if states[name].terminal:
+                raise fail(f"{where}.source {name!r} is terminal")
+        if dest != RESUME and dest not in states:
+            raise fail(f"{where}.dest names unknown state {dest!r}")
+        transitions.append({"trigger": trigger, "source": list(sources), "dest": dest})
+    return states, str(initial), transitions
+
+
+def default_statechart_path() -> Path:
+    """Where the statechart file is: ``$SYNCD_STATECHART``, the source tree, or the install."""
+    override = os.environ.get("SYNCD_STATECHART")
+    if override:
+        return Path(override)
+    name = Path("statecharts") / "linked_order.toml"
+    candidates = [
+        Path(__file__).resolve().parents[3] / name,
+        Path(sys.prefix) / "share" / "syncd" / name,
+    ]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    return candidates[0]
+
+
+def load_statechart(path: Path | str | None = None) -> Statechart:
+    """Read and check a statechart file.
+
+    :raises StatechartError: the file is missing, not TOML, or not a valid statechart.
+    """
+    file = Path(path) if path is not None else default_statechart_path()
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StatechartError(f"statechart file not found: {file}") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise StatechartError(f"{file}: cannot read statechart ({exc})") from None
+    return Statechart(data, source=str(file))

@@ -1,0 +1,540 @@
+"""The SQLite store of linked orders, their transitions, the inbox and the pollers' cursors.
+
+One aiosqlite connection, WAL journal, ``synchronous=FULL`` so that an acknowledged write
+survives power loss, a busy timeout so that ``syncctl`` writing at the same moment waits
+instead of failing, and ``BEGIN IMMEDIATE`` for every write so that a transaction never has
+to upgrade its lock halfway. A transition, the link's new state and the inbox event that
+caused it are written in one transaction: either all of it happened or none did.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+import msgspec
+
+from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderSnapshot
+from syncd.domain.statechart import Decision
+from syncd.errors import StoreError
+from syncd.store._schema import MIGRATIONS
+
+__all__ = ["InboxEvent", "Store", "TransitionRecord"]
+
+_encode = msgspec.json.Encoder().encode
+_snapshot_decoder = msgspec.json.Decoder(PurchaseOrderSnapshot)
+_lines_decoder = msgspec.json.Decoder(tuple[LineLink, ...])
+_notes_decoder = msgspec.json.Decoder(tuple[str, ...])
+
+_LINK_COLUMNS = (
+    "id, po_id, po_number, state, resume_state, reason, so_id, so_number, currency, "
+    "snapshot, lines, notes, last_error, created_at, updated_at, state_since"
+)
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class InboxEvent:
+    """Something seen by a poller, a webhook or an effect, waiting for the dispatcher."""
+
+    id: int
+    source: str
+    kind: str
+    payload: bytes
+    po_id: int | None
+    so_id: int | None
+    link_id: int | None
+    received_at: float
+
+
+@dataclass(frozen=True)
+class TransitionRecord:
+    """One row of the append-only transition log."""
+
+    id: int
+    link_id: int
+    from_state: str | None
+    to_state: str
+    trigger: str
+    cause: str
+    at: float
+    po_number: str | None = None
+
+
+def _iso(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+def _link(row: Sequence[Any]) -> LinkedOrder:
+    return LinkedOrder(
+        id=row[0],
+        po_id=row[1],
+        po_number=row[2],
+        state=row[3],
+        resume_state=row[4],
+        reason=row[5],
+        so_id=row[6],
+        so_number=row[7],
+        currency=row[8],
+        snapshot=_snapshot_decoder.decode(row[9]) if row[9] else None,
+        lines=_lines_decoder.decode(row[10]) if row[10] else (),
+        notes=_notes_decoder.decode(row[11]) if row[11] else (),
+        last_error=row[12],
+        created_at=_iso(row[13]),
+        updated_at=_iso(row[14]),
+    )
+
+
+class Store:
+    """The daemon's memory. Open with :meth:`open`; close with :meth:`close`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: str, *, clock: Any = time.time) -> None:
+        self._db = db
+        self.path = path
+        self._clock = clock
+        self._write_lock = anyio.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: str | Path, *, readonly: bool = False) -> Store:
+        """Open (and migrate) the store at ``path``.
+
+        :raises StoreError: the file cannot be opened, is not a syncd database, or is newer
+            than this syncd.
+        """
+        path = str(path)
+        try:
+            if readonly:
+                if not Path(path).exists():  # noqa: ASYNC240 - once, at start
+                    raise StoreError(f"database not found: {path}")
+                db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            else:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                db = await aiosqlite.connect(path, isolation_level=None)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from None
+        store = cls(db, path)
+        try:
+            await db.execute("PRAGMA busy_timeout = 5000")
+            await db.execute("PRAGMA foreign_keys = ON")
+            if not readonly:
+                await db.execute("PRAGMA journal_mode = WAL")
+                await db.execute("PRAGMA synchronous = FULL")
+                await store._migrate()
+            else:
+                await store._check_version()
+        except sqlite3.Error as exc:
+            await db.close()
+            raise StoreError(f"cannot use database {path}: {exc}") from None
+        except StoreError:
+            await db.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _check_version(self) -> int:
+        async with self._db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"database {self.path} has schema version {version}, newer than this syncd "
+                f"({len(MIGRATIONS)}): upgrade syncd"
+            )
+        return version
+
+    async def _migrate(self) -> None:
+        version = await self._check_version()
+        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            async with self._transaction() as db:
+                for statement in _statements(script):
+                    await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {target}")
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot write to {self.path}: {exc}") from None
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            try:
+                await self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await self._db.execute("ROLLBACK")
+                raise StoreError(f"cannot commit to {self.path}: {exc}") from None
+
+    async def integrity_check(self) -> list[str]:
+        """SQLite's own integrity check; an empty list means the file is sound."""
+        async with self._db.execute("PRAGMA integrity_check") as cursor:
+            rows = await cursor.fetchall()
+        problems = [str(r[0]) for r in rows]
+        return [] if problems == ["ok"] else problems
+
+    # -- meta and cursors ----------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> str | None:
+        async with self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def setdefault_meta(self, key: str, value: str) -> str:
+        """Set ``key`` unless it is set; return the value in force."""
+        async with self._transaction() as db:
+            await db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        stored = await self.get_meta(key)
+        assert stored is not None
+        return stored
+
+    async def get_cursor(self, name: str) -> str | None:
+        async with self._db.execute("SELECT value FROM cursors WHERE name = ?", (name,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def set_cursor(self, name: str, value: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO cursors (name, value, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
+                "updated_at = excluded.updated_at",
+                (name, value, self._clock()),
+            )
+
+    async def cursors(self) -> dict[str, tuple[str, float]]:
+        async with self._db.execute("SELECT name, value, updated_at FROM cursors") as cur:
+            rows = await cur.fetchall()
+        return {str(r[0]): (str(r[1]), float(r[2])) for r in rows}
+
+    # -- inbox ---------------------------------------------------------------------------
+
+    async def add_event(
+        self,
+        source: str,
+        kind: str,
+        payload: bytes,
+        *,
+        dedup_key: str | None = None,
+        po_id: int | None = None,
+        so_id: int | None = None,
+        link_id: int | None = None,
+    ) -> int | None:
+        """Persist an event; ``None`` when its ``dedup_key`` was seen before."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT OR IGNORE INTO inbox "
+                "(source, kind, dedup_key, po_id, so_id, link_id, payload, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (source, kind, dedup_key, po_id, so_id, link_id, payload, self._clock()),
+            )
+            inserted = cursor.rowcount == 1
+            row_id = cursor.lastrowid
+        return row_id if inserted else None
+
+    async def pending_events(self, limit: int = 200) -> list[InboxEvent]:
+        """Unprocessed events, oldest first."""
+        async with self._db.execute(
+            "SELECT id, source, kind, payload, po_id, so_id, link_id, received_at FROM inbox "
+            "WHERE processed_at IS NULL ORDER BY id LIMIT ?",
+            (limit,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [InboxEvent(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+
+    async def events_for_link(self, link_id: int) -> list[InboxEvent]:
+        async with self._db.execute(
+            "SELECT id, source, kind, payload, po_id, so_id, link_id, received_at FROM inbox "
+            "WHERE link_id = ? ORDER BY id",
+            (link_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [InboxEvent(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+
+    async def mark_processed(self, event_id: int, outcome: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE inbox SET processed_at = ?, outcome = ? WHERE id = ?",
+                (self._clock(), outcome, event_id),
+            )
+
+    async def inbox_backlog(self) -> tuple[int, float | None]:
+        """How many events wait, and when the oldest arrived."""
+        async with self._db.execute(
+            "SELECT count(*), min(received_at) FROM inbox WHERE processed_at IS NULL"
+        ) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), row[1]
+
+    # -- links ---------------------------------------------------------------------------
+
+    async def create_link(
+        self,
+        snapshot: PurchaseOrderSnapshot,
+        *,
+        state: str,
+        trigger: str,
+        cause: str,
+        event_id: int | None,
+    ) -> LinkedOrder | None:
+        """Start following a PO; ``None`` when it is already linked."""
+        now = self._clock()
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT OR IGNORE INTO links (po_id, po_number, state, snapshot, created_at, "
+                "updated_at, state_since) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (snapshot.po_id, snapshot.po_number, state, _encode(snapshot), now, now, now),
+            )
+            created = cursor.rowcount == 1
+            link_id = cursor.lastrowid
+            if created:
+                await db.execute(
+                    "INSERT INTO transitions (link_id, from_state, to_state, trigger, cause, "
+                    "event_id, at) VALUES (?, NULL, ?, ?, ?, ?, ?)",
+                    (link_id, state, trigger, cause, event_id, now),
+                )
+            if event_id is not None:
+                await db.execute(
+                    "UPDATE inbox SET processed_at = ?, outcome = ?, link_id = "
+                    "(SELECT id FROM links WHERE po_id = ?) WHERE id = ?",
+                    (now, "linked" if created else "duplicate", snapshot.po_id, event_id),
+                )
+        if not created:
+            return None
+        assert link_id is not None
+        return await self.get_link(link_id)
+
+    async def apply(
+        self,
+        link: LinkedOrder,
+        decision: Decision,
+        *,
+        cause: str,
+        event_id: int | None = None,
+        reason: str | None = None,
+        so_id: int | None = _UNSET,
+        so_number: str | None = _UNSET,
+        currency: str | None = _UNSET,
+        lines: tuple[LineLink, ...] | None = None,
+        notes: Iterable[str] = (),
+    ) -> LinkedOrder:
+        """Record a transition: the link's new state, the log row, the event processed.
+
+        Refuses (``StoreError``) if the link is no longer in ``decision.source``: another
+        writer moved it first, and the caller must decide again.
+        """
+        now = self._clock()
+        sets = ["state = ?", "resume_state = ?", "reason = ?", "updated_at = ?", "state_since = ?"]
+        values: list[Any] = [decision.dest, decision.resume_state, reason, now, now]
+        if so_id is not _UNSET:
+            sets.append("so_id = ?")
+            values.append(so_id)
+        if so_number is not _UNSET:
+            sets.append("so_number = ?")
+            values.append(so_number)
+        if currency is not _UNSET:
+            sets.append("currency = ?")
+            values.append(currency)
+        if lines is not None:
+            sets.append("lines = ?")
+            values.append(_encode(lines))
+        new_notes = tuple(notes)
+        if new_notes:
+            sets.append("notes = ?")
+            values.append(_encode(link.notes + tuple(n for n in new_notes if n not in link.notes)))
+        if decision.dest != decision.source and not self._is_attention(decision):
+            sets.append("last_error = NULL")
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                f"UPDATE links SET {', '.join(sets)} WHERE id = ? AND state = ?",
+                (*values, link.id, decision.source),
+            )
+            if cursor.rowcount != 1:
+                raise StoreError(
+                    f"order {link.po_number} is no longer in {decision.source}: not applied"
+                )
+            await db.execute(
+                "INSERT INTO transitions (link_id, from_state, to_state, trigger, cause, "
+                "event_id, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (link.id, decision.source, decision.dest, decision.trigger, cause, event_id, now),
+            )
+            if event_id is not None:
+                await db.execute(
+                    "UPDATE inbox SET processed_at = ?, outcome = ?, link_id = ? WHERE id = ?",
+                    (now, f"{decision.source}->{decision.dest}", link.id, event_id),
+                )
+        updated = await self.get_link(link.id)
+        assert updated is not None
+        return updated
+
+    @staticmethod
+    def _is_attention(decision: Decision) -> bool:
+        return decision.resume_state is not None
+
+    async def note(
+        self,
+        link_id: int,
+        *,
+        notes: Iterable[str] = (),
+        last_error: str | None = _UNSET,
+        lines: tuple[LineLink, ...] | None = None,
+    ) -> None:
+        """Add notes, set the last error or the line map, without moving the order."""
+        link = await self.get_link(link_id)
+        if link is None:
+            raise StoreError(f"no linked order with id {link_id}")
+        sets: list[str] = ["updated_at = ?"]
+        values: list[Any] = [self._clock()]
+        new = tuple(n for n in notes if n not in link.notes)
+        if new:
+            sets.append("notes = ?")
+            values.append(_encode(link.notes + new))
+        if last_error is not _UNSET:
+            sets.append("last_error = ?")
+            values.append(last_error)
+        if lines is not None:
+            sets.append("lines = ?")
+            values.append(_encode(lines))
+        async with self._transaction() as db:
+            await db.execute(f"UPDATE links SET {', '.join(sets)} WHERE id = ?", (*values, link_id))
+
+    async def _one(self, where: str, args: Sequence[Any]) -> LinkedOrder | None:
+        async with self._db.execute(
+            f"SELECT {_LINK_COLUMNS} FROM links WHERE {where}", args
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else _link(row)
+
+    async def get_link(self, link_id: int) -> LinkedOrder | None:
+        return await self._one("id = ?", (link_id,))
+
+    async def link_by_po(self, po_id: int) -> LinkedOrder | None:
+        return await self._one("po_id = ?", (po_id,))
+
+    async def link_by_po_number(self, po_number: str) -> LinkedOrder | None:
+        return await self._one("po_number = ?", (po_number,))
+
+    async def link_by_so(self, so_id: int) -> LinkedOrder | None:
+        return await self._one("so_id = ?", (so_id,))
+
+    async def find_link(self, key: str) -> LinkedOrder | None:
+        """A link by PO number, or by its numeric id."""
+        link = await self.link_by_po_number(key)
+        if link is None and key.isdigit():
+            link = await self.get_link(int(key))
+        return link
+
+    async def links_in_states(
+        self, states: Sequence[str], *, older_than: float | None = None, limit: int | None = None
+    ) -> list[LinkedOrder]:
+        if not states:
+            return []
+        marks = ", ".join("?" for _ in states)
+        sql = f"SELECT {_LINK_COLUMNS} FROM links WHERE state IN ({marks})"
+        args: list[Any] = list(states)
+        if older_than is not None:
+            sql += " AND state_since <= ?"
+            args.append(self._clock() - older_than)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        async with self._db.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        return [_link(r) for r in rows]
+
+    async def all_links(self, *, limit: int = 1000) -> list[LinkedOrder]:
+        async with self._db.execute(
+            f"SELECT {_LINK_COLUMNS} FROM links ORDER BY id DESC LIMIT ?", (limit,)
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_link(r) for r in rows]
+
+    async def so_ids_in_states(self, states: Sequence[str]) -> dict[int, int]:
+        """Katana SO id → link id, for links in ``states`` that have an SO."""
+        if not states:
+            return {}
+        marks = ", ".join("?" for _ in states)
+        async with self._db.execute(
+            f"SELECT so_id, id FROM links WHERE so_id IS NOT NULL AND state IN ({marks})",
+            list(states),
+        ) as cur:
+            rows = await cur.fetchall()
+        return {int(r[0]): int(r[1]) for r in rows}
+
+    async def linked_po_ids(self, po_ids: Sequence[int]) -> set[int]:
+        if not po_ids:
+            return set()
+        marks = ", ".join("?" for _ in po_ids)
+        async with self._db.execute(
+            f"SELECT po_id FROM links WHERE po_id IN ({marks})", list(po_ids)
+        ) as cur:
+            rows = await cur.fetchall()
+        return {int(r[0]) for r in rows}
+
+    async def counts_by_state(self) -> dict[str, int]:
+        async with self._db.execute("SELECT state, count(*) FROM links GROUP BY state") as cur:
+            rows = await cur.fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def oldest_by_state(self) -> dict[str, tuple[str, float]]:
+        """State → (PO number, since) of the order that has waited there longest."""
+        async with self._db.execute(
+            "SELECT l.state, l.po_number, l.state_since FROM links l JOIN ("
+            "SELECT state, min(state_since) AS since FROM links GROUP BY state) o "
+            "ON l.state = o.state AND l.state_since = o.since"
+        ) as cur:
+            rows = await cur.fetchall()
+        return {str(r[0]): (str(r[1]), float(r[2])) for r in rows}
+
+    # -- transitions ---------------------------------------------------------------------
+
+    async def history(self, link_id: int) -> list[TransitionRecord]:
+        async with self._db.execute(
+            "SELECT id, link_id, from_state, to_state, trigger, cause, at FROM transitions "
+            "WHERE link_id = ? ORDER BY id",
+            (link_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [TransitionRecord(*r) for r in rows]
+
+    async def recent_transitions(self, limit: int = 50) -> list[TransitionRecord]:
+        async with self._db.execute(
+            "SELECT t.id, t.link_id, t.from_state, t.to_state, t.trigger, t.cause, t.at, "
+            "l.po_number FROM transitions t JOIN links l ON l.id = t.link_id "
+            "ORDER BY t.id DESC LIMIT ?",
+            (limit,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [TransitionRecord(*r) for r in rows]
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements
