@@ -1,1 +1,1 @@
-
+"""The command-line tools: syncd and syncctl."""

@@ -1,1 +1,1 @@
-
+"""Operations: logging, serving, metrics."""

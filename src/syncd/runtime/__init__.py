@@ -1,1 +1,1 @@
-
+"""The runtime: pollers, dispatcher, effects, the daemon."""

@@ -1,1 +1,48 @@
+"""The TradeGecko adapter: its records (msgspec structs) and its API client."""
 
+from syncd.adapters.tradegecko.client import PAGE_LIMIT, TradeGeckoClient
+from syncd.adapters.tradegecko.models import (
+    Account,
+    AccountEnvelope,
+    Company,
+    CompanyList,
+    Currency,
+    CurrencyList,
+    ListMeta,
+    Procurement,
+    ProcurementEnvelope,
+    ProcurementList,
+    PurchaseOrder,
+    PurchaseOrderEnvelope,
+    PurchaseOrderLineItem,
+    PurchaseOrderLineItemList,
+    PurchaseOrderList,
+    Variant,
+    VariantEnvelope,
+    VariantList,
+    WebhookNotification,
+)
+
+__all__ = [
+    "PAGE_LIMIT",
+    "Account",
+    "AccountEnvelope",
+    "Company",
+    "CompanyList",
+    "Currency",
+    "CurrencyList",
+    "ListMeta",
+    "Procurement",
+    "ProcurementEnvelope",
+    "ProcurementList",
+    "PurchaseOrder",
+    "PurchaseOrderEnvelope",
+    "PurchaseOrderLineItem",
+    "PurchaseOrderLineItemList",
+    "PurchaseOrderList",
+    "TradeGeckoClient",
+    "Variant",
+    "VariantEnvelope",
+    "VariantList",
+    "WebhookNotification",
+]

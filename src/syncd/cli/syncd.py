@@ -1,0 +1,183 @@
+"""``syncd``: run the daemon, check a config, run the demo, serve a simulator.
+
+Exit codes: 0 success; 1 the demo did not receive every order; 2 bad usage or a broken
+configuration or statechart; 3 the database cannot be opened or is damaged; 4 a service
+rejected the tokens at start.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import anyio
+import click
+import msgspec
+
+from syncd import __version__
+from syncd.config import Config, load_config
+from syncd.errors import AuthError, ConfigError, StatechartError, StoreError
+from syncd.ops.logging import configure_logging
+
+__all__ = ["EXIT_AUTH", "EXIT_CONFIG", "EXIT_FAILED", "EXIT_STORE", "main"]
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_STORE = 3
+EXIT_AUTH = 4
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"syncd: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="syncd")
+def main() -> None:
+    """Link TradeGecko purchase orders with Katana MRP sales orders."""
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def run(config_path: str) -> None:
+    """Run the daemon until SIGTERM or SIGINT."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+        return
+    configure_logging(config.daemon.log_level)
+    try:
+        anyio.run(_run, config)
+    except (ConfigError, StatechartError) as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    except StoreError as exc:
+        _fail(str(exc), EXIT_STORE)
+    except AuthError as exc:
+        _fail(f"a token was rejected: {exc}", EXIT_AUTH)
+
+
+async def _run(config: Config) -> None:
+    from syncd.runtime.daemon import running_daemon
+
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with running_daemon(config):
+            async for _ in signals:
+                break
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def check(config_path: str) -> None:
+    """Validate a config file, the statechart and the database; say what is wrong."""
+    from syncd.domain.statechart import load_statechart
+
+    try:
+        config = load_config(config_path)
+        chart = load_statechart(config.daemon.statechart)
+    except (ConfigError, StatechartError) as exc:
+        _fail(str(exc), EXIT_CONFIG)
+        return
+    try:
+        problems = anyio.run(_check_store, config.daemon.database)
+    except StoreError as exc:
+        _fail(str(exc), EXIT_STORE)
+        return
+    if problems:
+        _fail(f"database {config.daemon.database} is damaged: {'; '.join(problems)}", EXIT_STORE)
+    click.echo(
+        f"{config_path}: ok (supplier {config.tradegecko.supplier_name!r}, customer "
+        f"{config.katana.customer_name!r}, {len(chart.states)} states, database "
+        f"{config.daemon.database})"
+    )
+
+
+async def _check_store(path: str) -> list[str]:
+    from pathlib import Path
+
+    from syncd.store import Store
+
+    if not Path(path).exists():  # noqa: ASYNC240 - one stat, before anything runs
+        return []
+    store = await Store.open(path, readonly=True)
+    try:
+        return await store.integrity_check()
+    finally:
+        await store.close()
+
+
+@main.command()
+@click.option("--orders", default=5, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--db", default=None, help="Keep the demo's database at this path.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--katana-url", default=None, help="Katana API base the daemon uses.")
+@click.option("--tradegecko-url", default=None, help="TradeGecko API base the daemon uses.")
+@click.option("--katana-sim-url", default=None, help="Where Katana control calls go.")
+@click.option("--tradegecko-sim-url", default=None, help="Where TradeGecko control calls go.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for orders.")
+def demo(
+    orders: int,
+    db: str | None,
+    as_json: bool,
+    katana_url: str | None,
+    tradegecko_url: str | None,
+    katana_sim_url: str | None,
+    tradegecko_sim_url: str | None,
+    timeout: float,
+) -> None:
+    """Run the whole flow on the simulators and summarise it."""
+    from syncd.cli.demo import DemoOptions, render_summary, run_demo
+
+    configure_logging("warning", stream=sys.stderr)
+    options = DemoOptions(
+        orders=orders,
+        db=db,
+        katana_url=katana_url,
+        tradegecko_url=tradegecko_url,
+        katana_sim_url=katana_sim_url,
+        tradegecko_sim_url=tradegecko_sim_url,
+        timeout=timeout,
+    )
+    progress = sys.stderr if as_json else sys.stdout
+    summary = anyio.run(lambda: run_demo(options, out=progress))
+    if as_json:
+        click.echo(msgspec.json.encode(summary).decode())
+    else:
+        render_summary(summary, sys.stdout)
+    if summary.received != summary.orders:
+        sys.exit(EXIT_FAILED)
+
+
+@main.group()
+def sim() -> None:
+    """Serve a simulator of TradeGecko or Katana."""
+
+
+@sim.command("tradegecko")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8701, show_default=True, type=int)
+@click.option("--no-rate-limit", is_flag=True, help="Turn the real 300/300 s limit off.")
+def sim_tradegecko(host: str, port: int, no_rate_limit: bool) -> None:
+    """Serve the TradeGecko simulator (token: tradegecko-sim-token)."""
+    from syncd.sim import tradegecko
+
+    configure_logging("info")
+    click.echo(f"TradeGecko simulator on http://{host}:{port} (control: /_sim/)")
+    anyio.run(lambda: tradegecko.run(host, port, rate_limit=not no_rate_limit))
+
+
+@sim.command("katana")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8702, show_default=True, type=int)
+@click.option("--no-rate-limit", is_flag=True, help="Turn the real 60/60 s limit off.")
+@click.option("--play-factory", is_flag=True, help="Make, finish and deliver orders by itself.")
+def sim_katana(host: str, port: int, no_rate_limit: bool, play_factory: bool) -> None:
+    """Serve the Katana simulator (token: katana-sim-token)."""
+    from syncd.sim import katana
+
+    configure_logging("info")
+    click.echo(f"Katana simulator on http://{host}:{port} (control: /_sim/)")
+    anyio.run(
+        lambda: katana.run(host, port, rate_limit=not no_rate_limit, play_factory=play_factory)
+    )

@@ -1,0 +1,169 @@
+"""The daemon's configuration: one TOML file, tokens also from the environment or systemd.
+
+A token is taken from, in order: the environment (``SYNCD_TRADEGECKO_TOKEN``,
+``SYNCD_KATANA_TOKEN``), a systemd credential (``$CREDENTIALS_DIRECTORY/tradegecko-token``,
+``katana-token``), then the file's ``token`` key. Every error names the key that is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+from syncd.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DaemonConfig",
+    "KatanaConfig",
+    "TradeGeckoConfig",
+    "load_config",
+    "parse_config",
+]
+
+
+class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    database: str = "/var/lib/syncd/syncd.db"
+    log_level: str = "info"
+    #: At most this many effects (imports, receipts) run at once.
+    concurrency: int = 4
+    #: Seconds between retries of an effect that failed for a passing reason, doubling.
+    retry_initial: float = 5.0
+    retry_max: float = 300.0
+    statechart: str | None = None
+
+
+class TradeGeckoConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    base_url: str = "https://api.tradegecko.com"
+    token: str = ""
+    supplier_name: str = "Katana"
+    poll_interval: float = 30.0
+    rate_limit: int = 300
+    rate_period: float = 300.0
+
+
+class KatanaConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    base_url: str = "https://api.katanamrp.com/v1"
+    token: str = ""
+    customer_name: str = "Tradegecko"
+    #: Katana customer ``reference_id`` that marks the customer syncd made, even if renamed.
+    customer_reference: str = "syncd-tradegecko"
+    order_no_prefix: str = "TG-"
+    poll_interval: float = 30.0
+    rate_limit: int = 60
+    rate_period: float = 60.0
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
+    tradegecko: TradeGeckoConfig = msgspec.field(default_factory=TradeGeckoConfig)
+    katana: KatanaConfig = msgspec.field(default_factory=KatanaConfig)
+
+
+_LOG_LEVELS = {"debug", "info", "warning", "error"}
+_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def _key_from_msgspec(message: str) -> str | None:
+    match = _PATH_RE.search(message)
+    if not match:
+        return None
+    key = match.group(1)
+    unknown = re.search(r"unknown field `([^`]+)`", message)
+    if unknown:
+        key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+    return key or None
+
+
+def _read_secret(env: str, credential: str) -> str | None:
+    value = os.environ.get(env)
+    if value:
+        return value.strip()
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        path = Path(directory) / credential
+        if path.exists():
+            return path.read_text(encoding="utf-8").strip()
+    return None
+
+
+def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = True) -> Config:
+    """Parse and check configuration text.
+
+    :raises ConfigError: naming the key that is wrong.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        key = _key_from_msgspec(message)
+        reason = message.split(" - at ")[0]
+        raise ConfigError(f"{reason} (in {source})", key=key) from None
+
+    tg, kt, daemon = config.tradegecko, config.katana, config.daemon
+    tg.token = _read_secret("SYNCD_TRADEGECKO_TOKEN", "tradegecko-token") or tg.token
+    kt.token = _read_secret("SYNCD_KATANA_TOKEN", "katana-token") or kt.token
+
+    for key, url in (("tradegecko.base_url", tg.base_url), ("katana.base_url", kt.base_url)):
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ConfigError(f"must be an http(s) URL, got {url!r}", key=key)
+    for key, number in (
+        ("tradegecko.poll_interval", tg.poll_interval),
+        ("katana.poll_interval", kt.poll_interval),
+        ("tradegecko.rate_period", tg.rate_period),
+        ("katana.rate_period", kt.rate_period),
+        ("daemon.retry_initial", daemon.retry_initial),
+        ("daemon.retry_max", daemon.retry_max),
+    ):
+        if number <= 0:
+            raise ConfigError(f"must be a positive number of seconds, got {number}", key=key)
+    for key, count in (
+        ("tradegecko.rate_limit", tg.rate_limit),
+        ("katana.rate_limit", kt.rate_limit),
+        ("daemon.concurrency", daemon.concurrency),
+    ):
+        if count < 1:
+            raise ConfigError(f"must be at least 1, got {count}", key=key)
+    if daemon.log_level not in _LOG_LEVELS:
+        raise ConfigError(f"must be one of {sorted(_LOG_LEVELS)}", key="daemon.log_level")
+    if not tg.supplier_name.strip():
+        raise ConfigError("must name the supplier", key="tradegecko.supplier_name")
+    if not kt.customer_name.strip():
+        raise ConfigError("must name the customer", key="katana.customer_name")
+    if require_tokens:
+        if not tg.token:
+            raise ConfigError(
+                "no token: set it here, in SYNCD_TRADEGECKO_TOKEN, or as the systemd "
+                "credential tradegecko-token",
+                key="tradegecko.token",
+            )
+        if not kt.token:
+            raise ConfigError(
+                "no token: set it here, in SYNCD_KATANA_TOKEN, or as the systemd "
+                "credential katana-token",
+                key="katana.token",
+            )
+    return config
+
+
+def load_config(path: str | Path, *, require_tokens: bool = True) -> Config:
+    """Read the TOML file at ``path``.
+
+    :raises ConfigError: the file is missing or unreadable, or a key is wrong.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {file}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc}") from None
+    return parse_config(text, source=str(file), require_tokens=require_tokens)

@@ -1,0 +1,119 @@
+"""The daemon: the store, both clients, the pollers and the dispatcher in one task group."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import anyio
+import httpx
+
+from syncd.adapters._http import RequestBudget
+from syncd.adapters.katana import KatanaClient
+from syncd.adapters.tradegecko import TradeGeckoClient
+from syncd.config import Config
+from syncd.domain.statechart import Statechart, load_statechart
+from syncd.ops.logging import register_secrets
+from syncd.runtime.dispatcher import Dispatcher, TransitionNotice
+from syncd.runtime.effects import Effects
+from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
+from syncd.store import Store
+
+__all__ = ["Daemon", "running_daemon"]
+
+log = logging.getLogger("syncd.daemon")
+
+
+@dataclass
+class Daemon:
+    """A running daemon's parts, for the CLI, the demo and the tests."""
+
+    config: Config
+    store: Store
+    chart: Statechart
+    katana: KatanaClient
+    tradegecko: TradeGeckoClient
+    dispatcher: Dispatcher
+    tradegecko_poller: TradeGeckoPoller
+    katana_poller: KatanaPoller
+    activated_at: datetime
+
+    def poll_now(self) -> None:
+        """Ask both pollers to poll at once rather than at their next interval."""
+        self.tradegecko_poller.kick.set()
+        self.katana_poller.kick.set()
+
+
+@asynccontextmanager
+async def running_daemon(
+    config: Config,
+    *,
+    chart: Statechart | None = None,
+    on_transition: Callable[[TransitionNotice], None] | None = None,
+    katana_transport: httpx.AsyncBaseTransport | None = None,
+    tradegecko_transport: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[Daemon]:
+    """Run the daemon while the block runs; leaving the block stops it.
+
+    :raises StoreError: the database cannot be opened.
+    :raises StatechartError: the statechart file is broken.
+    """
+    register_secrets([config.katana.token, config.tradegecko.token])
+    chart = chart or load_statechart(config.daemon.statechart)
+    store = await Store.open(config.daemon.database)
+    try:
+        activated = datetime.fromisoformat(
+            await store.setdefault_meta("activated_at", datetime.now(UTC).isoformat())
+        )
+        async with (
+            KatanaClient(
+                config.katana.base_url,
+                config.katana.token,
+                budget=RequestBudget(config.katana.rate_limit, config.katana.rate_period),
+                transport=katana_transport,
+            ) as katana,
+            TradeGeckoClient(
+                config.tradegecko.base_url,
+                config.tradegecko.token,
+                budget=RequestBudget(config.tradegecko.rate_limit, config.tradegecko.rate_period),
+                transport=tradegecko_transport,
+            ) as tradegecko,
+        ):
+            effects = Effects(config, katana, tradegecko)
+            dispatcher = Dispatcher(
+                store,
+                chart,
+                effects,
+                concurrency=config.daemon.concurrency,
+                retry_initial=config.daemon.retry_initial,
+                retry_max=config.daemon.retry_max,
+                on_transition=on_transition,
+            )
+            tg_poller = TradeGeckoPoller(store, tradegecko, config, activated, dispatcher.wake)
+            kt_poller = KatanaPoller(store, katana, config, chart, activated, dispatcher.wake)
+            daemon = Daemon(
+                config,
+                store,
+                chart,
+                katana,
+                tradegecko,
+                dispatcher,
+                tg_poller,
+                kt_poller,
+                activated,
+            )
+            async with anyio.create_task_group() as tg:
+                await tg.start(dispatcher.run)
+                tg.start_soon(tg_poller.run)
+                tg.start_soon(kt_poller.run)
+                log.info("syncd running", extra={"activated_at": activated.isoformat()})
+                try:
+                    yield daemon
+                finally:
+                    tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()

@@ -1,0 +1,295 @@
+"""The dispatcher: takes inbox events in order, lets the statechart decide, runs effects.
+
+One task reads the inbox; decisions are applied one at a time, each in one transaction with
+the event that caused it. Effects run concurrently (bounded), at most one per order at once,
+and write their outcome back to the inbox as the next event. After a restart the dispatcher
+first drains what was persisted, then re-runs the effect of every order that sits in an
+effect state: effects are idempotent, so a crash between an API call and its record is
+harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+
+from syncd.domain.orders import LinkedOrder, PurchaseOrderSnapshot, SalesOrderFacts
+from syncd.domain.rules import purchase_order_trigger, sales_order_trigger
+from syncd.domain.statechart import Decision, Statechart
+from syncd.errors import StoreError, SyncdError
+from syncd.runtime import inbox
+from syncd.runtime.effects import Effects, Outcome
+from syncd.store import InboxEvent, Store
+
+__all__ = ["Dispatcher", "TransitionNotice"]
+
+log = logging.getLogger("syncd.dispatcher")
+
+
+@dataclass(frozen=True)
+class TransitionNotice:
+    """Told to listeners after a transition is persisted."""
+
+    link: LinkedOrder
+    source: str | None
+    dest: str
+    trigger: str
+    cause: str
+
+
+class Dispatcher:
+    """Drives every linked order through the statechart."""
+
+    def __init__(
+        self,
+        store: Store,
+        chart: Statechart,
+        effects: Effects,
+        *,
+        concurrency: int = 4,
+        retry_initial: float = 5.0,
+        retry_max: float = 300.0,
+        on_transition: Callable[[TransitionNotice], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.chart = chart
+        self.effects = effects
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self._on_transition = on_transition
+        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._wake = anyio.Event()
+        self._running: set[int] = set()
+        self._again: set[int] = set()
+        self._failures: dict[int, int] = {}
+        self._tg: TaskGroup | None = None
+
+    def wake(self) -> None:
+        """Tell the dispatcher that the inbox has something new."""
+        self._wake.set()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self.drain()
+            await self.resume_effects()
+            task_status.started()
+            while True:
+                if await self.drain() == 0:
+                    with anyio.move_on_after(1.0):
+                        await self._wake.wait()
+                    self._wake = anyio.Event()
+
+    async def drain(self) -> int:
+        """Process every pending inbox event; returns how many."""
+        total = 0
+        while events := await self.store.pending_events():
+            for event in events:
+                await self._handle(event)
+            total += len(events)
+        return total
+
+    async def resume_effects(self) -> None:
+        """Start the effect of every order waiting in an effect state."""
+        states = list(self.chart.effect_states())
+        for link in await self.store.links_in_states(states):
+            self._schedule(link.id)
+
+    # -- events --------------------------------------------------------------------------
+
+    async def _handle(self, event: InboxEvent) -> None:
+        try:
+            payload = inbox.decode(event.kind, event.payload)
+        except (KeyError, msgspec.DecodeError) as exc:
+            log.error("inbox event %s (%s) is unreadable: %s", event.id, event.kind, exc)
+            await self.store.mark_processed(event.id, f"unreadable: {exc}")
+            return
+        try:
+            if isinstance(payload, PurchaseOrderSnapshot):
+                await self._discovered(event, payload)
+            else:
+                await self._observed(event, payload)
+        except StoreError as exc:
+            # Someone else moved the order between our read and write: decide again later.
+            log.warning("event %s not applied: %s", event.id, exc)
+
+    async def _discovered(self, event: InboxEvent, snapshot: PurchaseOrderSnapshot) -> None:
+        link = await self.store.create_link(
+            snapshot,
+            state=self.chart.initial,
+            trigger=inbox.PO_DISCOVERED,
+            cause=f"PO {snapshot.po_number} created in TradeGecko ({event.source})",
+            event_id=event.id,
+        )
+        if link is None:
+            return
+        self._notify(link, None, link.state, inbox.PO_DISCOVERED, "discovered")
+        if self.chart.state(link.state).effect:
+            self._schedule(link.id)
+
+    async def _observed(self, event: InboxEvent, payload: msgspec.Struct) -> None:
+        link = await self._link_for(event)
+        if link is None:
+            await self.store.mark_processed(event.id, "no linked order")
+            return
+        triggers, cause, outcome = self._triggers(payload)
+        for trigger in triggers:
+            decision = self.chart.decide(link.state, trigger, resume_state=link.resume_state)
+            if decision is not None:
+                await self._apply(link, decision, cause, event.id, outcome)
+                return
+        if outcome is not None and outcome.notes:
+            await self.store.note(link.id, notes=outcome.notes)
+        await self.store.mark_processed(
+            event.id, f"no move from {link.state} ({', '.join(triggers) or 'nothing new'})"
+        )
+
+    def _triggers(self, payload: msgspec.Struct) -> tuple[tuple[str, ...], str, Outcome | None]:
+        if isinstance(payload, Outcome):
+            return (payload.trigger,), payload.cause, payload
+        if isinstance(payload, SalesOrderFacts):
+            production = payload.production_status or "none"
+            cause = f"Katana SO {payload.order_no}: {payload.status}, production {production}" + (
+                " (deleted)" if payload.deleted else ""
+            )
+            return tuple(sales_order_trigger(payload)), cause, None
+        if isinstance(payload, inbox.PurchaseOrderObserved):
+            trigger = purchase_order_trigger(payload.status)
+            cause = f"TradeGecko PO is {payload.status}"
+            return ((trigger,) if trigger else ()), cause, None
+        return (), "", None
+
+    async def _link_for(self, event: InboxEvent) -> LinkedOrder | None:
+        if event.link_id is not None:
+            return await self.store.get_link(event.link_id)
+        if event.so_id is not None:
+            return await self.store.link_by_so(event.so_id)
+        if event.po_id is not None:
+            return await self.store.link_by_po(event.po_id)
+        return None
+
+    async def _apply(
+        self,
+        link: LinkedOrder,
+        decision: Decision,
+        cause: str,
+        event_id: int | None,
+        outcome: Outcome | None,
+    ) -> LinkedOrder:
+        extra: dict[str, object] = {}
+        if outcome is not None:
+            if outcome.so_id is not None:
+                extra["so_id"] = outcome.so_id
+                extra["so_number"] = outcome.so_number
+            if outcome.currency is not None:
+                extra["currency"] = outcome.currency
+        updated = await self.store.apply(
+            link,
+            decision,
+            cause=cause,
+            event_id=event_id,
+            reason=(outcome.reason if outcome else None)
+            or (cause if decision.resume_state else None),
+            lines=outcome.lines if outcome else None,
+            notes=outcome.notes if outcome else (),
+            **extra,  # type: ignore[arg-type]
+        )
+        self._failures.pop(link.id, None)
+        self._notify(updated, decision.source, decision.dest, decision.trigger, cause)
+        if decision.effect:
+            self._schedule(updated.id)
+        return updated
+
+    async def fire(self, link: LinkedOrder, trigger: str, cause: str) -> LinkedOrder | None:
+        """Fire an operator's trigger (retry, cancel) on ``link``; ``None`` if not allowed."""
+        decision = self.chart.decide(link.state, trigger, resume_state=link.resume_state)
+        if decision is None:
+            return None
+        return await self._apply(link, decision, cause, None, None)
+
+    def _notify(
+        self, link: LinkedOrder, source: str | None, dest: str, trigger: str, cause: str
+    ) -> None:
+        log.info(
+            "order moved",
+            extra={
+                "po": link.po_number,
+                "so": link.so_number,
+                "from": source,
+                "to": dest,
+                "trigger": trigger,
+                "cause": cause,
+            },
+        )
+        if self._on_transition is not None:
+            self._on_transition(TransitionNotice(link, source, dest, trigger, cause))
+
+    # -- effects -------------------------------------------------------------------------
+
+    def _schedule(self, link_id: int) -> None:
+        if link_id in self._running:
+            self._again.add(link_id)
+            return
+        assert self._tg is not None, "the dispatcher is not running"
+        self._running.add(link_id)
+        self._tg.start_soon(self._run_effect, link_id)
+
+    async def _run_effect(self, link_id: int) -> None:
+        try:
+            while True:
+                self._again.discard(link_id)
+                await self._effect_once(link_id)
+                if link_id not in self._again:
+                    return
+        finally:
+            self._running.discard(link_id)
+
+    async def _effect_once(self, link_id: int) -> None:
+        link = await self.store.get_link(link_id)
+        if link is None:
+            return
+        effect = self.chart.state(link.state).effect
+        if effect is None:
+            return
+        failure: SyncdError | None = None
+        async with self._limiter:
+            try:
+                outcome = await self.effects.run(effect, link)
+            except SyncdError as exc:
+                # Effects turn what needs a person into an outcome; what is left may pass.
+                failure = exc
+        if failure is not None:
+            await self._retry_later(link, effect, failure)
+            return
+        await self.store.add_event(
+            "effect",
+            inbox.EFFECT_OUTCOME,
+            inbox.encode(outcome),
+            link_id=link.id,
+            po_id=link.po_id,
+        )
+        self.wake()
+
+    async def _retry_later(self, link: LinkedOrder, effect: str, error: Exception) -> None:
+        count = self._failures.get(link.id, 0) + 1
+        self._failures[link.id] = count
+        delay = min(self.retry_max, self.retry_initial * math.pow(2, min(count - 1, 16)))
+        log.warning(
+            "effect %s for %s failed (attempt %d), retrying in %.0f s: %s",
+            effect,
+            link.po_number,
+            count,
+            delay,
+            error,
+        )
+        await self.store.note(link.id, last_error=f"{effect}: {error}")
+        await anyio.sleep(delay)
+        self._again.add(link.id)

@@ -1,0 +1,393 @@
+"""The two effects a linked order entails: importing the PO into Katana, receiving it back.
+
+Both are safe to run again after a crash at any point. The import looks its sales order up
+by ``order_no`` before creating it, and variants by SKU, and the customer by reference id.
+The receipt reads the PO first (a received PO is done), sets prices with PUTs (idempotent),
+and receives with an ``Idempotency-Key`` that TradeGecko honours for 24 hours.
+
+An effect returns an :class:`Outcome` naming the trigger to fire. A failure that a person must
+fix (a rule the order breaks, a request the service refuses) is an outcome too; a passing
+failure (5xx, timeout, 429 storm) is raised for the dispatcher to retry later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import msgspec
+
+from syncd.adapters.katana import KatanaClient, NewSalesOrder, NewSalesOrderRow
+from syncd.adapters.katana import Variant as KatanaVariant
+from syncd.adapters.tradegecko import TradeGeckoClient
+from syncd.config import Config
+from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderSnapshot
+from syncd.domain.rules import (
+    PO_WITHDRAWN,
+    cost_update,
+    lines_to_import,
+    order_number_for,
+    pick_average_cost,
+)
+from syncd.errors import ApiError, NotFound, RuleViolation, ValidationFailed
+
+__all__ = ["Effects", "Outcome", "is_passing"]
+
+log = logging.getLogger("syncd.effects")
+
+#: How long cached reference data (currencies, the factory, the customer) is trusted.
+_CACHE_SECONDS = 600.0
+
+
+class Outcome(msgspec.Struct, kw_only=True):
+    """What an effect did, as the event that records it."""
+
+    effect: str
+    trigger: str
+    cause: str
+    reason: str | None = None
+    so_id: int | None = None
+    so_number: str | None = None
+    currency: str | None = None
+    lines: tuple[LineLink, ...] | None = None
+    notes: tuple[str, ...] = ()
+
+
+def is_passing(error: Exception) -> bool:
+    """Whether an API failure may go away by itself (retry later) rather than need a person."""
+    if isinstance(error, ApiError):
+        return error.status is None or error.status == 429 or error.status >= 500
+    return False
+
+
+@dataclass
+class _Cache:
+    value: object = None
+    at: float = field(default=-1e18)
+
+    def fresh(self) -> bool:
+        return self.value is not None and time.monotonic() - self.at < _CACHE_SECONDS
+
+    def set(self, value: object) -> None:
+        self.value, self.at = value, time.monotonic()
+
+
+class Effects:
+    """Runs effects by name against the two services."""
+
+    def __init__(self, config: Config, katana: KatanaClient, tradegecko: TradeGeckoClient) -> None:
+        self.config = config
+        self.katana = katana
+        self.tradegecko = tradegecko
+        self._customer = _Cache()
+        self._base_currency = _Cache()
+        self._currencies = _Cache()
+
+    async def run(self, effect: str, link: LinkedOrder) -> Outcome:
+        """Run the effect called ``effect`` for ``link``.
+
+        :raises ApiError: a passing failure; try again later.
+        """
+        if effect == "import_order":
+            return await self.import_order(link)
+        if effect == "receive_order":
+            return await self.receive_order(link)
+        raise RuleViolation(f"the statechart names an effect syncd does not have: {effect!r}")
+
+    # -- import --------------------------------------------------------------------------
+
+    async def import_order(self, link: LinkedOrder) -> Outcome:
+        """Create the Katana sales order for a PO, or find the one already created."""
+        snapshot = link.snapshot
+        if snapshot is None:
+            return _failed("import_order", "import_failed", "no PO snapshot was stored")
+        try:
+            return await self._import(link, snapshot)
+        except RuleViolation as exc:
+            return _failed("import_order", "import_failed", str(exc))
+        except ApiError as exc:
+            if is_passing(exc):
+                raise
+            return _failed("import_order", "import_failed", f"Katana or TradeGecko refused: {exc}")
+
+    async def _import(self, link: LinkedOrder, snapshot: PurchaseOrderSnapshot) -> Outcome:
+        katana_config = self.config.katana
+        rows, notes = lines_to_import(snapshot)
+        if not rows:
+            raise RuleViolation(f"PO {snapshot.po_number} has no line with a variant to import")
+
+        skus = await self._skus_for(snapshot)
+        line_links: list[LineLink] = []
+        variants = await self._katana_variants(sorted({skus[r.line_id] for r in rows}), notes)
+        for row in rows:
+            variant, created = variants[skus[row.line_id]]
+            line_links.append(
+                LineLink(
+                    line_id=row.line_id,
+                    sku=skus[row.line_id],
+                    katana_variant_id=variant.id,
+                    quantity=row.quantity,
+                    price=row.price,
+                    created_variant=created,
+                )
+            )
+
+        currency = await self._currency_iso(snapshot.currency_id)
+        base = await self._katana_base_currency()
+        if currency and base and currency != base:
+            notes.append(
+                f"PO currency {currency} differs from Katana's base currency {base}: "
+                f"the SO is in {currency}"
+            )
+
+        order_no = order_number_for(snapshot.po_number, katana_config.order_no_prefix)
+        existing = await self._existing_sales_order(order_no)
+        if existing is not None:
+            so_id, so_number = existing
+            return Outcome(
+                effect="import_order",
+                trigger="so_created",
+                cause=f"found Katana SO {so_number} already made for this PO",
+                so_id=so_id,
+                so_number=so_number,
+                currency=currency,
+                lines=tuple(line_links),
+                notes=tuple(notes),
+            )
+
+        customer_id = await self._customer_id()
+        order = NewSalesOrder(
+            customer_id=customer_id,
+            order_no=order_no,
+            sales_order_rows=[
+                NewSalesOrderRow(
+                    variant_id=line.katana_variant_id,
+                    quantity=line.quantity,
+                    price_per_unit=line.price,
+                )
+                for line in line_links
+            ],
+            currency=currency,
+            customer_ref=snapshot.po_number,
+            additional_info=f"TradeGecko purchase order {snapshot.po_number}, imported by syncd",
+        )
+        try:
+            sales_order = await self.katana.create_sales_order(order)
+        except ValidationFailed as exc:
+            raise RuleViolation(f"Katana refused the sales order: {exc.reason}") from None
+        except ApiError as exc:
+            if exc.status is None or exc.status >= 500:
+                # The POST may have landed: the next attempt looks order_no up first.
+                log.warning("sales order create for %s uncertain: %s", snapshot.po_number, exc)
+            raise
+        return Outcome(
+            effect="import_order",
+            trigger="so_created",
+            cause=f"created Katana SO {sales_order.order_no} with {len(line_links)} rows",
+            so_id=sales_order.id,
+            so_number=sales_order.order_no,
+            currency=currency,
+            lines=tuple(line_links),
+            notes=tuple(notes),
+        )
+
+    async def _skus_for(self, snapshot: PurchaseOrderSnapshot) -> dict[int, str]:
+        variant_ids = sorted({ln.variant_id for ln in snapshot.lines if ln.variant_id is not None})
+        variants = {v.id: v for v in await self.tradegecko.list_variants(ids=variant_ids)}
+        skus: dict[int, str] = {}
+        for line in snapshot.lines:
+            if line.variant_id is None or line.freeform:
+                continue
+            variant = variants.get(line.variant_id)
+            if variant is None:
+                raise RuleViolation(
+                    f"line {line.line_id}: TradeGecko variant {line.variant_id} not found"
+                )
+            sku = (variant.sku or "").strip()
+            if not sku:
+                raise RuleViolation(
+                    f"line {line.line_id}: TradeGecko variant {line.variant_id} has no SKU: "
+                    "cannot match without a SKU"
+                )
+            skus[line.line_id] = sku
+        return skus
+
+    async def _katana_variants(
+        self, skus: Sequence[str], notes: list[str]
+    ) -> dict[str, tuple[KatanaVariant, bool]]:
+        found: dict[str, list[KatanaVariant]] = {sku: [] for sku in skus}
+        for variant in await self.katana.find_variants(skus):
+            if variant.sku in found and variant.deleted_at is None:
+                found[variant.sku].append(variant)
+        result: dict[str, tuple[KatanaVariant, bool]] = {}
+        for sku, live in found.items():
+            if len(live) > 1:
+                ids = ", ".join(str(v.id) for v in live)
+                raise RuleViolation(f"SKU {sku} matches several live Katana variants ({ids})")
+            if live:
+                result[sku] = (live[0], False)
+                continue
+            product = await self.katana.create_product(name=sku, sku=sku)
+            made = [v for v in product.variants if v.sku == sku] or product.variants
+            if not made:
+                raise RuleViolation(f"Katana created product {product.id} without a variant")
+            notes.append(f"created Katana product {product.name!r} for SKU {sku}")
+            result[sku] = (made[0], True)
+        return result
+
+    async def _currency_iso(self, currency_id: int | None) -> str | None:
+        if currency_id is None:
+            return None
+        if not self._currencies.fresh():
+            currencies = await self.tradegecko.list_currencies()
+            self._currencies.set({c.id: c.iso for c in currencies})
+        table = self._currencies.value
+        assert isinstance(table, dict)
+        iso = table.get(currency_id)
+        if iso is None:
+            raise RuleViolation(f"TradeGecko currency {currency_id} is unknown")
+        return str(iso)
+
+    async def _katana_base_currency(self) -> str | None:
+        if not self._base_currency.fresh():
+            factory = await self.katana.get_factory()
+            self._base_currency.set(factory.base_currency_code)
+        value = self._base_currency.value
+        return str(value) if value else None
+
+    async def _existing_sales_order(self, order_no: str) -> tuple[int, str] | None:
+        found = [
+            so
+            for so in await self.katana.list_sales_orders(order_no=order_no)
+            if so.order_no == order_no and so.deleted_at is None
+        ]
+        if not found:
+            return None
+        oldest = min(found, key=lambda so: so.id)
+        if len(found) > 1:
+            log.warning("several Katana SOs carry order_no %s; following %s", order_no, oldest.id)
+        return oldest.id, oldest.order_no
+
+    async def _customer_id(self) -> int:
+        if self._customer.fresh():
+            assert isinstance(self._customer.value, int)
+            return self._customer.value
+        config = self.config.katana
+        customers = [
+            c
+            for c in await self.katana.find_customers(reference_id=config.customer_reference)
+            if c.deleted_at is None and c.reference_id == config.customer_reference
+        ]
+        if not customers:
+            customers = [
+                c
+                for c in await self.katana.find_customers(name=config.customer_name)
+                if c.deleted_at is None and c.name == config.customer_name
+            ]
+        if customers:
+            customer_id = min(c.id for c in customers)
+        else:
+            made = await self.katana.create_customer(
+                name=config.customer_name, reference_id=config.customer_reference
+            )
+            log.info("created Katana customer %r (id %s)", made.name, made.id)
+            customer_id = made.id
+        self._customer.set(customer_id)
+        return customer_id
+
+    # -- receive -------------------------------------------------------------------------
+
+    async def receive_order(self, link: LinkedOrder) -> Outcome:
+        """Re-cost the PO lines from Katana's average costs, then receive the PO."""
+        try:
+            return await self._receive(link)
+        except RuleViolation as exc:
+            return _failed("receive_order", "receive_failed", str(exc))
+        except ApiError as exc:
+            if is_passing(exc):
+                raise
+            return _failed(
+                "receive_order", "receive_failed", f"TradeGecko or Katana refused: {exc}"
+            )
+
+    async def _receive(self, link: LinkedOrder) -> Outcome:
+        try:
+            po, po_lines = await self.tradegecko.get_purchase_order(link.po_id)
+        except NotFound:
+            raise RuleViolation(f"PO {link.po_number} no longer exists in TradeGecko") from None
+        if po.status == "received":
+            return Outcome(
+                effect="receive_order",
+                trigger="po_received",
+                cause=f"PO {link.po_number} is received in TradeGecko",
+                lines=link.lines,
+            )
+        if po.status in PO_WITHDRAWN:
+            raise RuleViolation(f"PO {link.po_number} is {po.status} in TradeGecko: not received")
+
+        current = {line.id: line for line in po_lines}
+        variant_ids = sorted({line.katana_variant_id for line in link.lines})
+        records = await self.katana.get_inventory(variant_ids) if variant_ids else []
+        by_variant: dict[int, list[tuple[int, Decimal | None, Decimal | None]]] = {}
+        for record in records:
+            by_variant.setdefault(record.variant_id, []).append(
+                (record.location_id, record.average_cost, record.quantity_in_stock)
+            )
+        location_id: int | None = None
+        if len({r.location_id for r in records}) > 1 and link.so_id is not None:
+            location_id = (await self.katana.get_sales_order(link.so_id)).location_id
+
+        notes: list[str] = []
+        costed: list[LineLink] = []
+        for line in link.lines:
+            po_line = current.get(line.line_id)
+            if po_line is None:
+                notes.append(f"line {line.line_id} is gone from the PO: not re-costed")
+                costed.append(line)
+                continue
+            average = pick_average_cost(by_variant.get(line.katana_variant_id, []), location_id)
+            new_price = cost_update(po_line.price, average)
+            if new_price is None:
+                if not average:
+                    notes.append(
+                        f"line {line.line_id} ({line.sku}): Katana average cost is "
+                        f"{'0' if average is not None else 'unknown'}: price kept"
+                    )
+                costed.append(
+                    msgspec.structs.replace(
+                        line, cost_before=po_line.price, cost_after=po_line.price
+                    )
+                )
+                continue
+            await self.tradegecko.update_line_item_price(
+                line.line_id, new_price, idempotency_key=f"syncd-price-{line.line_id}-{new_price}"
+            )
+            costed.append(
+                msgspec.structs.replace(line, cost_before=po_line.price, cost_after=new_price)
+            )
+
+        try:
+            procurement = await self.tradegecko.receive_purchase_order(
+                link.po_id, idempotency_key=f"syncd-receive-{link.po_id}"
+            )
+        except ValidationFailed:
+            po, _ = await self.tradegecko.get_purchase_order(link.po_id)
+            if po.status != "received":
+                raise
+            cause = f"PO {link.po_number} was already received"
+        else:
+            cause = f"received PO {link.po_number} (procurement {procurement.id})"
+        return Outcome(
+            effect="receive_order",
+            trigger="po_received",
+            cause=cause,
+            lines=tuple(costed),
+            notes=tuple(notes),
+        )
+
+
+def _failed(effect: str, trigger: str, reason: str) -> Outcome:
+    return Outcome(effect=effect, trigger=trigger, cause=reason, reason=reason)

@@ -1,0 +1,281 @@
+"""The pollers: what TradeGecko and Katana say, turned into inbox events.
+
+The TradeGecko poller lists the POs of the configured supplier updated since its cursor and
+created after activation (history is never imported): a new active PO becomes a
+``po_discovered`` event carrying its first snapshot; a linked PO that was voided or deleted
+becomes an observation. The Katana poller lists the sales orders and manufacturing orders
+updated since its cursors and reports the followed sales orders' progress. Every event
+carries a de-duplication key, so polling the same window twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import anyio
+
+from syncd.adapters.katana import KatanaClient
+from syncd.adapters.katana import SalesOrder as KatanaSalesOrder
+from syncd.adapters.tradegecko import PurchaseOrder, PurchaseOrderLineItem, TradeGeckoClient
+from syncd.config import Config
+from syncd.domain.orders import PurchaseOrderLine, PurchaseOrderSnapshot, SalesOrderFacts
+from syncd.domain.rules import purchase_order_trigger
+from syncd.domain.statechart import Statechart
+from syncd.errors import SyncdError
+from syncd.runtime import inbox
+from syncd.store import Store
+
+__all__ = ["KatanaPoller", "TradeGeckoPoller", "parse_time"]
+
+log = logging.getLogger("syncd.pollers")
+
+#: Each poll looks this far behind its cursor: records updated in the same second as the last
+#: one seen, or committed late, are caught; de-duplication keys absorb the overlap.
+OVERLAP = timedelta(seconds=5)
+#: POs that are not yet issued (drafts) wait; these are imported.
+IMPORTABLE_STATUSES = frozenset({"active"})
+_SUPPLIER_CACHE_SECONDS = 600.0
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+class _Poller:
+    name = "poller"
+
+    def __init__(self, store: Store, interval: float, wake: Callable[[], None]) -> None:
+        self.store = store
+        self.interval = interval
+        self._wake = wake
+        self.last_success: float | None = None
+        self.kick = anyio.Event()
+
+    async def poll_once(self) -> int:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        """Poll forever; a failed poll is logged and tried again next interval."""
+        while True:
+            try:
+                added = await self.poll_once()
+            except SyncdError as exc:
+                log.warning("%s poll failed: %s", self.name, exc)
+            else:
+                self.last_success = time.time()
+                if added:
+                    self._wake()
+            with anyio.move_on_after(self.interval):
+                await self.kick.wait()
+            self.kick = anyio.Event()
+
+
+class TradeGeckoPoller(_Poller):
+    """Finds new purchase orders for the supplier, and withdrawn ones."""
+
+    name = "tradegecko"
+    cursor_name = "tradegecko.purchase_orders"
+
+    def __init__(
+        self,
+        store: Store,
+        client: TradeGeckoClient,
+        config: Config,
+        activated_at: datetime,
+        wake: Callable[[], None],
+    ) -> None:
+        super().__init__(store, config.tradegecko.poll_interval, wake)
+        self.client = client
+        self.supplier_name = config.tradegecko.supplier_name
+        self.activated_at = activated_at
+        self._suppliers: list[int] = []
+        self._suppliers_at = -1e18
+
+    async def supplier_ids(self) -> list[int]:
+        """The ids of the TradeGecko suppliers named like the configured supplier."""
+        if time.monotonic() - self._suppliers_at > _SUPPLIER_CACHE_SECONDS or not self._suppliers:
+            companies = await self.client.list_companies(company_type="supplier")
+            self._suppliers = sorted(c.id for c in companies if c.name == self.supplier_name)
+            self._suppliers_at = time.monotonic()
+            if not self._suppliers:
+                log.warning("no TradeGecko supplier is named %r", self.supplier_name)
+        return self._suppliers
+
+    async def poll_once(self) -> int:
+        suppliers = await self.supplier_ids()
+        if not suppliers:
+            return 0
+        stored = await self.store.get_cursor(self.cursor_name)
+        cursor = parse_time(stored) if stored else self.activated_at
+        orders = await self.client.list_purchase_orders(
+            company_ids=suppliers,
+            created_at_min=self.activated_at,
+            updated_at_min=cursor - OVERLAP,
+        )
+        linked = await self.store.linked_po_ids([po.id for po in orders])
+        added = 0
+        for po in sorted(orders, key=lambda po: (po.created_at, po.id)):
+            if po.created_at < self.activated_at:
+                continue
+            if po.id in linked:
+                added += await self._observe(po)
+            elif po.status in IMPORTABLE_STATUSES:
+                added += await self._discover(po)
+        if orders:
+            newest = max(po.updated_at for po in orders)
+            if newest > cursor:
+                await self.store.set_cursor(self.cursor_name, newest.isoformat())
+        return added
+
+    async def _discover(self, po: PurchaseOrder) -> int:
+        order, lines = await self.client.get_purchase_order(po.id)
+        snapshot = snapshot_of(order, lines)
+        event = await self.store.add_event(
+            "tradegecko",
+            inbox.PO_DISCOVERED,
+            inbox.encode(snapshot),
+            dedup_key=f"po:{po.id}",
+            po_id=po.id,
+        )
+        if event is not None:
+            log.info("new purchase order", extra={"po": snapshot.po_number, "po_id": po.id})
+        return int(event is not None)
+
+    async def _observe(self, po: PurchaseOrder) -> int:
+        if purchase_order_trigger(po.status) is None:
+            return 0
+        event = await self.store.add_event(
+            "tradegecko",
+            inbox.PO_OBSERVED,
+            inbox.encode(inbox.PurchaseOrderObserved(po_id=po.id, status=po.status)),
+            dedup_key=f"po:{po.id}:status:{po.status}",
+            po_id=po.id,
+        )
+        return int(event is not None)
+
+
+def snapshot_of(po: PurchaseOrder, lines: list[PurchaseOrderLineItem]) -> PurchaseOrderSnapshot:
+    """The domain's view of a PO as first seen."""
+    return PurchaseOrderSnapshot(
+        po_id=po.id,
+        po_number=po.order_number or f"#{po.id}",
+        status=po.status,
+        company_id=po.company_id,
+        currency_id=po.currency_id,
+        created_at=po.created_at,
+        updated_at=po.updated_at,
+        lines=tuple(
+            PurchaseOrderLine(
+                line_id=line.id,
+                variant_id=line.variant_id,
+                quantity=line.quantity,
+                price=line.price,
+                freeform=bool(line.freeform),
+                label=line.label,
+                landed_cost=line.extra_cost_value,
+                position=line.position,
+            )
+            for line in lines
+        ),
+    )
+
+
+class KatanaPoller(_Poller):
+    """Follows the sales orders of linked orders, and the manufacturing orders behind them."""
+
+    name = "katana"
+    so_cursor = "katana.sales_orders"
+    mo_cursor = "katana.manufacturing_orders"
+
+    def __init__(
+        self,
+        store: Store,
+        client: KatanaClient,
+        config: Config,
+        chart: Statechart,
+        activated_at: datetime,
+        wake: Callable[[], None],
+    ) -> None:
+        super().__init__(store, config.katana.poll_interval, wake)
+        self.client = client
+        self.followed_states = chart.followed_states()
+        self.activated_at = activated_at
+
+    async def _cursor(self, name: str) -> datetime:
+        stored = await self.store.get_cursor(name)
+        return parse_time(stored) if stored else self.activated_at
+
+    async def poll_once(self) -> int:
+        followed = await self.store.so_ids_in_states(self.followed_states)
+        if not followed:
+            return 0
+        so_since = await self._cursor(self.so_cursor)
+        mo_since = await self._cursor(self.mo_cursor)
+        orders = await self.client.list_sales_orders(
+            updated_at_min=so_since - OVERLAP, include_deleted=True
+        )
+        manufacturing = await self.client.list_manufacturing_orders(
+            updated_at_min=mo_since - OVERLAP, include_deleted=True
+        )
+        seen = {so.id for so in orders}
+        behind = sorted(
+            {
+                mo.sales_order_id
+                for mo in manufacturing
+                if mo.sales_order_id in followed and mo.sales_order_id not in seen
+            }
+        )
+        if behind:
+            orders += await self.client.list_sales_orders(ids=behind, include_deleted=True)
+        added = 0
+        for so in orders:
+            if so.id in followed:
+                added += await self._report(so, followed[so.id])
+        await self._advance(self.so_cursor, so_since, [so.updated_at for so in orders])
+        await self._advance(self.mo_cursor, mo_since, [mo.updated_at for mo in manufacturing])
+        return added
+
+    async def _advance(self, name: str, since: datetime, seen: list[datetime | None]) -> None:
+        stamps = [stamp for stamp in seen if stamp is not None]
+        if stamps and max(stamps) > since:
+            await self.store.set_cursor(name, max(stamps).isoformat())
+
+    async def _report(self, so: KatanaSalesOrder, link_id: int) -> int:
+        facts = facts_of(so)
+        stamp = so.updated_at.isoformat() if so.updated_at else ""
+        event = await self.store.add_event(
+            "katana",
+            inbox.SO_OBSERVED,
+            inbox.encode(facts),
+            dedup_key=(
+                f"so:{so.id}:{stamp}:{so.status}:{so.production_status}:{facts.deleted}"
+                f":{len(facts.manufacturing_order_ids)}"
+            ),
+            so_id=so.id,
+            link_id=link_id,
+        )
+        return int(event is not None)
+
+
+def facts_of(so: KatanaSalesOrder) -> SalesOrderFacts:
+    """The domain's view of a Katana sales order."""
+    return SalesOrderFacts(
+        so_id=so.id,
+        order_no=so.order_no,
+        status=so.status,
+        production_status=so.production_status,
+        deleted=so.deleted_at is not None,
+        manufacturing_order_ids=tuple(
+            row.linked_manufacturing_order_id
+            for row in so.sales_order_rows
+            if row.linked_manufacturing_order_id is not None
+        ),
+        updated_at=so.updated_at,
+    )
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
