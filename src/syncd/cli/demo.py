@@ -105,16 +105,18 @@ async def _simulators(options: DemoOptions) -> AsyncIterator[tuple[str, str, str
     async with AsyncExitStack() as stack:
         katana_url = options.katana_url
         tradegecko_url = options.tradegecko_url
+        katana_ctl = options.katana_sim_url
         if katana_url is None:
             app = katana_sim.create_app(token=KATANA_TOKEN, rate_limit=None)
-            katana_url = await stack.enter_async_context(serving(app))
+            katana_ctl = katana_ctl or await stack.enter_async_context(serving(app))
+            katana_url = katana_ctl + katana_sim.API_PREFIX
         if tradegecko_url is None:
             app = tradegecko_sim.create_app(token=TRADEGECKO_TOKEN, rate_limit=None)
             tradegecko_url = await stack.enter_async_context(serving(app))
         yield (
             katana_url,
             tradegecko_url,
-            options.katana_sim_url or katana_url,
+            katana_ctl or katana_url.removesuffix(katana_sim.API_PREFIX),
             options.tradegecko_sim_url or tradegecko_url,
         )
 

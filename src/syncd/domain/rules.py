@@ -74,7 +74,9 @@ def pick_average_cost(
     """The average cost to use from Katana inventory records ``(location, cost, in stock)``.
 
     The record at the sales order's location wins; without one, the stock-weighted mean of
-    the locations that hold stock; without stock anywhere, ``None``.
+    the locations that hold stock; when no location holds stock (the made goods have just
+    been delivered), the plain mean of the costs Katana still records; with no cost
+    anywhere, ``None``.
     """
     records = list(records)
     for location, cost, _ in records:
@@ -82,9 +84,12 @@ def pick_average_cost(
             return cost
     weighted = [(cost, qty) for _, cost, qty in records if cost and qty and qty > 0]
     total = sum((qty for _, qty in weighted), Decimal(0))
-    if not weighted or not total:
+    if weighted and total:
+        return sum((cost * qty for cost, qty in weighted), Decimal(0)) / total
+    costs = [cost for _, cost, _ in records if cost]
+    if not costs:
         return None
-    return sum((cost * qty for cost, qty in weighted), Decimal(0)) / total
+    return sum(costs, Decimal(0)) / len(costs)
 
 
 def cost_update(current: Decimal | None, average_cost: Decimal | None) -> Decimal | None:

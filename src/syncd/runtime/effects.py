@@ -352,9 +352,11 @@ class Effects:
             new_price = cost_update(po_line.price, average)
             if new_price is None:
                 if not average:
+                    recorded = [c for _, c, _ in by_variant.get(line.katana_variant_id, [])]
+                    said = "0" if any(c is not None for c in recorded) else "null"
                     notes.append(
-                        f"line {line.line_id} ({line.sku}): Katana average cost is "
-                        f"{'0' if average is not None else 'unknown'}: price kept"
+                        f"line {line.line_id} ({line.sku}): Katana average cost is {said}: "
+                        "price kept"
                     )
                 costed.append(
                     msgspec.structs.replace(
