@@ -103,22 +103,21 @@ def _lines_for(index: int) -> list[dict[str, Any]]:
 @asynccontextmanager
 async def _simulators(options: DemoOptions) -> AsyncIterator[tuple[str, str, str, str]]:
     async with AsyncExitStack() as stack:
-        katana_url = options.katana_url
-        tradegecko_url = options.tradegecko_url
-        katana_ctl = options.katana_sim_url
-        if katana_url is None:
+        if options.katana_url is None:
             app = katana_sim.create_app(token=KATANA_TOKEN, rate_limit=None)
-            katana_ctl = katana_ctl or await stack.enter_async_context(serving(app))
+            katana_ctl = await stack.enter_async_context(serving(app))
             katana_url = katana_ctl + katana_sim.API_PREFIX
-        if tradegecko_url is None:
+        else:
+            katana_url = options.katana_url
+            katana_ctl = options.katana_sim_url or katana_url.removesuffix(katana_sim.API_PREFIX)
+        if options.tradegecko_url is None:
             app = tradegecko_sim.create_app(token=TRADEGECKO_TOKEN, rate_limit=None)
             tradegecko_url = await stack.enter_async_context(serving(app))
-        yield (
-            katana_url,
-            tradegecko_url,
-            katana_ctl or katana_url.removesuffix(katana_sim.API_PREFIX),
-            options.tradegecko_sim_url or tradegecko_url,
-        )
+            tradegecko_ctl = tradegecko_url
+        else:
+            tradegecko_url = options.tradegecko_url
+            tradegecko_ctl = options.tradegecko_sim_url or tradegecko_url
+        yield katana_url, tradegecko_url, katana_ctl, tradegecko_ctl
 
 
 def _printer(chart: Statechart, out: TextIO, started: float) -> Any:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+import anyio
 import msgspec
 
 from syncd.adapters.katana import KatanaClient, NewSalesOrder, NewSalesOrderRow
@@ -85,6 +86,9 @@ class Effects:
         self._customer = _Cache()
         self._base_currency = _Cache()
         self._currencies = _Cache()
+        # Find-or-create must not interleave: two imports at once would both find nothing
+        # and both create the same customer or SKU.
+        self._find_or_create = anyio.Lock()
 
     async def run(self, effect: str, link: LinkedOrder) -> Outcome:
         """Run the effect called ``effect`` for ``link``.
@@ -121,7 +125,8 @@ class Effects:
 
         skus = await self._skus_for(snapshot)
         line_links: list[LineLink] = []
-        variants = await self._katana_variants(sorted({skus[r.line_id] for r in rows}), notes)
+        async with self._find_or_create:
+            variants = await self._katana_variants(sorted({skus[r.line_id] for r in rows}), notes)
         for row in rows:
             variant, created = variants[skus[row.line_id]]
             line_links.append(
@@ -158,7 +163,8 @@ class Effects:
                 notes=tuple(notes),
             )
 
-        customer_id = await self._customer_id()
+        async with self._find_or_create:
+            customer_id = await self._customer_id()
         order = NewSalesOrder(
             customer_id=customer_id,
             order_no=order_no,

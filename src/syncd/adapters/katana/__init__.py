@@ -1,1 +1,45 @@
+"""Katana MRP: the client syncd calls and the records it exchanges.
 
+:class:`KatanaClient` wraps the endpoints syncd needs; :mod:`.models` holds the msgspec
+structs for what Katana answers and what syncd sends.
+"""
+
+from syncd.adapters.katana.client import PAGE_SIZE, KatanaClient, format_time
+from syncd.adapters.katana.models import (
+    Customer,
+    Factory,
+    InventoryRecord,
+    ListEnvelope,
+    ManufacturingOrder,
+    NewCustomer,
+    NewProduct,
+    NewSalesOrder,
+    NewSalesOrderRow,
+    NewVariant,
+    Product,
+    SalesOrder,
+    SalesOrderRow,
+    Variant,
+    encode_request,
+)
+
+__all__ = [
+    "PAGE_SIZE",
+    "Customer",
+    "Factory",
+    "InventoryRecord",
+    "KatanaClient",
+    "ListEnvelope",
+    "ManufacturingOrder",
+    "NewCustomer",
+    "NewProduct",
+    "NewSalesOrder",
+    "NewSalesOrderRow",
+    "NewVariant",
+    "Product",
+    "SalesOrder",
+    "SalesOrderRow",
+    "Variant",
+    "encode_request",
+    "format_time",
+]

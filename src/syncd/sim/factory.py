@@ -1,0 +1,93 @@
+"""The workshop's people, played against the Katana simulator's control panel.
+
+:func:`play_factory` polls ``/_sim/state`` and does what the floor would: press "Make to
+order" on open sales orders whose rows have no manufacturing order, start every order not
+yet started, finish an order once it has been in progress for a while, and deliver a sales
+order whose production is done. It talks only to ``/_sim``, so it never touches the API
+budget the daemon under test draws from, and it logs and carries on after any error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import anyio
+import httpx
+
+__all__ = ["play_factory"]
+
+log = logging.getLogger(__name__)
+
+_OPEN = frozenset({"NOT_SHIPPED", "PENDING"})
+
+
+class _Floor:
+    """What the player remembers between polls."""
+
+    def __init__(self, client: httpx.AsyncClient, step_delay: float, customer: str | None):
+        self.client = client
+        self.step_delay = step_delay
+        self.customer = customer
+        self.seen_in_progress: dict[int, float] = {}
+        self.pressed_rows: set[int] = set()
+
+    async def post(self, path: str) -> None:
+        response = await self.client.post(path)
+        response.raise_for_status()
+
+    async def step(self) -> None:
+        response = await self.client.get("/_sim/state")
+        response.raise_for_status()
+        state: dict[str, Any] = response.json()
+        customers = {c["id"]: c["name"] for c in state.get("customers", [])}
+        orders = {
+            so["id"]: so
+            for so in state["sales_orders"]
+            if so.get("deleted_at") is None
+            and (self.customer is None or customers.get(so["customer_id"]) == self.customer)
+        }
+        for so in orders.values():
+            waiting = [
+                row["id"]
+                for row in so["sales_order_rows"]
+                if row.get("linked_manufacturing_order_id") is None
+                and row["id"] not in self.pressed_rows
+            ]
+            if so["status"] in _OPEN and waiting:
+                self.pressed_rows.update(waiting)
+                await self.post(f"/_sim/sales_orders/{so['id']}/make_to_order")
+        now = time.monotonic()
+        for mo in state["manufacturing_orders"]:
+            if mo.get("deleted_at") is not None or mo.get("sales_order_id") not in orders:
+                continue
+            if mo["status"] == "NOT_STARTED":
+                await self.post(f"/_sim/manufacturing_orders/{mo['id']}/start")
+                self.seen_in_progress[mo["id"]] = now
+            elif mo["status"] == "IN_PROGRESS":
+                since = self.seen_in_progress.setdefault(mo["id"], now)
+                if now - since >= self.step_delay:
+                    await self.post(f"/_sim/manufacturing_orders/{mo['id']}/finish")
+        for so in orders.values():
+            if so["status"] == "NOT_SHIPPED" and so.get("production_status") == "DONE":
+                await self.post(f"/_sim/sales_orders/{so['id']}/deliver")
+
+
+async def play_factory(
+    control_url: str, *, step_delay: float = 0.2, customer_name: str | None = None
+) -> None:
+    """Run the workshop against the simulator at ``control_url`` until cancelled.
+
+    :param control_url: the simulator's root URL (the control panel is under ``/_sim``).
+    :param step_delay: seconds between polls, and the least time an order stays in progress.
+    :param customer_name: only work on this customer's orders; ``None`` for all.
+    """
+    async with httpx.AsyncClient(base_url=control_url.rstrip("/"), timeout=10.0) as client:
+        floor = _Floor(client, step_delay, customer_name)
+        while True:
+            try:
+                await floor.step()
+            except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
+                log.warning("factory player: %s; carrying on", exc)
+            await anyio.sleep(step_delay)

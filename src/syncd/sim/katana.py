@@ -1,0 +1,721 @@
+"""A Katana MRP simulator: the public API syncd uses, plus a control panel for the people.
+
+The API is served under ``/v1`` with Katana's paths, envelopes, field names, status values,
+decimal strings, paging (``limit``/``page`` and the ``X-Pagination`` header), soft deletes,
+bearer auth and a per-token sliding-window rate limit with Katana's headers. Every answer
+validates against the published OpenAPI contract (the contract tests check this).
+
+``/_sim`` is the control panel: no auth and no rate limit, because it plays the workshop's
+people (pressing "Make to order", starting and finishing manufacturing orders, delivering)
+and must not eat into syncd's API budget. ``GET /_sim/counters`` tells tests how often the
+daemon called each endpoint and whether it created an order number twice.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from syncd.sim._katana_world import KatanaWorld, SimError
+
+__all__ = ["API_PREFIX", "KatanaWorld", "RateLimiter", "create_app", "run"]
+
+API_PREFIX = "/v1"
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 250
+
+T = TypeVar("T")
+Handler = Callable[[Request, KatanaWorld], Awaitable[Any]]
+
+_ENCODER = msgspec.json.Encoder(decimal_format="number")
+
+
+# -- request bodies (unknown fields are refused, as Katana does) --------------------------
+
+
+class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class _CreateCustomer(_Body):
+    name: str
+    first_name: str | None = None
+    last_name: str | None = None
+    company: str | None = None
+    email: str | None = None
+    phone: str | None = None
+    comment: str | None = None
+    currency: str | None = None
+    reference_id: str | None = None
+    category: str | None = None
+    discount_rate: Decimal | None = None
+    addresses: list[dict[str, Any]] = []
+
+
+class _CreateVariant(_Body):
+    sku: str | None = None
+    sales_price: Decimal | None = None
+    purchase_price: Decimal | None = None
+    product_id: int | None = None
+    material_id: int | None = None
+    supplier_item_codes: list[str] = []
+    internal_barcode: str | None = None
+    registered_barcode: str | None = None
+    lead_time: int | None = None
+    minimum_order_quantity: Decimal | None = None
+    config_attributes: list[dict[str, Any]] = []
+    custom_fields: list[dict[str, Any]] = []
+
+
+class _CreateProduct(_Body):
+    name: str
+    variants: list[_CreateVariant]
+    uom: str | None = None
+    category_name: str | None = None
+    is_sellable: bool | None = None
+    is_producible: bool | None = None
+    is_purchasable: bool | None = None
+    is_auto_assembly: bool | None = None
+    default_supplier_id: int | None = None
+    additional_info: str | None = None
+    batch_tracked: bool | None = None
+    serial_tracked: bool | None = None
+    operations_in_sequence: bool | None = None
+    purchase_uom: str | None = None
+    purchase_uom_conversion_rate: Decimal | None = None
+    configs: list[dict[str, Any]] = []
+    custom_field_collection_id: int | None = None
+
+
+class _CreateRow(_Body):
+    quantity: Decimal
+    variant_id: int
+    tax_rate_id: int | None = None
+    location_id: int | None = None
+    price_per_unit: Decimal | None = None
+    total_discount: Decimal | None = None
+    attributes: list[dict[str, Any]] = []
+    custom_fields: dict[str, Any] | None = None
+
+
+_UNSET: Any = msgspec.UNSET
+
+
+class _CreateSalesOrder(_Body):
+    customer_id: int
+    sales_order_rows: list[_CreateRow]
+    order_no: str | msgspec.UnsetType = _UNSET
+    location_id: int | msgspec.UnsetType = _UNSET
+    status: str | msgspec.UnsetType = _UNSET
+    tracking_number: str | None = None
+    tracking_number_url: str | None = None
+    addresses: list[dict[str, Any]] = []
+    order_created_date: str | None = None
+    delivery_date: str | None = None
+    currency: str | None = None
+    additional_info: str | None = None
+    customer_ref: str | None = None
+    ecommerce_order_type: str | None = None
+    ecommerce_store_name: str | None = None
+    ecommerce_order_id: str | None = None
+    custom_fields: dict[str, Any] | None = None
+
+
+class _UpdateSalesOrder(_Body):
+    order_no: str | msgspec.UnsetType = _UNSET
+    customer_id: int | msgspec.UnsetType = _UNSET
+    order_created_date: str | msgspec.UnsetType = _UNSET
+    delivery_date: str | msgspec.UnsetType = _UNSET
+    picked_date: str | msgspec.UnsetType = _UNSET
+    location_id: int | msgspec.UnsetType = _UNSET
+    status: str | msgspec.UnsetType = _UNSET
+    currency: str | msgspec.UnsetType = _UNSET
+    conversion_rate: Decimal | msgspec.UnsetType = _UNSET
+    conversion_date: str | msgspec.UnsetType = _UNSET
+    additional_info: str | msgspec.UnsetType | None = _UNSET
+    customer_ref: str | msgspec.UnsetType | None = _UNSET
+    tracking_number: str | msgspec.UnsetType | None = _UNSET
+    tracking_number_url: str | msgspec.UnsetType | None = _UNSET
+    custom_fields: dict[str, Any] | msgspec.UnsetType | None = _UNSET
+
+
+class _UpdateManufacturingOrder(_Body):
+    status: str | msgspec.UnsetType = _UNSET
+    order_no: str | msgspec.UnsetType = _UNSET
+    variant_id: int | msgspec.UnsetType = _UNSET
+    location_id: int | msgspec.UnsetType = _UNSET
+    planned_quantity: Decimal | msgspec.UnsetType = _UNSET
+    actual_quantity: Decimal | msgspec.UnsetType | None = _UNSET
+    order_created_date: str | msgspec.UnsetType = _UNSET
+    production_deadline_date: str | msgspec.UnsetType | None = _UNSET
+    done_date: str | msgspec.UnsetType | None = _UNSET
+    additional_info: str | msgspec.UnsetType = _UNSET
+    batch_transactions: list[dict[str, Any]] | msgspec.UnsetType = _UNSET
+    serial_numbers: list[int] | msgspec.UnsetType = _UNSET
+
+
+class _MakeToOrder(_Body):
+    sales_order_row_id: int
+    create_subassemblies: bool = False
+
+
+# control bodies
+
+
+class _SetStatus(_Body):
+    status: str
+
+
+class _RowEdit(_Body):
+    id: int
+    quantity: Decimal | None = None
+    price_per_unit: Decimal | None = None
+    delete: bool = False
+
+
+class _EditSalesOrder(_Body):
+    rows: list[_RowEdit]
+
+
+class _RecipeRow(_Body):
+    sku: str
+    quantity: Decimal
+
+
+class _OperationRow(_Body):
+    name: str
+    hours: Decimal
+    cost_per_hour: Decimal
+
+
+class _SimProduct(_Body):
+    name: str
+    sku: str
+    sales_price: Decimal | None = None
+    purchase_price: Decimal | None = None
+    recipe: list[_RecipeRow] = []
+    operations: list[_OperationRow] = []
+
+
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<name>[^`]+)`")
+_MISSING = re.compile(r"Object missing required field `(?P<name>[^`]+)`")
+
+
+def _validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> SimError:
+    """Katana's Ajv-style 422 from a msgspec decoding error."""
+    message = str(exc)
+    at = _AT.search(message)
+    path = at.group("path") if at else ""
+    message = _AT.sub("", message)
+    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
+        return SimError(400, "BadRequest", f"Malformed JSON: {message}")
+    if match := _UNKNOWN.match(message):
+        return SimError.invalid(
+            path,
+            "additionalProperties",
+            "should NOT have additional properties",
+            additionalProperty=match.group("name"),
+        )
+    if match := _MISSING.match(message):
+        return SimError.invalid(
+            path,
+            "required",
+            f"should have required property '{match.group('name')}'",
+            missingProperty=match.group("name"),
+        )
+    return SimError.invalid(path, "type", message)
+
+
+async def _body(request: Request, kind: type[T]) -> T:
+    try:
+        return msgspec.json.decode(await request.body(), type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _validation_error(exc) from None
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        _ENCODER.encode(data), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+# -- rate limit ---------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """A sliding window of ``limit`` requests per ``period`` seconds for each token."""
+
+    def __init__(
+        self, limit: int, period: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit = limit
+        self.period = period
+        self._clock = clock
+        self._sent: dict[str, deque[float]] = {}
+
+    def check(self, token: str) -> tuple[bool, int, float]:
+        """Count one request; answer (allowed, remaining, seconds until a slot frees)."""
+        now = self._clock()
+        sent = self._sent.setdefault(token, deque())
+        while sent and now - sent[0] >= self.period:
+            sent.popleft()
+        if len(sent) >= self.limit:
+            return False, 0, sent[0] + self.period - now
+        sent.append(now)
+        reset = sent[0] + self.period - now
+        return True, self.limit - len(sent), reset
+
+
+# -- query helpers ------------------------------------------------------------------------
+
+
+def _ints(request: Request, name: str) -> list[int] | None:
+    values = request.query_params.getlist(name) or request.query_params.getlist(f"{name}[]")
+    if not values:
+        return None
+    try:
+        return [int(part) for value in values for part in value.split(",") if part]
+    except ValueError:
+        raise SimError.invalid(f"query.{name}", "type", "should be integer") from None
+
+
+def _strings(request: Request, name: str) -> list[str] | None:
+    values = request.query_params.getlist(name) or request.query_params.getlist(f"{name}[]")
+    return values or None
+
+
+def _flag(request: Request, name: str) -> bool:
+    return request.query_params.get(name, "false").lower() == "true"
+
+
+def _time(request: Request, name: str) -> datetime | None:
+    value = request.query_params.get(name)
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise SimError.invalid(f"query.{name}", "format", "should match format date-time") from None
+
+
+def _page(request: Request) -> tuple[int, int]:
+    try:
+        limit = int(request.query_params.get("limit", DEFAULT_LIMIT))
+        page = int(request.query_params.get("page", 1))
+    except ValueError:
+        raise SimError.invalid("query.limit", "type", "should be integer") from None
+    return max(1, min(limit, MAX_LIMIT)), max(1, page)
+
+
+def _filtered(
+    request: Request,
+    records: list[dict[str, Any]],
+    *,
+    equal: Sequence[tuple[str, str]] = (),
+    int_equal: Sequence[tuple[str, str]] = (),
+    int_any: Sequence[tuple[str, str]] = (),
+    str_any: Sequence[tuple[str, str]] = (),
+    deletable: bool = True,
+    timed: bool = True,
+) -> list[dict[str, Any]]:
+    """Apply Katana's common list filters and the endpoint's own (param, field) filters."""
+    if deletable and not _flag(request, "include_deleted"):
+        records = [r for r in records if r.get("deleted_at") is None]
+    ids = _ints(request, "ids")
+    if ids is not None:
+        records = [r for r in records if r.get("id") in ids]
+    if timed:
+        for bound, key in (
+            ("created_at_min", "created_at"),
+            ("created_at_max", "created_at"),
+            ("updated_at_min", "updated_at"),
+            ("updated_at_max", "updated_at"),
+        ):
+            moment = _time(request, bound)
+            if moment is None:
+                continue
+            later = bound.endswith("_min")
+            records = [
+                r
+                for r in records
+                if (stamp := datetime.fromisoformat(r[key].replace("Z", "+00:00")))
+                and (stamp >= moment if later else stamp <= moment)
+            ]
+    for param, key in equal:
+        value = request.query_params.get(param)
+        if value is not None:
+            records = [r for r in records if str(r.get(key)) == value]
+    for param, key in int_equal:
+        numbers = _ints(request, param)
+        if numbers is not None:
+            records = [r for r in records if r.get(key) == numbers[0]]
+    for param, key in int_any:
+        numbers = _ints(request, param)
+        if numbers is not None:
+            records = [r for r in records if r.get(key) in numbers]
+    for param, key in str_any:
+        texts = _strings(request, param)
+        if texts is not None:
+            records = [r for r in records if r.get(key) in texts]
+    return records
+
+
+def _paged(
+    request: Request, records: list[dict[str, Any]], *, newest_first: bool = True
+) -> Response:
+    if newest_first:
+        records = sorted(records, key=lambda r: r["id"], reverse=True)
+    limit, page = _page(request)
+    total = len(records)
+    pages = math.ceil(total / limit)
+    offset = (page - 1) * limit
+    pagination = {
+        "total_records": str(total),
+        "total_pages": str(pages),
+        "offset": str(offset),
+        "page": str(page),
+        "first_page": str(page == 1).lower(),
+        "last_page": str(page >= pages).lower(),
+    }
+    headers = {"X-Pagination": msgspec.json.encode(pagination).decode()}
+    return _json({"data": records[offset : offset + limit]}, headers=headers)
+
+
+# -- API endpoints ------------------------------------------------------------------------
+
+
+async def _factory(request: Request, world: KatanaWorld) -> Any:
+    return world.factory()
+
+
+async def _customers(request: Request, world: KatanaWorld) -> Any:
+    if request.method == "POST":
+        body = await _body(request, _CreateCustomer)
+        extra = msgspec.structs.asdict(body)
+        return world.create_customer(body.name, body.reference_id, body.currency, extra)
+    records = _filtered(
+        request,
+        world.customer_list(),
+        equal=[("name", "name"), ("reference_id", "reference_id"), ("currency", "currency")],
+    )
+    return _paged(request, records)
+
+
+async def _variants(request: Request, world: KatanaWorld) -> Any:
+    records = _filtered(
+        request,
+        world.variant_list(),
+        str_any=[("sku", "sku")],
+        int_equal=[("product_id", "product_id"), ("material_id", "material_id")],
+        equal=[("type", "type")],
+    )
+    return _paged(request, records)
+
+
+async def _products(request: Request, world: KatanaWorld) -> Any:
+    body = await _body(request, _CreateProduct)
+    if not body.variants:
+        raise SimError.invalid(".variants", "minItems", "should NOT have fewer than 1 items")
+    return world.create_product(
+        body.name, [(v.sku, v.sales_price, v.purchase_price) for v in body.variants]
+    )
+
+
+async def _sales_orders(request: Request, world: KatanaWorld) -> Any:
+    if request.method == "POST":
+        body = await _body(request, _CreateSalesOrder)
+        if not body.sales_order_rows:
+            raise SimError.invalid(
+                ".sales_order_rows", "minItems", "should NOT have fewer than 1 items"
+            )
+        if body.status is not msgspec.UNSET and body.status not in ("NOT_SHIPPED", "PENDING"):
+            raise SimError.invalid(
+                ".status", "enum", "should be equal to one of the allowed values"
+            )
+        extra = {
+            key: getattr(body, key)
+            for key in (
+                "ecommerce_order_type",
+                "ecommerce_store_name",
+                "ecommerce_order_id",
+                "tracking_number",
+                "tracking_number_url",
+            )
+        }
+        return world.create_sales_order(
+            customer_id=body.customer_id,
+            rows=[msgspec.structs.asdict(row) for row in body.sales_order_rows],
+            order_no=None if body.order_no is msgspec.UNSET else body.order_no,
+            location_id=None if body.location_id is msgspec.UNSET else body.location_id,
+            status=None if body.status is msgspec.UNSET else body.status,
+            currency=body.currency,
+            customer_ref=body.customer_ref,
+            additional_info=body.additional_info,
+            delivery_date=body.delivery_date,
+            extra=extra,
+        )
+    records = _filtered(
+        request,
+        world.sales_order_list(),
+        equal=[
+            ("order_no", "order_no"),
+            ("status", "status"),
+            ("production_status", "production_status"),
+            ("currency", "currency"),
+        ],
+        int_equal=[("customer_id", "customer_id"), ("location_id", "location_id")],
+    )
+    return _paged(request, records)
+
+
+async def _sales_order(request: Request, world: KatanaWorld) -> Any:
+    sales_order_id = int(request.path_params["id"])
+    if request.method == "PATCH":
+        body = await _body(request, _UpdateSalesOrder)
+        changes = {
+            key: value
+            for key, value in msgspec.structs.asdict(body).items()
+            if value is not msgspec.UNSET
+        }
+        return world.update_sales_order(sales_order_id, changes)
+    return world.sales_order_dict(world.get_sales_order(sales_order_id))
+
+
+async def _sales_order_rows(request: Request, world: KatanaWorld) -> Any:
+    records = _filtered(
+        request,
+        world.row_list(),
+        int_any=[("sales_order_ids", "sales_order_id")],
+        int_equal=[
+            ("variant_id", "variant_id"),
+            ("location_id", "location_id"),
+            ("linked_manufacturing_order_id", "linked_manufacturing_order_id"),
+        ],
+    )
+    return _paged(request, records)
+
+
+async def _manufacturing_orders(request: Request, world: KatanaWorld) -> Any:
+    records = _filtered(
+        request,
+        world.mo_list(),
+        equal=[("status", "status"), ("order_no", "order_no")],
+        int_equal=[("location_id", "location_id")],
+    )
+    linked = request.query_params.get("is_linked_to_sales_order")
+    if linked is not None:
+        want = linked.lower() == "true"
+        records = [r for r in records if r["is_linked_to_sales_order"] == want]
+    return _paged(request, records)
+
+
+async def _manufacturing_order(request: Request, world: KatanaWorld) -> Any:
+    mo_id = int(request.path_params["id"])
+    body = await _body(request, _UpdateManufacturingOrder)
+    if body.additional_info is not msgspec.UNSET:
+        world.get_mo(mo_id).additional_info = body.additional_info
+    if body.status is not msgspec.UNSET:
+        return world.set_mo_status(mo_id, body.status)
+    mo = world.get_mo(mo_id)
+    world.touch_mo(mo)
+    return world.mo_dict(mo)
+
+
+async def _make_to_order(request: Request, world: KatanaWorld) -> Any:
+    body = await _body(request, _MakeToOrder)
+    return world.make_to_order(body.sales_order_row_id)
+
+
+async def _inventory(request: Request, world: KatanaWorld) -> Any:
+    records = _filtered(
+        request,
+        world.inventory_list(),
+        int_any=[("variant_id", "variant_id")],
+        int_equal=[("location_id", "location_id")],
+        deletable=False,
+        timed=False,
+    )
+    return _paged(request, records, newest_first=False)
+
+
+# -- control panel ------------------------------------------------------------------------
+
+
+async def _state(request: Request, world: KatanaWorld) -> Any:
+    return {
+        "customers": world.customer_list(),
+        "sales_orders": world.sales_order_list(),
+        "manufacturing_orders": world.mo_list(),
+    }
+
+
+async def _sim_make_to_order(request: Request, world: KatanaWorld) -> Any:
+    return world.make_to_order_all(int(request.path_params["id"]))
+
+
+async def _sim_start(request: Request, world: KatanaWorld) -> Any:
+    return world.start_mo(int(request.path_params["id"]))
+
+
+async def _sim_finish(request: Request, world: KatanaWorld) -> Any:
+    return world.finish_mo(int(request.path_params["id"]))
+
+
+async def _sim_deliver(request: Request, world: KatanaWorld) -> Any:
+    return world.deliver(int(request.path_params["id"]))
+
+
+async def _sim_status(request: Request, world: KatanaWorld) -> Any:
+    body = await _body(request, _SetStatus)
+    return world.set_status(int(request.path_params["id"]), body.status)
+
+
+async def _sim_sales_order(request: Request, world: KatanaWorld) -> Any:
+    sales_order_id = int(request.path_params["id"])
+    if request.method == "DELETE":
+        world.delete_sales_order(sales_order_id)
+        return Response(status_code=204)
+    body = await _body(request, _EditSalesOrder)
+    return world.edit_rows(sales_order_id, [msgspec.structs.asdict(edit) for edit in body.rows])
+
+
+async def _sim_product(request: Request, world: KatanaWorld) -> Any:
+    body = await _body(request, _SimProduct)
+    return world.create_product(
+        body.name,
+        [(body.sku, body.sales_price, body.purchase_price)],
+        recipe=[(row.sku, row.quantity) for row in body.recipe],
+        operations=[(op.name, op.hours, op.cost_per_hour) for op in body.operations],
+    )
+
+
+async def _counters(request: Request, world: KatanaWorld) -> Any:
+    return world.counter_report()
+
+
+# -- wiring -------------------------------------------------------------------------------
+
+
+def _answer(result: Any) -> Response:
+    return result if isinstance(result, Response) else _json(result)
+
+
+def _error(error: SimError, headers: dict[str, str] | None = None) -> Response:
+    return _json(error.body(), error.status, headers)
+
+
+def create_app(
+    world: KatanaWorld | None = None,
+    *,
+    token: str = "katana-sim-token",
+    rate_limit: tuple[int, float] | None = (60, 60.0),
+) -> Starlette:
+    """The simulator as an ASGI app; the world is on ``app.state.world``.
+
+    :param world: the account's state; a fresh demo workshop when omitted.
+    :param token: the one API key the simulator accepts.
+    :param rate_limit: ``(requests, seconds)`` per token, or ``None`` for no limit.
+    """
+    state = world if world is not None else KatanaWorld()
+    limiter = RateLimiter(*rate_limit) if rate_limit is not None else None
+
+    def api(template: str, handler: Handler, methods: list[str]) -> Route:
+        async def endpoint(request: Request) -> Response:
+            state.requests[f"{request.method} {template}"] += 1
+            auth = request.headers.get("Authorization", "")
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or given.strip() != token:
+                return _error(SimError(401, "UnauthorizedError", "Unauthorized"))
+            headers: dict[str, str] = {}
+            if limiter is not None:
+                allowed, remaining, wait = limiter.check(given.strip())
+                reset_ms = int((time.time() + max(wait, 0.0)) * 1000)
+                headers = {
+                    "X-Ratelimit-Limit": str(limiter.limit),
+                    "X-Ratelimit-Remaining": str(remaining),
+                    "X-Ratelimit-Reset": str(reset_ms),
+                }
+                if not allowed:
+                    state.counters["responses_429"] += 1
+                    headers["Retry-After"] = str(max(1, math.ceil(wait)))
+                    return _error(SimError(429, "TooManyRequests", "Too Many Requests"), headers)
+            try:
+                response = _answer(await handler(request, state))
+            except SimError as error:
+                return _error(error, headers)
+            response.headers.update(headers)
+            return response
+
+        return Route(template, endpoint, methods=methods)
+
+    def control(path: str, handler: Handler, methods: list[str]) -> Route:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return _answer(await handler(request, state))
+            except SimError as error:
+                return _error(error)
+
+        return Route(path, endpoint, methods=methods)
+
+    api_routes: list[BaseRoute] = [
+        api("/factory", _factory, ["GET"]),
+        api("/customers", _customers, ["GET", "POST"]),
+        api("/variants", _variants, ["GET"]),
+        api("/products", _products, ["POST"]),
+        api("/sales_orders", _sales_orders, ["GET", "POST"]),
+        api("/sales_orders/{id:int}", _sales_order, ["GET", "PATCH"]),
+        api("/sales_order_rows", _sales_order_rows, ["GET"]),
+        api("/manufacturing_orders", _manufacturing_orders, ["GET"]),
+        api("/manufacturing_orders/{id:int}", _manufacturing_order, ["PATCH"]),
+        api("/manufacturing_order_make_to_order", _make_to_order, ["POST"]),
+        api("/inventory", _inventory, ["GET"]),
+    ]
+    control_routes: list[BaseRoute] = [
+        control("/state", _state, ["GET"]),
+        control("/counters", _counters, ["GET"]),
+        control("/products", _sim_product, ["POST"]),
+        control("/sales_orders/{id:int}/make_to_order", _sim_make_to_order, ["POST"]),
+        control("/sales_orders/{id:int}/deliver", _sim_deliver, ["POST"]),
+        control("/sales_orders/{id:int}/status", _sim_status, ["POST"]),
+        control("/sales_orders/{id:int}", _sim_sales_order, ["PATCH", "DELETE"]),
+        control("/manufacturing_orders/{id:int}/start", _sim_start, ["POST"]),
+        control("/manufacturing_orders/{id:int}/finish", _sim_finish, ["POST"]),
+    ]
+    app = Starlette(
+        routes=[Mount(API_PREFIX, routes=api_routes), Mount("/_sim", routes=control_routes)]
+    )
+    app.state.world = state
+    return app
+
+
+async def run(
+    host: str,
+    port: int,
+    *,
+    rate_limit: bool = True,
+    play_factory: bool = False,
+    token: str = "katana-sim-token",
+) -> None:
+    """Serve the simulator until cancelled; with ``play_factory`` the workshop works too."""
+    from syncd.ops.asgi import serving
+    from syncd.sim.factory import play_factory as player
+
+    app = create_app(token=token, rate_limit=(60, 60.0) if rate_limit else None)
+    async with serving(app, host, port) as url, anyio.create_task_group() as tg:
+        if play_factory:
+            tg.start_soon(player, url)
+        await anyio.sleep_forever()

@@ -1,0 +1,341 @@
+"""The Katana simulator's behaviour: auth, paging, filters, limits, and the workshop's costing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from syncd.ops.asgi import serving
+from syncd.sim.factory import play_factory
+from syncd.sim.katana import KatanaWorld, create_app
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "katana-sim-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://katana")
+
+
+@pytest.fixture
+def world() -> KatanaWorld:
+    return KatanaWorld()
+
+
+@pytest.fixture
+async def http(world: KatanaWorld) -> AsyncIterator[httpx.AsyncClient]:
+    async with _client(create_app(world, rate_limit=None)) as client:
+        yield client
+
+
+async def _order(
+    http: httpx.AsyncClient, skus: dict[str, str], *, order_no: str = "PO-1"
+) -> dict[str, Any]:
+    customer = await http.post("/v1/customers", json={"name": "Acme"}, headers=AUTH)
+    rows = []
+    for sku, quantity in skus.items():
+        found = await http.get("/v1/variants", params={"sku": sku}, headers=AUTH)
+        rows.append({"variant_id": found.json()["data"][0]["id"], "quantity": float(quantity)})
+    answer = await http.post(
+        "/v1/sales_orders",
+        json={"customer_id": customer.json()["id"], "order_no": order_no, "sales_order_rows": rows},
+        headers=AUTH,
+    )
+    assert answer.status_code == 200, answer.text
+    data: dict[str, Any] = answer.json()
+    return data
+
+
+async def test_bad_or_missing_token_is_401(http: httpx.AsyncClient) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        answer = await http.get("/v1/factory", headers=headers)
+        assert answer.status_code == 401
+        assert answer.json() == {
+            "statusCode": 401,
+            "name": "UnauthorizedError",
+            "message": "Unauthorized",
+        }
+
+
+async def test_paging_header_and_limit_cut(http: httpx.AsyncClient) -> None:
+    for n in range(3):
+        await http.post("/v1/customers", json={"name": f"C{n}"}, headers=AUTH)
+    first = await http.get("/v1/customers", params={"limit": 2}, headers=AUTH)
+    assert [c["name"] for c in first.json()["data"]] == ["C2", "C1"]  # newest first
+    assert json.loads(first.headers["X-Pagination"]) == {
+        "total_records": "3",
+        "total_pages": "2",
+        "offset": "0",
+        "page": "1",
+        "first_page": "true",
+        "last_page": "false",
+    }
+    second = await http.get("/v1/customers", params={"limit": 2, "page": 2}, headers=AUTH)
+    assert [c["name"] for c in second.json()["data"]] == ["C0"]
+    assert json.loads(second.headers["X-Pagination"])["last_page"] == "true"
+    big = await http.get("/v1/variants", params={"limit": 1000}, headers=AUTH)
+    assert json.loads(big.headers["X-Pagination"])["total_pages"] == "1"
+
+
+async def test_filters(http: httpx.AsyncClient) -> None:
+    await http.post("/v1/customers", json={"name": "A", "reference_id": "r-1"}, headers=AUTH)
+    await http.post("/v1/customers", json={"name": "B", "reference_id": "r-2"}, headers=AUTH)
+    by_ref = await http.get("/v1/customers", params={"reference_id": "r-2"}, headers=AUTH)
+    assert [c["name"] for c in by_ref.json()["data"]] == ["B"]
+    by_name = await http.get("/v1/customers", params={"name": "A"}, headers=AUTH)
+    assert [c["reference_id"] for c in by_name.json()["data"]] == ["r-1"]
+    skus = await http.get(
+        "/v1/variants", params=[("sku", "CHAIR-OAK"), ("sku", "MAT-SCREW")], headers=AUTH
+    )
+    assert sorted(v["sku"] for v in skus.json()["data"]) == ["CHAIR-OAK", "MAT-SCREW"]
+    order = await _order(http, {"CHAIR-OAK": "1"})
+    later = order["updated_at"]
+    same = await http.get("/v1/sales_orders", params={"updated_at_min": later}, headers=AUTH)
+    assert [o["id"] for o in same.json()["data"]] == [order["id"]]
+    other = await _order(http, {"STOOL-PINE": "1"}, order_no="PO-2")
+    newer = await http.get(
+        "/v1/sales_orders", params={"updated_at_min": other["created_at"]}, headers=AUTH
+    )
+    assert [o["id"] for o in newer.json()["data"]] == [other["id"]]
+    rows = await http.get(
+        "/v1/sales_order_rows", params={"sales_order_ids": order["id"]}, headers=AUTH
+    )
+    assert [r["sales_order_id"] for r in rows.json()["data"]] == [order["id"]]
+    by_ids = await http.get(
+        "/v1/sales_orders", params=[("ids", order["id"]), ("ids", other["id"])], headers=AUTH
+    )
+    assert len(by_ids.json()["data"]) == 2
+
+
+async def test_decimal_strings_where_spec_says_string(http: httpx.AsyncClient) -> None:
+    order = await _order(http, {"CHAIR-OAK": "2"})
+    row = order["sales_order_rows"][0]
+    assert row["price_per_unit"] == "180.0000000000"
+    assert row["quantity"] == 2
+    inventory = await http.get("/v1/inventory", params={"variant_id": 1}, headers=AUTH)
+    record = inventory.json()["data"][0]
+    assert record["average_cost"] == "12.5000000000"
+    assert record["quantity_in_stock"] == "1000.00000"
+
+
+async def test_soft_delete_hides_unless_asked(http: httpx.AsyncClient) -> None:
+    order = await _order(http, {"CHAIR-OAK": "1"})
+    assert (await http.delete(f"/_sim/sales_orders/{order['id']}")).status_code == 204
+    hidden = await http.get("/v1/sales_orders", headers=AUTH)
+    assert hidden.json()["data"] == []
+    shown = await http.get("/v1/sales_orders", params={"include_deleted": "true"}, headers=AUTH)
+    deleted = shown.json()["data"][0]
+    assert deleted["deleted_at"] is not None
+    assert deleted["updated_at"] > order["updated_at"]
+    assert (await http.get(f"/v1/sales_orders/{order['id']}", headers=AUTH)).status_code == 404
+    rows = await http.get(
+        "/v1/sales_order_rows",
+        params={"sales_order_ids": order["id"], "include_deleted": "true"},
+        headers=AUTH,
+    )
+    assert rows.json()["data"][0]["deleted_at"] is not None
+
+
+async def test_unknown_or_null_fields_are_422(http: httpx.AsyncClient) -> None:
+    answer = await http.post("/v1/customers", json={"name": "A", "nickname": "x"}, headers=AUTH)
+    assert answer.status_code == 422
+    body = answer.json()
+    assert body["code"] == "VALIDATION_FAILED"
+    assert body["details"][0]["code"] == "additionalProperties"
+    assert body["details"][0]["info"] == {"additionalProperty": "nickname"}
+    nested = await http.post(
+        "/v1/sales_orders",
+        json={"customer_id": 1, "sales_order_rows": [{"variant_id": 1, "quantity": 1, "x": 1}]},
+        headers=AUTH,
+    )
+    assert nested.status_code == 422
+    assert nested.json()["details"][0]["path"] == ".sales_order_rows[0]"
+    null_location = await http.post(
+        "/v1/sales_orders",
+        json={
+            "customer_id": 1,
+            "location_id": None,
+            "sales_order_rows": [{"variant_id": 1, "quantity": 1}],
+        },
+        headers=AUTH,
+    )
+    assert null_location.status_code == 422
+    assert null_location.json()["details"][0]["path"] == ".location_id"
+
+
+async def test_rate_limit_429_with_headers(world: KatanaWorld) -> None:
+    async with _client(create_app(world, rate_limit=(3, 60.0))) as http:
+        answers = [await http.get("/v1/factory", headers=AUTH) for _ in range(4)]
+        assert [a.status_code for a in answers] == [200, 200, 200, 429]
+        assert [a.headers["X-Ratelimit-Remaining"] for a in answers] == ["2", "1", "0", "0"]
+        limited = answers[-1]
+        assert limited.json() == {
+            "statusCode": 429,
+            "name": "TooManyRequests",
+            "message": "Too Many Requests",
+        }
+        assert 1 <= int(limited.headers["Retry-After"]) <= 60
+        assert int(limited.headers["X-Ratelimit-Reset"]) > 1e12  # epoch milliseconds
+        assert (await http.get("/_sim/state")).status_code == 200  # the panel is not limited
+        other = await http.get("/v1/factory", headers={"Authorization": "Bearer other"})
+        assert other.status_code == 401
+        counters = (await http.get("/_sim/counters")).json()
+        assert counters["responses_429"] == 1
+        assert counters["requests"]["GET /factory"] == 5
+
+
+async def test_finishing_mos_moves_the_average_cost(
+    http: httpx.AsyncClient, world: KatanaWorld
+) -> None:
+    chair = world.variant_id_for_sku("CHAIR-OAK")
+    oak = world.variant_id_for_sku("MAT-OAK-BOARD")
+    world.stock[(chair, 1)].quantity = Decimal(2)
+    world.stock[(chair, 1)].average_cost = Decimal(70)
+    order = await _order(http, {"CHAIR-OAK": "2"})
+    mos = (await http.post(f"/_sim/sales_orders/{order['id']}/make_to_order")).json()
+    assert len(mos) == 1
+    mo_id = mos[0]["id"]
+    assert (await http.post(f"/_sim/manufacturing_orders/{mo_id}/start")).status_code == 200
+    done = (await http.post(f"/_sim/manufacturing_orders/{mo_id}/finish")).json()
+    # 3 x 12.50 + 16 x 0.05 + 2 x 1.80 + 1.5 h x 24.00 = 77.90 a chair
+    assert Decimal(str(done["total_cost"])) == Decimal("155.80")
+    assert done["status"] == "DONE" and done["done_date"] is not None
+    assert world.stock_of(chair).average_cost == Decimal("73.95")  # (2x70 + 2x77.9) / 4
+    assert world.stock_of(chair).quantity == 4
+    assert world.stock_of(oak).quantity == 1000 - 6
+    await http.post(f"/_sim/sales_orders/{order['id']}/deliver")
+    assert world.stock_of(chair).quantity == 2
+    assert world.stock_of(chair).average_cost == Decimal("73.95")
+
+
+async def test_product_without_recipe_costs_nothing(
+    http: httpx.AsyncClient, world: KatanaWorld
+) -> None:
+    made = await http.post(
+        "/v1/products",
+        json={"name": "Bell", "variants": [{"sku": "BELL", "sales_price": 9.5}]},
+        headers=AUTH,
+    )
+    assert made.status_code == 200
+    order = await _order(http, {"BELL": "3"})
+    (mo,) = (await http.post(f"/_sim/sales_orders/{order['id']}/make_to_order")).json()
+    await http.post(f"/_sim/manufacturing_orders/{mo['id']}/finish")
+    bell = made.json()["variants"][0]["id"]
+    inventory = await http.get("/v1/inventory", params={"variant_id": bell}, headers=AUTH)
+    assert inventory.json()["data"][0]["average_cost"] == "0.0000000000"
+    assert inventory.json()["data"][0]["quantity_in_stock"] == "3.00000"
+
+
+async def test_production_status_and_updated_at_follow_the_mos(
+    http: httpx.AsyncClient,
+) -> None:
+    order = await _order(http, {"CHAIR-OAK": "1", "STOOL-PINE": "1"})
+    assert order["production_status"] == "NONE"
+
+    async def fetch() -> dict[str, Any]:
+        data: dict[str, Any] = (
+            await http.get(f"/v1/sales_orders/{order['id']}", headers=AUTH)
+        ).json()
+        return data
+
+    first, second = (await http.post(f"/_sim/sales_orders/{order['id']}/make_to_order")).json()
+    seen = await fetch()
+    assert seen["production_status"] == "NOT_STARTED"
+    assert seen["updated_at"] > order["updated_at"]
+    await http.post(f"/_sim/manufacturing_orders/{first['id']}/start")
+    started = await fetch()
+    assert started["production_status"] == "IN_PROGRESS"
+    assert started["updated_at"] > seen["updated_at"]
+    await http.post(f"/_sim/manufacturing_orders/{first['id']}/finish")
+    assert (await fetch())["production_status"] == "NOT_STARTED"
+    await http.post(f"/_sim/manufacturing_orders/{second['id']}/finish")
+    assert (await fetch())["production_status"] == "DONE"
+    mos = await http.get("/v1/manufacturing_orders", params={"status": "DONE"}, headers=AUTH)
+    assert len(mos.json()["data"]) == 2
+
+
+async def test_control_panel_and_counters(http: httpx.AsyncClient) -> None:
+    await _order(http, {"CHAIR-OAK": "1"}, order_no="PO-9")
+    order = await _order(http, {"CHAIR-OAK": "1"}, order_no="PO-9")
+    row = order["sales_order_rows"][0]
+    edited = await http.patch(
+        f"/_sim/sales_orders/{order['id']}",
+        json={"rows": [{"id": row["id"], "quantity": 5, "price_per_unit": 150}]},
+    )
+    assert edited.json()["sales_order_rows"][0]["quantity"] == 5
+    assert edited.json()["sales_order_rows"][0]["price_per_unit"] == "150.0000000000"
+    status = await http.post(f"/_sim/sales_orders/{order['id']}/status", json={"status": "PACKED"})
+    assert status.json()["status"] == "PACKED"
+    product = await http.post(
+        "/_sim/products",
+        json={
+            "name": "Shelf",
+            "sku": "SHELF",
+            "sales_price": 50,
+            "recipe": [{"sku": "MAT-PINE-BOARD", "quantity": 2}],
+            "operations": [{"name": "Assembly", "hours": 1, "cost_per_hour": 20}],
+        },
+    )
+    assert product.json()["variants"][0]["sku"] == "SHELF"
+    state = (await http.get("/_sim/state")).json()
+    assert {so["order_no"] for so in state["sales_orders"]} == {"PO-9"}
+    assert state["manufacturing_orders"] == []
+    counters = (await http.get("/_sim/counters")).json()
+    assert counters["sales_orders_created"] == 2
+    assert counters["sales_orders_by_order_no"] == {"PO-9": 2}
+    assert counters["customers_created"] == 2
+    assert counters["products_created"] == 1
+    assert counters["requests"]["POST /sales_orders"] == 2
+    assert counters["responses_429"] == 0
+
+
+async def test_patch_resets_omitted_additional_info(http: httpx.AsyncClient) -> None:
+    customer = (await http.post("/v1/customers", json={"name": "A"}, headers=AUTH)).json()
+    order = (
+        await http.post(
+            "/v1/sales_orders",
+            json={
+                "customer_id": customer["id"],
+                "additional_info": "keep me",
+                "sales_order_rows": [{"variant_id": 1, "quantity": 1}],
+            },
+            headers=AUTH,
+        )
+    ).json()
+    assert order["order_no"] == f"SO-{order['id']}"
+    patched = await http.patch(
+        f"/v1/sales_orders/{order['id']}", json={"customer_ref": "X"}, headers=AUTH
+    )
+    assert patched.json()["additional_info"] == ""
+    assert patched.json()["customer_ref"] == "X"
+
+
+async def test_factory_player_carries_an_order_to_delivery(world: KatanaWorld) -> None:
+    async with serving(create_app(world, rate_limit=None)) as url, _client_at(url) as http:
+        order = await _order(http, {"CHAIR-OAK": "1", "MAT-SCREW": "10"})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(play_factory, url, step_delay=0.02, customer_name="Acme"))
+            with anyio.fail_after(5):
+                while True:
+                    state = (await http.get(f"/v1/sales_orders/{order['id']}", headers=AUTH)).json()
+                    if state["status"] == "DELIVERED":
+                        break
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+    assert state["production_status"] == "DONE"
+    chair = world.variant_id_for_sku("CHAIR-OAK")
+    assert world.stock_of(chair).quantity == 0  # made one, delivered one
+    assert world.stock_of(chair).average_cost == Decimal("77.9")
+
+
+def _client_at(url: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=url)
