@@ -17,10 +17,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/syncd demo
 
+# Lint and types first, so that pytest's summary is the last line CI prints.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
+	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
