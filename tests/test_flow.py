@@ -17,7 +17,7 @@ import pytest
 from katana_openapi import ValidatingTransport
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
-from syncd.config import Config, DaemonConfig, KatanaConfig, TradeGeckoConfig
+from syncd.config import Config, DaemonConfig, KatanaConfig, MetricsConfig, TradeGeckoConfig
 from syncd.domain.orders import LinkedOrder
 from syncd.domain.statechart import load_statechart
 from syncd.ops.asgi import serving
@@ -68,6 +68,7 @@ class Sims:
     def config(self, database: Path) -> Config:
         return Config(
             daemon=DaemonConfig(database=str(database), retry_initial=0.2, retry_max=1.0),
+            metrics=MetricsConfig(listen="127.0.0.1:0", refresh_interval=0.1),
             tradegecko=TradeGeckoConfig(
                 base_url=self.tradegecko_url, token=TRADEGECKO_TOKEN, poll_interval=0.1
             ),

@@ -189,13 +189,21 @@ async def test_html_error_body_is_described() -> None:
 
 
 async def test_undecodable_2xx_is_a_decode_error_naming_the_endpoint() -> None:
-    async with _client(lambda request: httpx.Response(200, json={"data": [{"id": "x"}]})) as c:
+    async with _client(lambda request: httpx.Response(200, json={"rows": []})) as c:
         with pytest.raises(errors.DecodeError) as caught:
             await c.find_customers(name="A")
     assert caught.value.endpoint == "/customers"
     async with _client(lambda request: httpx.Response(200, text="<html/>")) as c:
         with pytest.raises(errors.DecodeError, match="katana GET /factory"):
             await c.get_factory()
+
+
+async def test_one_odd_record_is_skipped_and_the_rest_are_read() -> None:
+    body = {"data": [{"id": "x"}, {"id": 2, "name": "Tradegecko"}]}
+    async with _client(lambda request: httpx.Response(200, json=body)) as c:
+        customers = await c.find_customers(name="Tradegecko")
+        assert [customer.id for customer in customers] == [2]
+        assert c.skipped_records == 1
 
 
 async def test_429_waits_for_retry_after_then_succeeds() -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "Config",
     "DaemonConfig",
     "KatanaConfig",
+    "MetricsConfig",
     "TradeGeckoConfig",
     "load_config",
     "parse_config",
@@ -58,10 +59,25 @@ class KatanaConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rate_period: float = 60.0
 
 
+class MetricsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The Prometheus endpoint (``/metrics``)."""
+
+    enabled: bool = True
+    #: ``host:port`` to serve on; ``[::1]:9464`` for IPv6; port 0 picks a free one.
+    listen: str = "127.0.0.1:9464"
+    #: Seconds between refreshes of the gauges read from the database.
+    refresh_interval: float = 5.0
+
+    def address(self) -> tuple[str, int]:
+        """The ``(host, port)`` of :attr:`listen`."""
+        return parse_listen(self.listen)
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     tradegecko: TradeGeckoConfig = msgspec.field(default_factory=TradeGeckoConfig)
     katana: KatanaConfig = msgspec.field(default_factory=KatanaConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
 
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
@@ -77,6 +93,17 @@ def _key_from_msgspec(message: str) -> str | None:
     if unknown:
         key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
     return key or None
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` → ``(host, port)``.
+
+    :raises ConfigError: not a ``host:port`` with a port in 0..65535.
+    """
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", value)
+    if match is None or int(match.group(2) or match.group(4)) > 65535:
+        raise ConfigError(f"must be host:port, got {value!r}", key="metrics.listen")
+    return (match.group(1) or match.group(3)), int(match.group(2) or match.group(4))
 
 
 def _read_secret(env: str, credential: str) -> str | None:
@@ -122,6 +149,7 @@ def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = 
         ("katana.rate_period", kt.rate_period),
         ("daemon.retry_initial", daemon.retry_initial),
         ("daemon.retry_max", daemon.retry_max),
+        ("metrics.refresh_interval", config.metrics.refresh_interval),
     ):
         if number <= 0:
             raise ConfigError(f"must be a positive number of seconds, got {number}", key=key)
@@ -132,6 +160,7 @@ def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = 
     ):
         if count < 1:
             raise ConfigError(f"must be at least 1, got {count}", key=key)
+    config.metrics.address()
     if daemon.log_level not in _LOG_LEVELS:
         raise ConfigError(f"must be one of {sorted(_LOG_LEVELS)}", key="daemon.log_level")
     if not tg.supplier_name.strip():

@@ -10,6 +10,7 @@ A 429 means the request was not processed, so any method waits for the window an
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import deque
@@ -18,6 +19,7 @@ from typing import Any, Self, TypeVar
 
 import anyio
 import httpx
+import msgspec
 import stamina
 
 from syncd.errors import (
@@ -40,6 +42,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger("syncd.http")
 
 Params = Mapping[str, str | int | Sequence[str | int]]
 
@@ -158,6 +162,8 @@ class ServiceClient:
         self.attempts = attempts
         self.max_rate_wait = max_rate_wait
         self._on_response = on_response
+        #: Records of list answers skipped because they did not decode.
+        self.skipped_records = 0
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
@@ -310,6 +316,26 @@ class ServiceClient:
             details=details,
             request_id=response.headers.get("X-Request-Id"),
         )
+
+    def decode_each(
+        self, raws: Sequence[msgspec.Raw], kind: type[T], method: str, endpoint: str
+    ) -> list[T]:
+        """Decode the records of a list one by one, skipping (and logging) any that break the
+        contract: one odd record among hundreds must not stop the daemon reading the rest."""
+        items: list[T] = []
+        for raw in raws:
+            try:
+                items.append(msgspec.json.decode(raw, type=kind))
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                self.skipped_records += 1
+                log.warning(
+                    "%s %s %s: skipped a record that does not decode: %s",
+                    self.service,
+                    method,
+                    endpoint,
+                    exc,
+                )
+        return items
 
     def decode_error(self, method: str, endpoint: str, problem: str) -> DecodeError:
         """A :class:`DecodeError` for a 2xx body that breaks the contract."""

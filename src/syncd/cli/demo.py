@@ -20,7 +20,7 @@ import anyio
 import httpx
 import msgspec
 
-from syncd.config import Config, DaemonConfig, KatanaConfig, TradeGeckoConfig
+from syncd.config import Config, DaemonConfig, KatanaConfig, MetricsConfig, TradeGeckoConfig
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.ops.asgi import serving
 from syncd.runtime.daemon import running_daemon
@@ -143,6 +143,8 @@ async def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> DemoSu
         async with _simulators(options) as (katana_url, tradegecko_url, katana_ctl, tg_ctl):
             config = Config(
                 daemon=DaemonConfig(database=database, retry_initial=0.5, retry_max=5.0),
+                # Any free port: a demo must not collide with a real daemon's endpoint.
+                metrics=MetricsConfig(listen="127.0.0.1:0"),
                 tradegecko=TradeGeckoConfig(
                     base_url=tradegecko_url,
                     token=TRADEGECKO_TOKEN,

@@ -1,24 +1,35 @@
 """``syncctl``: look at linked orders in the store (read-only unless a command changes one).
 
-Exit codes: 0 success; 2 bad usage or config; 3 the database cannot be opened; 5 the order
-asked for does not exist.
+``retry``, ``cancel`` and ``replay`` never call TradeGecko or Katana and never move an order
+themselves: they write an *operator* event to the inbox, and the daemon's dispatcher applies
+it through the statechart, in order with everything else it sees. When the daemon is not
+running the event waits in the inbox for its next start.
+
+Exit codes: 0 success; 2 bad usage or config; 3 the database cannot be opened (or written,
+for the commands that queue an event); 5 the order asked for does not exist; 6 the order's
+state does not allow the command (e.g. ``retry`` of an order that does not need attention).
 """
 
 from __future__ import annotations
 
+import getpass
+import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import anyio
 import click
 import msgspec
 
 from syncd.config import load_config
-from syncd.domain.statechart import load_statechart
+from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ConfigError, StatechartError, StoreError
+from syncd.runtime import inbox
 from syncd.store import Store
 
 __all__ = ["main"]
@@ -26,6 +37,7 @@ __all__ = ["main"]
 EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_NOT_FOUND = 5
+EXIT_NOT_ALLOWED = 6
 
 T = TypeVar("T")
 
@@ -49,6 +61,40 @@ def _ago(epoch: float) -> str:
     return f"{seconds:.0f}s"
 
 
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``"90"``, ``"90s"``, ``"15m"``, ``"2h"``, ``"1d12h"``, ``"1w"`` → seconds.
+
+    :raises ValueError: anything else.
+    """
+    text = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    if not text or _DURATION_RE.sub("", text) != "":
+        raise ValueError(f"not a duration: {text!r} (e.g. 90s, 15m, 2h, 1d12h)")
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_RE.findall(text))
+
+
+def _duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _operator() -> str | None:
+    """Who runs syncctl, for the order's history (the real user under sudo)."""
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
 def _emit(data: Any) -> None:
     click.echo(msgspec.json.format(msgspec.json.encode(data)).decode())
 
@@ -65,9 +111,27 @@ def main(ctx: click.Context, db_path: str | None, config_path: str | None) -> No
         except ConfigError as exc:
             _fail(str(exc), EXIT_CONFIG)
     ctx.obj = db_path
+    ctx.meta["syncctl.statechart"] = None
+    if config_path is not None:
+        try:
+            config = load_config(config_path, require_tokens=False)
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_CONFIG)
+            return
+        ctx.meta["syncctl.statechart"] = config.daemon.statechart
 
 
-def _with_store(ctx: click.Context, work: Callable[[Store], Awaitable[T]]) -> T:
+def _chart(ctx: click.Context) -> Statechart:
+    try:
+        return load_statechart(ctx.meta.get("syncctl.statechart"))
+    except StatechartError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+        raise
+
+
+def _with_store(
+    ctx: click.Context, work: Callable[[Store], Awaitable[T]], *, write: bool = False
+) -> T:
     path: str | None = ctx.obj
     if path is None:
         if ctx.invoked_subcommand == "statechart" or ctx.info_name == "statechart":
@@ -75,8 +139,11 @@ def _with_store(ctx: click.Context, work: Callable[[Store], Awaitable[T]]) -> T:
         _fail("name the database with --db PATH or --config PATH", EXIT_CONFIG)
     assert path is not None
 
+    if write and not Path(path).exists():
+        _fail(f"database not found: {path}", EXIT_STORE)
+
     async def go() -> T:
-        store = await Store.open(path, readonly=True)
+        store = await Store.open(path, readonly=not write)
         try:
             return await work(store)
         finally:
@@ -95,6 +162,8 @@ def _with_store(ctx: click.Context, work: Callable[[Store], Awaitable[T]]) -> T:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Orders per state, the oldest in each, inbox backlog, last polls."""
 
+    chart = _chart(ctx)
+
     async def work(store: Store) -> dict[str, Any]:
         counts = await store.counts_by_state()
         oldest = await store.oldest_by_state()
@@ -110,6 +179,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
                 for state, count in sorted(counts.items())
             },
             "total": sum(counts.values()),
+            "needs_attention": sum(counts.get(s, 0) for s in chart.attention_states()),
             "inbox_backlog": backlog,
             "inbox_oldest": _when(oldest_event),
             "cursors": {
@@ -127,6 +197,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             f"{state:<18} {info['orders']:>7}  {info['oldest_po']} since {info['oldest_since']}"
         )
     click.echo(f"{'total':<18} {data['total']:>7}")
+    click.echo(f"needs attention: {data['needs_attention']}")
     click.echo(f"inbox backlog: {data['inbox_backlog']} (oldest {data['inbox_oldest']})")
     for name, info in data["cursors"].items():
         click.echo(f"cursor {name}: {info['value']} (updated {info['updated']})")
@@ -135,10 +206,24 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @main.command()
 @click.argument("key", required=False)
 @click.option("--state", default=None, help="Only orders in this state.")
+@click.option(
+    "--older-than",
+    default=None,
+    callback=_duration_option,
+    help="Only orders that have sat in their state this long (90s, 15m, 2h, 1d); "
+    "open states unless --state names one.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def inspect(ctx: click.Context, key: str | None, state: str | None, as_json: bool) -> None:
+def inspect(
+    ctx: click.Context,
+    key: str | None,
+    state: str | None,
+    older_than: float | None,
+    as_json: bool,
+) -> None:
     """One order by PO number or link id (ids, lines, history), or the list."""
+    open_states = _chart(ctx).open_states() if older_than is not None else []
 
     async def one(store: Store) -> dict[str, Any] | None:
         assert key is not None
@@ -161,7 +246,11 @@ def inspect(ctx: click.Context, key: str | None, state: str | None, as_json: boo
         }
 
     async def many(store: Store) -> list[dict[str, Any]]:
-        if state is not None:
+        if older_than is not None:
+            links = await store.links_in_states(
+                [state] if state is not None else open_states, older_than=older_than
+            )
+        elif state is not None:
             links = await store.links_in_states([state])
         else:
             links = await store.all_links()
@@ -171,6 +260,7 @@ def inspect(ctx: click.Context, key: str | None, state: str | None, as_json: boo
                 "po": link.po_number,
                 "so": link.so_number,
                 "state": link.state,
+                "since": _when(link.state_since.timestamp() if link.state_since else None),
                 "reason": link.reason,
             }
             for link in links
@@ -184,7 +274,7 @@ def inspect(ctx: click.Context, key: str | None, state: str | None, as_json: boo
         for row in rows:
             click.echo(
                 f"{row['id']:>6} {row['po']:<12} {row['so'] or '-':<14} {row['state']:<16} "
-                f"{row['reason'] or ''}"
+                f"{row['since']:<19}  {row['reason'] or ''}"
             )
         return
 
@@ -248,6 +338,107 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
             f"{row['at']}  {row['po']:<12} {row['from'] or '·':>15} → {row['to']:<15} "
             f"{row['cause']}"
         )
+
+
+def _queue(
+    ctx: click.Context,
+    key: str,
+    action: str,
+    reason: str | None,
+    as_json: bool,
+    *,
+    dry_run: bool = False,
+) -> None:
+    """Queue an operator's command for the daemon (or, with ``dry_run``, only say what it
+    would do)."""
+    from syncd.runtime.dispatcher import Dispatcher
+    from syncd.runtime.effects import Effects
+
+    chart = _chart(ctx)
+
+    async def work(store: Store) -> dict[str, Any] | None:
+        link = await store.find_link(key)
+        if link is None:
+            return None
+        data: dict[str, Any] = {
+            "id": link.id,
+            "po": link.po_number,
+            "so": link.so_number,
+            "state": link.state,
+            "action": action,
+            "reason": reason,
+        }
+        if action == inbox.REPLAY:
+            # Planning reads the store and the statechart only: no effect runs here.
+            planner = Dispatcher(store, chart, cast(Effects, None))
+            data["plan"] = (await planner.plan_replay(link)).describe()
+        else:
+            decision = chart.decide(link.state, action, resume_state=link.resume_state)
+            if decision is None:
+                data["allowed"] = False
+                return data
+            data["to"] = decision.dest
+        data["allowed"] = True
+        if dry_run:
+            return data
+        command = inbox.OperatorCommand(
+            link_id=link.id, action=action, reason=reason, operator=_operator()
+        )
+        data["event_id"] = await store.add_event(
+            "syncctl", inbox.OPERATOR, inbox.encode(command), link_id=link.id, po_id=link.po_id
+        )
+        return data
+
+    data = _with_store(ctx, work, write=not dry_run)
+    if data is None:
+        _fail(f"no linked order {key!r}", EXIT_NOT_FOUND)
+        return
+    if not data["allowed"]:
+        _fail(f"order {data['po']} is {data['state']}: {action} does not apply", EXIT_NOT_ALLOWED)
+        return
+    if as_json:
+        _emit(data)
+        return
+    what = data.get("plan") or f"{data['state']} → {data['to']}"
+    if dry_run:
+        click.echo(f"{action} {data['po']} would: {what}")
+    else:
+        click.echo(
+            f"queued {action} of {data['po']} ({what}) as inbox event {data['event_id']}; "
+            "the daemon applies it (at its next start if it is not running)"
+        )
+
+
+@main.command()
+@click.argument("key")
+@click.option("--reason", default=None, help="Why, for the order's history.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def retry(ctx: click.Context, key: str, reason: str | None, as_json: bool) -> None:
+    """Send an order that needs attention back to where it was."""
+    _queue(ctx, key, "retry", reason, as_json)
+
+
+@main.command()
+@click.argument("key")
+@click.option("--reason", required=True, help="Why, for the order's history.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def cancel(ctx: click.Context, key: str, reason: str, as_json: bool) -> None:
+    """Cancel an order: syncd stops following it and never receives its PO."""
+    _queue(ctx, key, "cancel", reason, as_json)
+
+
+@main.command()
+@click.argument("key")
+@click.option("--dry-run", is_flag=True, help="Only say what the replay would do.")
+@click.option("--reason", default=None, help="Why, for the order's history.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def replay(ctx: click.Context, key: str, dry_run: bool, reason: str | None, as_json: bool) -> None:
+    """Re-drive an order from its state: re-run the state's effect, or re-process the
+    order's stored inbox events."""
+    _queue(ctx, key, inbox.REPLAY, reason, as_json, dry_run=dry_run)
 
 
 @main.command()

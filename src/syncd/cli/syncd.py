@@ -59,12 +59,19 @@ def run(config_path: str) -> None:
 
 
 async def _run(config: Config) -> None:
+    from syncd.ops.notify import notify, watchdog
     from syncd.runtime.daemon import running_daemon
 
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with running_daemon(config):
+        async with running_daemon(config), anyio.create_task_group() as tg:
+            tg.start_soon(watchdog)
+            notify("READY=1", "STATUS=running")
             async for _ in signals:
                 break
+            # Leaving the block cancels intake and in-flight effects (idempotent: they run
+            # again at the next start) and closes the database; systemd waits meanwhile.
+            notify("STOPPING=1", "STATUS=stopping")
+            tg.cancel_scope.cancel()
 
 
 @main.command()

@@ -90,3 +90,5 @@ class LinkedOrder(msgspec.Struct, kw_only=True):
     last_error: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    #: When the order entered its current state.
+    state_since: datetime | None = None

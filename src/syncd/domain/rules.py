@@ -73,15 +73,17 @@ def pick_average_cost(
 ) -> Decimal | None:
     """The average cost to use from Katana inventory records ``(location, cost, in stock)``.
 
-    The record at the sales order's location wins; without one, the stock-weighted mean of
+    The record at the sales order's location wins, even when its cost is 0 or null; without
+    one, the stock-weighted mean of
     the locations that hold stock; when no location holds stock (the made goods have just
     been delivered), the plain mean of the costs Katana still records; with no cost
     anywhere, ``None``.
     """
     records = list(records)
     for location, cost, _ in records:
-        if location == location_id and cost:
-            return cost
+        if location == location_id:
+            # Katana's own answer for where the goods are: 0 or null means keep the price.
+            return cost if cost else None
     weighted = [(cost, qty) for _, cost, qty in records if cost and qty and qty > 0]
     total = sum((qty for _, qty in weighted), Decimal(0))
     if weighted and total:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import Config
 from syncd.domain.statechart import Statechart, load_statechart
+from syncd.errors import ConfigError
 from syncd.ops.logging import register_secrets
+from syncd.ops.metrics import Metrics, serve_metrics
 from syncd.runtime.dispatcher import Dispatcher, TransitionNotice
 from syncd.runtime.effects import Effects
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
@@ -40,6 +43,9 @@ class Daemon:
     tradegecko_poller: TradeGeckoPoller
     katana_poller: KatanaPoller
     activated_at: datetime
+    metrics: Metrics | None = None
+    #: Where ``/metrics`` is served (``http://host:port``); ``None`` when disabled.
+    metrics_url: str | None = None
 
     def poll_now(self) -> None:
         """Ask both pollers to poll at once rather than at their next interval."""
@@ -63,8 +69,12 @@ async def running_daemon(
     """
     register_secrets([config.katana.token, config.tradegecko.token])
     chart = chart or load_statechart(config.daemon.statechart)
+    metrics = Metrics()
+    metrics.known_states(list(chart.states))
     store = await Store.open(config.daemon.database)
+    metrics_sock: socket.socket | None = None
     try:
+        metrics_sock = _metrics_socket(config)
         activated = datetime.fromisoformat(
             await store.setdefault_meta("activated_at", datetime.now(UTC).isoformat())
         )
@@ -74,15 +84,23 @@ async def running_daemon(
                 config.katana.token,
                 budget=RequestBudget(config.katana.rate_limit, config.katana.rate_period),
                 transport=katana_transport,
+                on_response=metrics.api_hook("katana"),
             ) as katana,
             TradeGeckoClient(
                 config.tradegecko.base_url,
                 config.tradegecko.token,
                 budget=RequestBudget(config.tradegecko.rate_limit, config.tradegecko.rate_period),
                 transport=tradegecko_transport,
+                on_response=metrics.api_hook("tradegecko"),
             ) as tradegecko,
         ):
             effects = Effects(config, katana, tradegecko)
+
+            def transition_seen(notice: TransitionNotice) -> None:
+                metrics.transition(notice.source, notice.dest, notice.trigger, notice.since)
+                if on_transition is not None:
+                    on_transition(notice)
+
             dispatcher = Dispatcher(
                 store,
                 chart,
@@ -90,7 +108,8 @@ async def running_daemon(
                 concurrency=config.daemon.concurrency,
                 retry_initial=config.daemon.retry_initial,
                 retry_max=config.daemon.retry_max,
-                on_transition=on_transition,
+                on_transition=transition_seen,
+                on_effect=metrics.effect,
             )
             tg_poller = TradeGeckoPoller(store, tradegecko, config, activated, dispatcher.wake)
             kt_poller = KatanaPoller(store, katana, config, chart, activated, dispatcher.wake)
@@ -104,16 +123,58 @@ async def running_daemon(
                 tg_poller,
                 kt_poller,
                 activated,
+                metrics,
             )
             async with anyio.create_task_group() as tg:
                 await tg.start(dispatcher.run)
                 tg.start_soon(tg_poller.run)
                 tg.start_soon(kt_poller.run)
+                tg.start_soon(
+                    lambda: metrics.refresh_forever(
+                        store,
+                        config.metrics.refresh_interval,
+                        states=list(chart.states),
+                        polls=lambda: {
+                            tg_poller.name: tg_poller.last_success,
+                            kt_poller.name: kt_poller.last_success,
+                        },
+                        budgets={"katana": katana.budget, "tradegecko": tradegecko.budget},
+                    )
+                )
+                if metrics_sock is not None:
+                    await tg.start(serve_metrics, metrics, metrics_sock)
+                    host, port = metrics_sock.getsockname()[:2]
+                    daemon.metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
                 log.info("syncd running", extra={"activated_at": activated.isoformat()})
                 try:
                     yield daemon
                 finally:
                     tg.cancel_scope.cancel()
     finally:
+        if metrics_sock is not None:
+            metrics_sock.close()
         with anyio.CancelScope(shield=True):
             await store.close()
+
+
+def _metrics_socket(config: Config) -> socket.socket | None:
+    """The metrics endpoint's listening socket, bound before anything starts.
+
+    :raises ConfigError: the address cannot be listened on (in use, not local, no rights).
+    """
+    if not config.metrics.enabled:
+        return None
+    host, port = config.metrics.address()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {config.metrics.listen}: {exc.strerror or exc}",
+            key="metrics.listen",
+        ) from None

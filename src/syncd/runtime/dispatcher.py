@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 import anyio
 import msgspec
@@ -22,14 +23,17 @@ from anyio.abc import TaskGroup
 from syncd.domain.orders import LinkedOrder, PurchaseOrderSnapshot, SalesOrderFacts
 from syncd.domain.rules import purchase_order_trigger, sales_order_trigger
 from syncd.domain.statechart import Decision, Statechart
-from syncd.errors import StoreError, SyncdError
+from syncd.errors import SyncdError
 from syncd.runtime import inbox
 from syncd.runtime.effects import Effects, Outcome
 from syncd.store import InboxEvent, Store
 
-__all__ = ["Dispatcher", "TransitionNotice"]
+__all__ = ["Dispatcher", "ReplayPlan", "ReplayStep", "TransitionNotice"]
 
 log = logging.getLogger("syncd.dispatcher")
+
+#: How often an inbox event is tried before it is set aside (marked processed, with why).
+_EVENT_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,42 @@ class TransitionNotice:
     dest: str
     trigger: str
     cause: str
+    #: When the order entered ``source``; ``None`` for a new order.
+    since: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ReplayStep:
+    """One stored inbox event that moves the order when re-processed."""
+
+    event_id: int
+    trigger: str
+    source: str
+    dest: str
+    cause: str
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What replaying an order does: re-run its state's effect, or these steps."""
+
+    state: str
+    effect: str | None
+    steps: tuple[ReplayStep, ...]
+
+    def describe(self) -> str:
+        if self.effect is not None:
+            return f"re-run the {self.effect} effect of {self.state}"
+        if not self.steps:
+            return f"nothing: no stored event moves the order from {self.state}"
+        return "; ".join(
+            f"event {s.event_id}: {s.source} → {s.dest} [{s.trigger}] {s.cause}" for s in self.steps
+        )
+
+
+#: Inbox kinds a replay does not re-process: the PO's discovery, effects' past outcomes
+#: (the effect is re-run instead) and operators' commands.
+_NOT_REPLAYED = frozenset({inbox.PO_DISCOVERED, inbox.EFFECT_OUTCOME, inbox.OPERATOR})
 
 
 class Dispatcher:
@@ -56,6 +96,7 @@ class Dispatcher:
         retry_initial: float = 5.0,
         retry_max: float = 300.0,
         on_transition: Callable[[TransitionNotice], None] | None = None,
+        on_effect: Callable[[str, str], None] | None = None,
     ) -> None:
         self.store = store
         self.chart = chart
@@ -63,11 +104,14 @@ class Dispatcher:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self._on_transition = on_transition
+        #: Told ``(effect, "ok" | "retry" | "failed")`` after each effect run.
+        self._on_effect = on_effect
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._wake = anyio.Event()
         self._running: set[int] = set()
         self._again: set[int] = set()
         self._failures: dict[int, int] = {}
+        self._event_failures: dict[int, int] = {}
         self._tg: TaskGroup | None = None
 
     def wake(self) -> None:
@@ -101,7 +145,8 @@ class Dispatcher:
         """Start the effect of every order waiting in an effect state."""
         states = list(self.chart.effect_states())
         for link in await self.store.links_in_states(states):
-            self._schedule(link.id)
+            if link.id not in self._running:
+                self._schedule(link.id)
 
     # -- events --------------------------------------------------------------------------
 
@@ -113,13 +158,38 @@ class Dispatcher:
             await self.store.mark_processed(event.id, f"unreadable: {exc}")
             return
         try:
-            if isinstance(payload, PurchaseOrderSnapshot):
+            if isinstance(payload, inbox.OperatorCommand) and payload.action == inbox.REPLAY:
+                await self._replay(event, payload)
+            elif isinstance(payload, PurchaseOrderSnapshot):
                 await self._discovered(event, payload)
             else:
                 await self._observed(event, payload)
-        except StoreError as exc:
-            # Someone else moved the order between our read and write: decide again later.
-            log.warning("event %s not applied: %s", event.id, exc)
+        except SyncdError as exc:
+            # Typically another writer moved the order between our read and our write: the
+            # next pass decides again. A fault that persists must not wedge the inbox.
+            attempts = self._event_failures.get(event.id, 0) + 1
+            self._event_failures[event.id] = attempts
+            if attempts >= _EVENT_ATTEMPTS:
+                log.error(
+                    "event %s (%s) set aside after %d tries: %s",
+                    event.id,
+                    event.kind,
+                    attempts,
+                    exc,
+                )
+                self._event_failures.pop(event.id, None)
+                await self._set_aside(event.id, f"failed: {exc}")
+            else:
+                log.warning("event %s not applied (try %d): %s", event.id, attempts, exc)
+                await anyio.sleep(min(2.0, 0.1 * attempts))
+        else:
+            self._event_failures.pop(event.id, None)
+
+    async def _set_aside(self, event_id: int, outcome: str) -> None:
+        try:
+            await self.store.mark_processed(event_id, outcome)
+        except SyncdError as exc:
+            log.error("cannot mark event %s processed: %s", event_id, exc)
 
     async def _discovered(self, event: InboxEvent, snapshot: PurchaseOrderSnapshot) -> None:
         link = await self.store.create_link(
@@ -141,13 +211,34 @@ class Dispatcher:
             await self.store.mark_processed(event.id, "no linked order")
             return
         triggers, cause, outcome = self._triggers(payload)
+        if outcome is not None and outcome.so_id is not None:
+            owner = await self.store.link_by_so(outcome.so_id)
+            if owner is not None and owner.id != link.id:
+                # Two POs with one number map to one order_no: never share an SO.
+                reason = (
+                    f"Katana SO {outcome.so_number} already belongs to PO {owner.po_number} "
+                    f"(link {owner.id}); is the PO number {link.po_number} used twice?"
+                )
+                outcome = Outcome(
+                    effect=outcome.effect, trigger="import_failed", cause=reason, reason=reason
+                )
+                triggers, cause = (outcome.trigger,), reason
         for trigger in triggers:
             decision = self.chart.decide(link.state, trigger, resume_state=link.resume_state)
             if decision is not None:
                 await self._apply(link, decision, cause, event.id, outcome)
                 return
-        if outcome is not None and outcome.notes:
-            await self.store.note(link.id, notes=outcome.notes)
+        notes = list(outcome.notes) if outcome is not None else []
+        if outcome is not None and outcome.so_id is not None and link.so_id != outcome.so_id:
+            # The import raced a cancel or a void: the SO exists but nothing follows it.
+            warning = (
+                f"Katana SO {outcome.so_number} (id {outcome.so_id}) was made while the order "
+                f"was {link.state}: check it in Katana"
+            )
+            log.error(warning, extra={"po": link.po_number})
+            notes.append(warning)
+        if notes:
+            await self.store.note(link.id, notes=notes)
         await self.store.mark_processed(
             event.id, f"no move from {link.state} ({', '.join(triggers) or 'nothing new'})"
         )
@@ -155,6 +246,8 @@ class Dispatcher:
     def _triggers(self, payload: msgspec.Struct) -> tuple[tuple[str, ...], str, Outcome | None]:
         if isinstance(payload, Outcome):
             return (payload.trigger,), payload.cause, payload
+        if isinstance(payload, inbox.OperatorCommand):
+            return (payload.action,), payload.cause(), None
         if isinstance(payload, SalesOrderFacts):
             production = payload.production_status or "none"
             cause = f"Katana SO {payload.order_no}: {payload.status}, production {production}" + (
@@ -203,10 +296,30 @@ class Dispatcher:
             **extra,  # type: ignore[arg-type]
         )
         self._failures.pop(link.id, None)
-        self._notify(updated, decision.source, decision.dest, decision.trigger, cause)
+        self._notify(
+            updated, decision.source, decision.dest, decision.trigger, cause, link.state_since
+        )
         if decision.effect:
             self._schedule(updated.id)
+        elif self.chart.state(decision.source).attention and self.chart.state(decision.dest).follow:
+            updated = await self._reobserve(updated)
         return updated
+
+    async def _reobserve(self, link: LinkedOrder) -> LinkedOrder:
+        """After a retry, apply the last look at the SO again: it was seen while the order
+        could not move, and its de-duplication key is spent."""
+        seen = [e for e in await self.store.events_for_link(link.id) if e.kind == inbox.SO_OBSERVED]
+        if not seen:
+            return link
+        facts = inbox.decode(seen[-1].kind, seen[-1].payload)
+        triggers, cause, _ = self._triggers(facts)
+        for trigger in triggers:
+            decision = self.chart.decide(link.state, trigger, resume_state=link.resume_state)
+            if decision is not None:
+                return await self._apply(
+                    link, decision, f"{cause} (seen before the retry)", None, None
+                )
+        return link
 
     async def fire(self, link: LinkedOrder, trigger: str, cause: str) -> LinkedOrder | None:
         """Fire an operator's trigger (retry, cancel) on ``link``; ``None`` if not allowed."""
@@ -216,7 +329,13 @@ class Dispatcher:
         return await self._apply(link, decision, cause, None, None)
 
     def _notify(
-        self, link: LinkedOrder, source: str | None, dest: str, trigger: str, cause: str
+        self,
+        link: LinkedOrder,
+        source: str | None,
+        dest: str,
+        trigger: str,
+        cause: str,
+        since: datetime | None = None,
     ) -> None:
         log.info(
             "order moved",
@@ -230,7 +349,7 @@ class Dispatcher:
             },
         )
         if self._on_transition is not None:
-            self._on_transition(TransitionNotice(link, source, dest, trigger, cause))
+            self._on_transition(TransitionNotice(link, source, dest, trigger, cause, since))
 
     # -- effects -------------------------------------------------------------------------
 
@@ -246,7 +365,13 @@ class Dispatcher:
         try:
             while True:
                 self._again.discard(link_id)
-                await self._effect_once(link_id)
+                try:
+                    await self._effect_once(link_id)
+                except SyncdError as exc:
+                    # The store refused a write; the order stays in its effect state and is
+                    # picked up again at the next start or replay.
+                    log.error("effect for order %s could not be recorded: %s", link_id, exc)
+                    return
                 if link_id not in self._again:
                     return
         finally:
@@ -259,6 +384,9 @@ class Dispatcher:
         effect = self.chart.state(link.state).effect
         if effect is None:
             return
+        if await self.store.has_pending_event(link.id, inbox.EFFECT_OUTCOME):
+            # The last run's outcome is not applied yet; running again could act twice.
+            return
         failure: SyncdError | None = None
         async with self._limiter:
             try:
@@ -267,8 +395,12 @@ class Dispatcher:
                 # Effects turn what needs a person into an outcome; what is left may pass.
                 failure = exc
         if failure is not None:
+            self._effect_ran(effect, "retry")
             await self._retry_later(link, effect, failure)
             return
+        decision = self.chart.decide(link.state, outcome.trigger, resume_state=link.resume_state)
+        gave_up = decision is not None and self.chart.state(decision.dest).attention
+        self._effect_ran(effect, "failed" if gave_up else "ok")
         await self.store.add_event(
             "effect",
             inbox.EFFECT_OUTCOME,
@@ -277,6 +409,75 @@ class Dispatcher:
             po_id=link.po_id,
         )
         self.wake()
+
+    def _effect_ran(self, effect: str, result: str) -> None:
+        if self._on_effect is not None:
+            self._on_effect(effect, result)
+
+    # -- operators -----------------------------------------------------------------------
+
+    async def plan_replay(self, link: LinkedOrder) -> ReplayPlan:
+        """What replaying ``link`` would do, without doing it (``syncctl replay --dry-run``).
+
+        In an effect state the effect is re-run. Otherwise the order's stored observations
+        are re-processed, oldest first, against its current state: each one the statechart
+        accepts moves it, until a state with an effect takes over.
+        """
+        effect = self.chart.state(link.state).effect
+        if effect is not None:
+            return ReplayPlan(link.state, effect, ())
+        state, resume = link.state, link.resume_state
+        steps: list[ReplayStep] = []
+        for event in await self.store.events_for_link(link.id):
+            if event.kind in _NOT_REPLAYED:
+                continue
+            try:
+                payload = inbox.decode(event.kind, event.payload)
+            except (KeyError, msgspec.DecodeError):
+                continue
+            triggers, cause, _ = self._triggers(payload)
+            for trigger in triggers:
+                decision = self.chart.decide(state, trigger, resume_state=resume)
+                if decision is not None:
+                    steps.append(ReplayStep(event.id, trigger, state, decision.dest, cause))
+                    state, resume = decision.dest, decision.resume_state
+                    break
+            if self.chart.state(state).effect is not None:
+                break
+        return ReplayPlan(link.state, None, tuple(steps))
+
+    async def _replay(self, event: InboxEvent, command: inbox.OperatorCommand) -> None:
+        link = await self._link_for(event)
+        if link is None:
+            await self.store.mark_processed(event.id, "no linked order")
+            return
+        plan = await self.plan_replay(link)
+        log.info(
+            "operator replay",
+            extra={"po": link.po_number, "so": link.so_number, "plan": plan.describe()},
+        )
+        if plan.effect is not None:
+            await self.store.mark_processed(event.id, f"replay: {plan.describe()}")
+            self._failures.pop(link.id, None)
+            self._schedule(link.id)
+            return
+        applied = 0
+        current: LinkedOrder | None = link
+        for step in plan.steps:
+            if current is None:
+                break
+            decision = self.chart.decide(
+                current.state, step.trigger, resume_state=current.resume_state
+            )
+            if decision is None:
+                break
+            cause = f"{command.cause()}: event {step.event_id}: {step.cause}"
+            current = await self._apply(
+                current, decision, cause, event.id if applied == 0 else None, None
+            )
+            applied += 1
+        if applied == 0:
+            await self.store.mark_processed(event.id, f"replay: {plan.describe()}")
 
     async def _retry_later(self, link: LinkedOrder, effect: str, error: Exception) -> None:
         count = self._failures.get(link.id, 0) + 1

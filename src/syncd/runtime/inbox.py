@@ -13,9 +13,13 @@ from syncd.runtime.effects import Outcome
 
 __all__ = [
     "EFFECT_OUTCOME",
+    "OPERATOR",
+    "OPERATOR_ACTIONS",
     "PO_DISCOVERED",
     "PO_OBSERVED",
+    "REPLAY",
     "SO_OBSERVED",
+    "OperatorCommand",
     "PurchaseOrderObserved",
     "decode",
     "encode",
@@ -25,6 +29,11 @@ PO_DISCOVERED = "po_discovered"
 PO_OBSERVED = "purchase_order_observed"
 SO_OBSERVED = "sales_order_observed"
 EFFECT_OUTCOME = "effect_outcome"
+#: An operator's command from ``syncctl``, applied by the running daemon's dispatcher.
+OPERATOR = "operator"
+#: ``replay`` is not a statechart trigger: it re-drives the order from where it is.
+REPLAY = "replay"
+OPERATOR_ACTIONS = ("retry", "cancel", REPLAY)
 
 
 class PurchaseOrderObserved(msgspec.Struct, kw_only=True, frozen=True):
@@ -34,11 +43,26 @@ class PurchaseOrderObserved(msgspec.Struct, kw_only=True, frozen=True):
     status: str
 
 
+class OperatorCommand(msgspec.Struct, kw_only=True, frozen=True):
+    """An operator's ``retry``, ``cancel`` or ``replay`` of one linked order."""
+
+    link_id: int
+    action: str
+    reason: str | None = None
+    operator: str | None = None
+
+    def cause(self) -> str:
+        """The transition's cause as the history shows it."""
+        who = f"operator {self.operator}" if self.operator else "operator"
+        return f"{who}: {self.action}" + (f" ({self.reason})" if self.reason else "")
+
+
 _TYPES: dict[str, type[msgspec.Struct]] = {
     PO_DISCOVERED: PurchaseOrderSnapshot,
     PO_OBSERVED: PurchaseOrderObserved,
     SO_OBSERVED: SalesOrderFacts,
     EFFECT_OUTCOME: Outcome,
+    OPERATOR: OperatorCommand,
 }
 _DECODERS = {kind: msgspec.json.Decoder(t) for kind, t in _TYPES.items()}
 

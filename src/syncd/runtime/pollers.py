@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -110,6 +110,9 @@ class TradeGeckoPoller(_Poller):
             return 0
         stored = await self.store.get_cursor(self.cursor_name)
         cursor = parse_time(stored) if stored else self.activated_at
+        # A record changed while the pages were walked may sit on a page already read: the
+        # cursor never passes the moment this poll began.
+        ceiling = datetime.now(UTC)
         orders = await self.client.list_purchase_orders(
             company_ids=suppliers,
             created_at_min=self.activated_at,
@@ -120,12 +123,18 @@ class TradeGeckoPoller(_Poller):
         for po in sorted(orders, key=lambda po: (po.created_at, po.id)):
             if po.created_at < self.activated_at:
                 continue
-            if po.id in linked:
-                added += await self._observe(po)
-            elif po.status in IMPORTABLE_STATUSES:
-                added += await self._discover(po)
+            try:
+                if po.id in linked:
+                    added += await self._observe(po)
+                elif po.status in IMPORTABLE_STATUSES:
+                    added += await self._discover(po)
+            except SyncdError as exc:
+                # One PO that cannot be read must not stop the others; the cursor stays
+                # before it so that the next poll tries it again.
+                log.warning("PO %s skipped this poll: %s", po.order_number or po.id, exc)
+                ceiling = min(ceiling, po.updated_at - timedelta(microseconds=1))
         if orders:
-            newest = max(po.updated_at for po in orders)
+            newest = min(max(po.updated_at for po in orders), ceiling)
             if newest > cursor:
                 await self.store.set_cursor(self.cursor_name, newest.isoformat())
         return added
@@ -214,6 +223,7 @@ class KatanaPoller(_Poller):
             return 0
         so_since = await self._cursor(self.so_cursor)
         mo_since = await self._cursor(self.mo_cursor)
+        ceiling = datetime.now(UTC)
         orders = await self.client.list_sales_orders(
             updated_at_min=so_since - OVERLAP, include_deleted=True
         )
@@ -228,20 +238,29 @@ class KatanaPoller(_Poller):
                 if mo.sales_order_id in followed and mo.sales_order_id not in seen
             }
         )
+        # Only the time-windowed lists move the cursors: an SO fetched by id afterwards may
+        # carry a newer stamp than changes to others not yet listed.
+        windowed = [so.updated_at for so in orders]
         if behind:
             orders += await self.client.list_sales_orders(ids=behind, include_deleted=True)
         added = 0
         for so in orders:
             if so.id in followed:
                 added += await self._report(so, followed[so.id])
-        await self._advance(self.so_cursor, so_since, [so.updated_at for so in orders])
-        await self._advance(self.mo_cursor, mo_since, [mo.updated_at for mo in manufacturing])
+        await self._advance(self.so_cursor, so_since, windowed, ceiling)
+        await self._advance(
+            self.mo_cursor, mo_since, [mo.updated_at for mo in manufacturing], ceiling
+        )
         return added
 
-    async def _advance(self, name: str, since: datetime, seen: list[datetime | None]) -> None:
+    async def _advance(
+        self, name: str, since: datetime, seen: Sequence[datetime | None], ceiling: datetime
+    ) -> None:
+        # Never past the moment the poll began: changes made while it walked the pages are
+        # picked up by the next one.
         stamps = [stamp for stamp in seen if stamp is not None]
-        if stamps and max(stamps) > since:
-            await self.store.set_cursor(name, max(stamps).isoformat())
+        if stamps and min(max(stamps), ceiling) > since:
+            await self.store.set_cursor(name, min(max(stamps), ceiling).isoformat())
 
     async def _report(self, so: KatanaSalesOrder, link_id: int) -> int:
         facts = facts_of(so)

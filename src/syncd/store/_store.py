@@ -90,6 +90,7 @@ def _link(row: Sequence[Any]) -> LinkedOrder:
         last_error=row[12],
         created_at=_iso(row[13]),
         updated_at=_iso(row[14]),
+        state_since=_iso(row[15]),
     )
 
 
@@ -171,6 +172,9 @@ class Store:
                 raise StoreError(f"cannot write to {self.path}: {exc}") from None
             try:
                 yield self._db
+            except sqlite3.Error as exc:
+                await self._db.execute("ROLLBACK")
+                raise StoreError(f"write to {self.path} refused: {exc}") from exc
             except BaseException:
                 await self._db.execute("ROLLBACK")
                 raise
@@ -255,6 +259,14 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return [InboxEvent(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+
+    async def has_pending_event(self, link_id: int, kind: str) -> bool:
+        """Whether an event of ``kind`` for the link waits unprocessed in the inbox."""
+        async with self._db.execute(
+            "SELECT 1 FROM inbox WHERE link_id = ? AND kind = ? AND processed_at IS NULL LIMIT 1",
+            (link_id, kind),
+        ) as cur:
+            return await cur.fetchone() is not None
 
     async def events_for_link(self, link_id: int) -> list[InboxEvent]:
         async with self._db.execute(

@@ -110,8 +110,8 @@ class KatanaClient(ServiceClient):
         while True:
             query: Params = {**(params or {}), "limit": PAGE_SIZE, "page": page}
             response = await self.request("GET", path, params=query)
-            envelope = self._decode("GET", path, response, ListEnvelope[kind])  # type: ignore[valid-type]
-            items.extend(envelope.data)
+            envelope = self._decode("GET", path, response, ListEnvelope[msgspec.Raw])
+            items.extend(self.decode_each(envelope.data, kind, "GET", path))
             if self._is_last_page(response, page, len(envelope.data)):
                 return items
             page += 1

@@ -12,6 +12,7 @@ listing everything. Naive datetimes given as filters are taken to be UTC.
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -65,6 +66,16 @@ def _array_filter(name: str, values: Sequence[R]) -> dict[str, Any]:
     if len(values) == 1:
         return {name: values[0]}
     return {f"{name}[]": list(values)}
+
+
+def _item_type(envelope: type[Any], field: str) -> type[Any]:
+    """The record type of a list envelope's ``field`` (``list[PurchaseOrder]`` → PurchaseOrder)."""
+    for info in msgspec.structs.fields(envelope):
+        if info.name == field:
+            args = typing.get_args(info.type)
+            if args:
+                return args[0]  # type: ignore[no-any-return]
+    raise TypeError(f"{envelope.__name__} has no list field {field!r}")
 
 
 class TradeGeckoClient(ServiceClient):
@@ -122,12 +133,20 @@ class TradeGeckoClient(ServiceClient):
         while True:
             query = {**params, "limit": PAGE_LIMIT, "page": page}
             response = await self.request("GET", path, params=query)
-            envelope = self._decode(response, kind, "GET", path)
-            batch: list[Any] = getattr(envelope, field)
-            items.extend(batch)
+            body = self._decode(response, dict[str, msgspec.Raw], "GET", path)
+            if field not in body:
+                raise self.decode_error("GET", path, f"no {field!r} list in the answer")
+            batch = self._decode_raw(body[field], list[msgspec.Raw], "GET", path)
+            items.extend(self.decode_each(batch, _item_type(kind, field), "GET", path))
             if self._is_last_page(response, page, len(batch)):
                 return items
             page += 1
+
+    def _decode_raw(self, raw: msgspec.Raw, kind: type[E], method: str, endpoint: str) -> E:
+        try:
+            return msgspec.json.decode(raw, type=kind)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise self.decode_error(method, endpoint, str(exc)) from exc
 
     def _is_last_page(self, response: httpx.Response, page: int, count: int) -> bool:
         if count == 0:

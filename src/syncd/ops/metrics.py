@@ -1,0 +1,260 @@
+"""Prometheus metrics: one registry per daemon, served at ``/metrics`` in its task group.
+
+Counters and histograms are updated where things happen (the HTTP clients' ``on_response``
+hook, the dispatcher's transition and effect hooks); gauges that come from the database
+(orders per state, inbox backlog) are refreshed by :meth:`Metrics.refresh` on a timer, so a
+scrape never touches SQLite. No label carries an order: label values are states, triggers,
+services, endpoint templates and status codes, all bounded.
+
+Every metric (``syncd_`` prefix, base units):
+
+=============================================  ==================================================
+``syncd_build_info{version,python}``           1, with the running version
+``syncd_orders{state}``                        linked orders in each state
+``syncd_orders_oldest_age_seconds{state}``     how long the oldest order has sat in each state
+``syncd_transitions_total{from,to,trigger}``   transitions applied
+``syncd_state_duration_seconds{state}``        time spent in a state, observed on leaving it
+``syncd_api_requests_total{service,method,     HTTP requests sent; ``status="none"`` when no
+endpoint,status}``                             answer came (timeout, refused)
+``syncd_api_request_duration_seconds{service,  request latency
+method,endpoint}``
+``syncd_api_rate_limit_remaining{service}``    what the service last said remains of its limit
+``syncd_inbox_backlog_events``                 inbox events waiting for the dispatcher
+``syncd_inbox_oldest_event_age_seconds``       age of the oldest waiting event (0 when none)
+``syncd_poll_last_success_timestamp_seconds    when each poller last polled successfully
+{source}``
+``syncd_effect_retries_total{effect}``         effect runs that failed for a passing reason
+                                               and will be tried again
+``syncd_effect_failures_total{effect}``        effect runs that gave up: a person must look
+``syncd_metrics_refresh_timestamp_seconds``    when the database gauges were last refreshed
+=============================================  ==================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import socket
+import time
+from collections.abc import Callable, Generator, Mapping
+from datetime import datetime
+
+import anyio
+import uvicorn
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    make_asgi_app,
+)
+
+from syncd import __version__
+from syncd.adapters._http import RequestBudget
+from syncd.store import Store
+
+__all__ = ["Metrics", "serve_metrics"]
+
+log = logging.getLogger("syncd.metrics")
+
+#: Time in a state runs from seconds (an import) to weeks (production).
+_STATE_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400)
+_API_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """The daemon's metrics, in their own :class:`CollectorRegistry`."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        Info("syncd_build", "The running syncd.", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+        self.orders = Gauge("syncd_orders", "Linked orders in each state.", ["state"], registry=r)
+        self.orders_oldest_age = Gauge(
+            "syncd_orders_oldest_age_seconds",
+            "How long the order that has waited longest in each state has been there.",
+            ["state"],
+            registry=r,
+        )
+        self.transitions = Counter(
+            "syncd_transitions",
+            "Transitions of linked orders.",
+            ["from", "to", "trigger"],
+            registry=r,
+        )
+        self.state_duration = Histogram(
+            "syncd_state_duration_seconds",
+            "Time an order spent in a state, observed when it leaves the state.",
+            ["state"],
+            buckets=_STATE_BUCKETS,
+            registry=r,
+        )
+        self.api_requests = Counter(
+            "syncd_api_requests",
+            "HTTP requests to TradeGecko and Katana, by answer status.",
+            ["service", "method", "endpoint", "status"],
+            registry=r,
+        )
+        self.api_duration = Histogram(
+            "syncd_api_request_duration_seconds",
+            "Time from sending a request to reading its whole answer.",
+            ["service", "method", "endpoint"],
+            buckets=_API_BUCKETS,
+            registry=r,
+        )
+        self.rate_limit_remaining = Gauge(
+            "syncd_api_rate_limit_remaining",
+            "Requests the service last said remain in its rate-limit window.",
+            ["service"],
+            registry=r,
+        )
+        self.inbox_backlog = Gauge(
+            "syncd_inbox_backlog_events", "Inbox events waiting to be processed.", registry=r
+        )
+        self.inbox_oldest_age = Gauge(
+            "syncd_inbox_oldest_event_age_seconds",
+            "Age of the oldest inbox event waiting to be processed (0 when none waits).",
+            registry=r,
+        )
+        self.last_poll = Gauge(
+            "syncd_poll_last_success_timestamp_seconds",
+            "When each poller last completed a poll, as a Unix time.",
+            ["source"],
+            registry=r,
+        )
+        self.effect_retries = Counter(
+            "syncd_effect_retries",
+            "Effect runs that failed for a passing reason and will be tried again.",
+            ["effect"],
+            registry=r,
+        )
+        self.effect_failures = Counter(
+            "syncd_effect_failures",
+            "Effect runs that gave up: the order needs a person.",
+            ["effect"],
+            registry=r,
+        )
+        self.refreshed = Gauge(
+            "syncd_metrics_refresh_timestamp_seconds",
+            "When the gauges read from the database were last refreshed, as a Unix time.",
+            registry=r,
+        )
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def api_hook(self, service: str) -> Callable[[str, str, int, float], None]:
+        """An ``on_response`` hook for the :class:`ServiceClient` of ``service``."""
+
+        def observe(method: str, endpoint: str, status: int, seconds: float) -> None:
+            self.api_requests.labels(
+                service, method, endpoint, str(status) if status else "none"
+            ).inc()
+            self.api_duration.labels(service, method, endpoint).observe(seconds)
+
+        return observe
+
+    def transition(
+        self, source: str | None, dest: str, trigger: str, since: datetime | None
+    ) -> None:
+        """Count a transition; observe how long the order sat in ``source``."""
+        self.transitions.labels(source or "none", dest, trigger).inc()
+        if source is not None and since is not None and source != dest:
+            self.state_duration.labels(source).observe(max(0.0, self._clock() - since.timestamp()))
+
+    def effect(self, effect: str, result: str) -> None:
+        """Count an effect run that ended in ``retry`` or ``failed``; ``ok`` is not counted."""
+        if result == "retry":
+            self.effect_retries.labels(effect).inc()
+        elif result == "failed":
+            self.effect_failures.labels(effect).inc()
+
+    def known_states(self, states: list[str]) -> None:
+        """Export 0 for every state (and zero-valued series) before the first refresh."""
+        for state in states:
+            self.orders.labels(state).set(0)
+            self.orders_oldest_age.labels(state).set(0)
+
+    # -- refresh -------------------------------------------------------------------------
+
+    async def refresh(
+        self,
+        store: Store,
+        *,
+        states: list[str],
+        polls: Mapping[str, float | None],
+        budgets: Mapping[str, RequestBudget],
+    ) -> None:
+        """Read the database gauges once; set the in-memory ones."""
+        now = self._clock()
+        counts = await store.counts_by_state()
+        oldest = await store.oldest_by_state()
+        for state in sorted(set(states) | set(counts)):
+            self.orders.labels(state).set(counts.get(state, 0))
+            since = oldest.get(state)
+            self.orders_oldest_age.labels(state).set(max(0.0, now - since[1]) if since else 0)
+        backlog, oldest_event = await store.inbox_backlog()
+        self.inbox_backlog.set(backlog)
+        self.inbox_oldest_age.set(max(0.0, now - oldest_event) if oldest_event else 0)
+        for source, at in polls.items():
+            if at is not None:
+                self.last_poll.labels(source).set(at)
+        for service, budget in budgets.items():
+            if budget.remaining_reported is not None:
+                self.rate_limit_remaining.labels(service).set(budget.remaining_reported)
+        self.refreshed.set(now)
+
+    async def refresh_forever(
+        self,
+        store: Store,
+        interval: float,
+        *,
+        states: list[str],
+        polls: Callable[[], Mapping[str, float | None]],
+        budgets: Mapping[str, RequestBudget],
+    ) -> None:
+        """Refresh every ``interval`` seconds until cancelled; a failed read is logged."""
+        while True:
+            try:
+                await self.refresh(store, states=states, polls=polls(), budgets=budgets)
+            except Exception as exc:  # a metrics read must never stop the daemon
+                log.warning("metrics refresh failed: %s", exc)
+            await anyio.sleep(interval)
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield  # the daemon owns SIGTERM
+
+
+async def serve_metrics(
+    metrics: Metrics,
+    sock: socket.socket,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/metrics`` on the bound ``sock`` until cancelled."""
+    app = make_asgi_app(registry=metrics.registry)
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1
+    )
+    server = _Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        with anyio.fail_after(10):
+            while not server.started:  # noqa: ASYNC110 - uvicorn only sets a flag
+                await anyio.sleep(0.005)
+        task_status.started()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            server.should_exit = True

@@ -1,0 +1,192 @@
+"""The metrics endpoint of a running daemon: what it says, that promtool accepts it, and that
+a real Prometheus server scrapes it."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from syncd import __version__
+from syncd.ops.metrics import Metrics
+from test_flow import Sims, is_state, wait_for
+from test_flow import sims as sims  # the fixture
+
+pytestmark = pytest.mark.anyio
+
+PROMTOOL = shutil.which("promtool")
+PROMETHEUS = shutil.which("prometheus")
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    return samples(text).get((name, frozenset(labels.items())))
+
+
+async def scrape(url: str) -> str:
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(f"{url}/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return response.text
+
+
+async def test_running_daemon_exports_its_metrics_and_promtool_accepts_them(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with sims.daemon(tmp_path / "syncd.db") as daemon, sims.factory():
+        assert daemon.metrics_url is not None
+        po = await sims.create_po(
+            [{"sku": "CHAIR-OAK", "name": "Oak chair", "quantity": "2", "price": "150.00"}]
+        )
+        daemon.poll_now()
+        await wait_for(daemon, [po["order_number"]], is_state("received"))
+        for _ in range(100):  # the gauges are refreshed every 0.1 s
+            text = await scrape(daemon.metrics_url)
+            if value(text, "syncd_orders", state="received") == 1:
+                break
+            await anyio.sleep(0.05)
+
+    assert value(text, "syncd_orders", state="needs_attention") == 0
+    assert (
+        value(
+            text,
+            "syncd_build_info",
+            version=__version__,
+            python=platform.python_version(),
+        )
+        == 1
+    )
+    assert (
+        value(
+            text,
+            "syncd_transitions_total",
+            **{"from": "discovered", "to": "imported", "trigger": "so_created"},
+        )
+        == 1
+    )
+    assert (
+        value(
+            text,
+            "syncd_transitions_total",
+            **{"from": "delivered", "to": "received", "trigger": "po_received"},
+        )
+        == 1
+    )
+    assert value(text, "syncd_state_duration_seconds_count", state="discovered") == 1
+    assert value(text, "syncd_inbox_backlog_events") == 0
+    assert value(text, "syncd_inbox_oldest_event_age_seconds") == 0
+    for source in ("tradegecko", "katana"):
+        last = value(text, "syncd_poll_last_success_timestamp_seconds", source=source)
+        assert last is not None and last > 1.7e9
+    # Requests are counted by endpoint template, never by an order's id.
+    requests = {
+        (dict(labels)["service"], dict(labels)["endpoint"], dict(labels)["status"])
+        for (name, labels) in samples(text)
+        if name == "syncd_api_requests_total"
+    }
+    assert ("katana", "/sales_orders", "200") in requests
+    assert ("tradegecko", "/purchase_orders", "200") in requests
+    assert all(
+        "{" in endpoint or not any(c.isdigit() for c in endpoint) for _, endpoint, _ in requests
+    )
+    assert "syncd_api_request_duration_seconds_bucket" in text
+    assert po["order_number"] not in text
+
+    if PROMTOOL is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    result = await anyio.run_process(
+        [PROMTOOL, "check", "metrics"], input=text.encode(), check=False
+    )
+    report = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0, report
+    assert report.strip() == "", report  # not one lint remark
+
+
+def test_metrics_of_two_daemons_do_not_mix() -> None:
+    first, second = Metrics(), Metrics()
+    first.effect("import_order", "retry")
+    first.effect("receive_order", "failed")
+    assert (
+        first.registry.get_sample_value("syncd_effect_retries_total", {"effect": "import_order"})
+        == 1
+    )
+    assert (
+        first.registry.get_sample_value("syncd_effect_failures_total", {"effect": "receive_order"})
+        == 1
+    )
+    assert (
+        second.registry.get_sample_value("syncd_effect_retries_total", {"effect": "import_order"})
+        is None
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_a_real_prometheus_scrapes_the_daemon(sims: Sims, tmp_path: Path) -> None:
+    if PROMETHEUS is None:
+        pytest.skip("the prometheus server is not installed (Debian package prometheus)")
+    async with sims.daemon(tmp_path / "syncd.db") as daemon:
+        assert daemon.metrics_url is not None
+        target = daemon.metrics_url.removeprefix("http://")
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: syncd\n"
+            f"    static_configs:\n      - targets: ['{target}']\n"
+        )
+        port = free_port()
+        async with await anyio.open_process(
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ) as prometheus:
+            try:
+                result: list[dict[str, object]] = []
+                async with httpx.AsyncClient(timeout=5) as client:
+                    with anyio.fail_after(60):
+                        while not result:
+                            await anyio.sleep(0.5)
+                            try:
+                                response = await client.get(
+                                    f"http://127.0.0.1:{port}/api/v1/query",
+                                    params={"query": 'syncd_orders{state="received"}'},
+                                )
+                            except httpx.TransportError:
+                                continue
+                            if response.status_code == 200:
+                                result = response.json()["data"]["result"]
+                    up = await client.get(
+                        f"http://127.0.0.1:{port}/api/v1/query", params={"query": "up"}
+                    )
+            finally:
+                prometheus.terminate()
+                with anyio.move_on_after(10):
+                    await prometheus.wait()
+    assert result[0]["metric"]["job"] == "syncd"  # type: ignore[index]
+    assert result[0]["value"][1] == "0"  # type: ignore[index]
+    assert up.json()["data"]["result"][0]["value"][1] == "1"

@@ -1,0 +1,95 @@
+"""monitoring/: the alert rules pass promtool's check and unit tests; the dashboard's queries
+parse and name only metrics syncd exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from syncd.ops.metrics import Metrics
+
+MONITORING = Path(__file__).resolve().parents[1] / "monitoring"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)"
+)
+
+
+def promtool(*args: str, cwd: Path = MONITORING) -> str:
+    assert PROMTOOL is not None
+    result = subprocess.run(
+        [PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def exported_names() -> set[str]:
+    """Every sample name a daemon's registry exports (with a label on each family)."""
+    metrics = Metrics()
+    metrics.known_states(["received"])
+    metrics.api_hook("katana")("GET", "/x", 200, 0.1)
+    metrics.transition("a", "b", "t", None)
+    metrics.state_duration.labels("a").observe(1)
+    metrics.effect("e", "retry")
+    metrics.effect("e", "failed")
+    metrics.last_poll.labels("katana").set(1)
+    metrics.rate_limit_remaining.labels("katana").set(1)
+    text = generate_latest(metrics.registry).decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+
+
+def rule_queries() -> list[str]:
+    rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())
+    return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+
+
+@needs_promtool
+def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
+    assert "SUCCESS: 8 rules found" in promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS" in promtool("test", "rules", "alerts_test.yml")
+
+
+@needs_promtool
+def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
+    # promtool parses the expression of every recording rule it checks.
+    rules: dict[str, Any] = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query{i}", "expr": expr.replace("$job", ".*")}
+                    for i, expr in enumerate(dashboard_queries())
+                ],
+            }
+        ]
+    }
+    (tmp_path / "dashboard.yml").write_text(yaml.safe_dump(rules))
+    promtool("check", "rules", "dashboard.yml", cwd=tmp_path)
+
+
+def test_dashboard_and_rules_name_only_exported_metrics() -> None:
+    exported = exported_names() | {"up"}
+    used = {
+        name
+        for expr in dashboard_queries() + rule_queries()
+        for name in re.findall(r"\b(syncd_[a-z_]+|up)\b", expr)
+    }
+    assert used - exported == set()
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for topic in ("by state", "flow rate", "lag", "errors and 429s", "inbox backlog"):
+        assert topic in titles
