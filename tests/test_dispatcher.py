@@ -1,0 +1,199 @@
+"""The dispatcher with a real store and statechart and a scripted effects runner."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from syncd.domain.orders import (
+    LinkedOrder,
+    PurchaseOrderLine,
+    PurchaseOrderSnapshot,
+    SalesOrderFacts,
+)
+from syncd.domain.statechart import load_statechart
+from syncd.runtime import inbox
+from syncd.runtime.dispatcher import Dispatcher
+from syncd.runtime.effects import Outcome
+from syncd.store import Store
+
+pytestmark = pytest.mark.anyio
+
+
+class ScriptedEffects:
+    """Stands in for Effects: counts runs and answers what the test scripted."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, str]] = []
+        self.so_ids: dict[str, int] = {}
+        self.delay = 0.0
+
+    async def run(self, effect: str, link: LinkedOrder) -> Outcome:
+        self.runs.append((effect, link.po_number))
+        await anyio.sleep(self.delay)
+        if effect == "import_order":
+            so_id = self.so_ids.get(link.po_number, 100 + link.id)
+            return Outcome(
+                effect=effect,
+                trigger="so_created",
+                cause="made",
+                so_id=so_id,
+                so_number=f"TG-{link.po_number}",
+            )
+        return Outcome(effect=effect, trigger="po_received", cause="received")
+
+
+def snapshot(po_id: int, number: str) -> PurchaseOrderSnapshot:
+    now = datetime.now(UTC)
+    return PurchaseOrderSnapshot(
+        po_id=po_id,
+        po_number=number,
+        status="active",
+        company_id=1,
+        currency_id=1,
+        created_at=now,
+        updated_at=now,
+        lines=(
+            PurchaseOrderLine(line_id=po_id * 10, variant_id=5, quantity=Decimal(1), price=None),
+        ),
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "syncd.db")
+    yield opened
+    await opened.close()
+
+
+async def discover(store: Store, po_id: int, number: str) -> None:
+    await store.add_event(
+        "tradegecko",
+        inbox.PO_DISCOVERED,
+        inbox.encode(snapshot(po_id, number)),
+        dedup_key=f"po:{po_id}",
+        po_id=po_id,
+    )
+
+
+async def settle(store: Store, numbers: list[str], states: set[str]) -> list[LinkedOrder]:
+    with anyio.fail_after(10):
+        while True:
+            links = [await store.link_by_po_number(n) for n in numbers]
+            if all(link is not None and link.state in states for link in links):
+                return [link for link in links if link is not None]
+            await anyio.sleep(0.02)
+
+
+@asynccontextmanager
+async def run_dispatcher(store: Store, effects: Any) -> AsyncIterator[Dispatcher]:
+    dispatcher = Dispatcher(store, load_statechart(), effects, retry_initial=0.05, retry_max=0.1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(dispatcher.run)
+        yield dispatcher
+        tg.cancel_scope.cancel()
+
+
+async def test_each_effect_runs_once_when_work_was_waiting_at_start(store: Store) -> None:
+    await discover(store, 1, "PO1")
+    await discover(store, 2, "PO2")
+    effects = ScriptedEffects()
+    effects.delay = 0.05
+    async with run_dispatcher(store, effects):
+        await settle(store, ["PO1", "PO2"], {"imported"})
+        await anyio.sleep(0.2)
+    assert sorted(effects.runs) == [("import_order", "PO1"), ("import_order", "PO2")]
+
+
+async def test_an_so_already_owned_by_another_order_needs_attention(store: Store) -> None:
+    effects = ScriptedEffects()
+    effects.so_ids = {"PO1": 500, "PO1-again": 500}
+    await discover(store, 1, "PO1")
+    async with run_dispatcher(store, effects):
+        await settle(store, ["PO1"], {"imported"})
+        await discover(store, 2, "PO1-again")
+        (second,) = await settle(store, ["PO1-again"], {"needs_attention"})
+    assert second.reason is not None and "already belongs to PO PO1" in second.reason
+    first = await store.link_by_po_number("PO1")
+    assert first is not None and first.so_id == 500 and first.state == "imported"
+
+
+async def test_retry_applies_the_sales_order_seen_while_waiting(store: Store) -> None:
+    chart = load_statechart()
+    effects = ScriptedEffects()
+    await discover(store, 1, "PO1")
+    async with run_dispatcher(store, effects) as dispatcher:
+        (link,) = await settle(store, ["PO1"], {"imported"})
+        # The PO was voided after import: the order needs attention.
+        await store.add_event(
+            "tradegecko",
+            inbox.PO_OBSERVED,
+            inbox.encode(inbox.PurchaseOrderObserved(po_id=1, status="void")),
+            po_id=1,
+        )
+        dispatcher.wake()
+        (link,) = await settle(store, ["PO1"], {"needs_attention"})
+        # Meanwhile Katana delivered the SO; the look cannot move the waiting order.
+        facts = SalesOrderFacts(
+            so_id=link.so_id or 0,
+            order_no="TG-PO1",
+            status="DELIVERED",
+            production_status="DONE",
+            deleted=False,
+        )
+        await store.add_event(
+            "katana", inbox.SO_OBSERVED, inbox.encode(facts), so_id=link.so_id, link_id=link.id
+        )
+        dispatcher.wake()
+        await anyio.sleep(0.2)
+        link = await store.link_by_po_number("PO1") or link
+        assert link.state == "needs_attention"
+        # The operator retries: the order returns to imported and the delivery seen before
+        # moves it on, without waiting for Katana to change again.
+        assert chart.decide(link.state, "retry", resume_state=link.resume_state) is not None
+        await dispatcher.fire(link, "retry", "operator: retry")
+        await settle(store, ["PO1"], {"received"})
+    assert ("receive_order", "PO1") in effects.runs
+
+
+async def test_an_event_that_keeps_failing_is_set_aside(store: Store) -> None:
+    effects = ScriptedEffects()
+    await discover(store, 1, "PO1")
+    async with run_dispatcher(store, effects) as dispatcher:
+        (link,) = await settle(store, ["PO1"], {"imported"})
+        # An outcome naming a trigger the statechart does not know cannot be applied.
+        bogus = Outcome(effect="import_order", trigger="teleported", cause="?")
+        event_id = await store.add_event(
+            "effect", inbox.EFFECT_OUTCOME, inbox.encode(bogus), link_id=link.id
+        )
+        dispatcher.wake()
+        with anyio.fail_after(10):
+            while (await store.inbox_backlog())[0]:  # noqa: ASYNC110 - polling the store
+                await anyio.sleep(0.05)
+        # The dispatcher is still alive: the order still moves.
+        await store.add_event(
+            "katana",
+            inbox.SO_OBSERVED,
+            inbox.encode(
+                SalesOrderFacts(
+                    so_id=link.so_id or 0,
+                    order_no="TG-PO1",
+                    status="DELIVERED",
+                    production_status="NONE",
+                    deleted=False,
+                )
+            ),
+            link_id=link.id,
+        )
+        dispatcher.wake()
+        await settle(store, ["PO1"], {"received"})
+    assert event_id is not None
+    events = {e.id: e for e in await store.events_for_link(link.id)}
+    assert event_id in events
