@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import uvicorn
 
-__all__ = ["bind_socket", "serve", "serving"]
+__all__ = ["bind_socket", "serve", "serving", "serving_socket"]
 
 
 class _Server(uvicorn.Server):
@@ -57,19 +57,49 @@ async def serving(
 ) -> AsyncIterator[str]:
     """Serve ``app`` in the background while the block runs; yields the base URL."""
     sock = bind_socket(host, port)
+    try:
+        async with serving_socket(app, sock, log_level=log_level) as url:
+            yield url
+    finally:
+        sock.close()
+
+
+@contextlib.asynccontextmanager
+async def serving_socket(
+    app: Any, sock: socket.socket, *, log_level: str = "warning"
+) -> AsyncIterator[str]:
+    """Serve ``app`` on an already bound ``sock`` while the block runs; yields the base URL.
+
+    Leaving the block, even by cancellation, asks uvicorn to shut down and waits until it
+    has. uvicorn itself is never cancelled: cancelled halfway, it leaves its listening socket
+    registered with the event loop, and once the socket is closed the next socket to reuse
+    that file descriptor number is silently never read (a hang in another server).
+    """
     config = uvicorn.Config(
         app, log_level=log_level, lifespan="off", access_log=False, timeout_graceful_shutdown=2
     )
     server = _Server(config)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve, [sock])
-            with anyio.fail_after(10):
-                while not server.started:  # noqa: ASYNC110 - uvicorn only sets a flag
-                    await anyio.sleep(0.005)
-            try:
-                yield _base_url(sock)
-            finally:
-                server.should_exit = True
-    finally:
-        sock.close()
+    stopped = anyio.Event()
+
+    async def run() -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await server.serve([sock])
+        finally:
+            stopped.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        with anyio.fail_after(10):
+            while not server.started:  # noqa: ASYNC110 - uvicorn only sets a flag
+                await anyio.sleep(0.005)
+        try:
+            yield _base_url(sock)
+        finally:
+            server.should_exit = True
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(5):
+                    await stopped.wait()
+                # Open connections that outlast the grace period are dropped.
+                server.force_exit = True
+                await stopped.wait()

@@ -32,16 +32,14 @@ method,endpoint}``
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import platform
 import socket
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 import anyio
-import uvicorn
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -55,6 +53,7 @@ from prometheus_client import (
 
 from syncd import __version__
 from syncd.adapters._http import RequestBudget
+from syncd.ops.asgi import serving_socket
 from syncd.store import Store
 
 __all__ = ["Metrics", "serve_metrics"]
@@ -230,12 +229,6 @@ class Metrics:
             await anyio.sleep(interval)
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield  # the daemon owns SIGTERM
-
-
 async def serve_metrics(
     metrics: Metrics,
     sock: socket.socket,
@@ -244,17 +237,6 @@ async def serve_metrics(
 ) -> None:
     """Serve ``/metrics`` on the bound ``sock`` until cancelled."""
     app = make_asgi_app(registry=metrics.registry)
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1
-    )
-    server = _Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn only sets a flag
-                await anyio.sleep(0.005)
+    async with serving_socket(app, sock):
         task_status.started()
-        try:
-            await anyio.sleep_forever()
-        finally:
-            server.should_exit = True
+        await anyio.sleep_forever()
