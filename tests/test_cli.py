@@ -133,3 +133,31 @@ def test_run_with_a_broken_config_exits_cleanly(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "not valid TOML" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_says_which_service_cannot_be_reached(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    config = tmp_path / "syncd.toml"
+    config.write_text(
+        f'[daemon]\ndatabase = "{tmp_path / "x.db"}"\n[metrics]\nenabled = false\n'
+        f'[tradegecko]\ntoken = "t"\nbase_url = "http://127.0.0.1:{port}"\n'
+        f'[katana]\ntoken = "k"\nbase_url = "http://127.0.0.1:{port}/v1"\n'
+    )
+    result = run("syncd", "run", "--config", str(config))
+    assert result.returncode == 5, result.stderr
+    assert "katana GET /factory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_statechart_as_svg() -> None:
+    result = run("syncctl", "statechart", "--format", "svg")
+    if result.returncode == 2 and "Graphviz" in result.stderr:
+        pytest.skip("Graphviz's dot is not installed (CI installs it)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.lstrip().startswith("<?xml") and "<svg" in result.stdout
+    for state in load_statechart().states:
+        assert state in result.stdout

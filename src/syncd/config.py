@@ -86,9 +86,8 @@ _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
 
 def _key_from_msgspec(message: str) -> str | None:
     match = _PATH_RE.search(message)
-    if not match:
-        return None
-    key = match.group(1)
+    # An unknown top-level table has no path: msgspec says only "unknown field `x`".
+    key = match.group(1) if match else ""
     unknown = re.search(r"unknown field `([^`]+)`", message)
     if unknown:
         key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)

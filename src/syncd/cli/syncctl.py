@@ -442,12 +442,22 @@ def replay(ctx: click.Context, key: str, dry_run: bool, reason: str | None, as_j
 
 
 @main.command()
-@click.option("--format", "fmt", type=click.Choice(["mermaid"]), default="mermaid")
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "svg"]), default="mermaid")
 def statechart(fmt: str) -> None:
-    """Print the linked-order statechart as a mermaid diagram."""
+    """Print the linked-order statechart as a mermaid diagram, or as SVG (needs Graphviz)."""
     try:
         chart = load_statechart()
     except StatechartError as exc:
         _fail(str(exc), EXIT_CONFIG)
         return
-    click.echo(chart.mermaid(), nl=False)
+    if fmt == "mermaid":
+        click.echo(chart.mermaid(), nl=False)
+        return
+    import graphviz
+
+    try:
+        svg: bytes = chart.graph("graphviz").draw(None, format="svg", prog="dot")
+    except graphviz.ExecutableNotFound:
+        _fail("--format svg needs Graphviz's `dot` program (Debian: apt install graphviz)", 2)
+        return
+    click.echo(svg.decode(), nl=False)

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 the demo did not receive every order; 2 bad usage or a broken
 configuration or statechart; 3 the database cannot be opened or is damaged; 4 a service
-rejected the tokens at start.
+rejected the tokens at start; 5 a service could not be reached at start.
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ import msgspec
 
 from syncd import __version__
 from syncd.config import Config, load_config
-from syncd.errors import AuthError, ConfigError, StatechartError, StoreError
+from syncd.errors import ApiError, AuthError, ConfigError, StatechartError, StoreError
 from syncd.ops.logging import configure_logging
 
-__all__ = ["EXIT_AUTH", "EXIT_CONFIG", "EXIT_FAILED", "EXIT_STORE", "main"]
+__all__ = ["EXIT_AUTH", "EXIT_CONFIG", "EXIT_FAILED", "EXIT_STORE", "EXIT_UNREACHABLE", "main"]
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_AUTH = 4
+EXIT_UNREACHABLE = 5
 
 
 def _fail(message: str, code: int) -> None:
@@ -56,11 +57,17 @@ def run(config_path: str) -> None:
         _fail(str(exc), EXIT_STORE)
     except AuthError as exc:
         _fail(f"a token was rejected: {exc}", EXIT_AUTH)
+    except ApiError as exc:
+        _fail(f"cannot start: {exc}", EXIT_UNREACHABLE)
 
 
 async def _run(config: Config) -> None:
     from syncd.ops.notify import notify, watchdog
-    from syncd.runtime.daemon import running_daemon
+    from syncd.runtime.daemon import check_services, running_daemon
+
+    # A wrong URL or token is said at once, not buried in retrying pollers; systemd's
+    # Restart=on-failure tries again later for an outage.
+    await check_services(config)
 
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with running_daemon(config), anyio.create_task_group() as tg:

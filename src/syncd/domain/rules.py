@@ -102,6 +102,9 @@ def cost_update(current: Decimal | None, average_cost: Decimal | None) -> Decima
     if average_cost is None or average_cost == 0:
         return None
     cost = average_cost.quantize(Decimal("0.0001")).normalize()
+    if cost == 0:
+        # Below the precision kept: a price of 0 is exactly what the rule keeps out.
+        return None
     if current is not None and current == cost:
         return None
     return cost

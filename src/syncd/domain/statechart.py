@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from transitions import Machine, MachineError
 
@@ -193,6 +193,14 @@ class Statechart:
 
     def mermaid(self) -> str:
         """The statechart as a mermaid ``stateDiagram-v2``, drawn by ``transitions``."""
+        text: str = self.graph("mermaid").draw(None)
+        return text.rstrip() + "\n"
+
+    def graph(self, engine: Literal["mermaid", "graphviz"] = "mermaid") -> Any:
+        """The statechart as a ``transitions`` diagram (``mermaid`` or ``graphviz`` engine).
+
+        Drawing it is the caller's business: graphviz needs Graphviz's ``dot`` program.
+        """
         from transitions.extensions import GraphMachine
 
         graph = GraphMachine(
@@ -210,11 +218,10 @@ class Statechart:
             ],
             initial=self.initial,
             auto_transitions=False,
-            graph_engine="mermaid",
+            graph_engine=engine,
             title="Linked order",
         )
-        text: str = graph.get_graph().draw(None)
-        return text.rstrip() + "\n"
+        return graph.get_graph()
 
 
 def _resumes_to(target: str) -> Any:

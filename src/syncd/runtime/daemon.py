@@ -25,7 +25,7 @@ from syncd.runtime.effects import Effects
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
 from syncd.store import Store
 
-__all__ = ["Daemon", "running_daemon"]
+__all__ = ["Daemon", "check_services", "running_daemon"]
 
 log = logging.getLogger("syncd.daemon")
 
@@ -51,6 +51,37 @@ class Daemon:
         """Ask both pollers to poll at once rather than at their next interval."""
         self.tradegecko_poller.kick.set()
         self.katana_poller.kick.set()
+
+
+async def check_services(
+    config: Config,
+    *,
+    katana_transport: httpx.AsyncBaseTransport | None = None,
+    tradegecko_transport: httpx.AsyncBaseTransport | None = None,
+) -> None:
+    """Make one cheap authenticated call to each service before starting.
+
+    :raises AuthError: a token was rejected.
+    :raises ApiError: a service could not be reached or answered badly.
+    """
+    async with (
+        KatanaClient(
+            config.katana.base_url,
+            config.katana.token,
+            transport=katana_transport,
+            timeout=10.0,
+            attempts=2,
+        ) as katana,
+        TradeGeckoClient(
+            config.tradegecko.base_url,
+            config.tradegecko.token,
+            transport=tradegecko_transport,
+            timeout=10.0,
+            attempts=2,
+        ) as tradegecko,
+    ):
+        await katana.get_factory()
+        await tradegecko.get_current_account()
 
 
 @asynccontextmanager
