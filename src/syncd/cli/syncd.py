@@ -63,14 +63,12 @@ def run(config_path: str) -> None:
 
 async def _run(config: Config) -> None:
     from syncd.ops.notify import notify, watchdog
-    from syncd.runtime.daemon import check_services, running_daemon
-
-    # A wrong URL or token is said at once, not buried in retrying pollers; systemd's
-    # Restart=on-failure tries again later for an outage.
-    await check_services(config)
+    from syncd.runtime.daemon import running_daemon
 
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with running_daemon(config), anyio.create_task_group() as tg:
+        # check: a wrong URL or token is said at once, not buried in retrying pollers;
+        # systemd's Restart=on-failure tries again later after an outage.
+        async with running_daemon(config, check=True), anyio.create_task_group() as tg:
             tg.start_soon(watchdog)
             notify("READY=1", "STATUS=running")
             async for _ in signals:

@@ -92,11 +92,15 @@ async def running_daemon(
     on_transition: Callable[[TransitionNotice], None] | None = None,
     katana_transport: httpx.AsyncBaseTransport | None = None,
     tradegecko_transport: httpx.AsyncBaseTransport | None = None,
+    check: bool = False,
 ) -> AsyncIterator[Daemon]:
     """Run the daemon while the block runs; leaving the block stops it.
 
+    :param check: first make one call to each service (:func:`check_services`), after the
+        database and the metrics address are known to be usable.
     :raises StoreError: the database cannot be opened.
     :raises StatechartError: the statechart file is broken.
+    :raises ApiError: with ``check``, a service rejected its token or could not be reached.
     """
     register_secrets([config.katana.token, config.tradegecko.token])
     chart = chart or load_statechart(config.daemon.statechart)
@@ -106,6 +110,10 @@ async def running_daemon(
     metrics_sock: socket.socket | None = None
     try:
         metrics_sock = _metrics_socket(config)
+        if check:
+            await check_services(
+                config, katana_transport=katana_transport, tradegecko_transport=tradegecko_transport
+            )
         activated = datetime.fromisoformat(
             await store.setdefault_meta("activated_at", datetime.now(UTC).isoformat())
         )
@@ -141,6 +149,7 @@ async def running_daemon(
                 retry_max=config.daemon.retry_max,
                 on_transition=transition_seen,
                 on_effect=metrics.effect,
+                on_drift=metrics.drift,
             )
             tg_poller = TradeGeckoPoller(store, tradegecko, config, activated, dispatcher.wake)
             kt_poller = KatanaPoller(store, katana, config, chart, activated, dispatcher.wake)

@@ -1,0 +1,195 @@
+"""The configuration file: defaults, every error naming its key, and where tokens come from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from syncd.config import Config, load_config, parse_config
+from syncd.errors import ConfigError
+
+TOKENS = """
+[tradegecko]
+token = "tg-file"
+
+[katana]
+token = "kt-file"
+"""
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SYNCD_TRADEGECKO_TOKEN", "SYNCD_KATANA_TOKEN", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults() -> None:
+    config = parse_config(TOKENS)
+    assert isinstance(config, Config)
+    assert config.daemon.database == "/var/lib/syncd/syncd.db"
+    assert config.daemon.log_level == "info"
+    assert config.daemon.concurrency == 4
+    assert (config.daemon.retry_initial, config.daemon.retry_max) == (5.0, 300.0)
+    assert config.daemon.statechart is None
+    assert config.tradegecko.base_url == "https://api.tradegecko.com"
+    assert config.tradegecko.supplier_name == "Katana"
+    assert (config.tradegecko.rate_limit, config.tradegecko.rate_period) == (300, 300.0)
+    assert config.katana.base_url == "https://api.katanamrp.com/v1"
+    assert config.katana.order_no_prefix == "TG-"
+    assert config.katana.customer_name == "Tradegecko"
+    assert (config.katana.rate_limit, config.katana.rate_period) == (60, 60.0)
+    assert config.tradegecko.poll_interval == config.katana.poll_interval == 30.0
+    assert config.metrics.enabled is True
+    assert config.metrics.address() == ("127.0.0.1", 9464)
+    assert (config.tradegecko.token, config.katana.token) == ("tg-file", "kt-file")
+
+
+def test_values_from_the_file_are_used() -> None:
+    config = parse_config(
+        TOKENS
+        + """
+[daemon]
+database = "/tmp/x.db"
+log_level = "debug"
+concurrency = 2
+
+[metrics]
+listen = "[::1]:0"
+"""
+    )
+    assert config.daemon.database == "/tmp/x.db"
+    assert config.daemon.log_level == "debug"
+    assert config.daemon.concurrency == 2
+    assert config.metrics.address() == ("::1", 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        pytest.param('[daemon]\nconcurrency = "four"', "daemon.concurrency", id="wrong-type"),
+        pytest.param("[daemon]\nconcurrency = 2.5", "daemon.concurrency", id="float-for-int"),
+        pytest.param('[katana]\npoll_interval = "often"', "katana.poll_interval", id="str-num"),
+        pytest.param("daemon = 3", "daemon", id="table-is-a-number"),
+        pytest.param("[katana]\ntokn = 'x'", "katana.tokn", id="unknown-key-in-table"),
+        pytest.param("[metrics]\nport = 1", "metrics.port", id="unknown-key-in-metrics"),
+        pytest.param("[katna]\ntoken = 'x'", "katna", id="unknown-top-level-table"),
+        pytest.param("verbose = true", "verbose", id="unknown-top-level-key"),
+        pytest.param(
+            "[tradegecko]\npoll_interval = -1", "tradegecko.poll_interval", id="negative-interval"
+        ),
+        pytest.param("[katana]\npoll_interval = 0", "katana.poll_interval", id="zero-interval"),
+        pytest.param("[daemon]\nretry_max = -5", "daemon.retry_max", id="negative-retry"),
+        pytest.param(
+            "[metrics]\nrefresh_interval = 0", "metrics.refresh_interval", id="zero-refresh"
+        ),
+        pytest.param("[katana]\nrate_limit = 0", "katana.rate_limit", id="zero-rate-limit"),
+        pytest.param(
+            "[tradegecko]\nrate_limit = 0", "tradegecko.rate_limit", id="zero-rate-limit-tg"
+        ),
+        pytest.param("[daemon]\nconcurrency = 0", "daemon.concurrency", id="zero-concurrency"),
+        pytest.param("[katana]\nbase_url = 'ftp://katana'", "katana.base_url", id="bad-url"),
+        pytest.param(
+            "[tradegecko]\nbase_url = 'api.tradegecko.com'", "tradegecko.base_url", id="no-scheme"
+        ),
+        pytest.param("[daemon]\nlog_level = 'loud'", "daemon.log_level", id="bad-log-level"),
+        pytest.param("[daemon]\nlog_level = 'INFO'", "daemon.log_level", id="log-level-case"),
+        pytest.param("[metrics]\nlisten = '9464'", "metrics.listen", id="bad-listen"),
+        pytest.param("[metrics]\nlisten = 'localhost:70000'", "metrics.listen", id="big-port"),
+        pytest.param(
+            "[tradegecko]\nsupplier_name = '  '", "tradegecko.supplier_name", id="blank-supplier"
+        ),
+    ],
+)
+def test_every_error_names_the_key(text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="syncd.toml", require_tokens=False)
+    assert caught.value.key == key
+    assert str(caught.value).startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[katana]\ntoken = "kt"', "tradegecko.token"),
+        ('[tradegecko]\ntoken = "tg"', "katana.token"),
+        ("", "tradegecko.token"),
+    ],
+)
+def test_a_missing_token_names_its_key(text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert caught.value.key == key
+    assert key in str(caught.value)
+
+
+def test_tokens_are_not_required_when_asked_not_to() -> None:
+    config = parse_config("", require_tokens=False)
+    assert (config.tradegecko.token, config.katana.token) == ("", "")
+
+
+def test_environment_tokens_override_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNCD_TRADEGECKO_TOKEN", "tg-env\n")
+    monkeypatch.setenv("SYNCD_KATANA_TOKEN", "kt-env")
+    config = parse_config(TOKENS)
+    assert (config.tradegecko.token, config.katana.token) == ("tg-env", "kt-env")
+
+
+def test_environment_tokens_satisfy_the_requirement(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNCD_TRADEGECKO_TOKEN", "tg-env")
+    monkeypatch.setenv("SYNCD_KATANA_TOKEN", "kt-env")
+    config = parse_config("")
+    assert (config.tradegecko.token, config.katana.token) == ("tg-env", "kt-env")
+
+
+def test_tokens_from_systemd_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "katana-token").write_text("kt-cred\n", encoding="utf-8")
+    (tmp_path / "tradegecko-token").write_text("  tg-cred\n", encoding="utf-8")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    config = parse_config(TOKENS)
+    assert (config.tradegecko.token, config.katana.token) == ("tg-cred", "kt-cred")
+
+
+def test_environment_beats_credentials_and_a_missing_credential_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "katana-token").write_text("kt-cred", encoding="utf-8")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    monkeypatch.setenv("SYNCD_KATANA_TOKEN", "kt-env")
+    config = parse_config(TOKENS)
+    assert config.katana.token == "kt-env"
+    assert config.tradegecko.token == "tg-file"  # no tradegecko-token credential
+
+
+def test_load_config_reads_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text(TOKENS + '\n[daemon]\ndatabase = "/srv/syncd.db"\n', encoding="utf-8")
+    config = load_config(path)
+    assert config.daemon.database == "/srv/syncd.db"
+    assert config.katana.token == "kt-file"
+
+
+def test_load_config_on_a_missing_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / "syncd.toml"
+    with pytest.raises(ConfigError, match="not found") as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text("[daemon\nlog_level = 'info'\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML") as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_config("token = ", require_tokens=False)
+
+
+def test_errors_from_the_file_name_it(tmp_path: Path) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text("[daemon]\nconcurrency = 'x'\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, require_tokens=False)
+    assert caught.value.key == "daemon.concurrency"
+    assert str(path) in str(caught.value)

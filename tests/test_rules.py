@@ -1,0 +1,260 @@
+"""The mapping rules between a TradeGecko PO and a Katana SO."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from syncd.domain.orders import PurchaseOrderLine, PurchaseOrderSnapshot, SalesOrderFacts
+from syncd.domain.rules import (
+    cost_update,
+    lines_to_import,
+    order_number_for,
+    pick_average_cost,
+    purchase_order_trigger,
+    sales_order_trigger,
+)
+from syncd.domain.statechart import load_statechart
+
+D = Decimal
+WHEN = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def _line(line_id: int, **kwargs: object) -> PurchaseOrderLine:
+    fields: dict[str, object] = {
+        "variant_id": 100 + line_id,
+        "quantity": D("2"),
+        "price": D("9.50"),
+    }
+    fields.update(kwargs)
+    return PurchaseOrderLine(line_id=line_id, **fields)  # type: ignore[arg-type]
+
+
+def _snapshot(*lines: PurchaseOrderLine) -> PurchaseOrderSnapshot:
+    return PurchaseOrderSnapshot(
+        po_id=1,
+        po_number="PO0435",
+        status="active",
+        company_id=7,
+        currency_id=3,
+        created_at=WHEN,
+        updated_at=WHEN,
+        lines=lines,
+    )
+
+
+# -- order_number_for -------------------------------------------------------------------------
+
+
+def test_order_number_is_the_prefix_and_the_po_number() -> None:
+    assert order_number_for("PO0435", "TG-") == "TG-PO0435"
+    assert order_number_for("PO0435", "") == "PO0435"
+    assert order_number_for("PO0435", "TG-") != order_number_for("PO0436", "TG-")
+
+
+# -- lines_to_import ------------------------------------------------------------------------
+
+
+def test_lines_to_import_follows_position_then_line_id() -> None:
+    snapshot = _snapshot(
+        _line(1, position=3),
+        _line(2, position=None),
+        _line(3, position=1),
+        _line(4, position=2),
+        _line(5, position=None),
+    )
+    rows, notes = lines_to_import(snapshot)
+    assert [row.line_id for row in rows] == [3, 4, 1, 2, 5]
+    assert notes == []
+
+
+def test_freeform_and_variantless_lines_are_left_out_with_a_note() -> None:
+    snapshot = _snapshot(
+        _line(1, position=1),
+        _line(2, position=2, freeform=True, variant_id=None, label="Shipping"),
+        _line(3, position=3, variant_id=None),
+        _line(4, position=4),
+    )
+    rows, notes = lines_to_import(snapshot)
+    assert [row.line_id for row in rows] == [1, 4]
+    assert rows[0] is snapshot.lines[0]
+    assert notes == [
+        "line 2 (Shipping) has no variant: left out",
+        "line 3 (freeform) has no variant: left out",
+    ]
+
+
+def test_a_freeform_line_is_left_out_even_with_a_variant() -> None:
+    rows, notes = lines_to_import(_snapshot(_line(1, freeform=True, label="Setup fee")))
+    assert rows == []
+    assert notes == ["line 1 (Setup fee) has no variant: left out"]
+
+
+def test_landed_cost_is_noted_but_the_line_is_imported() -> None:
+    snapshot = _snapshot(
+        _line(1, landed_cost=D("1.25")),
+        _line(2, landed_cost=D("0")),
+        _line(3, landed_cost=None),
+    )
+    rows, notes = lines_to_import(snapshot)
+    assert [row.line_id for row in rows] == [1, 2, 3]
+    assert rows[0].price == D("9.50")
+    assert notes == ["line 1: landed cost 1.25 left out of the SO price"]
+
+
+# -- pick_average_cost ----------------------------------------------------------------------
+
+
+def test_the_record_at_the_orders_location_wins() -> None:
+    records = [(1, D("10"), D("5")), (2, D("20"), D("1")), (3, D("30"), D("100"))]
+    assert pick_average_cost(records, 2) == D("20")
+
+
+def test_a_zero_or_null_cost_at_the_location_keeps_the_price() -> None:
+    assert pick_average_cost([(1, D("10"), D("5")), (2, D("0"), D("5"))], 2) is None
+    assert pick_average_cost([(1, D("10"), D("5")), (2, None, D("5"))], 2) is None
+
+
+def test_without_a_location_match_the_mean_is_weighted_by_stock() -> None:
+    records = [
+        (1, D("10"), D("1")),
+        (2, D("20"), D("3")),
+        (3, D("0"), D("50")),  # no cost: ignored
+        (4, D("99"), D("0")),  # no stock: ignored
+        (5, D("99"), None),  # unknown stock: ignored
+    ]
+    result = pick_average_cost(records, None)
+    assert result == D("17.5")
+    assert isinstance(result, Decimal)
+    assert pick_average_cost(records, 42) == D("17.5")
+
+
+def test_without_stock_anywhere_the_plain_mean_of_known_costs() -> None:
+    records = [(1, D("10"), D("0")), (2, D("20"), None), (3, None, D("0")), (4, D("0"), None)]
+    assert pick_average_cost(records, None) == D("15")
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        [],
+        [(1, D("0"), D("5")), (2, None, D("3"))],
+        [(1, None, None), (2, D("0"), D("0"))],
+    ],
+)
+def test_no_cost_anywhere_is_none(
+    records: list[tuple[int, Decimal | None, Decimal | None]],
+) -> None:
+    assert pick_average_cost(records, None) is None
+
+
+def test_the_weighted_mean_is_exact_decimal_arithmetic() -> None:
+    result = pick_average_cost([(1, D("0.1"), D("1")), (2, D("0.2"), D("1"))], None)
+    assert result == D("0.15")
+    assert isinstance(result, Decimal)
+
+
+# -- cost_update ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("current", "average"),
+    [
+        (D("9.50"), D("0")),
+        (D("9.50"), D("0.00")),
+        (D("9.50"), None),
+        (None, None),
+        (D("12.50"), D("12.5")),
+        (D("12.3457"), D("12.345678")),  # equal at the precision kept
+        (D("9.50"), D("0.00001")),  # rounds to 0: never set a price of 0
+    ],
+)
+def test_cost_update_keeps_the_price(current: Decimal | None, average: Decimal | None) -> None:
+    assert cost_update(current, average) is None
+
+
+@pytest.mark.parametrize(
+    ("current", "average", "expected"),
+    [
+        (D("9.50"), D("11.25"), D("11.25")),
+        (None, D("11.25"), D("11.25")),
+        (D("10"), D("12.345678"), D("12.3457")),
+        (D("10"), D("0.1") + D("0.2"), D("0.3")),
+        (D("10"), D("7.10000"), D("7.1")),
+    ],
+)
+def test_cost_update_returns_the_new_cost_exactly(
+    current: Decimal | None, average: Decimal, expected: Decimal
+) -> None:
+    result = cost_update(current, average)
+    assert type(result) is Decimal
+    assert result == expected
+    assert format(result, "f") == format(expected, "f")
+
+
+# -- sales_order_trigger --------------------------------------------------------------------
+
+
+def _facts(
+    status: str = "NOT_SHIPPED",
+    production: str | None = "NOT_STARTED",
+    *,
+    deleted: bool = False,
+    mos: tuple[int, ...] = (),
+) -> SalesOrderFacts:
+    return SalesOrderFacts(
+        so_id=9,
+        order_no="TG-PO0435",
+        status=status,
+        production_status=production,
+        deleted=deleted,
+        manufacturing_order_ids=mos,
+    )
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        pytest.param(_facts(deleted=True), ("so_deleted",), id="deleted"),
+        pytest.param(_facts("DELIVERED", "DONE", deleted=True), ("so_deleted",), id="deleted-wins"),
+        pytest.param(_facts("DELIVERED", "DONE"), ("so_delivered",), id="delivered-done"),
+        pytest.param(_facts("DELIVERED", "NONE"), ("so_delivered",), id="delivered-none"),
+        pytest.param(_facts("DELIVERED", None), ("so_delivered",), id="delivered-null"),
+        pytest.param(_facts("DELIVERED", "NOT_APPLICABLE"), ("so_delivered",), id="delivered-n/a"),
+        pytest.param(
+            _facts("DELIVERED", "IN_PROGRESS"),
+            ("production_started",),
+            id="delivered-while-in-progress",
+        ),
+        pytest.param(_facts(production="IN_PROGRESS"), ("production_started",), id="in-progress"),
+        pytest.param(_facts(production="BLOCKED"), ("production_started",), id="blocked"),
+        pytest.param(_facts(production="DONE"), ("production_started",), id="done-not-delivered"),
+        pytest.param(
+            _facts(production="NOT_STARTED", mos=(55,)),
+            ("production_started",),
+            id="not-started-with-mo",
+        ),
+        pytest.param(_facts(production="NOT_STARTED"), (), id="not-started-without-mo"),
+        pytest.param(_facts(production=None), (), id="no-production"),
+    ],
+)
+def test_sales_order_trigger(facts: SalesOrderFacts, expected: tuple[str, ...]) -> None:
+    triggers = tuple(sales_order_trigger(facts))
+    assert triggers == expected
+    assert set(triggers) <= set(load_statechart().triggers)
+
+
+# -- purchase_order_trigger -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["void", "deleted", "archived"])
+def test_a_withdrawn_po_fires_po_withdrawn(status: str) -> None:
+    assert purchase_order_trigger(status) == "po_withdrawn"
+    assert "po_withdrawn" in load_statechart().triggers
+
+
+@pytest.mark.parametrize("status", ["draft", "active", "received", ""])
+def test_other_po_statuses_fire_nothing(status: str) -> None:
+    assert purchase_order_trigger(status) is None
