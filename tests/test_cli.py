@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,35 @@ def test_statechart_as_svg() -> None:
     assert result.stdout.lstrip().startswith("<?xml") and "<svg" in result.stdout
     for state in load_statechart().states:
         assert state in result.stdout
+
+
+def test_a_read_only_database_is_a_clear_exit_3(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "ro"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a file system here: {mounted.stderr.decode().strip()}")
+    try:
+        database = mountpoint / "syncd.db"
+        sqlite3.connect(database).close()
+        subprocess.run(["mount", "-o", "remount,ro", str(mountpoint)], check=True)
+        result = run("syncd", "run", "--config", str(_config(tmp_path, database)))
+        assert result.returncode == 3, result.stderr
+        assert str(database) in result.stderr
+        assert "read-only" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)
+
+
+def _config(tmp_path: Path, database: Path) -> Path:
+    config = tmp_path / "syncd.toml"
+    config.write_text(
+        f'[daemon]\ndatabase = "{database}"\n[metrics]\nenabled = false\n'
+        '[tradegecko]\ntoken = "t"\n[katana]\ntoken = "k"\n'
+    )
+    return config

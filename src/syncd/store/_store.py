@@ -9,6 +9,7 @@ caused it are written in one transaction: either all of it happened or none did.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -135,7 +136,7 @@ class Store:
                 await store._check_version()
         except sqlite3.Error as exc:
             await db.close()
-            raise StoreError(f"cannot use database {path}: {exc}") from None
+            raise StoreError(f"cannot use database {path}: {exc}{_why_unwritable(path)}") from None
         except StoreError:
             await db.close()
             raise
@@ -250,12 +251,27 @@ class Store:
             row_id = cursor.lastrowid
         return row_id if inserted else None
 
-    async def pending_events(self, limit: int = 200) -> list[InboxEvent]:
-        """Unprocessed events, oldest first."""
+    async def pending_events(
+        self,
+        limit: int = 200,
+        *,
+        kinds: Sequence[str] | None = None,
+        exclude_kinds: Sequence[str] = (),
+    ) -> list[InboxEvent]:
+        """Unprocessed events, oldest first; only of ``kinds`` when given, none of
+        ``exclude_kinds``."""
+        where = "processed_at IS NULL"
+        args: list[Any] = []
+        if kinds is not None:
+            where += f" AND kind IN ({', '.join('?' * len(kinds)) or 'NULL'})"
+            args += kinds
+        if exclude_kinds:
+            where += f" AND kind NOT IN ({', '.join('?' * len(exclude_kinds))})"
+            args += exclude_kinds
         async with self._db.execute(
             "SELECT id, source, kind, payload, po_id, so_id, link_id, received_at FROM inbox "
-            "WHERE processed_at IS NULL ORDER BY id LIMIT ?",
-            (limit,),
+            f"WHERE {where} ORDER BY id LIMIT ?",
+            (*args, limit),
         ) as cur:
             rows = await cur.fetchall()
         return [InboxEvent(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
@@ -534,6 +550,21 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return [TransitionRecord(*r) for r in rows]
+
+
+def _why_unwritable(path: str) -> str:
+    """A hint when the database cannot be written: SQLite's own message does not say why."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f" (the file system holding {folder} is read-only)"
+    except OSError:
+        return ""
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return " (the file is not writable by this user)"
+    if not os.access(folder, os.W_OK):
+        return f" ({folder} is not writable by this user)"
+    return ""
 
 
 def _statements(script: str) -> list[str]:
