@@ -54,6 +54,7 @@ def test_syncctl_status_and_inspect(demo_db: tuple[Path, dict[str, object]]) -> 
     data = json.loads(status.stdout)
     assert data["states"]["received"]["orders"] == 3
     assert data["inbox_backlog"] == 0
+    assert set(data["last_successful_poll"]) == {"katana", "tradegecko"}
 
     inspect = run("syncctl", "--db", str(db), "inspect", "PO0002", "--json")
     assert inspect.returncode == 0, inspect.stderr

@@ -22,6 +22,7 @@ __all__ = [
     "KatanaConfig",
     "MetricsConfig",
     "TradeGeckoConfig",
+    "WebhooksConfig",
     "load_config",
     "parse_config",
 ]
@@ -42,6 +43,9 @@ class TradeGeckoConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     base_url: str = "https://api.tradegecko.com"
     token: str = ""
     supplier_name: str = "Katana"
+    #: How a supplier's name must match ``supplier_name``: ``exact``, ``casefold`` (ignoring
+    #: case and surrounding spaces) or ``prefix`` (case-folded, e.g. "Katana MRP Ltd").
+    supplier_match: str = "exact"
     poll_interval: float = 30.0
     rate_limit: int = 300
     rate_period: float = 300.0
@@ -73,14 +77,52 @@ class MetricsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return parse_listen(self.listen)
 
 
+class WebhooksConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The webhook listener: near-instant sync; the pollers then only reconcile.
+
+    Secrets (``tradegecko_secret``, ``katana_token``, ``path_token``) are also read from
+    ``SYNCD_TRADEGECKO_WEBHOOK_SECRET``, ``SYNCD_KATANA_WEBHOOK_TOKEN``,
+    ``SYNCD_WEBHOOK_PATH_TOKEN`` or the systemd credentials ``tradegecko-webhook-secret``,
+    ``katana-webhook-token``, ``webhook-path-token``.
+    """
+
+    enabled: bool = False
+    #: ``host:port`` the listener binds; port 0 picks a free one.
+    listen: str = "127.0.0.1:8780"
+    #: The ``https://`` address the services reach the listener at (a reverse proxy); empty
+    #: means the listener's own address (tests, the demo).
+    public_base_url: str = ""
+    #: The OAuth application secret that signs TradeGecko's deliveries.
+    tradegecko_secret: str = ""
+    #: The Katana webhook's token, when it was registered by hand; registration keeps the
+    #: token Katana returns in the database.
+    katana_token: str = ""
+    #: The unguessable last segment of Katana's webhook path; generated and kept in the
+    #: database when empty.
+    path_token: str = ""
+    #: Bodies larger than this are refused with 413.
+    max_body_bytes: int = 65536
+    #: Seconds between polls while webhooks are healthy (the pollers only reconcile).
+    reconcile_interval: float = 300.0
+    #: Make sure the webhooks exist on both services at start (``syncd run --no-register``).
+    register: bool = True
+
+    def address(self) -> tuple[str, int]:
+        """The ``(host, port)`` of :attr:`listen`."""
+        return parse_listen(self.listen, key="webhooks.listen")
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     tradegecko: TradeGeckoConfig = msgspec.field(default_factory=TradeGeckoConfig)
     katana: KatanaConfig = msgspec.field(default_factory=KatanaConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
 
 
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
+#: The ways ``tradegecko.supplier_match`` compares supplier names.
+SUPPLIER_MATCHES = ("exact", "casefold", "prefix")
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
 
 
@@ -94,14 +136,14 @@ def _key_from_msgspec(message: str) -> str | None:
     return key or None
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str, *, key: str = "metrics.listen") -> tuple[str, int]:
     """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` → ``(host, port)``.
 
     :raises ConfigError: not a ``host:port`` with a port in 0..65535.
     """
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", value)
     if match is None or int(match.group(2) or match.group(4)) > 65535:
-        raise ConfigError(f"must be host:port, got {value!r}", key="metrics.listen")
+        raise ConfigError(f"must be host:port, got {value!r}", key=key)
     return (match.group(1) or match.group(3)), int(match.group(2) or match.group(4))
 
 
@@ -137,6 +179,38 @@ def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = 
     tg, kt, daemon = config.tradegecko, config.katana, config.daemon
     tg.token = _read_secret("SYNCD_TRADEGECKO_TOKEN", "tradegecko-token") or tg.token
     kt.token = _read_secret("SYNCD_KATANA_TOKEN", "katana-token") or kt.token
+    hooks = config.webhooks
+    hooks.tradegecko_secret = (
+        _read_secret("SYNCD_TRADEGECKO_WEBHOOK_SECRET", "tradegecko-webhook-secret")
+        or hooks.tradegecko_secret
+    )
+    hooks.katana_token = (
+        _read_secret("SYNCD_KATANA_WEBHOOK_TOKEN", "katana-webhook-token") or hooks.katana_token
+    )
+    hooks.path_token = (
+        _read_secret("SYNCD_WEBHOOK_PATH_TOKEN", "webhook-path-token") or hooks.path_token
+    )
+    hooks.address()
+    if hooks.public_base_url and not re.match(r"^https?://[^/\s]+", hooks.public_base_url):
+        raise ConfigError(
+            f"must be an http(s) URL, got {hooks.public_base_url!r}",
+            key="webhooks.public_base_url",
+        )
+    if hooks.max_body_bytes < 1024:
+        raise ConfigError(
+            f"must be at least 1024, got {hooks.max_body_bytes}", key="webhooks.max_body_bytes"
+        )
+    if hooks.reconcile_interval <= 0:
+        raise ConfigError(
+            f"must be a positive number of seconds, got {hooks.reconcile_interval}",
+            key="webhooks.reconcile_interval",
+        )
+    if hooks.enabled and require_tokens and not hooks.tradegecko_secret:
+        raise ConfigError(
+            "no secret: set it here, in SYNCD_TRADEGECKO_WEBHOOK_SECRET, or as the systemd "
+            "credential tradegecko-webhook-secret",
+            key="webhooks.tradegecko_secret",
+        )
 
     for key, url in (("tradegecko.base_url", tg.base_url), ("katana.base_url", kt.base_url)):
         if not re.match(r"^https?://[^/\s]+", url):
@@ -164,6 +238,11 @@ def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = 
         raise ConfigError(f"must be one of {sorted(_LOG_LEVELS)}", key="daemon.log_level")
     if not tg.supplier_name.strip():
         raise ConfigError("must name the supplier", key="tradegecko.supplier_name")
+    if tg.supplier_match not in SUPPLIER_MATCHES:
+        raise ConfigError(
+            f"must be one of {', '.join(SUPPLIER_MATCHES)}, got {tg.supplier_match!r}",
+            key="tradegecko.supplier_match",
+        )
     if not kt.customer_name.strip():
         raise ConfigError("must name the customer", key="katana.customer_name")
     if require_tokens:

@@ -182,6 +182,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "needs_attention": sum(counts.get(s, 0) for s in chart.attention_states()),
             "inbox_backlog": backlog,
             "inbox_oldest": _when(oldest_event),
+            "last_successful_poll": {
+                source: _when(float(value))
+                for source, value in sorted((await store.meta_with_prefix("last_poll.")).items())
+            },
             "cursors": {
                 name: {"value": v, "updated": _when(t)} for name, (v, t) in cursors.items()
             },
@@ -199,6 +203,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"{'total':<18} {data['total']:>7}")
     click.echo(f"needs attention: {data['needs_attention']}")
     click.echo(f"inbox backlog: {data['inbox_backlog']} (oldest {data['inbox_oldest']})")
+    for source, when in data["last_successful_poll"].items():
+        click.echo(f"last successful poll of {source}: {when}")
     for name, info in data["cursors"].items():
         click.echo(f"cursor {name}: {info['value']} (updated {info['updated']})")
 
@@ -223,7 +229,7 @@ def inspect(
     as_json: bool,
 ) -> None:
     """One order by PO number or link id (ids, lines, history), or the list."""
-    open_states = _chart(ctx).open_states() if older_than is not None else []
+    open_states = _chart(ctx).open_states()
 
     async def one(store: Store) -> dict[str, Any] | None:
         assert key is not None
@@ -231,8 +237,10 @@ def inspect(
         if link is None:
             return None
         history = await store.history(link.id)
+        paused = await store.meta_with_prefix("paused.") if link.state in open_states else {}
         return {
             "link": msgspec.to_builtins(link),
+            "paused": sorted(paused.values()),
             "history": [
                 {
                     "at": _when(h.at),
@@ -293,6 +301,8 @@ def inspect(
         click.echo(f"currency {link['currency']}")
     if link["last_error"]:
         click.echo(f"last error: {link['last_error']}")
+    for pause in data["paused"]:
+        click.echo(f"paused: {pause}")
     for line in link["lines"]:
         click.echo(
             f"  line {line['line_id']}: {line['sku']} x {line['quantity']} → Katana variant "
@@ -439,6 +449,41 @@ def replay(ctx: click.Context, key: str, dry_run: bool, reason: str | None, as_j
     """Re-drive an order from its state: re-run the state's effect, or re-process the
     order's stored inbox events."""
     _queue(ctx, key, inbox.REPLAY, reason, as_json, dry_run=dry_run)
+
+
+@main.command(name="import")
+@click.argument("po_number")
+@click.option("--reason", default=None, help="Why, for the order's history.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def import_(ctx: click.Context, po_number: str, reason: str | None, as_json: bool) -> None:
+    """Import one PO on purpose (backfill), e.g. one created before syncd's activation.
+
+    The daemon fetches it from TradeGecko by number and discovers it like a new one.
+    """
+
+    async def work(store: Store) -> dict[str, Any]:
+        link = await store.link_by_po_number(po_number)
+        if link is not None:
+            return {"po": po_number, "allowed": False, "state": link.state, "id": link.id}
+        request = inbox.ImportRequest(po_number=po_number, reason=reason, operator=_operator())
+        event_id = await store.add_event("syncctl", inbox.IMPORT_REQUESTED, inbox.encode(request))
+        return {"po": po_number, "allowed": True, "event_id": event_id}
+
+    data = _with_store(ctx, work, write=True)
+    if not data["allowed"]:
+        _fail(
+            f"PO {po_number} is already linked (link {data['id']}, {data['state']})",
+            EXIT_NOT_ALLOWED,
+        )
+        return
+    if as_json:
+        _emit(data)
+        return
+    click.echo(
+        f"queued import of {po_number} as inbox event {data['event_id']}; the daemon fetches "
+        "it from TradeGecko (at its next start if it is not running)"
+    )
 
 
 @main.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
@@ -18,6 +19,9 @@ from syncd import __version__
 from syncd.config import Config, load_config
 from syncd.errors import ApiError, AuthError, ConfigError, StatechartError, StoreError
 from syncd.ops.logging import configure_logging
+
+if TYPE_CHECKING:
+    from syncd.sim.faults import Faults
 
 __all__ = ["EXIT_AUTH", "EXIT_CONFIG", "EXIT_FAILED", "EXIT_STORE", "EXIT_UNREACHABLE", "main"]
 
@@ -166,17 +170,63 @@ def sim() -> None:
     """Serve a simulator of TradeGecko or Katana."""
 
 
+_FAULT_OPTIONS = (
+    click.option("--error-rate", default=0.0, type=click.FloatRange(0, 1), help="5xx share."),
+    click.option("--error-status", default=500, show_default=True, type=click.IntRange(400, 599)),
+    click.option("--latency-ms", default=0.0, type=click.FloatRange(0), help="Added latency."),
+    click.option("--jitter-ms", default=0.0, type=click.FloatRange(0), help="Up to this more."),
+    click.option("--timeout-rate", default=0.0, type=click.FloatRange(0, 1), help="Hang share."),
+    click.option("--drop-rate", default=0.0, type=click.FloatRange(0, 1), help="Drop share."),
+    click.option(
+        "--truncate-rate", default=0.0, type=click.FloatRange(0, 1), help="Cut 2xx body share."
+    ),
+    click.option("--fault-seed", default=0, show_default=True, type=int),
+    click.option(
+        "--faults",
+        "faults_file",
+        default=None,
+        type=click.Path(dir_okay=False, exists=True),
+        help="JSON fault settings (the body of PUT /_sim/faults); overrides the rate flags.",
+    ),
+)
+
+
+def _fault_options(command: Any) -> Any:
+    for option in reversed(_FAULT_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _faults(options: dict[str, Any]) -> Faults | None:
+    """The fault settings the flags ask for, or ``None`` for none."""
+    from pathlib import Path
+
+    from syncd.sim.faults import Faults
+
+    faults_file = options.pop("faults_file")
+    seed = options.pop("fault_seed")
+    if faults_file is not None:
+        try:
+            return msgspec.json.decode(Path(faults_file).read_bytes(), type=Faults)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--faults") from None
+    faults = Faults.everywhere(seed=seed, **options)
+    return faults if faults.rules else None
+
+
 @sim.command("tradegecko")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8701, show_default=True, type=int)
 @click.option("--no-rate-limit", is_flag=True, help="Turn the real 300/300 s limit off.")
-def sim_tradegecko(host: str, port: int, no_rate_limit: bool) -> None:
+@_fault_options
+def sim_tradegecko(host: str, port: int, no_rate_limit: bool, **fault_flags: Any) -> None:
     """Serve the TradeGecko simulator (token: tradegecko-sim-token)."""
     from syncd.sim import tradegecko
 
+    faults = _faults(fault_flags)
     configure_logging("info")
     click.echo(f"TradeGecko simulator on http://{host}:{port} (control: /_sim/)")
-    anyio.run(lambda: tradegecko.run(host, port, rate_limit=not no_rate_limit))
+    anyio.run(lambda: tradegecko.run(host, port, rate_limit=not no_rate_limit, faults=faults))
 
 
 @sim.command("katana")
@@ -184,12 +234,18 @@ def sim_tradegecko(host: str, port: int, no_rate_limit: bool) -> None:
 @click.option("--port", default=8702, show_default=True, type=int)
 @click.option("--no-rate-limit", is_flag=True, help="Turn the real 60/60 s limit off.")
 @click.option("--play-factory", is_flag=True, help="Make, finish and deliver orders by itself.")
-def sim_katana(host: str, port: int, no_rate_limit: bool, play_factory: bool) -> None:
+@_fault_options
+def sim_katana(
+    host: str, port: int, no_rate_limit: bool, play_factory: bool, **fault_flags: Any
+) -> None:
     """Serve the Katana simulator (token: katana-sim-token)."""
     from syncd.sim import katana
 
+    faults = _faults(fault_flags)
     configure_logging("info")
     click.echo(f"Katana simulator on http://{host}:{port} (control: /_sim/)")
     anyio.run(
-        lambda: katana.run(host, port, rate_limit=not no_rate_limit, play_factory=play_factory)
+        lambda: katana.run(
+            host, port, rate_limit=not no_rate_limit, play_factory=play_factory, faults=faults
+        )
     )

@@ -18,6 +18,7 @@ __all__ = [
     "PurchaseOrderLine",
     "PurchaseOrderSnapshot",
     "SalesOrderFacts",
+    "SalesOrderRowFacts",
 ]
 
 
@@ -47,6 +48,14 @@ class PurchaseOrderSnapshot(msgspec.Struct, kw_only=True, frozen=True):
     lines: tuple[PurchaseOrderLine, ...]
 
 
+class SalesOrderRowFacts(msgspec.Struct, kw_only=True, frozen=True):
+    """One live row of a Katana sales order, as a look at the order shows it."""
+
+    variant_id: int
+    quantity: Decimal
+    price: Decimal | None = None
+
+
 class SalesOrderFacts(msgspec.Struct, kw_only=True, frozen=True):
     """What one look at a Katana sales order says about its progress."""
 
@@ -57,6 +66,8 @@ class SalesOrderFacts(msgspec.Struct, kw_only=True, frozen=True):
     deleted: bool
     manufacturing_order_ids: tuple[int, ...] = ()
     updated_at: datetime | None = None
+    #: The live rows, in order, to compare with what was imported (drift).
+    rows: tuple[SalesOrderRowFacts, ...] = ()
 
 
 class LineLink(msgspec.Struct, kw_only=True, frozen=True):

@@ -15,10 +15,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 
-from syncd.domain.orders import PurchaseOrderLine, PurchaseOrderSnapshot, SalesOrderFacts
+from syncd.domain.orders import (
+    LineLink,
+    PurchaseOrderLine,
+    PurchaseOrderSnapshot,
+    SalesOrderFacts,
+    SalesOrderRowFacts,
+)
 
 __all__ = [
     "DELIVERED",
+    "PARTIALLY_DELIVERED",
     "PO_WITHDRAWN",
     "PRODUCTION_DONE",
     "PRODUCTION_UNDERWAY",
@@ -26,7 +33,10 @@ __all__ = [
     "lines_to_import",
     "order_number_for",
     "pick_average_cost",
+    "purchase_order_drift",
     "purchase_order_trigger",
+    "sales_order_drift",
+    "sales_order_notes",
     "sales_order_trigger",
 ]
 
@@ -36,6 +46,8 @@ DELIVERED = "DELIVERED"
 PRODUCTION_DONE = frozenset({"DONE", "NONE", "NOT_APPLICABLE"})
 #: Production statuses that mean work has begun.
 PRODUCTION_UNDERWAY = frozenset({"IN_PROGRESS", "BLOCKED", "DONE"})
+#: Katana's sales order status once some, not all, goods have gone out.
+PARTIALLY_DELIVERED = "PARTIALLY_DELIVERED"
 #: TradeGecko PO statuses that withdraw the order.
 PO_WITHDRAWN = frozenset({"void", "deleted", "archived"})
 
@@ -131,3 +143,97 @@ def purchase_order_trigger(status: str) -> str | None:
     if status in PO_WITHDRAWN:
         return "po_withdrawn"
     return None
+
+
+def sales_order_notes(facts: SalesOrderFacts) -> list[str]:
+    """What a look at the SO says that moves nothing but a person should see.
+
+    A partly delivered SO waits: TradeGecko receives whole POs only.
+    """
+    if facts.status == PARTIALLY_DELIVERED and not facts.deleted:
+        return [
+            f"Katana SO {facts.order_no} is partially delivered: waiting for the whole "
+            "delivery (TradeGecko receives whole POs only)"
+        ]
+    return []
+
+
+def _number(value: Decimal | None) -> str:
+    return "none" if value is None else f"{value.normalize():f}"
+
+
+def purchase_order_drift(
+    snapshot: PurchaseOrderSnapshot, current: Iterable[PurchaseOrderLine]
+) -> list[str]:
+    """How the PO now differs from the snapshot that was synced (lines, quantities, prices).
+
+    Edits after import are never copied to Katana; they are recorded as drift.
+    """
+    first = {line.line_id: line for line in snapshot.lines}
+    now = {line.line_id: line for line in current}
+    drift: list[str] = []
+    for line_id, before in first.items():
+        after = now.get(line_id)
+        if after is None:
+            drift.append(f"drift in TradeGecko: line {line_id} removed")
+            continue
+        if after.variant_id != before.variant_id:
+            drift.append(
+                f"drift in TradeGecko: line {line_id} variant {before.variant_id} → "
+                f"{after.variant_id}"
+            )
+        if after.quantity != before.quantity:
+            drift.append(
+                f"drift in TradeGecko: line {line_id} quantity {_number(before.quantity)} → "
+                f"{_number(after.quantity)}"
+            )
+        if after.price != before.price:
+            drift.append(
+                f"drift in TradeGecko: line {line_id} price {_number(before.price)} → "
+                f"{_number(after.price)}"
+            )
+    for line_id, after in now.items():
+        if line_id not in first:
+            drift.append(
+                f"drift in TradeGecko: line {line_id} added (variant {after.variant_id}, "
+                f"quantity {_number(after.quantity)}, price {_number(after.price)})"
+            )
+    return drift
+
+
+def sales_order_drift(
+    lines: Sequence[LineLink], rows: Sequence[SalesOrderRowFacts], order_no: str
+) -> list[str]:
+    """How the SO's live rows differ from what the import made of the PO lines.
+
+    Rows are matched to lines in order by Katana variant (the same variant may be on two
+    rows); a line with no row left was deleted, a row with no line was added.
+    """
+    if not lines:
+        return []
+    left = list(rows)
+    drift: list[str] = []
+    for line in lines:
+        index = next(
+            (i for i, row in enumerate(left) if row.variant_id == line.katana_variant_id), None
+        )
+        if index is None:
+            drift.append(f"drift in Katana: SO {order_no} row for {line.sku} removed")
+            continue
+        row = left.pop(index)
+        if row.quantity != line.quantity:
+            drift.append(
+                f"drift in Katana: SO {order_no} {line.sku} quantity "
+                f"{_number(line.quantity)} → {_number(row.quantity)}"
+            )
+        if line.price is not None and row.price is not None and row.price != line.price:
+            drift.append(
+                f"drift in Katana: SO {order_no} {line.sku} price "
+                f"{_number(line.price)} → {_number(row.price)}"
+            )
+    drift.extend(
+        f"drift in Katana: SO {order_no} row added (variant {row.variant_id}, "
+        f"quantity {_number(row.quantity)})"
+        for row in left
+    )
+    return drift

@@ -27,6 +27,7 @@ method,endpoint}``
                                                and will be tried again
 ``syncd_effect_failures_total{effect}``        effect runs that gave up: a person must look
 ``syncd_metrics_refresh_timestamp_seconds``    when the database gauges were last refreshed
+``syncd_drift_detected_total{side}``           orders edited after import (recorded as drift)
 =============================================  ==================================================
 """
 
@@ -116,6 +117,14 @@ class Metrics:
             ["service"],
             registry=r,
         )
+        self.drift_detected = Counter(
+            "syncd_drift_detected",
+            "Edits found after import (never copied across), by the side edited.",
+            ["side"],
+            registry=r,
+        )
+        for side in ("tradegecko", "katana"):
+            self.drift_detected.labels(side)
         self.inbox_backlog = Gauge(
             "syncd_inbox_backlog_events", "Inbox events waiting to be processed.", registry=r
         )
@@ -175,6 +184,10 @@ class Metrics:
             self.effect_retries.labels(effect).inc()
         elif result == "failed":
             self.effect_failures.labels(effect).inc()
+
+    def drift(self, side: str) -> None:
+        """Count an order found edited after import on ``side`` (tradegecko or katana)."""
+        self.drift_detected.labels(side).inc()
 
     def known_states(self, states: list[str]) -> None:
         """Export 0 for every state (and zero-valued series) before the first refresh."""

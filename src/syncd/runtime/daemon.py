@@ -23,6 +23,7 @@ from syncd.ops.metrics import Metrics, serve_metrics
 from syncd.runtime.dispatcher import Dispatcher, TransitionNotice
 from syncd.runtime.effects import Effects
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
+from syncd.runtime.webhooks import WebhookConsumer, WebhookListener
 from syncd.store import Store
 
 __all__ = ["Daemon", "check_services", "running_daemon"]
@@ -46,6 +47,10 @@ class Daemon:
     metrics: Metrics | None = None
     #: Where ``/metrics`` is served (``http://host:port``); ``None`` when disabled.
     metrics_url: str | None = None
+    #: The webhook listener; ``None`` when ``webhooks.enabled`` is off.
+    webhooks: WebhookListener | None = None
+    #: Where the webhook listener listens (``http://host:port``).
+    webhooks_url: str | None = None
 
     def poll_now(self) -> None:
         """Ask both pollers to poll at once rather than at their next interval."""
@@ -181,6 +186,8 @@ async def running_daemon(
                         budgets={"katana": katana.budget, "tradegecko": tradegecko.budget},
                     )
                 )
+                if config.webhooks.enabled:
+                    await _start_webhooks(tg, daemon)
                 if metrics_sock is not None:
                     await tg.start(serve_metrics, metrics, metrics_sock)
                     host, port = metrics_sock.getsockname()[:2]
@@ -195,6 +202,29 @@ async def running_daemon(
             metrics_sock.close()
         with anyio.CancelScope(shield=True):
             await store.close()
+
+
+async def _start_webhooks(tg: anyio.abc.TaskGroup, daemon: Daemon) -> None:
+    """Serve the webhook listener and its consumer; once healthy, polls only reconcile."""
+    consumer = WebhookConsumer(
+        daemon.store, daemon.tradegecko_poller, daemon.katana_poller, daemon.dispatcher.wake
+    )
+
+    def healthy(ok: bool) -> None:
+        hooks = daemon.config.webhooks
+        for poller, interval in (
+            (daemon.tradegecko_poller, daemon.config.tradegecko.poll_interval),
+            (daemon.katana_poller, daemon.config.katana.poll_interval),
+        ):
+            poller.interval = max(interval, hooks.reconcile_interval) if ok else interval
+        log.info("webhooks %s", "healthy: polls reconcile" if ok else "not healthy")
+
+    listener = WebhookListener(
+        daemon.config, daemon.store, daemon.katana, daemon.tradegecko, consumer, healthy
+    )
+    tg.start_soon(consumer.run)
+    daemon.webhooks = listener
+    daemon.webhooks_url = await tg.start(listener.run)
 
 
 def _metrics_socket(config: Config) -> socket.socket | None:

@@ -21,7 +21,13 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from syncd.domain.orders import LinkedOrder, PurchaseOrderSnapshot, SalesOrderFacts
-from syncd.domain.rules import purchase_order_trigger, sales_order_trigger
+from syncd.domain.rules import (
+    purchase_order_drift,
+    purchase_order_trigger,
+    sales_order_drift,
+    sales_order_notes,
+    sales_order_trigger,
+)
 from syncd.domain.statechart import Decision, Statechart
 from syncd.errors import SyncdError
 from syncd.runtime import inbox
@@ -97,6 +103,7 @@ class Dispatcher:
         retry_max: float = 300.0,
         on_transition: Callable[[TransitionNotice], None] | None = None,
         on_effect: Callable[[str, str], None] | None = None,
+        on_drift: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.chart = chart
@@ -106,6 +113,8 @@ class Dispatcher:
         self._on_transition = on_transition
         #: Told ``(effect, "ok" | "retry" | "failed")`` after each effect run.
         self._on_effect = on_effect
+        #: Told the side (``"tradegecko"`` or ``"katana"``) of each newly recorded drift.
+        self._on_drift = on_drift
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._wake = anyio.Event()
         self._running: set[int] = set()
@@ -135,7 +144,8 @@ class Dispatcher:
     async def drain(self) -> int:
         """Process every pending inbox event; returns how many."""
         total = 0
-        while events := await self.store.pending_events():
+        # Raw webhook deliveries are the webhook consumer's, not the statechart's.
+        while events := await self.store.pending_events(exclude_kinds=inbox.WEBHOOK_KINDS):
             for event in events:
                 await self._handle(event)
             total += len(events)
@@ -160,6 +170,8 @@ class Dispatcher:
         try:
             if isinstance(payload, inbox.OperatorCommand) and payload.action == inbox.REPLAY:
                 await self._replay(event, payload)
+            elif isinstance(payload, inbox.ImportRequest):
+                await self._backfill(event, payload)
             elif isinstance(payload, PurchaseOrderSnapshot):
                 await self._discovered(event, payload)
             else:
@@ -191,6 +203,42 @@ class Dispatcher:
         except SyncdError as exc:
             log.error("cannot mark event %s processed: %s", event_id, exc)
 
+    async def _backfill(self, event: InboxEvent, request: inbox.ImportRequest) -> None:
+        """``syncctl import``: fetch the PO by number and discover it, even if it was made
+        before activation. A passing failure leaves the event for the next pass."""
+        from syncd.runtime.pollers import snapshot_of
+
+        number = request.po_number
+        if await self.store.link_by_po_number(number) is not None:
+            await self.store.mark_processed(event.id, f"PO {number} is already linked")
+            return
+        client = self.effects.tradegecko
+        found = [
+            po
+            for po in await client.list_purchase_orders(order_number=number)
+            if po.order_number == number
+        ]
+        if not found:
+            log.warning("backfill: no PO %s in TradeGecko", number)
+            await self.store.mark_processed(event.id, f"no PO {number} in TradeGecko")
+            return
+        po = min(found, key=lambda po: po.id)
+        if po.status != "active":
+            await self.store.mark_processed(
+                event.id, f"PO {number} is {po.status} in TradeGecko: not imported"
+            )
+            return
+        order, lines = await client.get_purchase_order(po.id)
+        why = f": {request.reason}" if request.reason else ""
+        await self.store.add_event(
+            f"backfill by {request.who()}{why}",
+            inbox.PO_DISCOVERED,
+            inbox.encode(snapshot_of(order, lines)),
+            dedup_key=f"po:{po.id}",
+            po_id=po.id,
+        )
+        await self.store.mark_processed(event.id, f"PO {number} (id {po.id}) discovered")
+
     async def _discovered(self, event: InboxEvent, snapshot: PurchaseOrderSnapshot) -> None:
         link = await self.store.create_link(
             snapshot,
@@ -210,6 +258,7 @@ class Dispatcher:
         if link is None:
             await self.store.mark_processed(event.id, "no linked order")
             return
+        link = await self._note_observation(link, payload)
         triggers, cause, outcome = self._triggers(payload)
         if outcome is not None and outcome.so_id is not None:
             owner = await self.store.link_by_so(outcome.so_id)
@@ -242,6 +291,35 @@ class Dispatcher:
         await self.store.mark_processed(
             event.id, f"no move from {link.state} ({', '.join(triggers) or 'nothing new'})"
         )
+
+    async def _note_observation(self, link: LinkedOrder, payload: msgspec.Struct) -> LinkedOrder:
+        """Record on the link what a look shows that moves nothing: drift (edits after
+        import, never copied across) and a partly delivered SO that waits."""
+        notes: list[str] = []
+        state = self.chart.state(link.state)
+        if isinstance(payload, SalesOrderFacts) and not state.terminal:
+            notes += sales_order_notes(payload)
+            if not payload.deleted:
+                notes += sales_order_drift(link.lines, payload.rows, payload.order_no)
+        elif (
+            isinstance(payload, inbox.PurchaseOrderObserved)
+            and payload.lines is not None
+            and link.snapshot is not None
+            and not state.terminal
+            # The receipt re-costs the PO's lines itself: that is no drift.
+            and state.effect != "receive_order"
+        ):
+            notes += purchase_order_drift(link.snapshot, payload.lines)
+        new = [n for n in notes if n not in link.notes]
+        if not new:
+            return link
+        await self.store.note(link.id, notes=new)
+        for side in ("tradegecko", "katana"):
+            prefix = "drift in TradeGecko" if side == "tradegecko" else "drift in Katana"
+            if self._on_drift is not None and any(n.startswith(prefix) for n in new):
+                self._on_drift(side)
+        log.warning("order noted", extra={"po": link.po_number, "notes": "; ".join(new)})
+        return await self.store.get_link(link.id) or link
 
     def _triggers(self, payload: msgspec.Struct) -> tuple[tuple[str, ...], str, Outcome | None]:
         if isinstance(payload, Outcome):

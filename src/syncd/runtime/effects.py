@@ -33,7 +33,7 @@ from syncd.domain.rules import (
     order_number_for,
     pick_average_cost,
 )
-from syncd.errors import ApiError, NotFound, RuleViolation, ValidationFailed
+from syncd.errors import ApiError, AuthError, NotFound, RuleViolation, ValidationFailed
 
 __all__ = ["Effects", "Outcome", "is_passing"]
 
@@ -59,6 +59,9 @@ class Outcome(msgspec.Struct, kw_only=True):
 
 def is_passing(error: Exception) -> bool:
     """Whether an API failure may go away by itself (retry later) rather than need a person."""
+    if isinstance(error, AuthError):
+        # A revoked token: every order pauses until it works again (see the pollers).
+        return True
     if isinstance(error, ApiError):
         return error.status is None or error.status == 429 or error.status >= 500
     return False

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import msgspec
 
-from syncd.domain.orders import PurchaseOrderSnapshot, SalesOrderFacts
+from syncd.domain.orders import PurchaseOrderLine, PurchaseOrderSnapshot, SalesOrderFacts
 from syncd.runtime.effects import Outcome
 
 __all__ = [
     "EFFECT_OUTCOME",
+    "IMPORT_REQUESTED",
     "OPERATOR",
     "OPERATOR_ACTIONS",
     "PO_DISCOVERED",
     "PO_OBSERVED",
     "REPLAY",
     "SO_OBSERVED",
+    "WEBHOOK_KINDS",
+    "WEBHOOK_RECEIVED",
+    "ImportRequest",
     "OperatorCommand",
     "PurchaseOrderObserved",
+    "WebhookReceived",
     "decode",
     "encode",
 ]
@@ -29,18 +34,26 @@ PO_DISCOVERED = "po_discovered"
 PO_OBSERVED = "purchase_order_observed"
 SO_OBSERVED = "sales_order_observed"
 EFFECT_OUTCOME = "effect_outcome"
+#: An operator's ``syncctl import PO_NUMBER``: backfill one PO created before activation.
+IMPORT_REQUESTED = "import_requested"
 #: An operator's command from ``syncctl``, applied by the running daemon's dispatcher.
 OPERATOR = "operator"
 #: ``replay`` is not a statechart trigger: it re-drives the order from where it is.
 REPLAY = "replay"
 OPERATOR_ACTIONS = ("retry", "cancel", REPLAY)
+#: A verified webhook delivery, persisted before it is acknowledged. Not for the dispatcher:
+#: the webhook consumer re-fetches the object and writes the events the pollers would.
+WEBHOOK_RECEIVED = "webhook_received"
+WEBHOOK_KINDS = (WEBHOOK_RECEIVED,)
 
 
 class PurchaseOrderObserved(msgspec.Struct, kw_only=True, frozen=True):
-    """A linked PO's status as last seen in TradeGecko."""
+    """A linked PO's status as last seen in TradeGecko; ``lines`` when they drifted from the
+    synced snapshot (edits after import are recorded, never copied)."""
 
     po_id: int
     status: str
+    lines: tuple[PurchaseOrderLine, ...] | None = None
 
 
 class OperatorCommand(msgspec.Struct, kw_only=True, frozen=True):
@@ -57,12 +70,40 @@ class OperatorCommand(msgspec.Struct, kw_only=True, frozen=True):
         return f"{who}: {self.action}" + (f" ({self.reason})" if self.reason else "")
 
 
+class WebhookReceived(msgspec.Struct, kw_only=True, frozen=True):
+    """One verified webhook delivery: which object changed, never what it is now."""
+
+    #: ``tradegecko`` or ``katana``.
+    service: str
+    event: str
+    #: ``purchase_order``, ``procurement``, ``sales_order``, ``manufacturing_order``.
+    resource_type: str
+    object_id: int
+    #: TradeGecko's ``X-Gecko-Delivery``; Katana sends no delivery id.
+    delivery_id: str | None = None
+    #: Katana's ``X-Katana-Retry-Num``.
+    retry: int | None = None
+
+
+class ImportRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """An operator asks for one PO to be imported on purpose (``syncctl import``)."""
+
+    po_number: str
+    reason: str | None = None
+    operator: str | None = None
+
+    def who(self) -> str:
+        return f"operator {self.operator}" if self.operator else "operator"
+
+
 _TYPES: dict[str, type[msgspec.Struct]] = {
     PO_DISCOVERED: PurchaseOrderSnapshot,
     PO_OBSERVED: PurchaseOrderObserved,
     SO_OBSERVED: SalesOrderFacts,
     EFFECT_OUTCOME: Outcome,
     OPERATOR: OperatorCommand,
+    IMPORT_REQUESTED: ImportRequest,
+    WEBHOOK_RECEIVED: WebhookReceived,
 }
 _DECODERS = {kind: msgspec.json.Decoder(t) for kind, t in _TYPES.items()}
 

@@ -21,14 +21,19 @@ from syncd.adapters.katana import KatanaClient
 from syncd.adapters.katana import SalesOrder as KatanaSalesOrder
 from syncd.adapters.tradegecko import PurchaseOrder, PurchaseOrderLineItem, TradeGeckoClient
 from syncd.config import Config
-from syncd.domain.orders import PurchaseOrderLine, PurchaseOrderSnapshot, SalesOrderFacts
-from syncd.domain.rules import purchase_order_trigger
+from syncd.domain.orders import (
+    PurchaseOrderLine,
+    PurchaseOrderSnapshot,
+    SalesOrderFacts,
+    SalesOrderRowFacts,
+)
+from syncd.domain.rules import purchase_order_drift, purchase_order_trigger
 from syncd.domain.statechart import Statechart
-from syncd.errors import SyncdError
+from syncd.errors import AuthError, SyncdError
 from syncd.runtime import inbox
 from syncd.store import Store
 
-__all__ = ["KatanaPoller", "TradeGeckoPoller", "parse_time"]
+__all__ = ["KatanaPoller", "TradeGeckoPoller", "parse_time", "supplier_matches"]
 
 log = logging.getLogger("syncd.pollers")
 
@@ -38,6 +43,8 @@ OVERLAP = timedelta(seconds=5)
 #: POs that are not yet issued (drafts) wait; these are imported.
 IMPORTABLE_STATUSES = frozenset({"active"})
 _SUPPLIER_CACHE_SECONDS = 600.0
+#: Meta key prefix of a service whose token was rejected: ``paused.katana``.
+PAUSED_PREFIX = "paused."
 
 
 def parse_time(value: str) -> datetime:
@@ -57,17 +64,50 @@ class _Poller:
     async def poll_once(self) -> int:
         raise NotImplementedError
 
+    async def _pause(self, error: AuthError) -> None:
+        """A revoked token pauses every order (effects retry, nothing moves); the daemon
+        keeps running and serving metrics, and resumes at the first poll that works."""
+        key = f"{PAUSED_PREFIX}{error.service or self.name}"
+        try:
+            if await self.store.get_meta(key) is None:
+                log.error("%s rejected the token: every order is paused (%s)", self.name, error)
+                await self.store.set_meta(
+                    key,
+                    f"{error.service or self.name} rejected the token (401) since "
+                    f"{datetime.now(UTC).isoformat(timespec='seconds')}: every order is "
+                    "paused until it works again",
+                )
+        except SyncdError as exc:
+            log.warning("cannot record the pause: %s", exc)
+
+    async def _resume(self) -> None:
+        key = f"{PAUSED_PREFIX}{self.name}"
+        try:
+            if await self.store.get_meta(key) is not None:
+                await self.store.delete_meta(key)
+                log.warning("%s accepts the token again: orders resume", self.name)
+        except SyncdError as exc:
+            log.warning("cannot clear the pause: %s", exc)
+
     async def run(self) -> None:
         """Poll forever; a failed poll is logged and tried again next interval."""
         while True:
             try:
                 added = await self.poll_once()
+            except AuthError as exc:
+                await self._pause(exc)
             except SyncdError as exc:
                 log.warning("%s poll failed: %s", self.name, exc)
             else:
+                await self._resume()
                 self.last_success = time.time()
                 if added:
                     self._wake()
+                try:
+                    # For `syncctl status`, which reads the database, not the daemon.
+                    await self.store.set_meta(f"last_poll.{self.name}", str(self.last_success))
+                except SyncdError as exc:
+                    log.warning("cannot record the %s poll: %s", self.name, exc)
             with anyio.move_on_after(self.interval):
                 await self.kick.wait()
             self.kick = anyio.Event()
@@ -90,6 +130,7 @@ class TradeGeckoPoller(_Poller):
         super().__init__(store, config.tradegecko.poll_interval, wake)
         self.client = client
         self.supplier_name = config.tradegecko.supplier_name
+        self.supplier_match = config.tradegecko.supplier_match
         self.activated_at = activated_at
         self._suppliers: list[int] = []
         self._suppliers_at = -1e18
@@ -98,7 +139,11 @@ class TradeGeckoPoller(_Poller):
         """The ids of the TradeGecko suppliers named like the configured supplier."""
         if time.monotonic() - self._suppliers_at > _SUPPLIER_CACHE_SECONDS or not self._suppliers:
             companies = await self.client.list_companies(company_type="supplier")
-            self._suppliers = sorted(c.id for c in companies if c.name == self.supplier_name)
+            self._suppliers = sorted(
+                c.id
+                for c in companies
+                if supplier_matches(c.name, self.supplier_name, self.supplier_match)
+            )
             self._suppliers_at = time.monotonic()
             if not self._suppliers:
                 log.warning("no TradeGecko supplier is named %r", self.supplier_name)
@@ -124,10 +169,7 @@ class TradeGeckoPoller(_Poller):
             if po.created_at < self.activated_at:
                 continue
             try:
-                if po.id in linked:
-                    added += await self._observe(po)
-                elif po.status in IMPORTABLE_STATUSES:
-                    added += await self._discover(po)
+                added += await self.consider(po, linked=po.id in linked)
             except SyncdError as exc:
                 # One PO that cannot be read must not stop the others; the cursor stays
                 # before it so that the next poll tries it again.
@@ -139,8 +181,34 @@ class TradeGeckoPoller(_Poller):
                 await self.store.set_cursor(self.cursor_name, newest.isoformat())
         return added
 
-    async def _discover(self, po: PurchaseOrder) -> int:
-        order, lines = await self.client.get_purchase_order(po.id)
+    async def consider(
+        self,
+        po: PurchaseOrder,
+        *,
+        linked: bool,
+        lines: list[PurchaseOrderLineItem] | None = None,
+    ) -> int:
+        """Turn one PO of the supplier into its inbox event, if any; returns how many new.
+
+        Shared by the poll and the webhook consumer: both write the same events under the
+        same de-duplication keys, so a webhook and a poll of one change count once.
+
+        :param lines: the PO's lines when already fetched with it.
+        """
+        if po.created_at < self.activated_at:
+            return 0
+        if linked:
+            return await self._observe(po)
+        if po.status in IMPORTABLE_STATUSES:
+            return await self._discover(po, lines)
+        return 0
+
+    async def _discover(
+        self, po: PurchaseOrder, lines: list[PurchaseOrderLineItem] | None = None
+    ) -> int:
+        if lines is None:
+            po, lines = await self.client.get_purchase_order(po.id)
+        order = po
         snapshot = snapshot_of(order, lines)
         event = await self.store.add_event(
             "tradegecko",
@@ -155,7 +223,7 @@ class TradeGeckoPoller(_Poller):
 
     async def _observe(self, po: PurchaseOrder) -> int:
         if purchase_order_trigger(po.status) is None:
-            return 0
+            return await self._drift(po)
         event = await self.store.add_event(
             "tradegecko",
             inbox.PO_OBSERVED,
@@ -164,6 +232,42 @@ class TradeGeckoPoller(_Poller):
             po_id=po.id,
         )
         return int(event is not None)
+
+    async def _drift(self, po: PurchaseOrder) -> int:
+        """An edit of a linked PO after import: its lines, if they differ from the snapshot."""
+        if po.status not in IMPORTABLE_STATUSES:
+            # Received (re-costed by syncd itself) or a draft again: nothing to compare.
+            return 0
+        link = await self.store.link_by_po(po.id)
+        if link is None or link.snapshot is None or po.updated_at <= link.snapshot.updated_at:
+            return 0
+        order, lines = await self.client.get_purchase_order(po.id)
+        current = snapshot_of(order, lines).lines
+        if not purchase_order_drift(link.snapshot, current):
+            return 0
+        event = await self.store.add_event(
+            "tradegecko",
+            inbox.PO_OBSERVED,
+            inbox.encode(
+                inbox.PurchaseOrderObserved(po_id=po.id, status=order.status, lines=current)
+            ),
+            dedup_key=f"po:{po.id}:updated:{order.updated_at.isoformat()}",
+            po_id=po.id,
+            link_id=link.id,
+        )
+        return int(event is not None)
+
+
+def supplier_matches(name: str | None, wanted: str, how: str = "exact") -> bool:
+    """Whether a TradeGecko supplier called ``name`` is the configured ``wanted`` one."""
+    if name is None:
+        return False
+    if how == "exact":
+        return name == wanted
+    folded, target = name.strip().casefold(), wanted.strip().casefold()
+    if how == "prefix":
+        return folded.startswith(target)
+    return folded == target
 
 
 def snapshot_of(po: PurchaseOrder, lines: list[PurchaseOrderLineItem]) -> PurchaseOrderSnapshot:
@@ -243,14 +347,22 @@ class KatanaPoller(_Poller):
         windowed = [so.updated_at for so in orders]
         if behind:
             orders += await self.client.list_sales_orders(ids=behind, include_deleted=True)
-        added = 0
-        for so in orders:
-            if so.id in followed:
-                added += await self._report(so, followed[so.id])
+        added = await self.report(orders, followed)
         await self._advance(self.so_cursor, so_since, windowed, ceiling)
         await self._advance(
             self.mo_cursor, mo_since, [mo.updated_at for mo in manufacturing], ceiling
         )
+        return added
+
+    async def report(self, orders: Sequence[KatanaSalesOrder], followed: dict[int, int]) -> int:
+        """Report the followed ones among ``orders`` (``followed``: SO id → link id).
+
+        Shared by the poll and the webhook consumer, under the same de-duplication keys.
+        """
+        added = 0
+        for so in orders:
+            if so.id in followed:
+                added += await self._report(so, followed[so.id])
         return added
 
     async def _advance(
@@ -293,6 +405,13 @@ def facts_of(so: KatanaSalesOrder) -> SalesOrderFacts:
             if row.linked_manufacturing_order_id is not None
         ),
         updated_at=so.updated_at,
+        rows=tuple(
+            SalesOrderRowFacts(
+                variant_id=row.variant_id, quantity=row.quantity, price=row.price_per_unit
+            )
+            for row in so.sales_order_rows
+            if row.deleted_at is None
+        ),
     )
 
 

@@ -39,6 +39,9 @@ DEFAULT_LOCATION_ID = 1
 OPEN_STATUSES = frozenset({"NOT_SHIPPED", "PENDING", "PARTIALLY_PACKED", "PACKED"})
 _MO_STATUSES = frozenset({"NOT_STARTED", "BLOCKED", "IN_PROGRESS", "PARTIALLY_COMPLETED", "DONE"})
 _SO_STATUSES = frozenset({"NOT_SHIPPED", "PENDING", "PACKED", "DELIVERED"})
+#: Computed by Katana from partial packing or delivery; clients cannot set them, people can
+#: bring them about (the control panel).
+_PARTIAL_STATUSES = frozenset({"PARTIALLY_PACKED", "PARTIALLY_DELIVERED"})
 _PRICE = Decimal("0.0000000001")
 _QTY = Decimal("0.00001")
 _ZERO = Decimal(0)
@@ -241,6 +244,13 @@ class KatanaWorld:
         self.counters: Counter[str] = Counter()
         self.orders_by_no: Counter[str] = Counter()
         self.requests: Counter[str] = Counter()
+        #: Currencies the account refuses on a sales order (a control-panel knob).
+        self.refused_currencies: set[str] = set()
+        #: The control panel's knob: the API key was revoked (every API call answers 401).
+        self.token_revoked = False
+        #: Told ``(action, object id, status)`` of every webhook event
+        #: (``sales_order.delivered``, ``manufacturing_order.done``, ...).
+        self.listeners: list[Callable[[str, int, str], None]] = []
         if seed_catalog:
             self._seed(material_stock)
 
@@ -254,6 +264,10 @@ class KatanaWorld:
             moment = self._last_stamp + timedelta(milliseconds=1)
         self._last_stamp = moment
         return moment
+
+    def _emit(self, action: str, object_id: int, status: str) -> None:
+        for listener in self.listeners:
+            listener(action, object_id, status)
 
     def _next_id(self, kind: str) -> int:
         return next(self._ids.setdefault(kind, itertools.count(1)))
@@ -495,6 +509,10 @@ class KatanaWorld:
         customer = self.customers.get(customer_id)
         if customer is None or customer.deleted_at is not None:
             raise SimError.invalid(".customer_id", "exists", "customer not found", id=customer_id)
+        if currency is not None and currency in self.refused_currencies:
+            raise SimError.invalid(
+                ".currency", "enum", f"currency {currency} is not enabled for this account"
+            )
         for index, row in enumerate(rows):
             variant = self.variants.get(row["variant_id"])
             if variant is None or variant.deleted_at is not None:
@@ -540,6 +558,7 @@ class KatanaWorld:
         self.sales_orders[so_id] = order
         self.counters["sales_orders_created"] += 1
         self.orders_by_no[order.order_no] += 1
+        self._emit("sales_order.created", order.id, order.status)
         return self.sales_order_dict(order)
 
     def get_sales_order(self, sales_order_id: int, *, include_deleted: bool = False) -> _SalesOrder:
@@ -660,11 +679,14 @@ class KatanaWorld:
                 order.extra[key] = changes[key]
         order.additional_info = changes.get("additional_info") or ""
         self._touch(order)
+        self._emit("sales_order.updated", order.id, order.status)
         return self.sales_order_dict(order)
 
-    def set_status(self, sales_order_id: int, status: str) -> dict[str, Any]:
+    def set_status(
+        self, sales_order_id: int, status: str, *, by_person: bool = False
+    ) -> dict[str, Any]:
         order = self.get_sales_order(sales_order_id)
-        if status not in _SO_STATUSES:
+        if status not in _SO_STATUSES and not (by_person and status in _PARTIAL_STATUSES):
             raise SimError.invalid(".status", "enum", f"unknown status {status}")
         if status == "DELIVERED" and order.status != "DELIVERED":
             self._move_stock(order, -1)
@@ -672,6 +694,10 @@ class KatanaWorld:
             self._move_stock(order, +1)
         order.status = status
         self._touch(order)
+        # A delivery fires both ``updated`` and ``delivered``, as Katana does.
+        self._emit("sales_order.updated", order.id, order.status)
+        if status in ("DELIVERED", "PACKED"):
+            self._emit(f"sales_order.{status.lower()}", order.id, order.status)
         return self.sales_order_dict(order)
 
     def deliver(self, sales_order_id: int) -> dict[str, Any]:
@@ -698,6 +724,7 @@ class KatanaWorld:
                 row.price_per_unit = Decimal(str(edit["price_per_unit"]))
             row.updated_at = stamp
         order.updated_at = stamp
+        self._emit("sales_order.updated", order.id, order.status)
         return self.sales_order_dict(order)
 
     def delete_sales_order(self, sales_order_id: int) -> None:
@@ -706,6 +733,7 @@ class KatanaWorld:
         order.deleted_at = order.updated_at = stamp
         for row in self._live_rows(order):
             row.deleted_at = row.updated_at = stamp
+        self._emit("sales_order.deleted", order.id, order.status)
 
     # -- manufacturing -----------------------------------------------------------------
 
@@ -757,6 +785,26 @@ class KatanaWorld:
         row.linked_manufacturing_order_id = mo.id
         row.updated_at = order.updated_at = stamp
         self.counters["manufacturing_orders_created"] += 1
+        self._emit("manufacturing_order.created", mo.id, mo.status)
+        self._emit("sales_order.updated", order.id, order.status)
+        return self.mo_dict(mo)
+
+    def unlink_mo(self, mo_id: int) -> dict[str, Any]:
+        """``POST /manufacturing_order_unlink``, or making the MO make-to-stock: the MO stays,
+        the sales order row no longer points at it."""
+        mo = self.get_mo(mo_id)
+        row = self.rows.get(mo.sales_order_row_id or 0)
+        stamp = self.now()
+        if row is not None and row.linked_manufacturing_order_id == mo.id:
+            row.linked_manufacturing_order_id = None
+            row.updated_at = stamp
+        order = self.sales_orders.get(mo.sales_order_id or 0)
+        mo.sales_order_id = mo.sales_order_row_id = None
+        mo.updated_at = stamp
+        self._emit("manufacturing_order.updated", mo.id, mo.status)
+        if order is not None:
+            order.updated_at = stamp
+            self._emit("sales_order.updated", order.id, order.status)
         return self.mo_dict(mo)
 
     def make_to_order_all(self, sales_order_id: int) -> list[dict[str, Any]]:
@@ -796,6 +844,9 @@ class KatanaWorld:
                 mo.started_at = self.now()
             mo.status = status
         self.touch_mo(mo)
+        self._emit("manufacturing_order.updated", mo.id, mo.status)
+        if mo.status in ("IN_PROGRESS", "BLOCKED", "DONE"):
+            self._emit(f"manufacturing_order.{mo.status.lower()}", mo.id, mo.status)
         return self.mo_dict(mo)
 
     def start_mo(self, mo_id: int) -> dict[str, Any]:

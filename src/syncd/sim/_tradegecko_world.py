@@ -208,6 +208,8 @@ class TradeGeckoWorld:
         self.procurements: dict[int, SimProcurement] = {}
         self._order_numbers = itertools.count(1)
         self.created_at = now
+        #: Told ``(event, object id)`` of every webhook event (``purchase_order.create``...).
+        self.listeners: list[Callable[[str, int], None]] = []
         if seed_catalog:
             for material in MATERIALS:
                 self.add_variant(material.sku, material.name, material.purchase_price)
@@ -222,6 +224,12 @@ class TradeGeckoWorld:
             if currency.iso == iso.upper():
                 return currency
         raise Refused("currency", f"{iso!r} is not a currency of this account")
+
+    def add_company(self, name: str, company_type: str = "supplier") -> SimCompany:
+        """A person adds a company (e.g. a second supplier named like the first)."""
+        company = SimCompany(self._next_id(), name, company_type)
+        self.companies[company.id] = company
+        return company
 
     def company_by_name(self, name: str) -> SimCompany:
         for company in self.companies.values():
@@ -292,7 +300,12 @@ class TradeGeckoWorld:
         self.purchase_orders[order.id] = order
         for spec in lines:
             self._add_line(order, spec, when)
+        self._emit("purchase_order.create", order.id)
         return order
+
+    def _emit(self, event: str, object_id: int) -> None:
+        for listener in self.listeners:
+            listener(event, object_id)
 
     def _add_line(self, order: SimPurchaseOrder, spec: Json, when: datetime) -> SimLineItem:
         freeform = bool(spec.get("freeform", False))
@@ -418,6 +431,8 @@ class TradeGeckoWorld:
         order.procurement_status = "procured"
         order.received_at = now
         order.updated_at = now
+        self._emit("procurement.create", procurement.id)
+        self._emit("purchase_order.received", order.id)
         return procurement
 
     @staticmethod

@@ -30,6 +30,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from syncd.sim._katana_world import KatanaWorld, SimError
+from syncd.sim.faults import Faults, install_faults
+from syncd.sim.webhooks import Subscription, WebhookSender, katana_sender, new_token
 
 __all__ = ["API_PREFIX", "KatanaWorld", "RateLimiter", "create_app", "run"]
 
@@ -173,6 +175,13 @@ class _MakeToOrder(_Body):
 
 
 # control bodies
+
+
+class _CreateWebhook(_Body):
+    url: str
+    subscribed_events: list[str]
+    enabled: bool = True
+    description: str | None = None
 
 
 class _SetStatus(_Body):
@@ -571,6 +580,10 @@ async def _sim_start(request: Request, world: KatanaWorld) -> Any:
     return world.start_mo(int(request.path_params["id"]))
 
 
+async def _sim_unlink(request: Request, world: KatanaWorld) -> Any:
+    return world.unlink_mo(int(request.path_params["id"]))
+
+
 async def _sim_finish(request: Request, world: KatanaWorld) -> Any:
     return world.finish_mo(int(request.path_params["id"]))
 
@@ -581,7 +594,7 @@ async def _sim_deliver(request: Request, world: KatanaWorld) -> Any:
 
 async def _sim_status(request: Request, world: KatanaWorld) -> Any:
     body = await _body(request, _SetStatus)
-    return world.set_status(int(request.path_params["id"]), body.status)
+    return world.set_status(int(request.path_params["id"]), body.status, by_person=True)
 
 
 async def _sim_sales_order(request: Request, world: KatanaWorld) -> Any:
@@ -603,8 +616,98 @@ async def _sim_product(request: Request, world: KatanaWorld) -> Any:
     )
 
 
+async def _sim_variant(request: Request, world: KatanaWorld) -> Any:
+    """A person deletes a variant (its SKU then lives only on a deleted record)."""
+    world.delete_variant(int(request.path_params["id"]))
+    return Response(status_code=204)
+
+
+async def _sim_currency(request: Request, world: KatanaWorld) -> Any:
+    """``POST``: the account refuses sales orders in this currency; ``DELETE``: accepts again."""
+    iso = str(request.path_params["iso"]).upper()
+    if request.method == "DELETE":
+        world.refused_currencies.discard(iso)
+    else:
+        world.refused_currencies.add(iso)
+    return {"refused_currencies": sorted(world.refused_currencies)}
+
+
+async def _sim_token(request: Request, world: KatanaWorld) -> Any:
+    """``{"revoked": true}`` revokes the API key (401 everywhere); ``false`` restores it."""
+    body = await request.json() if await request.body() else {}
+    world.token_revoked = bool(body.get("revoked", True)) if isinstance(body, dict) else True
+    return {"revoked": world.token_revoked}
+
+
 async def _counters(request: Request, world: KatanaWorld) -> Any:
-    return world.counter_report()
+    report = world.counter_report()
+    report["faults_injected"] = dict(request.app.state.faults.injected)
+    return report
+
+
+# -- webhooks -----------------------------------------------------------------------------
+
+
+def _webhook_dict(sub: Subscription) -> dict[str, Any]:
+    stamp = sub.created_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    data: dict[str, Any] = {
+        "id": sub.id,
+        "url": sub.url,
+        "token": sub.token,
+        "enabled": sub.enabled,
+        "subscribed_events": sub.events,
+        "created_at": stamp,
+        "updated_at": stamp,
+    }
+    if sub.description is not None:
+        data["description"] = sub.description
+    return data
+
+
+def _webhook_handlers(sender: WebhookSender) -> tuple[Handler, Handler]:
+    """``/v1/webhooks`` (list, create) and ``/_sim/webhooks`` (the sender's knobs)."""
+
+    async def webhooks(request: Request, world: KatanaWorld) -> Any:
+        if request.method == "POST":
+            body = await _body(request, _CreateWebhook)
+            if not body.url.startswith("https://"):
+                raise SimError.invalid(".url", "pattern", 'must match pattern "^https://.*$"')
+            sub = sender.subscribe(
+                body.url, body.subscribed_events, token=new_token(), description=body.description
+            )
+            sub.enabled = body.enabled
+            return _webhook_dict(sub)
+        records = [_webhook_dict(s) for s in reversed(sender.subscriptions.values())]
+        return _paged(request, records)
+
+    async def knobs(request: Request, world: KatanaWorld) -> Any:
+        if request.method == "POST":
+            try:
+                sender.set_knobs(msgspec.json.decode(await request.body() or b"{}"))
+            except (ValueError, TypeError, AttributeError, msgspec.DecodeError) as exc:
+                raise SimError.invalid(".", "knob", str(exc)) from None
+        return sender.knobs()
+
+    return webhooks, knobs
+
+
+def _publisher(sender: WebhookSender) -> Callable[[str, int, str], None]:
+    def publish(action: str, object_id: int, status: str) -> None:
+        resource = action.split(".", 1)[0]
+        thing: dict[str, Any] = {"id": str(object_id), "status": status}
+        if not action.endswith(".deleted"):
+            thing["href"] = f"https://api.katanamrp.com/v1/{resource}s/{object_id}"
+        sender.publish(
+            action,
+            lambda sub: {
+                "resource_type": resource,
+                "action": action,
+                "webhook_id": sub.id,
+                "object": thing,
+            },
+        )
+
+    return publish
 
 
 # -- wiring -------------------------------------------------------------------------------
@@ -623,22 +726,28 @@ def create_app(
     *,
     token: str = "katana-sim-token",
     rate_limit: tuple[int, float] | None = (60, 60.0),
+    faults: Faults | None = None,
 ) -> Starlette:
     """The simulator as an ASGI app; the world is on ``app.state.world``.
 
     :param world: the account's state; a fresh demo workshop when omitted.
     :param token: the one API key the simulator accepts.
     :param rate_limit: ``(requests, seconds)`` per token, or ``None`` for no limit.
+    :param faults: faults to inject from the start (see :mod:`syncd.sim.faults`); they can
+        be changed at any time through ``/_sim/faults``.
     """
     state = world if world is not None else KatanaWorld()
     limiter = RateLimiter(*rate_limit) if rate_limit is not None else None
+    sender = katana_sender()
+    state.listeners.append(_publisher(sender))
+    webhooks, webhook_knobs = _webhook_handlers(sender)
 
     def api(template: str, handler: Handler, methods: list[str]) -> Route:
         async def endpoint(request: Request) -> Response:
             state.requests[f"{request.method} {template}"] += 1
             auth = request.headers.get("Authorization", "")
             scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or given.strip() != token:
+            if scheme.lower() != "bearer" or given.strip() != token or state.token_revoked:
                 return _error(SimError(401, "UnauthorizedError", "Unauthorized"))
             headers: dict[str, str] = {}
             if limiter is not None:
@@ -683,22 +792,33 @@ def create_app(
         api("/manufacturing_orders/{id:int}", _manufacturing_order, ["PATCH"]),
         api("/manufacturing_order_make_to_order", _make_to_order, ["POST"]),
         api("/inventory", _inventory, ["GET"]),
+        api("/webhooks", webhooks, ["GET", "POST"]),
     ]
     control_routes: list[BaseRoute] = [
+        control("/webhooks", webhook_knobs, ["GET", "POST"]),
         control("/state", _state, ["GET"]),
         control("/counters", _counters, ["GET"]),
         control("/products", _sim_product, ["POST"]),
+        control("/variants/{id:int}", _sim_variant, ["DELETE"]),
+        control("/refused_currencies/{iso}", _sim_currency, ["POST", "DELETE"]),
+        control("/token", _sim_token, ["POST"]),
         control("/sales_orders/{id:int}/make_to_order", _sim_make_to_order, ["POST"]),
         control("/sales_orders/{id:int}/deliver", _sim_deliver, ["POST"]),
         control("/sales_orders/{id:int}/status", _sim_status, ["POST"]),
         control("/sales_orders/{id:int}", _sim_sales_order, ["PATCH", "DELETE"]),
         control("/manufacturing_orders/{id:int}/start", _sim_start, ["POST"]),
         control("/manufacturing_orders/{id:int}/finish", _sim_finish, ["POST"]),
+        control("/manufacturing_orders/{id:int}/unlink", _sim_unlink, ["POST"]),
     ]
     app = Starlette(
         routes=[Mount(API_PREFIX, routes=api_routes), Mount("/_sim", routes=control_routes)]
     )
     app.state.world = state
+    #: Run ``app.state.webhooks.run()`` next to the served app to send webhooks.
+    app.state.webhooks = sender
+    install_faults(
+        app, "katana", faults, api_prefix=API_PREFIX, rate_limit=rate_limit[0] if rate_limit else 60
+    )
     return app
 
 
@@ -709,13 +829,15 @@ async def run(
     rate_limit: bool = True,
     play_factory: bool = False,
     token: str = "katana-sim-token",
+    faults: Faults | None = None,
 ) -> None:
     """Serve the simulator until cancelled; with ``play_factory`` the workshop works too."""
     from syncd.ops.asgi import serving
     from syncd.sim.factory import play_factory as player
 
-    app = create_app(token=token, rate_limit=(60, 60.0) if rate_limit else None)
+    app = create_app(token=token, rate_limit=(60, 60.0) if rate_limit else None, faults=faults)
     async with serving(app, host, port) as url, anyio.create_task_group() as tg:
+        tg.start_soon(app.state.webhooks.run)
         if play_factory:
             tg.start_soon(player, url)
         await anyio.sleep_forever()

@@ -34,6 +34,7 @@ from starlette.routing import Route
 
 from syncd.ops.asgi import serve
 from syncd.sim._tradegecko_world import Refused, TradeGeckoWorld, parse_time
+from syncd.sim.faults import Faults, install_faults
 
 __all__ = ["DEFAULT_TOKEN", "TradeGeckoWorld", "create_app", "run"]
 
@@ -121,6 +122,8 @@ class _Simulator:
         self.responses_429 = 0
         self.receipts: Counter[int] = Counter()
         self.price_updates = 0
+        #: The control panel's knob: the token was revoked (every API call answers 401).
+        self.revoked = False
 
     # -- the API's frame: request id, auth, rate limit, idempotency, errors -------------
 
@@ -136,7 +139,7 @@ class _Simulator:
 
     async def _answer(self, request: Request, body: bytes, handler: Handler) -> Response:
         auth = request.headers.get("Authorization", "")
-        if auth != f"Bearer {self.token}":
+        if auth != f"Bearer {self.token}" or self.revoked:
             return _json(
                 {"type": "Unauthorized", "message": "Invalid or missing access token"}, 401
             )
@@ -341,9 +344,10 @@ class _Simulator:
             for part in value.split(",")
         }
         if "purchase_order_line_items" in include:
+            # Assumed (unverified): a side-load carries at most one page of records.
             data["purchase_order_line_items"] = [
                 self.world.render_line_item(line) for line in self.world.lines_of(order)
-            ]
+            ][:MAX_LIMIT]
         return _json(data)
 
     async def line_items(self, request: Request, body: bytes) -> Response:
@@ -484,6 +488,19 @@ class _Simulator:
         )
         return _json({"variant": self.world.render_variant(variant)}, 201)
 
+    async def sim_create_company(self, request: Request, body: bytes) -> Response:
+        data = self._payload(body)
+        name = data.get("name")
+        if not isinstance(name, str) or not name:
+            raise _BadRequest("name is required")
+        company = self.world.add_company(name, str(data.get("company_type", "supplier")))
+        return _json({"company": self.world.render_company(company)}, 201)
+
+    async def sim_token(self, request: Request, body: bytes) -> Response:
+        """``{"revoked": true}`` revokes the token (401 everywhere); ``false`` restores it."""
+        self.revoked = bool(self._payload(body).get("revoked", True))
+        return _json({"revoked": self.revoked})
+
     async def sim_counters(self, request: Request, body: bytes) -> Response:
         return _json(
             {
@@ -492,6 +509,7 @@ class _Simulator:
                 "price_updates": self.price_updates,
                 "requests": dict(self.requests),
                 "responses_429": self.responses_429,
+                "faults_injected": dict(request.app.state.faults.injected),
             }
         )
 
@@ -501,12 +519,15 @@ def create_app(
     *,
     token: str = DEFAULT_TOKEN,
     rate_limit: tuple[int, float] | None = (300, 300.0),
+    faults: Faults | None = None,
 ) -> Starlette:
     """The simulator as an ASGI app.
 
     :param world: the account's state; a freshly seeded one by default.
     :param token: the only bearer token accepted.
     :param rate_limit: ``(requests, seconds)`` per fixed window, or None for no limit.
+    :param faults: faults to inject from the start (see :mod:`syncd.sim.faults`); they can
+        be changed at any time through ``/_sim/faults``.
     """
     sim = _Simulator(world if world is not None else TradeGeckoWorld(), token, rate_limit)
     routes = [
@@ -523,7 +544,9 @@ def create_app(
         sim.control("PATCH", "/_sim/purchase_orders/{id:int}", sim.sim_edit_order),
         sim.control("DELETE", "/_sim/purchase_orders/{id:int}", sim.sim_delete_order),
         sim.control("POST", "/_sim/variants", sim.sim_create_variant),
+        sim.control("POST", "/_sim/companies", sim.sim_create_company),
         sim.control("GET", "/_sim/counters", sim.sim_counters),
+        sim.control("POST", "/_sim/token", sim.sim_token),
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -532,9 +555,13 @@ def create_app(
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
     app.state.world = sim.world
+    install_faults(app, "tradegecko", faults, rate_limit=rate_limit[0] if rate_limit else 300)
     return app
 
 
-async def run(host: str, port: int, *, rate_limit: bool = True) -> None:
+async def run(
+    host: str, port: int, *, rate_limit: bool = True, faults: Faults | None = None
+) -> None:
     """Serve a freshly seeded simulator until cancelled."""
-    await serve(create_app(rate_limit=(300, 300.0) if rate_limit else None), host, port)
+    app = create_app(rate_limit=(300, 300.0) if rate_limit else None, faults=faults)
+    await serve(app, host, port)

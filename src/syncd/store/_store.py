@@ -121,6 +121,9 @@ class Store:
                 db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
             else:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # Try the file plainly first: an aiosqlite connect that fails leaves its
+                # worker thread racing the event loop's shutdown (a traceback at exit).
+                await anyio.to_thread.run_sync(_probe, path)
                 db = await aiosqlite.connect(path, isolation_level=None)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from None
@@ -198,6 +201,26 @@ class Store:
         async with self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
             row = await cur.fetchone()
         return None if row is None else str(row[0])
+
+    async def set_meta(self, key: str, value: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    async def meta_with_prefix(self, prefix: str) -> dict[str, str]:
+        """Every meta key starting with ``prefix`` (without it) and its value."""
+        async with self._db.execute(
+            "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+        ) as cur:
+            rows = await cur.fetchall()
+        return {str(r[0])[len(prefix) :]: str(r[1]) for r in rows}
+
+    async def delete_meta(self, key: str) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM meta WHERE key = ?", (key,))
 
     async def setdefault_meta(self, key: str, value: str) -> str:
         """Set ``key`` unless it is set; return the value in force."""
@@ -550,6 +573,10 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return [TransitionRecord(*r) for r in rows]
+
+
+def _probe(path: str) -> None:
+    sqlite3.connect(path).close()
 
 
 def _why_unwritable(path: str) -> str:

@@ -16,10 +16,12 @@ from syncd.adapters.katana.models import (
     NewSalesOrder,
     NewSalesOrderRow,
     NewVariant,
+    NewWebhook,
     Product,
     SalesOrder,
     SalesOrderRow,
     Variant,
+    Webhook,
     encode_request,
 )
 
@@ -36,10 +38,12 @@ __all__ = [
     "NewSalesOrder",
     "NewSalesOrderRow",
     "NewVariant",
+    "NewWebhook",
     "Product",
     "SalesOrder",
     "SalesOrderRow",
     "Variant",
+    "Webhook",
     "encode_request",
     "format_time",
 ]

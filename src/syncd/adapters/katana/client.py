@@ -29,10 +29,12 @@ from syncd.adapters.katana.models import (
     NewProduct,
     NewSalesOrder,
     NewVariant,
+    NewWebhook,
     Product,
     SalesOrder,
     SalesOrderRow,
     Variant,
+    Webhook,
     encode_request,
 )
 
@@ -286,3 +288,22 @@ class KatanaClient(ServiceClient):
         if not variant_ids:
             return []
         return await self._get_chunked("/inventory", InventoryRecord, "variant_id", variant_ids, {})
+
+    # -- webhooks ----------------------------------------------------------------------
+
+    async def list_webhooks(self) -> list[Webhook]:
+        """Every webhook subscription of the account."""
+        return await self._get_all("/webhooks", Webhook)
+
+    async def create_webhook(
+        self, url: str, events: Sequence[str], *, description: str | None = None
+    ) -> Webhook:
+        """Subscribe ``url`` (``https://``) to ``events``; the answer carries the token.
+
+        Not retried: list the webhooks first.
+        """
+        body = encode_request(
+            NewWebhook(url=url, subscribed_events=list(events), description=description)
+        )
+        response = await self.request("POST", "/webhooks", body=body)
+        return self._decode("POST", "/webhooks", response, Webhook)

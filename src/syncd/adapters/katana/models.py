@@ -27,10 +27,12 @@ __all__ = [
     "NewSalesOrder",
     "NewSalesOrderRow",
     "NewVariant",
+    "NewWebhook",
     "Product",
     "SalesOrder",
     "SalesOrderRow",
     "Variant",
+    "Webhook",
     "encode_request",
 ]
 
@@ -154,6 +156,17 @@ class InventoryRecord(msgspec.Struct, kw_only=True):
     quantity_in_stock: Decimal | None = None
 
 
+class Webhook(msgspec.Struct, kw_only=True):
+    """A webhook subscription; ``token`` keys the ``X-Sha2-Signature`` of its deliveries."""
+
+    id: int
+    url: str
+    token: str | None = None
+    enabled: bool = True
+    subscribed_events: list[str] = []
+    description: str | None = None
+
+
 class ListEnvelope(msgspec.Struct, Generic[T]):
     """Katana's list envelope ``{"data": [...]}``."""
 
@@ -204,6 +217,15 @@ class NewProduct(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     name: str
     variants: list[NewVariant]
+
+
+class NewWebhook(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The body of ``POST /webhooks``; Katana wants an ``https://`` URL."""
+
+    url: str
+    subscribed_events: list[str]
+    enabled: bool = True
+    description: str | None = None
 
 
 _ENCODER = msgspec.json.Encoder(decimal_format="number")

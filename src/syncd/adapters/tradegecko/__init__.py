@@ -20,6 +20,9 @@ from syncd.adapters.tradegecko.models import (
     Variant,
     VariantEnvelope,
     VariantList,
+    Webhook,
+    WebhookEnvelope,
+    WebhookList,
     WebhookNotification,
 )
 
@@ -44,5 +47,8 @@ __all__ = [
     "Variant",
     "VariantEnvelope",
     "VariantList",
+    "Webhook",
+    "WebhookEnvelope",
+    "WebhookList",
     "WebhookNotification",
 ]

@@ -38,6 +38,9 @@ from syncd.adapters.tradegecko.models import (
     PurchaseOrderList,
     Variant,
     VariantList,
+    Webhook,
+    WebhookEnvelope,
+    WebhookList,
 )
 
 __all__ = ["PAGE_LIMIT", "TradeGeckoClient"]
@@ -272,6 +275,11 @@ class TradeGeckoClient(ServiceClient):
             for line in envelope.purchase_order_line_items
             if line.purchase_order_id == envelope.purchase_order.id
         ]
+        wanted = set(envelope.purchase_order.purchase_order_line_item_ids)
+        if wanted - {line.id for line in lines}:
+            # A side-load may be cut short (assumed at one page of 250, unverified): page
+            # through the lines instead.
+            lines = await self.list_purchase_order_line_items(purchase_order_id)
         return envelope.purchase_order, lines
 
     async def list_purchase_order_line_items(
@@ -321,3 +329,15 @@ class TradeGeckoClient(ServiceClient):
             template=template,
         )
         return self._decode(response, ProcurementEnvelope, "POST", template).procurement
+
+    # -- webhooks ----------------------------------------------------------------------
+
+    async def list_webhooks(self) -> list[Webhook]:
+        """Every webhook subscription of the OAuth application."""
+        return await self._list_all("/webhooks", WebhookList, "webhooks", {})
+
+    async def create_webhook(self, address: str, event: str) -> Webhook:
+        """Subscribe ``address`` to one ``event``. Not retried: list the webhooks first."""
+        body = json.dumps({"webhook": {"address": address, "event": event}}).encode()
+        response = await self.request("POST", "/webhooks", body=body)
+        return self._decode(response, WebhookEnvelope, "POST", "/webhooks").webhook

@@ -42,6 +42,9 @@ __all__ = [
     "Variant",
     "VariantEnvelope",
     "VariantList",
+    "Webhook",
+    "WebhookEnvelope",
+    "WebhookList",
     "WebhookNotification",
 ]
 
@@ -154,6 +157,16 @@ class WebhookNotification(msgspec.Struct, kw_only=True, frozen=True):
     resource_url: str | None = None
 
 
+class Webhook(msgspec.Struct, kw_only=True, frozen=True):
+    """A webhook subscription: one ``event`` delivered to ``address``."""
+
+    id: int
+    address: str
+    event: str
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
 # -- envelopes -------------------------------------------------------------------------
 
 
@@ -207,4 +220,13 @@ class ProcurementEnvelope(msgspec.Struct, kw_only=True, frozen=True):
 class ProcurementList(msgspec.Struct, kw_only=True, frozen=True):
     procurements: list[Procurement]
     purchase_order_line_items: list[PurchaseOrderLineItem] = []
+    meta: ListMeta | None = None
+
+
+class WebhookEnvelope(msgspec.Struct, kw_only=True, frozen=True):
+    webhook: Webhook
+
+
+class WebhookList(msgspec.Struct, kw_only=True, frozen=True):
+    webhooks: list[Webhook]
     meta: ListMeta | None = None

@@ -1,0 +1,490 @@
+"""Webhook listeners: near-instant sync from TradeGecko's and Katana's notifications.
+
+A delivery is a *source*, like a poll: the listener verifies it (signature, path token, size,
+shape), writes it to the inbox as a ``webhook_received`` row and only then answers 2xx, so
+that an acknowledged delivery survives a crash. The :class:`WebhookConsumer` then re-fetches
+the object it names (payloads are thin and may be stale, duplicated or out of order) and
+writes the very events the pollers write, under the same de-duplication keys: a webhook and
+a poll of one change count once. The pollers stay as reconciliation for whatever a webhook
+misses, at :attr:`~syncd.config.WebhooksConfig.reconcile_interval` while webhooks are
+healthy.
+
+Answers: bad signature 401, unknown Katana path token 404, malformed body 400, body over
+``max_body_bytes`` 413, unknown event 200 (logged, not stored). Nothing rejected reaches
+the inbox.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import anyio
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from syncd.adapters.katana import KatanaClient
+from syncd.adapters.tradegecko import TradeGeckoClient
+from syncd.config import Config
+from syncd.errors import ConfigError, NotFound, SyncdError
+from syncd.ops.asgi import bind_socket, serving_socket
+from syncd.runtime import inbox
+from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
+from syncd.store import InboxEvent, Store
+
+__all__ = [
+    "KATANA_EVENTS",
+    "TRADEGECKO_EVENTS",
+    "WebhookConsumer",
+    "WebhookKeys",
+    "WebhookListener",
+    "create_webhook_app",
+    "katana_signature",
+    "register_webhooks",
+    "tradegecko_signature",
+]
+
+log = logging.getLogger("syncd.webhooks")
+
+TRADEGECKO_EVENTS = ("purchase_order.create", "purchase_order.received", "procurement.create")
+#: The Katana events that can move a link: its sales order, and the MOs behind it.
+KATANA_EVENTS = (
+    "sales_order.created",
+    "sales_order.updated",
+    "sales_order.deleted",
+    "sales_order.packed",
+    "sales_order.delivered",
+    "manufacturing_order.created",
+    "manufacturing_order.updated",
+    "manufacturing_order.deleted",
+    "manufacturing_order.in_progress",
+    "manufacturing_order.blocked",
+    "manufacturing_order.done",
+)
+TRADEGECKO_PATH = "/webhooks/tradegecko"
+KATANA_PATH = "/webhooks/katana"
+_META_KATANA_TOKEN = "webhooks.katana_token"
+_META_PATH_TOKEN = "webhooks.path_token"
+#: How often a raw delivery is tried before it is set aside (the poller reconciles it).
+_ATTEMPTS = 5
+
+
+def tradegecko_signature(secret: str, body: bytes) -> str:
+    """``X-Gecko-Signature``: Base64 of HMAC-SHA256 of the raw body, keyed with the secret."""
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+def katana_signature(token: str, body: bytes) -> str:
+    """``X-Sha2-Signature``: hex HMAC-SHA256 of the raw body, keyed by the webhook's token.
+
+    *Unverified* whether Katana prefixes ``sha256=``; the listener accepts both.
+    """
+    return hmac.new(token.encode(), body, hashlib.sha256).hexdigest()
+
+
+@dataclass
+class WebhookKeys:
+    """What verifies deliveries; the Katana tokens grow when registration creates one."""
+
+    tradegecko_secret: str
+    path_token: str
+    katana_tokens: set[str] = field(default_factory=set)
+
+    def tradegecko_ok(self, body: bytes, header: str | None) -> bool:
+        if not header or not self.tradegecko_secret:
+            return False
+        expected = tradegecko_signature(self.tradegecko_secret, body)
+        return hmac.compare_digest(expected.encode(), header.strip().encode())
+
+    def katana_ok(self, body: bytes, header: str | None) -> bool:
+        if not header:
+            return False
+        given = header.strip().lower().removeprefix("sha256=").encode()
+        # Every token is compared, so timing says nothing about which one matched.
+        matches = [
+            hmac.compare_digest(katana_signature(token, body).encode(), given)
+            for token in sorted(self.katana_tokens)
+        ]
+        return any(matches)
+
+    def path_ok(self, token: str) -> bool:
+        return hmac.compare_digest(token.encode(), self.path_token.encode())
+
+
+class _TradeGeckoBody(msgspec.Struct, kw_only=True):
+    object_id: int
+    event: str
+    timestamp: int | None = None
+    resource_url: str | None = None
+
+
+class _KatanaObject(msgspec.Struct, kw_only=True):
+    id: int | str
+    status: str | None = None
+    href: str | None = None
+
+
+class _KatanaBody(msgspec.Struct, kw_only=True):
+    resource_type: str
+    action: str
+    webhook_id: int | None = None
+    object: _KatanaObject
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _answer(status: int, message: str) -> Response:
+    return JSONResponse({"status": message}, status)
+
+
+def create_webhook_app(
+    store: Store,
+    keys: WebhookKeys,
+    *,
+    max_body_bytes: int,
+    on_received: Callable[[], None],
+    health: Callable[[], dict[str, object]] | None = None,
+) -> Starlette:
+    """The listener's ASGI app: ``POST /webhooks/tradegecko``,
+    ``POST /webhooks/katana/{path token}``, ``GET /healthz``."""
+
+    async def persist(received: inbox.WebhookReceived, dedup_key: str | None) -> Response:
+        event_id = await store.add_event(
+            received.service,
+            inbox.WEBHOOK_RECEIVED,
+            inbox.encode(received),
+            dedup_key=dedup_key,
+        )
+        if event_id is None:
+            log.info("duplicate %s delivery %s", received.service, received.delivery_id)
+            return _answer(200, "duplicate")
+        on_received()
+        return _answer(200, "accepted")
+
+    async def tradegecko(request: Request) -> Response:
+        try:
+            body = await _read_body(request, max_body_bytes)
+        except _TooLarge:
+            return _answer(413, "body too large")
+        if not keys.tradegecko_ok(body, request.headers.get("x-gecko-signature")):
+            log.warning("TradeGecko delivery with a bad or missing signature refused")
+            return _answer(401, "bad signature")
+        delivery = request.headers.get("x-gecko-delivery", "").strip()
+        try:
+            note = msgspec.json.decode(body, type=_TradeGeckoBody)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return _answer(400, f"malformed body: {exc}")
+        if not delivery:
+            return _answer(400, "no X-Gecko-Delivery")
+        if note.event not in TRADEGECKO_EVENTS:
+            log.info("TradeGecko event %s ignored", note.event)
+            return _answer(200, "ignored")
+        received = inbox.WebhookReceived(
+            service="tradegecko",
+            event=note.event,
+            resource_type=note.event.split(".", 1)[0],
+            object_id=note.object_id,
+            delivery_id=delivery,
+        )
+        return await persist(received, f"webhook:tradegecko:{delivery}")
+
+    async def katana(request: Request) -> Response:
+        if not keys.path_ok(str(request.path_params["token"])):
+            return _answer(404, "not found")
+        try:
+            body = await _read_body(request, max_body_bytes)
+        except _TooLarge:
+            return _answer(413, "body too large")
+        if not keys.katana_ok(body, request.headers.get("x-sha2-signature")):
+            log.warning("Katana delivery with a bad or missing signature refused")
+            return _answer(401, "bad signature")
+        try:
+            note = msgspec.json.decode(body, type=_KatanaBody)
+            object_id = int(note.object.id)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            return _answer(400, f"malformed body: {exc}")
+        if note.action not in KATANA_EVENTS:
+            log.info("Katana event %s ignored", note.action)
+            return _answer(200, "ignored")
+        retry = request.headers.get("x-katana-retry-num", "")
+        received = inbox.WebhookReceived(
+            service="katana",
+            event=note.action,
+            resource_type=note.action.split(".", 1)[0],
+            object_id=object_id,
+            retry=int(retry) if retry.isdigit() else None,
+        )
+        # No event id: the consumer coalesces duplicates and re-fetches before acting.
+        return await persist(received, None)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", **(health() if health else {})})
+
+    return Starlette(
+        routes=[
+            Route(TRADEGECKO_PATH, tradegecko, methods=["POST"]),
+            Route(KATANA_PATH + "/{token}", katana, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ]
+    )
+
+
+class WebhookConsumer:
+    """Turns persisted deliveries into the pollers' events, re-fetching each object once."""
+
+    def __init__(
+        self,
+        store: Store,
+        tradegecko_poller: TradeGeckoPoller,
+        katana_poller: KatanaPoller,
+        wake: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.tradegecko_poller = tradegecko_poller
+        self.katana_poller = katana_poller
+        self._wake_dispatcher = wake
+        self._kick = anyio.Event()
+        self._failures: dict[int, int] = {}
+
+    def wake(self) -> None:
+        """Tell the consumer a delivery was persisted."""
+        self._kick.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.drain()
+            except SyncdError as exc:
+                log.warning("webhook deliveries not processed yet: %s", exc)
+                await anyio.sleep(1.0)
+            with anyio.move_on_after(1.0):
+                await self._kick.wait()
+            self._kick = anyio.Event()
+
+    async def drain(self) -> int:
+        """Process every persisted delivery; returns how many."""
+        total = 0
+        while events := await self.store.pending_events(kinds=inbox.WEBHOOK_KINDS):
+            await self._process(events)
+            total += len(events)
+        return total
+
+    async def _process(self, events: list[InboxEvent]) -> None:
+        by_object: dict[tuple[str, int], list[int]] = {}
+        for event in events:
+            try:
+                note = inbox.decode(event.kind, event.payload)
+            except (KeyError, msgspec.DecodeError) as exc:
+                await self.store.mark_processed(event.id, f"unreadable: {exc}")
+                continue
+            assert isinstance(note, inbox.WebhookReceived)
+            by_object.setdefault((note.resource_type, note.object_id), []).append(event.id)
+        added = 0
+        for (resource, object_id), ids in by_object.items():
+            try:
+                outcome, count = await self._refetch(resource, object_id)
+            except NotFound:
+                outcome, count = "gone", 0
+            except SyncdError as exc:
+                attempts = max(self._failures.get(i, 0) for i in ids) + 1
+                if attempts < _ATTEMPTS:
+                    for event_id in ids:
+                        self._failures[event_id] = attempts
+                    raise
+                outcome, count = f"failed (the poller reconciles): {exc}", 0
+            added += count
+            for event_id in ids:
+                self._failures.pop(event_id, None)
+                # Duplicates of one object in this batch share one re-fetch.
+                await self.store.mark_processed(event_id, outcome)
+        if added:
+            self._wake_dispatcher()
+
+    async def _refetch(self, resource: str, object_id: int) -> tuple[str, int]:
+        if resource == "purchase_order":
+            return await self._purchase_order(object_id)
+        if resource == "procurement":
+            # A receipt: the poll reads the PO's new state.
+            self.tradegecko_poller.kick.set()
+            return "poll asked", 0
+        if resource == "manufacturing_order":
+            client = self.katana_poller.client
+            orders = await client.list_manufacturing_orders(ids=[object_id], include_deleted=True)
+            so_ids = {mo.sales_order_id for mo in orders if mo.sales_order_id is not None}
+            return await self._sales_orders(so_ids)
+        if resource == "sales_order":
+            return await self._sales_orders({object_id})
+        return f"nothing to do for {resource}", 0
+
+    async def _purchase_order(self, po_id: int) -> tuple[str, int]:
+        poller = self.tradegecko_poller
+        po, lines = await poller.client.get_purchase_order(po_id)
+        if po.company_id not in await poller.supplier_ids():
+            return "another supplier", 0
+        linked = bool(await self.store.linked_po_ids([po.id]))
+        added = await poller.consider(po, linked=linked, lines=lines)
+        return ("new event" if added else "nothing new"), added
+
+    async def _sales_orders(self, so_ids: Iterable[int]) -> tuple[str, int]:
+        poller = self.katana_poller
+        followed = await self.store.so_ids_in_states(poller.followed_states)
+        wanted = sorted(i for i in so_ids if i in followed)
+        if not wanted:
+            return "not followed", 0
+        orders = await poller.client.list_sales_orders(ids=wanted, include_deleted=True)
+        added = await poller.report(orders, followed)
+        return ("new event" if added else "nothing new"), added
+
+
+async def register_webhooks(
+    store: Store,
+    katana: KatanaClient,
+    tradegecko: TradeGeckoClient,
+    base_url: str,
+    keys: WebhookKeys,
+) -> None:
+    """Make sure both services send to ``base_url``: list, then create only what is missing.
+
+    Katana's returned token is kept in the database and added to ``keys``.
+
+    :raises ApiError: a service refused or could not be reached.
+    """
+    base = base_url.rstrip("/")
+    tg_url = base + TRADEGECKO_PATH
+    present = {hook.event for hook in await tradegecko.list_webhooks() if hook.address == tg_url}
+    for event in TRADEGECKO_EVENTS:
+        if event not in present:
+            await tradegecko.create_webhook(tg_url, event)
+            log.info("TradeGecko webhook %s registered", event)
+    kt_url = f"{base}{KATANA_PATH}/{keys.path_token}"
+    if not kt_url.startswith("https://"):
+        log.error("Katana sends webhooks only to https:// addresses; %s is not", base)
+        return
+    mine = [hook for hook in await katana.list_webhooks() if hook.url == kt_url]
+    if mine:
+        missing = set(KATANA_EVENTS) - set(mine[0].subscribed_events)
+        if missing:
+            log.warning("the Katana webhook lacks %s: add them in Katana", sorted(missing))
+        token = mine[0].token
+    else:
+        created = await katana.create_webhook(kt_url, KATANA_EVENTS, description="syncd")
+        token = created.token
+        log.info("Katana webhook registered", extra={"webhook_id": created.id})
+    if token:
+        keys.katana_tokens.add(token)
+        await store.set_meta(_META_KATANA_TOKEN, token)
+
+
+class WebhookListener:
+    """The listener served inside the daemon's task group, its keys and its health."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        katana: KatanaClient,
+        tradegecko: TradeGeckoClient,
+        consumer: WebhookConsumer,
+        on_healthy: Callable[[bool], None],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.katana = katana
+        self.tradegecko = tradegecko
+        self.consumer = consumer
+        self._on_healthy = on_healthy
+        self.url: str | None = None
+        self.public_url: str | None = None
+        self.registered = False
+        self.keys = WebhookKeys(config.webhooks.tradegecko_secret, config.webhooks.path_token)
+
+    async def _load_keys(self) -> None:
+        hooks = self.config.webhooks
+        if not self.keys.path_token:
+            self.keys.path_token = await self.store.setdefault_meta(
+                _META_PATH_TOKEN, secrets.token_urlsafe(24)
+            )
+        stored = await self.store.get_meta(_META_KATANA_TOKEN)
+        self.keys.katana_tokens |= {t for t in (hooks.katana_token, stored) if t}
+
+    def health(self) -> dict[str, object]:
+        return {"registered": self.registered}
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled; ``task_status`` gets the listener's URL once it listens.
+
+        :raises ConfigError: the listen address cannot be listened on.
+        """
+        hooks = self.config.webhooks
+        await self._load_keys()
+        app = create_webhook_app(
+            self.store,
+            self.keys,
+            max_body_bytes=hooks.max_body_bytes,
+            on_received=self.consumer.wake,
+            health=self.health,
+        )
+        host, port = hooks.address()
+        try:
+            sock = bind_socket(host, port)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {hooks.listen}: {exc.strerror or exc}", key="webhooks.listen"
+            ) from None
+        try:
+            async with serving_socket(app, sock) as url:
+                self.url = url
+                self.public_url = hooks.public_base_url.rstrip("/") or url
+                log.info("webhook listener on %s", url)
+                task_status.started(url)
+                await self._register_forever()
+        finally:
+            sock.close()
+
+    async def _register_forever(self) -> None:
+        assert self.public_url is not None
+        if not self.config.webhooks.register:
+            self.registered = True
+            self._on_healthy(True)
+            await anyio.sleep_forever()
+        delay = 5.0
+        while True:
+            try:
+                await register_webhooks(
+                    self.store, self.katana, self.tradegecko, self.public_url, self.keys
+                )
+            except SyncdError as exc:
+                log.warning("webhooks not registered (tried again in %.0f s): %s", delay, exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 300.0)
+                continue
+            self.registered = True
+            self._on_healthy(True)
+            await anyio.sleep_forever()
