@@ -1,6 +1,12 @@
 """The special cases of linked orders, each end to end on the simulators (see README, "How
 orders are handled"). The fixtures and helpers are test_flow's: both simulators on loopback,
-the daemon on a real SQLite file, Katana traffic checked against the OpenAPI contract."""
+the daemon on a real SQLite file, Katana traffic checked against the OpenAPI contract.
+
+Covered in test_flow.py: Katana average cost 0 (test_whole_flow_imports_follows_and_receives_
+each_po_once, SHELF-WALNUT) or null (test_null_average_cost_keeps_the_price) keeps the price
+and is noted; a PO currency other than Katana's base currency, freeform lines and landed
+costs are noted (test_whole_flow_...); a variant with no SKU (test_a_line_without_sku_needs_
+attention; the empty-string SKU of the fixtures is tested here)."""
 
 # ruff: noqa: F811 - the tests take test_flow's `sims` fixture, imported below
 
