@@ -7,11 +7,13 @@ happens; ends with a summary. Exit status 0 only when every order is received.
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
@@ -20,9 +22,16 @@ import anyio
 import httpx
 import msgspec
 
-from syncd.config import Config, DaemonConfig, KatanaConfig, MetricsConfig, TradeGeckoConfig
+from syncd.config import (
+    Config,
+    DaemonConfig,
+    KatanaConfig,
+    MetricsConfig,
+    TradeGeckoConfig,
+    WebhooksConfig,
+)
 from syncd.domain.statechart import Statechart, load_statechart
-from syncd.ops.asgi import serving
+from syncd.ops.asgi import bind_socket, serving
 from syncd.runtime.daemon import running_daemon
 from syncd.runtime.dispatcher import TransitionNotice
 from syncd.sim import katana as katana_sim
@@ -56,6 +65,9 @@ class DemoOptions(msgspec.Struct, kw_only=True):
     timeout: float = 60.0
     poll_interval: float = 0.2
     factory_delay: float = 0.2
+    #: Webhooks from the simulators; the pollers then only reconcile.
+    webhooks: bool = False
+    reconcile_interval: float = 5.0
 
 
 class LineSummary(msgspec.Struct, kw_only=True):
@@ -82,6 +94,9 @@ class DemoSummary(msgspec.Struct, kw_only=True):
     elapsed_s: float
     database: str
     order_details: list[OrderSummary]
+    #: PO created in TradeGecko → SO created in Katana, over the orders (seconds).
+    import_latency_p50_s: float | None = None
+    import_latency_p99_s: float | None = None
 
 
 def _lines_for(index: int) -> list[dict[str, Any]]:
@@ -102,10 +117,12 @@ def _lines_for(index: int) -> list[dict[str, Any]]:
 
 @asynccontextmanager
 async def _simulators(options: DemoOptions) -> AsyncIterator[tuple[str, str, str, str]]:
+    senders: list[Any] = []
     async with AsyncExitStack() as stack:
         if options.katana_url is None:
             app = katana_sim.create_app(token=KATANA_TOKEN, rate_limit=None)
             katana_ctl = await stack.enter_async_context(serving(app))
+            senders.append(app.state.webhooks)
             katana_url = katana_ctl + katana_sim.API_PREFIX
         else:
             katana_url = options.katana_url
@@ -114,10 +131,17 @@ async def _simulators(options: DemoOptions) -> AsyncIterator[tuple[str, str, str
             app = tradegecko_sim.create_app(token=TRADEGECKO_TOKEN, rate_limit=None)
             tradegecko_url = await stack.enter_async_context(serving(app))
             tradegecko_ctl = tradegecko_url
+            senders.append(app.state.webhooks)
         else:
             tradegecko_url = options.tradegecko_url
             tradegecko_ctl = options.tradegecko_sim_url or tradegecko_url
-        yield katana_url, tradegecko_url, katana_ctl, tradegecko_ctl
+        async with anyio.create_task_group() as tg:
+            for sender in senders:
+                tg.start_soon(sender.run)
+            try:
+                yield katana_url, tradegecko_url, katana_ctl, tradegecko_ctl
+            finally:
+                tg.cancel_scope.cancel()
 
 
 def _printer(chart: Statechart, out: TextIO, started: float) -> Any:
@@ -141,10 +165,25 @@ async def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> DemoSu
     with tempfile.TemporaryDirectory(prefix="syncd-demo-") as scratch:
         database = options.db or str(Path(scratch) / "demo.db")
         async with _simulators(options) as (katana_url, tradegecko_url, katana_ctl, tg_ctl):
+            hooks = WebhooksConfig()
+            if options.webhooks:
+                # Katana sends only to https: the simulators deliver https over plain http,
+                # as to a TLS proxy, so the public address is https on the listener's port.
+                probe = bind_socket()
+                port = probe.getsockname()[1]
+                probe.close()
+                hooks = WebhooksConfig(
+                    enabled=True,
+                    listen=f"127.0.0.1:{port}",
+                    public_base_url=f"https://127.0.0.1:{port}",
+                    tradegecko_secret=tradegecko_sim.DEFAULT_WEBHOOK_SECRET,
+                    reconcile_interval=options.reconcile_interval,
+                )
             config = Config(
                 daemon=DaemonConfig(database=database, retry_initial=0.5, retry_max=5.0),
                 # Any free port: a demo must not collide with a real daemon's endpoint.
                 metrics=MetricsConfig(listen="127.0.0.1:0"),
+                webhooks=hooks,
                 tradegecko=TradeGeckoConfig(
                     base_url=tradegecko_url,
                     token=TRADEGECKO_TOKEN,
@@ -159,13 +198,20 @@ async def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> DemoSu
                     rate_limit=100_000,
                 ),
             )
+            imported_at: dict[str, float] = {}
+            show = _printer(chart, out, started)
+
+            def seen(notice: TransitionNotice) -> None:
+                if notice.trigger == "so_created":
+                    imported_at.setdefault(notice.link.po_number, time.time())
+                show(notice)
+
             async with (
                 httpx.AsyncClient(timeout=10) as control,
-                running_daemon(
-                    config, chart=chart, on_transition=_printer(chart, out, started)
-                ) as daemon,
+                running_daemon(config, chart=chart, on_transition=seen) as daemon,
             ):
                 po_numbers: list[str] = []
+                created_at: dict[str, float] = {}
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(
                         lambda: play_factory(
@@ -182,15 +228,25 @@ async def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> DemoSu
                             },
                         )
                         response.raise_for_status()
-                        po_numbers.append(response.json()["purchase_order"]["order_number"])
+                        po = response.json()["purchase_order"]
+                        po_numbers.append(po["order_number"])
+                        created_at[po["order_number"]] = datetime.fromisoformat(
+                            po["created_at"]
+                        ).timestamp()
                     print(f"created {len(po_numbers)} purchase orders in TradeGecko", file=out)
-                    daemon.poll_now()
+                    if not options.webhooks:
+                        daemon.poll_now()
                     with anyio.move_on_after(options.timeout):
                         await _wait_until_settled(daemon.store, chart, po_numbers)
                     tg.cancel_scope.cancel()
 
                 katana_counts = (await control.get(f"{katana_ctl}/_sim/counters")).json()
                 tg_counts = (await control.get(f"{tg_ctl}/_sim/counters")).json()
+                latencies = sorted(
+                    max(0.0, imported_at[n] - created_at[n])
+                    for n in po_numbers
+                    if n in imported_at and n in created_at
+                )
                 details: list[OrderSummary] = []
                 received = 0
                 received_states = set(chart.terminal_states()) - {"cancelled"}
@@ -235,6 +291,8 @@ async def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> DemoSu
             elapsed_s=round(time.monotonic() - started, 2),
             database=database if options.db else "(temporary)",
             order_details=details,
+            import_latency_p50_s=_percentile(latencies, 50),
+            import_latency_p99_s=_percentile(latencies, 99),
         )
 
 
@@ -245,6 +303,14 @@ async def _wait_until_settled(store: Store, chart: Statechart, po_numbers: list[
         if all(link is not None and link.state in settled for link in links):
             return
         await anyio.sleep(0.1)
+
+
+def _percentile(values: list[float], percent: float) -> float | None:
+    """The nearest-rank percentile of sorted ``values``."""
+    if not values:
+        return None
+    rank = max(1, math.ceil(percent / 100 * len(values)))
+    return round(values[rank - 1], 3)
 
 
 def _money(value: Decimal | None) -> str | None:
@@ -271,3 +337,9 @@ def render_summary(summary: DemoSummary, out: TextIO) -> None:
         f"{summary.receipts} receipts in TradeGecko · {summary.elapsed_s:.1f} s",
         file=out,
     )
+    if summary.import_latency_p50_s is not None:
+        print(
+            f"import latency (PO created → SO created): p50 {summary.import_latency_p50_s:.3f} s"
+            f" · p99 {summary.import_latency_p99_s:.3f} s",
+            file=out,
+        )

@@ -45,13 +45,18 @@ def main() -> None:
 
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def run(config_path: str) -> None:
+@click.option(
+    "--no-register", is_flag=True, help="Do not make sure the webhooks exist on both services."
+)
+def run(config_path: str, no_register: bool) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
         return
+    if no_register:
+        config.webhooks.register = False
     configure_logging(config.daemon.log_level)
     try:
         anyio.run(_run, config)
@@ -132,6 +137,9 @@ async def _check_store(path: str) -> list[str]:
 @click.option("--katana-sim-url", default=None, help="Where Katana control calls go.")
 @click.option("--tradegecko-sim-url", default=None, help="Where TradeGecko control calls go.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for orders.")
+@click.option(
+    "--webhooks", is_flag=True, help="Sync by the simulators' webhooks; polls only reconcile."
+)
 def demo(
     orders: int,
     db: str | None,
@@ -141,6 +149,7 @@ def demo(
     katana_sim_url: str | None,
     tradegecko_sim_url: str | None,
     timeout: float,
+    webhooks: bool,
 ) -> None:
     """Run the whole flow on the simulators and summarise it."""
     from syncd.cli.demo import DemoOptions, render_summary, run_demo
@@ -154,6 +163,7 @@ def demo(
         katana_sim_url=katana_sim_url,
         tradegecko_sim_url=tradegecko_sim_url,
         timeout=timeout,
+        webhooks=webhooks,
     )
     progress = sys.stderr if as_json else sys.stdout
     summary = anyio.run(lambda: run_demo(options, out=progress))

@@ -463,28 +463,32 @@ class WebhookListener:
                 self.url = url
                 self.public_url = hooks.public_base_url.rstrip("/") or url
                 log.info("webhook listener on %s", url)
+                # One try before the daemon counts as started: a change made right after
+                # the start is sent as a webhook. Failures are tried again in the background.
+                await self._register_once()
                 task_status.started(url)
                 await self._register_forever()
         finally:
             sock.close()
 
-    async def _register_forever(self) -> None:
+    async def _register_once(self) -> bool:
         assert self.public_url is not None
-        if not self.config.webhooks.register:
-            self.registered = True
-            self._on_healthy(True)
-            await anyio.sleep_forever()
-        delay = 5.0
-        while True:
+        if self.config.webhooks.register:
             try:
                 await register_webhooks(
                     self.store, self.katana, self.tradegecko, self.public_url, self.keys
                 )
             except SyncdError as exc:
-                log.warning("webhooks not registered (tried again in %.0f s): %s", delay, exc)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 300.0)
-                continue
-            self.registered = True
-            self._on_healthy(True)
-            await anyio.sleep_forever()
+                log.warning("webhooks not registered: %s", exc)
+                return False
+        self.registered = True
+        self._on_healthy(True)
+        return True
+
+    async def _register_forever(self) -> None:
+        delay = 5.0
+        while not self.registered:
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 300.0)
+            await self._register_once()
+        await anyio.sleep_forever()

@@ -27,18 +27,22 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from syncd.ops.asgi import serve
+from syncd.ops.asgi import serving
 from syncd.sim._tradegecko_world import Refused, TradeGeckoWorld, parse_time
 from syncd.sim.faults import Faults, install_faults
+from syncd.sim.webhooks import WebhookSender, tradegecko_sender
 
 __all__ = ["DEFAULT_TOKEN", "TradeGeckoWorld", "create_app", "run"]
 
 DEFAULT_TOKEN = "tradegecko-sim-token"
+#: The OAuth application secret that signs the simulator's webhook deliveries.
+DEFAULT_WEBHOOK_SECRET = "tradegecko-sim-webhook-secret"
 IDEMPOTENCY_TTL = timedelta(hours=24)
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 250
@@ -514,14 +518,75 @@ class _Simulator:
         )
 
 
+def _webhook_routes(sim: _Simulator, sender: WebhookSender) -> list[Route]:
+    """``/webhooks`` (list, create: one event per webhook) and ``/_sim/webhooks`` (knobs)."""
+
+    def render(sub: Any) -> Json:
+        stamp = sub.created_at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return {
+            "id": sub.id,
+            "created_at": stamp,
+            "updated_at": stamp,
+            "event": sub.events[0],
+            "address": sub.url,
+            "oauth_application_id": 24,
+        }
+
+    async def create(request: Request, body: bytes) -> Response:
+        hook = sim._payload(body).get("webhook")
+        if not isinstance(hook, dict):
+            raise _BadRequest("webhook is missing")
+        address, event = hook.get("address"), hook.get("event")
+        if not isinstance(address, str) or not address.startswith(("http://", "https://")):
+            raise Refused("address", "is not a valid URL")
+        if not isinstance(event, str) or "." not in event:
+            raise Refused("event", "is not included in the list")
+        return _json({"webhook": render(sender.subscribe(address, [event]))}, 201)
+
+    async def listing(request: Request, body: bytes) -> Response:
+        rows = [render(sub) for sub in sender.subscriptions.values()]
+        return sim._page(request, "webhooks", rows, ("event", "address"))
+
+    async def knobs(request: Request, body: bytes) -> Response:
+        if request.method == "POST":
+            try:
+                sender.set_knobs(sim._payload(body))
+            except (ValueError, TypeError) as exc:
+                raise _BadRequest(str(exc)) from None
+        return _json(sender.knobs())
+
+    return [
+        sim.api("GET", "/webhooks", listing),
+        sim.api("POST", "/webhooks", create),
+        sim.control("GET", "/_sim/webhooks", knobs),
+        sim.control("POST", "/_sim/webhooks", knobs),
+    ]
+
+
+def _publisher(sender: WebhookSender) -> Callable[[str, int], None]:
+    def publish(event: str, object_id: int) -> None:
+        resource = event.split(".", 1)[0]
+        note = {
+            "object_id": object_id,
+            "event": event,
+            "timestamp": int(time.time()),
+            "resource_url": f"https://api.tradegecko.com/{resource}s/{object_id}.json",
+        }
+        sender.publish(event, lambda sub: note)
+
+    return publish
+
+
 def create_app(
     world: TradeGeckoWorld | None = None,
     *,
     token: str = DEFAULT_TOKEN,
     rate_limit: tuple[int, float] | None = (300, 300.0),
     faults: Faults | None = None,
+    webhook_secret: str = DEFAULT_WEBHOOK_SECRET,
 ) -> Starlette:
-    """The simulator as an ASGI app.
+    """The simulator as an ASGI app; run ``app.state.webhooks.run()`` beside it to send
+    webhooks (signed with ``webhook_secret``).
 
     :param world: the account's state; a freshly seeded one by default.
     :param token: the only bearer token accepted.
@@ -530,6 +595,8 @@ def create_app(
         be changed at any time through ``/_sim/faults``.
     """
     sim = _Simulator(world if world is not None else TradeGeckoWorld(), token, rate_limit)
+    sender = tradegecko_sender(webhook_secret)
+    sim.world.listeners.append(_publisher(sender))
     routes = [
         sim.api("GET", "/accounts/current", sim.current_account),
         sim.api("GET", "/companies", sim.companies),
@@ -553,8 +620,10 @@ def create_app(
         # Unknown paths get Rails' HTML page, as the real API was seen to send.
         return HTMLResponse(_NOT_FOUND_PAGE, 404, headers={"X-Request-Id": str(uuid.uuid4())})
 
+    routes += _webhook_routes(sim, sender)
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
     app.state.world = sim.world
+    app.state.webhooks = sender
     install_faults(app, "tradegecko", faults, rate_limit=rate_limit[0] if rate_limit else 300)
     return app
 
@@ -564,4 +633,6 @@ async def run(
 ) -> None:
     """Serve a freshly seeded simulator until cancelled."""
     app = create_app(rate_limit=(300, 300.0) if rate_limit else None, faults=faults)
-    await serve(app, host, port)
+    async with serving(app, host, port), anyio.create_task_group() as tg:
+        tg.start_soon(app.state.webhooks.run)
+        await anyio.sleep_forever()

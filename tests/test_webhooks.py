@@ -1,0 +1,461 @@
+"""Webhooks: near-instant sync, verified, de-duplicated, persisted before acknowledged.
+
+End-to-end tests run both simulators (sending webhooks) and the daemon (listening) over
+loopback sockets, every Katana request and answer checked against the OpenAPI contract.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from katana_openapi import ValidatingTransport
+from syncd.config import (
+    Config,
+    DaemonConfig,
+    KatanaConfig,
+    MetricsConfig,
+    TradeGeckoConfig,
+    WebhooksConfig,
+    parse_config,
+)
+from syncd.errors import ConfigError
+from syncd.ops.asgi import bind_socket, serving
+from syncd.runtime import inbox
+from syncd.runtime.daemon import Daemon, running_daemon
+from syncd.runtime.webhooks import (
+    WebhookKeys,
+    create_webhook_app,
+    katana_signature,
+    tradegecko_signature,
+)
+from syncd.sim import katana as katana_sim
+from syncd.sim import tradegecko as tradegecko_sim
+from syncd.sim._katana_world import KatanaWorld
+from syncd.sim._tradegecko_world import TradeGeckoWorld
+from syncd.sim.factory import play_factory
+from syncd.sim.webhooks import WebhookSender
+from syncd.store import Store
+
+pytestmark = pytest.mark.anyio
+
+KATANA_TOKEN = "katana-test-token"
+TRADEGECKO_TOKEN = "tradegecko-test-token"
+SECRET = tradegecko_sim.DEFAULT_WEBHOOK_SECRET
+LINE = {"sku": "CHAIR-OAK", "name": "Oak chair", "quantity": "1", "price": "150.00"}
+
+
+def free_port() -> int:
+    sock = bind_socket()
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+@dataclass
+class Sims:
+    katana_url: str
+    tradegecko_url: str
+    katana_sender: WebhookSender
+    tradegecko_sender: WebhookSender
+    katana_world: KatanaWorld
+    control: httpx.AsyncClient
+    contract: ValidatingTransport
+
+    async def create_po(self) -> dict[str, Any]:
+        body = {"supplier": "Katana", "currency": "USD", "lines": [LINE]}
+        response = await self.control.post(f"{self.tradegecko_url}/_sim/purchase_orders", json=body)
+        assert response.status_code == 201, response.text
+        po: dict[str, Any] = response.json()["purchase_order"]
+        return po
+
+    async def knobs(self, service: str, **values: float) -> None:
+        base = self.katana_url if service == "katana" else self.tradegecko_url
+        response = await self.control.post(f"{base}/_sim/webhooks", json=values)
+        assert response.status_code == 200, response.text
+
+    def config(
+        self, database: Path, port: int, *, poll: float = 60.0, reconcile: float = 60.0
+    ) -> Config:
+        return Config(
+            daemon=DaemonConfig(database=str(database), retry_initial=0.2, retry_max=1.0),
+            metrics=MetricsConfig(enabled=False),
+            tradegecko=TradeGeckoConfig(
+                base_url=self.tradegecko_url,
+                token=TRADEGECKO_TOKEN,
+                poll_interval=poll,
+                rate_limit=100_000,
+            ),
+            katana=KatanaConfig(
+                base_url=self.katana_url + katana_sim.API_PREFIX,
+                token=KATANA_TOKEN,
+                poll_interval=poll,
+                rate_limit=100_000,
+            ),
+            webhooks=WebhooksConfig(
+                enabled=True,
+                listen=f"127.0.0.1:{port}",
+                # Katana sends only to https; the simulators deliver it over plain http.
+                public_base_url=f"https://127.0.0.1:{port}",
+                tradegecko_secret=SECRET,
+                reconcile_interval=reconcile,
+            ),
+        )
+
+    @asynccontextmanager
+    async def daemon(self, config: Config) -> AsyncIterator[Daemon]:
+        async with running_daemon(config, katana_transport=self.contract) as daemon:
+            yield daemon
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[Sims]:
+    katana_world = KatanaWorld()
+    katana_app = katana_sim.create_app(katana_world, token=KATANA_TOKEN, rate_limit=None)
+    tg_app = tradegecko_sim.create_app(TradeGeckoWorld(), token=TRADEGECKO_TOKEN, rate_limit=None)
+    contract = ValidatingTransport(httpx.AsyncHTTPTransport(), strict=False)
+    async with (
+        serving(katana_app) as katana_url,
+        serving(tg_app) as tradegecko_url,
+        httpx.AsyncClient(timeout=10) as control,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(katana_app.state.webhooks.run)
+        tg.start_soon(tg_app.state.webhooks.run)
+        yield Sims(
+            katana_url,
+            tradegecko_url,
+            katana_app.state.webhooks,
+            tg_app.state.webhooks,
+            katana_world,
+            control,
+            contract,
+        )
+        tg.cancel_scope.cancel()
+    assert contract.violations == [], "Katana traffic broke the OpenAPI contract"
+
+
+async def wait_for_state(daemon: Daemon, po_number: str, *states: str, seconds: float) -> None:
+    with anyio.fail_after(seconds):
+        while True:
+            link = await daemon.store.link_by_po_number(po_number)
+            if link is not None and link.state in states:
+                return
+            await anyio.sleep(0.01)
+
+
+def inbox_rows(database: Path, kind: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(database) as db:
+        return db.execute(
+            "SELECT id, dedup_key, processed_at, outcome FROM inbox WHERE kind = ? ORDER BY id",
+            (kind,),
+        ).fetchall()
+
+
+# -- end to end over loopback ---------------------------------------------------------------
+
+
+async def test_po_becomes_so_within_a_second_by_webhook(sims: Sims, tmp_path: Path) -> None:
+    # Polls every minute: only a webhook can make it in time.
+    config = sims.config(tmp_path / "syncd.db", free_port())
+    async with sims.daemon(config) as daemon:
+        assert daemon.webhooks is not None and daemon.webhooks.registered
+        assert daemon.tradegecko_poller.interval == 60.0
+        started = time.monotonic()
+        po = await sims.create_po()
+        await wait_for_state(daemon, po["order_number"], "imported", "in_production", seconds=1.0)
+        assert time.monotonic() - started < 1.0
+        async with httpx.AsyncClient() as client:
+            health = (await client.get(f"{daemon.webhooks_url}/healthz")).json()
+        assert health == {"status": "ok", "registered": True}
+    rows = inbox_rows(tmp_path / "syncd.db", inbox.WEBHOOK_RECEIVED)
+    assert rows and all(row[2] is not None for row in rows)
+
+
+async def test_registration_creates_only_what_is_missing_and_keeps_the_token(
+    sims: Sims, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = sims.config(tmp_path / "syncd.db", port)
+    for _ in range(2):
+        async with sims.daemon(config):
+            pass
+    assert len(sims.tradegecko_sender.subscriptions) == 3
+    assert len(sims.katana_sender.subscriptions) == 1
+    (hook,) = sims.katana_sender.subscriptions.values()
+    assert hook.url.startswith(f"https://127.0.0.1:{port}/webhooks/katana/")
+    store = await Store.open(tmp_path / "syncd.db")
+    try:
+        assert await store.get_meta("webhooks.katana_token") == hook.token
+    finally:
+        await store.close()
+    # --no-register: nothing is asked of the services.
+    config.webhooks.register = False
+    before = sims.katana_world.requests["GET /webhooks"]
+    async with sims.daemon(config) as daemon:
+        assert daemon.webhooks is not None and daemon.webhooks.registered
+    assert sims.katana_world.requests["GET /webhooks"] == before
+
+
+async def test_a_dropped_webhook_is_reconciled_by_the_poller(sims: Sims, tmp_path: Path) -> None:
+    config = sims.config(tmp_path / "syncd.db", free_port(), poll=0.1, reconcile=0.5)
+    async with sims.daemon(config) as daemon:
+        # Healthy webhooks slow the polls to the reconciliation interval.
+        assert daemon.tradegecko_poller.interval == 0.5
+        await sims.knobs("tradegecko", drop=1.0)
+        po = await sims.create_po()
+        await wait_for_state(daemon, po["order_number"], "imported", "in_production", seconds=5)
+    assert sims.tradegecko_sender.counters["dropped"] >= 1
+    assert sims.tradegecko_sender.counters["delivered"] == 0
+
+
+async def test_duplicated_and_reordered_deliveries_have_one_effect(
+    sims: Sims, tmp_path: Path
+) -> None:
+    database = tmp_path / "syncd.db"
+    config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+    for service in ("tradegecko", "katana"):
+        await sims.knobs(service, duplicate=1.0, reorder=1.0)
+    async with (
+        sims.daemon(config) as daemon,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(lambda: play_factory(sims.katana_url, step_delay=0.05))
+        numbers = [(await sims.create_po())["order_number"] for _ in range(3)]
+        for number in numbers:
+            await wait_for_state(daemon, number, "received", seconds=20)
+        tg.cancel_scope.cancel()
+    katana = (await sims.control.get(f"{sims.katana_url}/_sim/counters")).json()
+    tradegecko = (await sims.control.get(f"{sims.tradegecko_url}/_sim/counters")).json()
+    assert katana["sales_orders_created"] == 3
+    assert tradegecko["receipts"] == 3
+    assert sims.tradegecko_sender.counters["duplicated"] >= 3
+    # A TradeGecko delivery seen twice is stored once (keyed by X-Gecko-Delivery).
+    keys = [row[1] for row in inbox_rows(database, inbox.WEBHOOK_RECEIVED) if row[1]]
+    assert len(keys) == len(set(keys)) >= 3
+    with sqlite3.connect(database) as db:
+        discovered = db.execute("SELECT count(*) FROM inbox WHERE kind = 'po_discovered'")
+        assert discovered.fetchone()[0] == 3
+
+
+async def test_an_acknowledged_delivery_is_processed_after_a_restart(
+    sims: Sims, tmp_path: Path
+) -> None:
+    database = tmp_path / "syncd.db"
+    port = free_port()
+    config = sims.config(database, port)
+    # The TradeGecko sender is stopped for this test: the delivery is posted by hand.
+    await sims.knobs("tradegecko", drop=1.0)
+    async with sims.daemon(config) as daemon:
+        pass  # registered and activated
+    po = await sims.create_po()
+    body = json.dumps({"object_id": po["id"], "event": "purchase_order.create"}).encode()
+    headers = {
+        "X-Gecko-Signature": tradegecko_signature(SECRET, body),
+        "X-Gecko-Delivery": "delivery-1",
+    }
+    # The daemon acknowledges, then is stopped at once. TradeGecko refuses its token
+    # meanwhile, so nothing but the inbox row can remain of the delivery.
+    await sims.control.post(f"{sims.tradegecko_url}/_sim/token", json={"revoked": True})
+    config.webhooks.register = False
+    async with sims.daemon(config) as daemon, httpx.AsyncClient() as client:
+        answer = await client.post(
+            f"{daemon.webhooks_url}/webhooks/tradegecko", content=body, headers=headers
+        )
+        assert answer.status_code == 200
+    await sims.control.post(f"{sims.tradegecko_url}/_sim/token", json={"revoked": False})
+    assert await linked(database, po["order_number"]) is False
+    (row,) = inbox_rows(database, inbox.WEBHOOK_RECEIVED)
+    assert row[1] == "webhook:tradegecko:delivery-1"
+    # The poller is kept from seeing the PO (its cursor is moved past it): only the
+    # persisted delivery can import it after the restart.
+    store = await Store.open(database)
+    try:
+        await store.set_cursor("tradegecko.purchase_orders", "2999-01-01T00:00:00+00:00")
+    finally:
+        await store.close()
+    async with sims.daemon(config) as daemon:
+        await wait_for_state(daemon, po["order_number"], "imported", "in_production", seconds=5)
+    rows = inbox_rows(database, inbox.WEBHOOK_RECEIVED)
+    (row,) = [row for row in rows if row[1] == "webhook:tradegecko:delivery-1"]
+    assert (row[2] is not None, row[3]) == (True, "new event")
+
+
+async def linked(database: Path, po_number: str) -> bool:
+    store = await Store.open(database)
+    try:
+        return await store.link_by_po_number(po_number) is not None
+    finally:
+        await store.close()
+
+
+# -- the listener alone -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def listener(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Store, list[int]]]:
+    store = await Store.open(tmp_path / "listener.db")
+    woken: list[int] = []
+    keys = WebhookKeys(SECRET, "path-token-123", {"0123456789abcdef"})
+    app = create_webhook_app(store, keys, max_body_bytes=2048, on_received=lambda: woken.append(1))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://listener"
+    ) as client:
+        yield client, store, woken
+    await store.close()
+
+
+def tg_request(body: bytes, *, signature: str | None = "good", delivery: str = "d-1") -> Any:
+    headers = {"X-Gecko-Delivery": delivery}
+    if signature == "good":
+        headers["X-Gecko-Signature"] = tradegecko_signature(SECRET, body)
+    elif signature is not None:
+        headers["X-Gecko-Signature"] = signature
+    return {"content": body, "headers": headers}
+
+
+async def test_forged_or_missing_signatures_are_refused_and_nothing_is_stored(
+    listener: tuple[httpx.AsyncClient, Store, list[int]],
+) -> None:
+    client, store, woken = listener
+    body = b'{"object_id": 5, "event": "purchase_order.create"}'
+    forged = tradegecko_signature("not-the-secret", body)
+    for kwargs in (tg_request(body, signature=None), tg_request(body, signature=forged)):
+        assert (await client.post("/webhooks/tradegecko", **kwargs)).status_code == 401
+    katana_body = b'{"resource_type": "sales_order", "action": "sales_order.updated", "object": {"id": "7", "status": "DELIVERED"}}'  # noqa: E501
+    path = "/webhooks/katana/path-token-123"
+    assert (await client.post(path, content=katana_body)).status_code == 401
+    wrong = {"X-Sha2-Signature": katana_signature("ffffffffffffffff", katana_body)}
+    assert (await client.post(path, content=katana_body, headers=wrong)).status_code == 401
+    good = {"X-Sha2-Signature": katana_signature("0123456789abcdef", katana_body)}
+    bad_path = "/webhooks/katana/guessed"
+    assert (await client.post(bad_path, content=katana_body, headers=good)).status_code == 404
+    assert await store.pending_events() == []
+    assert woken == []
+
+
+async def test_bad_bodies_are_refused_and_unknown_events_ignored(
+    listener: tuple[httpx.AsyncClient, Store, list[int]],
+) -> None:
+    client, store, woken = listener
+    malformed = b'{"object_id": "x"'
+    assert (await client.post("/webhooks/tradegecko", **tg_request(malformed))).status_code == 400
+    big = b'{"object_id": 5, "event": "purchase_order.create", "pad": "' + b"x" * 4096 + b'"}'
+    assert (await client.post("/webhooks/tradegecko", **tg_request(big))).status_code == 413
+    unknown = b'{"object_id": 5, "event": "fulfillments.create"}'
+    answer = await client.post("/webhooks/tradegecko", **tg_request(unknown))
+    assert (answer.status_code, answer.json()["status"]) == (200, "ignored")
+    assert await store.pending_events() == []
+    assert woken == []
+
+
+async def test_valid_deliveries_are_persisted_once_then_acknowledged(
+    listener: tuple[httpx.AsyncClient, Store, list[int]],
+) -> None:
+    client, store, woken = listener
+    body = b'{"object_id": 5, "event": "purchase_order.create", "timestamp": 1546272000}'
+    for _ in range(2):
+        assert (await client.post("/webhooks/tradegecko", **tg_request(body))).status_code == 200
+    katana_body = b'{"resource_type": "sales_order", "action": "sales_order.delivered", "webhook_id": 1, "object": {"id": "7", "status": "DELIVERED"}}'  # noqa: E501
+    for signature in (
+        katana_signature("0123456789abcdef", katana_body),
+        "sha256=" + katana_signature("0123456789abcdef", katana_body),
+    ):
+        answer = await client.post(
+            "/webhooks/katana/path-token-123",
+            content=katana_body,
+            headers={"X-Sha2-Signature": signature},
+        )
+        assert answer.status_code == 200
+    events = await store.pending_events(kinds=inbox.WEBHOOK_KINDS)
+    notes = [inbox.decode(e.kind, e.payload) for e in events]
+    assert notes == [
+        inbox.WebhookReceived(
+            service="tradegecko",
+            event="purchase_order.create",
+            resource_type="purchase_order",
+            object_id=5,
+            delivery_id="d-1",
+        ),
+        *[
+            inbox.WebhookReceived(
+                service="katana",
+                event="sales_order.delivered",
+                resource_type="sales_order",
+                object_id=7,
+            )
+        ]
+        * 2,
+    ]
+    assert len(woken) == 3
+    # The dispatcher never sees raw deliveries.
+    assert await store.pending_events(exclude_kinds=inbox.WEBHOOK_KINDS) == []
+
+
+def test_webhooks_config_reads_secrets_and_names_wrong_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SYNCD_TRADEGECKO_WEBHOOK_SECRET", "from-env")
+    text = 'tradegecko.token = "t"\nkatana.token = "k"\n[webhooks]\nenabled = true\n'
+    config = parse_config(text)
+    assert config.webhooks.tradegecko_secret == "from-env"
+    with pytest.raises(ConfigError) as error:
+        parse_config(text + 'listen = "nowhere"\n')
+    assert error.value.key == "webhooks.listen"
+    with pytest.raises(ConfigError) as error:
+        parse_config(text + "reconcile_interval = 0\n")
+    assert error.value.key == "webhooks.reconcile_interval"
+
+
+async def test_the_simulator_retries_on_the_real_schedule_compressed() -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from syncd.sim.webhooks import KATANA_SCHEDULE, katana_sender
+
+    seen: list[tuple[float, str | None, str]] = []
+    answered = anyio.Event()
+
+    async def endpoint(request: Request) -> Response:
+        body = await request.body()
+        seen.append(
+            (
+                time.monotonic(),
+                request.headers.get("x-katana-retry-num"),
+                request.headers["x-sha2-signature"],
+            )
+        )
+        assert request.headers["x-sha2-signature"] == katana_signature("0123456789abcdef", body)
+        if len(seen) < 3:
+            return Response(status_code=500)
+        answered.set()
+        return Response(status_code=200)
+
+    app = Starlette(routes=[Route("/hook", endpoint, methods=["POST"])])
+    sender = katana_sender(speed=300.0, transport=httpx.ASGITransport(app=app))
+    sender.subscribe("https://daemon/hook", ["sales_order.updated"], token="0123456789abcdef")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sender.run)
+        sender.publish("sales_order.updated", lambda sub: {"object": {"id": "1"}})
+        with anyio.fail_after(5):
+            await answered.wait()
+        await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert [retry for _, retry, _ in seen] == [None, "1", "2"]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(seen)]
+    for gap, planned in zip(gaps, KATANA_SCHEDULE, strict=False):
+        assert gap >= planned / 300.0 * 0.9
+    assert sender.counters["failed_attempts"] == 2
