@@ -91,5 +91,5 @@ def test_dashboard_and_rules_name_only_exported_metrics() -> None:
     assert used - exported == set()
     dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for topic in ("by state", "flow rate", "lag", "errors and 429s", "inbox backlog"):
+    for topic in ("by state", "flow rate", "lag", "errors and 429s", "inbox backlog", "webhook"):
         assert topic in titles

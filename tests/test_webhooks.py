@@ -459,3 +459,35 @@ async def test_the_simulator_retries_on_the_real_schedule_compressed() -> None:
     for gap, planned in zip(gaps, KATANA_SCHEDULE, strict=False):
         assert gap >= planned / 300.0 * 0.9
     assert sender.counters["failed_attempts"] == 2
+
+
+async def test_every_answer_is_counted_by_result(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "counted.db")
+    results: list[tuple[str, str]] = []
+    keys = WebhookKeys(SECRET, "path-token-123", {"0123456789abcdef"})
+    app = create_webhook_app(
+        store,
+        keys,
+        max_body_bytes=2048,
+        on_received=lambda: None,
+        on_result=lambda service, result: results.append((service, result)),
+    )
+    body = b'{"object_id": 5, "event": "purchase_order.create", "timestamp": 1546272000}'
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://listener"
+    ) as client:
+        await client.post("/webhooks/tradegecko", **tg_request(body))
+        await client.post("/webhooks/tradegecko", **tg_request(body))
+        await client.post("/webhooks/tradegecko", **tg_request(body, signature="forged"))
+        await client.post("/webhooks/tradegecko", **tg_request(b"{", delivery="d-2"))
+        await client.post("/webhooks/tradegecko", **tg_request(b"x" * 4096, delivery="d-3"))
+        await client.post("/webhooks/katana/guessed", content=b"{}")
+    await store.close()
+    assert results == [
+        ("tradegecko", "accepted"),
+        ("tradegecko", "duplicate"),
+        ("tradegecko", "bad_signature"),
+        ("tradegecko", "malformed_body"),
+        ("tradegecko", "body_too_large"),
+        ("katana", "not_found"),
+    ]

@@ -28,6 +28,7 @@ method,endpoint}``
 ``syncd_effect_failures_total{effect}``        effect runs that gave up: a person must look
 ``syncd_metrics_refresh_timestamp_seconds``    when the database gauges were last refreshed
 ``syncd_drift_detected_total{side}``           orders edited after import (recorded as drift)
+``syncd_webhooks_total{service,result}``       webhook deliveries by what the listener answered
 =============================================  ==================================================
 """
 
@@ -125,6 +126,15 @@ class Metrics:
         )
         for side in ("tradegecko", "katana"):
             self.drift_detected.labels(side)
+        self.webhooks = Counter(
+            "syncd_webhooks",
+            "Webhook deliveries, by service and what the listener answered.",
+            ["service", "result"],
+            registry=r,
+        )
+        # Exported from the start (at 0), so dashboards and alerts see the series.
+        for service in ("tradegecko", "katana"):
+            self.webhooks.labels(service, "accepted")
         self.inbox_backlog = Gauge(
             "syncd_inbox_backlog_events", "Inbox events waiting to be processed.", registry=r
         )
@@ -184,6 +194,10 @@ class Metrics:
             self.effect_retries.labels(effect).inc()
         elif result == "failed":
             self.effect_failures.labels(effect).inc()
+
+    def webhook(self, service: str, result: str) -> None:
+        """Count a webhook delivery: accepted, duplicate, ignored, bad_signature, ..."""
+        self.webhooks.labels(service, result).inc()
 
     def drift(self, side: str) -> None:
         """Count an order found edited after import on ``side`` (tradegecko or katana)."""

@@ -222,6 +222,8 @@ async def _start_webhooks(tg: anyio.abc.TaskGroup, daemon: Daemon) -> None:
     listener = WebhookListener(
         daemon.config, daemon.store, daemon.katana, daemon.tradegecko, consumer, healthy
     )
+    if daemon.metrics is not None:
+        listener.on_result = daemon.metrics.webhook
     tg.start_soon(consumer.run)
     daemon.webhooks = listener
     daemon.webhooks_url = await tg.start(listener.run)

@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -158,8 +158,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _Answer(JSONResponse):
+    """A listener's answer, with a short result name for the metrics."""
+
+    result: str
+
+
 def _answer(status: int, message: str) -> Response:
-    return JSONResponse({"status": message}, status)
+    answer = _Answer({"status": message}, status)
+    answer.result = message.split(":")[0].replace(" ", "_").replace("-", "_").lower()
+    return answer
 
 
 def create_webhook_app(
@@ -169,6 +177,7 @@ def create_webhook_app(
     max_body_bytes: int,
     on_received: Callable[[], None],
     health: Callable[[], dict[str, object]] | None = None,
+    on_result: Callable[[str, str], None] | None = None,
 ) -> Starlette:
     """The listener's ASGI app: ``POST /webhooks/tradegecko``,
     ``POST /webhooks/katana/{path token}``, ``GET /healthz``."""
@@ -245,10 +254,21 @@ def create_webhook_app(
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", **(health() if health else {})})
 
+    def counted(
+        service: str, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            response = await handler(request)
+            if on_result is not None:
+                on_result(service, getattr(response, "result", str(response.status_code)))
+            return response
+
+        return endpoint
+
     return Starlette(
         routes=[
-            Route(TRADEGECKO_PATH, tradegecko, methods=["POST"]),
-            Route(KATANA_PATH + "/{token}", katana, methods=["POST"]),
+            Route(TRADEGECKO_PATH, counted("tradegecko", tradegecko), methods=["POST"]),
+            Route(KATANA_PATH + "/{token}", counted("katana", katana), methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
         ]
     )
@@ -422,6 +442,8 @@ class WebhookListener:
         self.public_url: str | None = None
         self.registered = False
         self.keys = WebhookKeys(config.webhooks.tradegecko_secret, config.webhooks.path_token)
+        #: Told ``(service, result)`` for every delivery answered (metrics).
+        self.on_result: Callable[[str, str], None] | None = None
 
     async def _load_keys(self) -> None:
         hooks = self.config.webhooks
@@ -450,6 +472,7 @@ class WebhookListener:
             max_body_bytes=hooks.max_body_bytes,
             on_received=self.consumer.wake,
             health=self.health,
+            on_result=self.on_result,
         )
         host, port = hooks.address()
         try:
