@@ -195,3 +195,15 @@ def _config(tmp_path: Path, database: Path) -> Path:
         '[tradegecko]\ntoken = "t"\n[katana]\ntoken = "k"\n'
     )
     return config
+
+
+def test_the_example_config_is_valid() -> None:
+    result = run(
+        "syncd",
+        "check",
+        "--config",
+        str(ROOT / "systemd" / "syncd.toml.example"),
+        env={"SYNCD_TRADEGECKO_TOKEN": "t", "SYNCD_KATANA_TOKEN": "k"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "supplier 'Katana'" in result.stdout
