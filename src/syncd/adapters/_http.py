@@ -72,8 +72,11 @@ def parse_reset(value: str, now: float) -> float | None:
 class RequestBudget:
     """A sliding-window allowance of ``limit`` requests per ``period`` seconds.
 
-    :meth:`acquire` waits until a request fits. The service's own headers correct the
-    picture: when it says nothing remains, callers wait until its reset time.
+    :meth:`acquire` waits until a request fits; :meth:`complete` tells that its answer came.
+    A request counts from the moment it is sent until ``period`` after its answer: the
+    service counts it on arrival, somewhere in between, so no window the service can look
+    at holds more than ``limit``. The service's own headers correct the picture: when it
+    says nothing remains, callers wait until its reset time.
     """
 
     def __init__(self, limit: int, period: float, *, clock: Callable[[], float] = time.monotonic):
@@ -83,6 +86,7 @@ class RequestBudget:
         self.period = period
         self._clock = clock
         self._sent: deque[float] = deque()
+        self._in_flight = 0
         self._blocked_until = 0.0
         self._lock = anyio.Lock()
         self.remaining_reported: int | None = None
@@ -92,17 +96,24 @@ class RequestBudget:
         while self._sent and now - self._sent[0] >= self.period:
             self._sent.popleft()
         wait = max(0.0, self._blocked_until - now)
-        if len(self._sent) >= self.limit:
-            wait = max(wait, self._sent[0] + self.period - now)
+        if len(self._sent) + self._in_flight >= self.limit:
+            # With every slot on the wire, look again shortly.
+            oldest = self._sent[0] + self.period - now if self._sent else 0.05
+            wait = max(wait, oldest)
         return wait
 
     async def acquire(self) -> None:
-        """Wait until one more request fits in the window, then count it."""
+        """Wait until one more request fits in the window, then count it as sent."""
         async with self._lock:
             # The wait is computed from the window, not signalled by anyone.
             while (wait := self._wait_time()) > 0:  # noqa: ASYNC110
                 await anyio.sleep(wait)
-            self._sent.append(self._clock())
+            self._in_flight += 1
+
+    def complete(self) -> None:
+        """The answer to an acquired request came (or it failed): it now ages out."""
+        self._in_flight = max(0, self._in_flight - 1)
+        self._sent.append(self._clock())
 
     def block_for(self, seconds: float) -> None:
         """Stop every caller for ``seconds`` (a 429, or the service saying nothing remains)."""
@@ -110,9 +121,9 @@ class RequestBudget:
 
     @property
     def used(self) -> int:
-        """Requests counted in the current window."""
+        """Requests counted in the current window, those on the wire included."""
         self._wait_time()
-        return len(self._sent)
+        return len(self._sent) + self._in_flight
 
 
 class Page:
@@ -244,10 +255,13 @@ class ServiceClient:
         await self.budget.acquire()
         started = time.perf_counter()
         try:
-            response = await self._http.request(
-                method, path, params=params, content=body, headers=headers
-            )
-            await response.aread()
+            try:
+                response = await self._http.request(
+                    method, path, params=params, content=body, headers=headers
+                )
+                await response.aread()
+            finally:
+                self.budget.complete()
         except httpx.TimeoutException as exc:
             self._observe(method, endpoint, 0, started)
             raise _Retryable(
