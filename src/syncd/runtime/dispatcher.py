@@ -31,6 +31,7 @@ from syncd.domain.rules import (
 from syncd.domain.statechart import Decision, Statechart
 from syncd.errors import SyncdError
 from syncd.runtime import inbox
+from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.effects import Effects, Outcome
 from syncd.store import InboxEvent, Store
 
@@ -373,6 +374,7 @@ class Dispatcher:
             notes=outcome.notes if outcome else (),
             **extra,  # type: ignore[arg-type]
         )
+        crash_point("transition_applied")
         self._failures.pop(link.id, None)
         self._notify(
             updated, decision.source, decision.dest, decision.trigger, cause, link.state_since
@@ -486,6 +488,7 @@ class Dispatcher:
             link_id=link.id,
             po_id=link.po_id,
         )
+        crash_point("outcome_written")
         self.wake()
 
     def _effect_ran(self, effect: str, result: str) -> None:

@@ -34,6 +34,7 @@ from syncd.domain.rules import (
     pick_average_cost,
 )
 from syncd.errors import ApiError, AuthError, NotFound, RuleViolation, ValidationFailed
+from syncd.runtime.crashpoints import crash_point
 
 __all__ = ["Effects", "Outcome", "is_passing"]
 
@@ -192,6 +193,7 @@ class Effects:
                 # The POST may have landed: the next attempt looks order_no up first.
                 log.warning("sales order create for %s uncertain: %s", snapshot.po_number, exc)
             raise
+        crash_point("so_created")
         return Outcome(
             effect="import_order",
             trigger="so_created",
@@ -240,6 +242,7 @@ class Effects:
                 result[sku] = (live[0], False)
                 continue
             product = await self.katana.create_product(name=sku, sku=sku)
+            crash_point("product_created")
             made = [v for v in product.variants if v.sku == sku] or product.variants
             if not made:
                 raise RuleViolation(f"Katana created product {product.id} without a variant")
@@ -302,6 +305,7 @@ class Effects:
             made = await self.katana.create_customer(
                 name=config.customer_name, reference_id=config.customer_reference
             )
+            crash_point("customer_created")
             log.info("created Katana customer %r (id %s)", made.name, made.id)
             customer_id = made.id
         self._customer.set(customer_id)
@@ -376,6 +380,7 @@ class Effects:
             await self.tradegecko.update_line_item_price(
                 line.line_id, new_price, idempotency_key=f"syncd-price-{line.line_id}-{new_price}"
             )
+            crash_point("price_updated")
             costed.append(
                 msgspec.structs.replace(line, cost_before=po_line.price, cost_after=new_price)
             )
@@ -390,6 +395,7 @@ class Effects:
                 raise
             cause = f"PO {link.po_number} was already received"
         else:
+            crash_point("po_received")
             cause = f"received PO {link.po_number} (procurement {procurement.id})"
         return Outcome(
             effect="receive_order",

@@ -31,6 +31,7 @@ from syncd.domain.rules import purchase_order_drift, purchase_order_trigger
 from syncd.domain.statechart import Statechart
 from syncd.errors import AuthError, SyncdError
 from syncd.runtime import inbox
+from syncd.runtime.crashpoints import crash_point
 from syncd.store import Store
 
 __all__ = ["KatanaPoller", "TradeGeckoPoller", "parse_time", "supplier_matches"]
@@ -218,6 +219,7 @@ class TradeGeckoPoller(_Poller):
             po_id=po.id,
         )
         if event is not None:
+            crash_point("po_discovered")
             log.info("new purchase order", extra={"po": snapshot.po_number, "po_id": po.id})
         return int(event is not None)
 

@@ -1,0 +1,67 @@
+"""Nothing lost, nothing done twice: the daemon as a real process, killed with SIGKILL again
+and again (and at each crash point), against simulators running as their own processes.
+
+The harness is in ``crash_harness.py``; ``bench/crash.py`` runs a longer version.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from crash_harness import CRASH_POINTS, CrashHarness
+from syncd.runtime.crashpoints import EXIT_CODE
+
+#: The short version `make test` runs.
+KILLS = 24
+ORDERS = 12
+
+
+def test_the_daemon_killed_again_and_again_loses_nothing_and_does_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    seed = int(os.environ.get("SYNCD_CRASH_SEED", "7"))
+    harness = CrashHarness(tmp_path, seed=seed)
+    with harness.running():
+        report = harness.chaos(orders=ORDERS, kills=KILLS, seconds=40.0)
+        assert not report.unexpected_exits, (report, harness.daemon_log_tail())
+        assert report.kills >= 20, report
+        assert harness.finish(orders=ORDERS, seconds=30.0), (
+            harness.states(),
+            harness.daemon_log_tail(),
+        )
+        verdict = harness.verdict()
+    assert verdict.orders == ORDERS
+    assert verdict.duplicate_sales_orders == {}, verdict
+    assert verdict.duplicate_receipts == {}, verdict
+    assert verdict.lost == {}, verdict
+    assert verdict.invalid_histories == {}, verdict
+    assert verdict.customers_created == 1 and verdict.products_created == 1, verdict
+    assert verdict.ok
+
+
+@pytest.mark.parametrize("point", sorted(CRASH_POINTS))
+def test_a_crash_at_each_point_still_ends_received_exactly_once(tmp_path: Path, point: str) -> None:
+    harness = CrashHarness(tmp_path, seed=1)
+    with harness.running():
+        status = harness.aim(point)
+        assert status == EXIT_CODE, f"crash point {point} was never reached (exit {status})"
+        assert harness.finish(orders=1, seconds=20.0), harness.daemon_log_tail()
+        verdict = harness.verdict()
+    # Not lost: its SO and its receipt exist; not twice: no order_no or PO counted twice.
+    assert len(harness.pos) == 1
+    assert verdict.duplicate_sales_orders == {} and verdict.duplicate_receipts == {}, verdict
+    assert verdict.lost == {} and verdict.received == 1, verdict
+    assert verdict.invalid_histories == {}, verdict
+    assert verdict.customers_created == 1 and verdict.products_created == 1, verdict
+
+
+def test_crash_at_names_points_and_hits() -> None:
+    from syncd.runtime.crashpoints import _armed
+
+    assert _armed("") == {}
+    assert _armed("so_created, price_updated:3") == {"so_created": 1, "price_updated": 3}
+    with pytest.raises(ValueError, match="no crash point is called 'nowhere'"):
+        _armed("nowhere")
