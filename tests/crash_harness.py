@@ -33,15 +33,18 @@ import httpx
 
 from syncd.domain.statechart import load_statechart
 from syncd.runtime.crashpoints import CRASH_POINTS, ENV, EXIT_CODE
+from syncd.sim.tradegecko import DEFAULT_WEBHOOK_SECRET
 from syncd.store import Store
 
-__all__ = ["CRASH_POINTS", "CrashHarness", "CrashReport", "Verdict"]
+__all__ = ["CRASH_POINTS", "WEBHOOK_POINTS", "CrashHarness", "CrashReport", "Verdict"]
 
 BIN = Path(sys.executable).parent
 #: SKUs Katana's simulator knows (re-costed from its average cost: a price PUT each) and one it
 #: lacks (created as a product by the first import that needs it).
 KNOWN_SKUS = ("CHAIR-OAK", "TABLE-OAK", "STOOL-PINE", "LAMP-BRASS")
 NEW_SKU = "SHELF-WALNUT"
+#: Crash points only a daemon with webhooks enabled reaches.
+WEBHOOK_POINTS = frozenset({"webhook_acknowledged"})
 
 
 def free_port() -> int:
@@ -107,8 +110,23 @@ class Verdict:
 class CrashHarness:
     """Two simulator processes and a daemon process to kill; see the module's doc."""
 
-    def __init__(self, workdir: Path, *, seed: int = 0, factory: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        seed: int = 0,
+        factory: bool = True,
+        webhooks: bool = False,
+        poll_interval: float = 0.1,
+        reconcile_interval: float = 300.0,
+    ) -> None:
+        """``webhooks``: the daemon listens (on a free port) and registers with both
+        simulators; ``reconcile_interval`` is then the polls' interval once registered."""
         self.workdir = workdir
+        self.webhooks = webhooks
+        self.poll_interval = poll_interval
+        self.reconcile_interval = reconcile_interval
+        self.webhooks_url = ""
         self.rng = random.Random(seed)
         self.factory = factory
         self.database = workdir / "syncd.db"
@@ -137,6 +155,8 @@ class CrashHarness:
             )
             for url in (self.tradegecko_url, self.katana_url):
                 self._wait_up(url)
+            if self.webhooks:
+                self.webhooks_url = f"http://127.0.0.1:{free_port()}"
             self._write_config()
             yield self
         finally:
@@ -167,14 +187,24 @@ class CrashHarness:
             time.sleep(0.05)
 
     def _write_config(self) -> None:
+        webhooks = ""
+        if self.webhooks:
+            listen = self.webhooks_url.removeprefix("http://")
+            webhooks = (
+                f'[webhooks]\nenabled = true\nlisten = "{listen}"\n'
+                # Katana sends only to https; the simulators deliver it over plain http.
+                f'public_base_url = "https://{listen}"\n'
+                f'tradegecko_secret = "{DEFAULT_WEBHOOK_SECRET}"\n'
+                f"reconcile_interval = {self.reconcile_interval}\n"
+            )
         self.config_path.write_text(
             f'[daemon]\ndatabase = "{self.database}"\nlog_level = "warning"\n'
             "concurrency = 4\nretry_initial = 0.1\nretry_max = 0.5\n"
             "[metrics]\nenabled = false\n"
             f'[tradegecko]\nbase_url = "{self.tradegecko_url}"\ntoken = "tradegecko-sim-token"\n'
-            "poll_interval = 0.1\nrate_limit = 100000\n"
+            f"poll_interval = {self.poll_interval}\nrate_limit = 100000\n"
             f'[katana]\nbase_url = "{self.katana_url}/v1"\ntoken = "katana-sim-token"\n'
-            "poll_interval = 0.1\nrate_limit = 100000\n"
+            f"poll_interval = {self.poll_interval}\nrate_limit = 100000\n" + webhooks
         )
 
     def start_daemon(self, crash_at: str | None = None) -> subprocess.Popen[bytes]:
@@ -242,17 +272,38 @@ class CrashHarness:
         tradegecko = self.http.get(f"{self.tradegecko_url}/_sim/counters").json()
         return katana, tradegecko
 
-    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         if not self.database.exists():
             return []
         try:
             with contextlib.closing(
                 sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=5)
             ) as db:
-                return db.execute(sql).fetchall()
+                return db.execute(sql, params).fetchall()
         except sqlite3.OperationalError:
             # Not created yet (a daemon killed while making it), or busy for too long.
             return []
+
+    def webhooks_registered(self) -> bool:
+        """Whether the daemon's listener answers and its webhooks are registered."""
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            response = self.http.get(f"{self.webhooks_url}/healthz", timeout=2.0)
+            return response.status_code == 200 and response.json().get("registered") is True
+        return False
+
+    def webhook_counters(self, service: str) -> dict[str, int]:
+        """A simulator's webhook sender counters (``delivered``, ``failed_attempts``, ...)."""
+        base = self.tradegecko_url if service == "tradegecko" else self.katana_url
+        counters: dict[str, int] = self.http.get(f"{base}/_sim/webhooks").json()["counters"]
+        return counters
+
+    def inbox(self, kind: str) -> list[tuple[int, str | None, str | None, str | None]]:
+        """``(id, dedup_key, processed_at, outcome)`` of the inbox rows of ``kind``."""
+        rows = self._query(
+            "SELECT id, dedup_key, processed_at, outcome FROM inbox WHERE kind = ? ORDER BY id",
+            (kind,),
+        )
+        return [(int(r[0]), r[1], r[2], r[3]) for r in rows]
 
     def activated(self) -> bool:
         return bool(self._query("SELECT value FROM meta WHERE key = 'activated_at'"))
@@ -285,7 +336,7 @@ class CrashHarness:
         # Spread the POs over all but the last few runs, so that orders are always in flight.
         spread = max(1, kills - 4)
         runs = 0
-        points = sorted(CRASH_POINTS)
+        points = sorted(p for p in CRASH_POINTS if self.webhooks or p not in WEBHOOK_POINTS)
         # The customer and the new SKU's product are made once, by the first import.
         once = {"customer_created", "product_created"}
         while report.kills < kills and time.monotonic() < deadline:

@@ -30,6 +30,7 @@ CRASH_POINTS: dict[str, str] = {
     "po_received": "TradeGecko received the PO; its outcome is not written",
     "outcome_written": "an effect's outcome is in the inbox; the statechart has not applied it",
     "transition_applied": "a transition is committed; the next effect is not started",
+    "webhook_acknowledged": "a delivery is in the inbox and its 200 sent; nothing processed it",
 }
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import anyio
 import msgspec
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -37,6 +38,7 @@ from syncd.config import Config
 from syncd.errors import ConfigError, NotFound, SyncdError
 from syncd.ops.asgi import bind_socket, serving_socket
 from syncd.runtime import inbox
+from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
 from syncd.store import InboxEvent, Store
 
@@ -170,6 +172,12 @@ def _answer(status: int, message: str) -> Response:
     return answer
 
 
+async def _acknowledged() -> None:
+    # Async, so it runs on the event loop right after the response (a sync function would go
+    # to a worker thread, giving the consumer a turn before the crash point).
+    crash_point("webhook_acknowledged")
+
+
 def create_webhook_app(
     store: Store,
     keys: WebhookKeys,
@@ -193,7 +201,10 @@ def create_webhook_app(
             log.info("duplicate %s delivery %s", received.service, received.delivery_id)
             return _answer(200, "duplicate")
         on_received()
-        return _answer(200, "accepted")
+        answer = _answer(200, "accepted")
+        # Runs once the 200 is sent: the sender will not try again, only the inbox row is left.
+        answer.background = BackgroundTask(_acknowledged)
+        return answer
 
     async def tradegecko(request: Request) -> Response:
         try:
