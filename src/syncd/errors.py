@@ -51,7 +51,15 @@ class ConfigError(SyncdError):
 
 
 class StoreError(SyncdError):
-    """The SQLite store cannot be opened, migrated or written."""
+    """The SQLite store cannot be opened, migrated or written.
+
+    ``transient`` marks what may pass by itself (the file locked by another process past the
+    busy timeout, a failing or full disk): the write is tried again later, never given up.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        self.transient = transient
+        super().__init__(message)
 
 
 class RuleViolation(SyncdError):

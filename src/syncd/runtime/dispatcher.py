@@ -29,7 +29,7 @@ from syncd.domain.rules import (
     sales_order_trigger,
 )
 from syncd.domain.statechart import Decision, Statechart
-from syncd.errors import SyncdError
+from syncd.errors import StoreError, SyncdError
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.effects import Effects, Outcome
@@ -177,26 +177,33 @@ class Dispatcher:
                 await self._discovered(event, payload)
             else:
                 await self._observed(event, payload)
-        except SyncdError as exc:
-            # Typically another writer moved the order between our read and our write: the
-            # next pass decides again. A fault that persists must not wedge the inbox.
-            attempts = self._event_failures.get(event.id, 0) + 1
-            self._event_failures[event.id] = attempts
-            if attempts >= _EVENT_ATTEMPTS:
-                log.error(
-                    "event %s (%s) set aside after %d tries: %s",
-                    event.id,
-                    event.kind,
-                    attempts,
-                    exc,
-                )
-                self._event_failures.pop(event.id, None)
-                await self._set_aside(event.id, f"failed: {exc}")
+        except StoreError as exc:
+            if exc.transient:
+                # The database is locked by another process or the disk failed: nothing is
+                # given up, the event waits for the next pass.
+                log.warning("event %s waits: %s", event.id, exc)
+                await anyio.sleep(1.0)
             else:
-                log.warning("event %s not applied (try %d): %s", event.id, attempts, exc)
-                await anyio.sleep(min(2.0, 0.1 * attempts))
+                await self._failed(event, exc)
+        except SyncdError as exc:
+            await self._failed(event, exc)
         else:
             self._event_failures.pop(event.id, None)
+
+    async def _failed(self, event: InboxEvent, exc: SyncdError) -> None:
+        """Typically another writer moved the order between our read and our write: the next
+        pass decides again. A fault that persists must not wedge the inbox."""
+        attempts = self._event_failures.get(event.id, 0) + 1
+        self._event_failures[event.id] = attempts
+        if attempts >= _EVENT_ATTEMPTS:
+            log.error(
+                "event %s (%s) set aside after %d tries: %s", event.id, event.kind, attempts, exc
+            )
+            self._event_failures.pop(event.id, None)
+            await self._set_aside(event.id, f"failed: {exc}")
+        else:
+            log.warning("event %s not applied (try %d): %s", event.id, attempts, exc)
+            await anyio.sleep(min(2.0, 0.1 * attempts))
 
     async def _set_aside(self, event_id: int, outcome: str) -> None:
         try:
@@ -448,10 +455,11 @@ class Dispatcher:
                 try:
                     await self._effect_once(link_id)
                 except SyncdError as exc:
-                    # The store refused a write; the order stays in its effect state and is
-                    # picked up again at the next start or replay.
+                    # The store refused a write: the effect runs again (it is idempotent)
+                    # once the database takes writes again.
                     log.error("effect for order %s could not be recorded: %s", link_id, exc)
-                    return
+                    await anyio.sleep(self.retry_initial)
+                    self._again.add(link_id)
                 if link_id not in self._again:
                     return
         finally:

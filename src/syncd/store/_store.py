@@ -9,6 +9,7 @@ caused it are written in one transaction: either all of it happened or none did.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -29,6 +30,8 @@ from syncd.errors import StoreError
 from syncd.store._schema import MIGRATIONS
 
 __all__ = ["InboxEvent", "Store", "TransitionRecord"]
+
+log = logging.getLogger("syncd.store")
 
 _encode = msgspec.json.Encoder().encode
 _snapshot_decoder = msgspec.json.Decoder(PurchaseOrderSnapshot)
@@ -173,20 +176,32 @@ class Store:
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise StoreError(f"cannot write to {self.path}: {exc}") from None
+                raise StoreError(
+                    f"cannot write to {self.path}: {exc}", transient=_transient(exc)
+                ) from None
             try:
                 yield self._db
             except sqlite3.Error as exc:
-                await self._db.execute("ROLLBACK")
-                raise StoreError(f"write to {self.path} refused: {exc}") from exc
+                await self._rollback()
+                raise StoreError(
+                    f"write to {self.path} refused: {exc}", transient=_transient(exc)
+                ) from exc
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                await self._rollback()
                 raise
             try:
                 await self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                await self._db.execute("ROLLBACK")
-                raise StoreError(f"cannot commit to {self.path}: {exc}") from None
+                await self._rollback()
+                raise StoreError(
+                    f"cannot commit to {self.path}: {exc}", transient=_transient(exc)
+                ) from None
+
+    async def _rollback(self) -> None:
+        try:
+            await self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # no transaction left to roll back
+            log.debug("rollback: %s", exc)
 
     async def integrity_check(self) -> list[str]:
         """SQLite's own integrity check; an empty list means the file is sound."""
@@ -573,6 +588,11 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return [TransitionRecord(*r) for r in rows]
+
+
+def _transient(error: sqlite3.Error) -> bool:
+    """Locked, busy, I/O, full or read-only: errors of the moment, not of the data."""
+    return isinstance(error, sqlite3.OperationalError)
 
 
 def _probe(path: str) -> None:

@@ -1,0 +1,47 @@
+"""Faults of the machine itself: the database locked by another process for longer than the
+busy timeout. Every order still completes, exactly once."""
+
+# ruff: noqa: F811 - the test takes test_flow's `sims` fixture, imported below
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import anyio
+import pytest
+
+from test_flow import Sims, is_state, sims, wait_for  # noqa: F401 - sims is a fixture
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_database_locked_past_the_busy_timeout_loses_nothing(
+    sims: Sims, tmp_path: Path
+) -> None:
+    database = tmp_path / "syncd.db"
+    lines = [{"sku": "CHAIR-OAK", "name": "Oak chair", "quantity": "1", "price": "150.00"}]
+    async with sims.daemon(database) as daemon, sims.factory():
+        numbers = [(await sims.create_po(lines))["order_number"] for _ in range(3)]
+        daemon.poll_now()
+        await wait_for(daemon, numbers[:1], is_state("discovered", "imported", "in_production"))
+        # Another process (syncctl writing, a backup) holds the write lock for 7 s, longer
+        # than the daemon's 5 s busy timeout: its writes fail meanwhile.
+        other = sqlite3.connect(database, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            more = [(await sims.create_po(lines))["order_number"] for _ in range(2)]
+            daemon.poll_now()
+            await anyio.sleep(7.0)
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        links = await wait_for(daemon, numbers + more, is_state("received"), seconds=60)
+        assert {link.state for link in links} == {"received"}
+        backlog, _ = await daemon.store.inbox_backlog()
+        assert backlog == 0
+    katana_counts, tg_counts = await sims.counters()
+    assert set(katana_counts["sales_orders_by_order_no"].values()) == {1}
+    assert len(katana_counts["sales_orders_by_order_no"]) == 5
+    assert set(tg_counts["receipts_per_po"].values()) == {1}
+    assert len(tg_counts["receipts_per_po"]) == 5
