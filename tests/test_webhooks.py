@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -491,3 +492,126 @@ async def test_every_answer_is_counted_by_result(tmp_path: Path) -> None:
         ("tradegecko", "body_too_large"),
         ("katana", "not_found"),
     ]
+
+
+# -- signature switch and replay window -----------------------------------------------------
+
+
+async def test_unsigned_deliveries_are_accepted_when_verification_is_off_and_warned_at_start(
+    sims: Sims, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = sims.config(tmp_path / "syncd.db", free_port())
+    config.webhooks.verify_signatures = False
+    config.webhooks.tradegecko_secret = ""
+    caplog.set_level(logging.WARNING, logger="syncd.webhooks")
+    async with sims.daemon(config) as daemon:
+        warnings = [
+            r for r in caplog.records if r.name == "syncd.webhooks" and r.levelno == logging.WARNING
+        ]
+        assert any("webhooks.verify_signatures" in r.getMessage() for r in warnings)
+        body = json.dumps(
+            {"object_id": 999, "event": "purchase_order.create", "timestamp": int(time.time())}
+        ).encode()
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(
+                f"{daemon.webhooks_url}/webhooks/tradegecko",
+                content=body,
+                headers={"X-Gecko-Delivery": "unsigned-1"},
+            )
+        assert (answer.status_code, answer.json()["status"]) == (200, "accepted")
+    keys = [row[1] for row in inbox_rows(tmp_path / "syncd.db", inbox.WEBHOOK_RECEIVED)]
+    assert "webhook:tradegecko:unsigned-1" in keys
+
+
+async def test_signatures_off_needs_no_secret_and_accepts_unsigned_katana(
+    tmp_path: Path,
+) -> None:
+    # The secret is required only while signatures are checked.
+    text = 'tradegecko.token = "t"\nkatana.token = "k"\n[webhooks]\nenabled = true\n'
+    parsed = parse_config(text + "verify_signatures = false\n")
+    assert (parsed.webhooks.verify_signatures, parsed.webhooks.replay_window) == (False, 345600.0)
+    with pytest.raises(ConfigError) as error:
+        parse_config(text)
+    assert error.value.key == "webhooks.tradegecko_secret"
+    with pytest.raises(ConfigError) as error:
+        parse_config(text + "verify_signatures = false\nreplay_window = 0\n")
+    assert error.value.key == "webhooks.replay_window"
+    store = await Store.open(tmp_path / "unsigned.db")
+    keys = WebhookKeys(SECRET, "path-token-123", {"0123456789abcdef"}, verify=False)
+    app = create_webhook_app(store, keys, max_body_bytes=2048, on_received=lambda: None)
+    katana_body = json.dumps(
+        {"resource_type": "sales_order", "action": "sales_order.updated", "object": {"id": "7"}}
+    ).encode()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://listener"
+    ) as client:
+        answer = await client.post("/webhooks/katana/path-token-123", content=katana_body)
+        assert answer.status_code == 200
+        # The path token is no signature: still checked.
+        answer = await client.post("/webhooks/katana/guessed", content=katana_body)
+        assert answer.status_code == 404
+    assert len(await store.pending_events(kinds=inbox.WEBHOOK_KINDS)) == 1
+    await store.close()
+
+
+NOW = 1_800_000_000.0
+DAY = 86400.0
+
+
+@pytest.fixture
+async def windowed(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Store, list[int]]]:
+    store = await Store.open(tmp_path / "windowed.db")
+    woken: list[int] = []
+    keys = WebhookKeys(SECRET, "path-token-123")
+    app = create_webhook_app(
+        store,
+        keys,
+        max_body_bytes=2048,
+        on_received=lambda: woken.append(1),
+        replay_window=WebhooksConfig().replay_window,
+        clock=lambda: NOW,
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://listener"
+    ) as client:
+        yield client, store, woken
+    await store.close()
+
+
+def tg_body(timestamp: float | None) -> bytes:
+    note: dict[str, Any] = {"object_id": 5, "event": "purchase_order.create"}
+    if timestamp is not None:
+        note["timestamp"] = timestamp
+    return json.dumps(note).encode()
+
+
+async def test_stale_and_future_timestamps_are_refused_and_nothing_is_stored(
+    windowed: tuple[httpx.AsyncClient, Store, list[int]],
+) -> None:
+    client, store, woken = windowed
+    for n, timestamp in enumerate((NOW - 4 * DAY - 1, NOW - 30 * DAY, NOW + 301, 1e300)):
+        answer = await client.post(
+            "/webhooks/tradegecko", **tg_request(tg_body(timestamp), delivery=f"replay-{n}")
+        )
+        assert (answer.status_code, answer.json()["status"]) == (401, "stale timestamp")
+    assert await store.pending_events() == []
+    assert woken == []
+
+
+async def test_a_three_day_old_retry_and_a_timestampless_delivery_are_accepted(
+    windowed: tuple[httpx.AsyncClient, Store, list[int]],
+) -> None:
+    client, store, woken = windowed
+    cases = (("retry", NOW - 3 * DAY), ("skewed", NOW + 299), ("old-format", None))
+    for delivery, timestamp in cases:
+        answer = await client.post(
+            "/webhooks/tradegecko", **tg_request(tg_body(timestamp), delivery=delivery)
+        )
+        assert (answer.status_code, answer.json()["status"]) == (200, "accepted")
+    # De-duplication on X-Gecko-Delivery stays.
+    again = await client.post("/webhooks/tradegecko", **tg_request(tg_body(NOW), delivery="retry"))
+    assert (again.status_code, again.json()["status"]) == (200, "duplicate")
+    events = await store.pending_events(kinds=inbox.WEBHOOK_KINDS)
+    notes = [inbox.decode(e.kind, e.payload) for e in events]
+    assert [getattr(n, "delivery_id", None) for n in notes] == [d for d, _ in cases]
+    assert len(woken) == 3

@@ -106,6 +106,13 @@ class WebhooksConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     reconcile_interval: float = 300.0
     #: Make sure the webhooks exist on both services at start (``syncd run --no-register``).
     register: bool = True
+    #: Check ``X-Gecko-Signature`` and ``X-Sha2-Signature``; ``false`` (behind a proxy that
+    #: verifies, or for tests) accepts unsigned deliveries and logs a warning at every start.
+    verify_signatures: bool = True
+    #: Seconds a TradeGecko delivery's ``timestamp`` may be old (4 days: TradeGecko retries
+    #: for up to 3); older, or more than 5 minutes ahead, is refused with 401. A delivery
+    #: without a timestamp is accepted.
+    replay_window: float = 345600.0
 
     def address(self) -> tuple[str, int]:
         """The ``(host, port)`` of :attr:`listen`."""
@@ -205,7 +212,13 @@ def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = 
             f"must be a positive number of seconds, got {hooks.reconcile_interval}",
             key="webhooks.reconcile_interval",
         )
-    if hooks.enabled and require_tokens and not hooks.tradegecko_secret:
+    if hooks.replay_window <= 0:
+        raise ConfigError(
+            f"must be a positive number of seconds, got {hooks.replay_window}",
+            key="webhooks.replay_window",
+        )
+    needs_secret = hooks.enabled and require_tokens and hooks.verify_signatures
+    if needs_secret and not hooks.tradegecko_secret:
         raise ConfigError(
             "no secret: set it here, in SYNCD_TRADEGECKO_WEBHOOK_SECRET, or as the systemd "
             "credential tradegecko-webhook-secret",

@@ -367,7 +367,7 @@ def describe_error_body(response: httpx.Response) -> tuple[str, Any]:
         return f"{response.reason_phrase or 'error'} (empty body)", None
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         kind = response.headers.get("Content-Type", "unknown type").split(";")[0]
         return f"{response.reason_phrase or 'error'} (non-JSON body of {kind})", None
     if isinstance(data, dict) and isinstance(data.get("error"), dict):

@@ -125,7 +125,7 @@ class KatanaClient(ServiceClient):
         if header:
             try:
                 facts = json.loads(header)
-            except ValueError:
+            except (ValueError, RecursionError):
                 facts = None
             if isinstance(facts, dict):
                 if str(facts.get("last_page", "")).lower() == "true":

@@ -158,7 +158,7 @@ class TradeGeckoClient(ServiceClient):
         if header:
             try:
                 info = json.loads(header)
-            except ValueError:
+            except (ValueError, RecursionError):
                 info = None
             if isinstance(info, dict):
                 if info.get("last_page") is True or info.get("out_of_bounds") is True:
