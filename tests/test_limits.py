@@ -198,3 +198,53 @@ async def test_faults_lose_nothing_and_do_nothing_twice(tmp_path: Path) -> None:
     assert tg_faults["error_after"] == 1
     assert tg_faults["rate_limited"] >= 4
     assert tg_faults["error"] > 0 and tg_faults["truncate"] > 0
+
+
+SLOW_KATANA = Faults(
+    seed=21,
+    rules=[
+        # Katana made the SO but answers too late: the client gives up, the order must not
+        # get a second SO.
+        FaultRule(
+            path="/sales_orders",
+            method="POST",
+            timeout_rate=1.0,
+            timeout_seconds=3.0,
+            after=True,
+            times=1,
+        ),
+        FaultRule(timeout_rate=0.1, timeout_seconds=3.0, latency_ms=50, jitter_ms=100),
+    ],
+)
+SLOW_TRADEGECKO = Faults(
+    seed=22,
+    rules=[FaultRule(timeout_rate=0.1, timeout_seconds=3.0, latency_ms=50, jitter_ms=100)],
+)
+
+
+@pytest.mark.slow
+async def test_slow_answers_and_hangs_lose_nothing_and_do_nothing_twice(tmp_path: Path) -> None:
+    async with simulators(
+        katana_limit=None,
+        tradegecko_limit=None,
+        katana_faults=SLOW_KATANA,
+        tradegecko_faults=SLOW_TRADEGECKO,
+    ) as sims:
+        config = sims.config(tmp_path / "syncd.db")
+        config = msgspec.structs.replace(
+            with_katana(config, timeout=1.0),
+            tradegecko=msgspec.structs.replace(config.tradegecko, timeout=1.0),
+        )
+        pos = await run_flow(sims, config, 90, validate=False)
+        katana_counts, tg_counts = await sims.counters()
+    print(
+        f"\nslow: Katana injected {katana_counts['faults_injected']}, "
+        f"TradeGecko injected {tg_counts['faults_injected']}"
+    )
+    assert katana_counts["sales_orders_by_order_no"] == {
+        f"TG-{po['order_number']}": 1 for po in pos
+    }
+    assert tg_counts["receipts_per_po"] == {str(po["id"]): 1 for po in pos}
+    assert katana_counts["faults_injected"].get("timeout_after") == 1
+    hangs = sum(n for kind, n in katana_counts["faults_injected"].items() if "timeout" in kind)
+    assert hangs + sum(n for k, n in tg_counts["faults_injected"].items() if "timeout" in k) > 1

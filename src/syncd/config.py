@@ -49,6 +49,8 @@ class TradeGeckoConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     poll_interval: float = 30.0
     rate_limit: int = 300
     rate_period: float = 300.0
+    #: Seconds a request may take before it counts as failed (retried when safe).
+    timeout: float = 30.0
 
 
 class KatanaConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -61,6 +63,7 @@ class KatanaConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     poll_interval: float = 30.0
     rate_limit: int = 60
     rate_period: float = 60.0
+    timeout: float = 30.0
 
 
 class MetricsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -234,6 +237,8 @@ def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = 
         ("tradegecko.rate_period", tg.rate_period),
         ("katana.rate_period", kt.rate_period),
         ("daemon.retry_initial", daemon.retry_initial),
+        ("tradegecko.timeout", tg.timeout),
+        ("katana.timeout", kt.timeout),
         ("daemon.retry_max", daemon.retry_max),
         ("metrics.refresh_interval", config.metrics.refresh_interval),
     ):
