@@ -1,5 +1,5 @@
 """Faults of the machine itself: the database locked by another process for longer than the
-busy timeout. Every order still completes, exactly once."""
+busy timeout, a disk that fills up. Every order still completes, exactly once."""
 
 # ruff: noqa: F811 - the test takes test_flow's `sims` fixture, imported below
 
@@ -45,3 +45,46 @@ async def test_a_database_locked_past_the_busy_timeout_loses_nothing(
     assert len(katana_counts["sales_orders_by_order_no"]) == 5
     assert set(tg_counts["receipts_per_po"].values()) == {1}
     assert len(tg_counts["receipts_per_po"]) == 5
+
+
+def _fill(path: Path) -> None:
+    with path.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            return
+
+
+async def test_a_failing_disk_write_loses_nothing(sims: Sims, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    mounted = await anyio.run_process(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mountpoint)], check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a file system here: {mounted.stderr.decode().strip()}")
+    lines = [{"sku": "STOOL-PINE", "name": "Pine stool", "quantity": "2", "price": "30.00"}]
+    try:
+        async with sims.daemon(mountpoint / "syncd.db") as daemon, sims.factory():
+            numbers = [(await sims.create_po(lines))["order_number"] for _ in range(2)]
+            daemon.poll_now()
+            await wait_for(daemon, numbers[:1], is_state("imported", "in_production"))
+            # The disk fills up: every write fails for 3 s (SQLITE_FULL), then space is freed.
+            filler = mountpoint / "filler"
+            await anyio.to_thread.run_sync(_fill, filler)
+            try:
+                more = [(await sims.create_po(lines))["order_number"] for _ in range(2)]
+                daemon.poll_now()
+                await anyio.sleep(3.0)
+                assert (await daemon.store.inbox_backlog())[0] >= 0
+            finally:
+                filler.unlink()
+            links = await wait_for(daemon, numbers + more, is_state("received"), seconds=60)
+            assert {link.state for link in links} == {"received"}
+    finally:
+        await anyio.run_process(["umount", "-l", str(mountpoint)], check=False)
+    katana_counts, tg_counts = await sims.counters()
+    assert sorted(katana_counts["sales_orders_by_order_no"].values()) == [1, 1, 1, 1]
+    assert sorted(tg_counts["receipts_per_po"].values()) == [1, 1, 1, 1]
