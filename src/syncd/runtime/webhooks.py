@@ -162,7 +162,7 @@ class _TooLarge(Exception):
 
 async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
         raise _TooLarge
     chunks: list[bytes] = []
     size = 0
@@ -291,7 +291,8 @@ def create_webhook_app(
             event=note.action,
             resource_type=note.action.split(".", 1)[0],
             object_id=object_id,
-            retry=int(retry) if retry.isdigit() else None,
+            # isdigit() alone accepts "²", which int() refuses.
+            retry=int(retry) if retry.isascii() and retry.isdigit() else None,
         )
         # No event id: the consumer coalesces duplicates and re-fetches before acting.
         return await persist(received, None)
