@@ -35,7 +35,6 @@ from syncd.errors import (
 )
 
 __all__ = [
-    "Page",
     "RequestBudget",
     "ServiceClient",
     "parse_reset",
@@ -126,14 +125,6 @@ class RequestBudget:
         return len(self._sent) + self._in_flight
 
 
-class Page:
-    """One page of a list: its items and the pagination facts the service gave."""
-
-    def __init__(self, items: list[Any], total_pages: int | None) -> None:
-        self.items = items
-        self.total_pages = total_pages
-
-
 class _Retryable(Exception):
     def __init__(self, error: ApiError) -> None:
         self.error = error
@@ -142,34 +133,38 @@ class _Retryable(Exception):
 class ServiceClient:
     """A thin async HTTP client for one service, with budget, retries and typed errors.
 
-    :param service: the service's name for errors and metrics (``katana``, ``tradegecko``).
+    A subclass names its service (``service``, for errors and metrics), its published rate
+    limit (``default_limit``) and its rate-limit headers.
+
     :param base_url: the API root.
     :param token: the bearer token.
-    :param budget: the shared request budget; one per service per daemon.
+    :param budget: the shared request budget, one per service per daemon; by default one
+        at the service's published limit.
     :param transport: an httpx transport, for tests.
     :param attempts: how many times an idempotent request is tried.
     :param max_rate_wait: the longest total time spent waiting out 429s for one request.
     """
 
-    #: The header names of the service's rate limit; set by subclasses.
+    service = "api"
+    #: Requests per period (seconds) the service allows.
+    default_limit: tuple[int, float] = (60, 60.0)
+    #: The header names of the service's rate limit.
     remaining_header = "X-RateLimit-Remaining"
     reset_header = "X-RateLimit-Reset"
 
     def __init__(
         self,
-        service: str,
         base_url: str,
         token: str,
         *,
-        budget: RequestBudget,
+        budget: RequestBudget | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 30.0,
         attempts: int = 5,
         max_rate_wait: float = 180.0,
         on_response: Callable[[str, str, int, float], None] | None = None,
     ) -> None:
-        self.service = service
-        self.budget = budget
+        self.budget = budget if budget is not None else RequestBudget(*self.default_limit)
         self.attempts = attempts
         self.max_rate_wait = max_rate_wait
         self._on_response = on_response

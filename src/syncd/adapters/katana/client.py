@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 
-from syncd.adapters._http import Params, RequestBudget, ServiceClient
+from syncd.adapters._http import Params, ServiceClient
 from syncd.adapters.katana.models import (
     Customer,
     Factory,
@@ -68,32 +68,13 @@ class KatanaClient(ServiceClient):
     :param token: the API key.
     :param budget: the daemon-wide request budget; Katana allows 60 requests per 60 s.
     :param transport: an httpx transport, for tests.
-    :param kwargs: passed on to :class:`ServiceClient` (``timeout``, ``attempts``, ...).
+    :param kwargs: the rest of :class:`ServiceClient`'s (``timeout``, ``attempts``, ...).
     """
 
+    service = "katana"
+    default_limit = (60, 60.0)
     remaining_header = "X-Ratelimit-Remaining"
     reset_header = "X-Ratelimit-Reset"
-
-    def __init__(
-        self,
-        base_url: str,
-        token: str,
-        *,
-        budget: RequestBudget | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            "katana",
-            base_url,
-            token,
-            budget=budget if budget is not None else RequestBudget(60, 60.0),
-            transport=transport,
-            **kwargs,
-        )
-
-    async def __aenter__(self) -> KatanaClient:
-        return self
 
     # -- plumbing ----------------------------------------------------------------------
 

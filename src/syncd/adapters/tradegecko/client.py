@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 
-from syncd.adapters._http import Params, RequestBudget, ServiceClient
+from syncd.adapters._http import Params, ServiceClient
 from syncd.adapters.tradegecko.models import (
     Account,
     AccountEnvelope,
@@ -88,30 +88,14 @@ class TradeGeckoClient(ServiceClient):
     :param token: a privileged access token (or an OAuth2 access token).
     :param budget: the daemon's shared TradeGecko budget; 300 per 300 s by default.
     :param transport: an httpx transport, for tests.
-    :param kwargs: passed on to :class:`~syncd.adapters._http.ServiceClient`
+    :param kwargs: the rest of :class:`~syncd.adapters._http.ServiceClient`'s
         (``timeout``, ``attempts``, ``max_rate_wait``, ``on_response``).
     """
 
+    service = "tradegecko"
+    default_limit = (300, 300.0)
     remaining_header = "X-Rate-Limit-Remaining"
     reset_header = "X-Rate-Limit-Reset"
-
-    def __init__(
-        self,
-        base_url: str,
-        token: str,
-        *,
-        budget: RequestBudget | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            "tradegecko",
-            base_url,
-            token,
-            budget=budget if budget is not None else RequestBudget(300, 300.0),
-            transport=transport,
-            **kwargs,
-        )
 
     # -- plumbing ----------------------------------------------------------------------
 
