@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_APIS = Path(os.environ.get("SYNCD_SHARED_APIS", ROOT.parent / "shared" / "apis"))
+# The API contracts the tests hold syncd and the simulators to (see apis/README.md).
+APIS = ROOT / "apis"
 
 
 @pytest.fixture
@@ -16,8 +16,6 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def shared_apis() -> Path:
-    """The recorded API contracts (``../shared/apis`` beside the repository)."""
-    if not (SHARED_APIS / "README.md").exists():
-        pytest.fail(f"API contracts not found at {SHARED_APIS}; set SYNCD_SHARED_APIS")
-    return SHARED_APIS
+def apis() -> Path:
+    """The recorded API contracts, kept in the repository's ``apis/`` folder."""
+    return APIS

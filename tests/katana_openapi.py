@@ -146,7 +146,7 @@ class ValidatingTransport(httpx.AsyncBaseTransport):
 
     :param inner: the transport that really sends (``httpx.AsyncHTTPTransport()``, an ASGI
         or mock transport).
-    :param spec_path: ``katana/openapi.yaml``; by default the shared contracts folder.
+    :param spec_path: ``katana/openapi.yaml``; by default the repository's ``apis/`` folder.
     :param api_root: the path prefix of the API on the server being called (``/v1``).
     :param strict: raise on the first violation; otherwise only record it.
     """
@@ -160,9 +160,9 @@ class ValidatingTransport(httpx.AsyncBaseTransport):
         strict: bool = True,
     ) -> None:
         if spec_path is None:
-            from conftest import SHARED_APIS
+            from conftest import APIS
 
-            spec_path = SHARED_APIS / "katana" / "openapi.yaml"
+            spec_path = APIS / "katana" / "openapi.yaml"
         self.inner = inner
         self.contract = load_contract(spec_path)
         self.api_root = api_root.rstrip("/")

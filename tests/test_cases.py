@@ -294,7 +294,7 @@ async def test_a_currency_katana_refuses_needs_attention(sims: Sims, tmp_path: P
     katana_counts, _ = await sims.counters()
     assert katana_counts["sales_orders_created"] == 0
     # The spec lists no 422 for createSalesOrder, but Katana validates bodies and answers
-    # 422 VALIDATION_FAILED (see ../shared/apis/README.md): the one expected deviation.
+    # 422 VALIDATION_FAILED (see apis/README.md): the one expected deviation.
     violations = sims.katana_contract.violations
     assert violations and all("createSalesOrder: response 422" in v for v in violations)
     violations.clear()

@@ -26,11 +26,11 @@ TOKEN = "contract-token"
 
 
 @pytest.fixture
-async def sim(shared_apis: Path) -> AsyncIterator[tuple[KatanaClient, ValidatingTransport, str]]:
+async def sim(apis: Path) -> AsyncIterator[tuple[KatanaClient, ValidatingTransport, str]]:
     app = create_app(KatanaWorld(), token=TOKEN, rate_limit=(600, 60.0))
     async with serving(app) as url:
         transport = ValidatingTransport(
-            httpx.AsyncHTTPTransport(), spec_path=shared_apis / "katana" / "openapi.yaml"
+            httpx.AsyncHTTPTransport(), spec_path=apis / "katana" / "openapi.yaml"
         )
         async with KatanaClient(f"{url}/v1", TOKEN, transport=transport) as client:
             yield client, transport, url

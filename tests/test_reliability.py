@@ -26,8 +26,10 @@ async def test_a_database_locked_past_the_busy_timeout_loses_nothing(
         daemon.poll_now()
         await wait_for(daemon, numbers[:1], is_state("discovered", "imported", "in_production"))
         # Another process (syncctl writing, a backup) holds the write lock for 7 s, longer
-        # than the daemon's 5 s busy timeout: its writes fail meanwhile.
-        other = sqlite3.connect(database, timeout=0, isolation_level=None)
+        # than the daemon's 5 s busy timeout: its writes fail meanwhile. Taking the lock waits
+        # for the daemon's own write in flight (the test once used timeout=0 and failed
+        # whenever it asked while the daemon was committing: a race in the test, not syncd).
+        other = sqlite3.connect(database, timeout=10, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
             more = [(await sims.create_po(lines))["order_number"] for _ in range(2)]

@@ -8,8 +8,6 @@ the recordings for the resources it serves.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,16 +15,11 @@ import msgspec
 import pytest
 import yaml
 
+from conftest import APIS
 from syncd.adapters.tradegecko import models
 from syncd.sim.tradegecko import DEFAULT_TOKEN, create_app
 
-# The same place conftest's ``shared_apis`` fixture reads (parametrizing needs it earlier).
-_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = (
-    Path(os.environ.get("SYNCD_SHARED_APIS", _ROOT.parent / "shared" / "apis"))
-    / "tradegecko"
-    / "fixtures"
-)
+FIXTURES = APIS / "tradegecko" / "fixtures"
 
 BODIES: dict[str, type[Any]] = {
     "gecko_vcr_response_bodies/accounts_current.json": models.AccountEnvelope,
