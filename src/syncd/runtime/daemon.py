@@ -18,6 +18,7 @@ from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import Config
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ConfigError
+from syncd.ops.asgi import bind_socket
 from syncd.ops.logging import register_secrets
 from syncd.ops.metrics import Metrics, serve_metrics
 from syncd.runtime.dispatcher import Dispatcher, TransitionNotice
@@ -239,15 +240,9 @@ def _metrics_socket(config: Config) -> socket.socket | None:
     if not config.metrics.enabled:
         return None
     host, port = config.metrics.address()
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-        sock.setblocking(False)
-        return sock
+        return bind_socket(host, port)
     except OSError as exc:
-        sock.close()
         raise ConfigError(
             f"cannot listen on {config.metrics.listen}: {exc.strerror or exc}",
             key="metrics.listen",
