@@ -23,9 +23,20 @@ __all__ = [
     "MetricsConfig",
     "TradeGeckoConfig",
     "WebhooksConfig",
+    "default_config_path",
     "load_config",
     "parse_config",
 ]
+
+
+#: Where ``syncd`` and ``syncctl`` look for the config when none is named.
+DEFAULT_CONFIG = "/etc/syncd/syncd.toml"
+
+
+def default_config_path() -> Path:
+    """The config file to use when no ``--config`` is given: ``$SYNCD_CONFIG`` or
+    ``/etc/syncd/syncd.toml``."""
+    return Path(os.environ.get("SYNCD_CONFIG") or DEFAULT_CONFIG)
 
 
 class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
