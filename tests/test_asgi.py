@@ -10,6 +10,7 @@ import ast
 import os
 import socket
 from pathlib import Path
+from typing import TypeGuard
 
 import anyio
 import httpx
@@ -100,7 +101,7 @@ def test_every_server_binds_through_bind_socket() -> None:
     assert offenders == []
 
 
-def _makes_tcp_socket(node: ast.AST) -> bool:
+def _makes_tcp_socket(node: ast.AST) -> TypeGuard[ast.Call]:
     return (
         isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)

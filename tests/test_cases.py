@@ -13,6 +13,7 @@ attention; the empty-string SKU of the fixtures is tested here)."""
 from __future__ import annotations
 
 import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +134,8 @@ async def test_the_same_variant_twice_makes_two_so_rows(sims: Sims, tmp_path: Pa
     order = sims.katana_world.get_sales_order(link.so_id or 0)
     rows = [sims.katana_world.rows[i] for i in order.row_ids]
     assert [(r.quantity, r.price_per_unit) for r in rows] == [
-        (2, 150),
-        (3, 140),
+        (Decimal(2), Decimal(150)),
+        (Decimal(3), Decimal(140)),
     ]
     assert len({r.variant_id for r in rows}) == 1
     assert len(link.lines) == 2
@@ -222,7 +223,10 @@ async def test_a_po_edited_after_import_is_recorded_as_drift_not_copied(
     # Nothing was copied to Katana: the SO still has the rows first imported.
     order = sims.katana_world.get_sales_order(link.so_id or 0)
     rows = [sims.katana_world.rows[i] for i in order.row_ids]
-    assert [(r.quantity, r.price_per_unit) for r in rows] == [(2, 150), (4, 30)]
+    assert [(r.quantity, r.price_per_unit) for r in rows] == [
+        (Decimal(2), Decimal(150)),
+        (Decimal(4), Decimal(30)),
+    ]
 
 
 async def test_an_so_edited_in_katana_is_recorded_as_drift(sims: Sims, tmp_path: Path) -> None:

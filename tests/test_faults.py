@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -166,7 +167,9 @@ async def test_a_create_dropped_after_it_landed_exists_but_is_not_retried() -> N
             customer_id=body["customer_id"],
             order_no="TG-PO2",
             sales_order_rows=[
-                NewSalesOrderRow(variant_id=body["sales_order_rows"][0]["variant_id"], quantity=1)
+                NewSalesOrderRow(
+                    variant_id=body["sales_order_rows"][0]["variant_id"], quantity=Decimal(1)
+                )
             ],
         )
         async with KatanaClient(str(http.base_url) + "/v1", "katana-sim-token") as client:

@@ -219,7 +219,7 @@ async def test_whole_flow_imports_follows_and_receives_each_po_once(
         async def tg_prices(po_id: int) -> dict[str | None, Decimal | None]:
             po, lines = await tradegecko.get_purchase_order(po_id)
             assert po.status == "received"
-            tg_variants = {
+            tg_variants: dict[int | None, str | None] = {
                 v.id: v.sku
                 for v in await tradegecko.list_variants(
                     ids=[ln.variant_id for ln in lines if ln.variant_id]

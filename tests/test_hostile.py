@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from syncd import errors
 from syncd.adapters._http import RequestBudget
 from syncd.adapters.katana import KatanaClient
-from syncd.adapters.katana.models import SalesOrder
+from syncd.adapters.katana.models import ManufacturingOrder, SalesOrder
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.runtime.webhooks import (
     KATANA_EVENTS,
@@ -142,7 +142,10 @@ def _run_listener(
 async def _post(
     client: httpx.AsyncClient, path: str, body: bytes, headers: dict[str, bytes]
 ) -> httpx.Response:
-    response = await client.post(path, content=body, headers=headers)
+    # httpx takes bytes values only with bytes names.
+    response = await client.post(
+        path, content=body, headers=[(name.encode(), value) for name, value in headers.items()]
+    )
     assert response.status_code < 500, (response.status_code, response.text)
     return response
 
@@ -397,7 +400,7 @@ def _handler(answer: tuple[bytes, int, bytes | None]) -> Callable[[httpx.Request
         # Random pagination facts must not page forever: the fourth page is empty.
         if int(request.url.params.get("page", "1")) > 3:
             return httpx.Response(200, content=b'{"data": [], "purchase_orders": []}')
-        headers = {"x-pagination": pagination} if pagination is not None else {}
+        headers = {b"x-pagination": pagination} if pagination is not None else {}
         return httpx.Response(status, content=body, headers=headers)
 
     return handle
@@ -438,6 +441,7 @@ def test_katana_client_decodes_or_raises_api_error(
             budget=RequestBudget(1000, 60.0),
             max_rate_wait=0.0,  # a 429 raises RateLimited at once instead of waiting
         ) as client:
+            result: list[SalesOrder] | list[ManufacturingOrder]
             if which == 0:
                 result = await client.list_sales_orders()
             elif which == 1:

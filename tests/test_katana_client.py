@@ -222,7 +222,12 @@ async def test_429_waits_for_retry_after_then_succeeds() -> None:
     async with _client(handler) as client:
         blocked: list[float] = []
         original = client.budget.block_for
-        client.budget.block_for = lambda seconds: (blocked.append(seconds), original(seconds))[-1]  # type: ignore[method-assign]
+
+        def block_for(seconds: float) -> None:
+            blocked.append(seconds)
+            original(seconds)
+
+        client.budget.block_for = block_for  # type: ignore[method-assign]
         factory = await client.get_factory()
     assert factory.base_currency_code == "EUR"
     assert len(calls) == 2

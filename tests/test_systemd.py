@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -59,13 +60,13 @@ def test_unit_verifies_clean(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> socket.socket:
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
     path = tmp_path / "notify"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.settimeout(10)
     monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-    yield sock  # type: ignore[misc]
+    yield sock
     sock.close()
 
 
