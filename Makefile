@@ -18,18 +18,19 @@ demo: $(STAMP)
 	$(BIN)/syncd demo
 
 # Lint and types first, so that pytest's summary is the last line CI prints.
-test: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/mypy
+test: lint typecheck
 	$(BIN)/python -m pytest -q
 
 # Benchmarks print figures (see BENCHMARKS.md); not part of `make test`. About 8 minutes.
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# Every Python file in the repository; mypy reads the same list from pyproject.toml.
+PY_TREE := src tests bench
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check $(PY_TREE)
+	$(BIN)/ruff format --check $(PY_TREE)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
