@@ -17,6 +17,8 @@ import msgspec
 from syncd.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_CONFIG",
+    "SUPPLIER_MATCHES",
     "Config",
     "DaemonConfig",
     "KatanaConfig",
@@ -26,6 +28,7 @@ __all__ = [
     "default_config_path",
     "load_config",
     "parse_config",
+    "parse_listen",
 ]
 
 

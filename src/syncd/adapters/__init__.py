@@ -1,1 +1,3 @@
 """Adapters: one per service, each its models and its client."""
+
+__all__: list[str] = []

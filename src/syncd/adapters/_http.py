@@ -35,8 +35,10 @@ from syncd.errors import (
 )
 
 __all__ = [
+    "Params",
     "RequestBudget",
     "ServiceClient",
+    "describe_error_body",
     "parse_reset",
 ]
 

@@ -1,1 +1,3 @@
 """The command-line tools: syncd and syncctl."""
+
+__all__: list[str] = []

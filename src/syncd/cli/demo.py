@@ -39,7 +39,16 @@ from syncd.sim import tradegecko as tradegecko_sim
 from syncd.sim.factory import play_factory
 from syncd.store import Store
 
-__all__ = ["DemoOptions", "DemoSummary", "OrderSummary", "run_demo"]
+__all__ = [
+    "KATANA_TOKEN",
+    "TRADEGECKO_TOKEN",
+    "DemoOptions",
+    "DemoSummary",
+    "LineSummary",
+    "OrderSummary",
+    "render_summary",
+    "run_demo",
+]
 
 KATANA_TOKEN = "katana-sim-token"
 TRADEGECKO_TOKEN = "tradegecko-sim-token"

@@ -32,7 +32,22 @@ from syncd.errors import ConfigError, StatechartError, StoreError
 from syncd.runtime import inbox
 from syncd.store import Store
 
-__all__ = ["main"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_NOT_ALLOWED",
+    "EXIT_NOT_FOUND",
+    "EXIT_STORE",
+    "cancel",
+    "history",
+    "import_",
+    "inspect",
+    "main",
+    "parse_duration",
+    "replay",
+    "retry",
+    "statechart",
+    "status",
+]
 
 EXIT_CONFIG = 2
 EXIT_STORE = 3

@@ -23,7 +23,20 @@ from syncd.ops.logging import configure_logging
 if TYPE_CHECKING:
     from syncd.sim.faults import Faults
 
-__all__ = ["EXIT_AUTH", "EXIT_CONFIG", "EXIT_FAILED", "EXIT_STORE", "EXIT_UNREACHABLE", "main"]
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_STORE",
+    "EXIT_UNREACHABLE",
+    "check",
+    "demo",
+    "main",
+    "run",
+    "sim",
+    "sim_katana",
+    "sim_tradegecko",
+]
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2

@@ -1,1 +1,3 @@
 """Operations: logging, serving, metrics."""
+
+__all__: list[str] = []

@@ -1,1 +1,3 @@
 """The runtime: pollers, dispatcher, effects, the daemon."""
+
+__all__: list[str] = []

@@ -34,7 +34,18 @@ from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
 from syncd.store import Store
 
-__all__ = ["KatanaPoller", "TradeGeckoPoller", "parse_time", "supplier_matches"]
+__all__ = [
+    "IMPORTABLE_STATUSES",
+    "OVERLAP",
+    "PAUSED_PREFIX",
+    "KatanaPoller",
+    "TradeGeckoPoller",
+    "facts_of",
+    "parse_time",
+    "snapshot_of",
+    "supplier_matches",
+    "utcnow",
+]
 
 log = logging.getLogger("syncd.pollers")
 

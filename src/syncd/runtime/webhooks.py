@@ -47,7 +47,9 @@ from syncd.store import InboxEvent, Store
 
 __all__ = [
     "KATANA_EVENTS",
+    "KATANA_PATH",
     "TRADEGECKO_EVENTS",
+    "TRADEGECKO_PATH",
     "WebhookConsumer",
     "WebhookKeys",
     "WebhookListener",

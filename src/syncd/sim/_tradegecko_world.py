@@ -22,6 +22,7 @@ from typing import Any
 from syncd.sim.catalog import MATERIALS
 
 __all__ = [
+    "Json",
     "Refused",
     "SimCompany",
     "SimCurrency",

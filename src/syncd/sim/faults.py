@@ -43,7 +43,24 @@ from typing import Annotated, Any, Literal
 import anyio
 import msgspec
 
-__all__ = ["Burst", "FaultInjector", "FaultLayer", "FaultRule", "Faults", "install_faults"]
+__all__ = [
+    "CONTROL_PATH",
+    "ASGIApp",
+    "Burst",
+    "ConnectionDropped",
+    "FaultInjector",
+    "FaultLayer",
+    "FaultRule",
+    "Faults",
+    "Message",
+    "NonNegative",
+    "Rate",
+    "Receive",
+    "Scope",
+    "Send",
+    "Service",
+    "install_faults",
+]
 
 Service = Literal["katana", "tradegecko"]
 Scope = MutableMapping[str, Any]

@@ -33,7 +33,16 @@ from syncd.sim._katana_world import KatanaWorld, SimError
 from syncd.sim.faults import Faults, install_faults
 from syncd.sim.webhooks import Subscription, WebhookSender, katana_sender, new_token
 
-__all__ = ["API_PREFIX", "KatanaWorld", "RateLimiter", "create_app", "run"]
+__all__ = [
+    "API_PREFIX",
+    "DEFAULT_LIMIT",
+    "MAX_LIMIT",
+    "Handler",
+    "KatanaWorld",
+    "RateLimiter",
+    "create_app",
+    "run",
+]
 
 API_PREFIX = "/v1"
 DEFAULT_LIMIT = 50

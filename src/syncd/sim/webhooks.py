@@ -37,8 +37,11 @@ import httpx
 
 __all__ = [
     "KATANA_SCHEDULE",
+    "TIMEOUT",
     "TRADEGECKO_SCHEDULE",
+    "BodyFor",
     "Delivery",
+    "Signer",
     "Subscription",
     "WebhookSender",
     "katana_sender",

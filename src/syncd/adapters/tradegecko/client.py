@@ -43,7 +43,7 @@ from syncd.adapters.tradegecko.models import (
     WebhookList,
 )
 
-__all__ = ["PAGE_LIMIT", "TradeGeckoClient"]
+__all__ = ["FILTER_BATCH", "PAGE_LIMIT", "TradeGeckoClient"]
 
 #: The largest page TradeGecko serves; more is a 400.
 PAGE_LIMIT = 250
