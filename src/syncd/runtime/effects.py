@@ -230,7 +230,7 @@ class Effects:
         self, skus: Sequence[str], notes: list[str]
     ) -> dict[str, tuple[KatanaVariant, bool]]:
         found: dict[str, list[KatanaVariant]] = {sku: [] for sku in skus}
-        for variant in await self.katana.find_variants(skus):
+        for variant in await self.katana.list_variants(skus=skus):
             if variant.sku in found and variant.deleted_at is None:
                 found[variant.sku].append(variant)
         result: dict[str, tuple[KatanaVariant, bool]] = {}
@@ -290,13 +290,13 @@ class Effects:
         config = self.config.katana
         customers = [
             c
-            for c in await self.katana.find_customers(reference_id=config.customer_reference)
+            for c in await self.katana.list_customers(reference_id=config.customer_reference)
             if c.deleted_at is None and c.reference_id == config.customer_reference
         ]
         if not customers:
             customers = [
                 c
-                for c in await self.katana.find_customers(name=config.customer_name)
+                for c in await self.katana.list_customers(name=config.customer_name)
                 if c.deleted_at is None and c.name == config.customer_name
             ]
         if customers:
@@ -343,7 +343,7 @@ class Effects:
 
         current = {line.id: line for line in po_lines}
         variant_ids = sorted({line.katana_variant_id for line in link.lines})
-        records = await self.katana.get_inventory(variant_ids) if variant_ids else []
+        records = await self.katana.list_inventory(variant_ids) if variant_ids else []
         by_variant: dict[int, list[tuple[int, Decimal | None, Decimal | None]]] = {}
         for record in records:
             by_variant.setdefault(record.variant_id, []).append(
