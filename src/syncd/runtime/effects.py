@@ -33,10 +33,10 @@ from syncd.domain.rules import (
     order_number_for,
     pick_average_cost,
 )
-from syncd.errors import ApiError, AuthError, NotFound, RuleViolation, ValidationFailed
+from syncd.errors import ApiError, NotFound, RuleViolation, ValidationFailed, is_transient
 from syncd.runtime.crashpoints import crash_point
 
-__all__ = ["Effects", "Outcome", "is_passing"]
+__all__ = ["Effects", "Outcome"]
 
 log = logging.getLogger("syncd.effects")
 
@@ -56,16 +56,6 @@ class Outcome(msgspec.Struct, kw_only=True):
     currency: str | None = None
     lines: tuple[LineLink, ...] | None = None
     notes: tuple[str, ...] = ()
-
-
-def is_passing(error: Exception) -> bool:
-    """Whether an API failure may go away by itself (retry later) rather than need a person."""
-    if isinstance(error, AuthError):
-        # A revoked token: every order pauses until it works again (see the pollers).
-        return True
-    if isinstance(error, ApiError):
-        return error.status is None or error.status == 429 or error.status >= 500
-    return False
 
 
 @dataclass
@@ -117,7 +107,7 @@ class Effects:
         except RuleViolation as exc:
             return _failed("import_order", "import_failed", str(exc))
         except ApiError as exc:
-            if is_passing(exc):
+            if is_transient(exc):
                 raise
             return _failed("import_order", "import_failed", f"Katana or TradeGecko refused: {exc}")
 
@@ -320,7 +310,7 @@ class Effects:
         except RuleViolation as exc:
             return _failed("receive_order", "receive_failed", str(exc))
         except ApiError as exc:
-            if is_passing(exc):
+            if is_transient(exc):
                 raise
             return _failed(
                 "receive_order", "receive_failed", f"TradeGecko or Katana refused: {exc}"
