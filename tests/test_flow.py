@@ -179,7 +179,7 @@ async def test_whole_flow_imports_follows_and_receives_each_po_once(
         KatanaClient(sims.katana_url + katana_sim.API_PREFIX, KATANA_TOKEN) as katana,
         TradeGeckoClient(sims.tradegecko_url, TRADEGECKO_TOKEN) as tradegecko,
     ):
-        customers = await katana.find_customers(name="Tradegecko")
+        customers = await katana.list_customers(name="Tradegecko")
         assert [c.name for c in customers] == ["Tradegecko"]
         orders = {so.order_no: so for so in await katana.list_sales_orders()}
         assert set(orders) == {f"TG-{n}" for n in numbers}
@@ -189,8 +189,8 @@ async def test_whole_flow_imports_follows_and_receives_each_po_once(
                 assert row.tax_rate_id is None  # no tax
         variants = {
             v.id: v.sku
-            for v in await katana.find_variants(
-                ["CHAIR-OAK", "TABLE-OAK", "SHELF-WALNUT", "STOOL-PINE", "LAMP-BRASS"]
+            for v in await katana.list_variants(
+                skus=["CHAIR-OAK", "TABLE-OAK", "SHELF-WALNUT", "STOOL-PINE", "LAMP-BRASS"]
             )
         }
 

@@ -13,7 +13,7 @@ import pytest
 
 from syncd.domain.orders import LinkedOrder, PurchaseOrderLine, PurchaseOrderSnapshot
 from syncd.domain.statechart import Decision, load_statechart
-from syncd.errors import StoreError
+from syncd.errors import StoreConflict, StoreError
 from syncd.store import Store
 from syncd.store._schema import MIGRATIONS
 
@@ -254,7 +254,7 @@ async def test_apply_refuses_a_link_that_moved_and_writes_nothing(tmp_path: Path
         stale = await new_link(store, 1)
         await store.apply(stale, decide("discovered", "so_created"), cause="SO made")
         event = await store.add_event("operator", "command", b"{}", link_id=stale.id)
-        with pytest.raises(StoreError, match="no longer in discovered"):
+        with pytest.raises(StoreConflict, match="no longer in discovered"):
             await store.apply(
                 stale, decide("discovered", "cancel"), cause="operator", event_id=event
             )

@@ -29,7 +29,7 @@ from syncd.domain.rules import (
     sales_order_trigger,
 )
 from syncd.domain.statechart import Decision, Statechart
-from syncd.errors import StoreError, SyncdError
+from syncd.errors import StoreError, SyncdError, is_transient
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.effects import Effects, Outcome
@@ -178,7 +178,7 @@ class Dispatcher:
             else:
                 await self._observed(event, payload)
         except StoreError as exc:
-            if exc.transient:
+            if is_transient(exc):
                 # The database is locked by another process or the disk failed: nothing is
                 # given up, the event waits for the next pass.
                 log.warning("event %s waits: %s", event.id, exc)

@@ -33,10 +33,10 @@ from syncd.domain.rules import (
     order_number_for,
     pick_average_cost,
 )
-from syncd.errors import ApiError, AuthError, NotFound, RuleViolation, ValidationFailed
+from syncd.errors import ApiError, NotFound, RuleViolation, ValidationFailed, is_transient
 from syncd.runtime.crashpoints import crash_point
 
-__all__ = ["Effects", "Outcome", "is_passing"]
+__all__ = ["Effects", "Outcome"]
 
 log = logging.getLogger("syncd.effects")
 
@@ -56,16 +56,6 @@ class Outcome(msgspec.Struct, kw_only=True):
     currency: str | None = None
     lines: tuple[LineLink, ...] | None = None
     notes: tuple[str, ...] = ()
-
-
-def is_passing(error: Exception) -> bool:
-    """Whether an API failure may go away by itself (retry later) rather than need a person."""
-    if isinstance(error, AuthError):
-        # A revoked token: every order pauses until it works again (see the pollers).
-        return True
-    if isinstance(error, ApiError):
-        return error.status is None or error.status == 429 or error.status >= 500
-    return False
 
 
 @dataclass
@@ -117,7 +107,7 @@ class Effects:
         except RuleViolation as exc:
             return _failed("import_order", "import_failed", str(exc))
         except ApiError as exc:
-            if is_passing(exc):
+            if is_transient(exc):
                 raise
             return _failed("import_order", "import_failed", f"Katana or TradeGecko refused: {exc}")
 
@@ -230,7 +220,7 @@ class Effects:
         self, skus: Sequence[str], notes: list[str]
     ) -> dict[str, tuple[KatanaVariant, bool]]:
         found: dict[str, list[KatanaVariant]] = {sku: [] for sku in skus}
-        for variant in await self.katana.find_variants(skus):
+        for variant in await self.katana.list_variants(skus=skus):
             if variant.sku in found and variant.deleted_at is None:
                 found[variant.sku].append(variant)
         result: dict[str, tuple[KatanaVariant, bool]] = {}
@@ -290,13 +280,13 @@ class Effects:
         config = self.config.katana
         customers = [
             c
-            for c in await self.katana.find_customers(reference_id=config.customer_reference)
+            for c in await self.katana.list_customers(reference_id=config.customer_reference)
             if c.deleted_at is None and c.reference_id == config.customer_reference
         ]
         if not customers:
             customers = [
                 c
-                for c in await self.katana.find_customers(name=config.customer_name)
+                for c in await self.katana.list_customers(name=config.customer_name)
                 if c.deleted_at is None and c.name == config.customer_name
             ]
         if customers:
@@ -320,7 +310,7 @@ class Effects:
         except RuleViolation as exc:
             return _failed("receive_order", "receive_failed", str(exc))
         except ApiError as exc:
-            if is_passing(exc):
+            if is_transient(exc):
                 raise
             return _failed(
                 "receive_order", "receive_failed", f"TradeGecko or Katana refused: {exc}"
@@ -343,7 +333,7 @@ class Effects:
 
         current = {line.id: line for line in po_lines}
         variant_ids = sorted({line.katana_variant_id for line in link.lines})
-        records = await self.katana.get_inventory(variant_ids) if variant_ids else []
+        records = await self.katana.list_inventory(variant_ids) if variant_ids else []
         by_variant: dict[int, list[tuple[int, Decimal | None, Decimal | None]]] = {}
         for record in records:
             by_variant.setdefault(record.variant_id, []).append(

@@ -26,7 +26,7 @@ import msgspec
 
 from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderSnapshot
 from syncd.domain.statechart import Decision
-from syncd.errors import StoreError
+from syncd.errors import StoreConflict, StoreError, StoreUnavailable
 from syncd.store._schema import MIGRATIONS
 
 __all__ = ["InboxEvent", "Store", "TransitionRecord"]
@@ -176,16 +176,12 @@ class Store:
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise StoreError(
-                    f"cannot write to {self.path}: {exc}", transient=_transient(exc)
-                ) from None
+                raise _write_error(exc)(f"cannot write to {self.path}: {exc}") from None
             try:
                 yield self._db
             except sqlite3.Error as exc:
                 await self._rollback()
-                raise StoreError(
-                    f"write to {self.path} refused: {exc}", transient=_transient(exc)
-                ) from exc
+                raise _write_error(exc)(f"write to {self.path} refused: {exc}") from exc
             except BaseException:
                 await self._rollback()
                 raise
@@ -193,9 +189,7 @@ class Store:
                 await self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 await self._rollback()
-                raise StoreError(
-                    f"cannot commit to {self.path}: {exc}", transient=_transient(exc)
-                ) from None
+                raise _write_error(exc)(f"cannot commit to {self.path}: {exc}") from None
 
     async def _rollback(self) -> None:
         try:
@@ -401,7 +395,7 @@ class Store:
     ) -> LinkedOrder:
         """Record a transition: the link's new state, the log row, the event processed.
 
-        Refuses (``StoreError``) if the link is no longer in ``decision.source``: another
+        Refuses (``StoreConflict``) if the link is no longer in ``decision.source``: another
         writer moved it first, and the caller must decide again.
         """
         now = self._clock()
@@ -431,7 +425,7 @@ class Store:
                 (*values, link.id, decision.source),
             )
             if cursor.rowcount != 1:
-                raise StoreError(
+                raise StoreConflict(
                     f"order {link.po_number} is no longer in {decision.source}: not applied"
                 )
             await db.execute(
@@ -590,9 +584,9 @@ class Store:
         return [TransitionRecord(*r) for r in rows]
 
 
-def _transient(error: sqlite3.Error) -> bool:
-    """Locked, busy, I/O, full or read-only: errors of the moment, not of the data."""
-    return isinstance(error, sqlite3.OperationalError)
+def _write_error(error: sqlite3.Error) -> type[StoreError]:
+    """Locked, busy, I/O, full or read-only are errors of the moment, not of the data."""
+    return StoreUnavailable if isinstance(error, sqlite3.OperationalError) else StoreError
 
 
 def _probe(path: str) -> None:
