@@ -445,10 +445,19 @@ async def chromium(*args: str) -> str:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian package chromium)")
 @pytest.mark.timeout(180)
 async def test_a_person_sees_the_daemon_in_a_browser(sims: Sims, tmp_path: Path) -> None:
+    # A short database path: the screenshot shows it in the commands a person would copy.
+    scratch = Path(tempfile.mkdtemp(prefix="syncd-"))
+    try:
+        await _browse(sims, scratch / "syncd.db", tmp_path)
+    finally:
+        shutil.rmtree(scratch)
+
+
+async def _browse(sims: Sims, db: Path, tmp_path: Path) -> None:
     blank = {"sku": "", "name": "Blank", "quantity": "1", "price": "5"}
     chair = {"sku": "CHAIR-OAK", "name": "Oak chair", "quantity": "2", "price": "150.00"}
     table = {"sku": "TABLE-OAK", "name": "Oak table", "quantity": "1", "price": "520.00"}
-    async with sims.daemon(tmp_path / "syncd.db") as daemon, sims.factory():
+    async with sims.daemon(db) as daemon, sims.factory():
         assert daemon.metrics_url is not None
         good = [await sims.create_po([chair, table]), await sims.create_po([chair])]
         stuck = await sims.create_po([blank])
@@ -464,6 +473,10 @@ async def test_a_person_sees_the_daemon_in_a_browser(sims: Sims, tmp_path: Path)
         await chromium(f"--screenshot={shot}", "--window-size=1100,1500", f"{url}/")
         phone = tmp_path / "status-page-phone.png"
         await chromium(f"--screenshot={phone}", "--window-size=412,915", f"{url}/")
+        order_shot = tmp_path / "status-page-order.png"
+        await chromium(
+            f"--screenshot={order_shot}", "--window-size=1100,900", f"{url}/orders/{numbers[0]}"
+        )
         metrics = await sims.control.get(f"{url}/metrics")
 
     # States and counts, as drawn.
@@ -473,7 +486,7 @@ async def test_a_person_sees_the_daemon_in_a_browser(sims: Sims, tmp_path: Path)
     attention = page.sections["attention"]
     assert stuck["order_number"] in attention
     assert "cannot match without a SKU" in attention
-    assert f"retry {stuck['order_number']}" in attention
+    assert f"syncctl --db {db} retry {stuck['order_number']}" in attention
     # Both services polled.
     for service in ("tradegecko", "katana"):
         assert page.services[service].startswith(f"{service} running 20")
@@ -487,6 +500,6 @@ async def test_a_person_sees_the_daemon_in_a_browser(sims: Sims, tmp_path: Path)
         assert ("svg", {}) not in page.tags and any(tag == "svg" for tag, _ in page.tags)
     assert metrics.status_code == 200 and "syncd_orders" in metrics.text
     # A screenshot for review.
-    assert shot.stat().st_size > 10_000 and phone.stat().st_size > 10_000
+    assert all(p.stat().st_size > 10_000 for p in (shot, phone, order_shot))
     (ROOT / "docs").mkdir(exist_ok=True)
     shutil.copyfile(shot, ROOT / "docs" / "status-page.png")

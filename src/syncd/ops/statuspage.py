@@ -470,6 +470,7 @@ font-size:.85rem;white-space:nowrap}
 .state.bad{background:var(--badbg);color:var(--bad)}
 .item{border-left:4px solid var(--bad);padding:6px 10px;margin:10px 0;background:#fffafa}
 .reason{font-weight:600;margin:.2rem 0}
+time{white-space:nowrap}
 code{font:13px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 pre{margin:.3rem 0;padding:8px 10px;background:#1d2433;color:#f3f4f6;border-radius:6px;
 overflow-x:auto;white-space:pre-wrap;word-break:break-all}
