@@ -56,6 +56,7 @@ from prometheus_client import (
 from syncd import __version__
 from syncd.adapters._http import RequestBudget
 from syncd.ops.asgi import serving_socket
+from syncd.ops.statuspage import StatusPage
 from syncd.store import Store
 
 __all__ = ["Metrics", "serve_metrics"]
@@ -259,11 +260,20 @@ class Metrics:
 async def serve_metrics(
     metrics: Metrics,
     sock: socket.socket,
+    status: StatusPage | None = None,
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/metrics`` on the bound ``sock`` until cancelled."""
+    """Serve ``/metrics`` on the bound ``sock`` until cancelled; with ``status``, the status
+    page beside it (``/``, ``/orders/{po_number}``)."""
     app = make_asgi_app(registry=metrics.registry)
-    async with serving_socket(app, sock):
-        task_status.started()
-        await anyio.sleep_forever()
+    if status is not None:
+        app = status.app(metrics_app=app)
+    try:
+        async with serving_socket(app, sock):
+            task_status.started()
+            await anyio.sleep_forever()
+    finally:
+        if status is not None:
+            with anyio.CancelScope(shield=True):
+                await status.close()

@@ -21,6 +21,7 @@ from syncd.errors import ConfigError
 from syncd.ops.asgi import bind_socket
 from syncd.ops.logging import register_secrets
 from syncd.ops.metrics import Metrics, serve_metrics
+from syncd.ops.statuspage import StatusPage
 from syncd.runtime.dispatcher import Dispatcher, TransitionNotice
 from syncd.runtime.effects import Effects
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
@@ -192,7 +193,10 @@ async def running_daemon(
                 if config.webhooks.enabled:
                     await _start_webhooks(tg, daemon)
                 if metrics_sock is not None:
-                    await tg.start(serve_metrics, metrics, metrics_sock)
+                    page = StatusPage(
+                        config.daemon.database, chart, webhooks_enabled=config.webhooks.enabled
+                    )
+                    await tg.start(serve_metrics, metrics, metrics_sock, page)
                     host, port = metrics_sock.getsockname()[:2]
                     daemon.metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
                 log.info("syncd running", extra={"activated_at": activated.isoformat()})

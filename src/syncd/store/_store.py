@@ -583,6 +583,29 @@ class Store:
             rows = await cur.fetchall()
         return [TransitionRecord(*r) for r in rows]
 
+    # -- status page reads ---------------------------------------------------------------
+
+    async def timeline(self, link_id: int) -> list[tuple[TransitionRecord, str | None, str | None]]:
+        """An order's transitions, oldest first, each with the ``(source, kind)`` of the inbox
+        event that caused it (``None`` for a transition no event caused)."""
+        async with self._db.execute(
+            "SELECT t.id, t.link_id, t.from_state, t.to_state, t.trigger, t.cause, t.at, "
+            "i.source, i.kind FROM transitions t LEFT JOIN inbox i ON i.id = t.event_id "
+            "WHERE t.link_id = ? ORDER BY t.id",
+            (link_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [(TransitionRecord(*r[:7]), r[7], r[8]) for r in rows]
+
+    async def last_event_by_source(self, kind: str) -> dict[str, float]:
+        """Source → when the newest inbox event of ``kind`` from it arrived (e.g. the last
+        webhook each service delivered)."""
+        async with self._db.execute(
+            "SELECT source, max(received_at) FROM inbox WHERE kind = ? GROUP BY source", (kind,)
+        ) as cur:
+            rows = await cur.fetchall()
+        return {str(r[0]): float(r[1]) for r in rows}
+
 
 def _write_error(error: sqlite3.Error) -> type[StoreError]:
     """Locked, busy, I/O, full or read-only are errors of the moment, not of the data."""
