@@ -5,6 +5,7 @@ person sees of a daemon that ran the flow, loaded by headless Chromium."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import tempfile
@@ -501,5 +502,7 @@ async def _browse(sims: Sims, db: Path, tmp_path: Path) -> None:
     assert metrics.status_code == 200 and "syncd_orders" in metrics.text
     # A screenshot for review.
     assert all(p.stat().st_size > 10_000 for p in (shot, phone, order_shot))
-    (ROOT / "docs").mkdir(exist_ok=True)
-    shutil.copyfile(shot, ROOT / "docs" / "status-page.png")
+    # SYNCD_SCREENSHOTS=docs refreshes the README's picture; a plain run leaves the tree clean.
+    if target := os.environ.get("SYNCD_SCREENSHOTS"):
+        (ROOT / target).mkdir(exist_ok=True)
+        shutil.copyfile(shot, ROOT / target / "status-page.png")

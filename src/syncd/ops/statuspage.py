@@ -48,6 +48,7 @@ __all__ = [
     "ServiceStatus",
     "StatusPage",
     "TimelineStep",
+    "iso",
     "render_order",
     "render_overview",
 ]
@@ -57,7 +58,7 @@ log = logging.getLogger("syncd.statuspage")
 #: The page reloads itself this often (seconds).
 REFRESH_SECONDS = 10
 #: The services whose polls and webhooks the page reports, always shown (``never`` if so).
-SERVICES = ("tradegecko", "katana")
+_SERVICES = ("tradegecko", "katana")
 _RECENT_ORDERS = 50
 _ATTENTION_SHOWN = 200
 _DOT_TIMEOUT = 10.0
@@ -180,7 +181,7 @@ class StatusPage:
         polls = await store.meta_with_prefix("last_poll.")
         paused = await store.meta_with_prefix("paused.")
         hooks = await store.last_event_by_source(WEBHOOK_RECEIVED)
-        names = list(SERVICES) + sorted((set(polls) | set(paused) | set(hooks)) - set(SERVICES))
+        names = list(_SERVICES) + sorted((set(polls) | set(paused) | set(hooks)) - set(_SERVICES))
         services = [
             ServiceStatus(
                 name,
@@ -429,7 +430,7 @@ def _syncctl(database: str, *args: str) -> str:
     return shlex.join(["syncctl", "--db", database, *args])
 
 
-def resolution(item: AttentionItem, database: str) -> tuple[str, str]:
+def _resolution(item: AttentionItem, database: str) -> tuple[str, str]:
     """What a person does about an order that needs attention: (advice, command)."""
     po = item.link.po_number
     why = _CANCEL_ADVISED.get(item.entered_by or "")
@@ -551,7 +552,7 @@ def render_overview(view: Overview, *, refresh: int = REFRESH_SECONDS) -> str:
     items = []
     for item in view.attention:
         link = item.link
-        advice, command = resolution(item, view.database)
+        advice, command = _resolution(item, view.database)
         since = link.state_since.timestamp() if link.state_since else None
         error = (
             f"<div class='small muted'>last error: {_e(link.last_error)}</div>"
@@ -641,7 +642,7 @@ def render_order(view: OrderView, *, refresh: int = REFRESH_SECONDS) -> str:
         facts.append(("currency", _e(link.currency)))
     facts.extend(("paused", _e(pause)) for pause in view.paused)
     if view.attention:
-        advice, command = resolution(
+        advice, command = _resolution(
             AttentionItem(link, view.steps[-1].record.trigger if view.steps else None),
             view.database,
         )
