@@ -19,6 +19,7 @@ import msgspec
 from syncd.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_CREDENTIALS_DIRECTORY",
     "Config",
     "DaemonConfig",
     "KatanaConfig",
