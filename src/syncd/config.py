@@ -19,6 +19,7 @@ import msgspec
 from syncd.errors import ConfigError
 
 __all__ = [
+    "CREDENTIALS",
     "DEFAULT_CREDENTIALS_DIRECTORY",
     "Config",
     "DaemonConfig",
@@ -176,6 +177,16 @@ def parse_listen(value: str, *, key: str = "metrics.listen") -> tuple[str, int]:
     return (match.group(1) or match.group(3)), int(match.group(2) or match.group(4))
 
 
+#: Every secret read from outside the file: credential name -> (environment variable, key).
+CREDENTIALS: dict[str, tuple[str, str]] = {
+    "tradegecko-token": ("SYNCD_TRADEGECKO_TOKEN", "tradegecko.token"),
+    "katana-token": ("SYNCD_KATANA_TOKEN", "katana.token"),
+    "tradegecko-webhook-secret": ("SYNCD_TRADEGECKO_WEBHOOK_SECRET", "webhooks.tradegecko_secret"),
+    "katana-webhook-token": ("SYNCD_KATANA_WEBHOOK_TOKEN", "webhooks.katana_token"),
+    "webhook-path-token": ("SYNCD_WEBHOOK_PATH_TOKEN", "webhooks.path_token"),
+}
+
+
 def credentials_directory() -> Path:
     """Where credentials are read outside systemd: ``$SYNCD_CREDENTIALS_DIRECTORY`` or
     ``/etc/syncd/credentials`` (the files the unit's ``LoadCredential=`` lines name)."""
@@ -224,45 +235,12 @@ def _decode(text: str, *, source: str, require_tokens: bool) -> Config:
         reason = message.split(" - at ")[0]
         raise ConfigError(f"{reason} (in {source})", key=key) from None
 
-    tg, kt, hooks = config.tradegecko, config.katana, config.webhooks
-    required = require_tokens
-    tg.token = (
-        _read_secret(
-            "SYNCD_TRADEGECKO_TOKEN", "tradegecko-token", key="tradegecko.token", required=required
-        )
-        or tg.token
-    )
-    kt.token = (
-        _read_secret("SYNCD_KATANA_TOKEN", "katana-token", key="katana.token", required=required)
-        or kt.token
-    )
-    hooks.tradegecko_secret = (
-        _read_secret(
-            "SYNCD_TRADEGECKO_WEBHOOK_SECRET",
-            "tradegecko-webhook-secret",
-            key="webhooks.tradegecko_secret",
-            required=required,
-        )
-        or hooks.tradegecko_secret
-    )
-    hooks.katana_token = (
-        _read_secret(
-            "SYNCD_KATANA_WEBHOOK_TOKEN",
-            "katana-webhook-token",
-            key="webhooks.katana_token",
-            required=required,
-        )
-        or hooks.katana_token
-    )
-    hooks.path_token = (
-        _read_secret(
-            "SYNCD_WEBHOOK_PATH_TOKEN",
-            "webhook-path-token",
-            key="webhooks.path_token",
-            required=required,
-        )
-        or hooks.path_token
-    )
+    for credential, (env, key) in CREDENTIALS.items():
+        table, attribute = key.split(".")
+        section = getattr(config, table)
+        secret = _read_secret(env, credential, key=key, required=require_tokens)
+        if secret:
+            setattr(section, attribute, secret)
     return config
 
 
