@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -386,14 +387,46 @@ def test_shell_completion_scripts(command: str, shell: str) -> None:
     variable = f"_{command.upper()}_COMPLETE"
     result = run(command, env={variable: f"{shell}_source"})
     assert result.returncode == 0, result.stderr
-    # Each script names the command and calls it back with the variable set.
+    # Each script defines the command's completion function, which calls the command back
+    # with the variable set.
     assert f"_{command}_completion" in result.stdout
-    assert variable in result.stdout
-    completed = run(
-        command,
-        env={variable: f"{shell}_complete", "COMP_WORDS": f"{command} ", "COMP_CWORD": "1"},
+    assert f"{variable}={shell}_complete" in result.stdout
+    assert result.stderr == ""
+
+
+BASH = shutil.which("bash")
+
+
+@pytest.mark.skipif(BASH is None, reason="bash is not installed")
+@pytest.mark.parametrize(
+    ("command", "words", "expected"),
+    [
+        ("syncd", [""], {"run", "check", "demo", "sim"}),
+        ("syncd", ["check", "--"], {"--config", "--online", "--help"}),
+        ("syncctl", ["ret"], {"retry"}),
+    ],
+)
+def test_bash_completes_with_the_sourced_script(
+    command: str, words: list[str], expected: set[str]
+) -> None:
+    assert BASH is not None
+    script = (
+        f'eval "$(_{command.upper()}_COMPLETE=bash_source {command})"\n'
+        f"COMP_WORDS=({command} {' '.join(repr(w) for w in words)})\n"
+        f"COMP_CWORD={len(words)}\n"
+        f"_{command}_completion {command}\n"
+        'printf "%s\\n" "${COMPREPLY[@]}"\n'
     )
-    assert completed.returncode == 0, completed.stderr
+    result = subprocess.run(
+        [BASH, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert expected <= set(result.stdout.split()), result.stdout
 
 
 def test_run_with_a_broken_config_exits_cleanly(tmp_path: Path) -> None:
