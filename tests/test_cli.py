@@ -335,6 +335,19 @@ async def test_check_online_asks_both_services_with_runs_exit_codes(
     assert result.returncode == 5, result.stderr.decode()
     assert "cannot reach the service: katana GET /factory" in result.stderr.decode()
     assert "Traceback" not in result.stderr.decode()
+    # run asks the services before it binds the webhook address: 5 comes first, both listed.
+    with _hold_port() as taken:
+        both = _sims_config(
+            sims,
+            tmp_path,
+            f'[katana]\nbase_url = "http://127.0.0.1:{port}/v1"\n[webhooks]\nenabled = true\n'
+            f'listen = "127.0.0.1:{taken.getsockname()[1]}"\ntradegecko_secret = "s"\n',
+            name="both.toml",
+        )
+        result = await _process("syncd", "check", "--online", "--config", str(both), env=env)
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 5, lines
+    assert "katana GET /factory" in lines[0] and "webhooks.listen" in lines[1]
 
     # A config with problems: the services are not asked with what may be wrong.
     broken = _sims_config(sims, tmp_path, "[katana]\ntimeout = 0\n", name="broken.toml")

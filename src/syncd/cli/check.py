@@ -61,12 +61,15 @@ async def check(path: Path, *, online: bool = False) -> CheckReport:
     report.problems += [
         Problem("store", p) for p in await database_problems(config.daemon.database)
     ]
-    with _listening(config, report.problems):
+    # run binds the webhook address after asking the services: its problem comes last.
+    webhook_problems: list[Problem] = []
+    with _listening(config, report.problems, webhook_problems):
         if online:
             if config_wrong:
                 report.services_skipped = "the config has problems"
             else:
                 await _check_services(config, report)
+    report.problems += webhook_problems
     return report
 
 
@@ -84,7 +87,9 @@ async def _check_services(config: Config, report: CheckReport) -> None:
 
 
 @contextmanager
-def _listening(config: Config, problems: list[Problem]) -> Iterator[None]:
+def _listening(
+    config: Config, metrics_problems: list[Problem], webhook_problems: list[Problem]
+) -> Iterator[None]:
     """Hold the metrics and webhook addresses bound while the block runs, as ``run`` does
     while it asks the services: the two must not clash with each other either."""
     from syncd.ops.asgi import bind_socket
@@ -92,9 +97,9 @@ def _listening(config: Config, problems: list[Problem]) -> Iterator[None]:
     metrics, hooks = config.metrics, config.webhooks
     sockets: list[socket.socket] = []
     try:
-        for enabled, key, listen, address in (
-            (metrics.enabled, "metrics.listen", metrics.listen, metrics.address),
-            (hooks.enabled, "webhooks.listen", hooks.listen, hooks.address),
+        for enabled, key, listen, address, problems in (
+            (metrics.enabled, "metrics.listen", metrics.listen, metrics.address, metrics_problems),
+            (hooks.enabled, "webhooks.listen", hooks.listen, hooks.address, webhook_problems),
         ):
             if not enabled:
                 continue
