@@ -14,6 +14,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
+from syncd.config import MetricsConfig
 from syncd.ops.metrics import Metrics
 
 MONITORING = Path(__file__).resolve().parents[1] / "monitoring"
@@ -93,3 +94,22 @@ def test_dashboard_and_rules_name_only_exported_metrics() -> None:
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("by state", "flow rate", "lag", "errors and 429s", "inbox backlog", "webhook"):
         assert topic in titles
+
+
+@needs_promtool
+def test_example_scrape_config_passes_promtool_and_matches_the_rules() -> None:
+    # promtool also loads and checks every rule file the config names.
+    checked = promtool("check", "config", "prometheus.yml")
+    assert "SUCCESS: 1 rule files found" in checked
+    assert "SUCCESS: 8 rules found" in checked
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "syncd"
+    # The job every rule selects is this one.
+    jobs = {name for expr in rule_queries() for name in re.findall(r'job="([^"]+)"', expr)}
+    assert jobs == {"syncd"}
+    # The target is where a daemon with the default config serves /metrics.
+    host, port = MetricsConfig().address()
+    assert job["static_configs"] == [{"targets": [f"{host}:{port}"]}]
+    assert job.get("metrics_path", "/metrics") == "/metrics"

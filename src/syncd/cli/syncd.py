@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -16,7 +17,7 @@ import click
 import msgspec
 
 from syncd import __version__
-from syncd.config import Config, load_config
+from syncd.config import Config, default_config_path, load_config
 from syncd.errors import ApiError, AuthError, ConfigError, StatechartError, StoreError
 from syncd.ops.logging import configure_logging
 
@@ -56,15 +57,33 @@ def main() -> None:
     """Link TradeGecko purchase orders with Katana MRP sales orders."""
 
 
+_config_option = click.option(
+    "--config",
+    "config_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The config file  [default: $SYNCD_CONFIG, else /etc/syncd/syncd.toml]",
+)
+
+
+def _config_path(given: str | None) -> Path:
+    if given is not None:
+        return Path(given)
+    path = default_config_path()
+    if not path.exists():
+        _fail(f"no config file at {path}: give --config PATH or set SYNCD_CONFIG", EXIT_CONFIG)
+    return path
+
+
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@_config_option
 @click.option(
     "--no-register", is_flag=True, help="Do not make sure the webhooks exist on both services."
 )
-def run(config_path: str, no_register: bool) -> None:
+def run(config_path: str | None, no_register: bool) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     try:
-        config = load_config(config_path)
+        config = load_config(_config_path(config_path))
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
         return
@@ -102,43 +121,47 @@ async def _run(config: Config) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def check(config_path: str) -> None:
-    """Validate a config file, the statechart and the database; say what is wrong."""
-    from syncd.domain.statechart import load_statechart
+@_config_option
+@click.option(
+    "--online", is_flag=True, help="Also make one call to each service with its URL and token."
+)
+def check(config_path: str | None, online: bool) -> None:
+    """Find everything `syncd run` would refuse: the config (every wrong key), the statechart,
+    the database and its folder, the listen addresses; with --online the URLs and tokens.
 
-    try:
-        config = load_config(config_path)
-        chart = load_statechart(config.daemon.statechart)
-    except (ConfigError, StatechartError) as exc:
-        _fail(str(exc), EXIT_CONFIG)
-        return
-    try:
-        problems = anyio.run(_check_store, config.daemon.database)
-    except StoreError as exc:
-        _fail(str(exc), EXIT_STORE)
-        return
-    if problems:
-        _fail(f"database {config.daemon.database} is damaged: {'; '.join(problems)}", EXIT_STORE)
+    Lists every problem; exits with the code `run` would give for the first."""
+    from syncd.cli.check import check as find_problems
+
+    path = _config_path(config_path)
+    # The problems are the output: a retry the service check schedules is not news.
+    configure_logging("error", stream=sys.stderr)
+    report = anyio.run(lambda: find_problems(path, online=online))
+    for problem in report.problems:
+        click.echo(f"syncd: {problem.message}", err=True)
+    if report.services_skipped:
+        click.echo(f"syncd: services not asked: {report.services_skipped}", err=True)
+    if report.problems:
+        count = len(report.problems)
+        _fail(
+            f"{path}: {count} problem{'s' if count > 1 else ''}",
+            _CHECK_EXITS[report.problems[0].kind],
+        )
+    assert report.config is not None and report.chart is not None
+    config = report.config
+    services = "; both services accept their tokens" if report.services_ok else ""
     click.echo(
-        f"{config_path}: ok (supplier {config.tradegecko.supplier_name!r}, customer "
-        f"{config.katana.customer_name!r}, {len(chart.states)} states, database "
-        f"{config.daemon.database})"
+        f"{path}: ok (supplier {config.tradegecko.supplier_name!r}, customer "
+        f"{config.katana.customer_name!r}, {len(report.chart.states)} states, database "
+        f"{config.daemon.database}{services})"
     )
 
 
-async def _check_store(path: str) -> list[str]:
-    from pathlib import Path
-
-    from syncd.store import Store
-
-    if not Path(path).exists():  # noqa: ASYNC240 - one stat, before anything runs
-        return []
-    store = await Store.open(path, readonly=True)
-    try:
-        return await store.integrity_check()
-    finally:
-        await store.close()
+_CHECK_EXITS = {
+    "config": EXIT_CONFIG,
+    "store": EXIT_STORE,
+    "auth": EXIT_AUTH,
+    "unreachable": EXIT_UNREACHABLE,
+}
 
 
 @main.command()
