@@ -411,6 +411,9 @@ class WebhookConsumer:
         poller = self.tradegecko_poller
         po, lines = await poller.client.get_purchase_order(po_id)
         if po.company_id not in await poller.supplier_ids():
+            await poller.note_not_linked(
+                po, "another supplier", supplier=f"company {po.company_id}"
+            )
             return "another supplier", 0
         linked = bool(await self.store.linked_po_ids([po.id]))
         added = await poller.consider(po, linked=linked, lines=lines)
