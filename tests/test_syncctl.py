@@ -61,7 +61,7 @@ async def test_a_running_daemon_applies_retry_replay_and_cancel(sims: Sims, tmp_
         code, old, _ = await syncctl_process(
             "--db", str(db), "inspect", "--older-than", "0s", "--json"
         )
-        assert code == 0 and [row["po"] for row in old] == [number]
+        assert code == 0 and [row["po_number"] for row in old] == [number]
         code, old, _ = await syncctl_process(
             "--db", str(db), "inspect", "--older-than", "1h", "--json"
         )
@@ -160,7 +160,7 @@ def test_without_a_daemon_the_command_waits_in_the_inbox(tmp_path: Path) -> None
     assert status["states"] == {
         "needs_attention": {
             "orders": 1,
-            "oldest_po": "PO0007",
+            "oldest_po_number": "PO0007",
             "oldest_since": status["states"]["needs_attention"]["oldest_since"],
         }
     }
