@@ -40,6 +40,7 @@ from syncd.domain.orders import LinkedOrder
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ConfigError, StatechartError, StoreError
 from syncd.runtime import inbox
+from syncd.runtime.pollers import BEFORE_ACTIVATION, OTHER_SUPPLIER, PAUSED_PREFIX
 from syncd.store import ImportOutcome, ImportResult, PurchaseOrderObservation, Store
 
 __all__ = ["main"]
@@ -53,8 +54,6 @@ EXIT_NO_OUTCOME = 8
 
 #: ``import --wait`` without a number waits this long (seconds).
 DEFAULT_WAIT = 60.0
-#: The pollers' meta key prefix of a service whose token was rejected.
-_PAUSED_PREFIX = "paused."
 
 T = TypeVar("T")
 
@@ -235,7 +234,7 @@ _PAUSED_SINCE = re.compile(r" since (\S+?):")
 async def _paused(store: Store) -> list[dict[str, Any]]:
     """Services whose token was rejected: ``{"service", "since", "message"}``."""
     result = []
-    for service, message in sorted((await store.meta_with_prefix(_PAUSED_PREFIX)).items()):
+    for service, message in sorted((await store.meta_with_prefix(PAUSED_PREFIX)).items()):
         since: str | None = None
         found = _PAUSED_SINCE.search(message)
         if found:
@@ -732,7 +731,7 @@ def import_(
                 "why": f"already linked (order {link.id}, {link.state})",
             }
         seen = await store.purchase_order_observation(po_number)
-        if not force and seen is not None and seen.reason == "another supplier":
+        if not force and seen is not None and seen.reason == OTHER_SUPPLIER:
             return {
                 "refused": EXIT_OTHER_SUPPLIER,
                 "why": f"another supplier's ({_text(seen.supplier)}); --force imports it anyway",
@@ -883,13 +882,13 @@ def _explain(data: dict[str, Any], chart: Statechart) -> tuple[str, list[str]]:
             f"PO {number} (po_id {seen['po_id']}) was seen at {seen['seen_at']}, not linked:"
         )
         reason = seen["reason"]
-        if reason == "created before activation":
+        if reason == BEFORE_ACTIVATION:
             lines.append(
                 f"  created {_text(seen['po_created_at'])}, before syncd's activation "
                 f"({_text(data['activated_at'])}): history is never imported; "
                 f"`syncctl import {number}` imports it on purpose"
             )
-        elif reason == "another supplier":
+        elif reason == OTHER_SUPPLIER:
             wanted = f"{data['supplier_name']!r}" if data["supplier_name"] else "the configured one"
             lines.append(
                 f"  another supplier's ({_text(seen['supplier'])}, not {wanted}); "

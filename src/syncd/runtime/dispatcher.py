@@ -215,7 +215,7 @@ class Dispatcher:
     async def _backfill(self, event: InboxEvent, request: inbox.ImportRequest) -> None:
         """``syncctl import``: fetch the PO by number and discover it, even if it was made
         before activation. A passing failure leaves the event for the next pass."""
-        from syncd.runtime.pollers import snapshot_of, supplier_matches
+        from syncd.runtime.pollers import OTHER_SUPPLIER, snapshot_of, supplier_matches
 
         number = request.po_number
         # Each outcome is recorded for `syncctl import --wait` and `syncctl explain`.
@@ -248,7 +248,7 @@ class Dispatcher:
         ):
             why = f"PO {number} is {supplier}'s, not {wanted.supplier_name}'s: not imported"
             await self.store.observe_purchase_order(
-                po.id, number, status=po.status, reason="another supplier", supplier=supplier
+                po.id, number, status=po.status, reason=OTHER_SUPPLIER, supplier=supplier
             )
             await settle(event.id, number, Import.OTHER_SUPPLIER, why, po_id=po.id)
             return

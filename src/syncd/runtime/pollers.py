@@ -46,6 +46,9 @@ IMPORTABLE_STATUSES = frozenset({"active"})
 _SUPPLIER_CACHE_SECONDS = 600.0
 #: Meta key prefix of a service whose token was rejected: ``paused.katana``.
 PAUSED_PREFIX = "paused."
+#: Why a seen PO is not linked, as recorded for ``syncctl explain`` (which matches on them).
+BEFORE_ACTIVATION = "created before activation"
+OTHER_SUPPLIER = "another supplier"
 
 
 def parse_time(value: str) -> datetime:
@@ -197,7 +200,7 @@ class TradeGeckoPoller(_Poller):
         :param lines: the PO's lines when already fetched with it.
         """
         if po.created_at < self.activated_at:
-            await self.note_not_linked(po, "created before activation")
+            await self.note_not_linked(po, BEFORE_ACTIVATION)
             return 0
         if linked:
             return await self._observe(po)
