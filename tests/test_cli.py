@@ -64,8 +64,8 @@ def test_syncctl_status_and_inspect(demo_db: tuple[Path, dict[str, object]]) -> 
     inspect = run("syncctl", "--db", str(db), "inspect", "PO0002", "--json")
     assert inspect.returncode == 0, inspect.stderr
     order = json.loads(inspect.stdout)
-    assert order["link"]["po_number"] == "PO0002"
-    assert order["link"]["so_number"] == "TG-PO0002"
+    assert order["po_number"] == "PO0002"
+    assert order["so_number"] == "TG-PO0002"
     assert [step["to"] for step in order["history"]] == [
         "discovered",
         "imported",
@@ -77,7 +77,7 @@ def test_syncctl_status_and_inspect(demo_db: tuple[Path, dict[str, object]]) -> 
     assert "TG-PO0002" in human.stdout and "history:" in human.stdout
 
     listing = json.loads(run("syncctl", "--db", str(db), "inspect", "--json").stdout)
-    assert sorted(row["po"] for row in listing) == ["PO0001", "PO0002", "PO0003"]
+    assert sorted(row["po_number"] for row in listing) == ["PO0001", "PO0002", "PO0003"]
     history = json.loads(run("syncctl", "--db", str(db), "history", "--json").stdout)
     assert len(history) == 15
 

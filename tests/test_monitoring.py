@@ -60,7 +60,7 @@ def rule_queries() -> list[str]:
 
 @needs_promtool
 def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
-    assert "SUCCESS: 8 rules found" in promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS: 9 rules found" in promtool("check", "rules", "alerts.yml")
     assert "SUCCESS" in promtool("test", "rules", "alerts_test.yml")
 
 
@@ -92,7 +92,15 @@ def test_dashboard_and_rules_name_only_exported_metrics() -> None:
     assert used - exported == set()
     dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for topic in ("by state", "flow rate", "lag", "errors and 429s", "inbox backlog", "webhook"):
+    for topic in (
+        "by state",
+        "flow rate",
+        "lag",
+        "errors and 429s",
+        "inbox backlog",
+        "webhook",
+        "paused",
+    ):
         assert topic in titles
 
 

@@ -14,8 +14,9 @@ import pytest
 from syncd.domain.orders import LinkedOrder, PurchaseOrderLine, PurchaseOrderSnapshot
 from syncd.domain.statechart import Decision, load_statechart
 from syncd.errors import StoreConflict, StoreError
-from syncd.store import Store
+from syncd.store import ImportResult, Store
 from syncd.store._schema import MIGRATIONS
+from syncd.store._store import OBSERVATIONS_KEPT
 
 pytestmark = pytest.mark.anyio
 
@@ -94,7 +95,35 @@ async def test_migrations_set_user_version_and_wal(tmp_path: Path) -> None:
         assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"meta", "links", "transitions", "inbox", "cursors"} <= tables
+    assert {"meta", "links", "transitions", "inbox", "cursors", "po_observations"} <= tables
+
+
+async def test_a_database_of_the_first_schema_is_migrated_in_place(tmp_path: Path) -> None:
+    db = tmp_path / "syncd.db"
+    with raw(db) as con:
+        con.executescript(MIGRATIONS[0])
+        con.execute("PRAGMA user_version = 1")
+        con.execute("INSERT INTO meta (key, value) VALUES ('activated_at', 'then')")
+        con.commit()
+    async with opened(db) as store:
+        assert await store.get_meta("activated_at") == "then"
+        assert await store.purchase_order_observation("PO1") is None
+    with raw(db) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_a_reader_of_an_unmigrated_database_gets_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "syncd.db"
+    with raw(db) as con:
+        con.executescript(MIGRATIONS[0])
+        con.execute("PRAGMA user_version = 1")
+        con.commit()
+    store = await Store.open(db, readonly=True)
+    try:
+        with pytest.raises(StoreError, match="restart syncd to upgrade"):
+            await store.last_import_outcome("PO1")
+    finally:
+        await store.close()
 
 
 async def test_reopening_is_idempotent_and_keeps_the_data(tmp_path: Path) -> None:
@@ -401,3 +430,70 @@ async def test_find_link_by_po_number_or_id(tmp_path: Path) -> None:
         assert by_id is not None and by_id.po_number == "PO0435"
         assert await store.find_link("PO9999") is None
         assert await store.find_link("999") is None
+
+
+# -- observations and imports ---------------------------------------------------------------
+
+
+async def test_an_observation_is_one_row_per_po_updated_in_place(tmp_path: Path) -> None:
+    clock = Clock(100.0)
+    db = tmp_path / "syncd.db"
+    async with opened(db, clock) as store:
+        await store.observe_purchase_order(
+            5, "PO0005", status="draft", reason="draft", supplier="Katana", po_created_at=WHEN
+        )
+        clock.now = 200.0
+        await store.observe_purchase_order(5, "PO0005", status="void", reason="void")
+        seen = await store.purchase_order_observation("PO0005")
+        assert seen is not None
+        assert (seen.status, seen.reason, seen.supplier) == ("void", "void", "Katana")
+        assert (seen.first_seen_at, seen.seen_at, seen.po_created_at) == (100.0, 200.0, None)
+        assert await store.purchase_order_observation("PO0006") is None
+    with raw(db) as con:
+        assert con.execute("SELECT count(*) FROM po_observations").fetchone()[0] == 1
+
+
+async def test_observations_keep_only_the_most_recently_seen(tmp_path: Path) -> None:
+    clock = Clock(0.0)
+    db = tmp_path / "syncd.db"
+    async with opened(db, clock) as store:
+        with raw(db) as con:  # fill to the bound without 10 000 transactions
+            con.executemany(
+                "INSERT INTO po_observations (po_id, po_number, status, reason, first_seen_at, "
+                "seen_at) VALUES (?, ?, 'draft', 'draft', ?, ?)",
+                [(i, f"PO{i}", float(i), float(i)) for i in range(1, OBSERVATIONS_KEPT + 1)],
+            )
+            con.commit()
+        clock.now = 1e9
+        await store.observe_purchase_order(0, "PO-NEW", status="draft", reason="draft")
+        assert await store.purchase_order_observation("PO-NEW") is not None
+        assert await store.purchase_order_observation("PO1") is None  # the least recent
+        assert await store.purchase_order_observation("PO2") is not None
+    with raw(db) as con:
+        count = con.execute("SELECT count(*) FROM po_observations").fetchone()[0]
+    assert count == OBSERVATIONS_KEPT
+
+
+async def test_an_import_outcome_settles_its_event(tmp_path: Path) -> None:
+    clock = Clock(50.0)
+    async with opened(tmp_path / "syncd.db", clock) as store:
+        first = await store.add_event("syncctl", "import_requested", b"{}")
+        second = await store.add_event("syncctl", "import_requested", b"{}")
+        assert first is not None and second is not None
+        assert await store.event_outcome(first) == (None, None)
+        assert await store.event_outcome(9999) is None
+        assert await store.import_outcome(first) is None
+        await store.record_import_outcome(
+            first, "PO7", ImportResult.NOT_FOUND, "no PO PO7 in TradeGecko"
+        )
+        await store.record_import_outcome(
+            second, "PO7", ImportResult.DISCOVERED, "PO PO7 (id 3) discovered", po_id=3
+        )
+        assert await store.event_outcome(first) == (50.0, "no PO PO7 in TradeGecko")
+        outcome = await store.import_outcome(first)
+        assert outcome is not None and outcome.result is ImportResult.NOT_FOUND
+        last = await store.last_import_outcome("PO7")
+        assert last is not None and (last.event_id, last.po_id) == (second, 3)
+        assert last.result is ImportResult.DISCOVERED
+        assert await store.inbox_backlog() == (0, None)
+        assert await store.last_import_outcome("PO8") is None

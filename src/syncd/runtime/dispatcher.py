@@ -33,6 +33,7 @@ from syncd.errors import StoreError, SyncdError, is_transient
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.effects import Effects, Outcome
+from syncd.store import ImportResult as Import
 from syncd.store import InboxEvent, Store
 
 __all__ = ["Dispatcher", "ReplayPlan", "ReplayStep", "TransitionNotice"]
@@ -214,11 +215,13 @@ class Dispatcher:
     async def _backfill(self, event: InboxEvent, request: inbox.ImportRequest) -> None:
         """``syncctl import``: fetch the PO by number and discover it, even if it was made
         before activation. A passing failure leaves the event for the next pass."""
-        from syncd.runtime.pollers import snapshot_of
+        from syncd.runtime.pollers import OTHER_SUPPLIER, snapshot_of, supplier_matches
 
         number = request.po_number
+        # Each outcome is recorded for `syncctl import --wait` and `syncctl explain`.
+        settle = self.store.record_import_outcome
         if await self.store.link_by_po_number(number) is not None:
-            await self.store.mark_processed(event.id, f"PO {number} is already linked")
+            await settle(event.id, number, Import.ALREADY_LINKED, f"PO {number} is already linked")
             return
         client = self.effects.tradegecko
         found = [
@@ -228,13 +231,30 @@ class Dispatcher:
         ]
         if not found:
             log.warning("backfill: no PO %s in TradeGecko", number)
-            await self.store.mark_processed(event.id, f"no PO {number} in TradeGecko")
+            await settle(event.id, number, Import.NOT_FOUND, f"no PO {number} in TradeGecko")
             return
         po = min(found, key=lambda po: po.id)
-        if po.status != "active":
-            await self.store.mark_processed(
-                event.id, f"PO {number} is {po.status} in TradeGecko: not imported"
+        wanted = self.effects.config.tradegecko
+        supplier = next(
+            (
+                c.name
+                for c in await client.list_companies(company_type="supplier")
+                if c.id == po.company_id
+            ),
+            f"company {po.company_id}",
+        )
+        if not request.force and not supplier_matches(
+            supplier, wanted.supplier_name, wanted.supplier_match
+        ):
+            why = f"PO {number} is {supplier}'s, not {wanted.supplier_name}'s: not imported"
+            await self.store.observe_purchase_order(
+                po.id, number, status=po.status, reason=OTHER_SUPPLIER, supplier=supplier
             )
+            await settle(event.id, number, Import.OTHER_SUPPLIER, why, po_id=po.id)
+            return
+        if po.status != "active":
+            why = f"PO {number} is {po.status} in TradeGecko: not imported"
+            await settle(event.id, number, Import.NOT_ACTIVE, why, po_id=po.id)
             return
         order, lines = await client.get_purchase_order(po.id)
         why = f": {request.reason}" if request.reason else ""
@@ -245,7 +265,9 @@ class Dispatcher:
             dedup_key=f"po:{po.id}",
             po_id=po.id,
         )
-        await self.store.mark_processed(event.id, f"PO {number} (id {po.id}) discovered")
+        await settle(
+            event.id, number, Import.DISCOVERED, f"PO {number} (id {po.id}) discovered", po_id=po.id
+        )
 
     async def _discovered(self, event: InboxEvent, snapshot: PurchaseOrderSnapshot) -> None:
         link = await self.store.create_link(

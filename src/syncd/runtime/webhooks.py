@@ -42,7 +42,7 @@ from syncd.errors import ConfigError, NotFound, SyncdError
 from syncd.ops.asgi import bind_socket, serving_socket
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
-from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
+from syncd.runtime.pollers import OTHER_SUPPLIER, KatanaPoller, TradeGeckoPoller
 from syncd.store import InboxEvent, Store
 
 __all__ = [
@@ -413,6 +413,7 @@ class WebhookConsumer:
         poller = self.tradegecko_poller
         po, lines = await poller.client.get_purchase_order(po_id)
         if po.company_id not in await poller.supplier_ids():
+            await poller.note_not_linked(po, OTHER_SUPPLIER, supplier=f"company {po.company_id}")
             return "another supplier", 0
         linked = bool(await self.store.linked_po_ids([po.id]))
         added = await poller.consider(po, linked=linked, lines=lines)

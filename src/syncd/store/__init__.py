@@ -1,5 +1,19 @@
 """The store: linked orders, their transition log, the inbox and cursors, in SQLite."""
 
-from syncd.store._store import InboxEvent, Store, TransitionRecord
+from syncd.store._store import (
+    ImportOutcome,
+    ImportResult,
+    InboxEvent,
+    PurchaseOrderObservation,
+    Store,
+    TransitionRecord,
+)
 
-__all__ = ["InboxEvent", "Store", "TransitionRecord"]
+__all__ = [
+    "ImportOutcome",
+    "ImportResult",
+    "InboxEvent",
+    "PurchaseOrderObservation",
+    "Store",
+    "TransitionRecord",
+]

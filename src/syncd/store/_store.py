@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,14 @@ from syncd.domain.statechart import Decision
 from syncd.errors import StoreConflict, StoreError, StoreUnavailable
 from syncd.store._schema import MIGRATIONS
 
-__all__ = ["InboxEvent", "Store", "TransitionRecord"]
+__all__ = [
+    "ImportOutcome",
+    "ImportResult",
+    "InboxEvent",
+    "PurchaseOrderObservation",
+    "Store",
+    "TransitionRecord",
+]
 
 log = logging.getLogger("syncd.store")
 
@@ -43,6 +51,9 @@ _LINK_COLUMNS = (
     "snapshot, lines, notes, last_error, created_at, updated_at, state_since"
 )
 _UNSET: Any = object()
+#: ``po_observations`` keeps this many POs (the most recently seen); a row per PO, never
+#: one per poll.
+OBSERVATIONS_KEPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,42 @@ class TransitionRecord:
     cause: str
     at: float
     po_number: str | None = None
+
+
+@dataclass(frozen=True)
+class PurchaseOrderObservation:
+    """The last time syncd saw a PO it did not link, and why it did not."""
+
+    po_id: int
+    po_number: str
+    supplier: str | None
+    status: str
+    reason: str
+    po_created_at: float | None
+    first_seen_at: float
+    seen_at: float
+
+
+class ImportResult(StrEnum):
+    """What the daemon made of a ``syncctl import``."""
+
+    DISCOVERED = "discovered"
+    NOT_FOUND = "not_found"
+    NOT_ACTIVE = "not_active"
+    OTHER_SUPPLIER = "other_supplier"
+    ALREADY_LINKED = "already_linked"
+
+
+@dataclass(frozen=True)
+class ImportOutcome:
+    """One ``syncctl import`` request as the daemon decided it."""
+
+    event_id: int
+    po_number: str
+    result: ImportResult
+    detail: str
+    po_id: int | None
+    decided_at: float
 
 
 def _iso(epoch: float | None) -> datetime | None:
@@ -166,6 +213,11 @@ class Store:
         version = await self._check_version()
         for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
             async with self._transaction() as db:
+                # Another process (the daemon, syncctl) may have migrated since we looked.
+                async with db.execute("PRAGMA user_version") as cursor:
+                    row = await cursor.fetchone()
+                if row is not None and int(row[0]) >= target:
+                    continue
                 for statement in _statements(script):
                     await db.execute(statement)
                 await db.execute(f"PRAGMA user_version = {target}")
@@ -331,6 +383,15 @@ class Store:
                 "UPDATE inbox SET processed_at = ?, outcome = ? WHERE id = ?",
                 (self._clock(), outcome, event_id),
             )
+
+    async def event_outcome(self, event_id: int) -> tuple[float | None, str | None] | None:
+        """When an inbox event was processed and with what outcome; ``None`` if no such
+        event."""
+        async with self._db.execute(
+            "SELECT processed_at, outcome FROM inbox WHERE id = ?", (event_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else (row[0], row[1])
 
     async def inbox_backlog(self) -> tuple[int, float | None]:
         """How many events wait, and when the oldest arrived."""
@@ -561,6 +622,98 @@ class Store:
         ) as cur:
             rows = await cur.fetchall()
         return {str(r[0]): (str(r[1]), float(r[2])) for r in rows}
+
+    # -- what was seen but not linked, and operators' imports -----------------------------
+
+    async def observe_purchase_order(
+        self,
+        po_id: int,
+        po_number: str,
+        *,
+        status: str,
+        reason: str,
+        supplier: str | None = None,
+        po_created_at: datetime | None = None,
+    ) -> None:
+        """Record why a PO seen in TradeGecko was not linked: its row is updated in place, and
+        the least recently seen beyond :data:`OBSERVATIONS_KEPT` are dropped."""
+        now = self._clock()
+        created = po_created_at.timestamp() if po_created_at is not None else None
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO po_observations (po_id, po_number, supplier, status, reason, "
+                "po_created_at, first_seen_at, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (po_id) DO UPDATE SET po_number = excluded.po_number, "
+                "supplier = coalesce(excluded.supplier, supplier), status = excluded.status, "
+                "reason = excluded.reason, po_created_at = excluded.po_created_at, "
+                "seen_at = excluded.seen_at",
+                (po_id, po_number, supplier, status, reason, created, now, now),
+            )
+            await db.execute(
+                "DELETE FROM po_observations WHERE po_id IN (SELECT po_id FROM po_observations "
+                "ORDER BY seen_at DESC, po_id DESC LIMIT -1 OFFSET ?)",
+                (OBSERVATIONS_KEPT,),
+            )
+
+    async def purchase_order_observation(self, po_number: str) -> PurchaseOrderObservation | None:
+        """The PO called ``po_number`` as last seen unlinked (the latest seen, if several)."""
+        row = await self._read_one(
+            "SELECT po_id, po_number, supplier, status, reason, po_created_at, first_seen_at, "
+            "seen_at FROM po_observations WHERE po_number = ? ORDER BY seen_at DESC LIMIT 1",
+            (po_number,),
+        )
+        return None if row is None else PurchaseOrderObservation(*row)
+
+    async def record_import_outcome(
+        self,
+        event_id: int,
+        po_number: str,
+        result: ImportResult,
+        detail: str,
+        *,
+        po_id: int | None = None,
+    ) -> None:
+        """Settle a ``syncctl import`` request: its outcome and the inbox event, together."""
+        now = self._clock()
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO import_outcomes (event_id, po_number, result, detail, "
+                "po_id, decided_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (event_id, po_number, result.value, detail, po_id, now),
+            )
+            await db.execute(
+                "UPDATE inbox SET processed_at = ?, outcome = ? WHERE id = ?",
+                (now, detail, event_id),
+            )
+
+    async def import_outcome(self, event_id: int) -> ImportOutcome | None:
+        return await self._import_outcome("event_id = ?", (event_id,))
+
+    async def last_import_outcome(self, po_number: str) -> ImportOutcome | None:
+        return await self._import_outcome(
+            "po_number = ? ORDER BY event_id DESC LIMIT 1", (po_number,)
+        )
+
+    async def _import_outcome(self, where: str, args: Sequence[Any]) -> ImportOutcome | None:
+        row = await self._read_one(
+            "SELECT event_id, po_number, result, detail, po_id, decided_at FROM import_outcomes "
+            f"WHERE {where}",
+            args,
+        )
+        if row is None:
+            return None
+        return ImportOutcome(row[0], row[1], ImportResult(row[2]), row[3], row[4], row[5])
+
+    async def _read_one(self, sql: str, args: Sequence[Any]) -> Any:
+        """One row of a table a read-only opener may not have yet (a database the daemon has
+        not migrated): a clear error instead of SQLite's."""
+        try:
+            async with self._db.execute(sql, args) as cur:
+                return await cur.fetchone()
+        except sqlite3.OperationalError as exc:
+            raise StoreError(
+                f"cannot read {self.path}: {exc} (restart syncd to upgrade the database)"
+            ) from None
 
     # -- transitions ---------------------------------------------------------------------
 
