@@ -109,7 +109,10 @@ def test_example_scrape_config_passes_promtool_and_matches_the_rules() -> None:
     # promtool also loads and checks every rule file the config names.
     checked = promtool("check", "config", "prometheus.yml")
     assert "SUCCESS: 1 rule files found" in checked
-    assert "SUCCESS: 8 rules found" in checked
+    rules = sum(
+        len(g["rules"]) for g in yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"]
+    )
+    assert f"SUCCESS: {rules} rules found" in checked
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     assert config["rule_files"] == ["alerts.yml"]
     (job,) = config["scrape_configs"]

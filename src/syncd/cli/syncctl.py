@@ -44,11 +44,15 @@ from syncd.runtime.pollers import BEFORE_ACTIVATION, OTHER_SUPPLIER, PAUSED_PREF
 from syncd.store import ImportOutcome, ImportResult, PurchaseOrderObservation, Store
 
 __all__ = [
+    "DEFAULT_WAIT",
     "EXIT_CONFIG",
     "EXIT_NOT_ALLOWED",
     "EXIT_NOT_FOUND",
+    "EXIT_NO_OUTCOME",
+    "EXIT_OTHER_SUPPLIER",
     "EXIT_STORE",
     "cancel",
+    "explain",
     "history",
     "import_",
     "inspect",

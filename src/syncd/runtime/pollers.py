@@ -35,7 +35,9 @@ from syncd.runtime.crashpoints import crash_point
 from syncd.store import Store
 
 __all__ = [
+    "BEFORE_ACTIVATION",
     "IMPORTABLE_STATUSES",
+    "OTHER_SUPPLIER",
     "OVERLAP",
     "PAUSED_PREFIX",
     "KatanaPoller",

@@ -31,6 +31,7 @@ from syncd.errors import StoreConflict, StoreError, StoreUnavailable
 from syncd.store._schema import MIGRATIONS
 
 __all__ = [
+    "OBSERVATIONS_KEPT",
     "ImportOutcome",
     "ImportResult",
     "InboxEvent",
