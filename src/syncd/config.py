@@ -47,6 +47,9 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Seconds between retries of an effect that failed for a passing reason, doubling.
     retry_initial: float = 5.0
     retry_max: float = 300.0
+    #: Seconds the start-up check keeps retrying a service that fails for a passing reason
+    #: (5xx, timeout, cut body); a refusal (401, 404) ends the start at once.
+    start_timeout: float = 60.0
     statechart: str | None = None
 
 
@@ -251,6 +254,7 @@ def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = 
         ("tradegecko.timeout", tg.timeout),
         ("katana.timeout", kt.timeout),
         ("daemon.retry_max", daemon.retry_max),
+        ("daemon.start_timeout", daemon.start_timeout),
         ("metrics.refresh_interval", config.metrics.refresh_interval),
     ):
         if number <= 0:

@@ -191,7 +191,12 @@ class Effects:
         except ApiError as exc:
             if exc.status is None or exc.status >= 500:
                 # The POST may have landed: the next attempt looks order_no up first.
-                log.warning("sales order create for %s uncertain: %s", snapshot.po_number, exc)
+                log.warning(
+                    "sales order create for %s uncertain: %s",
+                    snapshot.po_number,
+                    exc,
+                    extra={"po": snapshot.po_number, "so": order_no},
+                )
             raise
         crash_point("so_created")
         return Outcome(
@@ -280,7 +285,12 @@ class Effects:
             return None
         oldest = min(found, key=lambda so: so.id)
         if len(found) > 1:
-            log.warning("several Katana SOs carry order_no %s; following %s", order_no, oldest.id)
+            log.warning(
+                "several Katana SOs carry order_no %s; following %s",
+                order_no,
+                oldest.id,
+                extra={"so": order_no},
+            )
         return oldest.id, oldest.order_no
 
     async def _customer_id(self) -> int:
