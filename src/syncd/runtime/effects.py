@@ -342,11 +342,13 @@ class Effects:
         except NotFound:
             raise RuleViolation(f"PO {link.po_number} no longer exists in TradeGecko") from None
         if po.status == "received":
+            # Received by an earlier run that died before recording it (or by a person): the
+            # record still says what the lines cost before and after.
             return Outcome(
                 effect="receive_order",
                 trigger="po_received",
                 cause=f"PO {link.po_number} is received in TradeGecko",
-                lines=link.lines,
+                lines=_costs_found(link.lines, {line.id: line.price for line in po_lines}),
             )
         if po.status in PO_WITHDRAWN:
             raise RuleViolation(f"PO {link.po_number} is {po.status} in TradeGecko: not received")
@@ -373,6 +375,15 @@ class Effects:
                 continue
             average = pick_average_cost(by_variant.get(line.katana_variant_id, []), location_id)
             new_price = cost_update(po_line.price, average)
+            before = po_line.price
+            if (
+                new_price is None
+                and po_line.price != line.price
+                and cost_update(line.price, average) == po_line.price
+            ):
+                # An earlier run set this price and died before the receipt: what the line
+                # cost before is the price as imported.
+                before = line.price
             if new_price is None:
                 if not average:
                     recorded = [c for _, c, _ in by_variant.get(line.katana_variant_id, [])]
@@ -382,9 +393,7 @@ class Effects:
                         "price kept"
                     )
                 costed.append(
-                    msgspec.structs.replace(
-                        line, cost_before=po_line.price, cost_after=po_line.price
-                    )
+                    msgspec.structs.replace(line, cost_before=before, cost_after=po_line.price)
                 )
                 continue
             await self.tradegecko.update_line_item_price(
@@ -403,6 +412,7 @@ class Effects:
             po, _ = await self.tradegecko.get_purchase_order(link.po_id)
             if po.status != "received":
                 raise
+            # The lines were costed by this run just now: the record keeps them.
             cause = f"PO {link.po_number} was already received"
         else:
             crash_point("po_received")
@@ -414,6 +424,23 @@ class Effects:
             lines=tuple(costed),
             notes=tuple(notes),
         )
+
+
+def _costs_found(
+    lines: Sequence[LineLink], prices: dict[int, Decimal | None]
+) -> tuple[LineLink, ...]:
+    """The lines of a PO found received: cost before as recorded (else as imported), cost
+    after as TradeGecko holds it (``prices``, by line id)."""
+    found: list[LineLink] = []
+    for line in lines:
+        if line.line_id not in prices:
+            found.append(line)  # gone from the PO: nothing to say
+            continue
+        before = line.cost_before if line.cost_before is not None else line.price
+        found.append(
+            msgspec.structs.replace(line, cost_before=before, cost_after=prices[line.line_id])
+        )
+    return tuple(found)
 
 
 def _failed(effect: str, trigger: str, reason: str) -> Outcome:
