@@ -453,3 +453,83 @@ def test_the_log_says_what_started_names_the_order_on_every_line_and_says_it_sto
     assert not [line for line in lines if "logger=transitions" in line], lines
     moved = [line for line in lines if 'msg="order moved"' in line]
     assert len(moved) >= 4 and all(f"po={number}" in line for line in moved), moved
+
+
+# -- `syncd demo` as a process --------------------------------------------------------------
+
+
+def test_rerunning_the_demo_on_its_database_reports_only_this_runs_orders(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    first = run("syncd", "demo", "--orders", "3", "--json", "--db", str(db))
+    assert first.returncode == 0, first.stderr
+    second = run("syncd", "demo", "--orders", "2", "--json", "--db", str(db))
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout)
+    assert (summary["orders"], summary["received"]) == (2, 2)
+    assert (summary["sales_orders_created"], summary["receipts"]) == (2, 2)
+    assert [order["po"] for order in summary["order_details"]] == ["PO0001", "PO0002"]
+    # The earlier run's database is kept beside it, whole.
+    assert f"moved the previous run's database to {db}.previous" in second.stderr
+    for path, count in ((db, 2), (Path(f"{db}.previous"), 3)):
+        listing = run("syncctl", "--db", str(path), "inspect", "--json")
+        assert listing.returncode == 0, listing.stderr
+        assert len(json.loads(listing.stdout)) == count, listing.stdout
+
+
+def test_ctrl_c_in_the_demo_exits_130_with_the_summary_so_far(
+    world: CrashHarness,
+) -> None:
+    # Katana never answers the SO's creation: the demo waits until it is interrupted.
+    _faults(world.katana_url, {"path": "/sales_orders", "method": "POST", "timeout_rate": 1.0})
+    proc = subprocess.Popen(
+        [
+            str(BIN / "syncd"),
+            "demo",
+            "--orders",
+            "2",
+            "--json",
+            "--katana-url",
+            f"{world.katana_url}/v1",
+            "--tradegecko-url",
+            world.tradegecko_url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_sim_env(),
+    )
+    try:
+        assert proc.stderr is not None
+        for line in iter(proc.stderr.readline, ""):
+            if line.startswith("created 2 purchase orders"):
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 130, stderr
+    summary = json.loads(stdout)
+    assert summary["interrupted"] is True
+    assert summary["orders"] == 2 and summary["received"] == 0
+    assert {order["state"] for order in summary["order_details"]} == {"discovered"}
+    assert "Traceback" not in stderr and "Aborted" not in stderr
+
+
+def test_ctrl_c_while_the_demo_starts_exits_130() -> None:
+    proc = subprocess.Popen(
+        [str(BIN / "syncd"), "demo", "--orders", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_sim_env(),
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "starting the simulators and the daemon\n"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    # Interrupted before or after the orders were made: 130 either way, no traceback.
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "interrupted" in stdout and "Traceback" not in stderr

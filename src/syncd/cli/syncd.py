@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 the demo did not receive every order; 2 bad usage or a broken
 configuration or statechart; 3 the database cannot be opened or is damaged; 4 a service
-rejected the tokens at start; 5 a service could not be reached at start.
+rejected the tokens at start; 5 a service could not be reached at start; 130 the demo was
+interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -31,13 +32,23 @@ from syncd.ops.logging import configure_logging
 if TYPE_CHECKING:
     from syncd.sim.faults import Faults
 
-__all__ = ["EXIT_AUTH", "EXIT_CONFIG", "EXIT_FAILED", "EXIT_STORE", "EXIT_UNREACHABLE", "main"]
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_STORE",
+    "EXIT_UNREACHABLE",
+    "main",
+]
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_AUTH = 4
 EXIT_UNREACHABLE = 5
+#: The shell's convention for a run ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 def _fail(message: str, code: int) -> None:
@@ -227,11 +238,18 @@ def demo(
         webhooks=webhooks,
     )
     progress = sys.stderr if as_json else sys.stdout
-    summary = anyio.run(lambda: run_demo(options, out=progress))
+    try:
+        summary = anyio.run(lambda: run_demo(options, out=progress))
+    except KeyboardInterrupt:
+        # Ctrl-C before the demo's own handler was installed.
+        _fail("demo interrupted", EXIT_INTERRUPTED)
+        return
     if as_json:
         click.echo(msgspec.json.encode(summary).decode())
     else:
         render_summary(summary, sys.stdout)
+    if summary.interrupted:
+        sys.exit(EXIT_INTERRUPTED)
     if summary.received != summary.orders:
         sys.exit(EXIT_FAILED)
 
