@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from crash_harness import CrashHarness
+from crash_harness import CrashHarness, free_port
 from syncd.domain.statechart import load_statechart
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -350,6 +350,25 @@ def test_sigterm_while_a_service_hangs_at_start_stops_at_once_with_exit_0(
     assert took < 2.0, took
     assert "syncd stopped" in daemon.wait_for("syncd stopped")
     assert "Traceback" not in daemon.stderr()
+
+
+def test_sigterm_while_webhook_registration_hangs_at_start_exits_0_at_once(
+    tmp_path: Path, world: CrashHarness, daemons: list[Daemon]
+) -> None:
+    _faults(world.katana_url, {"path": "/webhooks", "timeout_rate": 1.0})
+    port = free_port()
+    extra = (
+        f'[webhooks]\nenabled = true\nlisten = "127.0.0.1:{port}"\n'
+        f'public_base_url = "https://127.0.0.1:{port}"\nverify_signatures = false\n'
+    )
+    daemon = Daemon(_run_config(tmp_path, world, extra=extra))
+    daemons.append(daemon)
+    daemon.wait_for("webhook listener on")
+    time.sleep(1.0)
+    assert daemon.proc.poll() is None, daemon.stderr()
+    status, took = daemon.stop()
+    assert status == 0, daemon.stderr()
+    assert took < 2.0, took
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
