@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 import httpx
 
+from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.domain.statechart import load_statechart
 from syncd.runtime.crashpoints import CRASH_POINTS, ENV, EXIT_CODE
 from syncd.sim.tradegecko import DEFAULT_WEBHOOK_SECRET
@@ -441,6 +442,30 @@ class CrashHarness:
         finally:
             await store.close()
         return bad
+
+    def recorded_costs(self) -> dict[str, list[tuple[int, Any, Any, Any, Any]]]:
+        """PO number → ``(line id, price as imported, cost before, cost after, TradeGecko's
+        price now)`` of each line, as the database records the receipt."""
+        return anyio.run(self._recorded_costs)
+
+    async def _recorded_costs(self) -> dict[str, list[tuple[int, Any, Any, Any, Any]]]:
+        store = await Store.open(self.database, readonly=True)
+        costs: dict[str, list[tuple[int, Any, Any, Any, Any]]] = {}
+        try:
+            async with TradeGeckoClient(self.tradegecko_url, "tradegecko-sim-token") as client:
+                for po_id, number in self.pos.items():
+                    link = await store.link_by_po_number(number)
+                    if link is None:
+                        continue
+                    _, lines = await client.get_purchase_order(po_id)
+                    now = {line.id: line.price for line in lines}
+                    costs[number] = [
+                        (ln.line_id, ln.price, ln.cost_before, ln.cost_after, now.get(ln.line_id))
+                        for ln in link.lines
+                    ]
+        finally:
+            await store.close()
+        return costs
 
     def daemon_log_tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():

@@ -209,6 +209,36 @@ async def test_registration_creates_only_what_is_missing_and_keeps_the_token(
     assert sims.katana_world.requests["GET /webhooks"] == before
 
 
+async def test_a_katana_registration_that_landed_but_answered_500_is_used_at_once(
+    sims: Sims, tmp_path: Path
+) -> None:
+    faults = {
+        "rules": [
+            {"path": "/webhooks", "method": "POST", "error_rate": 1.0, "after": True, "times": 1}
+        ]
+    }
+    response = await sims.control.put(f"{sims.katana_url}/_sim/faults", json=faults)
+    assert response.status_code == 200, response.text
+    config = sims.config(tmp_path / "syncd.db", free_port())
+    async with sims.daemon(config) as daemon:
+        # Listed again after the 500: registered, and with the token, before the start ends.
+        (hook,) = sims.katana_sender.subscriptions.values()
+        assert daemon.webhooks is not None and daemon.webhooks.registered
+        assert hook.token in daemon.webhooks.keys.katana_tokens
+        po = await sims.create_po()
+        await wait_for_state(daemon, po["order_number"], "imported", "in_production", seconds=5)
+        # Katana's deliveries about the new SO are accepted, none refused.
+        with anyio.fail_after(5):
+            while True:
+                if sims.katana_sender.counters["delivered"]:
+                    break
+                await anyio.sleep(0.02)
+        assert sims.katana_sender.counters["failed_attempts"] == 0, sims.katana_sender.counters
+    injected = (await sims.control.get(f"{sims.katana_url}/_sim/faults")).json()
+    assert sum(injected["injected"].values()) == 1, injected
+    assert len(sims.katana_sender.subscriptions) == 1
+
+
 async def test_a_dropped_webhook_is_reconciled_by_the_poller(sims: Sims, tmp_path: Path) -> None:
     config = sims.config(tmp_path / "syncd.db", free_port(), poll=0.1, reconcile=0.5)
     async with sims.daemon(config) as daemon:

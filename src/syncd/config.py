@@ -59,6 +59,9 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Seconds between retries of an effect that failed for a passing reason, doubling.
     retry_initial: float = 5.0
     retry_max: float = 300.0
+    #: Seconds the start-up check keeps retrying a service that fails for a passing reason
+    #: (5xx, timeout, cut body); a refusal (401, 404) ends the start at once.
+    start_timeout: float = 60.0
     statechart: str | None = None
 
 
@@ -263,6 +266,7 @@ def config_problems(config: Config, *, require_tokens: bool = True) -> list[Conf
     for key, number in (
         ("daemon.retry_initial", daemon.retry_initial),
         ("daemon.retry_max", daemon.retry_max),
+        ("daemon.start_timeout", daemon.start_timeout),
         ("tradegecko.poll_interval", tg.poll_interval),
         ("tradegecko.rate_period", tg.rate_period),
         ("tradegecko.timeout", tg.timeout),

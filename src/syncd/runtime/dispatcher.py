@@ -166,7 +166,13 @@ class Dispatcher:
         try:
             payload = inbox.decode(event.kind, event.payload)
         except (KeyError, msgspec.DecodeError) as exc:
-            log.error("inbox event %s (%s) is unreadable: %s", event.id, event.kind, exc)
+            log.error(
+                "inbox event %s (%s) is unreadable: %s",
+                event.id,
+                event.kind,
+                exc,
+                extra=_ids(event),
+            )
             await self.store.mark_processed(event.id, f"unreadable: {exc}")
             return
         try:
@@ -182,7 +188,7 @@ class Dispatcher:
             if is_transient(exc):
                 # The database is locked by another process or the disk failed: nothing is
                 # given up, the event waits for the next pass.
-                log.warning("event %s waits: %s", event.id, exc)
+                log.warning("event %s waits: %s", event.id, exc, extra=_ids(event))
                 await anyio.sleep(1.0)
             else:
                 await self._failed(event, exc)
@@ -198,12 +204,19 @@ class Dispatcher:
         self._event_failures[event.id] = attempts
         if attempts >= _EVENT_ATTEMPTS:
             log.error(
-                "event %s (%s) set aside after %d tries: %s", event.id, event.kind, attempts, exc
+                "event %s (%s) set aside after %d tries: %s",
+                event.id,
+                event.kind,
+                attempts,
+                exc,
+                extra=_ids(event),
             )
             self._event_failures.pop(event.id, None)
             await self._set_aside(event.id, f"failed: {exc}")
         else:
-            log.warning("event %s not applied (try %d): %s", event.id, attempts, exc)
+            log.warning(
+                "event %s not applied (try %d): %s", event.id, attempts, exc, extra=_ids(event)
+            )
             await anyio.sleep(min(2.0, 0.1 * attempts))
 
     async def _set_aside(self, event_id: int, outcome: str) -> None:
@@ -230,7 +243,7 @@ class Dispatcher:
             if po.order_number == number
         ]
         if not found:
-            log.warning("backfill: no PO %s in TradeGecko", number)
+            log.warning("backfill: no PO %s in TradeGecko", number, extra={"po": number})
             await settle(event.id, number, Import.NOT_FOUND, f"no PO {number} in TradeGecko")
             return
         po = min(found, key=lambda po: po.id)
@@ -479,7 +492,12 @@ class Dispatcher:
                 except SyncdError as exc:
                     # The store refused a write: the effect runs again (it is idempotent)
                     # once the database takes writes again.
-                    log.error("effect for order %s could not be recorded: %s", link_id, exc)
+                    log.error(
+                        "effect for order %s could not be recorded: %s",
+                        link_id,
+                        exc,
+                        extra={"link": link_id},
+                    )
                     await anyio.sleep(self.retry_initial)
                     self._again.add(link_id)
                 if link_id not in self._again:
@@ -601,7 +619,13 @@ class Dispatcher:
             count,
             delay,
             error,
+            extra={"po": link.po_number, "so": link.so_number},
         )
         await self.store.note(link.id, last_error=f"{effect}: {error}")
         await anyio.sleep(delay)
         self._again.add(link.id)
+
+
+def _ids(event: InboxEvent) -> dict[str, object]:
+    """What a line about an inbox event names: its order, by id (the event has no number)."""
+    return {"link": event.link_id, "po_id": event.po_id, "so_id": event.so_id}

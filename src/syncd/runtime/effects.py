@@ -181,7 +181,12 @@ class Effects:
         except ApiError as exc:
             if exc.status is None or exc.status >= 500:
                 # The POST may have landed: the next attempt looks order_no up first.
-                log.warning("sales order create for %s uncertain: %s", snapshot.po_number, exc)
+                log.warning(
+                    "sales order create for %s uncertain: %s",
+                    snapshot.po_number,
+                    exc,
+                    extra={"po": snapshot.po_number, "so": order_no},
+                )
             raise
         crash_point("so_created")
         return Outcome(
@@ -270,7 +275,12 @@ class Effects:
             return None
         oldest = min(found, key=lambda so: so.id)
         if len(found) > 1:
-            log.warning("several Katana SOs carry order_no %s; following %s", order_no, oldest.id)
+            log.warning(
+                "several Katana SOs carry order_no %s; following %s",
+                order_no,
+                oldest.id,
+                extra={"so": order_no},
+            )
         return oldest.id, oldest.order_no
 
     async def _customer_id(self) -> int:
@@ -322,11 +332,13 @@ class Effects:
         except NotFound:
             raise RuleViolation(f"PO {link.po_number} no longer exists in TradeGecko") from None
         if po.status == "received":
+            # Received by an earlier run that died before recording it (or by a person): the
+            # record still says what the lines cost before and after.
             return Outcome(
                 effect="receive_order",
                 trigger="po_received",
                 cause=f"PO {link.po_number} is received in TradeGecko",
-                lines=link.lines,
+                lines=_costs_found(link.lines, {line.id: line.price for line in po_lines}),
             )
         if po.status in PO_WITHDRAWN:
             raise RuleViolation(f"PO {link.po_number} is {po.status} in TradeGecko: not received")
@@ -353,6 +365,15 @@ class Effects:
                 continue
             average = pick_average_cost(by_variant.get(line.katana_variant_id, []), location_id)
             new_price = cost_update(po_line.price, average)
+            before = po_line.price
+            if (
+                new_price is None
+                and po_line.price != line.price
+                and cost_update(line.price, average) == po_line.price
+            ):
+                # An earlier run set this price and died before the receipt: what the line
+                # cost before is the price as imported.
+                before = line.price
             if new_price is None:
                 if not average:
                     recorded = [c for _, c, _ in by_variant.get(line.katana_variant_id, [])]
@@ -362,9 +383,7 @@ class Effects:
                         "price kept"
                     )
                 costed.append(
-                    msgspec.structs.replace(
-                        line, cost_before=po_line.price, cost_after=po_line.price
-                    )
+                    msgspec.structs.replace(line, cost_before=before, cost_after=po_line.price)
                 )
                 continue
             await self.tradegecko.update_line_item_price(
@@ -383,6 +402,7 @@ class Effects:
             po, _ = await self.tradegecko.get_purchase_order(link.po_id)
             if po.status != "received":
                 raise
+            # The lines were costed by this run just now: the record keeps them.
             cause = f"PO {link.po_number} was already received"
         else:
             crash_point("po_received")
@@ -394,6 +414,23 @@ class Effects:
             lines=tuple(costed),
             notes=tuple(notes),
         )
+
+
+def _costs_found(
+    lines: Sequence[LineLink], prices: dict[int, Decimal | None]
+) -> tuple[LineLink, ...]:
+    """The lines of a PO found received: cost before as recorded (else as imported), cost
+    after as TradeGecko holds it (``prices``, by line id)."""
+    found: list[LineLink] = []
+    for line in lines:
+        if line.line_id not in prices:
+            found.append(line)  # gone from the PO: nothing to say
+            continue
+        before = line.cost_before if line.cost_before is not None else line.price
+        found.append(
+            msgspec.structs.replace(line, cost_before=before, cost_after=prices[line.line_id])
+        )
+    return tuple(found)
 
 
 def _failed(effect: str, trigger: str, reason: str) -> Outcome:

@@ -190,7 +190,12 @@ class TradeGeckoPoller(_Poller):
             except SyncdError as exc:
                 # One PO that cannot be read must not stop the others; the cursor stays
                 # before it so that the next poll tries it again.
-                log.warning("PO %s skipped this poll: %s", po.order_number or po.id, exc)
+                log.warning(
+                    "PO %s skipped this poll: %s",
+                    po.order_number or po.id,
+                    exc,
+                    extra={"po": po.order_number, "po_id": po.id},
+                )
                 ceiling = min(ceiling, po.updated_at - timedelta(microseconds=1))
         if orders:
             newest = min(max(po.updated_at for po in orders), ceiling)
