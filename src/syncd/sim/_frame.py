@@ -255,7 +255,8 @@ class Frame:
             response.headers.update(headers)
             return response
 
-        return Route(template, endpoint, methods=list(methods))
+        # Counted by the template as given; a bare {id} routes integers only.
+        return Route(template.replace("{id}", "{id:int}"), endpoint, methods=list(methods))
 
     def control(self, path: str, handler: Handler, methods: Sequence[str]) -> Route:
         """A control-panel endpoint (``path`` under ``/_sim``); its docstring's first line
