@@ -16,9 +16,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+from conftest import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
 from syncd.ops.notify import notify, watchdog_interval
-from test_flow import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
-from test_flow import sims as sims  # the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "syncd.service"
