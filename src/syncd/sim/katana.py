@@ -33,11 +33,78 @@ from syncd.sim._katana_world import KatanaError, KatanaWorld
 from syncd.sim.faults import Faults, install_faults
 from syncd.sim.webhooks import Subscription, WebhookSender, katana_sender, new_token
 
-__all__ = ["API_PREFIX", "KatanaError", "KatanaWorld", "create_app", "run"]
+__all__ = ["API_PREFIX", "WEBHOOK_EVENTS", "KatanaError", "KatanaWorld", "create_app", "run"]
 
 API_PREFIX = "/v1"
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 250
+
+#: The webhook events Katana knows: the ``WebhookEvent`` enum of ``apis/katana/openapi.yaml``
+#: (a test checks this copy against it). Creating a webhook for another is a 422.
+WEBHOOK_EVENTS: tuple[str, ...] = (
+    "sales_order.created",
+    "sales_order.approved",
+    "sales_order.updated",
+    "sales_order.deleted",
+    "sales_order.packed",
+    "sales_order.delivered",
+    "sales_order.availability_updated",
+    "purchase_order.created",
+    "purchase_order.approved",
+    "purchase_order.updated",
+    "purchase_order.deleted",
+    "purchase_order.partially_received",
+    "purchase_order.received",
+    "purchase_order_row.created",
+    "purchase_order_row.updated",
+    "purchase_order_row.deleted",
+    "purchase_order_row.received",
+    "manufacturing_order.created",
+    "manufacturing_order.updated",
+    "manufacturing_order.deleted",
+    "manufacturing_order.in_progress",
+    "manufacturing_order.blocked",
+    "manufacturing_order.done",
+    "manufacturing_order_operation_row.created",
+    "manufacturing_order_operation_row.updated",
+    "manufacturing_order_operation_row.deleted",
+    "manufacturing_order_operation_row.in_progress",
+    "manufacturing_order_operation_row.paused",
+    "manufacturing_order_operation_row.blocked",
+    "manufacturing_order_operation_row.completed",
+    "manufacturing_order_recipe_row.created",
+    "manufacturing_order_recipe_row.updated",
+    "manufacturing_order_recipe_row.deleted",
+    "manufacturing_order_recipe_row.ingredients_in_stock",
+    "current_inventory.product_updated",
+    "current_inventory.material_updated",
+    "current_inventory.product_out_of_stock",
+    "current_inventory.material_out_of_stock",
+    "product.created",
+    "product.updated",
+    "product.deleted",
+    "material.created",
+    "material.updated",
+    "material.deleted",
+    "variant.created",
+    "variant.updated",
+    "variant.deleted",
+    "product_recipe_row.created",
+    "product_recipe_row.updated",
+    "product_recipe_row.deleted",
+    "outsourced_purchase_order.created",
+    "outsourced_purchase_order.approved",
+    "outsourced_purchase_order.updated",
+    "outsourced_purchase_order.deleted",
+    "outsourced_purchase_order.received",
+    "outsourced_purchase_order_row.created",
+    "outsourced_purchase_order_row.updated",
+    "outsourced_purchase_order_row.deleted",
+    "outsourced_purchase_order_row.received",
+    "outsourced_purchase_order_recipe_row.created",
+    "outsourced_purchase_order_recipe_row.updated",
+    "outsourced_purchase_order_recipe_row.deleted",
+)
 
 T = TypeVar("T")
 #: An endpoint of this simulator: the request and the account it acts on.
@@ -645,6 +712,14 @@ def _webhook_handlers(sender: WebhookSender) -> tuple[WorldHandler, WorldHandler
             body = await _body(request, _CreateWebhook)
             if not body.url.startswith("https://"):
                 raise KatanaError.invalid(".url", "pattern", 'must match pattern "^https://.*$"')
+            for index, event in enumerate(body.subscribed_events):
+                if event not in WEBHOOK_EVENTS:
+                    raise KatanaError.invalid(
+                        f".subscribed_events[{index}]",
+                        "enum",
+                        "should be equal to one of the allowed values",
+                        allowedValues=list(WEBHOOK_EVENTS),
+                    )
             sub = sender.subscribe(
                 body.url, body.subscribed_events, token=new_token(), description=body.description
             )

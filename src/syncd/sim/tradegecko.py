@@ -256,7 +256,8 @@ def _page(
         links.append(f'<{request.url.include_query_params(page=number + 1)}>; rel="next"')
     links.append(f'<{request.url.include_query_params(page=total_pages)}>; rel="last"')
     headers["Link"] = ", ".join(links)
-    return json_response({plural: page.of(rows)}, headers=headers)
+    # meta.total as the recorded answers carry it (clients count pages from it).
+    return json_response({plural: page.of(rows), "meta": {"total": page.total}}, headers=headers)
 
 
 def _json_body(body: bytes) -> Json:
@@ -406,11 +407,15 @@ async def _sim_create_order(request: Request, account: _Account) -> Any:
         when = parse_time(created_at) if isinstance(created_at, str) else None
     except ValueError:
         raise BadRequest("created_at is not an ISO 8601 time") from None
+    lines = _lines(data, "lines")
+    if not lines:
+        # A PO without lines is nothing TradeGecko lets a person raise.
+        raise Refused("purchase_order_line_items", "can't be blank")
     order = world.create_purchase_order(
         company=company,
         currency=currency,
         status=str(data.get("status", "active")),
-        lines=_lines(data, "lines"),
+        lines=lines,
         created_at=when,
         notes=data.get("notes"),
     )
