@@ -17,7 +17,6 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import httpx
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.domain.statechart import load_statechart
 from syncd.runtime.crashpoints import CRASH_POINTS, ENV, EXIT_CODE
-from syncd.sim.tradegecko import DEFAULT_WEBHOOK_SECRET
+from syncd.sim import TRADEGECKO_WEBHOOK_SECRET, free_port
 from syncd.store import Store
 
 __all__ = ["CRASH_POINTS", "WEBHOOK_POINTS", "CrashHarness", "CrashReport", "Verdict"]
@@ -46,13 +45,6 @@ KNOWN_SKUS = ("CHAIR-OAK", "TABLE-OAK", "STOOL-PINE", "LAMP-BRASS")
 NEW_SKU = "SHELF-WALNUT"
 #: Crash points only a daemon with webhooks enabled reaches.
 WEBHOOK_POINTS = frozenset({"webhook_acknowledged"})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -195,7 +187,7 @@ class CrashHarness:
                 f'[webhooks]\nenabled = true\nlisten = "{listen}"\n'
                 # Katana sends only to https; the simulators deliver it over plain http.
                 f'public_base_url = "https://{listen}"\n'
-                f'tradegecko_secret = "{DEFAULT_WEBHOOK_SECRET}"\n'
+                f'tradegecko_secret = "{TRADEGECKO_WEBHOOK_SECRET}"\n'
                 f"reconcile_interval = {self.reconcile_interval}\n"
             )
         self.config_path.write_text(

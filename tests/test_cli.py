@@ -19,10 +19,10 @@ import anyio
 import httpx
 import pytest
 
-from crash_harness import CrashHarness, free_port
+from conftest import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
+from crash_harness import CrashHarness
 from syncd.domain.statechart import load_statechart
-from test_flow import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
-from test_flow import sims as sims  # the fixture
+from syncd.sim import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

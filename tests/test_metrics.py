@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import platform
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -14,10 +13,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import Sims
 from syncd import __version__
 from syncd.ops.metrics import Metrics
-from test_flow import Sims, is_state, wait_for
-from test_flow import sims as sims  # the fixture
+from syncd.sim import free_port
+from test_flow import is_state, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -133,13 +133,6 @@ def test_metrics_of_two_daemons_do_not_mix() -> None:
         second.registry.get_sample_value("syncd_effect_retries_total", {"effect": "import_order"})
         is None
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def test_a_real_prometheus_scrapes_the_daemon(sims: Sims, tmp_path: Path) -> None:

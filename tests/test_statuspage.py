@@ -1,8 +1,6 @@
 """The status page: its rendering on a real SQLite store, served on loopback, and what a
 person sees of a daemon that ran the flow, loaded by headless Chromium."""
 
-# ruff: noqa: F811 - the end-to-end test takes test_flow's `sims` fixture, imported below
-
 from __future__ import annotations
 
 import os
@@ -21,13 +19,14 @@ import anyio
 import httpx
 import pytest
 
+from conftest import Sims
 from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderLine, PurchaseOrderSnapshot
 from syncd.domain.statechart import load_statechart
 from syncd.ops.asgi import serving
 from syncd.ops.statuspage import StatusPage, iso, render_order, render_overview
 from syncd.runtime.inbox import WEBHOOK_RECEIVED
 from syncd.store import Store
-from test_flow import Sims, is_state, sims, wait_for  # noqa: F401 - `sims` is a fixture
+from test_flow import is_state, wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -19,6 +19,7 @@ import anyio
 import pytest
 from click.testing import CliRunner
 
+from conftest import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
 from syncd import __version__
 from syncd.cli.syncctl import main as syncctl
 from syncd.cli.syncctl import parse_duration
@@ -27,8 +28,7 @@ from syncd.domain.statechart import load_statechart
 from syncd.runtime.dispatcher import Dispatcher
 from syncd.runtime.effects import Effects
 from syncd.store import Store
-from test_flow import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims, is_state, wait_for
-from test_flow import sims as sims  # the fixture
+from test_flow import is_state, wait_for
 
 SYNCCTL = str(Path(sys.executable).parent / "syncctl")
 

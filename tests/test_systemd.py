@@ -17,11 +17,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+from conftest import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
 from syncd.cli.syncd import EXIT_AUTH, EXIT_CONFIG, EXIT_STORE, EXIT_UNREACHABLE
 from syncd.config import CREDENTIALS, DEFAULT_CREDENTIALS_DIRECTORY
 from syncd.ops.notify import notify, watchdog_interval
-from test_flow import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
-from test_flow import sims as sims  # the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "syncd.service"

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -35,10 +35,9 @@ from syncd.config import (
     WebhooksConfig,
 )
 from syncd.domain.statechart import Statechart, load_statechart
-from syncd.ops.asgi import bind_socket, serving
+from syncd.ops.asgi import bind_socket
 from syncd.runtime.daemon import running_daemon
 from syncd.runtime.dispatcher import TransitionNotice
-from syncd.sim import katana as katana_sim
 from syncd.sim import tradegecko as tradegecko_sim
 from syncd.sim.factory import play_factory
 from syncd.store import Store
@@ -132,31 +131,33 @@ def _lines_for(index: int) -> list[dict[str, Any]]:
 
 @asynccontextmanager
 async def _simulators(options: DemoOptions) -> AsyncIterator[tuple[str, str, str, str]]:
-    senders: list[Any] = []
-    async with AsyncExitStack() as stack:
-        if options.katana_url is None:
-            app = katana_sim.create_app(token=KATANA_TOKEN, rate_limit=None)
-            katana_ctl = await stack.enter_async_context(serving(app))
-            senders.append(app.state.webhooks)
-            katana_url = katana_ctl + katana_sim.API_PREFIX
-        else:
-            katana_url = options.katana_url
-            katana_ctl = options.katana_sim_url or katana_url.removesuffix(katana_sim.API_PREFIX)
-        if options.tradegecko_url is None:
-            app = tradegecko_sim.create_app(token=TRADEGECKO_TOKEN, rate_limit=None)
-            tradegecko_url = await stack.enter_async_context(serving(app))
-            tradegecko_ctl = tradegecko_url
-            senders.append(app.state.webhooks)
-        else:
-            tradegecko_url = options.tradegecko_url
-            tradegecko_ctl = options.tradegecko_sim_url or tradegecko_url
-        async with anyio.create_task_group() as tg:
-            for sender in senders:
-                tg.start_soon(sender.run)
-            try:
-                yield katana_url, tradegecko_url, katana_ctl, tradegecko_ctl
-            finally:
-                tg.cancel_scope.cancel()
+    from syncd.sim import KATANA_API_PREFIX, running_simulators
+
+    if options.katana_url is not None and options.tradegecko_url is not None:
+        yield (
+            options.katana_url,
+            options.tradegecko_url,
+            options.katana_sim_url or options.katana_url.removesuffix(KATANA_API_PREFIX),
+            options.tradegecko_sim_url or options.tradegecko_url,
+        )
+        return
+    # A service not given by URL is the built-in simulator (the other one then idles).
+    async with running_simulators(
+        katana_token=KATANA_TOKEN, tradegecko_token=TRADEGECKO_TOKEN, webhooks=True
+    ) as sims:
+        katana_url = options.katana_url or sims.katana_api_url
+        katana_ctl = (
+            sims.katana_url
+            if options.katana_url is None
+            else options.katana_sim_url or options.katana_url.removesuffix(KATANA_API_PREFIX)
+        )
+        tradegecko_url = options.tradegecko_url or sims.tradegecko_url
+        tradegecko_ctl = (
+            sims.tradegecko_url
+            if options.tradegecko_url is None
+            else options.tradegecko_sim_url or options.tradegecko_url
+        )
+        yield katana_url, tradegecko_url, katana_ctl, tradegecko_ctl
 
 
 def _printer(chart: Statechart, out: TextIO, started: float) -> Any:

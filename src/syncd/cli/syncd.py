@@ -344,8 +344,10 @@ def sim_tradegecko(host: str, port: int, no_rate_limit: bool, **fault_flags: Any
 
     faults = _faults(fault_flags)
     configure_logging("info")
-    click.echo(f"TradeGecko simulator on http://{host}:{port} (control: /_sim/)")
-    anyio.run(lambda: tradegecko.run(host, port, rate_limit=not no_rate_limit, faults=faults))
+    click.echo(f"TradeGecko simulator on http://{host}:{port} (API: /, control: /_sim/)")
+    _serve_sim(
+        host, port, lambda: tradegecko.run(host, port, rate_limit=not no_rate_limit, faults=faults)
+    )
 
 
 @sim.command("katana")
@@ -362,9 +364,21 @@ def sim_katana(
 
     faults = _faults(fault_flags)
     configure_logging("info")
-    click.echo(f"Katana simulator on http://{host}:{port} (control: /_sim/)")
-    anyio.run(
+    click.echo(
+        f"Katana simulator on http://{host}:{port} (API: {katana.API_PREFIX}, control: /_sim/)"
+    )
+    _serve_sim(
+        host,
+        port,
         lambda: katana.run(
             host, port, rate_limit=not no_rate_limit, play_factory=play_factory, faults=faults
-        )
+        ),
     )
+
+
+def _serve_sim(host: str, port: int, serve: Any) -> None:
+    """Run a simulator; an address it cannot listen on is a usage error (exit 2)."""
+    try:
+        anyio.run(serve)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_CONFIG)
