@@ -821,7 +821,7 @@ def test_rerunning_the_demo_on_its_database_reports_only_this_runs_orders(tmp_pa
     summary = json.loads(second.stdout)
     assert (summary["orders"], summary["received"]) == (2, 2)
     assert (summary["sales_orders_created"], summary["receipts"]) == (2, 2)
-    assert [order["po"] for order in summary["order_details"]] == ["PO0001", "PO0002"]
+    assert [order["po_number"] for order in summary["order_details"]] == ["PO0001", "PO0002"]
     # The earlier run's database is kept beside it, whole.
     assert f"moved the previous run's database to {db}.previous" in second.stderr
     for path, count in ((db, 2), (Path(f"{db}.previous"), 3)):

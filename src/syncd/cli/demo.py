@@ -90,8 +90,8 @@ class LineSummary(msgspec.Struct, kw_only=True):
 
 
 class OrderSummary(msgspec.Struct, kw_only=True):
-    po: str
-    so: str | None
+    po_number: str
+    so_number: str | None
     state: str
     reason: str | None
     lines: list[LineSummary]
@@ -298,6 +298,8 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                 httpx.AsyncClient(timeout=10) as control,
                 running_daemon(config, chart=chart, on_transition=seen) as daemon,
             ):
+                if daemon.metrics_url is not None:
+                    print(f"status page: {daemon.metrics_url}/", file=out, flush=True)
                 po_numbers: list[str] = []
                 created_at: dict[str, float] = {}
                 # Simulators the demo did not start may have counted earlier runs.
@@ -348,8 +350,8 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                     if link is None:
                         details.append(
                             OrderSummary(
-                                po=number,
-                                so=None,
+                                po_number=number,
+                                so_number=None,
                                 state="not seen",
                                 reason=None,
                                 lines=[],
@@ -360,8 +362,8 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                     received += link.state in received_states
                     details.append(
                         OrderSummary(
-                            po=number,
-                            so=link.so_number,
+                            po_number=number,
+                            so_number=link.so_number,
                             state=link.state,
                             reason=link.reason,
                             lines=[
@@ -432,7 +434,8 @@ def render_summary(summary: DemoSummary, out: TextIO) -> None:
             f"{line.sku}x{line.quantity} {line.cost_before} → {line.cost_after}"
             for line in order.lines
         )
-        print(f"{order.po:<10} {order.so or '-':<14} {order.state:<16} {costs}", file=out)
+        so = order.so_number or "-"
+        print(f"{order.po_number:<10} {so:<14} {order.state:<16} {costs}", file=out)
         for note in order.notes:
             print(f"{'':<42}note: {note}", file=out)
         if order.reason:
