@@ -58,6 +58,22 @@ def test_demo_receives_every_order_and_reports_json(
     assert isinstance(summary["elapsed_s"], float) and summary["elapsed_s"] < 30
 
 
+def test_a_reader_that_goes_away_ends_the_demo_quietly(tmp_path: Path) -> None:
+    """``syncd demo | head -1``: the pipe closes mid-run; exit 141 (SIGPIPE's), no traceback."""
+    process = subprocess.Popen(
+        [str(BIN / "syncd"), "demo", "--orders", "2", "--db", str(tmp_path / "d.db")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    with process.stdout, process.stderr:
+        assert process.stdout.readline()  # the first line, then the reader goes away
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141, stderr
+    assert "Traceback" not in stderr
+
+
 def test_syncctl_status_and_inspect(demo_db: tuple[Path, dict[str, object]]) -> None:
     db, _ = demo_db
     status = run("syncctl", "--db", str(db), "status", "--json")

@@ -505,6 +505,9 @@ async def test_status_and_explain_show_a_paused_service(sims: Sims, tmp_path: Pa
         assert code == 0, err
         (pause,) = status["paused"]
         assert pause["service"] == "tradegecko" and ISO_UTC.fullmatch(pause["since"])
+        # The moment of the pause, to the second (a regex once cut it at the hour's colon).
+        stored = await daemon.store.get_meta("paused.tradegecko")
+        assert stored is not None and pause["since"][:19] in stored
         code, text, _ = await syncctl_process("status", "--db", str(db))
         assert "paused: tradegecko since " in text and "(401)" in text
         code, text, _ = await syncctl_process("explain", "PO0001", "--db", str(db))

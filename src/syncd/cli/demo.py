@@ -425,15 +425,19 @@ def _money(value: Decimal | None) -> str | None:
     return None if value is None else f"{value:.2f}"
 
 
+def _line_costs(line: LineSummary) -> str:
+    # A line not received yet has no cost after; say so rather than print None.
+    before = line.cost_before if line.cost_before is not None else "no cost"
+    after = line.cost_after if line.cost_after is not None else "not received"
+    return f"{line.sku}x{line.quantity} {before} → {after}"
+
+
 def render_summary(summary: DemoSummary, out: TextIO) -> None:
     """The human summary table."""
     print("", file=out)
     print(f"{'PO':<10} {'SO':<14} {'state':<16} lines (cost before → after)", file=out)
     for order in summary.order_details:
-        costs = ", ".join(
-            f"{line.sku}x{line.quantity} {line.cost_before} → {line.cost_after}"
-            for line in order.lines
-        )
+        costs = ", ".join(_line_costs(line) for line in order.lines)
         so = order.so_number or "-"
         print(f"{order.po_number:<10} {so:<14} {order.state:<16} {costs}", file=out)
         for note in order.notes:

@@ -35,6 +35,7 @@ import click
 import msgspec
 
 from syncd import __version__
+from syncd.cli._entry import run_command
 from syncd.config import Config, default_config_path, load_config
 from syncd.domain.orders import LinkedOrder
 from syncd.domain.statechart import Statechart, load_statechart
@@ -52,6 +53,7 @@ __all__ = [
     "EXIT_OTHER_SUPPLIER",
     "EXIT_STORE",
     "cancel",
+    "entry",
     "explain",
     "history",
     "import_",
@@ -247,7 +249,7 @@ def _with_store(
 
 # -- the shapes of things --------------------------------------------------------------------
 
-_PAUSED_SINCE = re.compile(r" since (\S+?):")
+_PAUSED_SINCE = re.compile(r" since (\S+):(?: |$)")
 
 
 async def _paused(store: Store) -> list[dict[str, Any]]:
@@ -1009,3 +1011,8 @@ def statechart(ctx: click.Context, fmt: str, as_json: bool) -> None:
         )
         return
     click.echo(svg.decode(), nl=False)
+
+
+def entry() -> None:
+    """The ``syncctl`` console script."""
+    run_command(main)

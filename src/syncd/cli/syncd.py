@@ -19,6 +19,7 @@ import click
 import msgspec
 
 from syncd import __version__
+from syncd.cli._entry import run_command
 from syncd.config import Config, default_config_path, load_config
 from syncd.errors import (
     ApiError,
@@ -42,6 +43,7 @@ __all__ = [
     "EXIT_UNREACHABLE",
     "check",
     "demo",
+    "entry",
     "main",
     "run",
     "sim",
@@ -382,3 +384,8 @@ def _serve_sim(host: str, port: int, serve: Any) -> None:
         anyio.run(serve)
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_CONFIG)
+
+
+def entry() -> None:
+    """The ``syncd`` console script."""
+    run_command(main)
