@@ -754,3 +754,17 @@ async def test_sqlite_a_second_daemon_on_the_file_is_refused(tmp_path: Path) -> 
     # Closed, the file is free again.
     after = await anyio.to_thread.run_sync(second_process, db, "exclusive")
     assert (after.returncode, after.stdout.strip()) == (0, "{'discovered': 1}")
+
+
+async def test_postgres_a_cancelled_write_leaves_the_store_usable(pg_database: str) -> None:
+    async with opened(pg_database) as store:
+        await store.set_meta("k", "v")
+        with psycopg.connect(pg_database) as holder:
+            holder.execute("SELECT * FROM meta WHERE key = 'k' FOR UPDATE")
+            with anyio.move_on_after(0.3) as scope:
+                await store.set_meta("k", "cancelled")  # waits on the row lock
+            assert scope.cancelled_caught
+            holder.rollback()
+        await store.set_meta("k", "w")
+        assert await store.get_meta("k") == "w"
+        assert raw(pg_database, "SELECT value FROM meta WHERE key = 'k'") == [("w",)]
