@@ -28,8 +28,9 @@ __all__ = ["PostgresServer", "find_binaries", "pg_server_fixture"]
 
 USER = "syncd"
 PASSWORD = "syncd-test-password"
-#: Who runs the server when the tests run as root.
+#: Who runs the server when the tests run as root; made when the system has no ``nobody``.
 SERVER_USER = "nobody"
+FALLBACK_USER = "syncd-pg"
 
 
 def find_binaries() -> Path | None:
@@ -47,6 +48,21 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _unprivileged_user() -> pwd.struct_passwd:
+    for name in (SERVER_USER, FALLBACK_USER):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", FALLBACK_USER],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return pwd.getpwnam(FALLBACK_USER)
+
+
 class PostgresServer:
     """A running server; :meth:`url` names a database on it."""
 
@@ -58,10 +74,11 @@ class PostgresServer:
         self.port = 0
         self._as: list[str] = []
         self._names = itertools.count(1)
+        self._user: pwd.struct_passwd | None = None
         if os.geteuid() == 0:
-            user = pwd.getpwnam(SERVER_USER)
-            os.chown(self.home, user.pw_uid, user.pw_gid)
-            self._as = ["runuser", "-u", SERVER_USER, "--"]
+            self._user = _unprivileged_user()
+            os.chown(self.home, self._user.pw_uid, self._user.pw_gid)
+            self._as = ["runuser", "-u", self._user.pw_name, "--"]
 
     def _run(self, *argv: str) -> None:
         result = subprocess.run(
@@ -76,9 +93,8 @@ class PostgresServer:
     def start(self) -> None:
         pwfile = self.home / "pwfile"
         pwfile.write_text(PASSWORD + "\n")
-        if self._as:
-            user = pwd.getpwnam(SERVER_USER)
-            os.chown(pwfile, user.pw_uid, user.pw_gid)
+        if self._user is not None:
+            os.chown(pwfile, self._user.pw_uid, self._user.pw_gid)
         self._run(
             str(self.binaries / "initdb"),
             "--pgdata",

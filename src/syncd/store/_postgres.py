@@ -90,6 +90,11 @@ class _Queries:
         cursor = await self._conn.execute(_sql(sql), args)
         return cursor.rowcount
 
+    async def script(self, sql: str) -> None:
+        """Several statements at once (a migration): with no parameters psycopg sends the
+        text as it is, ``%`` and ``?`` included."""
+        await self._conn.execute(sql.encode())
+
 
 class _Session:
     """One connection, opened again when found lost; used by one task at a time."""
@@ -109,7 +114,7 @@ class _Session:
             # Left mid-query or mid-transaction by a cancelled task: start clean.
             log.warning("database connection to %s left busy: opening it again", self._where)
         await self.discard()
-        self._conn = await _connect(self._conninfo, self._where, transient=True)
+        self._conn = await _connect(self._conninfo, self._where)
         return self._conn
 
     async def discard(self) -> None:
@@ -119,14 +124,14 @@ class _Session:
                 await conn.close()
 
 
-async def _connect(
-    conninfo: str, where: str, *, transient: bool = False
-) -> psycopg.AsyncConnection[Row]:
+async def _connect(conninfo: str, where: str) -> psycopg.AsyncConnection[Row]:
     try:
         return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
     except psycopg.Error as exc:
+        # Transient for a running daemon (the server restarting); at start, Store.open's
+        # caller stops on any StoreError.
         raise StoreError(
-            f"cannot connect to database {where}: {_message(exc)}", transient=transient
+            f"cannot connect to database {where}: {_message(exc)}", transient=_transient(exc)
         ) from None
 
 
@@ -156,7 +161,7 @@ class PostgresBackend:
         try:
             # Connect now, so that a wrong URL, password or database is said at start.
             async with backend._reader.lock:
-                backend._reader._conn = await _connect(backend._reader._conninfo, where)
+                await backend._reader.connection()
             if readonly:
                 if await backend.check_version() == 0:
                     raise StoreError(f"database {where} has no syncd schema: run syncd on it once")
@@ -272,8 +277,7 @@ class PostgresBackend:
                     )
                     await tx.execute(f"DELETE FROM {VERSION_TABLE}")
                     await tx.execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES (0)")
-                # No parameters: psycopg sends the script as is, several statements at once.
-                await tx._conn.execute(POSTGRES_MIGRATIONS[version].encode())
+                await tx.script(POSTGRES_MIGRATIONS[version])
                 await tx.execute(f"UPDATE {VERSION_TABLE} SET version = ?", (version + 1,))
             log.info("database %s migrated to schema version %d", self.where, version + 1)
 
