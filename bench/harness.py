@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +22,21 @@ from syncd.config import (
     TradeGeckoConfig,
     WebhooksConfig,
 )
-from syncd.ops.asgi import bind_socket, serving
-from syncd.sim import katana as katana_sim
-from syncd.sim import tradegecko as tradegecko_sim
-from syncd.sim._katana_world import KatanaWorld
-from syncd.sim._tradegecko_world import TradeGeckoWorld
-from syncd.sim.factory import play_factory
+from syncd.sim import (
+    KATANA_API_PREFIX,
+    TRADEGECKO_WEBHOOK_SECRET,
+    Simulators,
+    free_port,
+    running_simulators,
+)
+
+__all__ = ["Recorder", "Sims", "delta", "free_port", "percentile", "running_sims", "wait_until"]
 
 KATANA_TOKEN = "katana-bench-token"
 TRADEGECKO_TOKEN = "tradegecko-bench-token"
-SECRET = tradegecko_sim.DEFAULT_WEBHOOK_SECRET
-SKUS = ("CHAIR-OAK", "TABLE-OAK", "STOOL-PINE", "LAMP-BRASS")
+SECRET = TRADEGECKO_WEBHOOK_SECRET
 _ID = re.compile(r"/\d+")
 _IGNORED_QUERY = {"limit", "page"}
-
-
-def po_lines(count: int) -> list[dict[str, Any]]:
-    """``count`` PO lines cycling over the catalogue's four Katana-known SKUs."""
-    return [
-        {"sku": SKUS[i % len(SKUS)], "name": SKUS[i % len(SKUS)], "quantity": "1", "price": "10.00"}
-        for i in range(count)
-    ]
 
 
 def classify(service: str, method: str, path: str, query: set[str]) -> str:
@@ -73,7 +67,7 @@ class Recorder(httpx.AsyncBaseTransport):
         path = request.url.path
         query = {k.rstrip("[]") for k in request.url.params} - _IGNORED_QUERY
         kind = classify(self.service, request.method, path, query)
-        shown = _ID.sub("/{id}", path.removeprefix(katana_sim.API_PREFIX))
+        shown = _ID.sub("/{id}", path.removeprefix(KATANA_API_PREFIX))
         if query:
             shown += "?" + "&".join(sorted(query))
         self.counts[(kind, f"{request.method} {shown}")] += 1
@@ -93,26 +87,11 @@ def delta(after: Counter[Any], before: Counter[Any]) -> dict[Any, int]:
 
 
 @dataclass
-class Sims:
-    katana_url: str
-    tradegecko_url: str
-    katana_world: KatanaWorld
-    tradegecko_world: TradeGeckoWorld
-    control: httpx.AsyncClient
+class Sims(Simulators):
+    """Both simulators, with a recorder of the daemon's requests to each."""
+
     katana_rec: Recorder = field(default_factory=lambda: Recorder("katana"))
     tradegecko_rec: Recorder = field(default_factory=lambda: Recorder("tradegecko"))
-
-    async def create_po(self, lines: int) -> dict[str, Any]:
-        body = {"supplier": "Katana", "currency": "USD", "lines": po_lines(lines)}
-        response = await self.control.post(f"{self.tradegecko_url}/_sim/purchase_orders", json=body)
-        response.raise_for_status()
-        po: dict[str, Any] = response.json()["purchase_order"]
-        return po
-
-    async def counters(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        katana = (await self.control.get(f"{self.katana_url}/_sim/counters")).json()
-        tradegecko = (await self.control.get(f"{self.tradegecko_url}/_sim/counters")).json()
-        return katana, tradegecko
 
     def config(
         self,
@@ -145,7 +124,7 @@ class Sims:
                 rate_limit=tradegecko_budget,
             ),
             katana=KatanaConfig(
-                base_url=self.katana_url + katana_sim.API_PREFIX,
+                base_url=self.katana_api_url,
                 token=KATANA_TOKEN,
                 poll_interval=poll,
                 rate_limit=katana_budget,
@@ -153,47 +132,24 @@ class Sims:
             webhooks=webhooks,
         )
 
-    @asynccontextmanager
-    async def factory(self, step_delay: float = 0.05) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: play_factory(self.katana_url, step_delay=step_delay))
-            yield
-            tg.cancel_scope.cancel()
-
 
 @asynccontextmanager
 async def running_sims(*, limits: bool, webhooks: bool = False) -> AsyncIterator[Sims]:
-    katana_world = KatanaWorld()
-    tradegecko_world = TradeGeckoWorld()
-    katana_app = katana_sim.create_app(
-        katana_world, token=KATANA_TOKEN, rate_limit=(60, 60.0) if limits else None
-    )
-    tg_app = tradegecko_sim.create_app(
-        tradegecko_world, token=TRADEGECKO_TOKEN, rate_limit=(300, 300.0) if limits else None
-    )
-    async with (
-        serving(katana_app) as katana_url,
-        serving(tg_app) as tradegecko_url,
-        httpx.AsyncClient(timeout=30) as control,
-        anyio.create_task_group() as tg,
-    ):
-        if webhooks:
-            tg.start_soon(katana_app.state.webhooks.run)
-            tg.start_soon(tg_app.state.webhooks.run)
-        sims = Sims(katana_url, tradegecko_url, katana_world, tradegecko_world, control)
+    """Both simulators, at their real rate limits when ``limits``."""
+    async with running_simulators(
+        katana_token=KATANA_TOKEN,
+        tradegecko_token=TRADEGECKO_TOKEN,
+        katana_rate_limit=(60, 60.0) if limits else None,
+        tradegecko_rate_limit=(300, 300.0) if limits else None,
+        webhooks=webhooks,
+        control_timeout=30.0,
+    ) as simulators:
+        sims = Sims(**{f.name: getattr(simulators, f.name) for f in fields(Simulators)})
         try:
             yield sims
         finally:
-            tg.cancel_scope.cancel()
             await sims.katana_rec.aclose()
             await sims.tradegecko_rec.aclose()
-
-
-def free_port() -> int:
-    sock = bind_socket()
-    port = int(sock.getsockname()[1])
-    sock.close()
-    return port
 
 
 async def wait_until(check: Any, seconds: float, step: float = 0.02) -> float:

@@ -17,7 +17,6 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,9 +30,10 @@ from typing import Any
 import anyio
 import httpx
 
+from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.domain.statechart import load_statechart
 from syncd.runtime.crashpoints import CRASH_POINTS, ENV, EXIT_CODE
-from syncd.sim.tradegecko import DEFAULT_WEBHOOK_SECRET
+from syncd.sim import TRADEGECKO_WEBHOOK_SECRET, free_port
 from syncd.store import Store
 
 __all__ = ["CRASH_POINTS", "WEBHOOK_POINTS", "CrashHarness", "CrashReport", "Verdict"]
@@ -45,13 +45,6 @@ KNOWN_SKUS = ("CHAIR-OAK", "TABLE-OAK", "STOOL-PINE", "LAMP-BRASS")
 NEW_SKU = "SHELF-WALNUT"
 #: Crash points only a daemon with webhooks enabled reaches.
 WEBHOOK_POINTS = frozenset({"webhook_acknowledged"})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -194,7 +187,7 @@ class CrashHarness:
                 f'[webhooks]\nenabled = true\nlisten = "{listen}"\n'
                 # Katana sends only to https; the simulators deliver it over plain http.
                 f'public_base_url = "https://{listen}"\n'
-                f'tradegecko_secret = "{DEFAULT_WEBHOOK_SECRET}"\n'
+                f'tradegecko_secret = "{TRADEGECKO_WEBHOOK_SECRET}"\n'
                 f"reconcile_interval = {self.reconcile_interval}\n"
             )
         self.config_path.write_text(
@@ -441,6 +434,30 @@ class CrashHarness:
         finally:
             await store.close()
         return bad
+
+    def recorded_costs(self) -> dict[str, list[tuple[int, Any, Any, Any, Any]]]:
+        """PO number → ``(line id, price as imported, cost before, cost after, TradeGecko's
+        price now)`` of each line, as the database records the receipt."""
+        return anyio.run(self._recorded_costs)
+
+    async def _recorded_costs(self) -> dict[str, list[tuple[int, Any, Any, Any, Any]]]:
+        store = await Store.open(self.database, readonly=True)
+        costs: dict[str, list[tuple[int, Any, Any, Any, Any]]] = {}
+        try:
+            async with TradeGeckoClient(self.tradegecko_url, "tradegecko-sim-token") as client:
+                for po_id, number in self.pos.items():
+                    link = await store.link_by_po_number(number)
+                    if link is None:
+                        continue
+                    _, lines = await client.get_purchase_order(po_id)
+                    now = {line.id: line.price for line in lines}
+                    costs[number] = [
+                        (ln.line_id, ln.price, ln.cost_before, ln.cost_after, now.get(ln.line_id))
+                        for ln in link.lines
+                    ]
+        finally:
+            await store.close()
+        return costs
 
     def daemon_log_tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():

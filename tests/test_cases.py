@@ -8,8 +8,6 @@ and is noted; a PO currency other than Katana's base currency, freeform lines an
 costs are noted (test_whole_flow_...); a variant with no SKU (test_a_line_without_sku_needs_
 attention; the empty-string SKU of the fixtures is tested here)."""
 
-# ruff: noqa: F811 - the tests take test_flow's `sims` fixture, imported below
-
 from __future__ import annotations
 
 import sys
@@ -20,9 +18,10 @@ from typing import Any
 import anyio
 import pytest
 
+from conftest import Sims
 from syncd.domain.statechart import load_statechart
 from syncd.runtime.daemon import running_daemon
-from test_flow import Sims, is_state, sims, wait_for  # noqa: F401 - `sims` is a fixture
+from test_flow import is_state, wait_for
 
 pytestmark = pytest.mark.anyio
 

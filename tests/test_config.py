@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from syncd.config import Config, load_config, parse_config
+from syncd.config import Config, config_problems, load_config, parse_config, read_config
 from syncd.errors import ConfigError
 
 TOKENS = """
@@ -18,10 +18,44 @@ token = "kt-file"
 """
 
 
+SECRETS = {
+    # environment variable, credential, attribute
+    "SYNCD_TRADEGECKO_TOKEN": ("tradegecko-token", "tradegecko.token"),
+    "SYNCD_KATANA_TOKEN": ("katana-token", "katana.token"),
+    "SYNCD_TRADEGECKO_WEBHOOK_SECRET": ("tradegecko-webhook-secret", "webhooks.tradegecko_secret"),
+    "SYNCD_KATANA_WEBHOOK_TOKEN": ("katana-webhook-token", "webhooks.katana_token"),
+    "SYNCD_WEBHOOK_PATH_TOKEN": ("webhook-path-token", "webhooks.path_token"),
+}
+
+
+EVERY_SECRET_IN_FILE = """
+[tradegecko]
+token = "in-file"
+[katana]
+token = "in-file"
+[webhooks]
+tradegecko_secret = "in-file"
+katana_token = "in-file"
+path_token = "in-file"
+"""
+
+
 @pytest.fixture(autouse=True)
-def _no_outside_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("SYNCD_TRADEGECKO_TOKEN", "SYNCD_KATANA_TOKEN", "CREDENTIALS_DIRECTORY"):
+def host_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty stand-in for /etc/syncd/credentials: the machine's own is never read."""
+    for name in (*SECRETS, "CREDENTIALS_DIRECTORY"):
         monkeypatch.delenv(name, raising=False)
+    directory = tmp_path / "etc-credentials"
+    directory.mkdir()
+    monkeypatch.setenv("SYNCD_CREDENTIALS_DIRECTORY", str(directory))
+    return directory
+
+
+def _secret(config: Config, attribute: str) -> str:
+    table, key = attribute.split(".")
+    value = getattr(getattr(config, table), key)
+    assert isinstance(value, str)
+    return value
 
 
 def test_defaults() -> None:
@@ -159,6 +193,93 @@ def test_environment_beats_credentials_and_a_missing_credential_falls_back(
     config = parse_config(TOKENS)
     assert config.katana.token == "kt-env"
     assert config.tradegecko.token == "tg-file"  # no tradegecko-token credential
+
+
+def test_outside_systemd_every_secret_comes_from_the_host_directory(
+    host_credentials: Path,
+) -> None:
+    for credential, _ in SECRETS.values():
+        (host_credentials / credential).write_text(f"{credential}-host\n", encoding="utf-8")
+    config = parse_config(TOKENS)
+    for credential, attribute in SECRETS.values():
+        assert _secret(config, attribute) == f"{credential}-host"
+
+
+@pytest.mark.parametrize(("env", "credential_attribute"), list(SECRETS.items()))
+def test_the_order_env_then_systemd_then_host_directory_then_file(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    host_credentials: Path,
+    env: str,
+    credential_attribute: tuple[str, str],
+) -> None:
+    credential, attribute = credential_attribute
+    text = EVERY_SECRET_IN_FILE
+    in_file = "in-file"
+    assert _secret(parse_config(text), attribute) == in_file
+    (host_credentials / credential).write_text("host", encoding="utf-8")
+    assert _secret(parse_config(text), attribute) == "host"
+    systemd = tmp_path / "run-credentials"
+    systemd.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(systemd))
+    # Under systemd only the unit's credentials count: the host's directory is root's.
+    assert _secret(parse_config(text), attribute) == in_file
+    (systemd / credential).write_text("systemd", encoding="utf-8")
+    assert _secret(parse_config(text), attribute) == "systemd"
+    monkeypatch.setenv(env, "from-env")
+    assert _secret(parse_config(text), attribute) == "from-env"
+
+
+def test_an_empty_credential_counts_as_none(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The unit's empty SetCredential= defaults for the optional webhook secrets.
+    (tmp_path / "tradegecko-webhook-secret").write_text("", encoding="utf-8")
+    (tmp_path / "katana-token").write_text("\n", encoding="utf-8")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    config = parse_config(TOKENS + '[webhooks]\ntradegecko_secret = "s-file"\n')
+    assert config.webhooks.tradegecko_secret == "s-file"
+    assert config.katana.token == "kt-file"
+
+
+def test_an_unreadable_credential_names_its_file_and_key(host_credentials: Path) -> None:
+    (host_credentials / "katana-token").mkdir()  # unreadable as a file, even for root
+    with pytest.raises(ConfigError, match="cannot read credential") as caught:
+        parse_config(TOKENS)
+    assert caught.value.key == "katana.token"
+    assert str(host_credentials / "katana-token") in str(caught.value)
+    # syncctl needs no token: it is not stopped by one it cannot read.
+    assert parse_config(TOKENS, require_tokens=False).katana.token == "kt-file"
+
+
+def test_a_missing_token_says_where_it_was_looked_for(host_credentials: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config("")
+    assert "SYNCD_TRADEGECKO_TOKEN" in str(caught.value)
+    assert str(host_credentials) in str(caught.value)
+
+
+def test_config_problems_lists_every_wrong_value(tmp_path: Path) -> None:
+    path = tmp_path / "syncd.toml"
+    path.write_text(
+        "[daemon]\nconcurrency = 0\nlog_level = 'loud'\n"
+        "[katana]\npoll_interval = -1\n[metrics]\nlisten = '9464'\n",
+        encoding="utf-8",
+    )
+    keys = [problem.key for problem in config_problems(read_config(path))]
+    assert keys == [
+        "daemon.log_level",
+        "katana.poll_interval",
+        "daemon.concurrency",
+        "metrics.listen",
+        "tradegecko.token",
+        "katana.token",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == "daemon.log_level"  # load_config stops at the first
+    assert config_problems(read_config(path), require_tokens=False)[-1].key == "metrics.listen"
+    assert config_problems(parse_config(TOKENS)) == []
 
 
 def test_load_config_reads_the_file(tmp_path: Path) -> None:

@@ -52,6 +52,14 @@ def test_a_crash_at_each_point_still_ends_received_exactly_once(tmp_path: Path, 
         assert status == EXIT_CODE, f"crash point {point} was never reached (exit {status})"
         assert harness.finish(orders=1, seconds=20.0), harness.daemon_log_tail()
         verdict = harness.verdict()
+        (costs,) = harness.recorded_costs().values()
+    # Whichever run did the receipt, the record says what it did: each line's cost before
+    # (the price as imported: nobody edits these POs) and after (what TradeGecko holds); the
+    # known SKUs were re-costed.
+    assert costs and all(None not in (before, after) for _, _, before, after, _ in costs), costs
+    assert all(before == imported for _, imported, before, _, _ in costs), costs
+    assert all(after == now for _, _, _, after, now in costs), costs
+    assert any(before != after for _, _, before, after, _ in costs), costs
     # Not lost: its SO and its receipt exist; not twice: no order_no or PO counted twice.
     assert len(harness.pos) == 1
     assert verdict.duplicate_sales_orders == {} and verdict.duplicate_receipts == {}, verdict

@@ -3,36 +3,23 @@ SQLite file, every Katana request and answer checked against the OpenAPI contrac
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import anyio
-import httpx
 import pytest
 
-from katana_openapi import ValidatingTransport
+from conftest import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
-from syncd.config import Config, DaemonConfig, KatanaConfig, MetricsConfig, TradeGeckoConfig
 from syncd.domain.orders import LinkedOrder
 from syncd.domain.statechart import load_statechart
-from syncd.ops.asgi import serving
-from syncd.runtime.daemon import Daemon, running_daemon
+from syncd.runtime.daemon import Daemon
 from syncd.sim import katana as katana_sim
-from syncd.sim import tradegecko as tradegecko_sim
-from syncd.sim._katana_world import KatanaWorld
-from syncd.sim._tradegecko_world import TradeGeckoWorld
 from syncd.sim.catalog import MATERIALS, PRODUCTS
-from syncd.sim.factory import play_factory
 
 pytestmark = pytest.mark.anyio
-
-KATANA_TOKEN = "katana-test-token"
-TRADEGECKO_TOKEN = "tradegecko-test-token"
 
 
 def unit_cost(sku: str) -> Decimal:
@@ -42,73 +29,6 @@ def unit_cost(sku: str) -> Decimal:
     return sum((materials[r.sku] * r.quantity for r in product.recipe), Decimal(0)) + sum(
         (op.hours * op.cost_per_hour for op in product.operations), Decimal(0)
     )
-
-
-@dataclass
-class Sims:
-    katana_world: KatanaWorld
-    tradegecko_world: TradeGeckoWorld
-    katana_url: str
-    tradegecko_url: str
-    control: httpx.AsyncClient
-    katana_contract: ValidatingTransport
-
-    async def create_po(self, lines: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        body = {"supplier": "Katana", "currency": "USD", "lines": lines, **extra}
-        response = await self.control.post(f"{self.tradegecko_url}/_sim/purchase_orders", json=body)
-        assert response.status_code == 201, response.text
-        po: dict[str, Any] = response.json()["purchase_order"]
-        return po
-
-    async def counters(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        katana = (await self.control.get(f"{self.katana_url}/_sim/counters")).json()
-        tradegecko = (await self.control.get(f"{self.tradegecko_url}/_sim/counters")).json()
-        return katana, tradegecko
-
-    def config(self, database: Path) -> Config:
-        return Config(
-            daemon=DaemonConfig(database=str(database), retry_initial=0.2, retry_max=1.0),
-            metrics=MetricsConfig(listen="127.0.0.1:0", refresh_interval=0.1),
-            tradegecko=TradeGeckoConfig(
-                base_url=self.tradegecko_url, token=TRADEGECKO_TOKEN, poll_interval=0.1
-            ),
-            katana=KatanaConfig(
-                base_url=self.katana_url + katana_sim.API_PREFIX,
-                token=KATANA_TOKEN,
-                poll_interval=0.1,
-                rate_limit=100_000,
-            ),
-        )
-
-    @asynccontextmanager
-    async def daemon(self, database: Path) -> AsyncIterator[Daemon]:
-        async with running_daemon(
-            self.config(database), katana_transport=self.katana_contract
-        ) as daemon:
-            yield daemon
-
-    @asynccontextmanager
-    async def factory(self) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: play_factory(self.katana_url, step_delay=0.05))
-            yield
-            tg.cancel_scope.cancel()
-
-
-@pytest.fixture
-async def sims() -> AsyncIterator[Sims]:
-    katana_world = KatanaWorld()
-    tradegecko_world = TradeGeckoWorld()
-    katana_app = katana_sim.create_app(katana_world, token=KATANA_TOKEN, rate_limit=None)
-    tg_app = tradegecko_sim.create_app(tradegecko_world, token=TRADEGECKO_TOKEN, rate_limit=None)
-    contract = ValidatingTransport(httpx.AsyncHTTPTransport(), strict=False)
-    async with (
-        serving(katana_app) as katana_url,
-        serving(tg_app) as tradegecko_url,
-        httpx.AsyncClient(timeout=10) as control,
-    ):
-        yield Sims(katana_world, tradegecko_world, katana_url, tradegecko_url, control, contract)
-    assert contract.violations == [], "Katana traffic broke the OpenAPI contract"
 
 
 async def wait_for(
@@ -179,7 +99,7 @@ async def test_whole_flow_imports_follows_and_receives_each_po_once(
         KatanaClient(sims.katana_url + katana_sim.API_PREFIX, KATANA_TOKEN) as katana,
         TradeGeckoClient(sims.tradegecko_url, TRADEGECKO_TOKEN) as tradegecko,
     ):
-        customers = await katana.find_customers(name="Tradegecko")
+        customers = await katana.list_customers(name="Tradegecko")
         assert [c.name for c in customers] == ["Tradegecko"]
         orders = {so.order_no: so for so in await katana.list_sales_orders()}
         assert set(orders) == {f"TG-{n}" for n in numbers}
@@ -189,8 +109,8 @@ async def test_whole_flow_imports_follows_and_receives_each_po_once(
                 assert row.tax_rate_id is None  # no tax
         variants = {
             v.id: v.sku
-            for v in await katana.find_variants(
-                ["CHAIR-OAK", "TABLE-OAK", "SHELF-WALNUT", "STOOL-PINE", "LAMP-BRASS"]
+            for v in await katana.list_variants(
+                skus=["CHAIR-OAK", "TABLE-OAK", "SHELF-WALNUT", "STOOL-PINE", "LAMP-BRASS"]
             )
         }
 

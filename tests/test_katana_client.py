@@ -80,7 +80,7 @@ async def test_decimal_strings_and_numbers_become_decimals() -> None:
         order = await client.get_sales_order(7)
         assert order.sales_order_rows[0].price_per_unit == Decimal("599.9900000000")
         assert order.sales_order_rows[0].quantity == Decimal("1.00000")
-        records = await client.get_inventory([5, 6, 5])
+        records = await client.list_inventory([5, 6, 5])
     assert [r.average_cost for r in records] == [Decimal("15.50"), Decimal("0.1")]
     assert records[1].quantity_in_stock == Decimal(3)
 
@@ -191,7 +191,7 @@ async def test_html_error_body_is_described() -> None:
 async def test_undecodable_2xx_is_a_decode_error_naming_the_endpoint() -> None:
     async with _client(lambda request: httpx.Response(200, json={"rows": []})) as c:
         with pytest.raises(errors.DecodeError) as caught:
-            await c.find_customers(name="A")
+            await c.list_customers(name="A")
     assert caught.value.endpoint == "/customers"
     async with _client(lambda request: httpx.Response(200, text="<html/>")) as c:
         with pytest.raises(errors.DecodeError, match="katana GET /factory"):
@@ -201,7 +201,7 @@ async def test_undecodable_2xx_is_a_decode_error_naming_the_endpoint() -> None:
 async def test_one_odd_record_is_skipped_and_the_rest_are_read() -> None:
     body = {"data": [{"id": "x"}, {"id": 2, "name": "Tradegecko"}]}
     async with _client(lambda request: httpx.Response(200, json=body)) as c:
-        customers = await c.find_customers(name="Tradegecko")
+        customers = await c.list_customers(name="Tradegecko")
         assert [customer.id for customer in customers] == [2]
         assert c.skipped_records == 1
 
@@ -246,7 +246,7 @@ async def test_5xx_retried_for_get_not_for_post(no_retry_sleep: None) -> None:
         return httpx.Response(200, json={"data": []})
 
     async with _client(handler) as client:
-        assert await client.find_customers(reference_id="r") == []
+        assert await client.list_customers(reference_id="r") == []
         with pytest.raises(errors.ServerError):
             await client.create_customer(name="A")
     assert calls == {"GET": 3, "POST": 1}

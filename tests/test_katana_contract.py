@@ -46,12 +46,12 @@ async def test_every_method_validates(
     assert factory.base_currency_code == "USD"
     assert factory.default_sales_location_id == 1
 
-    assert await client.find_customers(reference_id="TG-1") == []
+    assert await client.list_customers(reference_id="TG-1") == []
     customer = await client.create_customer(name="Acme", reference_id="TG-1", currency="EUR")
     assert customer.currency == "EUR"
-    found = await client.find_customers(reference_id="TG-1")
+    found = await client.list_customers(reference_id="TG-1")
     assert [c.id for c in found] == [customer.id]
-    assert [c.id for c in await client.find_customers(name="Acme")] == [customer.id]
+    assert [c.id for c in await client.list_customers(name="Acme")] == [customer.id]
 
     product = await client.create_product(
         name="Brass bell", sku="BELL-1", sales_price=Decimal("12.50"), purchase_price=None
@@ -59,10 +59,10 @@ async def test_every_method_validates(
     bell = product.variants[0]
     assert bell.sku == "BELL-1"
     assert bell.sales_price == Decimal("12.50")
-    variants = await client.find_variants(["BELL-1", "CHAIR-OAK"])
+    variants = await client.list_variants(skus=["BELL-1", "CHAIR-OAK"])
     assert {v.sku for v in variants} == {"BELL-1", "CHAIR-OAK"}
     chair = next(v for v in variants if v.sku == "CHAIR-OAK")
-    assert await client.find_variants(["BELL-1"], include_deleted=True)
+    assert await client.list_variants(skus=["BELL-1"], include_deleted=True)
 
     order = await client.create_sales_order(
         NewSalesOrder(
@@ -107,7 +107,7 @@ async def test_every_method_validates(
     assert all(mo.is_linked_to_sales_order for mo in mos)
     assert await client.list_manufacturing_orders(ids=[mos[0].id], include_deleted=True)
 
-    inventory = await client.get_inventory([chair.id, bell.id])
+    inventory = await client.list_inventory([chair.id, bell.id])
     assert {(r.variant_id, r.location_id) for r in inventory} == {(chair.id, 1), (bell.id, 1)}
     assert all(isinstance(r.average_cost, Decimal) for r in inventory)
 

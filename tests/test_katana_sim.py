@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -14,7 +15,7 @@ import pytest
 
 from syncd.ops.asgi import serving
 from syncd.sim.factory import play_factory
-from syncd.sim.katana import KatanaWorld, create_app
+from syncd.sim.katana import WEBHOOK_EVENTS, KatanaWorld, create_app
 
 pytestmark = pytest.mark.anyio
 
@@ -339,3 +340,38 @@ async def test_factory_player_carries_an_order_to_delivery(world: KatanaWorld) -
 
 def _client_at(url: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url)
+
+
+def test_the_known_webhook_events_are_the_contracts(apis: Path) -> None:
+    import yaml
+
+    spec = yaml.safe_load((apis / "katana" / "openapi.yaml").read_text())
+    assert list(WEBHOOK_EVENTS) == spec["components"]["schemas"]["WebhookEvent"]["enum"]
+
+
+async def test_a_webhook_for_an_event_katana_does_not_know_is_refused(
+    http: httpx.AsyncClient,
+) -> None:
+    body = {"url": "https://example.com/hook", "subscribed_events": ["sales_order.created"]}
+    assert (await http.post("/v1/webhooks", json=body, headers=AUTH)).status_code == 200
+    typo = {**body, "subscribed_events": ["sales_order.created", "sales_order.deliverd"]}
+    refused = await http.post("/v1/webhooks", json=typo, headers=AUTH)
+    assert refused.status_code == 422
+    (detail,) = refused.json()["details"]
+    assert (detail["path"], detail["code"]) == (".subscribed_events[1]", "enum")
+    assert "sales_order.delivered" in detail["info"]["allowedValues"]
+
+
+async def test_control_panel_index_and_unknown_paths_answer_katana_json(
+    http: httpx.AsyncClient,
+) -> None:
+    index = await http.get("/_sim/")
+    assert index.status_code == 200
+    assert index.json()["api"] == "/v1"
+    paths = {entry["path"] for entry in index.json()["control"]}
+    assert {"/_sim/sales_orders/{id:int}/deliver", "/_sim/counters", "/_sim/faults"} <= paths
+    for path in ("/v1/nothing", "/_sim/nothing"):
+        missing = await http.get(path, headers=AUTH)
+        assert missing.status_code == 404
+        assert missing.json()["statusCode"] == 404
+        assert missing.json()["name"] == "NotFoundError"

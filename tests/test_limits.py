@@ -13,21 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import msgspec
 import pytest
 
-from katana_openapi import ValidatingTransport
+from conftest import Sims, running_sims
 from syncd.config import Config
-from syncd.ops.asgi import serving
 from syncd.runtime.daemon import running_daemon
-from syncd.sim import katana as katana_sim
-from syncd.sim import tradegecko as tradegecko_sim
-from syncd.sim._katana_world import KatanaWorld
-from syncd.sim._tradegecko_world import TradeGeckoWorld
 from syncd.sim.factory import play_factory
 from syncd.sim.faults import Burst, FaultRule, Faults
-from test_flow import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims, is_state, wait_for
+from test_flow import is_state, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -49,24 +43,13 @@ async def simulators(
     katana_faults: Faults | None = None,
     tradegecko_faults: Faults | None = None,
 ) -> AsyncIterator[Sims]:
-    katana_world = KatanaWorld()
-    tradegecko_world = TradeGeckoWorld()
-    katana_app = katana_sim.create_app(
-        katana_world, token=KATANA_TOKEN, rate_limit=katana_limit, faults=katana_faults
-    )
-    tg_app = tradegecko_sim.create_app(
-        tradegecko_world,
-        token=TRADEGECKO_TOKEN,
-        rate_limit=tradegecko_limit,
-        faults=tradegecko_faults,
-    )
-    contract = ValidatingTransport(httpx.AsyncHTTPTransport(), strict=False)
-    async with (
-        serving(katana_app) as katana_url,
-        serving(tg_app) as tradegecko_url,
-        httpx.AsyncClient(timeout=10) as control,
-    ):
-        yield Sims(katana_world, tradegecko_world, katana_url, tradegecko_url, control, contract)
+    async with running_sims(
+        katana_rate_limit=katana_limit,
+        tradegecko_rate_limit=tradegecko_limit,
+        katana_faults=katana_faults,
+        tradegecko_faults=tradegecko_faults,
+    ) as sims:
+        yield sims
 
 
 def with_katana(config: Config, **changes: Any) -> Config:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import platform
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -14,10 +13,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import Sims
 from syncd import __version__
 from syncd.ops.metrics import Metrics
-from test_flow import Sims, is_state, wait_for
-from test_flow import sims as sims  # the fixture
+from syncd.sim import free_port
+from test_flow import is_state, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -135,13 +135,6 @@ def test_metrics_of_two_daemons_do_not_mix() -> None:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_a_real_prometheus_scrapes_the_daemon(sims: Sims, tmp_path: Path) -> None:
     if PROMETHEUS is None:
         pytest.skip("the prometheus server is not installed (Debian package prometheus)")
@@ -190,3 +183,29 @@ async def test_a_real_prometheus_scrapes_the_daemon(sims: Sims, tmp_path: Path) 
     assert result[0]["metric"]["job"] == "syncd"  # type: ignore[index]
     assert result[0]["value"][1] == "0"  # type: ignore[index]
     assert up.json()["data"]["result"][0]["value"][1] == "1"
+
+
+async def _paused(url: str, service: str, expected: float) -> str:
+    with anyio.fail_after(10):
+        while True:
+            text = await scrape(url)
+            if value(text, "syncd_service_paused", service=service) == expected:
+                return text
+            await anyio.sleep(0.05)
+
+
+async def test_a_rejected_token_shows_as_a_paused_service_until_it_works(
+    sims: Sims, tmp_path: Path
+) -> None:
+    token = f"{sims.tradegecko_url}/_sim/token"
+    async with sims.daemon(tmp_path / "syncd.db") as daemon:
+        assert daemon.metrics_url is not None
+        text = await _paused(daemon.metrics_url, "tradegecko", 0)
+        assert value(text, "syncd_service_paused", service="katana") == 0
+        assert (await sims.control.post(token, json={"revoked": True})).status_code < 300
+        daemon.poll_now()
+        text = await _paused(daemon.metrics_url, "tradegecko", 1)
+        assert value(text, "syncd_service_paused", service="katana") == 0
+        assert (await sims.control.post(token, json={"revoked": False})).status_code < 300
+        daemon.poll_now()
+        await _paused(daemon.metrics_url, "tradegecko", 0)

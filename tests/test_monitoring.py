@@ -14,6 +14,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
+from syncd.config import MetricsConfig
 from syncd.ops.metrics import Metrics
 
 MONITORING = Path(__file__).resolve().parents[1] / "monitoring"
@@ -59,7 +60,7 @@ def rule_queries() -> list[str]:
 
 @needs_promtool
 def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
-    assert "SUCCESS: 8 rules found" in promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS: 9 rules found" in promtool("check", "rules", "alerts.yml")
     assert "SUCCESS" in promtool("test", "rules", "alerts_test.yml")
 
 
@@ -91,5 +92,35 @@ def test_dashboard_and_rules_name_only_exported_metrics() -> None:
     assert used - exported == set()
     dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for topic in ("by state", "flow rate", "lag", "errors and 429s", "inbox backlog", "webhook"):
+    for topic in (
+        "by state",
+        "flow rate",
+        "lag",
+        "errors and 429s",
+        "inbox backlog",
+        "webhook",
+        "paused",
+    ):
         assert topic in titles
+
+
+@needs_promtool
+def test_example_scrape_config_passes_promtool_and_matches_the_rules() -> None:
+    # promtool also loads and checks every rule file the config names.
+    checked = promtool("check", "config", "prometheus.yml")
+    assert "SUCCESS: 1 rule files found" in checked
+    rules = sum(
+        len(g["rules"]) for g in yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"]
+    )
+    assert f"SUCCESS: {rules} rules found" in checked
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "syncd"
+    # The job every rule selects is this one.
+    jobs = {name for expr in rule_queries() for name in re.findall(r'job="([^"]+)"', expr)}
+    assert jobs == {"syncd"}
+    # The target is where a daemon with the default config serves /metrics.
+    host, port = MetricsConfig().address()
+    assert job["static_configs"] == [{"targets": [f"{host}:{port}"]}]
+    assert job.get("metrics_path", "/metrics") == "/metrics"

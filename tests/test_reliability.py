@@ -1,8 +1,6 @@
 """Faults of the machine itself: the database locked by another process for longer than the
 busy timeout, a disk that fills up. Every order still completes, exactly once."""
 
-# ruff: noqa: F811 - the test takes test_flow's `sims` fixture, imported below
-
 from __future__ import annotations
 
 import sqlite3
@@ -11,7 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from test_flow import Sims, is_state, sims, wait_for  # noqa: F401 - sims is a fixture
+from conftest import Sims
+from test_flow import is_state, wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -23,11 +23,12 @@ import pytest
 from pg_server import PostgresServer, pg_server_fixture  # noqa: F401 - for pytest to find
 from syncd.domain.orders import LinkedOrder, PurchaseOrderLine, PurchaseOrderSnapshot
 from syncd.domain.statechart import Decision, load_statechart
-from syncd.errors import StoreError
-from syncd.store import Store, StoreInUse
+from syncd.errors import StoreConflict, StoreError, StoreInUse, StoreUnavailable, is_transient
+from syncd.store import ImportResult, Store
 from syncd.store._postgres import _transient, redact
 from syncd.store._schema import MIGRATIONS
 from syncd.store._schema_postgres import POSTGRES_MIGRATIONS, VERSION_TABLE
+from syncd.store._store import OBSERVATIONS_KEPT
 
 pytestmark = pytest.mark.anyio
 
@@ -68,6 +69,17 @@ def raw(database: str, sql: str) -> list[tuple[Any, ...]]:
         rows = con.execute(sql).fetchall()
         con.commit()
         return rows
+
+
+def raw_many(database: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """One statement for each of ``rows``, outside the store, committed together."""
+    if is_pg(database):
+        with psycopg.connect(database) as pg, pg.cursor() as cursor:
+            cursor.executemany(sql.replace("?", "%s").encode(), rows)
+        return
+    with closing(sqlite3.connect(database)) as con:
+        con.executemany(sql, rows)
+        con.commit()
 
 
 def schema_version(database: str) -> int:
@@ -183,7 +195,43 @@ async def test_sqlite_migrations_set_user_version_and_wal(tmp_path: Path) -> Non
         pass
     assert schema_version(db) == len(MIGRATIONS)
     assert raw(db, "PRAGMA journal_mode")[0][0] == "wal"
-    assert {"meta", "links", "transitions", "inbox", "cursors"} <= set(schema(db)["tables"])
+    assert {"meta", "links", "transitions", "inbox", "cursors", "po_observations"} <= set(
+        schema(db)["tables"]
+    )
+
+
+def at_first_schema(database: str) -> None:
+    """Make ``database`` what syncd's first release left: migration 1 only."""
+    if is_pg(database):
+        raw(database, POSTGRES_MIGRATIONS[0])
+        raw(database, f"CREATE TABLE {VERSION_TABLE} (version INTEGER NOT NULL)")
+        raw(database, f"INSERT INTO {VERSION_TABLE} (version) VALUES (1)")
+    else:
+        with closing(sqlite3.connect(database)) as con:
+            con.executescript(MIGRATIONS[0])
+            con.execute("PRAGMA user_version = 1")
+            con.commit()
+
+
+async def test_a_database_of_the_first_schema_is_migrated_in_place(database: str) -> None:
+    at_first_schema(database)
+    raw(database, "INSERT INTO meta (key, value) VALUES ('activated_at', 'then')")
+    async with opened(database) as store:
+        assert await store.get_meta("activated_at") == "then"
+        assert await store.purchase_order_observation("PO1") is None
+        assert await store.integrity_check() == []
+    assert schema_version(database) == len(MIGRATIONS)
+
+
+async def test_a_reader_of_an_unmigrated_database_gets_a_clear_error(database: str) -> None:
+    at_first_schema(database)
+    store = await Store.open(database, readonly=True)
+    try:
+        with pytest.raises(StoreError, match="restart syncd to upgrade"):
+            await store.last_import_outcome("PO1")
+        assert await store.get_meta("activated_at") is None  # the old tables still read
+    finally:
+        await store.close()
 
 
 async def test_postgres_migrates_an_empty_database(pg_database: str) -> None:
@@ -386,7 +434,7 @@ async def test_apply_refuses_a_link_that_moved_and_writes_nothing(database: str)
         stale = await new_link(store, 1)
         await store.apply(stale, decide("discovered", "so_created"), cause="SO made")
         event = await store.add_event("operator", "command", b"{}", link_id=stale.id)
-        with pytest.raises(StoreError, match="no longer in discovered"):
+        with pytest.raises(StoreConflict, match="no longer in discovered"):
             await store.apply(
                 stale, decide("discovered", "cancel"), cause="operator", event_id=event
             )
@@ -579,8 +627,8 @@ async def test_postgres_concurrent_writers_from_two_connections(pg_database: str
             try:
                 await store.apply(created[0], decide("discovered", trigger), cause=trigger)
                 outcomes.append(trigger)
-            except StoreError as exc:
-                assert not exc.transient
+            except StoreConflict as exc:
+                assert not is_transient(exc)
                 assert "no longer in discovered" in str(exc)
                 outcomes.append("refused")
 
@@ -604,7 +652,7 @@ async def test_postgres_a_lock_held_past_the_timeout_is_transient(pg_database: s
             holder.execute("SELECT * FROM meta WHERE key = 'k' FOR UPDATE")
             with pytest.raises(StoreError, match="lock timeout") as caught:
                 await store.set_meta("k", "w")
-            assert caught.value.transient
+            assert isinstance(caught.value, StoreUnavailable)
         await store.set_meta("k", "w")  # the lock gone, the write goes through
         assert await store.get_meta("k") == "w"
 
@@ -620,12 +668,10 @@ async def test_postgres_a_lost_connection_is_transient_and_reopened(
                 "WHERE application_name = 'syncd' AND datname = %s",
                 (pg_database.rsplit("/", 1)[1],),
             )
-        with pytest.raises(StoreError) as read:
+        with pytest.raises(StoreUnavailable):
             await store.get_meta("k")
-        assert read.value.transient
-        with pytest.raises(StoreError) as write:
+        with pytest.raises(StoreUnavailable):
             await store.set_meta("k", "w")
-        assert write.value.transient
         assert await store.get_meta("k") == "v"  # both connections opened again
         await store.set_meta("k", "w")
         assert await store.get_meta("k") == "w"
@@ -705,7 +751,8 @@ class socket_closed:
 _SECOND_DAEMON = textwrap.dedent(
     """
     import sys, anyio
-    from syncd.store import Store, StoreInUse
+    from syncd.errors import StoreInUse
+    from syncd.store import Store
 
     async def main():
         try:
@@ -768,3 +815,101 @@ async def test_postgres_a_cancelled_write_leaves_the_store_usable(pg_database: s
         await store.set_meta("k", "w")
         assert await store.get_meta("k") == "w"
         assert raw(pg_database, "SELECT value FROM meta WHERE key = 'k'") == [("w",)]
+
+
+# -- observations and imports ---------------------------------------------------------------
+
+
+async def test_an_observation_is_one_row_per_po_updated_in_place(database: str) -> None:
+    clock = Clock(100.0)
+    async with opened(database, clock) as store:
+        await store.observe_purchase_order(
+            5, "PO0005", status="draft", reason="draft", supplier="Katana", po_created_at=WHEN
+        )
+        clock.now = 200.0
+        await store.observe_purchase_order(5, "PO0005", status="void", reason="void")
+        seen = await store.purchase_order_observation("PO0005")
+        assert seen is not None
+        assert (seen.status, seen.reason, seen.supplier) == ("void", "void", "Katana")
+        assert (seen.first_seen_at, seen.seen_at, seen.po_created_at) == (100.0, 200.0, None)
+        assert await store.purchase_order_observation("PO0006") is None
+    assert raw(database, "SELECT count(*) FROM po_observations") == [(1,)]
+
+
+async def test_observations_keep_only_the_most_recently_seen(database: str) -> None:
+    clock = Clock(0.0)
+    async with opened(database, clock) as store:
+        raw_many(  # fill to the bound without 10 000 transactions
+            database,
+            "INSERT INTO po_observations (po_id, po_number, status, reason, first_seen_at, "
+            "seen_at) VALUES (?, ?, 'draft', 'draft', ?, ?)",
+            [(i, f"PO{i}", float(i), float(i)) for i in range(1, OBSERVATIONS_KEPT + 1)],
+        )
+        # At the bound, a PO seen again is updated in place: nothing is dropped.
+        clock.now = float(OBSERVATIONS_KEPT)
+        await store.observe_purchase_order(OBSERVATIONS_KEPT, "PO-AGAIN", status="v", reason="v")
+        assert raw(database, "SELECT count(*) FROM po_observations") == [(OBSERVATIONS_KEPT,)]
+        clock.now = 1e9
+        await store.observe_purchase_order(0, "PO-NEW", status="draft", reason="draft")
+        assert await store.purchase_order_observation("PO-NEW") is not None
+        assert await store.purchase_order_observation("PO1") is None  # the least recent
+        assert await store.purchase_order_observation("PO2") is not None
+    assert raw(database, "SELECT count(*) FROM po_observations") == [(OBSERVATIONS_KEPT,)]
+
+
+async def test_an_import_outcome_settles_its_event(database: str) -> None:
+    clock = Clock(50.0)
+    async with opened(database, clock) as store:
+        first = await store.add_event("syncctl", "import_requested", b"{}")
+        second = await store.add_event("syncctl", "import_requested", b"{}")
+        assert first is not None and second is not None
+        assert await store.event_outcome(first) == (None, None)
+        assert await store.event_outcome(9999) is None
+        assert await store.import_outcome(first) is None
+        await store.record_import_outcome(
+            first, "PO7", ImportResult.NOT_FOUND, "no PO PO7 in TradeGecko"
+        )
+        await store.record_import_outcome(
+            second, "PO7", ImportResult.DISCOVERED, "PO PO7 (id 3) discovered", po_id=3
+        )
+        assert await store.event_outcome(first) == (50.0, "no PO PO7 in TradeGecko")
+        outcome = await store.import_outcome(first)
+        assert outcome is not None and outcome.result is ImportResult.NOT_FOUND
+        last = await store.last_import_outcome("PO7")
+        assert last is not None and (last.event_id, last.po_id) == (second, 3)
+        assert last.result is ImportResult.DISCOVERED
+        assert await store.inbox_backlog() == (0, None)
+        assert await store.last_import_outcome("PO8") is None
+
+
+# -- status page reads ----------------------------------------------------------------------
+
+
+async def test_timeline_names_each_transitions_event(database: str) -> None:
+    clock = Clock(10.0)
+    async with opened(database, clock) as store:
+        link = await new_link(store, 1)
+        event = await store.add_event("katana", "webhook", b"{}", link_id=link.id)
+        clock.now = 20.0
+        await store.apply(link, decide("discovered", "so_created"), cause="SO", event_id=event)
+        timeline = await store.timeline(link.id)
+        assert [(t.trigger, t.at, source, kind) for t, source, kind in timeline] == [
+            ("po_discovered", 10.0, None, None),
+            ("so_created", 20.0, "katana", "webhook"),
+        ]
+        assert await store.timeline(999) == []
+
+
+async def test_last_event_by_source_is_the_newest_of_a_kind(database: str) -> None:
+    clock = Clock(10.0)
+    async with opened(database, clock) as store:
+        assert await store.last_event_by_source("webhook") == {}
+        await store.add_event("katana", "webhook", b"{}")
+        await store.add_event("tradegecko", "webhook", b"{}")
+        clock.now = 30.0
+        await store.add_event("katana", "webhook", b"{}")
+        await store.add_event("katana", "poll", b"{}")
+        assert await store.last_event_by_source("webhook") == {
+            "katana": 30.0,
+            "tradegecko": 10.0,
+        }

@@ -7,8 +7,11 @@ SQLite file); without one the event waits in the inbox until a dispatcher drains
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,21 +19,22 @@ import anyio
 import pytest
 from click.testing import CliRunner
 
+from conftest import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
+from syncd import __version__
 from syncd.cli.syncctl import main as syncctl
 from syncd.cli.syncctl import parse_duration
-from syncd.domain.orders import PurchaseOrderSnapshot
+from syncd.domain.orders import LineLink, PurchaseOrderSnapshot
 from syncd.domain.statechart import load_statechart
 from syncd.runtime.dispatcher import Dispatcher
 from syncd.runtime.effects import Effects
 from syncd.store import Store
-from test_flow import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims, is_state, wait_for
-from test_flow import sims as sims  # the fixture
+from test_flow import is_state, wait_for
 
 SYNCCTL = str(Path(sys.executable).parent / "syncctl")
 
 
-async def syncctl_process(*args: str) -> tuple[int, Any, str]:
-    result = await anyio.run_process([SYNCCTL, *args], check=False)
+async def syncctl_process(*args: str, env: dict[str, str] | None = None) -> tuple[int, Any, str]:
+    result = await anyio.run_process([SYNCCTL, *args], check=False, env=env)
     out = result.stdout.decode()
     try:
         data = json.loads(out)
@@ -61,7 +65,7 @@ async def test_a_running_daemon_applies_retry_replay_and_cancel(sims: Sims, tmp_
         code, old, _ = await syncctl_process(
             "--db", str(db), "inspect", "--older-than", "0s", "--json"
         )
-        assert code == 0 and [row["po"] for row in old] == [number]
+        assert code == 0 and [row["po_number"] for row in old] == [number]
         code, old, _ = await syncctl_process(
             "--db", str(db), "inspect", "--older-than", "1h", "--json"
         )
@@ -160,7 +164,7 @@ def test_without_a_daemon_the_command_waits_in_the_inbox(tmp_path: Path) -> None
     assert status["states"] == {
         "needs_attention": {
             "orders": 1,
-            "oldest_po": "PO0007",
+            "oldest_po_number": "PO0007",
             "oldest_since": status["states"]["needs_attention"]["oldest_since"],
         }
     }
@@ -219,3 +223,294 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)
+
+
+# -- output shapes, options, exit codes ----------------------------------------------------
+
+DEFAULT_CONFIG_EXISTS = Path("/etc/syncd/syncd.toml").exists()
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+CHAIR = {"sku": "CHAIR-OAK", "name": "Oak chair", "quantity": "1", "price": "150.00"}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "SYNCD_CONFIG"}
+    return {**env, **extra}
+
+
+def _scalars(data: Any, key: str = "") -> list[tuple[str, Any]]:
+    """Every (key, leaf value) of a JSON document."""
+    if isinstance(data, dict):
+        return [pair for k, v in data.items() for pair in _scalars(v, k)]
+    if isinstance(data, list):
+        return [pair for v in data for pair in _scalars(v, key)]
+    return [(key, data)]
+
+
+def _assert_clean_json(data: Any) -> None:
+    for key, leaf in _scalars(data):
+        assert leaf != "-", key  # null for nothing
+        if key in ("at", "since", "oldest_since", "created_at", "updated_at", "decided_at"):
+            assert leaf is None or ISO_UTC.fullmatch(leaf), (key, leaf)
+
+
+async def _order_with_an_unpriced_line(db: Path) -> None:
+    await _order_needing_attention(db)
+    store = await Store.open(db)
+    try:
+        line = LineLink(
+            line_id=70, sku="CHAIR-OAK", katana_variant_id=9, quantity=Decimal("1"), price=None
+        )
+        await store.note(1, lines=(line,), notes=["a note"])
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_one_json_shape_per_order_iso_times_and_no_none_in_text(tmp_path: Path) -> None:
+    db = tmp_path / "syncd.db"
+    await _order_with_an_unpriced_line(db)
+
+    code, rows, err = await syncctl_process("inspect", "--db", str(db), "--json")
+    assert code == 0, err
+    code, one, err = await syncctl_process("inspect", "PO0007", "--json", "--db", str(db))
+    assert code == 0, err
+    (row,) = rows
+    # The list's order is the single order's, which only adds its details.
+    assert {k: one[k] for k in row} == row
+    assert set(one) - set(row) == {"paused", "lines", "notes", "history"}
+    assert row["po_number"] == "PO0007" and row["so_number"] is None
+    assert ISO_UTC.fullmatch(row["since"])
+    assert one["lines"] == [
+        {
+            "line_id": 70,
+            "sku": "CHAIR-OAK",
+            "quantity": "1",
+            "katana_variant_id": 9,
+            "created_variant": False,
+            "price": None,
+            "cost_before": None,
+            "cost_after": None,
+        }
+    ]
+    code, history, _ = await syncctl_process("--db", str(db), "history", "--json")
+    assert code == 0 and {h["po_number"] for h in history} == {"PO0007"}
+    code, status, _ = await syncctl_process("--db", str(db), "status", "--json")
+    assert status["states"]["needs_attention"]["oldest_po_number"] == "PO0007"
+    assert status["paused"] == [] and status["inbox_oldest_since"] is None
+    code, queued, _ = await syncctl_process(
+        "--db", str(db), "replay", "PO0007", "--dry-run", "--json"
+    )
+    assert code == 0 and queued["order"] == row and queued["event_id"] is None
+    for data in (rows, one, history, status, queued):
+        _assert_clean_json(data)
+
+    texts = {}
+    for args in (["inspect"], ["inspect", "PO0007"], ["history"], ["status"]):
+        code, text, err = await syncctl_process("--db", str(db), *args)
+        assert code == 0, err
+        assert "None" not in text, (args, text)
+        texts[args[-1]] = text
+    assert "line 70: CHAIR-OAK x 1 → katana_variant_id 9\n" in texts["PO0007"]
+    assert "price" not in texts["PO0007"]
+    assert texts["inspect"].splitlines()[0].split() == [
+        "id",
+        "po_number",
+        "so_number",
+        "state",
+        "since",
+        "reason",
+    ]
+    assert texts["inspect"].splitlines()[-1] == "1 order"
+    assert "needs_attention: 1 order\n" in texts["status"]
+    assert "inbox_backlog: 0 events\n" in texts["status"]
+    assert ISO_UTC.search(texts["history"])
+
+
+@pytest.mark.anyio
+async def test_an_unknown_state_is_a_usage_error_and_an_empty_list_says_so(tmp_path: Path) -> None:
+    db = tmp_path / "syncd.db"
+    await _order_needing_attention(db)
+    code, out, err = await syncctl_process("--db", str(db), "inspect", "--state", "bogus")
+    assert code == 2 and out == ""
+    assert "unknown state 'bogus'" in err and "needs_attention" in err
+    assert "Traceback" not in err
+    code, out, err = await syncctl_process("--db", str(db), "inspect", "--state", "received")
+    assert code == 0 and out == "no linked orders in received\n"
+    code, out, _ = await syncctl_process(
+        "--db", str(db), "inspect", "--state", "received", "--json"
+    )
+    assert code == 0 and out == []
+
+
+@pytest.mark.anyio
+async def test_statechart_as_json() -> None:
+    code, chart, err = await syncctl_process("statechart", "--json")
+    assert code == 0, err
+    assert chart["initial"] == "discovered"
+    assert [s["name"] for s in chart["states"]] == [
+        "discovered",
+        "imported",
+        "in_production",
+        "delivered",
+        "received",
+        "needs_attention",
+        "cancelled",
+    ]
+    assert {"trigger": "so_created", "source": "discovered", "dest": "imported", "back": False} in (
+        chart["transitions"]
+    )
+    backs = {t["dest"] for t in chart["transitions"] if t["back"]}
+    assert backs == {"discovered", "imported", "in_production", "delivered"}
+    # The same edges as the mermaid drawing.
+    code, mermaid, _ = await syncctl_process("statechart")
+    drawn = set()
+    for line in mermaid.splitlines():
+        edge = re.fullmatch(r"\s*(\w+) --> (\w+): (.+)", line)
+        if edge:
+            source, dest, labels = edge.groups()
+            for label in labels.split(" | "):
+                trigger, _, back = label.partition(" ")
+                drawn.add((source, dest, trigger, back == "(back)"))
+    listed = {(t["source"], t["dest"], t["trigger"], t["back"]) for t in chart["transitions"]}
+    assert listed == drawn and len(listed) == len(chart["transitions"])
+
+
+@pytest.mark.anyio
+async def test_default_config_options_after_the_command_and_version(tmp_path: Path) -> None:
+    db = tmp_path / "syncd.db"
+    await _order_needing_attention(db)
+    config = tmp_path / "syncd.toml"
+    config.write_text(f'[daemon]\ndatabase = "{db}"\n')
+
+    code, status, err = await syncctl_process(
+        "status", "--json", env=_env(SYNCD_CONFIG=str(config))
+    )
+    assert code == 0, err
+    assert status["needs_attention"] == 1
+    code, status, err = await syncctl_process(
+        "status", "--config", str(config), "--json", env=_env()
+    )
+    assert code == 0 and status["total"] == 1, err
+    code, _, err = await syncctl_process("status", env=_env(SYNCD_CONFIG=str(tmp_path / "no.toml")))
+    assert code == 2 and "no.toml" in err
+    if not DEFAULT_CONFIG_EXISTS:
+        code, _, err = await syncctl_process("status", env=_env())
+        assert code == 2 and "--db PATH" in err and "/etc/syncd/syncd.toml" in err
+    # --db after the command wins over one before it.
+    code, _, err = await syncctl_process(
+        "--db", str(tmp_path / "other.db"), "status", "--db", str(db), env=_env()
+    )
+    assert code == 0, err
+    code, out, _ = await syncctl_process("--version")
+    assert code == 0 and __version__ in out and "syncctl" in out
+
+
+@pytest.mark.anyio
+async def test_import_without_a_daemon_says_how_to_see_the_outcome(tmp_path: Path) -> None:
+    db = tmp_path / "syncd.db"
+    await _order_needing_attention(db)
+    code, out, err = await syncctl_process("--db", str(db), "import", "PO0100")
+    assert code == 0, err
+    assert "queued import of PO0100" in out and "syncctl explain PO0100" in out
+    code, why, _ = await syncctl_process("--db", str(db), "explain", "PO0100", "--json")
+    assert code == 0 and why["status"] == "import_queued"
+    code, out, err = await syncctl_process("--db", str(db), "import", "PO0101", "--wait", "0.3")
+    assert code == 8 and "is the daemon running?" in err
+    code, _, err = await syncctl_process("--db", str(db), "import", "PO0007")
+    assert code == 6 and "already linked" in err
+
+
+@pytest.mark.anyio
+async def test_import_reports_the_daemons_outcome_and_explain_says_why(
+    sims: Sims, tmp_path: Path
+) -> None:
+    db = tmp_path / "syncd.db"
+    config = tmp_path / "syncd.toml"
+    config.write_text(f'[daemon]\ndatabase = "{db}"\n[tradegecko]\nsupplier_name = "Katana"\n')
+    env = _env(SYNCD_CONFIG=str(config))  # every command below runs without flags
+
+    async def ctl(*args: str) -> tuple[int, Any, str]:
+        return await syncctl_process(*args, env=env)
+
+    old = (await sims.create_po([CHAIR]))["order_number"]
+    made = await sims.control.post(f"{sims.tradegecko_url}/_sim/companies", json={"name": "Acme"})
+    assert made.status_code < 300, made.text
+    acme = made.json()["company"]["id"]
+    await anyio.sleep(0.05)
+    async with sims.daemon(db) as daemon:
+        other = (await sims.create_po([CHAIR], supplier_id=acme))["order_number"]
+        draft = (await sims.create_po([CHAIR], status="draft"))["order_number"]
+        for _ in range(3):
+            daemon.poll_now()
+            await anyio.sleep(0.15)
+
+        code, why, err = await ctl("explain", old, "--json")
+        assert code == 0, err
+        assert why["status"] == "not_seen" and ISO_UTC.fullmatch(why["activated_at"])
+        code, text, _ = await ctl("explain", old)
+        assert f"syncctl import {old}" in text and "'Katana'" in text
+        code, why, _ = await ctl("explain", draft, "--json")
+        assert why["status"] == "not_linked" and why["observation"]["status"] == "draft"
+        code, text, _ = await ctl("explain", draft)
+        assert "a draft: it is imported once it is issued" in text
+
+        # Another supplier's PO: refused by the daemon, then by syncctl itself.
+        code, _, err = await ctl("import", other, "--wait", "20")
+        assert code == 7 and "Acme" in err and "--force" in err
+        code, why, _ = await ctl("explain", other, "--json")
+        assert why["status"] == "not_linked" and why["import"]["result"] == "other_supplier"
+        assert why["observation"]["supplier"] == "Acme"
+        backlog = (await daemon.store.inbox_backlog())[0]
+        code, _, err = await ctl("import", other)
+        assert code == 7 and "--force" in err
+        assert (await daemon.store.inbox_backlog())[0] == backlog  # nothing queued
+        code, done, err = await ctl("import", other, "--force", "--wait", "20", "--json")
+        assert code == 0, err
+        assert done["outcome"]["result"] == "discovered"
+        assert done["order"]["po_number"] == other
+
+        code, out, err = await ctl("import", old, "--wait", "20", "--reason", "missed")
+        assert code == 0, err
+        assert out.startswith(f"imported: PO {old} (id ") and "; order " in out
+        code, why, _ = await ctl("explain", old, "--json")
+        assert why["status"] == "linked" and why["order"]["po_number"] == old
+
+        code, missing, err = await ctl("import", "PO-NOPE", "--wait", "20", "--json")
+        assert code == 5 and "no PO PO-NOPE in TradeGecko" in err
+        assert missing["outcome"]["result"] == "not_found"
+        code, why, _ = await ctl("explain", "PO-NOPE", "--json")
+        assert why["status"] == "not_found" and why["explanation"]
+        for data in (done, why, missing):
+            _assert_clean_json(data)
+
+
+async def _until_paused(store: Store, paused: bool) -> None:
+    with anyio.fail_after(10):
+        # The poller writes the pause from the daemon's task; polling is all a test can do.
+        while True:
+            if (await store.get_meta("paused.tradegecko") is not None) == paused:
+                return
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_status_and_explain_show_a_paused_service(sims: Sims, tmp_path: Path) -> None:
+    db = tmp_path / "syncd.db"
+    token = f"{sims.tradegecko_url}/_sim/token"
+    async with sims.daemon(db) as daemon:
+        assert (await sims.control.post(token, json={"revoked": True})).status_code < 300
+        daemon.poll_now()
+        await _until_paused(daemon.store, True)
+        code, status, err = await syncctl_process("status", "--db", str(db), "--json")
+        assert code == 0, err
+        (pause,) = status["paused"]
+        assert pause["service"] == "tradegecko" and ISO_UTC.fullmatch(pause["since"])
+        code, text, _ = await syncctl_process("status", "--db", str(db))
+        assert "paused: tradegecko since " in text and "(401)" in text
+        code, text, _ = await syncctl_process("explain", "PO0001", "--db", str(db))
+        assert "paused: tradegecko rejected the token (401)" in text
+        assert (await sims.control.post(token, json={"revoked": False})).status_code < 300
+        daemon.poll_now()
+        await _until_paused(daemon.store, False)
+        code, status, _ = await syncctl_process("status", "--db", str(db), "--json")
+        assert status["paused"] == []

@@ -17,9 +17,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+from conftest import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
+from syncd.cli.syncd import EXIT_AUTH, EXIT_CONFIG, EXIT_STORE, EXIT_UNREACHABLE
+from syncd.config import CREDENTIALS, DEFAULT_CREDENTIALS_DIRECTORY
 from syncd.ops.notify import notify, watchdog_interval
-from test_flow import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
-from test_flow import sims as sims  # the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "syncd.service"
@@ -200,3 +201,83 @@ def test_metrics_address_in_use_is_a_clear_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "metrics.listen: cannot listen on" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _unit_settings(key: str) -> list[str]:
+    return [
+        line.split("=", 1)[1]
+        for line in UNIT.read_text().splitlines()
+        if line.startswith(f"{key}=")
+    ]
+
+
+def test_unit_restarts_only_what_a_restart_can_fix() -> None:
+    assert _unit_settings("Restart") == ["on-failure"]
+    (prevented,) = _unit_settings("RestartPreventExitStatus")
+    # A broken config, an unusable database, a rejected token: restarting calls both APIs
+    # again for nothing. A service unreachable at start (5) may come back.
+    assert {int(code) for code in prevented.split()} == {EXIT_CONFIG, EXIT_STORE, EXIT_AUTH}
+    assert EXIT_UNREACHABLE not in {int(code) for code in prevented.split()}
+
+
+def test_unit_hands_over_every_credential_syncd_reads_none_required() -> None:
+    loaded = dict(setting.split(":", 1) for setting in _unit_settings("LoadCredential"))
+    defaults = dict(setting.split(":", 1) for setting in _unit_settings("SetCredential"))
+    assert set(loaded) == set(CREDENTIALS)
+    for name, path in loaded.items():
+        assert path == f"{DEFAULT_CREDENTIALS_DIRECTORY}/{name}"
+    # systemd 252 fails the start when a LoadCredential= file is missing, unless the same
+    # id has a SetCredential= default; it refuses an empty one, so the default is "\n".
+    assert defaults == dict.fromkeys(CREDENTIALS, "\\n")
+
+
+def test_check_under_the_units_credentials(tmp_path: Path) -> None:
+    """The credential directory systemd would make from the unit: the files that exist in
+    /etc/syncd/credentials (here a stand-in), the blank defaults for the others."""
+    host = tmp_path / "etc-credentials"
+    host.mkdir()
+    (host / "tradegecko-token").write_text("t-secret\n")
+    (host / "katana-token").write_text("k-secret")
+    handed_over = tmp_path / "run-credentials"
+    handed_over.mkdir()
+    defaults = dict(setting.split(":", 1) for setting in _unit_settings("SetCredential"))
+    for setting in _unit_settings("LoadCredential"):
+        name, path = setting.split(":", 1)
+        source = host / Path(path).relative_to(DEFAULT_CREDENTIALS_DIRECTORY)
+        text = source.read_text() if source.exists() else defaults[name].replace("\\n", "\n")
+        (handed_over / name).write_text(text)
+    config = tmp_path / "syncd.toml"
+    body = f'[daemon]\ndatabase = "{tmp_path / "syncd.db"}"\n[metrics]\nlisten = "127.0.0.1:0"\n'
+    config.write_text(body)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")},
+        "CREDENTIALS_DIRECTORY": str(handed_over),
+    }
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SYNCD), "check", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+
+    result = check()
+    assert result.returncode == 0, result.stderr
+    # Webhooks on: the blank default for the secret falls through to the file's key...
+    config.write_text(body + '[webhooks]\nenabled = true\nlisten = "127.0.0.1:0"\n')
+    result = check()
+    assert result.returncode == 2
+    assert "webhooks.tradegecko_secret: no secret" in result.stderr
+    config.write_text(
+        body + '[webhooks]\nenabled = true\nlisten = "127.0.0.1:0"\ntradegecko_secret = "in-file"\n'
+    )
+    assert check().returncode == 0
+    # ... and a blank token is no token: named, exit 2, and no restart (above).
+    (handed_over / "katana-token").write_text("\n")
+    result = check()
+    assert result.returncode == 2
+    assert "katana.token: no token" in result.stderr
+    assert "t-secret" not in result.stdout + result.stderr

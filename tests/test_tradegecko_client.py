@@ -150,6 +150,33 @@ async def test_filters_are_spelled_as_tradegecko_spells_them() -> None:
 
 
 @pytest.mark.anyio
+async def test_long_id_filters_go_in_chunks_without_repeats() -> None:
+    seen: list[list[str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        ids = request.url.params.get_list("ids[]")
+        seen.append(ids)
+        return _json({"purchase_orders": [_order(int(i)) for i in ids]})
+
+    wanted = [*range(1, 151), 7, 150]  # 150 ids, two of them twice
+    async with _client(handler) as client:
+        orders = await client.list_purchase_orders(ids=wanted)
+        assert [len(chunk) for chunk in seen] == [100, 50]
+        assert [o.id for o in orders] == list(range(1, 151))
+        seen.clear()
+        await client.list_purchase_orders(ids=[9])
+    assert seen == [["9"]]  # ``ids[]`` even for one id
+
+
+@pytest.mark.anyio
+async def test_a_list_answer_without_its_records_is_a_decode_error() -> None:
+    async with _client(lambda request: _json({"companies": []})) as client:
+        with pytest.raises(DecodeError, match="no 'purchase_orders' list") as caught:
+            await client.list_purchase_orders()
+    assert caught.value.endpoint == "/purchase_orders"
+
+
+@pytest.mark.anyio
 async def test_price_update_sends_the_wrapper_and_accepts_204() -> None:
     seen: list[httpx.Request] = []
 

@@ -355,3 +355,35 @@ async def test_idempotency_keys_expire_after_a_day() -> None:
         now[0] += timedelta(hours=24, seconds=1)
         await put("3")  # the key has expired: a new request
         assert world.line_items[line_id].price == Decimal("3")
+
+
+@pytest.mark.anyio
+async def test_lists_carry_meta_total_as_recorded() -> None:
+    async with running() as sim:
+        for _ in range(3):
+            await sim.create_po()
+        page = (await sim.http.get("/purchase_orders", params={"limit": 2})).json()
+        assert len(page["purchase_orders"]) == 2
+        assert page["meta"] == {"total": 3}
+        companies = (await sim.http.get("/companies")).json()
+        assert companies["meta"]["total"] == len(companies["companies"])
+
+
+@pytest.mark.anyio
+async def test_control_panel_lists_itself_and_refuses_an_empty_po() -> None:
+    async with running() as sim:
+        index = await sim.http.get("/_sim/")
+        assert index.status_code == 200
+        offered = {entry["path"]: entry for entry in index.json()["control"]}
+        assert {"/_sim/purchase_orders", "/_sim/counters", "/_sim/token", "/_sim/faults"} <= set(
+            offered
+        )
+        assert all(entry["does"] for entry in offered.values())
+        empty = await sim.http.post("/_sim/purchase_orders", json={})
+        assert empty.status_code == 422
+        assert empty.json() == {"errors": {"purchase_order_line_items": ["can't be blank"]}}
+        assert (await sim.counters())["requests"] == {}
+        assert (await sim.http.get("/purchase_orders")).json()["purchase_orders"] == []
+        missing = await sim.http.get("/_sim/nothing")
+        assert missing.status_code == 404
+        assert missing.json()["type"] == "NotFound"

@@ -12,8 +12,6 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,130 +19,34 @@ import anyio
 import httpx
 import pytest
 
-from katana_openapi import ValidatingTransport
+from conftest import Sims, running_sims
 from syncd.config import (
-    Config,
-    DaemonConfig,
-    KatanaConfig,
-    MetricsConfig,
-    TradeGeckoConfig,
     WebhooksConfig,
     parse_config,
 )
 from syncd.errors import ConfigError
-from syncd.ops.asgi import bind_socket, serving
 from syncd.runtime import inbox
-from syncd.runtime.daemon import Daemon, running_daemon
+from syncd.runtime.daemon import Daemon
 from syncd.runtime.webhooks import (
     WebhookKeys,
     create_webhook_app,
     katana_signature,
     tradegecko_signature,
 )
-from syncd.sim import katana as katana_sim
-from syncd.sim import tradegecko as tradegecko_sim
-from syncd.sim._katana_world import KatanaWorld
-from syncd.sim._tradegecko_world import TradeGeckoWorld
+from syncd.sim import TRADEGECKO_WEBHOOK_SECRET, free_port
 from syncd.sim.factory import play_factory
-from syncd.sim.webhooks import WebhookSender
 from syncd.store import Store
 
 pytestmark = pytest.mark.anyio
 
-KATANA_TOKEN = "katana-test-token"
-TRADEGECKO_TOKEN = "tradegecko-test-token"
-SECRET = tradegecko_sim.DEFAULT_WEBHOOK_SECRET
-LINE = {"sku": "CHAIR-OAK", "name": "Oak chair", "quantity": "1", "price": "150.00"}
-
-
-def free_port() -> int:
-    sock = bind_socket()
-    port = int(sock.getsockname()[1])
-    sock.close()
-    return port
-
-
-@dataclass
-class Sims:
-    katana_url: str
-    tradegecko_url: str
-    katana_sender: WebhookSender
-    tradegecko_sender: WebhookSender
-    katana_world: KatanaWorld
-    control: httpx.AsyncClient
-    contract: ValidatingTransport
-
-    async def create_po(self) -> dict[str, Any]:
-        body = {"supplier": "Katana", "currency": "USD", "lines": [LINE]}
-        response = await self.control.post(f"{self.tradegecko_url}/_sim/purchase_orders", json=body)
-        assert response.status_code == 201, response.text
-        po: dict[str, Any] = response.json()["purchase_order"]
-        return po
-
-    async def knobs(self, service: str, **values: float) -> None:
-        base = self.katana_url if service == "katana" else self.tradegecko_url
-        response = await self.control.post(f"{base}/_sim/webhooks", json=values)
-        assert response.status_code == 200, response.text
-
-    def config(
-        self, database: Path, port: int, *, poll: float = 60.0, reconcile: float = 60.0
-    ) -> Config:
-        return Config(
-            daemon=DaemonConfig(database=str(database), retry_initial=0.2, retry_max=1.0),
-            metrics=MetricsConfig(enabled=False),
-            tradegecko=TradeGeckoConfig(
-                base_url=self.tradegecko_url,
-                token=TRADEGECKO_TOKEN,
-                poll_interval=poll,
-                rate_limit=100_000,
-            ),
-            katana=KatanaConfig(
-                base_url=self.katana_url + katana_sim.API_PREFIX,
-                token=KATANA_TOKEN,
-                poll_interval=poll,
-                rate_limit=100_000,
-            ),
-            webhooks=WebhooksConfig(
-                enabled=True,
-                listen=f"127.0.0.1:{port}",
-                # Katana sends only to https; the simulators deliver it over plain http.
-                public_base_url=f"https://127.0.0.1:{port}",
-                tradegecko_secret=SECRET,
-                reconcile_interval=reconcile,
-            ),
-        )
-
-    @asynccontextmanager
-    async def daemon(self, config: Config) -> AsyncIterator[Daemon]:
-        async with running_daemon(config, katana_transport=self.contract) as daemon:
-            yield daemon
+SECRET = TRADEGECKO_WEBHOOK_SECRET
 
 
 @pytest.fixture
 async def sims() -> AsyncIterator[Sims]:
-    katana_world = KatanaWorld()
-    katana_app = katana_sim.create_app(katana_world, token=KATANA_TOKEN, rate_limit=None)
-    tg_app = tradegecko_sim.create_app(TradeGeckoWorld(), token=TRADEGECKO_TOKEN, rate_limit=None)
-    contract = ValidatingTransport(httpx.AsyncHTTPTransport(), strict=False)
-    async with (
-        serving(katana_app) as katana_url,
-        serving(tg_app) as tradegecko_url,
-        httpx.AsyncClient(timeout=10) as control,
-        anyio.create_task_group() as tg,
-    ):
-        tg.start_soon(katana_app.state.webhooks.run)
-        tg.start_soon(tg_app.state.webhooks.run)
-        yield Sims(
-            katana_url,
-            tradegecko_url,
-            katana_app.state.webhooks,
-            tg_app.state.webhooks,
-            katana_world,
-            control,
-            contract,
-        )
-        tg.cancel_scope.cancel()
-    assert contract.violations == [], "Katana traffic broke the OpenAPI contract"
+    """Both simulators, sending webhooks."""
+    async with running_sims(webhooks=True) as running:
+        yield running
 
 
 async def wait_for_state(daemon: Daemon, po_number: str, *states: str, seconds: float) -> None:
@@ -192,9 +94,9 @@ async def test_registration_creates_only_what_is_missing_and_keeps_the_token(
     for _ in range(2):
         async with sims.daemon(config):
             pass
-    assert len(sims.tradegecko_sender.subscriptions) == 3
-    assert len(sims.katana_sender.subscriptions) == 1
-    (hook,) = sims.katana_sender.subscriptions.values()
+    assert len(sims.tradegecko_webhooks.subscriptions) == 3
+    assert len(sims.katana_webhooks.subscriptions) == 1
+    (hook,) = sims.katana_webhooks.subscriptions.values()
     assert hook.url.startswith(f"https://127.0.0.1:{port}/webhooks/katana/")
     store = await Store.open(tmp_path / "syncd.db")
     try:
@@ -209,6 +111,36 @@ async def test_registration_creates_only_what_is_missing_and_keeps_the_token(
     assert sims.katana_world.requests["GET /webhooks"] == before
 
 
+async def test_a_katana_registration_that_landed_but_answered_500_is_used_at_once(
+    sims: Sims, tmp_path: Path
+) -> None:
+    faults = {
+        "rules": [
+            {"path": "/webhooks", "method": "POST", "error_rate": 1.0, "after": True, "times": 1}
+        ]
+    }
+    response = await sims.control.put(f"{sims.katana_url}/_sim/faults", json=faults)
+    assert response.status_code == 200, response.text
+    config = sims.config(tmp_path / "syncd.db", free_port())
+    async with sims.daemon(config) as daemon:
+        # Listed again after the 500: registered, and with the token, before the start ends.
+        (hook,) = sims.katana_webhooks.subscriptions.values()
+        assert daemon.webhooks is not None and daemon.webhooks.registered
+        assert hook.token in daemon.webhooks.keys.katana_tokens
+        po = await sims.create_po()
+        await wait_for_state(daemon, po["order_number"], "imported", "in_production", seconds=5)
+        # Katana's deliveries about the new SO are accepted, none refused.
+        with anyio.fail_after(5):
+            while True:
+                if sims.katana_webhooks.counters["delivered"]:
+                    break
+                await anyio.sleep(0.02)
+        assert sims.katana_webhooks.counters["failed_attempts"] == 0, sims.katana_webhooks.counters
+    injected = (await sims.control.get(f"{sims.katana_url}/_sim/faults")).json()
+    assert sum(injected["injected"].values()) == 1, injected
+    assert len(sims.katana_webhooks.subscriptions) == 1
+
+
 async def test_a_dropped_webhook_is_reconciled_by_the_poller(sims: Sims, tmp_path: Path) -> None:
     config = sims.config(tmp_path / "syncd.db", free_port(), poll=0.1, reconcile=0.5)
     async with sims.daemon(config) as daemon:
@@ -217,8 +149,8 @@ async def test_a_dropped_webhook_is_reconciled_by_the_poller(sims: Sims, tmp_pat
         await sims.knobs("tradegecko", drop=1.0)
         po = await sims.create_po()
         await wait_for_state(daemon, po["order_number"], "imported", "in_production", seconds=5)
-    assert sims.tradegecko_sender.counters["dropped"] >= 1
-    assert sims.tradegecko_sender.counters["delivered"] == 0
+    assert sims.tradegecko_webhooks.counters["dropped"] >= 1
+    assert sims.tradegecko_webhooks.counters["delivered"] == 0
 
 
 async def test_duplicated_and_reordered_deliveries_have_one_effect(
@@ -241,7 +173,7 @@ async def test_duplicated_and_reordered_deliveries_have_one_effect(
     tradegecko = (await sims.control.get(f"{sims.tradegecko_url}/_sim/counters")).json()
     assert katana["sales_orders_created"] == 3
     assert tradegecko["receipts"] == 3
-    assert sims.tradegecko_sender.counters["duplicated"] >= 3
+    assert sims.tradegecko_webhooks.counters["duplicated"] >= 3
     # A TradeGecko delivery seen twice is stored once (keyed by X-Gecko-Delivery).
     keys = [row[1] for row in inbox_rows(database, inbox.WEBHOOK_RECEIVED) if row[1]]
     assert len(keys) == len(set(keys)) >= 3

@@ -1,8 +1,10 @@
 """The daemon's configuration: one TOML file, tokens also from the environment or systemd.
 
-A token is taken from, in order: the environment (``SYNCD_TRADEGECKO_TOKEN``,
-``SYNCD_KATANA_TOKEN``), a systemd credential (``$CREDENTIALS_DIRECTORY/tradegecko-token``,
-``katana-token``), then the file's ``token`` key. Every error names the key that is wrong.
+A token or webhook secret is taken from, in order: the environment (``SYNCD_TRADEGECKO_TOKEN``,
+``SYNCD_KATANA_TOKEN``, ...), a credential file (``tradegecko-token``, ``katana-token``, ...)
+in ``$CREDENTIALS_DIRECTORY`` under systemd, else in ``/etc/syncd/credentials``
+(``SYNCD_CREDENTIALS_DIRECTORY``), then the file's key. Every error names the key that is
+wrong.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import msgspec
 from syncd.errors import ConfigError
 
 __all__ = [
+    "CREDENTIALS",
     "DEFAULT_CONFIG",
+    "DEFAULT_CREDENTIALS_DIRECTORY",
     "SUPPLIER_MATCHES",
     "Config",
     "DaemonConfig",
@@ -25,15 +29,20 @@ __all__ = [
     "MetricsConfig",
     "TradeGeckoConfig",
     "WebhooksConfig",
+    "config_problems",
+    "credentials_directory",
     "default_config_path",
     "load_config",
     "parse_config",
     "parse_listen",
+    "read_config",
 ]
 
 
 #: Where ``syncd`` and ``syncctl`` look for the config when none is named.
 DEFAULT_CONFIG = "/etc/syncd/syncd.toml"
+#: Where credentials are read outside systemd (``SYNCD_CREDENTIALS_DIRECTORY`` overrides).
+DEFAULT_CREDENTIALS_DIRECTORY = "/etc/syncd/credentials"
 
 
 def default_config_path() -> Path:
@@ -50,6 +59,9 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Seconds between retries of an effect that failed for a passing reason, doubling.
     retry_initial: float = 5.0
     retry_max: float = 300.0
+    #: Seconds the start-up check keeps retrying a service that fails for a passing reason
+    #: (5xx, timeout, cut body); a refusal (401, 404) ends the start at once.
+    start_timeout: float = 60.0
     statechart: str | None = None
 
 
@@ -171,23 +183,52 @@ def parse_listen(value: str, *, key: str = "metrics.listen") -> tuple[str, int]:
     return (match.group(1) or match.group(3)), int(match.group(2) or match.group(4))
 
 
-def _read_secret(env: str, credential: str) -> str | None:
-    value = os.environ.get(env)
-    if value:
-        return value.strip()
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if directory:
-        path = Path(directory) / credential
-        if path.exists():
-            return path.read_text(encoding="utf-8").strip()
-    return None
+#: Every secret read from outside the file: credential name -> (environment variable, key).
+CREDENTIALS: dict[str, tuple[str, str]] = {
+    "tradegecko-token": ("SYNCD_TRADEGECKO_TOKEN", "tradegecko.token"),
+    "katana-token": ("SYNCD_KATANA_TOKEN", "katana.token"),
+    "tradegecko-webhook-secret": ("SYNCD_TRADEGECKO_WEBHOOK_SECRET", "webhooks.tradegecko_secret"),
+    "katana-webhook-token": ("SYNCD_KATANA_WEBHOOK_TOKEN", "webhooks.katana_token"),
+    "webhook-path-token": ("SYNCD_WEBHOOK_PATH_TOKEN", "webhooks.path_token"),
+}
 
 
-def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = True) -> Config:
-    """Parse and check configuration text.
+def credentials_directory() -> Path:
+    """Where credentials are read outside systemd: ``$SYNCD_CREDENTIALS_DIRECTORY`` or
+    ``/etc/syncd/credentials`` (the files the unit's ``LoadCredential=`` lines name)."""
+    return Path(os.environ.get("SYNCD_CREDENTIALS_DIRECTORY") or DEFAULT_CREDENTIALS_DIRECTORY)
 
-    :raises ConfigError: naming the key that is wrong.
+
+def _read_secret(env: str, credential: str, *, key: str, required: bool) -> str | None:
+    """The secret from ``$env``, else the credential file, else ``None`` (the file's key).
+
+    Under systemd (``$CREDENTIALS_DIRECTORY`` set) only the unit's credentials count: the
+    host's directory is root's and unreadable by the service's dynamic user. Elsewhere
+    (``syncd check`` run by hand) the host's directory stands in for it. An empty value
+    counts as none, so that the unit's empty ``SetCredential=`` defaults fall through.
+
+    :raises ConfigError: the credential file exists but cannot be read (when ``required``).
     """
+    value = os.environ.get(env, "").strip()
+    if value:
+        return value
+    systemd = os.environ.get("CREDENTIALS_DIRECTORY")
+    file = (Path(systemd) if systemd else credentials_directory()) / credential
+    try:
+        text = file.read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        if not required:  # syncctl reads the config for the database path only
+            return None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        hint = " (run as root?)" if isinstance(exc, PermissionError) else ""
+        raise ConfigError(f"cannot read credential {file}: {reason}{hint}", key=key) from None
+    return text or None
+
+
+def _decode(text: str, *, source: str, require_tokens: bool) -> Config:
+    """TOML and types only; then the secrets from the environment or credentials."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -200,97 +241,122 @@ def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = 
         reason = message.split(" - at ")[0]
         raise ConfigError(f"{reason} (in {source})", key=key) from None
 
-    tg, kt, daemon = config.tradegecko, config.katana, config.daemon
-    tg.token = _read_secret("SYNCD_TRADEGECKO_TOKEN", "tradegecko-token") or tg.token
-    kt.token = _read_secret("SYNCD_KATANA_TOKEN", "katana-token") or kt.token
-    hooks = config.webhooks
-    hooks.tradegecko_secret = (
-        _read_secret("SYNCD_TRADEGECKO_WEBHOOK_SECRET", "tradegecko-webhook-secret")
-        or hooks.tradegecko_secret
-    )
-    hooks.katana_token = (
-        _read_secret("SYNCD_KATANA_WEBHOOK_TOKEN", "katana-webhook-token") or hooks.katana_token
-    )
-    hooks.path_token = (
-        _read_secret("SYNCD_WEBHOOK_PATH_TOKEN", "webhook-path-token") or hooks.path_token
-    )
-    hooks.address()
-    if hooks.public_base_url and not re.match(r"^https?://[^/\s]+", hooks.public_base_url):
-        raise ConfigError(
-            f"must be an http(s) URL, got {hooks.public_base_url!r}",
-            key="webhooks.public_base_url",
-        )
-    if hooks.max_body_bytes < 1024:
-        raise ConfigError(
-            f"must be at least 1024, got {hooks.max_body_bytes}", key="webhooks.max_body_bytes"
-        )
-    if hooks.reconcile_interval <= 0:
-        raise ConfigError(
-            f"must be a positive number of seconds, got {hooks.reconcile_interval}",
-            key="webhooks.reconcile_interval",
-        )
-    if hooks.replay_window <= 0:
-        raise ConfigError(
-            f"must be a positive number of seconds, got {hooks.replay_window}",
-            key="webhooks.replay_window",
-        )
-    needs_secret = hooks.enabled and require_tokens and hooks.verify_signatures
-    if needs_secret and not hooks.tradegecko_secret:
-        raise ConfigError(
-            "no secret: set it here, in SYNCD_TRADEGECKO_WEBHOOK_SECRET, or as the systemd "
-            "credential tradegecko-webhook-secret",
-            key="webhooks.tradegecko_secret",
-        )
+    for credential, (env, key) in CREDENTIALS.items():
+        table, attribute = key.split(".")
+        section = getattr(config, table)
+        secret = _read_secret(env, credential, key=key, required=require_tokens)
+        if secret:
+            setattr(section, attribute, secret)
+    return config
 
+
+def config_problems(config: Config, *, require_tokens: bool = True) -> list[ConfigError]:
+    """Every value of a decoded config that is wrong, in file order; empty when it is right."""
+    problems: list[ConfigError] = []
+    tg, kt, daemon, hooks = config.tradegecko, config.katana, config.daemon, config.webhooks
+
+    def problem(message: str, key: str) -> None:
+        problems.append(ConfigError(message, key=key))
+
+    if daemon.log_level not in _LOG_LEVELS:
+        problem(f"must be one of {sorted(_LOG_LEVELS)}", "daemon.log_level")
     for key, url in (("tradegecko.base_url", tg.base_url), ("katana.base_url", kt.base_url)):
         if not re.match(r"^https?://[^/\s]+", url):
-            raise ConfigError(f"must be an http(s) URL, got {url!r}", key=key)
+            problem(f"must be an http(s) URL, got {url!r}", key)
     for key, number in (
-        ("tradegecko.poll_interval", tg.poll_interval),
-        ("katana.poll_interval", kt.poll_interval),
-        ("tradegecko.rate_period", tg.rate_period),
-        ("katana.rate_period", kt.rate_period),
         ("daemon.retry_initial", daemon.retry_initial),
-        ("tradegecko.timeout", tg.timeout),
-        ("katana.timeout", kt.timeout),
         ("daemon.retry_max", daemon.retry_max),
+        ("daemon.start_timeout", daemon.start_timeout),
+        ("tradegecko.poll_interval", tg.poll_interval),
+        ("tradegecko.rate_period", tg.rate_period),
+        ("tradegecko.timeout", tg.timeout),
+        ("katana.poll_interval", kt.poll_interval),
+        ("katana.rate_period", kt.rate_period),
+        ("katana.timeout", kt.timeout),
         ("metrics.refresh_interval", config.metrics.refresh_interval),
+        ("webhooks.reconcile_interval", hooks.reconcile_interval),
+        ("webhooks.replay_window", hooks.replay_window),
     ):
         if number <= 0:
-            raise ConfigError(f"must be a positive number of seconds, got {number}", key=key)
+            problem(f"must be a positive number of seconds, got {number}", key)
     for key, count in (
+        ("daemon.concurrency", daemon.concurrency),
         ("tradegecko.rate_limit", tg.rate_limit),
         ("katana.rate_limit", kt.rate_limit),
-        ("daemon.concurrency", daemon.concurrency),
     ):
         if count < 1:
-            raise ConfigError(f"must be at least 1, got {count}", key=key)
-    config.metrics.address()
-    if daemon.log_level not in _LOG_LEVELS:
-        raise ConfigError(f"must be one of {sorted(_LOG_LEVELS)}", key="daemon.log_level")
+            problem(f"must be at least 1, got {count}", key)
     if not tg.supplier_name.strip():
-        raise ConfigError("must name the supplier", key="tradegecko.supplier_name")
+        problem("must name the supplier", "tradegecko.supplier_name")
     if tg.supplier_match not in SUPPLIER_MATCHES:
-        raise ConfigError(
+        problem(
             f"must be one of {', '.join(SUPPLIER_MATCHES)}, got {tg.supplier_match!r}",
-            key="tradegecko.supplier_match",
+            "tradegecko.supplier_match",
         )
     if not kt.customer_name.strip():
-        raise ConfigError("must name the customer", key="katana.customer_name")
+        problem("must name the customer", "katana.customer_name")
+    for listen in (config.metrics.address, hooks.address):
+        try:
+            listen()
+        except ConfigError as exc:
+            problems.append(exc)
+    if hooks.public_base_url and not re.match(r"^https?://[^/\s]+", hooks.public_base_url):
+        problem(
+            f"must be an http(s) URL, got {hooks.public_base_url!r}", "webhooks.public_base_url"
+        )
+    if hooks.max_body_bytes < 1024:
+        problem(f"must be at least 1024, got {hooks.max_body_bytes}", "webhooks.max_body_bytes")
     if require_tokens:
-        if not tg.token:
-            raise ConfigError(
-                "no token: set it here, in SYNCD_TRADEGECKO_TOKEN, or as the systemd "
-                "credential tradegecko-token",
-                key="tradegecko.token",
+        for key, value, env, credential in (
+            ("tradegecko.token", tg.token, "SYNCD_TRADEGECKO_TOKEN", "tradegecko-token"),
+            ("katana.token", kt.token, "SYNCD_KATANA_TOKEN", "katana-token"),
+        ):
+            if not value:
+                problem(_nowhere("token", env, credential), key)
+        if hooks.enabled and hooks.verify_signatures and not hooks.tradegecko_secret:
+            problem(
+                _nowhere("secret", "SYNCD_TRADEGECKO_WEBHOOK_SECRET", "tradegecko-webhook-secret"),
+                "webhooks.tradegecko_secret",
             )
-        if not kt.token:
-            raise ConfigError(
-                "no token: set it here, in SYNCD_KATANA_TOKEN, or as the systemd "
-                "credential katana-token",
-                key="katana.token",
-            )
+    return problems
+
+
+def _nowhere(what: str, env: str, credential: str) -> str:
+    return (
+        f"no {what}: set it here, in {env}, or as the credential {credential} "
+        f"($CREDENTIALS_DIRECTORY under systemd, else {credentials_directory()})"
+    )
+
+
+def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = True) -> Config:
+    """Parse and check configuration text.
+
+    :raises ConfigError: naming the key that is wrong (the first, when several are).
+    """
+    config = _decode(text, source=source, require_tokens=require_tokens)
+    problems = config_problems(config, require_tokens=require_tokens)
+    if problems:
+        raise problems[0]
     return config
+
+
+def read_config(path: str | Path) -> Config:
+    """Read the TOML file at ``path`` without checking its values: for ``syncd check``,
+    which lists every problem (:func:`config_problems`) rather than the first.
+
+    :raises ConfigError: the file is missing or unreadable, not TOML, or of the wrong shape.
+    """
+    file = Path(path)
+    return _decode(_read_text(file), source=str(file), require_tokens=True)
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {file}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc}") from None
 
 
 def load_config(path: str | Path, *, require_tokens: bool = True) -> Config:
@@ -299,10 +365,4 @@ def load_config(path: str | Path, *, require_tokens: bool = True) -> Config:
     :raises ConfigError: the file is missing or unreadable, or a key is wrong.
     """
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {file}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {file}: {exc}") from None
-    return parse_config(text, source=str(file), require_tokens=require_tokens)
+    return parse_config(_read_text(file), source=str(file), require_tokens=require_tokens)

@@ -2,18 +2,24 @@
 
 SyncdError
  ├── ConfigError          a configuration file or value is wrong (names the key)
- ├── StoreError           the SQLite store cannot be opened, migrated or written
+ ├── StoreError           the store (SQLite or PostgreSQL) cannot be opened or written
+ │    ├── StoreUnavailable    * locked past the timeout, a full or failing disk, a lost server
+ │    ├── StoreConflict       another writer moved the order first: decide again
+ │    └── StoreInUse          another syncd holds the SQLite file: one daemon per file
  ├── RuleViolation        an order breaks a mapping rule (e.g. a line without a SKU)
  ├── StatechartError      the statechart file is malformed, or a trigger is illegal
  └── ApiError             a service answered badly or not at all (names service and endpoint)
-      ├── AuthError           401: the token was rejected
+      ├── AuthError           * 401: the token was rejected
       ├── PaymentRequired     402: the account's plan does not allow the call
       ├── NotFound            404
       ├── ValidationFailed    422: the service refused the body; carries field details
-      ├── RateLimited         429 that outlasted the waiting budget
-      ├── ServerError         5xx
-      ├── TransportError      timeout, refused or dropped connection
-      └── DecodeError         a 2xx whose body is not what the contract says
+      ├── RateLimited         * 429 that outlasted the waiting budget
+      ├── ServerError         * 5xx
+      ├── TransportError      * timeout, refused or dropped connection
+      └── DecodeError         * a 2xx whose body is not what the contract says
+
+``*`` marks the transient ones, those :func:`is_transient` says may pass by themselves: the
+work waits and is tried again, and no person is asked to look.
 """
 
 from __future__ import annotations
@@ -31,10 +37,14 @@ __all__ = [
     "RuleViolation",
     "ServerError",
     "StatechartError",
+    "StoreConflict",
     "StoreError",
+    "StoreInUse",
+    "StoreUnavailable",
     "SyncdError",
     "TransportError",
     "ValidationFailed",
+    "is_transient",
 ]
 
 
@@ -51,15 +61,26 @@ class ConfigError(SyncdError):
 
 
 class StoreError(SyncdError):
-    """The SQLite store cannot be opened, migrated or written.
+    """The store (a SQLite file or a PostgreSQL database) cannot be opened, migrated, read
+    or written."""
 
-    ``transient`` marks what may pass by itself (the file locked by another process past the
-    busy timeout, a failing or full disk): the write is tried again later, never given up.
-    """
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        self.transient = transient
-        super().__init__(message)
+class StoreUnavailable(StoreError):
+    """The store cannot take a write just now: the file or a row is locked by another
+    process past the timeout, the disk is failing or full, or the PostgreSQL server is
+    restarting, unreachable or lost the connection (also a deadlock or serialization
+    failure). The write is tried again later, never given up."""
+
+
+class StoreConflict(StoreError):
+    """An optimistic write found the order no longer where the caller read it: another
+    writer moved it first. Nothing was written; the caller decides again from the order as
+    it now is."""
+
+
+class StoreInUse(StoreError):
+    """Another syncd holds the SQLite file for writing: one daemon per file. Said at start
+    (``syncd run`` exits 6); reading it (``syncctl``, ``syncd check``) is never refused."""
 
 
 class RuleViolation(SyncdError):
@@ -134,3 +155,25 @@ class TransportError(ApiError):
 
 class DecodeError(ApiError):
     """A successful status whose body does not match the contract."""
+
+
+#: What may pass by itself. A revoked token is here too: every order pauses until it
+#: works again (the pollers say so) rather than each asking a person.
+_TRANSIENT: tuple[type[SyncdError], ...] = (
+    StoreUnavailable,
+    AuthError,
+    RateLimited,
+    ServerError,
+    TransportError,
+    DecodeError,
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` may go away by itself, so the work is retried later rather than
+    handed to a person (or counted towards setting an event aside).
+
+    A :class:`StoreConflict` is not transient: it is settled by deciding again, and one that
+    keeps coming back is a fault.
+    """
+    return isinstance(error, _TRANSIENT)

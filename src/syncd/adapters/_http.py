@@ -1,10 +1,15 @@
-"""The HTTP plumbing both service clients share: request budget, retries, typed errors.
+"""The HTTP plumbing both service clients share: request budget, retries, typed errors,
+decoding, paging, filter chunking and the timestamp format of query filters.
 
 Each service gets one :class:`RequestBudget` for the whole daemon, so every task that talks
 to Katana draws from the same 60-per-minute allowance. GET, PUT, PATCH and DELETE are retried
 with backoff and jitter on 5xx and transport failures; a POST is retried only when the
 service honours an idempotency key, otherwise the caller looks its natural key up first.
 A 429 means the request was not processed, so any method waits for the window and retries.
+
+A client for one service adds only what is its own: the envelope its lists come in
+(:meth:`ServiceClient._records`) and how it spells an array filter
+(:meth:`ServiceClient._array_filter`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Self, TypeVar
 
 import anyio
@@ -38,7 +44,10 @@ __all__ = [
     "Params",
     "RequestBudget",
     "ServiceClient",
+    "chunks",
     "describe_error_body",
+    "format_time",
+    "is_last_page",
     "parse_reset",
 ]
 
@@ -49,6 +58,67 @@ log = logging.getLogger("syncd.http")
 Params = Mapping[str, str | int | Sequence[str | int]]
 
 _IDEMPOTENT = frozenset({"GET", "PUT", "PATCH", "DELETE", "HEAD"})
+
+
+def format_time(moment: datetime) -> str:
+    """A timestamp as both services write them (UTC, milliseconds, ``Z``); naive means UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def chunks(values: Sequence[T], size: int) -> list[list[T]]:
+    """``values`` without repeats (first occurrence kept), cut into lists of at most ``size``."""
+    unique = list(dict.fromkeys(values))
+    return [unique[i : i + size] for i in range(0, len(unique), size)]
+
+
+def is_last_page(header: str | None, page: int, count: int, page_size: int) -> bool:
+    """Whether ``page`` (which held ``count`` records) is the last one of a list.
+
+    Both services describe paging in a JSON ``X-Pagination`` header: TradeGecko with
+    booleans and numbers, Katana with the same facts as strings. The header's word wins;
+    without a usable one, a short page is the last. An empty page always ends the walk, so
+    no header, however odd, can page forever.
+    """
+    if count == 0:
+        return True
+    facts: object = None
+    if header:
+        try:
+            facts = json.loads(header)
+        except (ValueError, RecursionError):
+            facts = None
+    if isinstance(facts, dict):
+        last = _flag(facts.get("last_page"))
+        if last or _flag(facts.get("out_of_bounds")):
+            return True
+        total_pages = _whole_number(facts.get("total_pages"))
+        if total_pages is not None:
+            return page >= total_pages
+        if last is False:
+            return False
+    return count < page_size
+
+
+def _flag(value: object) -> bool | None:
+    """``true``/``false`` as a JSON boolean or as a string (any case); else ``None``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
+
+
+def _whole_number(value: object) -> int | None:
+    """A count as a JSON integer or a string of digits; else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdecimal():
+        return int(value)
+    return None
 
 
 def parse_reset(value: str, now: float) -> float | None:
@@ -136,7 +206,9 @@ class ServiceClient:
     """A thin async HTTP client for one service, with budget, retries and typed errors.
 
     A subclass names its service (``service``, for errors and metrics), its published rate
-    limit (``default_limit``) and its rate-limit headers.
+    limit (``default_limit``), its rate-limit headers and its largest page; it implements
+    the envelope of its lists (:meth:`_records`) and its array filters
+    (:meth:`_array_filter`). Everything else, paging and chunking included, is here.
 
     :param base_url: the API root.
     :param token: the bearer token.
@@ -153,6 +225,10 @@ class ServiceClient:
     #: The header names of the service's rate limit.
     remaining_header = "X-RateLimit-Remaining"
     reset_header = "X-RateLimit-Reset"
+    #: The largest page the service serves; every list asks for this many.
+    page_size = 250
+    #: Values of one array filter sent in one request, so that a URL stays short.
+    chunk_size = 100
 
     def __init__(
         self,
@@ -303,30 +379,87 @@ class ServiceClient:
             return max(0.5, min(reset - time.time(), self.budget.period))
         return min(5.0, self.budget.period)
 
-    # -- errors ------------------------------------------------------------------------
+    async def fetch(
+        self,
+        method: str,
+        path: str,
+        kind: type[T],
+        *,
+        params: Params | None = None,
+        body: bytes | None = None,
+        idempotency_key: str | None = None,
+        template: str | None = None,
+    ) -> T:
+        """:meth:`request`, then its body decoded as ``kind``.
 
-    def _client_error(self, method: str, endpoint: str, response: httpx.Response) -> ApiError:
-        kinds: dict[int, type[ApiError]] = {
-            401: AuthError,
-            402: PaymentRequired,
-            404: NotFound,
-            422: ValidationFailed,
-        }
-        return self._error(method, endpoint, response, kinds.get(response.status_code, ApiError))
-
-    def _error(
-        self, method: str, endpoint: str, response: httpx.Response, kind: type[ApiError]
-    ) -> ApiError:
-        reason, details = describe_error_body(response)
-        return kind(
-            self.service,
+        :raises syncd.errors.DecodeError: the body does not match ``kind``.
+        """
+        response = await self.request(
             method,
-            endpoint,
-            reason,
-            status=response.status_code,
-            details=details,
-            request_id=response.headers.get("X-Request-Id"),
+            path,
+            params=params,
+            body=body,
+            idempotency_key=idempotency_key,
+            template=template,
         )
+        return self.decode(response.content, kind, method, template or path)
+
+    # -- lists -------------------------------------------------------------------------
+
+    async def list_all(
+        self, path: str, kind: type[T], params: Mapping[str, Any] | None = None
+    ) -> list[T]:
+        """Every record of a list endpoint, following its pages to the last one."""
+        items: list[T] = []
+        page = 1
+        while True:
+            query: Params = {**(params or {}), "limit": self.page_size, "page": page}
+            response = await self.request("GET", path, params=query)
+            records = self._records(response, path)
+            items.extend(self.decode_each(records, kind, "GET", path))
+            header = response.headers.get("X-Pagination")
+            if is_last_page(header, page, len(records), self.page_size):
+                return items
+            page += 1
+
+    async def list_matching(
+        self,
+        path: str,
+        kind: type[T],
+        name: str,
+        values: Sequence[str | int],
+        params: Mapping[str, Any] | None = None,
+    ) -> list[T]:
+        """Every record whose ``name`` is one of ``values``, asked for in chunks.
+
+        Nothing is asked (and nothing found) when ``values`` is empty: an empty filter must
+        never turn into a request for everything.
+        """
+        found: list[T] = []
+        for chunk in chunks(values, self.chunk_size):
+            query = {**(params or {}), **self._array_filter(name, chunk)}
+            found.extend(await self.list_all(path, kind, query))
+        return found
+
+    def _records(self, response: httpx.Response, endpoint: str) -> list[msgspec.Raw]:
+        """The undecoded records of one list answer: the service's list envelope."""
+        raise NotImplementedError
+
+    def _array_filter(self, name: str, values: Sequence[str | int]) -> dict[str, Any]:
+        """The query parameters that ask for records whose ``name`` is one of ``values``."""
+        raise NotImplementedError
+
+    # -- decoding ----------------------------------------------------------------------
+
+    def decode(self, data: bytes | msgspec.Raw, kind: type[T], method: str, endpoint: str) -> T:
+        """A 2xx body (or part of one) as ``kind``.
+
+        :raises syncd.errors.DecodeError: it does not match ``kind``.
+        """
+        try:
+            return msgspec.json.decode(data, type=kind)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise self.decode_error(method, endpoint, str(exc)) from exc
 
     def decode_each(
         self, raws: Sequence[msgspec.Raw], kind: type[T], method: str, endpoint: str
@@ -351,6 +484,31 @@ class ServiceClient:
     def decode_error(self, method: str, endpoint: str, problem: str) -> DecodeError:
         """A :class:`DecodeError` for a 2xx body that breaks the contract."""
         return DecodeError(self.service, method, endpoint, f"unexpected answer: {problem}")
+
+    # -- errors ------------------------------------------------------------------------
+
+    def _client_error(self, method: str, endpoint: str, response: httpx.Response) -> ApiError:
+        kinds: dict[int, type[ApiError]] = {
+            401: AuthError,
+            402: PaymentRequired,
+            404: NotFound,
+            422: ValidationFailed,
+        }
+        return self._error(method, endpoint, response, kinds.get(response.status_code, ApiError))
+
+    def _error(
+        self, method: str, endpoint: str, response: httpx.Response, kind: type[ApiError]
+    ) -> ApiError:
+        reason, details = describe_error_body(response)
+        return kind(
+            self.service,
+            method,
+            endpoint,
+            reason,
+            status=response.status_code,
+            details=details,
+            request_id=response.headers.get("X-Request-Id"),
+        )
 
 
 def describe_error_body(response: httpx.Response) -> tuple[str, Any]:

@@ -2,17 +2,21 @@
 
 Starts both simulators (unless pointed at running ones), the daemon, and the factory player;
 creates purchase orders in TradeGecko for the supplier "Katana"; shows each order move as it
-happens; ends with a summary. Exit status 0 only when every order is received.
+happens; ends with a summary of this run's orders. Exit status 0 only when every order is
+received; 130 when interrupted (Ctrl-C). A ``--db`` left by an earlier run is moved to
+``<db>.previous`` first: the demo's own simulators start empty and would number this run's
+orders like the earlier ones.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -31,10 +35,9 @@ from syncd.config import (
     WebhooksConfig,
 )
 from syncd.domain.statechart import Statechart, load_statechart
-from syncd.ops.asgi import bind_socket, serving
+from syncd.ops.asgi import bind_socket
 from syncd.runtime.daemon import running_daemon
 from syncd.runtime.dispatcher import TransitionNotice
-from syncd.sim import katana as katana_sim
 from syncd.sim import tradegecko as tradegecko_sim
 from syncd.sim.factory import play_factory
 from syncd.store import Store
@@ -106,6 +109,8 @@ class DemoSummary(msgspec.Struct, kw_only=True):
     #: PO created in TradeGecko → SO created in Katana, over the orders (seconds).
     import_latency_p50_s: float | None = None
     import_latency_p99_s: float | None = None
+    #: Stopped by SIGINT or SIGTERM (Ctrl-C) before every order settled.
+    interrupted: bool = False
 
 
 def _lines_for(index: int) -> list[dict[str, Any]]:
@@ -126,31 +131,33 @@ def _lines_for(index: int) -> list[dict[str, Any]]:
 
 @asynccontextmanager
 async def _simulators(options: DemoOptions) -> AsyncIterator[tuple[str, str, str, str]]:
-    senders: list[Any] = []
-    async with AsyncExitStack() as stack:
-        if options.katana_url is None:
-            app = katana_sim.create_app(token=KATANA_TOKEN, rate_limit=None)
-            katana_ctl = await stack.enter_async_context(serving(app))
-            senders.append(app.state.webhooks)
-            katana_url = katana_ctl + katana_sim.API_PREFIX
-        else:
-            katana_url = options.katana_url
-            katana_ctl = options.katana_sim_url or katana_url.removesuffix(katana_sim.API_PREFIX)
-        if options.tradegecko_url is None:
-            app = tradegecko_sim.create_app(token=TRADEGECKO_TOKEN, rate_limit=None)
-            tradegecko_url = await stack.enter_async_context(serving(app))
-            tradegecko_ctl = tradegecko_url
-            senders.append(app.state.webhooks)
-        else:
-            tradegecko_url = options.tradegecko_url
-            tradegecko_ctl = options.tradegecko_sim_url or tradegecko_url
-        async with anyio.create_task_group() as tg:
-            for sender in senders:
-                tg.start_soon(sender.run)
-            try:
-                yield katana_url, tradegecko_url, katana_ctl, tradegecko_ctl
-            finally:
-                tg.cancel_scope.cancel()
+    from syncd.sim import KATANA_API_PREFIX, running_simulators
+
+    if options.katana_url is not None and options.tradegecko_url is not None:
+        yield (
+            options.katana_url,
+            options.tradegecko_url,
+            options.katana_sim_url or options.katana_url.removesuffix(KATANA_API_PREFIX),
+            options.tradegecko_sim_url or options.tradegecko_url,
+        )
+        return
+    # A service not given by URL is the built-in simulator (the other one then idles).
+    async with running_simulators(
+        katana_token=KATANA_TOKEN, tradegecko_token=TRADEGECKO_TOKEN, webhooks=True
+    ) as sims:
+        katana_url = options.katana_url or sims.katana_api_url
+        katana_ctl = (
+            sims.katana_url
+            if options.katana_url is None
+            else options.katana_sim_url or options.katana_url.removesuffix(KATANA_API_PREFIX)
+        )
+        tradegecko_url = options.tradegecko_url or sims.tradegecko_url
+        tradegecko_ctl = (
+            sims.tradegecko_url
+            if options.tradegecko_url is None
+            else options.tradegecko_sim_url or options.tradegecko_url
+        )
+        yield katana_url, tradegecko_url, katana_ctl, tradegecko_ctl
 
 
 def _printer(chart: Statechart, out: TextIO, started: float) -> Any:
@@ -167,12 +174,84 @@ def _printer(chart: Statechart, out: TextIO, started: float) -> Any:
 
 
 async def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> DemoSummary:
-    """Run the whole flow for ``options.orders`` purchase orders and summarise it."""
+    """Run the whole flow for ``options.orders`` purchase orders and summarise it.
+
+    SIGINT or SIGTERM (Ctrl-C) stops the wait for the orders: the summary then says how far
+    they got, with ``interrupted`` set. Before that (while starting) nothing is summarised.
+    """
     out = out or sys.stdout
+    interrupt = _Interrupt()
+    summary: DemoSummary | None = None
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                async for _ in signals:
+                    interrupt.happened = True
+                    print("interrupted: stopping", file=out, flush=True)
+                    if interrupt.wait is not None:
+                        interrupt.wait.cancel()  # summarise what happened so far
+                    else:
+                        tg.cancel_scope.cancel()
+                    return
+
+            async def demo() -> None:
+                nonlocal summary
+                summary = await _run_demo(options, out, interrupt)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            tg.start_soon(demo)
+    if summary is None:
+        return DemoSummary(
+            orders=0,
+            received=0,
+            sales_orders_created=0,
+            receipts=0,
+            elapsed_s=0.0,
+            database=options.db or "(temporary)",
+            order_details=[],
+            interrupted=True,
+        )
+    summary.interrupted = interrupt.happened
+    return summary
+
+
+class _Interrupt:
+    """Whether a signal came, and the wait it ends (``None`` before the wait began)."""
+
+    def __init__(self) -> None:
+        self.happened = False
+        self.wait: anyio.CancelScope | None = None
+
+
+def _set_aside(database: str, out: TextIO) -> None:
+    """Move an earlier run's database (and its WAL files) to ``<database>.previous``.
+
+    The demo's simulators start empty every run and number their orders from 1 again: the
+    earlier orders would collide with this run's and be reported as its own.
+    """
+    path = Path(database)
+    if not path.exists():
+        return
+    previous = Path(f"{database}.previous")
+    for suffix in ("", "-wal", "-shm"):
+        old = Path(f"{path}{suffix}")
+        target = Path(f"{previous}{suffix}")
+        target.unlink(missing_ok=True)
+        if old.exists():
+            old.rename(target)
+    print(f"moved the previous run's database to {previous}", file=out)
+
+
+async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) -> DemoSummary:
     chart = load_statechart()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="syncd-demo-") as scratch:
         database = options.db or str(Path(scratch) / "demo.db")
+        if options.db:
+            _set_aside(options.db, out)
+        print("starting the simulators and the daemon", file=out, flush=True)
         async with _simulators(options) as (katana_url, tradegecko_url, katana_ctl, tg_ctl):
             hooks = WebhooksConfig()
             if options.webhooks:
@@ -221,6 +300,8 @@ async def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> DemoSu
             ):
                 po_numbers: list[str] = []
                 created_at: dict[str, float] = {}
+                # Simulators the demo did not start may have counted earlier runs.
+                katana_before, tg_before = await _counters(control, katana_ctl, tg_ctl)
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(
                         lambda: play_factory(
@@ -245,12 +326,15 @@ async def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> DemoSu
                     print(f"created {len(po_numbers)} purchase orders in TradeGecko", file=out)
                     if not options.webhooks:
                         daemon.poll_now()
-                    with anyio.move_on_after(options.timeout):
-                        await _wait_until_settled(daemon.store, chart, po_numbers)
+                    with anyio.CancelScope() as interrupt.wait:
+                        if interrupt.happened:
+                            interrupt.wait.cancel()
+                        with anyio.move_on_after(options.timeout):
+                            await _wait_until_settled(daemon.store, chart, po_numbers)
                     tg.cancel_scope.cancel()
 
-                katana_counts = (await control.get(f"{katana_ctl}/_sim/counters")).json()
-                tg_counts = (await control.get(f"{tg_ctl}/_sim/counters")).json()
+                with anyio.CancelScope(shield=True):
+                    katana_after, tg_after = await _counters(control, katana_ctl, tg_ctl)
                 latencies = sorted(
                     max(0.0, imported_at[n] - created_at[n])
                     for n in po_numbers
@@ -295,14 +379,27 @@ async def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> DemoSu
         return DemoSummary(
             orders=len(po_numbers),
             received=received,
-            sales_orders_created=int(katana_counts.get("sales_orders_created", 0)),
-            receipts=int(tg_counts.get("receipts", 0)),
+            sales_orders_created=katana_after["sales_orders_created"]
+            - katana_before["sales_orders_created"],
+            receipts=tg_after["receipts"] - tg_before["receipts"],
             elapsed_s=round(time.monotonic() - started, 2),
             database=database if options.db else "(temporary)",
             order_details=details,
             import_latency_p50_s=_percentile(latencies, 50),
             import_latency_p99_s=_percentile(latencies, 99),
         )
+
+
+async def _counters(
+    control: httpx.AsyncClient, katana_ctl: str, tg_ctl: str
+) -> tuple[dict[str, int], dict[str, int]]:
+    """What the simulators counted so far: Katana's SOs created, TradeGecko's receipts."""
+    katana = (await control.get(f"{katana_ctl}/_sim/counters")).json()
+    tradegecko = (await control.get(f"{tg_ctl}/_sim/counters")).json()
+    return (
+        {"sales_orders_created": int(katana.get("sales_orders_created", 0))},
+        {"receipts": int(tradegecko.get("receipts", 0))},
+    )
 
 
 async def _wait_until_settled(store: Store, chart: Statechart, po_numbers: list[str]) -> None:
@@ -346,6 +443,8 @@ def render_summary(summary: DemoSummary, out: TextIO) -> None:
         f"{summary.receipts} receipts in TradeGecko · {summary.elapsed_s:.1f} s",
         file=out,
     )
+    if summary.interrupted:
+        print("interrupted (Ctrl-C): the orders above are where they got to", file=out)
     if summary.import_latency_p50_s is not None:
         print(
             f"import latency (PO created → SO created): p50 {summary.import_latency_p50_s:.3f} s"

@@ -1,13 +1,22 @@
 """``syncctl``: look at linked orders in the store (read-only unless a command changes one).
 
-``retry``, ``cancel`` and ``replay`` never call TradeGecko or Katana and never move an order
-themselves: they write an *operator* event to the inbox, and the daemon's dispatcher applies
-it through the statechart, in order with everything else it sees. When the daemon is not
-running the event waits in the inbox for its next start.
+``retry``, ``cancel``, ``replay`` and ``import`` never call TradeGecko or Katana and never move
+an order themselves: they write an *operator* event to the inbox, and the daemon's dispatcher
+applies it through the statechart, in order with everything else it sees. When the daemon is
+not running the event waits in the inbox for its next start. ``explain`` reads what the
+daemon recorded of a PO it saw and did not link.
 
-Exit codes: 0 success; 2 bad usage or config; 3 the database cannot be opened (or written,
-for the commands that queue an event); 5 the order asked for does not exist; 6 the order's
-state does not allow the command (e.g. ``retry`` of an order that does not need attention).
+The database comes from ``--db PATH``, else from the config named by ``--config PATH``, else
+from ``$SYNCD_CONFIG`` or ``/etc/syncd/syncd.toml``. Both options go before or after the
+command. JSON output: one shape per thing (an order is the same object in every command),
+times in ISO 8601 UTC (``2026-12-01T14:58:23Z``), ``null`` for nothing.
+
+Exit codes: 0 success; 2 bad usage or config (an unknown ``--state``, say); 3 the database
+cannot be opened (or written, for the commands that queue an event); 5 the order or PO asked
+for does not exist; 6 the order's state does not allow the command (e.g. ``retry`` of an order
+that does not need attention; ``import`` of a PO already linked or not active); 7 ``import``
+refused: the PO is another supplier's (``--force`` imports it anyway); 8 ``import --wait``:
+the daemon reported no outcome in time (is it running?) or gave up on the request.
 """
 
 from __future__ import annotations
@@ -16,7 +25,6 @@ import getpass
 import os
 import re
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,18 +34,25 @@ import anyio
 import click
 import msgspec
 
-from syncd.config import load_config
+from syncd import __version__
+from syncd.config import Config, default_config_path, load_config
+from syncd.domain.orders import LinkedOrder
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ConfigError, StatechartError, StoreError
 from syncd.runtime import inbox
-from syncd.store import Store
+from syncd.runtime.pollers import BEFORE_ACTIVATION, OTHER_SUPPLIER, PAUSED_PREFIX
+from syncd.store import ImportOutcome, ImportResult, PurchaseOrderObservation, Store
 
 __all__ = [
+    "DEFAULT_WAIT",
     "EXIT_CONFIG",
     "EXIT_NOT_ALLOWED",
     "EXIT_NOT_FOUND",
+    "EXIT_NO_OUTCOME",
+    "EXIT_OTHER_SUPPLIER",
     "EXIT_STORE",
     "cancel",
+    "explain",
     "history",
     "import_",
     "inspect",
@@ -53,6 +68,11 @@ EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_NOT_FOUND = 5
 EXIT_NOT_ALLOWED = 6
+EXIT_OTHER_SUPPLIER = 7
+EXIT_NO_OUTCOME = 8
+
+#: ``import --wait`` without a number waits this long (seconds).
+DEFAULT_WAIT = 60.0
 
 T = TypeVar("T")
 
@@ -62,18 +82,24 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _when(epoch: float | None) -> str:
+def _when(epoch: float | None) -> str | None:
+    """ISO 8601 UTC to the second, ``…Z``; ``None`` for nothing."""
     if epoch is None:
-        return "-"
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        return None
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _ago(epoch: float) -> str:
-    seconds = max(0.0, time.time() - epoch)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
+def _when_dt(moment: datetime | None) -> str | None:
+    return None if moment is None else _when(moment.timestamp())
+
+
+def _text(value: Any) -> str:
+    """A value for the text output: ``-`` for nothing, never ``None``."""
+    return "-" if value is None else str(value)
+
+
+def _plural(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else (plural or word + 's')}"
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -114,31 +140,85 @@ def _emit(data: Any) -> None:
     click.echo(msgspec.json.format(msgspec.json.encode(data)).decode())
 
 
+# -- where the database is -------------------------------------------------------------------
+
+
+def _remember(key: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
+    """Keep ``--db`` / ``--config`` given before or after the command: ``ctx.meta`` is shared
+    by the group's context and the command's, and the one given last wins."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.meta[key] = value
+
+    return callback
+
+
+def _location_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option(
+        "--config",
+        default=None,
+        expose_value=False,
+        callback=_remember("syncctl.config"),
+        help="Take the database (and statechart) from this config; default $SYNCD_CONFIG "
+        "or /etc/syncd/syncd.toml.",
+    )(command)
+    return click.option(
+        "--db",
+        default=None,
+        expose_value=False,
+        callback=_remember("syncctl.db"),
+        help="The syncd database file.",
+    )(command)
+
+
+def _config(ctx: click.Context) -> Config | None:
+    """The config in force: ``--config``, else the default file unless ``--db`` names the
+    database; ``None`` when there is none to read."""
+    if "syncctl.loaded" in ctx.meta:
+        return cast(Config | None, ctx.meta["syncctl.loaded"])
+    named: str | None = ctx.meta.get("syncctl.config")
+    config: Config | None = None
+    path: Path | None = Path(named) if named is not None else None
+    if path is None and ctx.meta.get("syncctl.db") is None:
+        default = default_config_path()
+        if default.exists() or os.environ.get("SYNCD_CONFIG"):
+            path = default
+    if path is not None:
+        try:
+            config = load_config(path, require_tokens=False)
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_CONFIG)
+    ctx.meta["syncctl.loaded"] = config
+    return config
+
+
+def _db_path(ctx: click.Context) -> str:
+    named: str | None = ctx.meta.get("syncctl.db")
+    if named is not None:
+        return named
+    config = _config(ctx)
+    if config is None:
+        _fail(
+            f"name the database with --db PATH or --config PATH (no config at "
+            f"{default_config_path()}; SYNCD_CONFIG names another)",
+            EXIT_CONFIG,
+        )
+        raise AssertionError("unreachable")
+    return config.daemon.database
+
+
 @click.group()
-@click.option("--db", "db_path", default=None, help="The syncd database file.")
-@click.option("--config", "config_path", default=None, help="Take the database from a config.")
-@click.pass_context
-def main(ctx: click.Context, db_path: str | None, config_path: str | None) -> None:
+@click.version_option(__version__, prog_name="syncctl")
+@_location_options
+def main() -> None:
     """Inspect and steer syncd's linked orders."""
-    if db_path is None and config_path is not None:
-        try:
-            db_path = load_config(config_path, require_tokens=False).daemon.database
-        except ConfigError as exc:
-            _fail(str(exc), EXIT_CONFIG)
-    ctx.obj = db_path
-    ctx.meta["syncctl.statechart"] = None
-    if config_path is not None:
-        try:
-            config = load_config(config_path, require_tokens=False)
-        except ConfigError as exc:
-            _fail(str(exc), EXIT_CONFIG)
-            return
-        ctx.meta["syncctl.statechart"] = config.daemon.statechart
 
 
 def _chart(ctx: click.Context) -> Statechart:
+    config = _config(ctx)
     try:
-        return load_statechart(ctx.meta.get("syncctl.statechart"))
+        return load_statechart(config.daemon.statechart if config is not None else None)
     except StatechartError as exc:
         _fail(str(exc), EXIT_CONFIG)
         raise
@@ -147,13 +227,7 @@ def _chart(ctx: click.Context) -> Statechart:
 def _with_store(
     ctx: click.Context, work: Callable[[Store], Awaitable[T]], *, write: bool = False
 ) -> T:
-    path: str | None = ctx.obj
-    if path is None:
-        if ctx.invoked_subcommand == "statechart" or ctx.info_name == "statechart":
-            raise AssertionError("statechart needs no store")
-        _fail("name the database with --db PATH or --config PATH", EXIT_CONFIG)
-    assert path is not None
-
+    path = _db_path(ctx)
     if write and not Path(path).exists():
         _fail(f"database not found: {path}", EXIT_STORE)
 
@@ -171,11 +245,101 @@ def _with_store(
         raise
 
 
+# -- the shapes of things --------------------------------------------------------------------
+
+_PAUSED_SINCE = re.compile(r" since (\S+?):")
+
+
+async def _paused(store: Store) -> list[dict[str, Any]]:
+    """Services whose token was rejected: ``{"service", "since", "message"}``."""
+    result = []
+    for service, message in sorted((await store.meta_with_prefix(PAUSED_PREFIX)).items()):
+        since: str | None = None
+        found = _PAUSED_SINCE.search(message)
+        if found:
+            try:
+                since = _when(datetime.fromisoformat(found.group(1)).timestamp())
+            except ValueError:
+                since = None
+        result.append({"service": service, "since": since, "message": message})
+    return result
+
+
+def _order(link: LinkedOrder) -> dict[str, Any]:
+    """An order as every command shows it (``inspect PO`` adds its details)."""
+    return {
+        "id": link.id,
+        "po_number": link.po_number,
+        "po_id": link.po_id,
+        "so_number": link.so_number,
+        "so_id": link.so_id,
+        "state": link.state,
+        "since": _when_dt(link.state_since),
+        "reason": link.reason,
+        "resume_state": link.resume_state,
+        "currency": link.currency,
+        "last_error": link.last_error,
+        "created_at": _when_dt(link.created_at),
+        "updated_at": _when_dt(link.updated_at),
+    }
+
+
+def _number(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _observation(seen: PurchaseOrderObservation) -> dict[str, Any]:
+    return {
+        "po_number": seen.po_number,
+        "po_id": seen.po_id,
+        "supplier": seen.supplier,
+        "status": seen.status,
+        "reason": seen.reason,
+        "po_created_at": _when(seen.po_created_at),
+        "first_seen_at": _when(seen.first_seen_at),
+        "seen_at": _when(seen.seen_at),
+    }
+
+
+def _import(outcome: ImportOutcome) -> dict[str, Any]:
+    return {
+        "event_id": outcome.event_id,
+        "po_number": outcome.po_number,
+        "result": outcome.result.value,
+        "detail": outcome.detail,
+        "po_id": outcome.po_id,
+        "decided_at": _when(outcome.decided_at),
+    }
+
+
+def _state_option(ctx: click.Context, state: str | None) -> None:
+    """An unknown ``--state`` is a usage error naming the states there are."""
+    if state is None:
+        return
+    chart = _chart(ctx)
+    if state not in chart.states:
+        _fail(
+            f"--state: unknown state {state!r}; the statechart has {', '.join(chart.states)}",
+            EXIT_CONFIG,
+        )
+
+
+def _poll_time(value: str) -> str | None:
+    try:
+        return _when(float(value))
+    except ValueError:
+        return None
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
 @main.command()
+@_location_options
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Orders per state, the oldest in each, inbox backlog, last polls."""
+    """Orders per state, the oldest in each, paused services, inbox backlog, last polls."""
 
     chart = _chart(ctx)
 
@@ -184,25 +348,27 @@ def status(ctx: click.Context, as_json: bool) -> None:
         oldest = await store.oldest_by_state()
         backlog, oldest_event = await store.inbox_backlog()
         cursors = await store.cursors()
+        polls = await store.meta_with_prefix("last_poll.")
         return {
             "states": {
                 state: {
                     "orders": count,
-                    "oldest_po": oldest.get(state, ("", 0.0))[0],
-                    "oldest_since": _when(oldest.get(state, ("", None))[1]),
+                    "oldest_po_number": oldest[state][0] if state in oldest else None,
+                    "oldest_since": _when(oldest[state][1]) if state in oldest else None,
                 }
                 for state, count in sorted(counts.items())
             },
             "total": sum(counts.values()),
             "needs_attention": sum(counts.get(s, 0) for s in chart.attention_states()),
+            "paused": await _paused(store),
             "inbox_backlog": backlog,
-            "inbox_oldest": _when(oldest_event),
+            "inbox_oldest_since": _when(oldest_event),
             "last_successful_poll": {
-                source: _when(float(value))
-                for source, value in sorted((await store.meta_with_prefix("last_poll.")).items())
+                source: _poll_time(value) for source, value in sorted(polls.items())
             },
             "cursors": {
-                name: {"value": v, "updated": _when(t)} for name, (v, t) in cursors.items()
+                name: {"value": v, "updated_at": _when(t)}
+                for name, (v, t) in sorted(cursors.items())
             },
         }
 
@@ -210,21 +376,53 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _emit(data)
         return
-    click.echo(f"{'state':<18} {'orders':>7}  oldest")
+    click.echo(f"{'state':<18} {'orders':>7}  {'oldest_po_number':<16}  oldest_since")
     for state, info in data["states"].items():
         click.echo(
-            f"{state:<18} {info['orders']:>7}  {info['oldest_po']} since {info['oldest_since']}"
+            f"{state:<18} {info['orders']:>7}  {_text(info['oldest_po_number']):<16}  "
+            f"{_text(info['oldest_since'])}"
         )
     click.echo(f"{'total':<18} {data['total']:>7}")
-    click.echo(f"needs attention: {data['needs_attention']}")
-    click.echo(f"inbox backlog: {data['inbox_backlog']} (oldest {data['inbox_oldest']})")
+    click.echo(f"needs_attention: {_plural(data['needs_attention'], 'order')}")
+    if not data["paused"]:
+        click.echo("paused: none")
+    for pause in data["paused"]:
+        click.echo(f"paused: {pause['service']} since {_text(pause['since'])}: {pause['message']}")
+    click.echo(
+        f"inbox_backlog: {_plural(data['inbox_backlog'], 'event')}"
+        + (f" (oldest since {data['inbox_oldest_since']})" if data["inbox_oldest_since"] else "")
+    )
     for source, when in data["last_successful_poll"].items():
-        click.echo(f"last successful poll of {source}: {when}")
+        click.echo(f"last_successful_poll of {source}: {_text(when)}")
     for name, info in data["cursors"].items():
-        click.echo(f"cursor {name}: {info['value']} (updated {info['updated']})")
+        click.echo(f"cursor {name}: {info['value']} (updated_at {_text(info['updated_at'])})")
+
+
+def _line(line: Any) -> dict[str, Any]:
+    return {
+        "line_id": line.line_id,
+        "sku": line.sku,
+        "quantity": _number(line.quantity),
+        "katana_variant_id": line.katana_variant_id,
+        "created_variant": line.created_variant,
+        "price": _number(line.price),
+        "cost_before": _number(line.cost_before),
+        "cost_after": _number(line.cost_after),
+    }
+
+
+_LIST_HEADER = f"{'id':>6} {'po_number':<12} {'so_number':<14} {'state':<16} {'since':<20}  reason"
+
+
+def _list_row(order: dict[str, Any]) -> str:
+    return (
+        f"{order['id']:>6} {order['po_number']:<12} {_text(order['so_number']):<14} "
+        f"{order['state']:<16} {_text(order['since']):<20}  {order['reason'] or ''}"
+    ).rstrip()
 
 
 @main.command()
+@_location_options
 @click.argument("key", required=False)
 @click.option("--state", default=None, help="Only orders in this state.")
 @click.option(
@@ -243,7 +441,8 @@ def inspect(
     older_than: float | None,
     as_json: bool,
 ) -> None:
-    """One order by PO number or link id (ids, lines, history), or the list."""
+    """One order by PO number or link id (ids, lines, notes, history), or the list."""
+    _state_option(ctx, state)
     open_states = _chart(ctx).open_states()
 
     async def one(store: Store) -> dict[str, Any] | None:
@@ -252,10 +451,12 @@ def inspect(
         if link is None:
             return None
         history = await store.history(link.id)
-        paused = await store.meta_with_prefix("paused.") if link.state in open_states else {}
+        paused = await _paused(store) if link.state in open_states else []
         return {
-            "link": msgspec.to_builtins(link),
-            "paused": sorted(paused.values()),
+            **_order(link),
+            "paused": paused,
+            "lines": [_line(line) for line in link.lines],
+            "notes": list(link.notes),
             "history": [
                 {
                     "at": _when(h.at),
@@ -277,54 +478,52 @@ def inspect(
             links = await store.links_in_states([state])
         else:
             links = await store.all_links()
-        return [
-            {
-                "id": link.id,
-                "po": link.po_number,
-                "so": link.so_number,
-                "state": link.state,
-                "since": _when(link.state_since.timestamp() if link.state_since else None),
-                "reason": link.reason,
-            }
-            for link in links
-        ]
+        return [_order(link) for link in links]
 
     if key is None:
         rows = _with_store(ctx, many)
         if as_json:
             _emit(rows)
             return
+        where = f" in {state}" if state is not None else ""
+        if not rows:
+            click.echo(f"no linked orders{where}")
+            return
+        click.echo(_LIST_HEADER)
         for row in rows:
-            click.echo(
-                f"{row['id']:>6} {row['po']:<12} {row['so'] or '-':<14} {row['state']:<16} "
-                f"{row['since']:<19}  {row['reason'] or ''}"
-            )
+            click.echo(_list_row(row))
+        click.echo(f"{_plural(len(rows), 'order')}{where}")
         return
 
     data = _with_store(ctx, one)
     if data is None:
-        _fail(f"no linked order {key!r}", EXIT_NOT_FOUND)
+        _fail(f"no linked order {key!r} (syncctl explain {key} says why)", EXIT_NOT_FOUND)
         return
     if as_json:
         _emit(data)
         return
-    link = data["link"]
-    click.echo(f"PO {link['po_number']} (TradeGecko id {link['po_id']})")
-    click.echo(f"SO {link['so_number'] or '-'} (Katana id {link['so_id'] or '-'})")
-    click.echo(f"state {link['state']}" + (f" — {link['reason']}" if link["reason"] else ""))
-    if link["currency"]:
-        click.echo(f"currency {link['currency']}")
-    if link["last_error"]:
-        click.echo(f"last error: {link['last_error']}")
+    click.echo(f"po_number {data['po_number']} (po_id {data['po_id']}, id {data['id']})")
+    click.echo(f"so_number {_text(data['so_number'])} (so_id {_text(data['so_id'])})")
+    click.echo(
+        f"state {data['state']} since {_text(data['since'])}"
+        + (f": {data['reason']}" if data["reason"] else "")
+    )
+    for name in ("resume_state", "currency", "last_error"):
+        if data[name] is not None:
+            click.echo(f"{name} {data[name]}")
     for pause in data["paused"]:
-        click.echo(f"paused: {pause}")
-    for line in link["lines"]:
+        click.echo(f"paused: {pause['message']}")
+    for line in data["lines"]:
+        known = [
+            f"{name} {line[name]}"
+            for name in ("price", "cost_before", "cost_after")
+            if line[name] is not None
+        ]
         click.echo(
-            f"  line {line['line_id']}: {line['sku']} x {line['quantity']} → Katana variant "
-            f"{line['katana_variant_id']}, price {line['price']}, cost "
-            f"{line['cost_before']} → {line['cost_after']}"
+            f"  line {line['line_id']}: {line['sku']} x {line['quantity']} → katana_variant_id "
+            f"{line['katana_variant_id']}" + "".join(f", {part}" for part in known)
         )
-    for note in link["notes"]:
+    for note in data["notes"]:
         click.echo(f"  note: {note}")
     click.echo("history:")
     for step in data["history"]:
@@ -335,17 +534,18 @@ def inspect(
 
 
 @main.command()
+@_location_options
 @click.option("--limit", default=30, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def history(ctx: click.Context, limit: int, as_json: bool) -> None:
-    """Recent transitions across all orders."""
+    """Recent transitions across all orders, newest first."""
 
     async def work(store: Store) -> list[dict[str, Any]]:
         return [
             {
                 "at": _when(t.at),
-                "po": t.po_number,
+                "po_number": t.po_number,
                 "from": t.from_state,
                 "to": t.to_state,
                 "trigger": t.trigger,
@@ -358,10 +558,12 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
     if as_json:
         _emit(rows)
         return
+    if not rows:
+        click.echo("no transitions yet")
     for row in rows:
         click.echo(
-            f"{row['at']}  {row['po']:<12} {row['from'] or '·':>15} → {row['to']:<15} "
-            f"{row['cause']}"
+            f"{row['at']}  {_text(row['po_number']):<12} {row['from'] or '·':>15} → "
+            f"{row['to']:<15} [{row['trigger']}] {row['cause']}"
         )
 
 
@@ -386,12 +588,14 @@ def _queue(
         if link is None:
             return None
         data: dict[str, Any] = {
-            "id": link.id,
-            "po": link.po_number,
-            "so": link.so_number,
-            "state": link.state,
+            "order": _order(link),
             "action": action,
             "reason": reason,
+            "dry_run": dry_run,
+            "allowed": True,
+            "to": None,
+            "plan": None,
+            "event_id": None,
         }
         if action == inbox.REPLAY:
             # Planning reads the store and the statechart only: no effect runs here.
@@ -403,7 +607,6 @@ def _queue(
                 data["allowed"] = False
                 return data
             data["to"] = decision.dest
-        data["allowed"] = True
         if dry_run:
             return data
         command = inbox.OperatorCommand(
@@ -418,23 +621,28 @@ def _queue(
     if data is None:
         _fail(f"no linked order {key!r}", EXIT_NOT_FOUND)
         return
+    order = data["order"]
     if not data["allowed"]:
-        _fail(f"order {data['po']} is {data['state']}: {action} does not apply", EXIT_NOT_ALLOWED)
+        _fail(
+            f"order {order['po_number']} is {order['state']}: {action} does not apply",
+            EXIT_NOT_ALLOWED,
+        )
         return
     if as_json:
         _emit(data)
         return
-    what = data.get("plan") or f"{data['state']} → {data['to']}"
+    what = data["plan"] or f"{order['state']} → {data['to']}"
     if dry_run:
-        click.echo(f"{action} {data['po']} would: {what}")
+        click.echo(f"{action} {order['po_number']} would: {what}")
     else:
         click.echo(
-            f"queued {action} of {data['po']} ({what}) as inbox event {data['event_id']}; "
-            "the daemon applies it (at its next start if it is not running)"
+            f"queued {action} of {order['po_number']} ({what}) as inbox event "
+            f"{data['event_id']}; the daemon applies it (at its next start if it is not running)"
         )
 
 
 @main.command()
+@_location_options
 @click.argument("key")
 @click.option("--reason", default=None, help="Why, for the order's history.")
 @click.option("--json", "as_json", is_flag=True)
@@ -445,6 +653,7 @@ def retry(ctx: click.Context, key: str, reason: str | None, as_json: bool) -> No
 
 
 @main.command()
+@_location_options
 @click.argument("key")
 @click.option("--reason", required=True, help="Why, for the order's history.")
 @click.option("--json", "as_json", is_flag=True)
@@ -455,6 +664,7 @@ def cancel(ctx: click.Context, key: str, reason: str, as_json: bool) -> None:
 
 
 @main.command()
+@_location_options
 @click.argument("key")
 @click.option("--dry-run", is_flag=True, help="Only say what the replay would do.")
 @click.option("--reason", default=None, help="Why, for the order's history.")
@@ -466,49 +676,324 @@ def replay(ctx: click.Context, key: str, dry_run: bool, reason: str | None, as_j
     _queue(ctx, key, inbox.REPLAY, reason, as_json, dry_run=dry_run)
 
 
+#: What ``import --wait`` exits with for each outcome the daemon records.
+_IMPORT_EXIT = {
+    ImportResult.DISCOVERED: 0,
+    ImportResult.NOT_FOUND: EXIT_NOT_FOUND,
+    ImportResult.NOT_ACTIVE: EXIT_NOT_ALLOWED,
+    ImportResult.ALREADY_LINKED: EXIT_NOT_ALLOWED,
+    ImportResult.OTHER_SUPPLIER: EXIT_OTHER_SUPPLIER,
+}
+
+
+async def _await_import(
+    store: Store, event_id: int, po_number: str, seconds: float
+) -> tuple[ImportOutcome | None, str | None, LinkedOrder | None]:
+    """Wait for the daemon to settle the request: (its outcome, the inbox outcome, the link
+    once created); all ``None`` when nothing came in ``seconds``."""
+    with anyio.move_on_after(seconds):
+        while True:
+            settled = await store.event_outcome(event_id)
+            if settled is not None and settled[0] is not None:
+                break
+            await anyio.sleep(0.1)
+        outcome = await store.import_outcome(event_id)
+        if outcome is None or outcome.result is not ImportResult.DISCOVERED:
+            return outcome, settled[1], None
+        # Discovered: the dispatcher links it when it processes the discovery, next. Another
+        # process writes it: polling the file is the only way to hear of it.
+        while True:
+            link = await store.link_by_po_number(po_number)
+            if link is not None:
+                return outcome, settled[1], link
+            await anyio.sleep(0.1)
+    outcome = await store.import_outcome(event_id)
+    return outcome, None, None
+
+
 @main.command(name="import")
+@_location_options
 @click.argument("po_number")
 @click.option("--reason", default=None, help="Why, for the order's history.")
+@click.option("--force", is_flag=True, help="Import it even if it is another supplier's PO.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    is_flag=False,
+    flag_value=DEFAULT_WAIT,
+    default=None,
+    metavar="[SECONDS]",
+    help=f"Wait for the daemon's outcome (default {DEFAULT_WAIT:.0f} s) and exit with it.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def import_(ctx: click.Context, po_number: str, reason: str | None, as_json: bool) -> None:
+def import_(
+    ctx: click.Context,
+    po_number: str,
+    reason: str | None,
+    force: bool,
+    wait: float | None,
+    as_json: bool,
+) -> None:
     """Import one PO on purpose (backfill), e.g. one created before syncd's activation.
 
-    The daemon fetches it from TradeGecko by number and discovers it like a new one.
+    The daemon fetches it from TradeGecko by number and discovers it like a new one. Another
+    supplier's PO is refused unless --force. With --wait the command reports the daemon's
+    outcome; without, `syncctl explain PO_NUMBER` shows it.
     """
 
-    async def work(store: Store) -> dict[str, Any]:
+    async def queue(store: Store) -> dict[str, Any]:
         link = await store.link_by_po_number(po_number)
         if link is not None:
-            return {"po": po_number, "allowed": False, "state": link.state, "id": link.id}
-        request = inbox.ImportRequest(po_number=po_number, reason=reason, operator=_operator())
+            return {
+                "refused": EXIT_NOT_ALLOWED,
+                "why": f"already linked (order {link.id}, {link.state})",
+            }
+        seen = await store.purchase_order_observation(po_number)
+        if not force and seen is not None and seen.reason == OTHER_SUPPLIER:
+            return {
+                "refused": EXIT_OTHER_SUPPLIER,
+                "why": f"another supplier's ({_text(seen.supplier)}); --force imports it anyway",
+            }
+        request = inbox.ImportRequest(
+            po_number=po_number, reason=reason, operator=_operator(), force=force
+        )
         event_id = await store.add_event("syncctl", inbox.IMPORT_REQUESTED, inbox.encode(request))
-        return {"po": po_number, "allowed": True, "event_id": event_id}
+        return {"refused": None, "event_id": event_id}
 
-    data = _with_store(ctx, work, write=True)
-    if not data["allowed"]:
-        _fail(
-            f"PO {po_number} is already linked (link {data['id']}, {data['state']})",
-            EXIT_NOT_ALLOWED,
+    queued = _with_store(ctx, queue, write=True)
+    if queued["refused"] is not None:
+        _fail(f"PO {po_number} is {queued['why']}", queued["refused"])
+        return
+    event_id: int = queued["event_id"]
+    data: dict[str, Any] = {
+        "po_number": po_number,
+        "event_id": event_id,
+        "force": force,
+        "waited": wait is not None,
+        "outcome": None,
+        "order": None,
+    }
+    if wait is None:
+        if as_json:
+            _emit(data)
+            return
+        click.echo(
+            f"queued import of {po_number} as inbox event {event_id}; the daemon fetches it "
+            f"from TradeGecko (at its next start if it is not running); "
+            f"`syncctl explain {po_number}` shows the outcome"
         )
         return
+
+    seconds = wait
+
+    async def await_it(store: Store) -> tuple[ImportOutcome | None, str | None, LinkedOrder | None]:
+        return await _await_import(store, event_id, po_number, seconds)
+
+    outcome, settled, link = _with_store(ctx, await_it)
+    data["outcome"] = _import(outcome) if outcome is not None else None
+    data["order"] = _order(link) if link is not None else None
+    if outcome is None:
+        if as_json:
+            _emit(data)
+        if settled is not None:
+            _fail(f"the daemon gave up on the import of {po_number}: {settled}", EXIT_NO_OUTCOME)
+        _fail(
+            f"no outcome for the import of {po_number} (inbox event {event_id}) after "
+            f"{seconds:g} s: is the daemon running? `syncctl explain {po_number}` shows it later",
+            EXIT_NO_OUTCOME,
+        )
+        return
+    code = _IMPORT_EXIT[outcome.result]
     if as_json:
         _emit(data)
-        return
-    click.echo(
-        f"queued import of {po_number} as inbox event {data['event_id']}; the daemon fetches "
-        "it from TradeGecko (at its next start if it is not running)"
-    )
+    elif code == 0:
+        state = f"; order {link.id} is {link.state}" if link is not None else ""
+        click.echo(f"imported: {outcome.detail}{state}")
+    if code != 0:
+        hint = "; --force imports it anyway" if code == EXIT_OTHER_SUPPLIER else ""
+        _fail(f"not imported ({outcome.result.value}): {outcome.detail}{hint}", code)
+
+
+async def _pending_imports(store: Store, po_number: str) -> list[int]:
+    found = []
+    for event in await store.pending_events(kinds=[inbox.IMPORT_REQUESTED]):
+        try:
+            request = inbox.decode(event.kind, event.payload)
+        except (KeyError, msgspec.DecodeError):
+            continue
+        if isinstance(request, inbox.ImportRequest) and request.po_number == po_number:
+            found.append(event.id)
+    return found
 
 
 @main.command()
+@_location_options
+@click.argument("po_number")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def explain(ctx: click.Context, po_number: str, as_json: bool) -> None:
+    """Why a PO is or is not syncing: linked (state, reason), an import queued or refused,
+    a draft, another supplier's, created before activation, not seen yet, or paused."""
+    config = _config(ctx)
+    chart = _chart(ctx)
+    supplier = config.tradegecko.supplier_name if config is not None else None
+    match = config.tradegecko.supplier_match if config is not None else None
+
+    async def work(store: Store) -> dict[str, Any]:
+        link = await store.link_by_po_number(po_number)
+        seen = await store.purchase_order_observation(po_number)
+        last = await store.last_import_outcome(po_number)
+        activated = await store.get_meta("activated_at")
+        poll = (await store.meta_with_prefix("last_poll.")).get("tradegecko")
+        return {
+            "po_number": po_number,
+            "order": _order(link) if link is not None else None,
+            "observation": _observation(seen) if seen is not None else None,
+            "import": _import(last) if last is not None else None,
+            "import_queued": await _pending_imports(store, po_number),
+            "paused": await _paused(store),
+            "activated_at": _when(datetime.fromisoformat(activated).timestamp())
+            if activated
+            else None,
+            "last_successful_poll": _poll_time(poll) if poll is not None else None,
+            "supplier_name": supplier,
+            "supplier_match": match,
+        }
+
+    data = _with_store(ctx, work)
+    data["status"], data["explanation"] = _explain(data, chart)
+    if as_json:
+        _emit(data)
+        return
+    for line in data["explanation"]:
+        click.echo(line)
+
+
+def _explain(data: dict[str, Any], chart: Statechart) -> tuple[str, list[str]]:
+    """``(status, lines)``: status is ``linked``, ``import_queued``, ``not_linked`` (seen and
+    left), ``not_found`` (an import found no such PO) or ``not_seen``."""
+    number = data["po_number"]
+    order, seen, last = data["order"], data["observation"], data["import"]
+    lines: list[str] = []
+    if order is not None:
+        status = "linked"
+        state = chart.states.get(order["state"])
+        lines.append(
+            f"PO {number} is linked (order {order['id']}, SO {_text(order['so_number'])}): "
+            f"{order['state']} since {_text(order['since'])}"
+            + (f": {order['reason']}" if order["reason"] else "")
+        )
+        if state is not None and state.description:
+            lines.append(f"  {order['state']}: {state.description}")
+        if state is not None and state.terminal:
+            return status, lines
+    elif data["import_queued"]:
+        status = "import_queued"
+        events = ", ".join(str(e) for e in data["import_queued"])
+        lines.append(
+            f"PO {number}: an import is queued (inbox event {events}); the daemon has not "
+            "handled it yet (is it running?)"
+        )
+    elif seen is not None:
+        status = "not_linked"
+        lines.append(
+            f"PO {number} (po_id {seen['po_id']}) was seen at {seen['seen_at']}, not linked:"
+        )
+        reason = seen["reason"]
+        if reason == BEFORE_ACTIVATION:
+            lines.append(
+                f"  created {_text(seen['po_created_at'])}, before syncd's activation "
+                f"({_text(data['activated_at'])}): history is never imported; "
+                f"`syncctl import {number}` imports it on purpose"
+            )
+        elif reason == OTHER_SUPPLIER:
+            wanted = f"{data['supplier_name']!r}" if data["supplier_name"] else "the configured one"
+            lines.append(
+                f"  another supplier's ({_text(seen['supplier'])}, not {wanted}); "
+                f"`syncctl import {number} --force` imports it anyway"
+            )
+        elif seen["status"] == "draft":
+            lines.append("  a draft: it is imported once it is issued (status active)")
+        else:
+            lines.append(f"  status {seen['status']}: {reason}")
+    elif last is not None and last["result"] == ImportResult.NOT_FOUND.value:
+        status = "not_found"
+    else:
+        status = "not_seen"
+        who = (
+            f"of supplier {data['supplier_name']!r} (supplier_match {data['supplier_match']})"
+            if data["supplier_name"]
+            else "of the configured supplier"
+        )
+        since = (
+            f"after its activation ({data['activated_at']})"
+            if data["activated_at"]
+            else "after its first start (it has not run on this database yet)"
+        )
+        lines.append(
+            f"PO {number} has not been seen: syncd links the active POs {who} created {since}; "
+            f"last successful TradeGecko poll {_text(data['last_successful_poll'])}. Another "
+            f"supplier's PO or an older one is imported only on purpose: "
+            f"`syncctl import {number}`"
+        )
+    if last is not None:
+        lines.append(
+            f"last import request (inbox event {last['event_id']}) at {last['decided_at']}: "
+            f"{last['result']}: {last['detail']}"
+        )
+    lines.extend(f"paused: {pause['message']}" for pause in data["paused"])
+    return status, lines
+
+
+def _statechart_data(chart: Statechart) -> dict[str, Any]:
+    """States and every transition, from the chart's own decisions (``back``: the retry that
+    returns an order to where it was)."""
+    transitions: list[dict[str, Any]] = []
+    for source in chart.states:
+        for trigger in chart.triggers:
+            decision = chart.decide(source, trigger)
+            if decision is not None:
+                transitions.append(
+                    {"trigger": trigger, "source": source, "dest": decision.dest, "back": False}
+                )
+                continue
+            if not chart.states[source].attention:
+                continue
+            for resume in chart.states:
+                back = chart.decide(source, trigger, resume_state=resume)
+                if back is not None and back.dest == resume:
+                    transitions.append(
+                        {"trigger": trigger, "source": source, "dest": resume, "back": True}
+                    )
+    return {
+        "initial": chart.initial,
+        "states": [
+            {
+                "name": state.name,
+                "description": state.description,
+                "effect": state.effect,
+                "follow": state.follow,
+                "attention": state.attention,
+                "terminal": state.terminal,
+            }
+            for state in chart.states.values()
+        ],
+        "transitions": transitions,
+    }
+
+
+@main.command()
+@_location_options
 @click.option("--format", "fmt", type=click.Choice(["mermaid", "svg"]), default="mermaid")
-def statechart(fmt: str) -> None:
-    """Print the linked-order statechart as a mermaid diagram, or as SVG (needs Graphviz)."""
-    try:
-        chart = load_statechart()
-    except StatechartError as exc:
-        _fail(str(exc), EXIT_CONFIG)
+@click.option("--json", "as_json", is_flag=True, help="States and transitions as JSON.")
+@click.pass_context
+def statechart(ctx: click.Context, fmt: str, as_json: bool) -> None:
+    """Print the linked-order statechart as a mermaid diagram, as SVG (needs Graphviz), or as
+    JSON."""
+    chart = _chart(ctx)
+    if as_json:
+        _emit(_statechart_data(chart))
         return
     if fmt == "mermaid":
         click.echo(chart.mermaid(), nl=False)
@@ -518,6 +1003,9 @@ def statechart(fmt: str) -> None:
     try:
         svg: bytes = chart.graph("graphviz").draw(None, format="svg", prog="dot")
     except graphviz.ExecutableNotFound:
-        _fail("--format svg needs Graphviz's `dot` program (Debian: apt install graphviz)", 2)
+        _fail(
+            "--format svg needs Graphviz's `dot` program (Debian: apt install graphviz)",
+            EXIT_CONFIG,
+        )
         return
     click.echo(svg.decode(), nl=False)

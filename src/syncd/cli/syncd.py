@@ -2,13 +2,16 @@
 
 Exit codes: 0 success; 1 the demo did not receive every order; 2 bad usage or a broken
 configuration or statechart; 3 the database cannot be opened or is damaged; 4 a service
-rejected the tokens at start; 5 a service could not be reached at start.
+rejected the tokens at start; 5 a service could not be reached at start; 130 the demo was
+interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -16,8 +19,15 @@ import click
 import msgspec
 
 from syncd import __version__
-from syncd.config import Config, load_config
-from syncd.errors import ApiError, AuthError, ConfigError, StatechartError, StoreError
+from syncd.config import Config, default_config_path, load_config
+from syncd.errors import (
+    ApiError,
+    AuthError,
+    ConfigError,
+    StatechartError,
+    StoreError,
+    SyncdError,
+)
 from syncd.ops.logging import configure_logging
 
 if TYPE_CHECKING:
@@ -27,6 +37,7 @@ __all__ = [
     "EXIT_AUTH",
     "EXIT_CONFIG",
     "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
     "EXIT_STORE",
     "EXIT_UNREACHABLE",
     "check",
@@ -43,6 +54,8 @@ EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_AUTH = 4
 EXIT_UNREACHABLE = 5
+#: The shell's convention for a run ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 def _fail(message: str, code: int) -> None:
@@ -56,15 +69,34 @@ def main() -> None:
     """Link TradeGecko purchase orders with Katana MRP sales orders."""
 
 
+_config_option = click.option(
+    "--config",
+    "config_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The config file  [default: $SYNCD_CONFIG, else /etc/syncd/syncd.toml]",
+)
+
+
+def _config_path(given: str | None) -> Path:
+    if given is not None:
+        return Path(given)
+    path = default_config_path()
+    if not path.exists():
+        _fail(f"no config file at {path}: give --config PATH or set SYNCD_CONFIG", EXIT_CONFIG)
+    return path
+
+
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@_config_option
 @click.option(
     "--no-register", is_flag=True, help="Do not make sure the webhooks exist on both services."
 )
-def run(config_path: str, no_register: bool) -> None:
+def run(config_path: str | None, no_register: bool) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
+    path = _config_path(config_path)
     try:
-        config = load_config(config_path)
+        config = load_config(path)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
         return
@@ -72,73 +104,130 @@ def run(config_path: str, no_register: bool) -> None:
         config.webhooks.register = False
     configure_logging(config.daemon.log_level)
     try:
-        anyio.run(_run, config)
-    except (ConfigError, StatechartError) as exc:
-        _fail(str(exc), EXIT_CONFIG)
-    except StoreError as exc:
-        _fail(str(exc), EXIT_STORE)
-    except AuthError as exc:
-        _fail(f"a token was rejected: {exc}", EXIT_AUTH)
-    except ApiError as exc:
-        _fail(f"cannot start: {exc}", EXIT_UNREACHABLE)
+        anyio.run(_run, config, str(path))
+    except BaseException as exc:  # a task group wraps what a task raised in a group
+        error = _first_error(exc)
+        if error is None:
+            raise
+        _exit_for(error)
 
 
-async def _run(config: Config) -> None:
+def _first_error(exc: BaseException) -> SyncdError | None:
+    """The syncd error behind ``exc``, unwrapping the groups task groups raise."""
+    if isinstance(exc, SyncdError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _exit_for(error: SyncdError) -> None:
+    if isinstance(error, ConfigError | StatechartError):
+        _fail(str(error), EXIT_CONFIG)
+    elif isinstance(error, StoreError):
+        _fail(str(error), EXIT_STORE)
+    elif isinstance(error, AuthError):
+        _fail(f"a token was rejected: {error}", EXIT_AUTH)
+    elif isinstance(error, ApiError):
+        _fail(f"cannot start: {error}", EXIT_UNREACHABLE)
+    else:
+        _fail(str(error), EXIT_FAILED)
+
+
+async def _run(config: Config, config_path: str) -> None:
+    import logging
+
     from syncd.ops.notify import notify, watchdog
     from syncd.runtime.daemon import running_daemon
 
+    log = logging.getLogger("syncd.daemon")
+    log.info(
+        "syncd starting",
+        extra={
+            "version": __version__,
+            "config": config_path,
+            "database": config.daemon.database,
+            "pid": os.getpid(),
+        },
+    )
+    stopped_by = "nothing"
+    # The signals are taken before anything starts: a stop must work at every moment,
+    # start-up included (a hanging service, the start-up check's retries).
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        # check: a wrong URL or token is said at once, not buried in retrying pollers;
-        # systemd's Restart=on-failure tries again later after an outage.
-        async with running_daemon(config, check=True), anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as tg:
+
+            async def stop_on_signal() -> None:
+                nonlocal stopped_by
+                async for signum in signals:
+                    stopped_by = signal.Signals(signum).name
+                    notify("STOPPING=1", "STATUS=stopping")
+                    log.info("syncd stopping", extra={"signal": stopped_by})
+                    # Cancels start-up, intake and in-flight effects (idempotent: they run
+                    # again at the next start); the database is closed on the way out.
+                    tg.cancel_scope.cancel()
+                    return
+
+            tg.start_soon(stop_on_signal)
+            # From the first moment: a start that retries a service must not look hung.
             tg.start_soon(watchdog)
-            notify("READY=1", "STATUS=running")
-            async for _ in signals:
-                break
-            # Leaving the block cancels intake and in-flight effects (idempotent: they run
-            # again at the next start) and closes the database; systemd waits meanwhile.
-            notify("STOPPING=1", "STATUS=stopping")
-            tg.cancel_scope.cancel()
+
+            # check: a wrong URL or token is said at once, not buried in retrying pollers;
+            # a passing failure is retried for daemon.start_timeout, then systemd's
+            # Restart=on-failure tries again later.
+            def waiting(what: str) -> None:
+                notify(f"STATUS={what}")
+
+            async with running_daemon(config, check=True, on_wait=waiting):
+                notify("READY=1", "STATUS=running")
+                await anyio.sleep_forever()
+    log.info("syncd stopped", extra={"signal": stopped_by})
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def check(config_path: str) -> None:
-    """Validate a config file, the statechart and the database; say what is wrong."""
-    from syncd.domain.statechart import load_statechart
+@_config_option
+@click.option(
+    "--online", is_flag=True, help="Also make one call to each service with its URL and token."
+)
+def check(config_path: str | None, online: bool) -> None:
+    """Find everything `syncd run` would refuse: the config (every wrong key), the statechart,
+    the database and its folder, the listen addresses; with --online the URLs and tokens.
 
-    try:
-        config = load_config(config_path)
-        chart = load_statechart(config.daemon.statechart)
-    except (ConfigError, StatechartError) as exc:
-        _fail(str(exc), EXIT_CONFIG)
-        return
-    try:
-        problems = anyio.run(_check_store, config.daemon.database)
-    except StoreError as exc:
-        _fail(str(exc), EXIT_STORE)
-        return
-    if problems:
-        _fail(f"database {config.daemon.database} is damaged: {'; '.join(problems)}", EXIT_STORE)
+    Lists every problem; exits with the code `run` would give for the first."""
+    from syncd.cli.check import check as find_problems
+
+    path = _config_path(config_path)
+    # The problems are the output: a retry the service check schedules is not news.
+    configure_logging("error", stream=sys.stderr)
+    report = anyio.run(lambda: find_problems(path, online=online))
+    for problem in report.problems:
+        click.echo(f"syncd: {problem.message}", err=True)
+    if report.services_skipped:
+        click.echo(f"syncd: services not asked: {report.services_skipped}", err=True)
+    if report.problems:
+        count = len(report.problems)
+        _fail(
+            f"{path}: {count} problem{'s' if count > 1 else ''}",
+            _CHECK_EXITS[report.problems[0].kind],
+        )
+    assert report.config is not None and report.chart is not None
+    config = report.config
+    services = "; both services accept their tokens" if report.services_ok else ""
     click.echo(
-        f"{config_path}: ok (supplier {config.tradegecko.supplier_name!r}, customer "
-        f"{config.katana.customer_name!r}, {len(chart.states)} states, database "
-        f"{config.daemon.database})"
+        f"{path}: ok (supplier {config.tradegecko.supplier_name!r}, customer "
+        f"{config.katana.customer_name!r}, {len(report.chart.states)} states, database "
+        f"{config.daemon.database}{services})"
     )
 
 
-async def _check_store(path: str) -> list[str]:
-    from pathlib import Path
-
-    from syncd.store import Store
-
-    if not Path(path).exists():  # noqa: ASYNC240 - one stat, before anything runs
-        return []
-    store = await Store.open(path, readonly=True)
-    try:
-        return await store.integrity_check()
-    finally:
-        await store.close()
+_CHECK_EXITS = {
+    "config": EXIT_CONFIG,
+    "store": EXIT_STORE,
+    "auth": EXIT_AUTH,
+    "unreachable": EXIT_UNREACHABLE,
+}
 
 
 @main.command()
@@ -179,11 +268,18 @@ def demo(
         webhooks=webhooks,
     )
     progress = sys.stderr if as_json else sys.stdout
-    summary = anyio.run(lambda: run_demo(options, out=progress))
+    try:
+        summary = anyio.run(lambda: run_demo(options, out=progress))
+    except KeyboardInterrupt:
+        # Ctrl-C before the demo's own handler was installed.
+        _fail("demo interrupted", EXIT_INTERRUPTED)
+        return
     if as_json:
         click.echo(msgspec.json.encode(summary).decode())
     else:
         render_summary(summary, sys.stdout)
+    if summary.interrupted:
+        sys.exit(EXIT_INTERRUPTED)
     if summary.received != summary.orders:
         sys.exit(EXIT_FAILED)
 
@@ -248,8 +344,10 @@ def sim_tradegecko(host: str, port: int, no_rate_limit: bool, **fault_flags: Any
 
     faults = _faults(fault_flags)
     configure_logging("info")
-    click.echo(f"TradeGecko simulator on http://{host}:{port} (control: /_sim/)")
-    anyio.run(lambda: tradegecko.run(host, port, rate_limit=not no_rate_limit, faults=faults))
+    click.echo(f"TradeGecko simulator on http://{host}:{port} (API: /, control: /_sim/)")
+    _serve_sim(
+        host, port, lambda: tradegecko.run(host, port, rate_limit=not no_rate_limit, faults=faults)
+    )
 
 
 @sim.command("katana")
@@ -266,9 +364,21 @@ def sim_katana(
 
     faults = _faults(fault_flags)
     configure_logging("info")
-    click.echo(f"Katana simulator on http://{host}:{port} (control: /_sim/)")
-    anyio.run(
+    click.echo(
+        f"Katana simulator on http://{host}:{port} (API: {katana.API_PREFIX}, control: /_sim/)"
+    )
+    _serve_sim(
+        host,
+        port,
         lambda: katana.run(
             host, port, rate_limit=not no_rate_limit, play_factory=play_factory, faults=faults
-        )
+        ),
     )
+
+
+def _serve_sim(host: str, port: int, serve: Any) -> None:
+    """Run a simulator; an address it cannot listen on is a usage error (exit 2)."""
+    try:
+        anyio.run(serve)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_CONFIG)

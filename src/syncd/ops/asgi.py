@@ -100,10 +100,12 @@ async def serving_socket(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn only sets a flag
-                await anyio.sleep(0.005)
         try:
+            # Inside the try: cancelled while uvicorn starts, it must still be told to exit,
+            # or its shielded task keeps the task group (and the process) waiting forever.
+            with anyio.fail_after(10):
+                while not server.started:  # noqa: ASYNC110 - uvicorn only sets a flag
+                    await anyio.sleep(0.005)
             yield _base_url(sock)
         finally:
             server.should_exit = True

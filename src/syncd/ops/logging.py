@@ -65,6 +65,8 @@ def configure_logging(level: str = "info", *, stream: Any = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # Per-request lines from the HTTP stack are noise at info.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # Per-request lines from the HTTP stack are noise at info; so is the state machine
+    # library's own chatter ("Executed callback ...", naming no order): the dispatcher logs
+    # every transition with its PO and SO.
+    for noisy in ("httpx", "httpcore", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -29,6 +29,8 @@ method,endpoint}``
 ``syncd_metrics_refresh_timestamp_seconds``    when the database gauges were last refreshed
 ``syncd_drift_detected_total{side}``           orders edited after import (recorded as drift)
 ``syncd_webhooks_total{service,result}``       webhook deliveries by what the listener answered
+``syncd_service_paused{service}``              1 while the service rejects the token (401):
+                                               every order is paused
 =============================================  ==================================================
 """
 
@@ -56,6 +58,7 @@ from prometheus_client import (
 from syncd import __version__
 from syncd.adapters._http import RequestBudget
 from syncd.ops.asgi import serving_socket
+from syncd.ops.statuspage import StatusPage
 from syncd.store import Store
 
 __all__ = ["Metrics", "serve_metrics"]
@@ -65,6 +68,9 @@ log = logging.getLogger("syncd.metrics")
 #: Time in a state runs from seconds (an import) to weeks (production).
 _STATE_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400)
 _API_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_SERVICES = ("tradegecko", "katana")
+#: The pollers' meta key prefix of a paused service (``paused.katana``).
+_PAUSED_PREFIX = "paused."
 
 
 class Metrics:
@@ -133,7 +139,7 @@ class Metrics:
             registry=r,
         )
         # Exported from the start (at 0), so dashboards and alerts see the series.
-        for service in ("tradegecko", "katana"):
+        for service in _SERVICES:
             self.webhooks.labels(service, "accepted")
         self.inbox_backlog = Gauge(
             "syncd_inbox_backlog_events", "Inbox events waiting to be processed.", registry=r
@@ -161,6 +167,14 @@ class Metrics:
             ["effect"],
             registry=r,
         )
+        self.service_paused = Gauge(
+            "syncd_service_paused",
+            "1 while the service rejects syncd's token (401) and every order is paused.",
+            ["service"],
+            registry=r,
+        )
+        for service in _SERVICES:
+            self.service_paused.labels(service).set(0)
         self.refreshed = Gauge(
             "syncd_metrics_refresh_timestamp_seconds",
             "When the gauges read from the database were last refreshed, as a Unix time.",
@@ -230,6 +244,9 @@ class Metrics:
         backlog, oldest_event = await store.inbox_backlog()
         self.inbox_backlog.set(backlog)
         self.inbox_oldest_age.set(max(0.0, now - oldest_event) if oldest_event else 0)
+        paused = await store.meta_with_prefix(_PAUSED_PREFIX)
+        for service in sorted(set(_SERVICES) | set(paused)):
+            self.service_paused.labels(service).set(1 if service in paused else 0)
         for source, at in polls.items():
             if at is not None:
                 self.last_poll.labels(source).set(at)
@@ -259,11 +276,20 @@ class Metrics:
 async def serve_metrics(
     metrics: Metrics,
     sock: socket.socket,
+    status: StatusPage | None = None,
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/metrics`` on the bound ``sock`` until cancelled."""
+    """Serve ``/metrics`` on the bound ``sock`` until cancelled; with ``status``, the status
+    page beside it (``/``, ``/orders/{po_number}``)."""
     app = make_asgi_app(registry=metrics.registry)
-    async with serving_socket(app, sock):
-        task_status.started()
-        await anyio.sleep_forever()
+    if status is not None:
+        app = status.app(metrics_app=app)
+    try:
+        async with serving_socket(app, sock):
+            task_status.started()
+            await anyio.sleep_forever()
+    finally:
+        if status is not None:
+            with anyio.CancelScope(shield=True):
+                await status.close()

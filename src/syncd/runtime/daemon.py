@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,14 +17,15 @@ from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import Config
 from syncd.domain.statechart import Statechart, load_statechart
-from syncd.errors import ConfigError
+from syncd.errors import ApiError, AuthError, ConfigError, DecodeError, is_transient
 from syncd.ops.asgi import bind_socket
 from syncd.ops.logging import register_secrets
 from syncd.ops.metrics import Metrics, serve_metrics
+from syncd.ops.statuspage import StatusPage
 from syncd.runtime.dispatcher import Dispatcher, TransitionNotice
 from syncd.runtime.effects import Effects
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
-from syncd.runtime.webhooks import WebhookConsumer, WebhookListener
+from syncd.runtime.webhooks import WebhookConsumer, WebhookListener, bind_listener
 from syncd.store import Store
 
 __all__ = ["Daemon", "check_services", "running_daemon"]
@@ -64,30 +65,92 @@ async def check_services(
     *,
     katana_transport: httpx.AsyncBaseTransport | None = None,
     tradegecko_transport: httpx.AsyncBaseTransport | None = None,
+    on_wait: Callable[[str], None] | None = None,
+    within: float | None = None,
 ) -> None:
     """Make one cheap authenticated call to each service before starting.
 
+    Both are checked at once. A passing failure (5xx, 429, timeout, dropped connection, cut
+    body) is retried with backoff for ``daemon.start_timeout`` seconds; a refusal (401, 404:
+    a wrong token or base path) ends the check at once.
+
+    :param on_wait: told what is awaited after each passing failure (systemd's status line).
+    :param within: seconds to keep retrying instead of ``daemon.start_timeout``; 0 asks once.
     :raises AuthError: a token was rejected.
-    :raises ApiError: a service could not be reached or answered badly.
+    :raises ApiError: a service refused, or could not be reached for the whole time.
     """
+    bound = config.daemon.start_timeout if within is None else within
+    deadline = anyio.current_time() + bound
+    errors: dict[str, ApiError] = {}
+
+    async def probe(service: str, call: Callable[[], Awaitable[object]]) -> None:
+        delay = 0.5
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await call()
+                if attempt > 1:
+                    log.info("%s answers: starting", service, extra={"attempts": attempt})
+                return
+            except ApiError as exc:
+                left = deadline - anyio.current_time()
+                if not _passing_at_start(exc):
+                    errors[service] = exc
+                    tg.cancel_scope.cancel()  # the config is wrong: no use waiting
+                    return
+                if left <= 0:
+                    errors[service] = exc
+                    if bound > 0:
+                        log.error("%s failed for %.0f s at start: giving up", service, bound)
+                    return
+                wait = min(delay, left)
+                log.warning(
+                    "%s not ready at start (try %d), retrying in %.1f s: %s",
+                    service,
+                    attempt,
+                    wait,
+                    exc,
+                )
+                if on_wait is not None:
+                    on_wait(f"waiting for {service}: {exc}")
+                await anyio.sleep(wait)
+                delay = min(delay * 2, 10.0)
+
+    # One attempt per call and a timeout within the bound: the retries here are the backoff.
+    timeout = min(10.0, bound) if bound > 0 else min(10.0, config.daemon.start_timeout)
     async with (
         KatanaClient(
             config.katana.base_url,
             config.katana.token,
             transport=katana_transport,
-            timeout=10.0,
-            attempts=2,
+            timeout=timeout,
+            attempts=1,
         ) as katana,
         TradeGeckoClient(
             config.tradegecko.base_url,
             config.tradegecko.token,
             transport=tradegecko_transport,
-            timeout=10.0,
-            attempts=2,
+            timeout=timeout,
+            attempts=1,
         ) as tradegecko,
+        anyio.create_task_group() as tg,
     ):
-        await katana.get_factory()
-        await tradegecko.get_current_account()
+        tg.start_soon(probe, "katana", katana.get_factory)
+        tg.start_soon(probe, "tradegecko", tradegecko.get_current_account)
+    if errors:
+        # A refusal says more than the other service's failure it cut short.
+        raise min(
+            (errors[name] for name in ("katana", "tradegecko") if name in errors),
+            key=_passing_at_start,
+        )
+
+
+def _passing_at_start(error: ApiError) -> bool:
+    """A failure that may pass by itself; a 401 or a 404 says the config is wrong."""
+    if isinstance(error, DecodeError):
+        return True  # a cut or garbled body
+    return not isinstance(error, AuthError) and is_transient(error)
 
 
 @asynccontextmanager
@@ -99,11 +162,13 @@ async def running_daemon(
     katana_transport: httpx.AsyncBaseTransport | None = None,
     tradegecko_transport: httpx.AsyncBaseTransport | None = None,
     check: bool = False,
+    on_wait: Callable[[str], None] | None = None,
 ) -> AsyncIterator[Daemon]:
     """Run the daemon while the block runs; leaving the block stops it.
 
     :param check: first make one call to each service (:func:`check_services`), after the
-        database and the metrics address are known to be usable.
+        database and the listen addresses are known to be usable.
+    :param on_wait: with ``check``, told what the start waits for while a service fails.
     :raises StoreError: the database cannot be opened.
     :raises StatechartError: the statechart file is broken.
     :raises ApiError: with ``check``, a service rejected its token or could not be reached.
@@ -114,11 +179,17 @@ async def running_daemon(
     metrics.known_states(list(chart.states))
     store = await Store.open(config.daemon.database)
     metrics_sock: socket.socket | None = None
+    webhooks_sock: socket.socket | None = None
     try:
         metrics_sock = _metrics_socket(config)
+        # Bound before anything starts, like the metrics socket: a port in use is said at once.
+        webhooks_sock = bind_listener(config) if config.webhooks.enabled else None
         if check:
             await check_services(
-                config, katana_transport=katana_transport, tradegecko_transport=tradegecko_transport
+                config,
+                katana_transport=katana_transport,
+                tradegecko_transport=tradegecko_transport,
+                on_wait=on_wait,
             )
         activated = datetime.fromisoformat(
             await store.setdefault_meta("activated_at", datetime.now(UTC).isoformat())
@@ -189,25 +260,36 @@ async def running_daemon(
                         budgets={"katana": katana.budget, "tradegecko": tradegecko.budget},
                     )
                 )
-                if config.webhooks.enabled:
-                    await _start_webhooks(tg, daemon)
+                if webhooks_sock is not None:
+                    await _start_webhooks(tg, daemon, webhooks_sock)
                 if metrics_sock is not None:
-                    await tg.start(serve_metrics, metrics, metrics_sock)
-                    host, port = metrics_sock.getsockname()[:2]
-                    daemon.metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-                log.info("syncd running", extra={"activated_at": activated.isoformat()})
+                    page = StatusPage(
+                        config.daemon.database, chart, webhooks_enabled=config.webhooks.enabled
+                    )
+                    await tg.start(serve_metrics, metrics, metrics_sock, page)
+                    daemon.metrics_url = _url(metrics_sock)
+                log.info(
+                    "syncd running",
+                    extra={
+                        "database": config.daemon.database,
+                        "metrics": daemon.metrics_url or "off",
+                        "webhooks": daemon.webhooks_url or "off",
+                        "activated_at": activated.isoformat(),
+                    },
+                )
                 try:
                     yield daemon
                 finally:
                     tg.cancel_scope.cancel()
     finally:
-        if metrics_sock is not None:
-            metrics_sock.close()
+        for sock in (metrics_sock, webhooks_sock):
+            if sock is not None:
+                sock.close()
         with anyio.CancelScope(shield=True):
             await store.close()
 
 
-async def _start_webhooks(tg: anyio.abc.TaskGroup, daemon: Daemon) -> None:
+async def _start_webhooks(tg: anyio.abc.TaskGroup, daemon: Daemon, sock: socket.socket) -> None:
     """Serve the webhook listener and its consumer; once healthy, polls only reconcile."""
     consumer = WebhookConsumer(
         daemon.store, daemon.tradegecko_poller, daemon.katana_poller, daemon.dispatcher.wake
@@ -229,7 +311,12 @@ async def _start_webhooks(tg: anyio.abc.TaskGroup, daemon: Daemon) -> None:
         listener.on_result = daemon.metrics.webhook
     tg.start_soon(consumer.run)
     daemon.webhooks = listener
-    daemon.webhooks_url = await tg.start(listener.run)
+    daemon.webhooks_url = await tg.start(listener.run, sock)
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _metrics_socket(config: Config) -> socket.socket | None:

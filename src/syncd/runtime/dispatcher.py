@@ -29,10 +29,11 @@ from syncd.domain.rules import (
     sales_order_trigger,
 )
 from syncd.domain.statechart import Decision, Statechart
-from syncd.errors import StoreError, SyncdError
+from syncd.errors import StoreError, SyncdError, is_transient
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.effects import Effects, Outcome
+from syncd.store import ImportResult as Import
 from syncd.store import InboxEvent, Store
 
 __all__ = ["Dispatcher", "ReplayPlan", "ReplayStep", "TransitionNotice"]
@@ -165,7 +166,13 @@ class Dispatcher:
         try:
             payload = inbox.decode(event.kind, event.payload)
         except (KeyError, msgspec.DecodeError) as exc:
-            log.error("inbox event %s (%s) is unreadable: %s", event.id, event.kind, exc)
+            log.error(
+                "inbox event %s (%s) is unreadable: %s",
+                event.id,
+                event.kind,
+                exc,
+                extra=_ids(event),
+            )
             await self.store.mark_processed(event.id, f"unreadable: {exc}")
             return
         try:
@@ -178,10 +185,10 @@ class Dispatcher:
             else:
                 await self._observed(event, payload)
         except StoreError as exc:
-            if exc.transient:
+            if is_transient(exc):
                 # The database is locked by another process or the disk failed: nothing is
                 # given up, the event waits for the next pass.
-                log.warning("event %s waits: %s", event.id, exc)
+                log.warning("event %s waits: %s", event.id, exc, extra=_ids(event))
                 await anyio.sleep(1.0)
             else:
                 await self._failed(event, exc)
@@ -197,12 +204,19 @@ class Dispatcher:
         self._event_failures[event.id] = attempts
         if attempts >= _EVENT_ATTEMPTS:
             log.error(
-                "event %s (%s) set aside after %d tries: %s", event.id, event.kind, attempts, exc
+                "event %s (%s) set aside after %d tries: %s",
+                event.id,
+                event.kind,
+                attempts,
+                exc,
+                extra=_ids(event),
             )
             self._event_failures.pop(event.id, None)
             await self._set_aside(event.id, f"failed: {exc}")
         else:
-            log.warning("event %s not applied (try %d): %s", event.id, attempts, exc)
+            log.warning(
+                "event %s not applied (try %d): %s", event.id, attempts, exc, extra=_ids(event)
+            )
             await anyio.sleep(min(2.0, 0.1 * attempts))
 
     async def _set_aside(self, event_id: int, outcome: str) -> None:
@@ -214,11 +228,13 @@ class Dispatcher:
     async def _backfill(self, event: InboxEvent, request: inbox.ImportRequest) -> None:
         """``syncctl import``: fetch the PO by number and discover it, even if it was made
         before activation. A passing failure leaves the event for the next pass."""
-        from syncd.runtime.pollers import snapshot_of
+        from syncd.runtime.pollers import OTHER_SUPPLIER, snapshot_of, supplier_matches
 
         number = request.po_number
+        # Each outcome is recorded for `syncctl import --wait` and `syncctl explain`.
+        settle = self.store.record_import_outcome
         if await self.store.link_by_po_number(number) is not None:
-            await self.store.mark_processed(event.id, f"PO {number} is already linked")
+            await settle(event.id, number, Import.ALREADY_LINKED, f"PO {number} is already linked")
             return
         client = self.effects.tradegecko
         found = [
@@ -227,14 +243,31 @@ class Dispatcher:
             if po.order_number == number
         ]
         if not found:
-            log.warning("backfill: no PO %s in TradeGecko", number)
-            await self.store.mark_processed(event.id, f"no PO {number} in TradeGecko")
+            log.warning("backfill: no PO %s in TradeGecko", number, extra={"po": number})
+            await settle(event.id, number, Import.NOT_FOUND, f"no PO {number} in TradeGecko")
             return
         po = min(found, key=lambda po: po.id)
-        if po.status != "active":
-            await self.store.mark_processed(
-                event.id, f"PO {number} is {po.status} in TradeGecko: not imported"
+        wanted = self.effects.config.tradegecko
+        supplier = next(
+            (
+                c.name
+                for c in await client.list_companies(company_type="supplier")
+                if c.id == po.company_id
+            ),
+            f"company {po.company_id}",
+        )
+        if not request.force and not supplier_matches(
+            supplier, wanted.supplier_name, wanted.supplier_match
+        ):
+            why = f"PO {number} is {supplier}'s, not {wanted.supplier_name}'s: not imported"
+            await self.store.observe_purchase_order(
+                po.id, number, status=po.status, reason=OTHER_SUPPLIER, supplier=supplier
             )
+            await settle(event.id, number, Import.OTHER_SUPPLIER, why, po_id=po.id)
+            return
+        if po.status != "active":
+            why = f"PO {number} is {po.status} in TradeGecko: not imported"
+            await settle(event.id, number, Import.NOT_ACTIVE, why, po_id=po.id)
             return
         order, lines = await client.get_purchase_order(po.id)
         why = f": {request.reason}" if request.reason else ""
@@ -245,7 +278,9 @@ class Dispatcher:
             dedup_key=f"po:{po.id}",
             po_id=po.id,
         )
-        await self.store.mark_processed(event.id, f"PO {number} (id {po.id}) discovered")
+        await settle(
+            event.id, number, Import.DISCOVERED, f"PO {number} (id {po.id}) discovered", po_id=po.id
+        )
 
     async def _discovered(self, event: InboxEvent, snapshot: PurchaseOrderSnapshot) -> None:
         link = await self.store.create_link(
@@ -457,7 +492,12 @@ class Dispatcher:
                 except SyncdError as exc:
                     # The store refused a write: the effect runs again (it is idempotent)
                     # once the database takes writes again.
-                    log.error("effect for order %s could not be recorded: %s", link_id, exc)
+                    log.error(
+                        "effect for order %s could not be recorded: %s",
+                        link_id,
+                        exc,
+                        extra={"link": link_id},
+                    )
                     await anyio.sleep(self.retry_initial)
                     self._again.add(link_id)
                 if link_id not in self._again:
@@ -579,7 +619,13 @@ class Dispatcher:
             count,
             delay,
             error,
+            extra={"po": link.po_number, "so": link.so_number},
         )
         await self.store.note(link.id, last_error=f"{effect}: {error}")
         await anyio.sleep(delay)
         self._again.add(link.id)
+
+
+def _ids(event: InboxEvent) -> dict[str, object]:
+    """What a line about an inbox event names: its order, by id (the event has no number)."""
+    return {"link": event.link_id, "po_id": event.po_id, "so_id": event.so_id}

@@ -33,10 +33,10 @@ from syncd.domain.rules import (
     order_number_for,
     pick_average_cost,
 )
-from syncd.errors import ApiError, AuthError, NotFound, RuleViolation, ValidationFailed
+from syncd.errors import ApiError, NotFound, RuleViolation, ValidationFailed, is_transient
 from syncd.runtime.crashpoints import crash_point
 
-__all__ = ["Effects", "Outcome", "is_passing"]
+__all__ = ["Effects", "Outcome"]
 
 log = logging.getLogger("syncd.effects")
 
@@ -56,16 +56,6 @@ class Outcome(msgspec.Struct, kw_only=True):
     currency: str | None = None
     lines: tuple[LineLink, ...] | None = None
     notes: tuple[str, ...] = ()
-
-
-def is_passing(error: Exception) -> bool:
-    """Whether an API failure may go away by itself (retry later) rather than need a person."""
-    if isinstance(error, AuthError):
-        # A revoked token: every order pauses until it works again (see the pollers).
-        return True
-    if isinstance(error, ApiError):
-        return error.status is None or error.status == 429 or error.status >= 500
-    return False
 
 
 @dataclass
@@ -117,7 +107,7 @@ class Effects:
         except RuleViolation as exc:
             return _failed("import_order", "import_failed", str(exc))
         except ApiError as exc:
-            if is_passing(exc):
+            if is_transient(exc):
                 raise
             return _failed("import_order", "import_failed", f"Katana or TradeGecko refused: {exc}")
 
@@ -191,7 +181,12 @@ class Effects:
         except ApiError as exc:
             if exc.status is None or exc.status >= 500:
                 # The POST may have landed: the next attempt looks order_no up first.
-                log.warning("sales order create for %s uncertain: %s", snapshot.po_number, exc)
+                log.warning(
+                    "sales order create for %s uncertain: %s",
+                    snapshot.po_number,
+                    exc,
+                    extra={"po": snapshot.po_number, "so": order_no},
+                )
             raise
         crash_point("so_created")
         return Outcome(
@@ -230,7 +225,7 @@ class Effects:
         self, skus: Sequence[str], notes: list[str]
     ) -> dict[str, tuple[KatanaVariant, bool]]:
         found: dict[str, list[KatanaVariant]] = {sku: [] for sku in skus}
-        for variant in await self.katana.find_variants(skus):
+        for variant in await self.katana.list_variants(skus=skus):
             if variant.sku in found and variant.deleted_at is None:
                 found[variant.sku].append(variant)
         result: dict[str, tuple[KatanaVariant, bool]] = {}
@@ -280,7 +275,12 @@ class Effects:
             return None
         oldest = min(found, key=lambda so: so.id)
         if len(found) > 1:
-            log.warning("several Katana SOs carry order_no %s; following %s", order_no, oldest.id)
+            log.warning(
+                "several Katana SOs carry order_no %s; following %s",
+                order_no,
+                oldest.id,
+                extra={"so": order_no},
+            )
         return oldest.id, oldest.order_no
 
     async def _customer_id(self) -> int:
@@ -290,13 +290,13 @@ class Effects:
         config = self.config.katana
         customers = [
             c
-            for c in await self.katana.find_customers(reference_id=config.customer_reference)
+            for c in await self.katana.list_customers(reference_id=config.customer_reference)
             if c.deleted_at is None and c.reference_id == config.customer_reference
         ]
         if not customers:
             customers = [
                 c
-                for c in await self.katana.find_customers(name=config.customer_name)
+                for c in await self.katana.list_customers(name=config.customer_name)
                 if c.deleted_at is None and c.name == config.customer_name
             ]
         if customers:
@@ -320,7 +320,7 @@ class Effects:
         except RuleViolation as exc:
             return _failed("receive_order", "receive_failed", str(exc))
         except ApiError as exc:
-            if is_passing(exc):
+            if is_transient(exc):
                 raise
             return _failed(
                 "receive_order", "receive_failed", f"TradeGecko or Katana refused: {exc}"
@@ -332,18 +332,20 @@ class Effects:
         except NotFound:
             raise RuleViolation(f"PO {link.po_number} no longer exists in TradeGecko") from None
         if po.status == "received":
+            # Received by an earlier run that died before recording it (or by a person): the
+            # record still says what the lines cost before and after.
             return Outcome(
                 effect="receive_order",
                 trigger="po_received",
                 cause=f"PO {link.po_number} is received in TradeGecko",
-                lines=link.lines,
+                lines=_costs_found(link.lines, {line.id: line.price for line in po_lines}),
             )
         if po.status in PO_WITHDRAWN:
             raise RuleViolation(f"PO {link.po_number} is {po.status} in TradeGecko: not received")
 
         current = {line.id: line for line in po_lines}
         variant_ids = sorted({line.katana_variant_id for line in link.lines})
-        records = await self.katana.get_inventory(variant_ids) if variant_ids else []
+        records = await self.katana.list_inventory(variant_ids) if variant_ids else []
         by_variant: dict[int, list[tuple[int, Decimal | None, Decimal | None]]] = {}
         for record in records:
             by_variant.setdefault(record.variant_id, []).append(
@@ -363,6 +365,15 @@ class Effects:
                 continue
             average = pick_average_cost(by_variant.get(line.katana_variant_id, []), location_id)
             new_price = cost_update(po_line.price, average)
+            before = po_line.price
+            if (
+                new_price is None
+                and po_line.price != line.price
+                and cost_update(line.price, average) == po_line.price
+            ):
+                # An earlier run set this price and died before the receipt: what the line
+                # cost before is the price as imported.
+                before = line.price
             if new_price is None:
                 if not average:
                     recorded = [c for _, c, _ in by_variant.get(line.katana_variant_id, [])]
@@ -372,9 +383,7 @@ class Effects:
                         "price kept"
                     )
                 costed.append(
-                    msgspec.structs.replace(
-                        line, cost_before=po_line.price, cost_after=po_line.price
-                    )
+                    msgspec.structs.replace(line, cost_before=before, cost_after=po_line.price)
                 )
                 continue
             await self.tradegecko.update_line_item_price(
@@ -393,6 +402,7 @@ class Effects:
             po, _ = await self.tradegecko.get_purchase_order(link.po_id)
             if po.status != "received":
                 raise
+            # The lines were costed by this run just now: the record keeps them.
             cause = f"PO {link.po_number} was already received"
         else:
             crash_point("po_received")
@@ -404,6 +414,23 @@ class Effects:
             lines=tuple(costed),
             notes=tuple(notes),
         )
+
+
+def _costs_found(
+    lines: Sequence[LineLink], prices: dict[int, Decimal | None]
+) -> tuple[LineLink, ...]:
+    """The lines of a PO found received: cost before as recorded (else as imported), cost
+    after as TradeGecko holds it (``prices``, by line id)."""
+    found: list[LineLink] = []
+    for line in lines:
+        if line.line_id not in prices:
+            found.append(line)  # gone from the PO: nothing to say
+            continue
+        before = line.cost_before if line.cost_before is not None else line.price
+        found.append(
+            msgspec.structs.replace(line, cost_before=before, cost_after=prices[line.line_id])
+        )
+    return tuple(found)
 
 
 def _failed(effect: str, trigger: str, reason: str) -> Outcome:

@@ -91,6 +91,8 @@ class ImportRequest(msgspec.Struct, kw_only=True, frozen=True):
     po_number: str
     reason: str | None = None
     operator: str | None = None
+    #: ``--force``: import it even if it is another supplier's.
+    force: bool = False
 
     def who(self) -> str:
         return f"operator {self.operator}" if self.operator else "operator"

@@ -35,7 +35,9 @@ from syncd.runtime.crashpoints import crash_point
 from syncd.store import Store
 
 __all__ = [
+    "BEFORE_ACTIVATION",
     "IMPORTABLE_STATUSES",
+    "OTHER_SUPPLIER",
     "OVERLAP",
     "PAUSED_PREFIX",
     "KatanaPoller",
@@ -57,6 +59,9 @@ IMPORTABLE_STATUSES = frozenset({"active"})
 _SUPPLIER_CACHE_SECONDS = 600.0
 #: Meta key prefix of a service whose token was rejected: ``paused.katana``.
 PAUSED_PREFIX = "paused."
+#: Why a seen PO is not linked, as recorded for ``syncctl explain`` (which matches on them).
+BEFORE_ACTIVATION = "created before activation"
+OTHER_SUPPLIER = "another supplier"
 
 
 def parse_time(value: str) -> datetime:
@@ -185,7 +190,12 @@ class TradeGeckoPoller(_Poller):
             except SyncdError as exc:
                 # One PO that cannot be read must not stop the others; the cursor stays
                 # before it so that the next poll tries it again.
-                log.warning("PO %s skipped this poll: %s", po.order_number or po.id, exc)
+                log.warning(
+                    "PO %s skipped this poll: %s",
+                    po.order_number or po.id,
+                    exc,
+                    extra={"po": po.order_number, "po_id": po.id},
+                )
                 ceiling = min(ceiling, po.updated_at - timedelta(microseconds=1))
         if orders:
             newest = min(max(po.updated_at for po in orders), ceiling)
@@ -208,12 +218,31 @@ class TradeGeckoPoller(_Poller):
         :param lines: the PO's lines when already fetched with it.
         """
         if po.created_at < self.activated_at:
+            await self.note_not_linked(po, BEFORE_ACTIVATION)
             return 0
         if linked:
             return await self._observe(po)
         if po.status in IMPORTABLE_STATUSES:
             return await self._discover(po, lines)
+        await self.note_not_linked(po, f"{po.status}: only active POs are imported")
         return 0
+
+    async def note_not_linked(
+        self, po: PurchaseOrder, reason: str, *, supplier: str | None = None
+    ) -> None:
+        """Record why a seen PO is not linked, for ``syncctl explain`` (best effort: the
+        poll goes on without it)."""
+        try:
+            await self.store.observe_purchase_order(
+                po.id,
+                po.order_number or f"#{po.id}",
+                status=po.status,
+                reason=reason,
+                supplier=supplier or self.supplier_name,
+                po_created_at=po.created_at,
+            )
+        except SyncdError as exc:
+            log.warning("cannot record PO %s: %s", po.order_number or po.id, exc)
 
     async def _discover(
         self, po: PurchaseOrder, lines: list[PurchaseOrderLineItem] | None = None

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,11 +39,11 @@ from starlette.routing import Route
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import Config
-from syncd.errors import ConfigError, NotFound, SyncdError
+from syncd.errors import ApiError, ConfigError, NotFound, SyncdError
 from syncd.ops.asgi import bind_socket, serving_socket
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
-from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
+from syncd.runtime.pollers import OTHER_SUPPLIER, KatanaPoller, TradeGeckoPoller
 from syncd.store import InboxEvent, Store
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "WebhookConsumer",
     "WebhookKeys",
     "WebhookListener",
+    "bind_listener",
     "create_webhook_app",
     "katana_signature",
     "register_webhooks",
@@ -413,6 +415,7 @@ class WebhookConsumer:
         poller = self.tradegecko_poller
         po, lines = await poller.client.get_purchase_order(po_id)
         if po.company_id not in await poller.supplier_ids():
+            await poller.note_not_linked(po, OTHER_SUPPLIER, supplier=f"company {po.company_id}")
             return "another supplier", 0
         linked = bool(await self.store.linked_po_ids([po.id]))
         added = await poller.consider(po, linked=linked, lines=lines)
@@ -460,12 +463,43 @@ async def register_webhooks(
             log.warning("the Katana webhook lacks %s: add them in Katana", sorted(missing))
         token = mine[0].token
     else:
-        created = await katana.create_webhook(kt_url, KATANA_EVENTS, description="syncd")
-        token = created.token
-        log.info("Katana webhook registered", extra={"webhook_id": created.id})
+        try:
+            created = await katana.create_webhook(kt_url, KATANA_EVENTS, description="syncd")
+        except ApiError as exc:
+            if exc.status is not None and exc.status < 500:
+                raise
+            # The POST may have landed with its answer lost: its token is in the listing, and
+            # without it every delivery would be refused until the next start.
+            landed = [hook for hook in await katana.list_webhooks() if hook.url == kt_url]
+            if not landed:
+                raise
+            log.warning(
+                "Katana webhook registration answered %s but it landed: using it",
+                exc,
+                extra={"webhook_id": landed[0].id},
+            )
+            token = landed[0].token
+        else:
+            token = created.token
+            log.info("Katana webhook registered", extra={"webhook_id": created.id})
     if token:
         keys.katana_tokens.add(token)
         await store.set_meta(_META_KATANA_TOKEN, token)
+
+
+def bind_listener(config: Config) -> socket.socket:
+    """The listening socket for ``webhooks.listen``.
+
+    :raises ConfigError: the address cannot be listened on (in use, not local, no rights).
+    """
+    hooks = config.webhooks
+    host, port = hooks.address()
+    try:
+        return bind_socket(host, port)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {hooks.listen}: {exc.strerror or exc}", key="webhooks.listen"
+        ) from None
 
 
 class WebhookListener:
@@ -510,9 +544,13 @@ class WebhookListener:
         return {"registered": self.registered}
 
     async def run(
-        self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED
+        self,
+        sock: socket.socket | None = None,
+        *,
+        task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled; ``task_status`` gets the listener's URL once it listens.
+        """Serve on ``sock`` (by default one from :func:`bind_listener`, then closed here)
+        until cancelled; ``task_status`` gets the listener's URL once it listens.
 
         :raises ConfigError: the listen address cannot be listened on.
         """
@@ -532,13 +570,9 @@ class WebhookListener:
             on_result=self.on_result,
             replay_window=hooks.replay_window,
         )
-        host, port = hooks.address()
-        try:
-            sock = bind_socket(host, port)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {hooks.listen}: {exc.strerror or exc}", key="webhooks.listen"
-            ) from None
+        owned = sock is None
+        if sock is None:
+            sock = bind_listener(self.config)
         try:
             async with serving_socket(app, sock) as url:
                 self.url = url
@@ -550,7 +584,8 @@ class WebhookListener:
                 task_status.started(url)
                 await self._register_forever()
         finally:
-            sock.close()
+            if owned:
+                sock.close()
 
     async def _register_once(self) -> bool:
         assert self.public_url is not None

@@ -25,12 +25,13 @@ from decimal import Decimal
 from typing import Any
 
 from syncd.sim import catalog
+from syncd.sim._frame import ServiceError
 
 __all__ = [
     "DEFAULT_LOCATION_ID",
     "OPEN_STATUSES",
+    "KatanaError",
     "KatanaWorld",
-    "SimError",
     "format_time",
 ]
 
@@ -47,8 +48,8 @@ _QTY = Decimal("0.00001")
 _ZERO = Decimal(0)
 
 
-class SimError(Exception):
-    """An error answer: the server turns it into Katana's ``{statusCode, name, message}``."""
+class KatanaError(ServiceError):
+    """An error answer: Katana's ``{statusCode, name, message}``."""
 
     def __init__(
         self,
@@ -59,19 +60,17 @@ class SimError(Exception):
         code: str | None = None,
         details: list[dict[str, Any]] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status = status
+        super().__init__(status, message)
         self.name = name
-        self.message = message
         self.code = code
         self.details = details
 
     @classmethod
-    def not_found(cls, what: str) -> SimError:
+    def not_found(cls, what: str) -> KatanaError:
         return cls(404, "NotFoundError", f"{what} not found")
 
     @classmethod
-    def invalid(cls, path: str, keyword: str, message: str, **info: Any) -> SimError:
+    def invalid(cls, path: str, keyword: str, message: str, **info: Any) -> KatanaError:
         return cls(
             422,
             "UnprocessableEntityError",
@@ -243,11 +242,10 @@ class KatanaWorld:
         self.stock: dict[tuple[int, int], _Stock] = {}
         self.counters: Counter[str] = Counter()
         self.orders_by_no: Counter[str] = Counter()
+        #: API requests by endpoint, counted by the server's frame.
         self.requests: Counter[str] = Counter()
         #: Currencies the account refuses on a sales order (a control-panel knob).
         self.refused_currencies: set[str] = set()
-        #: The control panel's knob: the API key was revoked (every API call answers 401).
-        self.token_revoked = False
         #: Told ``(action, object id, status)`` of every webhook event
         #: (``sales_order.delivered``, ``manufacturing_order.done``, ...).
         self.listeners: list[Callable[[str, int, str], None]] = []
@@ -385,7 +383,7 @@ class KatanaWorld:
                 v for v in self.variants.values() if v.sku == material_sku and v.deleted_at is None
             ]
             if not match:
-                raise SimError.invalid(
+                raise KatanaError.invalid(
                     f".recipe[{index}].sku", "enum", f"unknown sku {material_sku!r}"
                 )
             materials.append((match[0].id, quantity))
@@ -394,7 +392,7 @@ class KatanaWorld:
             if sku is not None and any(
                 v.sku == sku and v.deleted_at is None for v in self.variants.values()
             ):
-                raise SimError.invalid(
+                raise KatanaError.invalid(
                     f".variants[{index}].sku", "unique", "SKU already exists", sku=sku
                 )
         stamp = self.now()
@@ -482,12 +480,12 @@ class KatanaWorld:
         for variant in self.variants.values():
             if variant.sku == sku and variant.deleted_at is None:
                 return variant.id
-        raise SimError.not_found(f"variant {sku}")
+        raise KatanaError.not_found(f"variant {sku}")
 
     def delete_variant(self, variant_id: int) -> None:
         variant = self.variants.get(variant_id)
         if variant is None:
-            raise SimError.not_found("variant")
+            raise KatanaError.not_found("variant")
         variant.deleted_at = variant.updated_at = self.now()
 
     # -- sales orders ------------------------------------------------------------------
@@ -508,15 +506,17 @@ class KatanaWorld:
     ) -> dict[str, Any]:
         customer = self.customers.get(customer_id)
         if customer is None or customer.deleted_at is not None:
-            raise SimError.invalid(".customer_id", "exists", "customer not found", id=customer_id)
+            raise KatanaError.invalid(
+                ".customer_id", "exists", "customer not found", id=customer_id
+            )
         if currency is not None and currency in self.refused_currencies:
-            raise SimError.invalid(
+            raise KatanaError.invalid(
                 ".currency", "enum", f"currency {currency} is not enabled for this account"
             )
         for index, row in enumerate(rows):
             variant = self.variants.get(row["variant_id"])
             if variant is None or variant.deleted_at is not None:
-                raise SimError.invalid(
+                raise KatanaError.invalid(
                     f".sales_order_rows[{index}].variant_id", "exists", "variant not found"
                 )
         stamp = self.now()
@@ -564,7 +564,7 @@ class KatanaWorld:
     def get_sales_order(self, sales_order_id: int, *, include_deleted: bool = False) -> _SalesOrder:
         order = self.sales_orders.get(sales_order_id)
         if order is None or (order.deleted_at is not None and not include_deleted):
-            raise SimError.not_found("Sales order")
+            raise KatanaError.not_found("Sales order")
         return order
 
     def _live_rows(self, order: _SalesOrder) -> list[_Row]:
@@ -670,7 +670,7 @@ class KatanaWorld:
         for key in ("order_no", "customer_id", "location_id", "currency", "customer_ref"):
             if key in changes:
                 if order.status not in ("NOT_SHIPPED", "PENDING") and key != "customer_ref":
-                    raise SimError.invalid(f".{key}", "status", "order is no longer editable")
+                    raise KatanaError.invalid(f".{key}", "status", "order is no longer editable")
                 setattr(order, key, changes[key])
         if "delivery_date" in changes:
             order.delivery_date = changes["delivery_date"]
@@ -687,7 +687,7 @@ class KatanaWorld:
     ) -> dict[str, Any]:
         order = self.get_sales_order(sales_order_id)
         if status not in _SO_STATUSES and not (by_person and status in _PARTIAL_STATUSES):
-            raise SimError.invalid(".status", "enum", f"unknown status {status}")
+            raise KatanaError.invalid(".status", "enum", f"unknown status {status}")
         if status == "DELIVERED" and order.status != "DELIVERED":
             self._move_stock(order, -1)
         elif order.status == "DELIVERED" and status != "DELIVERED":
@@ -715,7 +715,7 @@ class KatanaWorld:
         for edit in edits:
             row = self.rows.get(edit["id"])
             if row is None or row.sales_order_id != order.id or row.deleted_at is not None:
-                raise SimError.not_found(f"Sales order row {edit['id']}")
+                raise KatanaError.not_found(f"Sales order row {edit['id']}")
             if edit.get("delete"):
                 row.deleted_at = stamp
             if edit.get("quantity") is not None:
@@ -753,13 +753,13 @@ class KatanaWorld:
         """The "Make to order" button on one sales order row."""
         row = self.rows.get(row_id)
         if row is None or row.deleted_at is not None:
-            raise SimError.invalid(".sales_order_row_id", "exists", "sales order row not found")
+            raise KatanaError.invalid(".sales_order_row_id", "exists", "sales order row not found")
         if row.linked_manufacturing_order_id is not None:
-            raise SimError.invalid(
+            raise KatanaError.invalid(
                 ".sales_order_row_id", "unique", "row already has a manufacturing order"
             )
         if self.variants[row.variant_id].type != "product":
-            raise SimError.invalid(
+            raise KatanaError.invalid(
                 ".sales_order_row_id", "type", "only products can be made to order"
             )
         order = self.get_sales_order(row.sales_order_id)
@@ -820,7 +820,7 @@ class KatanaWorld:
     def get_mo(self, mo_id: int) -> _ManufacturingOrder:
         mo = self.manufacturing_orders.get(mo_id)
         if mo is None or mo.deleted_at is not None:
-            raise SimError.not_found("Manufacturing order")
+            raise KatanaError.not_found("Manufacturing order")
         return mo
 
     def touch_mo(self, mo: _ManufacturingOrder) -> None:
@@ -833,9 +833,9 @@ class KatanaWorld:
     def set_mo_status(self, mo_id: int, status: str) -> dict[str, Any]:
         mo = self.get_mo(mo_id)
         if status not in _MO_STATUSES:
-            raise SimError.invalid(".status", "enum", f"unknown status {status}")
+            raise KatanaError.invalid(".status", "enum", f"unknown status {status}")
         if mo.status == "DONE" and status != "DONE":
-            raise SimError.invalid(".status", "status", "a done order cannot be reopened here")
+            raise KatanaError.invalid(".status", "status", "a done order cannot be reopened here")
         if status == "DONE":
             if mo.status != "DONE":
                 self._finish(mo)
@@ -957,8 +957,6 @@ class KatanaWorld:
             "customers_created": self.counters["customers_created"],
             "products_created": self.counters["products_created"],
             "manufacturing_orders_created": self.counters["manufacturing_orders_created"],
-            "requests": dict(self.requests),
-            "responses_429": self.counters["responses_429"],
         }
 
 

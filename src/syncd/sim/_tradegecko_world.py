@@ -7,7 +7,8 @@ receiving an order); the ``render_*`` functions turn records into the JSON objec
 API sends, with the same field names and JSON types as the recorded responses (decimal
 strings such as ``"20.0"``, timestamps such as ``"2014-09-30T11:37:19.501Z"``).
 
-A refused operation raises :class:`Refused` with TradeGecko's ``{field: [message]}`` errors.
+A refused operation raises :class:`Refused` with TradeGecko's ``{field: [message]}`` errors;
+:class:`BadRequest` and :class:`NotFound` are TradeGecko's other error answers.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from syncd.sim._frame import ServiceError
 from syncd.sim.catalog import MATERIALS
 
 __all__ = [
+    "BadRequest",
     "Json",
+    "NotFound",
     "Refused",
     "SimCompany",
     "SimCurrency",
@@ -30,6 +34,7 @@ __all__ = [
     "SimProcurement",
     "SimPurchaseOrder",
     "SimVariant",
+    "TradeGeckoError",
     "TradeGeckoWorld",
     "decimal_string",
     "parse_time",
@@ -39,12 +44,42 @@ __all__ = [
 Json = dict[str, Any]
 
 
-class Refused(Exception):
+class TradeGeckoError(ServiceError):
+    """An error answer: TradeGecko's ``{type, message}``."""
+
+    kind = "Error"
+
+    def body(self) -> Json:
+        return {"type": self.kind, "message": self.message}
+
+
+class BadRequest(TradeGeckoError):
+    """400: a parameter or body the API cannot read."""
+
+    kind = "BadRequest"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
+
+
+class NotFound(TradeGeckoError):
+    """404: no record of that kind with that id."""
+
+    kind = "NotFound"
+
+    def __init__(self, record: str, ident: object) -> None:
+        super().__init__(404, f"Couldn't find {record} with 'id'={ident}")
+
+
+class Refused(TradeGeckoError):
     """An operation TradeGecko would answer with 422 ``{"errors": {field: [message]}}``."""
 
     def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(422, f"{field_name} {message}")
         self.errors = {field_name: [message]}
-        super().__init__(f"{field_name} {message}")
+
+    def body(self) -> Json:
+        return {"errors": self.errors}
 
 
 def decimal_string(value: Decimal) -> str:

@@ -13,10 +13,9 @@ daemon called each endpoint and whether it created an order number twice.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -27,31 +26,89 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute
 
-from syncd.sim._katana_world import KatanaWorld, SimError
+from syncd.sim._frame import Dialect, Frame, Handler, Page, Quota, SlidingWindow, json_response
+from syncd.sim._katana_world import KatanaError, KatanaWorld
 from syncd.sim.faults import Faults, install_faults
 from syncd.sim.webhooks import Subscription, WebhookSender, katana_sender, new_token
 
-__all__ = [
-    "API_PREFIX",
-    "DEFAULT_LIMIT",
-    "MAX_LIMIT",
-    "Handler",
-    "KatanaWorld",
-    "RateLimiter",
-    "create_app",
-    "run",
-]
+__all__ = ["API_PREFIX", "WEBHOOK_EVENTS", "KatanaError", "KatanaWorld", "create_app", "run"]
 
 API_PREFIX = "/v1"
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 250
 
-T = TypeVar("T")
-Handler = Callable[[Request, KatanaWorld], Awaitable[Any]]
+#: The webhook events Katana knows: the ``WebhookEvent`` enum of ``apis/katana/openapi.yaml``
+#: (a test checks this copy against it). Creating a webhook for another is a 422.
+WEBHOOK_EVENTS: tuple[str, ...] = (
+    "sales_order.created",
+    "sales_order.approved",
+    "sales_order.updated",
+    "sales_order.deleted",
+    "sales_order.packed",
+    "sales_order.delivered",
+    "sales_order.availability_updated",
+    "purchase_order.created",
+    "purchase_order.approved",
+    "purchase_order.updated",
+    "purchase_order.deleted",
+    "purchase_order.partially_received",
+    "purchase_order.received",
+    "purchase_order_row.created",
+    "purchase_order_row.updated",
+    "purchase_order_row.deleted",
+    "purchase_order_row.received",
+    "manufacturing_order.created",
+    "manufacturing_order.updated",
+    "manufacturing_order.deleted",
+    "manufacturing_order.in_progress",
+    "manufacturing_order.blocked",
+    "manufacturing_order.done",
+    "manufacturing_order_operation_row.created",
+    "manufacturing_order_operation_row.updated",
+    "manufacturing_order_operation_row.deleted",
+    "manufacturing_order_operation_row.in_progress",
+    "manufacturing_order_operation_row.paused",
+    "manufacturing_order_operation_row.blocked",
+    "manufacturing_order_operation_row.completed",
+    "manufacturing_order_recipe_row.created",
+    "manufacturing_order_recipe_row.updated",
+    "manufacturing_order_recipe_row.deleted",
+    "manufacturing_order_recipe_row.ingredients_in_stock",
+    "current_inventory.product_updated",
+    "current_inventory.material_updated",
+    "current_inventory.product_out_of_stock",
+    "current_inventory.material_out_of_stock",
+    "product.created",
+    "product.updated",
+    "product.deleted",
+    "material.created",
+    "material.updated",
+    "material.deleted",
+    "variant.created",
+    "variant.updated",
+    "variant.deleted",
+    "product_recipe_row.created",
+    "product_recipe_row.updated",
+    "product_recipe_row.deleted",
+    "outsourced_purchase_order.created",
+    "outsourced_purchase_order.approved",
+    "outsourced_purchase_order.updated",
+    "outsourced_purchase_order.deleted",
+    "outsourced_purchase_order.received",
+    "outsourced_purchase_order_row.created",
+    "outsourced_purchase_order_row.updated",
+    "outsourced_purchase_order_row.deleted",
+    "outsourced_purchase_order_row.received",
+    "outsourced_purchase_order_recipe_row.created",
+    "outsourced_purchase_order_recipe_row.updated",
+    "outsourced_purchase_order_recipe_row.deleted",
+)
 
-_ENCODER = msgspec.json.Encoder(decimal_format="number")
+T = TypeVar("T")
+#: An endpoint of this simulator: the request and the account it acts on.
+WorldHandler = Callable[[Request, KatanaWorld], Awaitable[Any]]
 
 
 # -- request bodies (unknown fields are refused, as Katana does) --------------------------
@@ -233,29 +290,29 @@ _UNKNOWN = re.compile(r"Object contains unknown field `(?P<name>[^`]+)`")
 _MISSING = re.compile(r"Object missing required field `(?P<name>[^`]+)`")
 
 
-def _validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> SimError:
+def _validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> KatanaError:
     """Katana's Ajv-style 422 from a msgspec decoding error."""
     message = str(exc)
     at = _AT.search(message)
     path = at.group("path") if at else ""
     message = _AT.sub("", message)
     if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
-        return SimError(400, "BadRequest", f"Malformed JSON: {message}")
+        return KatanaError(400, "BadRequest", f"Malformed JSON: {message}")
     if match := _UNKNOWN.match(message):
-        return SimError.invalid(
+        return KatanaError.invalid(
             path,
             "additionalProperties",
             "should NOT have additional properties",
             additionalProperty=match.group("name"),
         )
     if match := _MISSING.match(message):
-        return SimError.invalid(
+        return KatanaError.invalid(
             path,
             "required",
             f"should have required property '{match.group('name')}'",
             missingProperty=match.group("name"),
         )
-    return SimError.invalid(path, "type", message)
+    return KatanaError.invalid(path, "type", message)
 
 
 async def _body(request: Request, kind: type[T]) -> T:
@@ -263,39 +320,6 @@ async def _body(request: Request, kind: type[T]) -> T:
         return msgspec.json.decode(await request.body(), type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise _validation_error(exc) from None
-
-
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        _ENCODER.encode(data), status_code=status, headers=headers, media_type="application/json"
-    )
-
-
-# -- rate limit ---------------------------------------------------------------------------
-
-
-class RateLimiter:
-    """A sliding window of ``limit`` requests per ``period`` seconds for each token."""
-
-    def __init__(
-        self, limit: int, period: float, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.limit = limit
-        self.period = period
-        self._clock = clock
-        self._sent: dict[str, deque[float]] = {}
-
-    def check(self, token: str) -> tuple[bool, int, float]:
-        """Count one request; answer (allowed, remaining, seconds until a slot frees)."""
-        now = self._clock()
-        sent = self._sent.setdefault(token, deque())
-        while sent and now - sent[0] >= self.period:
-            sent.popleft()
-        if len(sent) >= self.limit:
-            return False, 0, sent[0] + self.period - now
-        sent.append(now)
-        reset = sent[0] + self.period - now
-        return True, self.limit - len(sent), reset
 
 
 # -- query helpers ------------------------------------------------------------------------
@@ -308,7 +332,7 @@ def _ints(request: Request, name: str) -> list[int] | None:
     try:
         return [int(part) for value in values for part in value.split(",") if part]
     except ValueError:
-        raise SimError.invalid(f"query.{name}", "type", "should be integer") from None
+        raise KatanaError.invalid(f"query.{name}", "type", "should be integer") from None
 
 
 def _strings(request: Request, name: str) -> list[str] | None:
@@ -327,7 +351,9 @@ def _time(request: Request, name: str) -> datetime | None:
     try:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise SimError.invalid(f"query.{name}", "format", "should match format date-time") from None
+        raise KatanaError.invalid(
+            f"query.{name}", "format", "should match format date-time"
+        ) from None
 
 
 def _page(request: Request) -> tuple[int, int]:
@@ -335,7 +361,7 @@ def _page(request: Request) -> tuple[int, int]:
         limit = int(request.query_params.get("limit", DEFAULT_LIMIT))
         page = int(request.query_params.get("page", 1))
     except ValueError:
-        raise SimError.invalid("query.limit", "type", "should be integer") from None
+        raise KatanaError.invalid("query.limit", "type", "should be integer") from None
     return max(1, min(limit, MAX_LIMIT)), max(1, page)
 
 
@@ -397,20 +423,18 @@ def _paged(
 ) -> Response:
     if newest_first:
         records = sorted(records, key=lambda r: r["id"], reverse=True)
-    limit, page = _page(request)
-    total = len(records)
-    pages = math.ceil(total / limit)
-    offset = (page - 1) * limit
+    limit, number = _page(request)
+    page = Page(number, limit, len(records))
     pagination = {
-        "total_records": str(total),
-        "total_pages": str(pages),
-        "offset": str(offset),
-        "page": str(page),
-        "first_page": str(page == 1).lower(),
-        "last_page": str(page >= pages).lower(),
+        "total_records": str(page.total),
+        "total_pages": str(page.pages),
+        "offset": str(page.offset),
+        "page": str(number),
+        "first_page": str(number == 1).lower(),
+        "last_page": str(number >= page.pages).lower(),
     }
     headers = {"X-Pagination": msgspec.json.encode(pagination).decode()}
-    return _json({"data": records[offset : offset + limit]}, headers=headers)
+    return json_response({"data": page.of(records)}, headers=headers)
 
 
 # -- API endpoints ------------------------------------------------------------------------
@@ -447,7 +471,7 @@ async def _variants(request: Request, world: KatanaWorld) -> Any:
 async def _products(request: Request, world: KatanaWorld) -> Any:
     body = await _body(request, _CreateProduct)
     if not body.variants:
-        raise SimError.invalid(".variants", "minItems", "should NOT have fewer than 1 items")
+        raise KatanaError.invalid(".variants", "minItems", "should NOT have fewer than 1 items")
     return world.create_product(
         body.name, [(v.sku, v.sales_price, v.purchase_price) for v in body.variants]
     )
@@ -457,11 +481,11 @@ async def _sales_orders(request: Request, world: KatanaWorld) -> Any:
     if request.method == "POST":
         body = await _body(request, _CreateSalesOrder)
         if not body.sales_order_rows:
-            raise SimError.invalid(
+            raise KatanaError.invalid(
                 ".sales_order_rows", "minItems", "should NOT have fewer than 1 items"
             )
         if body.status is not msgspec.UNSET and body.status not in ("NOT_SHIPPED", "PENDING"):
-            raise SimError.invalid(
+            raise KatanaError.invalid(
                 ".status", "enum", "should be equal to one of the allowed values"
             )
         extra = {
@@ -574,6 +598,7 @@ async def _inventory(request: Request, world: KatanaWorld) -> Any:
 
 
 async def _state(request: Request, world: KatanaWorld) -> Any:
+    """Customers, sales orders and manufacturing orders as they stand."""
     return {
         "customers": world.customer_list(),
         "sales_orders": world.sales_order_list(),
@@ -582,31 +607,38 @@ async def _state(request: Request, world: KatanaWorld) -> Any:
 
 
 async def _sim_make_to_order(request: Request, world: KatanaWorld) -> Any:
+    """A person presses "Make to order" on every row of the sales order."""
     return world.make_to_order_all(int(request.path_params["id"]))
 
 
 async def _sim_start(request: Request, world: KatanaWorld) -> Any:
+    """A person starts the manufacturing order."""
     return world.start_mo(int(request.path_params["id"]))
 
 
 async def _sim_unlink(request: Request, world: KatanaWorld) -> Any:
+    """A person unlinks the manufacturing order from its sales order (make to stock)."""
     return world.unlink_mo(int(request.path_params["id"]))
 
 
 async def _sim_finish(request: Request, world: KatanaWorld) -> Any:
+    """A person finishes the manufacturing order (stock and average cost move)."""
     return world.finish_mo(int(request.path_params["id"]))
 
 
 async def _sim_deliver(request: Request, world: KatanaWorld) -> Any:
+    """A person delivers the sales order."""
     return world.deliver(int(request.path_params["id"]))
 
 
 async def _sim_status(request: Request, world: KatanaWorld) -> Any:
+    """A person sets the sales order's status: {"status": "PARTIALLY_DELIVERED"}."""
     body = await _body(request, _SetStatus)
     return world.set_status(int(request.path_params["id"]), body.status, by_person=True)
 
 
 async def _sim_sales_order(request: Request, world: KatanaWorld) -> Any:
+    """PATCH: a person edits rows ({"rows": [{"id", "quantity", ...}]}); DELETE: deletes it."""
     sales_order_id = int(request.path_params["id"])
     if request.method == "DELETE":
         world.delete_sales_order(sales_order_id)
@@ -616,6 +648,7 @@ async def _sim_sales_order(request: Request, world: KatanaWorld) -> Any:
 
 
 async def _sim_product(request: Request, world: KatanaWorld) -> Any:
+    """A person adds a product: {"name", "sku", "sales_price", "recipe", "operations"}."""
     body = await _body(request, _SimProduct)
     return world.create_product(
         body.name,
@@ -632,7 +665,7 @@ async def _sim_variant(request: Request, world: KatanaWorld) -> Any:
 
 
 async def _sim_currency(request: Request, world: KatanaWorld) -> Any:
-    """``POST``: the account refuses sales orders in this currency; ``DELETE``: accepts again."""
+    """POST: the account refuses sales orders in this currency; DELETE: accepts it again."""
     iso = str(request.path_params["iso"]).upper()
     if request.method == "DELETE":
         world.refused_currencies.discard(iso)
@@ -641,17 +674,15 @@ async def _sim_currency(request: Request, world: KatanaWorld) -> Any:
     return {"refused_currencies": sorted(world.refused_currencies)}
 
 
-async def _sim_token(request: Request, world: KatanaWorld) -> Any:
-    """``{"revoked": true}`` revokes the API key (401 everywhere); ``false`` restores it."""
-    body = await request.json() if await request.body() else {}
-    world.token_revoked = bool(body.get("revoked", True)) if isinstance(body, dict) else True
-    return {"revoked": world.token_revoked}
+def _counters(frame: Frame) -> WorldHandler:
+    async def counters(request: Request, world: KatanaWorld) -> Any:
+        """How often each endpoint was called, what was created (order numbers twice?)."""
+        report = world.counter_report()
+        report.update(frame.traffic())
+        report["faults_injected"] = dict(request.app.state.faults.injected)
+        return report
 
-
-async def _counters(request: Request, world: KatanaWorld) -> Any:
-    report = world.counter_report()
-    report["faults_injected"] = dict(request.app.state.faults.injected)
-    return report
+    return counters
 
 
 # -- webhooks -----------------------------------------------------------------------------
@@ -673,14 +704,22 @@ def _webhook_dict(sub: Subscription) -> dict[str, Any]:
     return data
 
 
-def _webhook_handlers(sender: WebhookSender) -> tuple[Handler, Handler]:
+def _webhook_handlers(sender: WebhookSender) -> tuple[WorldHandler, WorldHandler]:
     """``/v1/webhooks`` (list, create) and ``/_sim/webhooks`` (the sender's knobs)."""
 
     async def webhooks(request: Request, world: KatanaWorld) -> Any:
         if request.method == "POST":
             body = await _body(request, _CreateWebhook)
             if not body.url.startswith("https://"):
-                raise SimError.invalid(".url", "pattern", 'must match pattern "^https://.*$"')
+                raise KatanaError.invalid(".url", "pattern", 'must match pattern "^https://.*$"')
+            for index, event in enumerate(body.subscribed_events):
+                if event not in WEBHOOK_EVENTS:
+                    raise KatanaError.invalid(
+                        f".subscribed_events[{index}]",
+                        "enum",
+                        "should be equal to one of the allowed values",
+                        allowedValues=list(WEBHOOK_EVENTS),
+                    )
             sub = sender.subscribe(
                 body.url, body.subscribed_events, token=new_token(), description=body.description
             )
@@ -690,11 +729,12 @@ def _webhook_handlers(sender: WebhookSender) -> tuple[Handler, Handler]:
         return _paged(request, records)
 
     async def knobs(request: Request, world: KatanaWorld) -> Any:
+        """Webhook sender: GET shows it, POST sets speed, duplicate, reorder, drop."""
         if request.method == "POST":
             try:
                 sender.set_knobs(msgspec.json.decode(await request.body() or b"{}"))
             except (ValueError, TypeError, AttributeError, msgspec.DecodeError) as exc:
-                raise SimError.invalid(".", "knob", str(exc)) from None
+                raise KatanaError.invalid(".", "knob", str(exc)) from None
         return sender.knobs()
 
     return webhooks, knobs
@@ -722,12 +762,30 @@ def _publisher(sender: WebhookSender) -> Callable[[str, int, str], None]:
 # -- wiring -------------------------------------------------------------------------------
 
 
-def _answer(result: Any) -> Response:
-    return result if isinstance(result, Response) else _json(result)
+def _unknown_route(request: Request) -> Response:
+    return KatanaError(404, "NotFoundError", "Not Found").response()
 
 
-def _error(error: SimError, headers: dict[str, str] | None = None) -> Response:
-    return _json(error.body(), error.status, headers)
+def _quota_headers(quota: Quota) -> dict[str, str]:
+    headers = {
+        "X-Ratelimit-Limit": str(quota.limit),
+        "X-Ratelimit-Remaining": str(quota.remaining),
+        "X-Ratelimit-Reset": str(int(quota.reset_at * 1000)),
+    }
+    if not quota.allowed:
+        headers["Retry-After"] = str(max(1, math.ceil(quota.wait)))
+    return headers
+
+
+DIALECT = Dialect(
+    service="katana",
+    unauthorized=KatanaError(401, "UnauthorizedError", "Unauthorized"),
+    rate_limited=KatanaError(429, "TooManyRequests", "Too Many Requests"),
+    control_not_found=KatanaError.not_found("Control endpoint"),
+    bad_request=lambda message: KatanaError(400, "BadRequest", message),
+    quota_headers=_quota_headers,
+    unknown_route=_unknown_route,
+)
 
 
 def create_app(
@@ -746,50 +804,30 @@ def create_app(
         be changed at any time through ``/_sim/faults``.
     """
     state = world if world is not None else KatanaWorld()
-    limiter = RateLimiter(*rate_limit) if rate_limit is not None else None
+    frame = Frame(
+        DIALECT,
+        token,
+        SlidingWindow(*rate_limit) if rate_limit is not None else None,
+        requests=state.requests,
+    )
     sender = katana_sender()
     state.listeners.append(_publisher(sender))
     webhooks, webhook_knobs = _webhook_handlers(sender)
 
-    def api(template: str, handler: Handler, methods: list[str]) -> Route:
-        async def endpoint(request: Request) -> Response:
-            state.requests[f"{request.method} {template}"] += 1
-            auth = request.headers.get("Authorization", "")
-            scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or given.strip() != token or state.token_revoked:
-                return _error(SimError(401, "UnauthorizedError", "Unauthorized"))
-            headers: dict[str, str] = {}
-            if limiter is not None:
-                allowed, remaining, wait = limiter.check(given.strip())
-                reset_ms = int((time.time() + max(wait, 0.0)) * 1000)
-                headers = {
-                    "X-Ratelimit-Limit": str(limiter.limit),
-                    "X-Ratelimit-Remaining": str(remaining),
-                    "X-Ratelimit-Reset": str(reset_ms),
-                }
-                if not allowed:
-                    state.counters["responses_429"] += 1
-                    headers["Retry-After"] = str(max(1, math.ceil(wait)))
-                    return _error(SimError(429, "TooManyRequests", "Too Many Requests"), headers)
-            try:
-                response = _answer(await handler(request, state))
-            except SimError as error:
-                return _error(error, headers)
-            response.headers.update(headers)
-            return response
+    def bound(handler: WorldHandler) -> Handler:
+        @functools.wraps(handler)
+        async def on(request: Request) -> Any:
+            return await handler(request, state)
 
-        return Route(template, endpoint, methods=methods)
+        return on
 
-    def control(path: str, handler: Handler, methods: list[str]) -> Route:
-        async def endpoint(request: Request) -> Response:
-            try:
-                return _answer(await handler(request, state))
-            except SimError as error:
-                return _error(error)
+    def api(template: str, handler: WorldHandler, methods: list[str]) -> BaseRoute:
+        return frame.api(template, bound(handler), methods)
 
-        return Route(path, endpoint, methods=methods)
+    def control(path: str, handler: WorldHandler, methods: list[str]) -> BaseRoute:
+        return frame.control(path, bound(handler), methods)
 
-    api_routes: list[BaseRoute] = [
+    api_routes = [
         api("/factory", _factory, ["GET"]),
         api("/customers", _customers, ["GET", "POST"]),
         api("/variants", _variants, ["GET"]),
@@ -803,14 +841,13 @@ def create_app(
         api("/inventory", _inventory, ["GET"]),
         api("/webhooks", webhooks, ["GET", "POST"]),
     ]
-    control_routes: list[BaseRoute] = [
+    control_routes = [
         control("/webhooks", webhook_knobs, ["GET", "POST"]),
         control("/state", _state, ["GET"]),
-        control("/counters", _counters, ["GET"]),
+        control("/counters", _counters(frame), ["GET"]),
         control("/products", _sim_product, ["POST"]),
         control("/variants/{id:int}", _sim_variant, ["DELETE"]),
         control("/refused_currencies/{iso}", _sim_currency, ["POST", "DELETE"]),
-        control("/token", _sim_token, ["POST"]),
         control("/sales_orders/{id:int}/make_to_order", _sim_make_to_order, ["POST"]),
         control("/sales_orders/{id:int}/deliver", _sim_deliver, ["POST"]),
         control("/sales_orders/{id:int}/status", _sim_status, ["POST"]),
@@ -819,9 +856,7 @@ def create_app(
         control("/manufacturing_orders/{id:int}/finish", _sim_finish, ["POST"]),
         control("/manufacturing_orders/{id:int}/unlink", _sim_unlink, ["POST"]),
     ]
-    app = Starlette(
-        routes=[Mount(API_PREFIX, routes=api_routes), Mount("/_sim", routes=control_routes)]
-    )
+    app = frame.app(api_routes, control_routes, api_prefix=API_PREFIX)
     app.state.world = state
     #: Run ``app.state.webhooks.run()`` next to the served app to send webhooks.
     app.state.webhooks = sender

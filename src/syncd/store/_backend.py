@@ -4,9 +4,9 @@
 placeholders, ``INSERT ... ON CONFLICT ... DO NOTHING | DO UPDATE``, ``RETURNING id`` for a
 new row's id, and functions both know (``count``, ``min``, ``substr``, ``coalesce``). A
 backend translates placeholders, runs transactions, keeps the schema at the latest
-migration, and turns its driver's errors into :class:`~syncd.errors.StoreError` with
-``transient`` set for what may pass by itself (locks, serialization failures, lost
-connections, a full or failing disk).
+migration, and turns its driver's errors into :class:`~syncd.errors.StoreError`: a
+:class:`~syncd.errors.StoreUnavailable` for what may pass by itself (locks, serialization
+failures, lost connections, a full or failing disk).
 """
 
 from __future__ import annotations
@@ -17,14 +17,10 @@ from typing import Any, Protocol
 
 from syncd.errors import StoreError
 
-__all__ = ["Backend", "Queries", "Row", "StoreInUse", "is_postgres_url", "newer_schema"]
+__all__ = ["Backend", "Queries", "Row", "is_postgres_url", "newer_schema"]
 
 #: One result row, columns in the order the query named them.
 Row = tuple[Any, ...]
-
-
-class StoreInUse(StoreError):
-    """Another syncd holds the database for writing (SQLite: one daemon per file)."""
 
 
 class Queries(Protocol):
@@ -59,8 +55,9 @@ class Backend(Queries, Protocol):
         """Begin a write transaction, whose statements run on what the block is given;
         commit when the block ends, roll back if it raises.
 
-        :raises StoreError: begin, a statement or commit failed (``transient`` when it may
-            pass by itself).
+        :raises StoreUnavailable: begin, a statement or commit failed for a reason that
+            may pass by itself.
+        :raises StoreError: they failed for a lasting reason.
         """
         ...
 

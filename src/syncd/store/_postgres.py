@@ -9,7 +9,7 @@ row another writer just committed, so two daemons cannot both move an order.
 
 ``lock_timeout`` plays SQLite's busy timeout (5 s); a URL's own ``options`` come after ours
 and win. A connection found lost is opened again at the next call; the call that found it
-lost fails with a transient ``StoreError``. Migrations take an advisory lock, so that two
+lost fails with ``StoreUnavailable``. Migrations take an advisory lock, so that two
 daemons starting together on an empty database do not both create the schema.
 """
 
@@ -28,7 +28,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
-from syncd.errors import StoreError
+from syncd.errors import StoreError, StoreUnavailable
 from syncd.store._backend import Row, newer_schema
 from syncd.store._schema_postgres import POSTGRES_MIGRATIONS, VERSION_TABLE
 
@@ -70,6 +70,10 @@ def _transient(exc: psycopg.Error) -> bool:
     files all of these under ``OperationalError``; ``InterfaceError`` is a closed
     connection)."""
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+def _error(exc: psycopg.Error) -> type[StoreError]:
+    return StoreUnavailable if _transient(exc) else StoreError
 
 
 class _Queries:
@@ -130,9 +134,7 @@ async def _connect(conninfo: str, where: str) -> psycopg.AsyncConnection[Row]:
     except psycopg.Error as exc:
         # Transient for a running daemon (the server restarting); at start, Store.open's
         # caller stops on any StoreError.
-        raise StoreError(
-            f"cannot connect to database {where}: {_message(exc)}", transient=_transient(exc)
-        ) from None
+        raise _error(exc)(f"cannot connect to database {where}: {_message(exc)}") from None
 
 
 class PostgresBackend:
@@ -200,9 +202,7 @@ class PostgresBackend:
             return await tx.execute(sql, args)
 
     def _read_error(self, exc: psycopg.Error) -> StoreError:
-        return StoreError(
-            f"cannot read from {self.where}: {_message(exc)}", transient=_transient(exc)
-        )
+        return _error(exc)(f"cannot read from {self.where}: {_message(exc)}")
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Queries]:
@@ -212,16 +212,12 @@ class PostgresBackend:
                 await conn.execute("BEGIN")
             except psycopg.Error as exc:
                 await self._writer.discard()
-                raise StoreError(
-                    f"cannot write to {self.where}: {_message(exc)}", transient=_transient(exc)
-                ) from None
+                raise _error(exc)(f"cannot write to {self.where}: {_message(exc)}") from None
             try:
                 yield _Queries(conn)
             except psycopg.Error as exc:
                 await self._rollback(conn)
-                raise StoreError(
-                    f"write to {self.where} refused: {_message(exc)}", transient=_transient(exc)
-                ) from exc
+                raise _error(exc)(f"write to {self.where} refused: {_message(exc)}") from exc
             except BaseException:
                 await self._rollback(conn)
                 raise
@@ -231,9 +227,7 @@ class PostgresBackend:
                 # The outcome is unknown when the connection died during COMMIT; every write
                 # the store makes is safe to try again (its WHERE or ON CONFLICT re-checks).
                 await self._rollback(conn)
-                raise StoreError(
-                    f"cannot commit to {self.where}: {_message(exc)}", transient=_transient(exc)
-                ) from None
+                raise _error(exc)(f"cannot commit to {self.where}: {_message(exc)}") from None
 
     async def _rollback(self, conn: psycopg.AsyncConnection[Row]) -> None:
         # Shielded: a cancelled task must not leave its transaction open for the next one.

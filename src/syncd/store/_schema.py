@@ -74,4 +74,33 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    """
+    -- What syncd saw of a PO it did not link (a draft, another supplier's, created before
+    -- activation), for `syncctl explain`: one row per PO, updated in place, the oldest
+    -- pruned beyond a bound.
+    CREATE TABLE po_observations (
+        po_id         INTEGER PRIMARY KEY,
+        po_number     TEXT    NOT NULL,
+        supplier      TEXT,
+        status        TEXT    NOT NULL,
+        reason        TEXT    NOT NULL,
+        po_created_at REAL,
+        first_seen_at REAL    NOT NULL,
+        seen_at       REAL    NOT NULL
+    );
+    CREATE INDEX po_observations_number ON po_observations (po_number);
+    CREATE INDEX po_observations_seen ON po_observations (seen_at);
+
+    -- What the daemon made of each `syncctl import` (its inbox event), for `--wait` and
+    -- `explain`: one row per operator request.
+    CREATE TABLE import_outcomes (
+        event_id   INTEGER PRIMARY KEY,
+        po_number  TEXT    NOT NULL,
+        result     TEXT    NOT NULL,
+        detail     TEXT    NOT NULL,
+        po_id      INTEGER,
+        decided_at REAL    NOT NULL
+    );
+    CREATE INDEX import_outcomes_number ON import_outcomes (po_number, event_id);
+    """,
 )

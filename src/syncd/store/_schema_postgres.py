@@ -89,4 +89,36 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
         updated_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # The keys here are given, never generated (a TradeGecko PO id, an inbox event id):
+    # plain BIGINT primary keys, not identity columns, though SQLite spells them INTEGER
+    # PRIMARY KEY as well.
+    """
+    -- What syncd saw of a PO it did not link (a draft, another supplier's, created before
+    -- activation), for `syncctl explain`: one row per PO, updated in place, the oldest
+    -- pruned beyond a bound.
+    CREATE TABLE po_observations (
+        po_id         BIGINT PRIMARY KEY,
+        po_number     TEXT   NOT NULL,
+        supplier      TEXT,
+        status        TEXT   NOT NULL,
+        reason        TEXT   NOT NULL,
+        po_created_at DOUBLE PRECISION,
+        first_seen_at DOUBLE PRECISION NOT NULL,
+        seen_at       DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX po_observations_number ON po_observations (po_number);
+    CREATE INDEX po_observations_seen ON po_observations (seen_at);
+
+    -- What the daemon made of each `syncctl import` (its inbox event), for `--wait` and
+    -- `explain`: one row per operator request.
+    CREATE TABLE import_outcomes (
+        event_id   BIGINT PRIMARY KEY,
+        po_number  TEXT   NOT NULL,
+        result     TEXT   NOT NULL,
+        detail     TEXT   NOT NULL,
+        po_id      BIGINT,
+        decided_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX import_outcomes_number ON import_outcomes (po_number, event_id);
+    """,
 )

@@ -25,8 +25,8 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from syncd.errors import StoreError
-from syncd.store._backend import Row, StoreInUse, newer_schema
+from syncd.errors import StoreError, StoreInUse, StoreUnavailable
+from syncd.store._backend import Row, newer_schema
 from syncd.store._schema import MIGRATIONS
 
 __all__ = ["SQLiteBackend", "lock_path"]
@@ -37,6 +37,27 @@ log = logging.getLogger("syncd.store")
 def lock_path(path: str) -> str:
     """The lock file an exclusive open holds beside the database."""
     return f"{path}.lock"
+
+
+class _Queries:
+    """Statements on the connection, driver errors left as they are (the caller wraps)."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        async with self._db.execute(sql, args) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else tuple(row)
+
+    async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        async with self._db.execute(sql, args) as cursor:
+            rows = await cursor.fetchall()
+        return [tuple(r) for r in rows]
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        async with self._db.execute(sql, args) as cursor:
+            return cursor.rowcount
 
 
 class SQLiteBackend:
@@ -50,6 +71,7 @@ class SQLiteBackend:
         self.where = path
         self._lock_fd = lock_fd
         self._write_lock = anyio.Lock()
+        self._queries = _Queries(db)
 
     @classmethod
     async def open(cls, path: str, *, readonly: bool, exclusive: bool) -> SQLiteBackend:
@@ -101,35 +123,34 @@ class SQLiteBackend:
     # -- queries -------------------------------------------------------------------------
 
     async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
-        async with self._db.execute(sql, args) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else tuple(row)
+        try:
+            return await self._queries.fetchone(sql, args)
+        except sqlite3.Error as exc:
+            raise _error(exc)(f"cannot read from {self.where}: {exc}") from None
 
     async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        async with self._db.execute(sql, args) as cursor:
-            rows = await cursor.fetchall()
-        return [tuple(r) for r in rows]
+        try:
+            return await self._queries.fetchall(sql, args)
+        except sqlite3.Error as exc:
+            raise _error(exc)(f"cannot read from {self.where}: {exc}") from None
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
-        async with self._db.execute(sql, args) as cursor:
-            return cursor.rowcount
+        """One statement in its own transaction."""
+        async with self.transaction() as tx:
+            return await tx.execute(sql, args)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[SQLiteBackend]:
+    async def transaction(self) -> AsyncIterator[_Queries]:
         async with self._write_lock:
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise StoreError(
-                    f"cannot write to {self.where}: {exc}", transient=_transient(exc)
-                ) from None
+                raise _error(exc)(f"cannot write to {self.where}: {exc}") from None
             try:
-                yield self
+                yield self._queries
             except sqlite3.Error as exc:
                 await self._rollback()
-                raise StoreError(
-                    f"write to {self.where} refused: {exc}", transient=_transient(exc)
-                ) from exc
+                raise _error(exc)(f"write to {self.where} refused: {exc}") from exc
             except BaseException:
                 await self._rollback()
                 raise
@@ -137,9 +158,7 @@ class SQLiteBackend:
                 await self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 await self._rollback()
-                raise StoreError(
-                    f"cannot commit to {self.where}: {exc}", transient=_transient(exc)
-                ) from None
+                raise _error(exc)(f"cannot commit to {self.where}: {exc}") from None
 
     async def _rollback(self) -> None:
         try:
@@ -150,7 +169,9 @@ class SQLiteBackend:
     # -- schema --------------------------------------------------------------------------
 
     async def check_version(self) -> int:
-        row = await self.fetchone("PRAGMA user_version")
+        return self._checked(await self.fetchone("PRAGMA user_version"))
+
+    def _checked(self, row: Row | None) -> int:
         version = int(row[0]) if row else 0
         if version > len(MIGRATIONS):
             raise newer_schema(self.where, version, len(MIGRATIONS))
@@ -159,10 +180,14 @@ class SQLiteBackend:
     async def migrate(self) -> None:
         version = await self.check_version()
         for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            async with self.transaction():
+            async with self.transaction() as tx:
+                # Another process (the daemon, syncctl --write) may have migrated since we
+                # looked; BEGIN IMMEDIATE holds the file now, so this reading stands.
+                if self._checked(await tx.fetchone("PRAGMA user_version")) >= target:
+                    continue
                 for statement in _statements(script):
-                    await self._db.execute(statement)
-                await self._db.execute(f"PRAGMA user_version = {target}")
+                    await tx.execute(statement)
+                await tx.execute(f"PRAGMA user_version = {target}")
 
     async def integrity_check(self) -> list[str]:
         """SQLite's own integrity check."""
@@ -199,9 +224,9 @@ def _unlock(fd: int | None) -> None:
             os.close(fd)
 
 
-def _transient(error: sqlite3.Error) -> bool:
-    """Locked, busy, I/O, full or read-only: errors of the moment, not of the data."""
-    return isinstance(error, sqlite3.OperationalError)
+def _error(error: sqlite3.Error) -> type[StoreError]:
+    """Locked, busy, I/O, full or read-only are errors of the moment, not of the data."""
+    return StoreUnavailable if isinstance(error, sqlite3.OperationalError) else StoreError
 
 
 def _probe(path: str) -> None:

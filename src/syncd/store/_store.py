@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,20 @@ import msgspec
 
 from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderSnapshot
 from syncd.domain.statechart import Decision
-from syncd.errors import StoreError
-from syncd.store._backend import Backend, Queries, is_postgres_url
+from syncd.errors import StoreConflict, StoreError
+from syncd.store._backend import Backend, Queries, Row, is_postgres_url
+from syncd.store._schema import MIGRATIONS
 from syncd.store._sqlite import SQLiteBackend
 
-__all__ = ["InboxEvent", "Store", "TransitionRecord"]
+__all__ = [
+    "OBSERVATIONS_KEPT",
+    "ImportOutcome",
+    "ImportResult",
+    "InboxEvent",
+    "PurchaseOrderObservation",
+    "Store",
+    "TransitionRecord",
+]
 
 _encode = msgspec.json.Encoder().encode
 _snapshot_decoder = msgspec.json.Decoder(PurchaseOrderSnapshot)
@@ -37,6 +47,9 @@ _LINK_COLUMNS = (
     "snapshot, lines, notes, last_error, created_at, updated_at, state_since"
 )
 _UNSET: Any = object()
+#: ``po_observations`` keeps this many POs (the most recently seen); a row per PO, never
+#: one per poll.
+OBSERVATIONS_KEPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,42 @@ class TransitionRecord:
     cause: str
     at: float
     po_number: str | None = None
+
+
+@dataclass(frozen=True)
+class PurchaseOrderObservation:
+    """The last time syncd saw a PO it did not link, and why it did not."""
+
+    po_id: int
+    po_number: str
+    supplier: str | None
+    status: str
+    reason: str
+    po_created_at: float | None
+    first_seen_at: float
+    seen_at: float
+
+
+class ImportResult(StrEnum):
+    """What the daemon made of a ``syncctl import``."""
+
+    DISCOVERED = "discovered"
+    NOT_FOUND = "not_found"
+    NOT_ACTIVE = "not_active"
+    OTHER_SUPPLIER = "other_supplier"
+    ALREADY_LINKED = "already_linked"
+
+
+@dataclass(frozen=True)
+class ImportOutcome:
+    """One ``syncctl import`` request as the daemon decided it."""
+
+    event_id: int
+    po_number: str
+    result: ImportResult
+    detail: str
+    po_id: int | None
+    decided_at: float
 
 
 def _iso(epoch: float | None) -> datetime | None:
@@ -265,6 +314,14 @@ class Store:
                 (self._clock(), outcome, event_id),
             )
 
+    async def event_outcome(self, event_id: int) -> tuple[float | None, str | None] | None:
+        """When an inbox event was processed and with what outcome; ``None`` if no such
+        event."""
+        row = await self._db.fetchone(
+            "SELECT processed_at, outcome FROM inbox WHERE id = ?", (event_id,)
+        )
+        return None if row is None else (row[0], row[1])
+
     async def inbox_backlog(self) -> tuple[int, float | None]:
         """How many events wait, and when the oldest arrived."""
         row = await self._db.fetchone(
@@ -328,7 +385,7 @@ class Store:
     ) -> LinkedOrder:
         """Record a transition: the link's new state, the log row, the event processed.
 
-        Refuses (``StoreError``) if the link is no longer in ``decision.source``: another
+        Refuses (``StoreConflict``) if the link is no longer in ``decision.source``: another
         writer moved it first, and the caller must decide again.
         """
         now = self._clock()
@@ -358,7 +415,7 @@ class Store:
                 (*values, link.id, decision.source),
             )
             if changed != 1:
-                raise StoreError(
+                raise StoreConflict(
                     f"order {link.po_number} is no longer in {decision.source}: not applied"
                 )
             await db.execute(
@@ -486,6 +543,104 @@ class Store:
         )
         return {str(r[0]): (str(r[1]), float(r[2])) for r in rows}
 
+    # -- what was seen but not linked, and operators' imports -----------------------------
+
+    async def observe_purchase_order(
+        self,
+        po_id: int,
+        po_number: str,
+        *,
+        status: str,
+        reason: str,
+        supplier: str | None = None,
+        po_created_at: datetime | None = None,
+    ) -> None:
+        """Record why a PO seen in TradeGecko was not linked: its row is updated in place, and
+        the least recently seen beyond :data:`OBSERVATIONS_KEPT` are dropped."""
+        now = self._clock()
+        created = po_created_at.timestamp() if po_created_at is not None else None
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO po_observations (po_id, po_number, supplier, status, reason, "
+                "po_created_at, first_seen_at, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (po_id) DO UPDATE SET po_number = excluded.po_number, "
+                "supplier = coalesce(excluded.supplier, po_observations.supplier), "
+                "status = excluded.status, "
+                "reason = excluded.reason, po_created_at = excluded.po_created_at, "
+                "seen_at = excluded.seen_at",
+                (po_id, po_number, supplier, status, reason, created, now, now),
+            )
+            # Everything from the first row past the bound down, in (seen_at, po_id) order:
+            # no row when under the bound (the comparison with NULL is never true). A row
+            # value rather than SQLite's ``LIMIT -1 OFFSET``, which PostgreSQL has not.
+            await db.execute(
+                "DELETE FROM po_observations WHERE (seen_at, po_id) <= (SELECT seen_at, po_id "
+                "FROM po_observations ORDER BY seen_at DESC, po_id DESC LIMIT 1 OFFSET ?)",
+                (OBSERVATIONS_KEPT,),
+            )
+
+    async def purchase_order_observation(self, po_number: str) -> PurchaseOrderObservation | None:
+        """The PO called ``po_number`` as last seen unlinked (the latest seen, if several)."""
+        row = await self._read_one(
+            "SELECT po_id, po_number, supplier, status, reason, po_created_at, first_seen_at, "
+            "seen_at FROM po_observations WHERE po_number = ? ORDER BY seen_at DESC LIMIT 1",
+            (po_number,),
+        )
+        return None if row is None else PurchaseOrderObservation(*row)
+
+    async def record_import_outcome(
+        self,
+        event_id: int,
+        po_number: str,
+        result: ImportResult,
+        detail: str,
+        *,
+        po_id: int | None = None,
+    ) -> None:
+        """Settle a ``syncctl import`` request: its outcome and the inbox event, together."""
+        now = self._clock()
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO import_outcomes (event_id, po_number, result, detail, po_id, "
+                "decided_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO UPDATE SET "
+                "po_number = excluded.po_number, result = excluded.result, "
+                "detail = excluded.detail, po_id = excluded.po_id, "
+                "decided_at = excluded.decided_at",
+                (event_id, po_number, result.value, detail, po_id, now),
+            )
+            await db.execute(
+                "UPDATE inbox SET processed_at = ?, outcome = ? WHERE id = ?",
+                (now, detail, event_id),
+            )
+
+    async def import_outcome(self, event_id: int) -> ImportOutcome | None:
+        return await self._import_outcome("event_id = ?", (event_id,))
+
+    async def last_import_outcome(self, po_number: str) -> ImportOutcome | None:
+        return await self._import_outcome(
+            "po_number = ? ORDER BY event_id DESC LIMIT 1", (po_number,)
+        )
+
+    async def _import_outcome(self, where: str, args: Sequence[Any]) -> ImportOutcome | None:
+        row = await self._read_one(
+            "SELECT event_id, po_number, result, detail, po_id, decided_at FROM import_outcomes "
+            f"WHERE {where}",
+            args,
+        )
+        if row is None:
+            return None
+        return ImportOutcome(row[0], row[1], ImportResult(row[2]), row[3], row[4], row[5])
+
+    async def _read_one(self, sql: str, args: Sequence[Any]) -> Row | None:
+        """One row of a table a read-only opener may not have yet (a database the daemon has
+        not migrated): a clear error instead of the database's."""
+        try:
+            return await self._db.fetchone(sql, args)
+        except StoreError as exc:
+            if await self._db.check_version() >= len(MIGRATIONS):
+                raise
+            raise StoreError(f"{exc} (restart syncd to upgrade the database)") from None
+
     # -- transitions ---------------------------------------------------------------------
 
     async def history(self, link_id: int) -> list[TransitionRecord]:
@@ -504,3 +659,24 @@ class Store:
             (limit,),
         )
         return [TransitionRecord(*r) for r in rows]
+
+    # -- status page reads ---------------------------------------------------------------
+
+    async def timeline(self, link_id: int) -> list[tuple[TransitionRecord, str | None, str | None]]:
+        """An order's transitions, oldest first, each with the ``(source, kind)`` of the inbox
+        event that caused it (``None`` for a transition no event caused)."""
+        rows = await self._db.fetchall(
+            "SELECT t.id, t.link_id, t.from_state, t.to_state, t.trigger, t.cause, t.at, "
+            "i.source, i.kind FROM transitions t LEFT JOIN inbox i ON i.id = t.event_id "
+            "WHERE t.link_id = ? ORDER BY t.id",
+            (link_id,),
+        )
+        return [(TransitionRecord(*r[:7]), r[7], r[8]) for r in rows]
+
+    async def last_event_by_source(self, kind: str) -> dict[str, float]:
+        """Source → when the newest inbox event of ``kind`` from it arrived (e.g. the last
+        webhook each service delivered)."""
+        rows = await self._db.fetchall(
+            "SELECT source, max(received_at) FROM inbox WHERE kind = ? GROUP BY source", (kind,)
+        )
+        return {str(r[0]): float(r[1]) for r in rows}

@@ -4,7 +4,7 @@
 structs for what Katana answers and what syncd sends.
 """
 
-from syncd.adapters.katana.client import PAGE_SIZE, KatanaClient, format_time
+from syncd.adapters.katana.client import KatanaClient
 from syncd.adapters.katana.models import (
     Customer,
     Factory,
@@ -26,7 +26,6 @@ from syncd.adapters.katana.models import (
 )
 
 __all__ = [
-    "PAGE_SIZE",
     "Customer",
     "Factory",
     "InventoryRecord",
@@ -45,5 +44,4 @@ __all__ = [
     "Variant",
     "Webhook",
     "encode_request",
-    "format_time",
 ]

@@ -9,16 +9,15 @@ blindly: callers look the natural key (``order_no``, ``reference_id``, ``sku``) 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import msgspec
 
-from syncd.adapters._http import Params, ServiceClient
+from syncd.adapters._http import ServiceClient, format_time
 from syncd.adapters.katana.models import (
     Customer,
     Factory,
@@ -38,27 +37,7 @@ from syncd.adapters.katana.models import (
     encode_request,
 )
 
-__all__ = ["PAGE_SIZE", "KatanaClient", "format_time"]
-
-T = TypeVar("T")
-
-#: Katana's largest page; asking for more is silently cut to this.
-PAGE_SIZE = 250
-#: Values per array filter in one request, to keep URLs short.
-_CHUNK = 100
-
-
-def format_time(moment: datetime) -> str:
-    """A timestamp as Katana writes them (UTC, milliseconds, ``Z``); naive means UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
-
-
-def _chunks(values: Sequence[T]) -> list[list[T]]:
-    unique = list(dict.fromkeys(values))
-    return [unique[i : i + _CHUNK] for i in range(0, len(unique), _CHUNK)]
+__all__ = ["KatanaClient"]
 
 
 class KatanaClient(ServiceClient):
@@ -75,72 +54,28 @@ class KatanaClient(ServiceClient):
     default_limit = (60, 60.0)
     remaining_header = "X-Ratelimit-Remaining"
     reset_header = "X-Ratelimit-Reset"
+    #: Katana's largest page; asking for more is silently cut to this.
+    page_size = 250
 
-    # -- plumbing ----------------------------------------------------------------------
+    # -- envelope and filter style -----------------------------------------------------
 
-    def _decode(self, method: str, endpoint: str, response: httpx.Response, kind: type[T]) -> T:
-        try:
-            return msgspec.json.decode(response.content, type=kind)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise self.decode_error(method, endpoint, str(exc)) from None
+    def _records(self, response: httpx.Response, endpoint: str) -> list[msgspec.Raw]:
+        # Every list comes as ``{"data": [...]}``.
+        return self.decode(response.content, ListEnvelope[msgspec.Raw], "GET", endpoint).data
 
-    async def _get_all(
-        self, path: str, kind: type[T], params: dict[str, Any] | None = None
-    ) -> list[T]:
-        """Every record of a list endpoint, following its pages to the last one."""
-        items: list[T] = []
-        page = 1
-        while True:
-            query: Params = {**(params or {}), "limit": PAGE_SIZE, "page": page}
-            response = await self.request("GET", path, params=query)
-            envelope = self._decode("GET", path, response, ListEnvelope[msgspec.Raw])
-            items.extend(self.decode_each(envelope.data, kind, "GET", path))
-            if self._is_last_page(response, page, len(envelope.data)):
-                return items
-            page += 1
-
-    def _is_last_page(self, response: httpx.Response, page: int, count: int) -> bool:
-        if count == 0:
-            return True
-        header = response.headers.get("X-Pagination")
-        if header:
-            try:
-                facts = json.loads(header)
-            except (ValueError, RecursionError):
-                facts = None
-            if isinstance(facts, dict):
-                if str(facts.get("last_page", "")).lower() == "true":
-                    return True
-                try:
-                    return page >= int(str(facts["total_pages"]))
-                except (KeyError, ValueError):
-                    pass
-        # No usable header: a short page is the last one.
-        return count < PAGE_SIZE
-
-    async def _get_chunked(
-        self,
-        path: str,
-        kind: type[T],
-        key: str,
-        values: Sequence[Any],
-        params: dict[str, Any],
-    ) -> list[T]:
-        found: list[T] = []
-        for chunk in _chunks(values):
-            found.extend(await self._get_all(path, kind, {**params, key: chunk}))
-        return found
+    def _array_filter(self, name: str, values: Sequence[str | int]) -> dict[str, Any]:
+        # An array filter repeats its key: ``ids=1&ids=2``.
+        return {name: list(values)}
 
     # -- factory -----------------------------------------------------------------------
 
     async def get_factory(self) -> Factory:
         """The account's base currency and default locations."""
-        response = await self.request("GET", "/factory")
-        return self._decode("GET", "/factory", response, Factory)
+        return await self.fetch("GET", "/factory", Factory)
 
     # -- customers ---------------------------------------------------------------------
 
-    async def find_customers(
+    async def list_customers(
         self, *, name: str | None = None, reference_id: str | None = None
     ) -> list[Customer]:
         """Live customers matching the given name and/or reference id (all when neither)."""
@@ -149,30 +84,27 @@ class KatanaClient(ServiceClient):
             params["name"] = name
         if reference_id is not None:
             params["reference_id"] = reference_id
-        return await self._get_all("/customers", Customer, params)
+        return await self.list_all("/customers", Customer, params)
 
     async def create_customer(
         self, *, name: str, reference_id: str | None = None, currency: str | None = None
     ) -> Customer:
         """Create a customer. Not retried: look ``reference_id`` up first."""
         body = encode_request(NewCustomer(name=name, reference_id=reference_id, currency=currency))
-        response = await self.request("POST", "/customers", body=body)
-        return self._decode("POST", "/customers", response, Customer)
+        return await self.fetch("POST", "/customers", Customer, body=body)
 
     # -- variants and products ---------------------------------------------------------
 
-    async def find_variants(
-        self, skus: Sequence[str], *, include_deleted: bool = False
+    async def list_variants(
+        self, *, skus: Sequence[str], include_deleted: bool = False
     ) -> list[Variant]:
-        """Variants whose ``sku`` is one of ``skus``.
+        """Variants whose ``sku`` is one of ``skus`` (none without a request when empty).
 
         A sku may also exist on deleted variants (with ``include_deleted``); callers should
         prefer the one whose ``deleted_at`` is ``None``.
         """
-        if not skus:
-            return []
         params: dict[str, Any] = {"include_deleted": "true"} if include_deleted else {}
-        return await self._get_chunked("/variants", Variant, "sku", skus, params)
+        return await self.list_matching("/variants", Variant, "sku", skus, params)
 
     async def create_product(
         self,
@@ -185,8 +117,7 @@ class KatanaClient(ServiceClient):
         """Create a product with one variant. Not retried: look ``sku`` up first."""
         variant = NewVariant(sku=sku, sales_price=sales_price, purchase_price=purchase_price)
         body = encode_request(NewProduct(name=name, variants=[variant]))
-        response = await self.request("POST", "/products", body=body)
-        return self._decode("POST", "/products", response, Product)
+        return await self.fetch("POST", "/products", Product, body=body)
 
     # -- sales orders ------------------------------------------------------------------
 
@@ -198,7 +129,10 @@ class KatanaClient(ServiceClient):
         updated_at_min: datetime | None = None,
         include_deleted: bool = False,
     ) -> list[SalesOrder]:
-        """Sales orders matching every given filter, newest first, all pages."""
+        """Sales orders matching every given filter, newest first, all pages.
+
+        An empty ``ids`` returns an empty list without a request.
+        """
         params: dict[str, Any] = {}
         if order_no is not None:
             params["order_no"] = order_no
@@ -207,35 +141,27 @@ class KatanaClient(ServiceClient):
         if include_deleted:
             params["include_deleted"] = "true"
         if ids is not None:
-            if not ids:
-                return []
-            return await self._get_chunked("/sales_orders", SalesOrder, "ids", ids, params)
-        return await self._get_all("/sales_orders", SalesOrder, params)
+            return await self.list_matching("/sales_orders", SalesOrder, "ids", ids, params)
+        return await self.list_all("/sales_orders", SalesOrder, params)
 
     async def get_sales_order(self, sales_order_id: int) -> SalesOrder:
         """One sales order with its live rows.
 
         :raises syncd.errors.NotFound: when Katana has no such order.
         """
-        template = "/sales_orders/{id}"
-        response = await self.request(
-            "GET", f"/sales_orders/{int(sales_order_id)}", template=template
-        )
-        return self._decode("GET", template, response, SalesOrder)
+        path = f"/sales_orders/{int(sales_order_id)}"
+        return await self.fetch("GET", path, SalesOrder, template="/sales_orders/{id}")
 
     async def create_sales_order(self, order: NewSalesOrder) -> SalesOrder:
         """Create a sales order. Not retried: look ``order_no`` up first."""
-        response = await self.request("POST", "/sales_orders", body=encode_request(order))
-        return self._decode("POST", "/sales_orders", response, SalesOrder)
+        return await self.fetch("POST", "/sales_orders", SalesOrder, body=encode_request(order))
 
     async def list_sales_order_rows(
         self, sales_order_ids: Sequence[int], *, include_deleted: bool = False
     ) -> list[SalesOrderRow]:
         """The rows of the given sales orders (deleted ones too with ``include_deleted``)."""
-        if not sales_order_ids:
-            return []
         params: dict[str, Any] = {"include_deleted": "true"} if include_deleted else {}
-        return await self._get_chunked(
+        return await self.list_matching(
             "/sales_order_rows", SalesOrderRow, "sales_order_ids", sales_order_ids, params
         )
 
@@ -248,7 +174,10 @@ class KatanaClient(ServiceClient):
         updated_at_min: datetime | None = None,
         include_deleted: bool = False,
     ) -> list[ManufacturingOrder]:
-        """Manufacturing orders matching every given filter, all pages."""
+        """Manufacturing orders matching every given filter, all pages.
+
+        An empty ``ids`` returns an empty list without a request.
+        """
         params: dict[str, Any] = {}
         if updated_at_min is not None:
             params["updated_at_min"] = format_time(updated_at_min)
@@ -256,25 +185,21 @@ class KatanaClient(ServiceClient):
             params["include_deleted"] = "true"
         path = "/manufacturing_orders"
         if ids is not None:
-            if not ids:
-                return []
-            return await self._get_chunked(path, ManufacturingOrder, "ids", ids, params)
-        return await self._get_all(path, ManufacturingOrder, params)
+            return await self.list_matching(path, ManufacturingOrder, "ids", ids, params)
+        return await self.list_all(path, ManufacturingOrder, params)
 
-    async def get_inventory(self, variant_ids: Sequence[int]) -> list[InventoryRecord]:
+    async def list_inventory(self, variant_ids: Sequence[int]) -> list[InventoryRecord]:
         """Stock and average cost of the given variants, one record per location.
 
         Katana spells this filter ``variant_id`` (repeated), not ``variant_ids``.
         """
-        if not variant_ids:
-            return []
-        return await self._get_chunked("/inventory", InventoryRecord, "variant_id", variant_ids, {})
+        return await self.list_matching("/inventory", InventoryRecord, "variant_id", variant_ids)
 
     # -- webhooks ----------------------------------------------------------------------
 
     async def list_webhooks(self) -> list[Webhook]:
         """Every webhook subscription of the account."""
-        return await self._get_all("/webhooks", Webhook)
+        return await self.list_all("/webhooks", Webhook)
 
     async def create_webhook(
         self, url: str, events: Sequence[str], *, description: str | None = None
@@ -286,5 +211,4 @@ class KatanaClient(ServiceClient):
         body = encode_request(
             NewWebhook(url=url, subscribed_events=list(events), description=description)
         )
-        response = await self.request("POST", "/webhooks", body=body)
-        return self._decode("POST", "/webhooks", response, Webhook)
+        return await self.fetch("POST", "/webhooks", Webhook, body=body)

@@ -1,6 +1,6 @@
 """The TradeGecko adapter: its records (msgspec structs) and its API client."""
 
-from syncd.adapters.tradegecko.client import PAGE_LIMIT, TradeGeckoClient
+from syncd.adapters.tradegecko.client import TradeGeckoClient
 from syncd.adapters.tradegecko.models import (
     Account,
     AccountEnvelope,
@@ -27,7 +27,6 @@ from syncd.adapters.tradegecko.models import (
 )
 
 __all__ = [
-    "PAGE_LIMIT",
     "Account",
     "AccountEnvelope",
     "Company",

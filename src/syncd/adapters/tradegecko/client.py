@@ -12,73 +12,31 @@ listing everything. Naive datetimes given as filters are taken to be UTC.
 from __future__ import annotations
 
 import json
-import typing
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import msgspec
 
-from syncd.adapters._http import Params, ServiceClient
+from syncd.adapters._http import ServiceClient, chunks, format_time
 from syncd.adapters.tradegecko.models import (
     Account,
     AccountEnvelope,
     Company,
-    CompanyList,
     Currency,
-    CurrencyList,
     Procurement,
     ProcurementEnvelope,
     PurchaseOrder,
     PurchaseOrderEnvelope,
     PurchaseOrderLineItem,
-    PurchaseOrderLineItemList,
-    PurchaseOrderList,
     Variant,
-    VariantList,
     Webhook,
     WebhookEnvelope,
-    WebhookList,
 )
 
-__all__ = ["FILTER_BATCH", "PAGE_LIMIT", "TradeGeckoClient"]
-
-#: The largest page TradeGecko serves; more is a 400.
-PAGE_LIMIT = 250
-#: How many ids or SKUs go into one filtered request.
-FILTER_BATCH = 100
-
-E = TypeVar("E")
-R = TypeVar("R")
-
-
-def _timestamp(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _batches(values: Sequence[R]) -> list[Sequence[R]]:
-    return [values[i : i + FILTER_BATCH] for i in range(0, len(values), FILTER_BATCH)]
-
-
-def _array_filter(name: str, values: Sequence[R]) -> dict[str, Any]:
-    # One value goes as ``name=v``; several as Rails arrays, ``name[]=a&name[]=b``.
-    if len(values) == 1:
-        return {name: values[0]}
-    return {f"{name}[]": list(values)}
-
-
-def _item_type(envelope: type[Any], field: str) -> type[Any]:
-    """The record type of a list envelope's ``field`` (``list[PurchaseOrder]`` → PurchaseOrder)."""
-    for info in msgspec.structs.fields(envelope):
-        if info.name == field:
-            args = typing.get_args(info.type)
-            if args:
-                return args[0]  # type: ignore[no-any-return]
-    raise TypeError(f"{envelope.__name__} has no list field {field!r}")
+__all__ = ["TradeGeckoClient"]
 
 
 class TradeGeckoClient(ServiceClient):
@@ -96,69 +54,34 @@ class TradeGeckoClient(ServiceClient):
     default_limit = (300, 300.0)
     remaining_header = "X-Rate-Limit-Remaining"
     reset_header = "X-Rate-Limit-Reset"
+    #: The largest page TradeGecko serves; more is a 400.
+    page_size = 250
 
-    # -- plumbing ----------------------------------------------------------------------
+    # -- envelope and filter style -----------------------------------------------------
 
-    def _decode(self, response: httpx.Response, kind: type[E], method: str, endpoint: str) -> E:
-        try:
-            return msgspec.json.decode(response.content, type=kind)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise self.decode_error(method, endpoint, str(exc)) from exc
+    def _records(self, response: httpx.Response, endpoint: str) -> list[msgspec.Raw]:
+        # A list comes under its resource's name: ``/purchase_orders`` answers
+        # ``{"purchase_orders": [...], "meta": ...}``.
+        key = endpoint.rsplit("/", 1)[-1]
+        body = self.decode(response.content, dict[str, msgspec.Raw], "GET", endpoint)
+        if key not in body:
+            raise self.decode_error("GET", endpoint, f"no {key!r} list in the answer")
+        return self.decode(body[key], list[msgspec.Raw], "GET", endpoint)
 
-    async def _get(
-        self, path: str, kind: type[E], *, params: Params | None = None, template: str | None = None
-    ) -> E:
-        response = await self.request("GET", path, params=params, template=template)
-        return self._decode(response, kind, "GET", template or path)
-
-    async def _list_all(
-        self, path: str, kind: type[E], field: str, params: dict[str, Any]
-    ) -> list[Any]:
-        """Every record of a list endpoint, walking the pages until the last one."""
-        items: list[Any] = []
-        page = 1
-        while True:
-            query = {**params, "limit": PAGE_LIMIT, "page": page}
-            response = await self.request("GET", path, params=query)
-            body = self._decode(response, dict[str, msgspec.Raw], "GET", path)
-            if field not in body:
-                raise self.decode_error("GET", path, f"no {field!r} list in the answer")
-            batch = self._decode_raw(body[field], list[msgspec.Raw], "GET", path)
-            items.extend(self.decode_each(batch, _item_type(kind, field), "GET", path))
-            if self._is_last_page(response, page, len(batch)):
-                return items
-            page += 1
-
-    def _decode_raw(self, raw: msgspec.Raw, kind: type[E], method: str, endpoint: str) -> E:
-        try:
-            return msgspec.json.decode(raw, type=kind)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise self.decode_error(method, endpoint, str(exc)) from exc
-
-    def _is_last_page(self, response: httpx.Response, page: int, count: int) -> bool:
-        if count == 0:
-            return True
-        header = response.headers.get("X-Pagination")
-        if header:
-            try:
-                info = json.loads(header)
-            except (ValueError, RecursionError):
-                info = None
-            if isinstance(info, dict):
-                if info.get("last_page") is True or info.get("out_of_bounds") is True:
-                    return True
-                total_pages = info.get("total_pages")
-                if isinstance(total_pages, int | str) and str(total_pages).isdigit():
-                    return page >= int(total_pages)
-                if info.get("last_page") is False:
-                    return False
-        return count < PAGE_LIMIT
+    def _array_filter(self, name: str, values: Sequence[str | int]) -> dict[str, Any]:
+        # Rails arrays, ``sku[]=a&sku[]=b``; one value goes as ``sku=a``. A filter TradeGecko
+        # documents only as an array (``ids[]``) is named so and always sent as one.
+        if name.endswith("[]"):
+            return {name: list(values)}
+        if len(values) == 1:
+            return {name: values[0]}
+        return {f"{name}[]": list(values)}
 
     # -- reads -------------------------------------------------------------------------
 
     async def get_current_account(self) -> Account:
         """The account the token belongs to (its base currency is ``default_currency_id``)."""
-        envelope = await self._get("/accounts/current", AccountEnvelope)
+        envelope = await self.fetch("GET", "/accounts/current", AccountEnvelope)
         return envelope.account
 
     async def list_companies(self, *, company_type: str | None = None) -> list[Company]:
@@ -169,11 +92,11 @@ class TradeGeckoClient(ServiceClient):
         params: dict[str, Any] = {}
         if company_type is not None:
             params["company_type"] = company_type
-        return await self._list_all("/companies", CompanyList, "companies", params)
+        return await self.list_all("/companies", Company, params)
 
     async def list_currencies(self) -> list[Currency]:
         """Every currency of the account."""
-        return await self._list_all("/currencies", CurrencyList, "currencies", {})
+        return await self.list_all("/currencies", Currency)
 
     async def list_variants(
         self, *, ids: Sequence[int] | None = None, skus: Sequence[str] | None = None
@@ -184,17 +107,15 @@ class TradeGeckoClient(ServiceClient):
         """
         if (ids is not None and not ids) or (skus is not None and not skus):
             return []
-        id_batches: list[Sequence[int] | None] = list(_batches(ids)) if ids else [None]
-        sku_batches: list[Sequence[str] | None] = list(_batches(skus)) if skus else [None]
+        # Both filters chunked: every chunk of one with every chunk of the other.
+        size = self.chunk_size
+        id_filters = [self._array_filter("ids[]", c) for c in chunks(ids, size)] if ids else [{}]
+        sku_filters = [self._array_filter("sku", c) for c in chunks(skus, size)] if skus else [{}]
         found: dict[int, Variant] = {}
-        for id_batch in id_batches:
-            for sku_batch in sku_batches:
-                params: dict[str, Any] = {}
-                if id_batch is not None:
-                    params["ids[]"] = list(id_batch)
-                if sku_batch is not None:
-                    params.update(_array_filter("sku", sku_batch))
-                for variant in await self._list_all("/variants", VariantList, "variants", params):
+        for id_filter in id_filters:
+            for sku_filter in sku_filters:
+                params = {**id_filter, **sku_filter}
+                for variant in await self.list_all("/variants", Variant, params):
                     found.setdefault(variant.id, variant)
         return list(found.values())
 
@@ -212,34 +133,22 @@ class TradeGeckoClient(ServiceClient):
 
         An empty ``ids`` or ``company_ids`` returns an empty list without a request.
         """
-        if (ids is not None and not ids) or (company_ids is not None and not company_ids):
+        if company_ids is not None and not company_ids:
             return []
         params: dict[str, Any] = {}
         if company_ids is not None:
-            params.update(_array_filter("company_id", company_ids))
+            params.update(self._array_filter("company_id", company_ids))
         if status is not None:
             params["status"] = status
         if order_number is not None:
             params["order_number"] = order_number
         if created_at_min is not None:
-            params["created_at_min"] = _timestamp(created_at_min)
+            params["created_at_min"] = format_time(created_at_min)
         if updated_at_min is not None:
-            params["updated_at_min"] = _timestamp(updated_at_min)
-        if not ids:
-            return await self._list_all(
-                "/purchase_orders", PurchaseOrderList, "purchase_orders", params
-            )
-        orders: list[PurchaseOrder] = []
-        for batch in _batches(ids):
-            orders.extend(
-                await self._list_all(
-                    "/purchase_orders",
-                    PurchaseOrderList,
-                    "purchase_orders",
-                    {**params, "ids[]": list(batch)},
-                )
-            )
-        return orders
+            params["updated_at_min"] = format_time(updated_at_min)
+        if ids is not None:
+            return await self.list_matching("/purchase_orders", PurchaseOrder, "ids[]", ids, params)
+        return await self.list_all("/purchase_orders", PurchaseOrder, params)
 
     async def get_purchase_order(
         self, purchase_order_id: int
@@ -248,7 +157,8 @@ class TradeGeckoClient(ServiceClient):
 
         :raises syncd.errors.NotFound: the purchase order does not exist.
         """
-        envelope = await self._get(
+        envelope = await self.fetch(
+            "GET",
             f"/purchase_orders/{purchase_order_id}",
             PurchaseOrderEnvelope,
             params={"include": "purchase_order_line_items"},
@@ -270,10 +180,9 @@ class TradeGeckoClient(ServiceClient):
         self, purchase_order_id: int
     ) -> list[PurchaseOrderLineItem]:
         """Every line of one purchase order."""
-        return await self._list_all(
+        return await self.list_all(
             "/purchase_order_line_items",
-            PurchaseOrderLineItemList,
-            "purchase_order_line_items",
+            PurchaseOrderLineItem,
             {"purchase_order_id": purchase_order_id},
         )
 
@@ -306,22 +215,23 @@ class TradeGeckoClient(ServiceClient):
         :raises syncd.errors.ValidationFailed: the order cannot be received (not active).
         """
         template = "/purchase_orders/{id}/actions/receive"
-        response = await self.request(
+        envelope = await self.fetch(
             "POST",
             f"/purchase_orders/{purchase_order_id}/actions/receive",
+            ProcurementEnvelope,
             idempotency_key=idempotency_key,
             template=template,
         )
-        return self._decode(response, ProcurementEnvelope, "POST", template).procurement
+        return envelope.procurement
 
     # -- webhooks ----------------------------------------------------------------------
 
     async def list_webhooks(self) -> list[Webhook]:
         """Every webhook subscription of the OAuth application."""
-        return await self._list_all("/webhooks", WebhookList, "webhooks", {})
+        return await self.list_all("/webhooks", Webhook)
 
     async def create_webhook(self, address: str, event: str) -> Webhook:
         """Subscribe ``address`` to one ``event``. Not retried: list the webhooks first."""
         body = json.dumps({"webhook": {"address": address, "event": event}}).encode()
-        response = await self.request("POST", "/webhooks", body=body)
-        return self._decode(response, WebhookEnvelope, "POST", "/webhooks").webhook
+        envelope = await self.fetch("POST", "/webhooks", WebhookEnvelope, body=body)
+        return envelope.webhook
