@@ -42,6 +42,7 @@ __all__ = [
     "FixedWindow",
     "Frame",
     "Handler",
+    "Json",
     "Page",
     "Quota",
     "RateWindow",

@@ -33,7 +33,18 @@ from syncd.sim._katana_world import KatanaError, KatanaWorld
 from syncd.sim.faults import Faults, install_faults
 from syncd.sim.webhooks import Subscription, WebhookSender, katana_sender, new_token
 
-__all__ = ["API_PREFIX", "WEBHOOK_EVENTS", "KatanaError", "KatanaWorld", "create_app", "run"]
+__all__ = [
+    "API_PREFIX",
+    "DEFAULT_LIMIT",
+    "DIALECT",
+    "MAX_LIMIT",
+    "WEBHOOK_EVENTS",
+    "KatanaError",
+    "KatanaWorld",
+    "WorldHandler",
+    "create_app",
+    "run",
+]
 
 API_PREFIX = "/v1"
 DEFAULT_LIMIT = 50

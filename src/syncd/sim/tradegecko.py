@@ -55,7 +55,19 @@ from syncd.sim._tradegecko_world import (
 from syncd.sim.faults import Faults, install_faults
 from syncd.sim.webhooks import WebhookSender, tradegecko_sender
 
-__all__ = ["DEFAULT_TOKEN", "DEFAULT_WEBHOOK_SECRET", "TradeGeckoWorld", "create_app", "run"]
+__all__ = [
+    "DEFAULT_LIMIT",
+    "DEFAULT_TOKEN",
+    "DEFAULT_WEBHOOK_SECRET",
+    "DIALECT",
+    "IDEMPOTENCY_TTL",
+    "MAX_LIMIT",
+    "AccountHandler",
+    "Json",
+    "TradeGeckoWorld",
+    "create_app",
+    "run",
+]
 
 DEFAULT_TOKEN = "tradegecko-sim-token"
 #: The OAuth application secret that signs the simulator's webhook deliveries.
