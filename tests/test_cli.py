@@ -809,6 +809,36 @@ def test_the_log_says_what_started_names_the_order_on_every_line_and_says_it_sto
     assert len(moved) >= 4 and all(f"po={number}" in line for line in moved), moved
 
 
+def test_a_second_daemon_on_the_database_file_exits_6_and_the_first_runs_on(
+    tmp_path: Path, world: CrashHarness, daemons: list[Daemon]
+) -> None:
+    config = _run_config(tmp_path, world)
+    first = Daemon(config)
+    daemons.append(first)
+    first.wait_for("syncd running")
+    second = Daemon(config)
+    daemons.append(second)
+    status = second.wait(30)
+    stderr = second.stderr()
+    assert status == 6, stderr
+    assert stderr == (
+        f"syncd: database {tmp_path / 'syncd.db'} is in use by another syncd (pid "
+        f"{first.proc.pid}); one daemon per database file (syncctl can still read it)\n"
+    )
+    # Refused before it decided or asked anything, and the first never noticed.
+    assert not [line for line in second.lines if "syncd running" in line], second.lines
+    _, number = world.create_po()
+    first.wait_for(f"po={number} so=TG-{number} from=delivered to=received", 60.0)
+    # A daemon that dies without cleaning up takes its lock with it: the next one starts.
+    first.proc.kill()
+    first.wait(10)
+    third = Daemon(config)
+    daemons.append(third)
+    third.wait_for("syncd running")
+    status, _ = third.stop()
+    assert status == 0, third.stderr()
+
+
 # -- `syncd demo` as a process --------------------------------------------------------------
 
 

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 the demo did not receive every order; 2 bad usage or a broken
 configuration or statechart; 3 the database cannot be opened or is damaged; 4 a service
-rejected the tokens at start; 5 a service could not be reached at start; 130 the demo was
-interrupted (Ctrl-C, SIGTERM).
+rejected the tokens at start; 5 a service could not be reached at start; 6 another syncd
+runs on the database file (SQLite: one daemon per file); 130 the demo was interrupted
+(Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from syncd.errors import (
     ConfigError,
     StatechartError,
     StoreError,
+    StoreInUse,
     SyncdError,
 )
 from syncd.ops.logging import configure_logging
@@ -38,6 +40,7 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
+    "EXIT_IN_USE",
     "EXIT_STORE",
     "EXIT_UNREACHABLE",
     "check",
@@ -54,6 +57,8 @@ EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_AUTH = 4
 EXIT_UNREACHABLE = 5
+#: Another syncd holds the SQLite file: a second copy was started, the database is fine.
+EXIT_IN_USE = 6
 #: The shell's convention for a run ended by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
 
@@ -127,6 +132,8 @@ def _first_error(exc: BaseException) -> SyncdError | None:
 def _exit_for(error: SyncdError) -> None:
     if isinstance(error, ConfigError | StatechartError):
         _fail(str(error), EXIT_CONFIG)
+    elif isinstance(error, StoreInUse):
+        _fail(str(error), EXIT_IN_USE)
     elif isinstance(error, StoreError):
         _fail(str(error), EXIT_STORE)
     elif isinstance(error, AuthError):
