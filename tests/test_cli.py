@@ -17,10 +17,12 @@ from pathlib import Path
 
 import anyio
 import httpx
+import psycopg
 import pytest
 
 from conftest import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
 from crash_harness import CrashHarness
+from pg_server import PASSWORD, PostgresServer, pg_server_fixture  # noqa: F401 - pytest's
 from syncd.domain.statechart import load_statechart
 from syncd.sim import free_port
 
@@ -145,6 +147,60 @@ def test_check_accepts_a_good_config_and_names_the_wrong_key(tmp_path: Path) -> 
     result = run("syncd", "check", "--config", str(tmp_path / "absent.toml"))
     assert result.returncode == 2
     assert "absent.toml" in result.stderr
+
+
+def test_check_of_a_postgres_database_connects_and_checks_its_schema(
+    tmp_path: Path, pg_server: PostgresServer
+) -> None:
+    from syncd.store import Store
+
+    url = pg_server.create_database()
+    env = {"SYNCD_CREDENTIALS_DIRECTORY": str(tmp_path / "no-credentials")}
+
+    def check(database: str) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / "syncd.toml"
+        config.write_text(
+            f'[daemon]\ndatabase = "{database}"\n[metrics]\nlisten = "127.0.0.1:0"\n'
+            '[tradegecko]\ntoken = "t"\n[katana]\ntoken = "k"\n'
+        )
+        result = run("syncd", "check", "--config", str(config), env=env)
+        assert PASSWORD not in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+        return result
+
+    def tables() -> list[tuple[object, ...]]:
+        with psycopg.connect(url) as con:
+            return con.execute(
+                "SELECT to_regclass('links'), to_regclass('syncd_schema')"
+            ).fetchall()
+
+    try:
+        # Empty: fine (run creates the schema), and check creates nothing.
+        result = check(url)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.endswith(f"database {url.replace(PASSWORD, '***')})\n"), result.stdout
+        assert tables() == [(None, None)]
+
+        async def migrate() -> None:
+            await (await Store.open(url)).close()
+
+        anyio.run(migrate)
+        assert check(url).returncode == 0
+        with psycopg.connect(url, autocommit=True) as con:
+            con.execute("DROP TRIGGER transitions_no_delete ON transitions")
+            con.execute("DROP INDEX inbox_link")
+        result = check(url)
+        assert result.returncode == 3, result.stderr
+        assert "database postgresql://syncd:***@" in result.stderr
+        assert "is damaged: index inbox_link is missing; trigger transitions_no_delete is" in (
+            result.stderr
+        )
+        result = check(pg_server.url(url.rsplit("/", 1)[1], password="wrong"))
+        assert result.returncode == 3, result.stderr
+        assert "cannot connect to database" in result.stderr
+        assert "password authentication failed" in result.stderr
+    finally:
+        pg_server.drop_database(url)
 
 
 def _hold_port() -> socket.socket:

@@ -25,7 +25,8 @@ from syncd.domain.orders import LinkedOrder, PurchaseOrderLine, PurchaseOrderSna
 from syncd.domain.statechart import Decision, load_statechart
 from syncd.errors import StoreConflict, StoreError, StoreInUse, StoreUnavailable, is_transient
 from syncd.store import ImportResult, Store
-from syncd.store._postgres import _transient, redact
+from syncd.store._backend import redact
+from syncd.store._postgres import _transient
 from syncd.store._schema import MIGRATIONS
 from syncd.store._schema_postgres import POSTGRES_MIGRATIONS, VERSION_TABLE
 from syncd.store._store import OBSERVATIONS_KEPT

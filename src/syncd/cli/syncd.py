@@ -149,6 +149,7 @@ async def _run(config: Config, config_path: str) -> None:
 
     from syncd.ops.notify import notify, watchdog
     from syncd.runtime.daemon import running_daemon
+    from syncd.store import redacted
 
     log = logging.getLogger("syncd.daemon")
     log.info(
@@ -156,7 +157,7 @@ async def _run(config: Config, config_path: str) -> None:
         extra={
             "version": __version__,
             "config": config_path,
-            "database": config.daemon.database,
+            "database": redacted(config.daemon.database),
             "pid": os.getpid(),
         },
     )
@@ -204,6 +205,7 @@ def check(config_path: str | None, online: bool) -> None:
 
     Lists every problem; exits with the code `run` would give for the first."""
     from syncd.cli.check import check as find_problems
+    from syncd.store import redacted
 
     path = _config_path(config_path)
     # The problems are the output: a retry the service check schedules is not news.
@@ -225,7 +227,7 @@ def check(config_path: str | None, online: bool) -> None:
     click.echo(
         f"{path}: ok (supplier {config.tradegecko.supplier_name!r}, customer "
         f"{config.katana.customer_name!r}, {len(report.chart.states)} states, database "
-        f"{config.daemon.database}{services})"
+        f"{redacted(config.daemon.database)}{services})"
     )
 
 

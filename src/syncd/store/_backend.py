@@ -11,13 +11,23 @@ failures, lost connections, a full or failing disk).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from syncd.errors import StoreError
 
-__all__ = ["Backend", "Queries", "Row", "is_postgres_url", "newer_schema"]
+__all__ = [
+    "Backend",
+    "Queries",
+    "Row",
+    "is_postgres_url",
+    "newer_schema",
+    "redact",
+    "redacted",
+]
 
 #: One result row, columns in the order the query named them.
 Row = tuple[Any, ...]
@@ -92,3 +102,19 @@ def newer_schema(where: str, version: int, latest: int) -> StoreError:
 def is_postgres_url(location: str) -> bool:
     """Whether ``daemon.database`` names a PostgreSQL database rather than a file."""
     return location.startswith(("postgresql://", "postgres://"))
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    url = re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
+
+
+def redacted(location: str) -> str:
+    """``daemon.database`` as messages and logs may show it: a URL without its password."""
+    return redact(location) if is_postgres_url(location) else location

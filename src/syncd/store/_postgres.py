@@ -21,7 +21,6 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import psycopg
@@ -29,10 +28,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
 from syncd.errors import StoreError, StoreUnavailable
-from syncd.store._backend import Row, newer_schema
+from syncd.store._backend import Row, newer_schema, redact
 from syncd.store._schema_postgres import POSTGRES_MIGRATIONS, VERSION_TABLE
 
-__all__ = ["PostgresBackend", "redact"]
+__all__ = ["PostgresBackend"]
 
 log = logging.getLogger("syncd.store")
 
@@ -40,17 +39,6 @@ log = logging.getLogger("syncd.store")
 _MIGRATION_LOCK = 0x73796E6364
 _OPTIONS = "-c lock_timeout=5000"
 _READONLY_OPTIONS = " -c default_transaction_read_only=on"
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    url = re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user, _, host = parts.netloc.rpartition("@")
-    name = user.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
 
 
 @functools.lru_cache(maxsize=512)
@@ -147,7 +135,9 @@ class PostgresBackend:
         self._writer = _Session(conninfo, where)
 
     @classmethod
-    async def open(cls, url: str, *, readonly: bool) -> PostgresBackend:
+    async def open(
+        cls, url: str, *, readonly: bool, require_schema: bool = True
+    ) -> PostgresBackend:
         where = redact(url)
         try:
             params: dict[str, Any] = conninfo_to_dict(url)
@@ -165,7 +155,7 @@ class PostgresBackend:
             async with backend._reader.lock:
                 await backend._reader.connection()
             if readonly:
-                if await backend.check_version() == 0:
+                if await backend.check_version() == 0 and require_schema:
                     raise StoreError(f"database {where} has no syncd schema: run syncd on it once")
             else:
                 await backend.migrate()

@@ -198,7 +198,13 @@ class SQLiteBackend:
 
 def _lock(path: str) -> int:
     """Take the database's lock file, or say which process holds it."""
-    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot open database {path}: cannot create its lock file {lock_path(path)}: "
+            f"{exc.strerror or exc}{_why_unwritable(path)}"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -153,7 +153,12 @@ class Store:
 
     @classmethod
     async def open(
-        cls, path: str | Path, *, readonly: bool = False, exclusive: bool = False
+        cls,
+        path: str | Path,
+        *,
+        readonly: bool = False,
+        exclusive: bool = False,
+        require_schema: bool = True,
     ) -> Store:
         """Open (and migrate) the store: a SQLite file, or a ``postgresql://`` URL.
 
@@ -161,6 +166,9 @@ class Store:
         :param exclusive: the daemon's open of a SQLite file: refuse when another syncd
             holds it. Several daemons may share a PostgreSQL database, so it is not
             refused there.
+        :param require_schema: with ``readonly``, refuse a PostgreSQL database with no
+            syncd schema yet; ``syncd check`` passes ``False`` and asks
+            :meth:`schema_version` (``syncd run`` would create the schema).
         :raises StoreInUse: ``exclusive`` and another syncd has the file open for writing.
         :raises StoreError: the file cannot be opened, the server reached or the password
             is refused, the database is not a syncd database, or is newer than this syncd.
@@ -171,7 +179,9 @@ class Store:
             # Imported here: a SQLite-only install never loads the PostgreSQL driver.
             from syncd.store._postgres import PostgresBackend
 
-            db = await PostgresBackend.open(location, readonly=readonly)
+            db = await PostgresBackend.open(
+                location, readonly=readonly, require_schema=require_schema
+            )
         else:
             db = await SQLiteBackend.open(location, readonly=readonly, exclusive=exclusive)
         return cls(db, db.where)
@@ -186,6 +196,10 @@ class Store:
 
     def _transaction(self) -> AbstractAsyncContextManager[Queries]:
         return self._db.transaction()
+
+    async def schema_version(self) -> int:
+        """How many migrations the database has had (0: none, a new database)."""
+        return await self._db.check_version()
 
     async def integrity_check(self) -> list[str]:
         """The database's own check (SQLite's ``integrity_check``; on PostgreSQL, that
