@@ -898,6 +898,29 @@ def test_a_second_daemon_on_the_database_file_exits_6_and_the_first_runs_on(
 # -- `syncd demo` as a process --------------------------------------------------------------
 
 
+def test_the_demo_on_a_database_a_daemon_holds_exits_6(tmp_path: Path) -> None:
+    from syncd.store import Store
+
+    database = tmp_path / "syncd.db"
+
+    async def hold_and_run_the_demo() -> subprocess.CompletedProcess[str]:
+        store = await Store.open(database, exclusive=True)
+        try:
+            return await anyio.to_thread.run_sync(
+                lambda: run("syncd", "demo", "--db", str(database), "--orders", "1")
+            )
+        finally:
+            await store.close()
+
+    result = anyio.run(hold_and_run_the_demo)
+    assert result.returncode == 6, result.stderr
+    assert result.stderr.endswith(
+        f"syncd: database {database} is in use by another syncd (pid {os.getpid()}); one "
+        "daemon per database file (syncctl can still read it)\n"
+    ), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_rerunning_the_demo_on_its_database_reports_only_this_runs_orders(tmp_path: Path) -> None:
     db = tmp_path / "demo.db"
     first = run("syncd", "demo", "--orders", "3", "--json", "--db", str(db))

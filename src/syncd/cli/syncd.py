@@ -283,6 +283,12 @@ def demo(
         # Ctrl-C before the demo's own handler was installed.
         _fail("demo interrupted", EXIT_INTERRUPTED)
         return
+    except BaseException as exc:  # its database in use (6) or unusable (3), as for run
+        error = _first_error(exc)
+        if not isinstance(error, StoreError):
+            raise
+        _exit_for(error)
+        return
     if as_json:
         click.echo(msgspec.json.encode(summary).decode())
     else:
