@@ -17,10 +17,12 @@ from pathlib import Path
 
 import anyio
 import httpx
+import psycopg
 import pytest
 
 from conftest import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
 from crash_harness import CrashHarness
+from pg_server import PASSWORD, PostgresServer, pg_server_fixture  # noqa: F401 - pytest's
 from syncd.domain.statechart import load_statechart
 from syncd.sim import free_port
 
@@ -161,6 +163,60 @@ def test_check_accepts_a_good_config_and_names_the_wrong_key(tmp_path: Path) -> 
     result = run("syncd", "check", "--config", str(tmp_path / "absent.toml"))
     assert result.returncode == 2
     assert "absent.toml" in result.stderr
+
+
+def test_check_of_a_postgres_database_connects_and_checks_its_schema(
+    tmp_path: Path, pg_server: PostgresServer
+) -> None:
+    from syncd.store import Store
+
+    url = pg_server.create_database()
+    env = {"SYNCD_CREDENTIALS_DIRECTORY": str(tmp_path / "no-credentials")}
+
+    def check(database: str) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / "syncd.toml"
+        config.write_text(
+            f'[daemon]\ndatabase = "{database}"\n[metrics]\nlisten = "127.0.0.1:0"\n'
+            '[tradegecko]\ntoken = "t"\n[katana]\ntoken = "k"\n'
+        )
+        result = run("syncd", "check", "--config", str(config), env=env)
+        assert PASSWORD not in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+        return result
+
+    def tables() -> list[tuple[object, ...]]:
+        with psycopg.connect(url) as con:
+            return con.execute(
+                "SELECT to_regclass('links'), to_regclass('syncd_schema')"
+            ).fetchall()
+
+    try:
+        # Empty: fine (run creates the schema), and check creates nothing.
+        result = check(url)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.endswith(f"database {url.replace(PASSWORD, '***')})\n"), result.stdout
+        assert tables() == [(None, None)]
+
+        async def migrate() -> None:
+            await (await Store.open(url)).close()
+
+        anyio.run(migrate)
+        assert check(url).returncode == 0
+        with psycopg.connect(url, autocommit=True) as con:
+            con.execute("DROP TRIGGER transitions_no_delete ON transitions")
+            con.execute("DROP INDEX inbox_link")
+        result = check(url)
+        assert result.returncode == 3, result.stderr
+        assert "database postgresql://syncd:***@" in result.stderr
+        assert "is damaged: index inbox_link is missing; trigger transitions_no_delete is" in (
+            result.stderr
+        )
+        result = check(pg_server.url(url.rsplit("/", 1)[1], password="wrong"))
+        assert result.returncode == 3, result.stderr
+        assert "cannot connect to database" in result.stderr
+        assert "password authentication failed" in result.stderr
+    finally:
+        pg_server.drop_database(url)
 
 
 def _hold_port() -> socket.socket:
@@ -825,7 +881,60 @@ def test_the_log_says_what_started_names_the_order_on_every_line_and_says_it_sto
     assert len(moved) >= 4 and all(f"po={number}" in line for line in moved), moved
 
 
+def test_a_second_daemon_on_the_database_file_exits_6_and_the_first_runs_on(
+    tmp_path: Path, world: CrashHarness, daemons: list[Daemon]
+) -> None:
+    config = _run_config(tmp_path, world)
+    first = Daemon(config)
+    daemons.append(first)
+    first.wait_for("syncd running")
+    second = Daemon(config)
+    daemons.append(second)
+    status = second.wait(30)
+    stderr = second.stderr()
+    assert status == 6, stderr
+    assert stderr == (
+        f"syncd: database {tmp_path / 'syncd.db'} is in use by another syncd (pid "
+        f"{first.proc.pid}); one daemon per database file (syncctl can still read it)\n"
+    )
+    # Refused before it decided or asked anything, and the first never noticed.
+    assert not [line for line in second.lines if "syncd running" in line], second.lines
+    _, number = world.create_po()
+    first.wait_for(f"po={number} so=TG-{number} from=delivered to=received", 60.0)
+    # A daemon that dies without cleaning up takes its lock with it: the next one starts.
+    first.proc.kill()
+    first.wait(10)
+    third = Daemon(config)
+    daemons.append(third)
+    third.wait_for("syncd running")
+    status, _ = third.stop()
+    assert status == 0, third.stderr()
+
+
 # -- `syncd demo` as a process --------------------------------------------------------------
+
+
+def test_the_demo_on_a_database_a_daemon_holds_exits_6(tmp_path: Path) -> None:
+    from syncd.store import Store
+
+    database = tmp_path / "syncd.db"
+
+    async def hold_and_run_the_demo() -> subprocess.CompletedProcess[str]:
+        store = await Store.open(database, exclusive=True)
+        try:
+            return await anyio.to_thread.run_sync(
+                lambda: run("syncd", "demo", "--db", str(database), "--orders", "1")
+            )
+        finally:
+            await store.close()
+
+    result = anyio.run(hold_and_run_the_demo)
+    assert result.returncode == 6, result.stderr
+    assert result.stderr.endswith(
+        f"syncd: database {database} is in use by another syncd (pid {os.getpid()}); one "
+        "daemon per database file (syncctl can still read it)\n"
+    ), result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_rerunning_the_demo_on_its_database_reports_only_this_runs_orders(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ TRANSIENT: dict[type[errors.SyncdError], bool] = {
     errors.StoreError: False,
     errors.StoreUnavailable: True,
     errors.StoreConflict: False,
+    errors.StoreInUse: False,
     errors.RuleViolation: False,
     errors.StatechartError: False,
     errors.ApiError: False,
@@ -78,6 +79,7 @@ def test_store_errors_stay_store_errors() -> None:
     # Callers that catch StoreError (the command-line tools, the dispatcher) still do.
     assert issubclass(errors.StoreUnavailable, errors.StoreError)
     assert issubclass(errors.StoreConflict, errors.StoreError)
+    assert issubclass(errors.StoreInUse, errors.StoreError)
 
 
 def test_the_tree_shows_every_type_and_marks_the_transient_ones() -> None:

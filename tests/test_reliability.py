@@ -28,9 +28,11 @@ async def test_a_database_locked_past_the_busy_timeout_loses_nothing(
         # than the daemon's 5 s busy timeout: its writes fail meanwhile. Taking the lock waits
         # for the daemon's own write in flight (the test once used timeout=0 and failed
         # whenever it asked while the daemon was committing: a race in the test, not syncd).
-        other = sqlite3.connect(database, timeout=10, isolation_level=None)
+        # The wait runs in a thread: blocking the event loop would stop the daemon's COMMIT
+        # too, and the two would wait on each other until the timeout.
+        other = sqlite3.connect(database, timeout=10, isolation_level=None, check_same_thread=False)
         try:
-            other.execute("BEGIN IMMEDIATE")
+            await anyio.to_thread.run_sync(other.execute, "BEGIN IMMEDIATE")
             more = [(await sims.create_po(lines))["order_number"] for _ in range(2)]
             daemon.poll_now()
             await anyio.sleep(7.0)

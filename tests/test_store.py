@@ -1,27 +1,134 @@
-"""The SQLite store, against real files in ``tmp_path``."""
+"""The store, against both backends: SQLite files in ``tmp_path``, and databases on a real
+PostgreSQL server the session starts (``pg_server``). Every test taking ``database`` runs
+on each; the tests of one backend's own parts say so in their names."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, closing
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import anyio
+import psycopg
 import pytest
 
+from pg_server import PostgresServer, pg_server_fixture  # noqa: F401 - for pytest to find
 from syncd.domain.orders import LinkedOrder, PurchaseOrderLine, PurchaseOrderSnapshot
 from syncd.domain.statechart import Decision, load_statechart
-from syncd.errors import StoreConflict, StoreError
+from syncd.errors import StoreConflict, StoreError, StoreInUse, StoreUnavailable, is_transient
 from syncd.store import ImportResult, Store
+from syncd.store._backend import redact
+from syncd.store._postgres import _transient
 from syncd.store._schema import MIGRATIONS
+from syncd.store._schema_postgres import POSTGRES_MIGRATIONS, VERSION_TABLE
 from syncd.store._store import OBSERVATIONS_KEPT
 
 pytestmark = pytest.mark.anyio
 
 CHART = load_statechart()
 WHEN = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Where a fresh store goes: a file path, or the URL of a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "syncd.db")
+        return
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)
+
+
+@pytest.fixture
+def pg_database(pg_server: PostgresServer) -> Iterator[str]:
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)
+
+
+def is_pg(database: str) -> bool:
+    return database.startswith("postgresql://")
+
+
+def raw(database: str, sql: str) -> list[tuple[Any, ...]]:
+    """One statement outside the store, committed."""
+    if is_pg(database):
+        with psycopg.connect(database, autocommit=True) as pg:
+            cursor = pg.execute(sql.encode())
+            return cursor.fetchall() if cursor.description else []
+    with closing(sqlite3.connect(database)) as con:
+        rows = con.execute(sql).fetchall()
+        con.commit()
+        return rows
+
+
+def raw_many(database: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """One statement for each of ``rows``, outside the store, committed together."""
+    if is_pg(database):
+        with psycopg.connect(database) as pg, pg.cursor() as cursor:
+            cursor.executemany(sql.replace("?", "%s").encode(), rows)
+        return
+    with closing(sqlite3.connect(database)) as con:
+        con.executemany(sql, rows)
+        con.commit()
+
+
+def schema_version(database: str) -> int:
+    sql = f"SELECT version FROM {VERSION_TABLE}" if is_pg(database) else "PRAGMA user_version"
+    return int(raw(database, sql)[0][0])
+
+
+#: SQLite's declared types as PostgreSQL names their translations.
+_SQLITE_TYPES = {"INTEGER": "bigint", "TEXT": "text", "BLOB": "bytea", "REAL": "double precision"}
+
+
+def schema(database: str) -> dict[str, Any]:
+    """Tables → columns → (type, nullable), and the index names, in one vocabulary."""
+    tables: dict[str, dict[str, tuple[str, bool]]] = {}
+    if is_pg(database):
+        for table, column, kind, nullable in raw(
+            database,
+            "SELECT table_name, column_name, data_type, is_nullable FROM "
+            f"information_schema.columns WHERE table_schema = current_schema() "
+            f"AND table_name <> '{VERSION_TABLE}'",
+        ):
+            tables.setdefault(table, {})[column] = (kind, nullable == "YES")
+        indexes = {
+            r[0]
+            for r in raw(
+                database,
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() "
+                "AND indexname NOT LIKE '%_pkey' AND indexname NOT LIKE '%_key'",
+            )
+        }
+    else:
+        for (table,) in raw(database, "SELECT name FROM sqlite_master WHERE type = 'table'"):
+            for _, column, kind, notnull, _, pk in raw(database, f"PRAGMA table_info({table})"):
+                # A primary key is never NULL in PostgreSQL; SQLite's TEXT ones are by
+                # accident only.
+                tables.setdefault(table, {})[column] = (
+                    _SQLITE_TYPES[kind],
+                    not (notnull or pk),
+                )
+        indexes = {
+            r[0]
+            for r in raw(
+                database,
+                "SELECT name FROM sqlite_master WHERE type = 'index' "
+                "AND name NOT LIKE 'sqlite_autoindex%'",
+            )
+        }
+    return {"tables": tables, "indexes": indexes}
 
 
 class Clock:
@@ -35,8 +142,8 @@ class Clock:
 
 
 @asynccontextmanager
-async def opened(path: Path, clock: Clock | None = None) -> AsyncIterator[Store]:
-    store = await Store.open(path)
+async def opened(database: str | Path, clock: Clock | None = None) -> AsyncIterator[Store]:
+    store = await Store.open(database)
     if clock is not None:
         store._clock = clock
     try:
@@ -80,110 +187,155 @@ async def new_link(store: Store, po_id: int, po_number: str | None = None) -> Li
     return link
 
 
-def raw(path: Path) -> closing[sqlite3.Connection]:
-    return closing(sqlite3.connect(path))
-
-
 # -- opening --------------------------------------------------------------------------------
 
 
-async def test_migrations_set_user_version_and_wal(tmp_path: Path) -> None:
-    db = tmp_path / "sub" / "syncd.db"
+async def test_sqlite_migrations_set_user_version_and_wal(tmp_path: Path) -> None:
+    db = str(tmp_path / "sub" / "syncd.db")
     async with opened(db):
         pass
-    with raw(db) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"meta", "links", "transitions", "inbox", "cursors", "po_observations"} <= tables
+    assert schema_version(db) == len(MIGRATIONS)
+    assert raw(db, "PRAGMA journal_mode")[0][0] == "wal"
+    assert {"meta", "links", "transitions", "inbox", "cursors", "po_observations"} <= set(
+        schema(db)["tables"]
+    )
 
 
-async def test_a_database_of_the_first_schema_is_migrated_in_place(tmp_path: Path) -> None:
-    db = tmp_path / "syncd.db"
-    with raw(db) as con:
-        con.executescript(MIGRATIONS[0])
-        con.execute("PRAGMA user_version = 1")
-        con.execute("INSERT INTO meta (key, value) VALUES ('activated_at', 'then')")
-        con.commit()
-    async with opened(db) as store:
+def at_first_schema(database: str) -> None:
+    """Make ``database`` what syncd's first release left: migration 1 only."""
+    if is_pg(database):
+        raw(database, POSTGRES_MIGRATIONS[0])
+        raw(database, f"CREATE TABLE {VERSION_TABLE} (version INTEGER NOT NULL)")
+        raw(database, f"INSERT INTO {VERSION_TABLE} (version) VALUES (1)")
+    else:
+        with closing(sqlite3.connect(database)) as con:
+            con.executescript(MIGRATIONS[0])
+            con.execute("PRAGMA user_version = 1")
+            con.commit()
+
+
+async def test_a_database_of_the_first_schema_is_migrated_in_place(database: str) -> None:
+    at_first_schema(database)
+    raw(database, "INSERT INTO meta (key, value) VALUES ('activated_at', 'then')")
+    async with opened(database) as store:
         assert await store.get_meta("activated_at") == "then"
         assert await store.purchase_order_observation("PO1") is None
-    with raw(db) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert await store.integrity_check() == []
+    assert schema_version(database) == len(MIGRATIONS)
 
 
-async def test_a_reader_of_an_unmigrated_database_gets_a_clear_error(tmp_path: Path) -> None:
-    db = tmp_path / "syncd.db"
-    with raw(db) as con:
-        con.executescript(MIGRATIONS[0])
-        con.execute("PRAGMA user_version = 1")
-        con.commit()
-    store = await Store.open(db, readonly=True)
+async def test_a_reader_of_an_unmigrated_database_gets_a_clear_error(database: str) -> None:
+    at_first_schema(database)
+    store = await Store.open(database, readonly=True)
     try:
         with pytest.raises(StoreError, match="restart syncd to upgrade"):
             await store.last_import_outcome("PO1")
+        assert await store.get_meta("activated_at") is None  # the old tables still read
     finally:
         await store.close()
 
 
-async def test_reopening_is_idempotent_and_keeps_the_data(tmp_path: Path) -> None:
-    db = tmp_path / "syncd.db"
-    async with opened(db) as store:
+async def test_postgres_migrates_an_empty_database(pg_database: str) -> None:
+    assert raw(pg_database, "SELECT to_regclass('links')") == [(None,)]
+    async with opened(pg_database) as store:
+        assert store.dialect == "postgresql"
+        assert await store.integrity_check() == []
+    assert schema_version(pg_database) == len(POSTGRES_MIGRATIONS)
+    assert {"meta", "links", "transitions", "inbox", "cursors"} <= set(
+        schema(pg_database)["tables"]
+    )
+
+
+async def test_both_backends_end_at_the_same_schema(tmp_path: Path, pg_database: str) -> None:
+    assert len(POSTGRES_MIGRATIONS) == len(MIGRATIONS), "a migration without its translation"
+    sqlite_db = str(tmp_path / "syncd.db")
+    for db in (sqlite_db, pg_database):
+        async with opened(db):
+            pass
+    ours, theirs = schema(sqlite_db), schema(pg_database)
+    assert ours["tables"] == theirs["tables"]
+    assert ours["indexes"] == theirs["indexes"]
+
+
+async def test_two_daemons_migrating_one_postgres_database_at_once(pg_database: str) -> None:
+    stores: list[Store] = []
+
+    async def open_one() -> None:
+        stores.append(await Store.open(pg_database))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(open_one)
+    for store in stores:
+        await store.close()
+    assert len(stores) == 3
+    assert schema_version(pg_database) == len(POSTGRES_MIGRATIONS)
+
+
+async def test_reopening_is_idempotent_and_keeps_the_data(database: str) -> None:
+    async with opened(database) as store:
         link = await new_link(store, 1)
         await store.set_cursor("tradegecko.po", "2024-05-01")
-    with raw(db) as con:
-        schema = con.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
-    async with opened(db) as store:
+    before = schema(database)
+    async with opened(database) as store:
         again = await store.get_link(link.id)
         assert again is not None and again.po_number == "PO0001"
         assert await store.get_cursor("tradegecko.po") == "2024-05-01"
         assert len(await store.history(link.id)) == 1
-    with raw(db) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-        assert con.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == schema
+    assert schema_version(database) == len(MIGRATIONS)
+    assert schema(database) == before
 
 
 @pytest.mark.parametrize("readonly", [False, True])
-async def test_a_newer_database_is_refused(tmp_path: Path, readonly: bool) -> None:
-    db = tmp_path / "future.db"
-    with raw(db) as con:
-        con.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+async def test_a_newer_database_is_refused(database: str, readonly: bool) -> None:
+    future = len(MIGRATIONS) + 1
+    if is_pg(database):
+        raw(database, f"CREATE TABLE {VERSION_TABLE} (version INTEGER NOT NULL)")
+        raw(database, f"INSERT INTO {VERSION_TABLE} VALUES ({future})")
+    else:
+        raw(database, f"PRAGMA user_version = {future}")
     with pytest.raises(StoreError, match="newer than this syncd"):
-        await Store.open(db, readonly=readonly)
-    with raw(db) as con:  # left untouched
-        assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) + 1
+        await Store.open(database, readonly=readonly)
+    assert schema_version(database) == future  # left untouched
+    assert "links" not in schema(database)["tables"]
 
 
-async def test_readonly_open_of_a_missing_file_is_refused(tmp_path: Path) -> None:
+async def test_sqlite_readonly_open_of_a_missing_file_is_refused(tmp_path: Path) -> None:
     missing = tmp_path / "missing.db"
     with pytest.raises(StoreError, match="not found"):
         await Store.open(missing, readonly=True)
     assert not missing.exists()
 
 
-async def test_readonly_open_reads_an_existing_store(tmp_path: Path) -> None:
-    db = tmp_path / "syncd.db"
-    async with opened(db) as store:
+async def test_postgres_readonly_open_of_an_empty_database_is_refused(pg_database: str) -> None:
+    with pytest.raises(StoreError, match="has no syncd schema"):
+        await Store.open(pg_database, readonly=True)
+    assert schema(pg_database)["tables"] == {}
+
+
+async def test_readonly_open_reads_an_existing_store(database: str) -> None:
+    async with opened(database) as store:
         await new_link(store, 1)
-    store = await Store.open(db, readonly=True)
+    store = await Store.open(database, readonly=True)
     try:
         assert await store.counts_by_state() == {"discovered": 1}
         with pytest.raises(StoreError):
             await new_link(store, 2)
+        assert await store.counts_by_state() == {"discovered": 1}
     finally:
         await store.close()
 
 
-async def test_integrity_check_of_a_fresh_file_is_clean(tmp_path: Path) -> None:
-    async with opened(tmp_path / "syncd.db") as store:
+async def test_integrity_check_of_a_fresh_store_is_clean(database: str) -> None:
+    async with opened(database) as store:
         assert await store.integrity_check() == []
 
 
 # -- inbox ------------------------------------------------------------------------------------
 
 
-async def test_add_event_deduplicates_on_its_key(tmp_path: Path) -> None:
-    async with opened(tmp_path / "syncd.db") as store:
+async def test_add_event_deduplicates_on_its_key(database: str) -> None:
+    async with opened(database) as store:
         first = await store.add_event("poller", "so_observed", b"{}", dedup_key="so:9:t1")
         again = await store.add_event("webhook", "so_observed", b"{}", dedup_key="so:9:t1")
         other = await store.add_event("poller", "so_observed", b"{}", dedup_key="so:9:t2")
@@ -197,9 +349,9 @@ async def test_add_event_deduplicates_on_its_key(tmp_path: Path) -> None:
         assert pending[0].source == "poller"
 
 
-async def test_inbox_backlog_counts_and_dates_the_waiting_events(tmp_path: Path) -> None:
+async def test_inbox_backlog_counts_and_dates_the_waiting_events(database: str) -> None:
     clock = Clock(100.0)
-    async with opened(tmp_path / "syncd.db", clock) as store:
+    async with opened(database, clock) as store:
         assert await store.inbox_backlog() == (0, None)
         first = await store.add_event("poller", "po_observed", b"{}")
         clock.now = 200.0
@@ -213,8 +365,8 @@ async def test_inbox_backlog_counts_and_dates_the_waiting_events(tmp_path: Path)
 # -- links ------------------------------------------------------------------------------------
 
 
-async def test_create_link_is_once_per_po(tmp_path: Path) -> None:
-    async with opened(tmp_path / "syncd.db") as store:
+async def test_create_link_is_once_per_po(database: str) -> None:
+    async with opened(database) as store:
         first_event = await store.add_event("poller", "po_discovered", b"1", po_id=1)
         link = await store.create_link(
             snapshot(1),
@@ -246,9 +398,9 @@ async def test_create_link_is_once_per_po(tmp_path: Path) -> None:
         assert [e.id for e in await store.events_for_link(link.id)] == [first_event, second_event]
 
 
-async def test_apply_moves_logs_and_settles_the_event_together(tmp_path: Path) -> None:
+async def test_apply_moves_logs_and_settles_the_event_together(database: str) -> None:
     clock = Clock(1_000.0)
-    async with opened(tmp_path / "syncd.db", clock) as store:
+    async with opened(database, clock) as store:
         link = await new_link(store, 1)
         event = await store.add_event("effect", "outcome", b"{}", link_id=link.id)
         clock.now = 1_500.0
@@ -278,8 +430,8 @@ async def test_apply_moves_logs_and_settles_the_event_together(tmp_path: Path) -
         assert await store.link_by_so(77) == updated
 
 
-async def test_apply_refuses_a_link_that_moved_and_writes_nothing(tmp_path: Path) -> None:
-    async with opened(tmp_path / "syncd.db") as store:
+async def test_apply_refuses_a_link_that_moved_and_writes_nothing(database: str) -> None:
+    async with opened(database) as store:
         stale = await new_link(store, 1)
         await store.apply(stale, decide("discovered", "so_created"), cause="SO made")
         event = await store.add_event("operator", "command", b"{}", link_id=stale.id)
@@ -293,8 +445,8 @@ async def test_apply_refuses_a_link_that_moved_and_writes_nothing(tmp_path: Path
         assert [e.id for e in await store.pending_events()] == [event]
 
 
-async def test_apply_records_attention_and_retry(tmp_path: Path) -> None:
-    async with opened(tmp_path / "syncd.db") as store:
+async def test_apply_records_attention_and_retry(database: str) -> None:
+    async with opened(database) as store:
         link = await new_link(store, 1)
         await store.note(link.id, last_error="import_order: 502")
         noted = await store.get_link(link.id)
@@ -324,23 +476,24 @@ async def test_apply_records_attention_and_retry(tmp_path: Path) -> None:
         )
 
 
-async def test_transitions_are_append_only(tmp_path: Path) -> None:
-    db = tmp_path / "syncd.db"
-    async with opened(db) as store:
+async def test_transitions_are_append_only(database: str) -> None:
+    async with opened(database) as store:
         link = await new_link(store, 1)
-    with raw(db) as con:
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            con.execute("UPDATE transitions SET cause = 'rewritten'")
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            con.execute("DELETE FROM transitions")
-        con.commit()
-    async with opened(db) as store:
+    refused = (sqlite3.DatabaseError, psycopg.Error)
+    with pytest.raises(refused, match="append-only"):
+        raw(database, "UPDATE transitions SET cause = 'rewritten'")
+    with pytest.raises(refused, match="append-only"):
+        raw(database, "DELETE FROM transitions")
+    if is_pg(database):
+        with pytest.raises(refused, match="append-only"):
+            raw(database, "TRUNCATE transitions")
+    async with opened(database) as store:
         history = await store.history(link.id)
         assert [(h.to_state, h.cause) for h in history] == [("discovered", "seen")]
 
 
-async def test_notes_deduplicate(tmp_path: Path) -> None:
-    async with opened(tmp_path / "syncd.db") as store:
+async def test_notes_deduplicate(database: str) -> None:
+    async with opened(database) as store:
         link = await new_link(store, 1)
         await store.note(link.id, notes=["a", "b"])
         await store.note(link.id, notes=["b", "c"])
@@ -352,8 +505,8 @@ async def test_notes_deduplicate(tmp_path: Path) -> None:
         assert moved.notes == ("a", "b", "c", "d")
 
 
-async def test_note_on_a_missing_link_is_refused(tmp_path: Path) -> None:
-    async with opened(tmp_path / "syncd.db") as store:
+async def test_note_on_a_missing_link_is_refused(database: str) -> None:
+    async with opened(database) as store:
         with pytest.raises(StoreError, match="no linked order with id 42"):
             await store.note(42, notes=["x"])
 
@@ -375,9 +528,9 @@ async def _three_links(store: Store, clock: Clock) -> list[LinkedOrder]:
     return [a, b, c]
 
 
-async def test_counts_and_oldest_by_state(tmp_path: Path) -> None:
+async def test_counts_and_oldest_by_state(database: str) -> None:
     clock = Clock()
-    async with opened(tmp_path / "syncd.db", clock) as store:
+    async with opened(database, clock) as store:
         assert await store.counts_by_state() == {}
         assert await store.oldest_by_state() == {}
         await _three_links(store, clock)
@@ -388,9 +541,9 @@ async def test_counts_and_oldest_by_state(tmp_path: Path) -> None:
         }
 
 
-async def test_links_in_states(tmp_path: Path) -> None:
+async def test_links_in_states(database: str) -> None:
     clock = Clock()
-    async with opened(tmp_path / "syncd.db", clock) as store:
+    async with opened(database, clock) as store:
         a, b, c = await _three_links(store, clock)
         clock.now = 5_000.0
 
@@ -408,9 +561,9 @@ async def test_links_in_states(tmp_path: Path) -> None:
         assert await store.links_in_states(["received"]) == []
 
 
-async def test_so_ids_and_linked_po_ids(tmp_path: Path) -> None:
+async def test_so_ids_and_linked_po_ids(database: str) -> None:
     clock = Clock()
-    async with opened(tmp_path / "syncd.db", clock) as store:
+    async with opened(database, clock) as store:
         _, b, c = await _three_links(store, clock)
         assert await store.so_ids_in_states(["imported"]) == {202: b.id, 303: c.id}
         assert await store.so_ids_in_states(["discovered"]) == {}
@@ -420,8 +573,8 @@ async def test_so_ids_and_linked_po_ids(tmp_path: Path) -> None:
         assert await store.linked_po_ids([]) == set()
 
 
-async def test_find_link_by_po_number_or_id(tmp_path: Path) -> None:
-    async with opened(tmp_path / "syncd.db") as store:
+async def test_find_link_by_po_number_or_id(database: str) -> None:
+    async with opened(database) as store:
         first = await new_link(store, 1, "PO0435")
         second = await new_link(store, 2, "PO0436")
         found = await store.find_link("PO0436")
@@ -432,13 +585,245 @@ async def test_find_link_by_po_number_or_id(tmp_path: Path) -> None:
         assert await store.find_link("999") is None
 
 
+# -- PostgreSQL: several writers, errors ------------------------------------------------------
+
+
+async def test_postgres_concurrent_writers_from_two_connections(pg_database: str) -> None:
+    async with opened(pg_database) as one, opened(pg_database) as two:
+        ids: list[int | None] = []
+
+        async def add(store: Store, key: str) -> None:
+            ids.append(await store.add_event("poller", "so_observed", b"{}", dedup_key=key))
+
+        async with anyio.create_task_group() as tg:
+            for n in range(20):
+                for store in (one, two):
+                    tg.start_soon(add, store, f"so:{n}")
+        assert len([i for i in ids if i is not None]) == 20
+        assert len(await one.pending_events()) == 20
+
+        links: list[LinkedOrder | None] = []
+
+        async def link(store: Store) -> None:
+            links.append(
+                await store.create_link(
+                    snapshot(1),
+                    state="discovered",
+                    trigger="po_discovered",
+                    cause="seen",
+                    event_id=None,
+                )
+            )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(link, one)
+            tg.start_soon(link, two)
+        created = [x for x in links if x is not None]
+        assert len(created) == 1
+
+        # Both decide from the same reading; the second to write is refused.
+        outcomes: list[str] = []
+
+        async def move(store: Store, trigger: str) -> None:
+            try:
+                await store.apply(created[0], decide("discovered", trigger), cause=trigger)
+                outcomes.append(trigger)
+            except StoreConflict as exc:
+                assert not is_transient(exc)
+                assert "no longer in discovered" in str(exc)
+                outcomes.append("refused")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(move, one, "so_created")
+            tg.start_soon(move, two, "cancel")
+        assert outcomes.count("refused") == 1
+        (winner,) = [o for o in outcomes if o != "refused"]
+        history = await two.history(created[0].id)
+        assert [h.trigger for h in history] == ["po_discovered", winner]
+        assert CHART.valid_path([(h.from_state, h.to_state, h.trigger) for h in history])
+
+
+async def test_postgres_a_lock_held_past_the_timeout_is_transient(pg_database: str) -> None:
+    async with opened(pg_database) as store:
+        await store.set_meta("k", "v")
+    # The URL's own options win over syncd's 5 s, to keep the test short.
+    url = pg_database + "?options=-c%20lock_timeout%3D200"
+    async with opened(url) as store:
+        with psycopg.connect(pg_database) as holder:
+            holder.execute("SELECT * FROM meta WHERE key = 'k' FOR UPDATE")
+            with pytest.raises(StoreError, match="lock timeout") as caught:
+                await store.set_meta("k", "w")
+            assert isinstance(caught.value, StoreUnavailable)
+        await store.set_meta("k", "w")  # the lock gone, the write goes through
+        assert await store.get_meta("k") == "w"
+
+
+async def test_postgres_a_lost_connection_is_transient_and_reopened(
+    pg_database: str, pg_server: PostgresServer
+) -> None:
+    async with opened(pg_database) as store:
+        await store.set_meta("k", "v")
+        with pg_server.admin() as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'syncd' AND datname = %s",
+                (pg_database.rsplit("/", 1)[1],),
+            )
+        with pytest.raises(StoreUnavailable):
+            await store.get_meta("k")
+        with pytest.raises(StoreUnavailable):
+            await store.set_meta("k", "w")
+        assert await store.get_meta("k") == "v"  # both connections opened again
+        await store.set_meta("k", "w")
+        assert await store.get_meta("k") == "w"
+
+
+def test_postgres_transient_errors_are_those_of_the_moment() -> None:
+    errors = psycopg.errors
+    for passing in (
+        errors.SerializationFailure("could not serialize access"),
+        errors.DeadlockDetected("deadlock detected"),
+        errors.LockNotAvailable("canceling statement due to lock timeout"),
+        errors.AdminShutdown("terminating connection due to administrator command"),
+        errors.DiskFull("could not extend file"),
+        psycopg.OperationalError("connection failed: Connection refused"),
+        psycopg.InterfaceError("the connection is closed"),
+    ):
+        assert _transient(passing), passing
+    for lasting in (
+        errors.UniqueViolation("duplicate key"),
+        errors.UndefinedTable("relation does not exist"),
+        errors.RaiseException("transitions are append-only"),
+        errors.ReadOnlySqlTransaction("cannot execute UPDATE in a read-only transaction"),
+    ):
+        assert not _transient(lasting), lasting
+
+
+async def test_postgres_unreachable_server_is_named(pg_server: PostgresServer) -> None:
+    with socket_closed() as port:
+        url = f"postgresql://syncd:secret@127.0.0.1:{port}/syncd?connect_timeout=5"
+        with pytest.raises(StoreError, match="cannot connect to database") as caught:
+            await Store.open(url)
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message and "refused" in message
+    assert "secret" not in message
+
+
+async def test_postgres_refused_password_and_missing_database(pg_server: PostgresServer) -> None:
+    with pytest.raises(StoreError, match="password authentication failed") as caught:
+        await Store.open(pg_server.url(password="wrong-password"))
+    assert "wrong-password" not in str(caught.value)
+    with pytest.raises(StoreError, match='database "nowhere" does not exist'):
+        await Store.open(pg_server.url("nowhere"))
+    with pytest.raises(StoreError, match="bad database URL"):
+        await Store.open(pg_server.url() + "?no_such_option=1")
+
+
+def test_redact_hides_passwords() -> None:
+    assert redact("postgresql://u:pw@h:5432/d") == "postgresql://u:***@h:5432/d"
+    assert redact("postgresql://h/d?password=pw&sslmode=require") == (
+        "postgresql://h/d?password=***&sslmode=require"
+    )
+    assert redact("postgresql://u@h/d") == "postgresql://u@h/d"
+
+
+async def test_postgres_integrity_check_finds_a_missing_trigger(pg_database: str) -> None:
+    async with opened(pg_database) as store:
+        raw(pg_database, "DROP TRIGGER transitions_no_delete ON transitions")
+        assert await store.integrity_check() == ["trigger transitions_no_delete is missing"]
+
+
+class socket_closed:
+    """A loopback port nothing listens on, while the block runs."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        return int(self._sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+
+# -- SQLite: one daemon per file --------------------------------------------------------------
+
+_SECOND_DAEMON = textwrap.dedent(
+    """
+    import sys, anyio
+    from syncd.errors import StoreInUse
+    from syncd.store import Store
+
+    async def main():
+        try:
+            store = await Store.open(sys.argv[1], exclusive=sys.argv[2] == "exclusive",
+                                     readonly=sys.argv[2] == "readonly")
+        except StoreInUse as exc:
+            print(exc)
+            sys.exit(3)
+        print(await store.counts_by_state())
+        await store.close()
+
+    anyio.run(main)
+    """
+)
+
+
+def second_process(db: Path, mode: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _SECOND_DAEMON, str(db), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_sqlite_a_second_daemon_on_the_file_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "syncd.db"
+    store = await Store.open(db, exclusive=True)
+    try:
+        await new_link(store, 1)
+        second = await anyio.to_thread.run_sync(second_process, db, "exclusive")
+        assert second.returncode == 3, second.stderr
+        assert second.stdout.strip() == (
+            f"database {db} is in use by another syncd (pid {os.getpid()}); one daemon per "
+            "database file (syncctl can still read it)"
+        )
+        # syncctl's read-only open is not refused, nor is a plain (syncctl --write) one.
+        for mode in ("readonly", "plain"):
+            reader = await anyio.to_thread.run_sync(second_process, db, mode)
+            assert (reader.returncode, reader.stdout.strip()) == (0, "{'discovered': 1}")
+        with pytest.raises(StoreInUse, match="in use by another syncd"):
+            await Store.open(db, exclusive=True)  # nor twice from one process
+    finally:
+        await store.close()
+    # Closed, the file is free again.
+    after = await anyio.to_thread.run_sync(second_process, db, "exclusive")
+    assert (after.returncode, after.stdout.strip()) == (0, "{'discovered': 1}")
+
+
+async def test_postgres_a_cancelled_write_leaves_the_store_usable(pg_database: str) -> None:
+    async with opened(pg_database) as store:
+        await store.set_meta("k", "v")
+        with psycopg.connect(pg_database) as holder:
+            holder.execute("SELECT * FROM meta WHERE key = 'k' FOR UPDATE")
+            with anyio.move_on_after(0.3) as scope:
+                await store.set_meta("k", "cancelled")  # waits on the row lock
+            assert scope.cancelled_caught
+            holder.rollback()
+        await store.set_meta("k", "w")
+        assert await store.get_meta("k") == "w"
+        assert raw(pg_database, "SELECT value FROM meta WHERE key = 'k'") == [("w",)]
+
+
 # -- observations and imports ---------------------------------------------------------------
 
 
-async def test_an_observation_is_one_row_per_po_updated_in_place(tmp_path: Path) -> None:
+async def test_an_observation_is_one_row_per_po_updated_in_place(database: str) -> None:
     clock = Clock(100.0)
-    db = tmp_path / "syncd.db"
-    async with opened(db, clock) as store:
+    async with opened(database, clock) as store:
         await store.observe_purchase_order(
             5, "PO0005", status="draft", reason="draft", supplier="Katana", po_created_at=WHEN
         )
@@ -449,34 +834,33 @@ async def test_an_observation_is_one_row_per_po_updated_in_place(tmp_path: Path)
         assert (seen.status, seen.reason, seen.supplier) == ("void", "void", "Katana")
         assert (seen.first_seen_at, seen.seen_at, seen.po_created_at) == (100.0, 200.0, None)
         assert await store.purchase_order_observation("PO0006") is None
-    with raw(db) as con:
-        assert con.execute("SELECT count(*) FROM po_observations").fetchone()[0] == 1
+    assert raw(database, "SELECT count(*) FROM po_observations") == [(1,)]
 
 
-async def test_observations_keep_only_the_most_recently_seen(tmp_path: Path) -> None:
+async def test_observations_keep_only_the_most_recently_seen(database: str) -> None:
     clock = Clock(0.0)
-    db = tmp_path / "syncd.db"
-    async with opened(db, clock) as store:
-        with raw(db) as con:  # fill to the bound without 10 000 transactions
-            con.executemany(
-                "INSERT INTO po_observations (po_id, po_number, status, reason, first_seen_at, "
-                "seen_at) VALUES (?, ?, 'draft', 'draft', ?, ?)",
-                [(i, f"PO{i}", float(i), float(i)) for i in range(1, OBSERVATIONS_KEPT + 1)],
-            )
-            con.commit()
+    async with opened(database, clock) as store:
+        raw_many(  # fill to the bound without 10 000 transactions
+            database,
+            "INSERT INTO po_observations (po_id, po_number, status, reason, first_seen_at, "
+            "seen_at) VALUES (?, ?, 'draft', 'draft', ?, ?)",
+            [(i, f"PO{i}", float(i), float(i)) for i in range(1, OBSERVATIONS_KEPT + 1)],
+        )
+        # At the bound, a PO seen again is updated in place: nothing is dropped.
+        clock.now = float(OBSERVATIONS_KEPT)
+        await store.observe_purchase_order(OBSERVATIONS_KEPT, "PO-AGAIN", status="v", reason="v")
+        assert raw(database, "SELECT count(*) FROM po_observations") == [(OBSERVATIONS_KEPT,)]
         clock.now = 1e9
         await store.observe_purchase_order(0, "PO-NEW", status="draft", reason="draft")
         assert await store.purchase_order_observation("PO-NEW") is not None
         assert await store.purchase_order_observation("PO1") is None  # the least recent
         assert await store.purchase_order_observation("PO2") is not None
-    with raw(db) as con:
-        count = con.execute("SELECT count(*) FROM po_observations").fetchone()[0]
-    assert count == OBSERVATIONS_KEPT
+    assert raw(database, "SELECT count(*) FROM po_observations") == [(OBSERVATIONS_KEPT,)]
 
 
-async def test_an_import_outcome_settles_its_event(tmp_path: Path) -> None:
+async def test_an_import_outcome_settles_its_event(database: str) -> None:
     clock = Clock(50.0)
-    async with opened(tmp_path / "syncd.db", clock) as store:
+    async with opened(database, clock) as store:
         first = await store.add_event("syncctl", "import_requested", b"{}")
         second = await store.add_event("syncctl", "import_requested", b"{}")
         assert first is not None and second is not None
@@ -497,3 +881,36 @@ async def test_an_import_outcome_settles_its_event(tmp_path: Path) -> None:
         assert last.result is ImportResult.DISCOVERED
         assert await store.inbox_backlog() == (0, None)
         assert await store.last_import_outcome("PO8") is None
+
+
+# -- status page reads ----------------------------------------------------------------------
+
+
+async def test_timeline_names_each_transitions_event(database: str) -> None:
+    clock = Clock(10.0)
+    async with opened(database, clock) as store:
+        link = await new_link(store, 1)
+        event = await store.add_event("katana", "webhook", b"{}", link_id=link.id)
+        clock.now = 20.0
+        await store.apply(link, decide("discovered", "so_created"), cause="SO", event_id=event)
+        timeline = await store.timeline(link.id)
+        assert [(t.trigger, t.at, source, kind) for t, source, kind in timeline] == [
+            ("po_discovered", 10.0, None, None),
+            ("so_created", 20.0, "katana", "webhook"),
+        ]
+        assert await store.timeline(999) == []
+
+
+async def test_last_event_by_source_is_the_newest_of_a_kind(database: str) -> None:
+    clock = Clock(10.0)
+    async with opened(database, clock) as store:
+        assert await store.last_event_by_source("webhook") == {}
+        await store.add_event("katana", "webhook", b"{}")
+        await store.add_event("tradegecko", "webhook", b"{}")
+        clock.now = 30.0
+        await store.add_event("katana", "webhook", b"{}")
+        await store.add_event("katana", "poll", b"{}")
+        assert await store.last_event_by_source("webhook") == {
+            "katana": 30.0,
+            "tradegecko": 10.0,
+        }

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
+from pg_server import PASSWORD, PostgresServer, pg_server_fixture  # noqa: F401 - pytest's
 from syncd import __version__
 from syncd.cli.syncctl import main as syncctl
 from syncd.cli.syncctl import parse_duration
@@ -107,7 +109,7 @@ async def test_a_running_daemon_applies_retry_replay_and_cancel(sims: Sims, tmp_
         assert code == 5 and "PO9999" in err
 
 
-async def _order_needing_attention(db: Path) -> str:
+async def _order_needing_attention(db: Path | str) -> str:
     """A store with one order that was imported, then its PO was withdrawn."""
     chart = load_statechart()
     store = await Store.open(db)
@@ -136,7 +138,7 @@ async def _order_needing_attention(db: Path) -> str:
     return "PO0007"
 
 
-async def _drain(db: Path) -> str:
+async def _drain(db: Path | str) -> str:
     """What a daemon does at its next start: drain the inbox."""
     store = await Store.open(db)
     try:
@@ -171,6 +173,50 @@ def test_without_a_daemon_the_command_waits_in_the_inbox(tmp_path: Path) -> None
     assert anyio.run(_drain, db) == "imported"
     status = json.loads(runner.invoke(syncctl, ["--db", str(db), "status", "--json"]).output)
     assert status["inbox_backlog"] == 0 and status["needs_attention"] == 0
+
+
+@pytest.fixture
+def pg_database(pg_server: PostgresServer) -> Iterator[str]:
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)
+
+
+def test_syncctl_reads_and_writes_a_postgres_database(pg_database: str) -> None:
+    runner = CliRunner()
+    # No schema yet: refused, not created (syncctl writes only what the daemon reads).
+    result = runner.invoke(syncctl, ["--db", pg_database, "status"])
+    assert result.exit_code == 3, result.output
+    assert "has no syncd schema: run syncd on it once" in result.output
+    assert PASSWORD not in result.output
+
+    number = anyio.run(_order_needing_attention, pg_database)
+    status = json.loads(runner.invoke(syncctl, ["--db", pg_database, "status", "--json"]).output)
+    assert status["needs_attention"] == 1 and status["inbox_backlog"] == 0
+    result = runner.invoke(syncctl, ["--db", pg_database, "inspect", number])
+    assert result.exit_code == 0 and "needs_attention" in result.output, result.output
+    # --write opens it for writing (not "database not found", as for a missing file).
+    result = runner.invoke(syncctl, ["--db", pg_database, "retry", number])
+    assert result.exit_code == 0, result.output
+    assert "queued retry of PO0007 (needs_attention → imported)" in result.output
+    status = json.loads(runner.invoke(syncctl, ["--db", pg_database, "status", "--json"]).output)
+    assert status["inbox_backlog"] == 1
+    assert anyio.run(_drain, pg_database) == "imported"
+
+
+def test_syncctl_on_a_postgres_url_it_cannot_use_says_why_without_the_password(
+    pg_server: PostgresServer,
+) -> None:
+    runner = CliRunner()
+    for url, why in (
+        (pg_server.url(password="not-the-password"), "password authentication failed"),
+        (pg_server.url("nowhere"), 'database "nowhere" does not exist'),
+    ):
+        for args in (["status"], ["retry", "PO1"]):
+            result = runner.invoke(syncctl, ["--db", url, *args])
+            assert result.exit_code == 3, result.output
+            assert why in result.output and "not-the-password" not in result.output
+            assert "Traceback" not in result.output
 
 
 def test_usage_and_store_errors_have_their_exit_codes(tmp_path: Path) -> None:

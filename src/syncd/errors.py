@@ -2,9 +2,10 @@
 
 SyncdError
  ├── ConfigError          a configuration file or value is wrong (names the key)
- ├── StoreError           the SQLite store cannot be opened, migrated or written
- │    ├── StoreUnavailable    * locked past the busy timeout, or the disk failed or is full
- │    └── StoreConflict       another writer moved the order first: decide again
+ ├── StoreError           the store (SQLite or PostgreSQL) cannot be opened or written
+ │    ├── StoreUnavailable    * locked past the timeout, a full or failing disk, a lost server
+ │    ├── StoreConflict       another writer moved the order first: decide again
+ │    └── StoreInUse          another syncd holds the SQLite file: one daemon per file
  ├── RuleViolation        an order breaks a mapping rule (e.g. a line without a SKU)
  ├── StatechartError      the statechart file is malformed, or a trigger is illegal
  └── ApiError             a service answered badly or not at all (names service and endpoint)
@@ -38,6 +39,7 @@ __all__ = [
     "StatechartError",
     "StoreConflict",
     "StoreError",
+    "StoreInUse",
     "StoreUnavailable",
     "SyncdError",
     "TransportError",
@@ -59,19 +61,26 @@ class ConfigError(SyncdError):
 
 
 class StoreError(SyncdError):
-    """The SQLite store cannot be opened, migrated or written."""
+    """The store (a SQLite file or a PostgreSQL database) cannot be opened, migrated, read
+    or written."""
 
 
 class StoreUnavailable(StoreError):
-    """The store cannot take a write just now: the file is locked by another process past
-    the busy timeout, or the disk is failing or full. The write is tried again later, never
-    given up."""
+    """The store cannot take a write just now: the file or a row is locked by another
+    process past the timeout, the disk is failing or full, or the PostgreSQL server is
+    restarting, unreachable or lost the connection (also a deadlock or serialization
+    failure). The write is tried again later, never given up."""
 
 
 class StoreConflict(StoreError):
     """An optimistic write found the order no longer where the caller read it: another
     writer moved it first. Nothing was written; the caller decides again from the order as
     it now is."""
+
+
+class StoreInUse(StoreError):
+    """Another syncd holds the SQLite file for writing: one daemon per file. Said at start
+    (``syncd run`` exits 6); reading it (``syncctl``, ``syncd check``) is never refused."""
 
 
 class RuleViolation(SyncdError):

@@ -125,8 +125,10 @@ def _listening(
 async def database_problems(path: str) -> list[str]:
     """What keeps ``run`` from opening (or creating) the database at ``path``, or what is
     damaged in it; empty when it is usable."""
-    from syncd.store import Store
+    from syncd.store import Store, is_postgres_url
 
+    if is_postgres_url(path):
+        return await _postgres_problems(path)
     try:
         problems, exists = _file_problems(Path(path))
     except OSError as exc:  # a folder on the way that this user may not enter
@@ -144,6 +146,26 @@ async def database_problems(path: str) -> list[str]:
     if damage:
         problems.append(f"database {path} is damaged: {'; '.join(damage)}")
     return problems
+
+
+async def _postgres_problems(url: str) -> list[str]:
+    """Connect read-only (a wrong URL, password or database, a server out of reach are
+    said here) and check the schema; a database with none yet is fine: ``run`` creates it."""
+    from syncd.store import Store
+
+    try:
+        store = await Store.open(url, readonly=True, require_schema=False)
+    except StoreError as exc:
+        return [str(exc)]
+    try:
+        if await store.schema_version() == 0:
+            return []
+        damage = await store.integrity_check()
+    except StoreError as exc:
+        return [str(exc)]
+    finally:
+        await store.close()
+    return [f"database {store.path} is damaged: {'; '.join(damage)}"] if damage else []
 
 
 def _file_problems(file: Path) -> tuple[list[str], bool]:

@@ -42,7 +42,13 @@ from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ConfigError, StatechartError, StoreError
 from syncd.runtime import inbox
 from syncd.runtime.pollers import BEFORE_ACTIVATION, OTHER_SUPPLIER, PAUSED_PREFIX
-from syncd.store import ImportOutcome, ImportResult, PurchaseOrderObservation, Store
+from syncd.store import (
+    ImportOutcome,
+    ImportResult,
+    PurchaseOrderObservation,
+    Store,
+    is_postgres_url,
+)
 
 __all__ = [
     "DEFAULT_WAIT",
@@ -230,7 +236,8 @@ def _with_store(
     ctx: click.Context, work: Callable[[Store], Awaitable[T]], *, write: bool = False
 ) -> T:
     path = _db_path(ctx)
-    if write and not Path(path).exists():
+    # A URL names a PostgreSQL database, which Store.open reaches or names the problem of.
+    if write and not is_postgres_url(path) and not Path(path).exists():
         _fail(f"database not found: {path}", EXIT_STORE)
 
     async def go() -> T:

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 the demo did not receive every order; 2 bad usage or a broken
 configuration or statechart; 3 the database cannot be opened or is damaged; 4 a service
-rejected the tokens at start; 5 a service could not be reached at start; 130 the demo was
-interrupted (Ctrl-C, SIGTERM).
+rejected the tokens at start; 5 a service could not be reached at start; 6 another syncd
+runs on the database file (SQLite: one daemon per file); 130 the demo was interrupted
+(Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from syncd.errors import (
     ConfigError,
     StatechartError,
     StoreError,
+    StoreInUse,
     SyncdError,
 )
 from syncd.ops.logging import configure_logging
@@ -39,6 +41,7 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
+    "EXIT_IN_USE",
     "EXIT_STORE",
     "EXIT_UNREACHABLE",
     "check",
@@ -56,6 +59,8 @@ EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_AUTH = 4
 EXIT_UNREACHABLE = 5
+#: Another syncd holds the SQLite file: a second copy was started, the database is fine.
+EXIT_IN_USE = 6
 #: The shell's convention for a run ended by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
 
@@ -129,6 +134,8 @@ def _first_error(exc: BaseException) -> SyncdError | None:
 def _exit_for(error: SyncdError) -> None:
     if isinstance(error, ConfigError | StatechartError):
         _fail(str(error), EXIT_CONFIG)
+    elif isinstance(error, StoreInUse):
+        _fail(str(error), EXIT_IN_USE)
     elif isinstance(error, StoreError):
         _fail(str(error), EXIT_STORE)
     elif isinstance(error, AuthError):
@@ -144,6 +151,7 @@ async def _run(config: Config, config_path: str) -> None:
 
     from syncd.ops.notify import notify, watchdog
     from syncd.runtime.daemon import running_daemon
+    from syncd.store import redacted
 
     log = logging.getLogger("syncd.daemon")
     log.info(
@@ -151,7 +159,7 @@ async def _run(config: Config, config_path: str) -> None:
         extra={
             "version": __version__,
             "config": config_path,
-            "database": config.daemon.database,
+            "database": redacted(config.daemon.database),
             "pid": os.getpid(),
         },
     )
@@ -199,6 +207,7 @@ def check(config_path: str | None, online: bool) -> None:
 
     Lists every problem; exits with the code `run` would give for the first."""
     from syncd.cli.check import check as find_problems
+    from syncd.store import redacted
 
     path = _config_path(config_path)
     # The problems are the output: a retry the service check schedules is not news.
@@ -220,7 +229,7 @@ def check(config_path: str | None, online: bool) -> None:
     click.echo(
         f"{path}: ok (supplier {config.tradegecko.supplier_name!r}, customer "
         f"{config.katana.customer_name!r}, {len(report.chart.states)} states, database "
-        f"{config.daemon.database}{services})"
+        f"{redacted(config.daemon.database)}{services})"
     )
 
 
@@ -275,6 +284,12 @@ def demo(
     except KeyboardInterrupt:
         # Ctrl-C before the demo's own handler was installed.
         _fail("demo interrupted", EXIT_INTERRUPTED)
+        return
+    except BaseException as exc:  # its database in use (6) or unusable (3), as for run
+        error = _first_error(exc)
+        if not isinstance(error, StoreError):
+            raise
+        _exit_for(error)
         return
     if as_json:
         click.echo(msgspec.json.encode(summary).decode())

@@ -169,6 +169,7 @@ async def running_daemon(
     :param check: first make one call to each service (:func:`check_services`), after the
         database and the listen addresses are known to be usable.
     :param on_wait: with ``check``, told what the start waits for while a service fails.
+    :raises StoreInUse: another syncd runs on the SQLite file.
     :raises StoreError: the database cannot be opened.
     :raises StatechartError: the statechart file is broken.
     :raises ApiError: with ``check``, a service rejected its token or could not be reached.
@@ -177,7 +178,9 @@ async def running_daemon(
     chart = chart or load_statechart(config.daemon.statechart)
     metrics = Metrics()
     metrics.known_states(list(chart.states))
-    store = await Store.open(config.daemon.database)
+    # Exclusive: a second daemon on the same SQLite file is refused before it decides
+    # anything (StoreInUse); PostgreSQL databases are meant to be shared.
+    store = await Store.open(config.daemon.database, exclusive=True)
     metrics_sock: socket.socket | None = None
     webhooks_sock: socket.socket | None = None
     try:

@@ -1,5 +1,7 @@
-"""The store: linked orders, their transition log, the inbox and cursors, in SQLite."""
+"""The store: linked orders, their transition log, the inbox and cursors, in SQLite (a file,
+the default) or PostgreSQL (a ``postgresql://`` URL)."""
 
+from syncd.store._backend import is_postgres_url, redacted
 from syncd.store._store import (
     ImportOutcome,
     ImportResult,
@@ -16,4 +18,6 @@ __all__ = [
     "PurchaseOrderObservation",
     "Store",
     "TransitionRecord",
+    "is_postgres_url",
+    "redacted",
 ]

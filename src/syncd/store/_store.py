@@ -1,34 +1,31 @@
-"""The SQLite store of linked orders, their transitions, the inbox and the pollers' cursors.
+"""The store of linked orders, their transitions, the inbox and the pollers' cursors.
 
-One aiosqlite connection, WAL journal, ``synchronous=FULL`` so that an acknowledged write
-survives power loss, a busy timeout so that ``syncctl`` writing at the same moment waits
-instead of failing, and ``BEGIN IMMEDIATE`` for every write so that a transaction never has
-to upgrade its lock halfway. A transition, the link's new state and the inbox event that
-caused it are written in one transaction: either all of it happened or none did.
+Each method is written once, in the SQL SQLite and PostgreSQL share (see
+:mod:`syncd.store._backend`): a file (:mod:`syncd.store._sqlite`) is the embedded
+default; a ``postgresql://`` URL selects :mod:`syncd.store._postgres`. A transition, the
+link's new state and the inbox event that caused it are written in one transaction: either
+all of it happened or none did.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-import anyio
 import msgspec
 
 from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderSnapshot
 from syncd.domain.statechart import Decision
-from syncd.errors import StoreConflict, StoreError, StoreUnavailable
+from syncd.errors import StoreConflict, StoreError
+from syncd.store._backend import Backend, Queries, Row, is_postgres_url
 from syncd.store._schema import MIGRATIONS
+from syncd.store._sqlite import SQLiteBackend
 
 __all__ = [
     "OBSERVATIONS_KEPT",
@@ -39,8 +36,6 @@ __all__ = [
     "Store",
     "TransitionRecord",
 ]
-
-log = logging.getLogger("syncd.store")
 
 _encode = msgspec.json.Encoder().encode
 _snapshot_decoder = msgspec.json.Decoder(PurchaseOrderSnapshot)
@@ -149,119 +144,72 @@ def _link(row: Sequence[Any]) -> LinkedOrder:
 class Store:
     """The daemon's memory. Open with :meth:`open`; close with :meth:`close`."""
 
-    def __init__(self, db: aiosqlite.Connection, path: str, *, clock: Any = time.time) -> None:
+    def __init__(self, db: Backend, path: str, *, clock: Any = time.time) -> None:
         self._db = db
         self.path = path
         self._clock = clock
-        self._write_lock = anyio.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: str | Path, *, readonly: bool = False) -> Store:
-        """Open (and migrate) the store at ``path``.
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        readonly: bool = False,
+        exclusive: bool = False,
+        require_schema: bool = True,
+    ) -> Store:
+        """Open (and migrate) the store: a SQLite file, or a ``postgresql://`` URL.
 
-        :raises StoreError: the file cannot be opened, is not a syncd database, or is newer
-            than this syncd.
+        :param readonly: only read (``syncctl``): nothing is created or migrated.
+        :param exclusive: the daemon's open of a SQLite file: refuse when another syncd
+            holds it. Several daemons may share a PostgreSQL database, so it is not
+            refused there.
+        :param require_schema: with ``readonly``, refuse a PostgreSQL database with no
+            syncd schema yet; ``syncd check`` passes ``False`` and asks
+            :meth:`schema_version` (``syncd run`` would create the schema).
+        :raises StoreInUse: ``exclusive`` and another syncd has the file open for writing.
+        :raises StoreError: the file cannot be opened, the server reached or the password
+            is refused, the database is not a syncd database, or is newer than this syncd.
         """
-        path = str(path)
-        try:
-            if readonly:
-                if not Path(path).exists():  # noqa: ASYNC240 - once, at start
-                    raise StoreError(f"database not found: {path}")
-                db = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-            else:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                # Try the file plainly first: an aiosqlite connect that fails leaves its
-                # worker thread racing the event loop's shutdown (a traceback at exit).
-                await anyio.to_thread.run_sync(_probe, path)
-                db = await aiosqlite.connect(path, isolation_level=None)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open database {path}: {exc}") from None
-        store = cls(db, path)
-        try:
-            await db.execute("PRAGMA busy_timeout = 5000")
-            await db.execute("PRAGMA foreign_keys = ON")
-            if not readonly:
-                await db.execute("PRAGMA journal_mode = WAL")
-                await db.execute("PRAGMA synchronous = FULL")
-                await store._migrate()
-            else:
-                await store._check_version()
-        except sqlite3.Error as exc:
-            await db.close()
-            raise StoreError(f"cannot use database {path}: {exc}{_why_unwritable(path)}") from None
-        except StoreError:
-            await db.close()
-            raise
-        return store
+        location = str(path)
+        db: Backend
+        if is_postgres_url(location):
+            # Imported here: a SQLite-only install never loads the PostgreSQL driver.
+            from syncd.store._postgres import PostgresBackend
+
+            db = await PostgresBackend.open(
+                location, readonly=readonly, require_schema=require_schema
+            )
+        else:
+            db = await SQLiteBackend.open(location, readonly=readonly, exclusive=exclusive)
+        return cls(db, db.where)
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._db.dialect
 
     async def close(self) -> None:
         await self._db.close()
 
-    async def _check_version(self) -> int:
-        async with self._db.execute("PRAGMA user_version") as cursor:
-            row = await cursor.fetchone()
-        version = int(row[0]) if row else 0
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"database {self.path} has schema version {version}, newer than this syncd "
-                f"({len(MIGRATIONS)}): upgrade syncd"
-            )
-        return version
+    def _transaction(self) -> AbstractAsyncContextManager[Queries]:
+        return self._db.transaction()
 
-    async def _migrate(self) -> None:
-        version = await self._check_version()
-        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            async with self._transaction() as db:
-                # Another process (the daemon, syncctl) may have migrated since we looked.
-                async with db.execute("PRAGMA user_version") as cursor:
-                    row = await cursor.fetchone()
-                if row is not None and int(row[0]) >= target:
-                    continue
-                for statement in _statements(script):
-                    await db.execute(statement)
-                await db.execute(f"PRAGMA user_version = {target}")
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._write_lock:
-            try:
-                await self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise _write_error(exc)(f"cannot write to {self.path}: {exc}") from None
-            try:
-                yield self._db
-            except sqlite3.Error as exc:
-                await self._rollback()
-                raise _write_error(exc)(f"write to {self.path} refused: {exc}") from exc
-            except BaseException:
-                await self._rollback()
-                raise
-            try:
-                await self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                await self._rollback()
-                raise _write_error(exc)(f"cannot commit to {self.path}: {exc}") from None
-
-    async def _rollback(self) -> None:
-        try:
-            await self._db.execute("ROLLBACK")
-        except sqlite3.Error as exc:  # no transaction left to roll back
-            log.debug("rollback: %s", exc)
+    async def schema_version(self) -> int:
+        """How many migrations the database has had (0: none, a new database)."""
+        return await self._db.check_version()
 
     async def integrity_check(self) -> list[str]:
-        """SQLite's own integrity check; an empty list means the file is sound."""
-        async with self._db.execute("PRAGMA integrity_check") as cursor:
-            rows = await cursor.fetchall()
-        problems = [str(r[0]) for r in rows]
-        return [] if problems == ["ok"] else problems
+        """The database's own check (SQLite's ``integrity_check``; on PostgreSQL, that
+        the schema is whole); an empty list means it is sound."""
+        return await self._db.integrity_check()
 
     # -- meta and cursors ----------------------------------------------------------------
 
     async def get_meta(self, key: str) -> str | None:
-        async with self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
-            row = await cur.fetchone()
+        row = await self._db.fetchone("SELECT value FROM meta WHERE key = ?", (key,))
         return None if row is None else str(row[0])
 
     async def set_meta(self, key: str, value: str) -> None:
@@ -274,10 +222,9 @@ class Store:
 
     async def meta_with_prefix(self, prefix: str) -> dict[str, str]:
         """Every meta key starting with ``prefix`` (without it) and its value."""
-        async with self._db.execute(
+        rows = await self._db.fetchall(
             "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return {str(r[0])[len(prefix) :]: str(r[1]) for r in rows}
 
     async def delete_meta(self, key: str) -> None:
@@ -287,14 +234,15 @@ class Store:
     async def setdefault_meta(self, key: str, value: str) -> str:
         """Set ``key`` unless it is set; return the value in force."""
         async with self._transaction() as db:
-            await db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            await db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (key, value)
+            )
         stored = await self.get_meta(key)
         assert stored is not None
         return stored
 
     async def get_cursor(self, name: str) -> str | None:
-        async with self._db.execute("SELECT value FROM cursors WHERE name = ?", (name,)) as cur:
-            row = await cur.fetchone()
+        row = await self._db.fetchone("SELECT value FROM cursors WHERE name = ?", (name,))
         return None if row is None else str(row[0])
 
     async def set_cursor(self, name: str, value: str) -> None:
@@ -307,8 +255,7 @@ class Store:
             )
 
     async def cursors(self) -> dict[str, tuple[str, float]]:
-        async with self._db.execute("SELECT name, value, updated_at FROM cursors") as cur:
-            rows = await cur.fetchall()
+        rows = await self._db.fetchall("SELECT name, value, updated_at FROM cursors")
         return {str(r[0]): (str(r[1]), float(r[2])) for r in rows}
 
     # -- inbox ---------------------------------------------------------------------------
@@ -326,15 +273,13 @@ class Store:
     ) -> int | None:
         """Persist an event; ``None`` when its ``dedup_key`` was seen before."""
         async with self._transaction() as db:
-            cursor = await db.execute(
-                "INSERT OR IGNORE INTO inbox "
+            row = await db.fetchone(
+                "INSERT INTO inbox "
                 "(source, kind, dedup_key, po_id, so_id, link_id, payload, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
                 (source, kind, dedup_key, po_id, so_id, link_id, payload, self._clock()),
             )
-            inserted = cursor.rowcount == 1
-            row_id = cursor.lastrowid
-        return row_id if inserted else None
+        return None if row is None else int(row[0])
 
     async def pending_events(
         self,
@@ -353,29 +298,27 @@ class Store:
         if exclude_kinds:
             where += f" AND kind NOT IN ({', '.join('?' * len(exclude_kinds))})"
             args += exclude_kinds
-        async with self._db.execute(
+        rows = await self._db.fetchall(
             "SELECT id, source, kind, payload, po_id, so_id, link_id, received_at FROM inbox "
             f"WHERE {where} ORDER BY id LIMIT ?",
             (*args, limit),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [InboxEvent(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
 
     async def has_pending_event(self, link_id: int, kind: str) -> bool:
         """Whether an event of ``kind`` for the link waits unprocessed in the inbox."""
-        async with self._db.execute(
+        row = await self._db.fetchone(
             "SELECT 1 FROM inbox WHERE link_id = ? AND kind = ? AND processed_at IS NULL LIMIT 1",
             (link_id, kind),
-        ) as cur:
-            return await cur.fetchone() is not None
+        )
+        return row is not None
 
     async def events_for_link(self, link_id: int) -> list[InboxEvent]:
-        async with self._db.execute(
+        rows = await self._db.fetchall(
             "SELECT id, source, kind, payload, po_id, so_id, link_id, received_at FROM inbox "
             "WHERE link_id = ? ORDER BY id",
             (link_id,),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [InboxEvent(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
 
     async def mark_processed(self, event_id: int, outcome: str) -> None:
@@ -388,18 +331,16 @@ class Store:
     async def event_outcome(self, event_id: int) -> tuple[float | None, str | None] | None:
         """When an inbox event was processed and with what outcome; ``None`` if no such
         event."""
-        async with self._db.execute(
+        row = await self._db.fetchone(
             "SELECT processed_at, outcome FROM inbox WHERE id = ?", (event_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return None if row is None else (row[0], row[1])
 
     async def inbox_backlog(self) -> tuple[int, float | None]:
         """How many events wait, and when the oldest arrived."""
-        async with self._db.execute(
+        row = await self._db.fetchone(
             "SELECT count(*), min(received_at) FROM inbox WHERE processed_at IS NULL"
-        ) as cur:
-            row = await cur.fetchone()
+        )
         assert row is not None
         return int(row[0]), row[1]
 
@@ -417,13 +358,14 @@ class Store:
         """Start following a PO; ``None`` when it is already linked."""
         now = self._clock()
         async with self._transaction() as db:
-            cursor = await db.execute(
-                "INSERT OR IGNORE INTO links (po_id, po_number, state, snapshot, created_at, "
-                "updated_at, state_since) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            row = await db.fetchone(
+                "INSERT INTO links (po_id, po_number, state, snapshot, created_at, "
+                "updated_at, state_since) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING id",
                 (snapshot.po_id, snapshot.po_number, state, _encode(snapshot), now, now, now),
             )
-            created = cursor.rowcount == 1
-            link_id = cursor.lastrowid
+            created = row is not None
+            link_id = None if row is None else int(row[0])
             if created:
                 await db.execute(
                     "INSERT INTO transitions (link_id, from_state, to_state, trigger, cause, "
@@ -482,11 +424,11 @@ class Store:
         if decision.dest != decision.source and not self._is_attention(decision):
             sets.append("last_error = NULL")
         async with self._transaction() as db:
-            cursor = await db.execute(
+            changed = await db.execute(
                 f"UPDATE links SET {', '.join(sets)} WHERE id = ? AND state = ?",
                 (*values, link.id, decision.source),
             )
-            if cursor.rowcount != 1:
+            if changed != 1:
                 raise StoreConflict(
                     f"order {link.po_number} is no longer in {decision.source}: not applied"
                 )
@@ -536,10 +478,7 @@ class Store:
             await db.execute(f"UPDATE links SET {', '.join(sets)} WHERE id = ?", (*values, link_id))
 
     async def _one(self, where: str, args: Sequence[Any]) -> LinkedOrder | None:
-        async with self._db.execute(
-            f"SELECT {_LINK_COLUMNS} FROM links WHERE {where}", args
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self._db.fetchone(f"SELECT {_LINK_COLUMNS} FROM links WHERE {where}", args)
         return None if row is None else _link(row)
 
     async def get_link(self, link_id: int) -> LinkedOrder | None:
@@ -576,15 +515,13 @@ class Store:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        async with self._db.execute(sql, args) as cur:
-            rows = await cur.fetchall()
+        rows = await self._db.fetchall(sql, args)
         return [_link(r) for r in rows]
 
     async def all_links(self, *, limit: int = 1000) -> list[LinkedOrder]:
-        async with self._db.execute(
+        rows = await self._db.fetchall(
             f"SELECT {_LINK_COLUMNS} FROM links ORDER BY id DESC LIMIT ?", (limit,)
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [_link(r) for r in rows]
 
     async def so_ids_in_states(self, states: Sequence[str]) -> dict[int, int]:
@@ -592,36 +529,32 @@ class Store:
         if not states:
             return {}
         marks = ", ".join("?" for _ in states)
-        async with self._db.execute(
+        rows = await self._db.fetchall(
             f"SELECT so_id, id FROM links WHERE so_id IS NOT NULL AND state IN ({marks})",
             list(states),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return {int(r[0]): int(r[1]) for r in rows}
 
     async def linked_po_ids(self, po_ids: Sequence[int]) -> set[int]:
         if not po_ids:
             return set()
         marks = ", ".join("?" for _ in po_ids)
-        async with self._db.execute(
+        rows = await self._db.fetchall(
             f"SELECT po_id FROM links WHERE po_id IN ({marks})", list(po_ids)
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return {int(r[0]) for r in rows}
 
     async def counts_by_state(self) -> dict[str, int]:
-        async with self._db.execute("SELECT state, count(*) FROM links GROUP BY state") as cur:
-            rows = await cur.fetchall()
+        rows = await self._db.fetchall("SELECT state, count(*) FROM links GROUP BY state")
         return {str(r[0]): int(r[1]) for r in rows}
 
     async def oldest_by_state(self) -> dict[str, tuple[str, float]]:
         """State → (PO number, since) of the order that has waited there longest."""
-        async with self._db.execute(
+        rows = await self._db.fetchall(
             "SELECT l.state, l.po_number, l.state_since FROM links l JOIN ("
             "SELECT state, min(state_since) AS since FROM links GROUP BY state) o "
             "ON l.state = o.state AND l.state_since = o.since"
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return {str(r[0]): (str(r[1]), float(r[2])) for r in rows}
 
     # -- what was seen but not linked, and operators' imports -----------------------------
@@ -645,14 +578,18 @@ class Store:
                 "INSERT INTO po_observations (po_id, po_number, supplier, status, reason, "
                 "po_created_at, first_seen_at, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (po_id) DO UPDATE SET po_number = excluded.po_number, "
-                "supplier = coalesce(excluded.supplier, supplier), status = excluded.status, "
+                "supplier = coalesce(excluded.supplier, po_observations.supplier), "
+                "status = excluded.status, "
                 "reason = excluded.reason, po_created_at = excluded.po_created_at, "
                 "seen_at = excluded.seen_at",
                 (po_id, po_number, supplier, status, reason, created, now, now),
             )
+            # Everything from the first row past the bound down, in (seen_at, po_id) order:
+            # no row when under the bound (the comparison with NULL is never true). A row
+            # value rather than SQLite's ``LIMIT -1 OFFSET``, which PostgreSQL has not.
             await db.execute(
-                "DELETE FROM po_observations WHERE po_id IN (SELECT po_id FROM po_observations "
-                "ORDER BY seen_at DESC, po_id DESC LIMIT -1 OFFSET ?)",
+                "DELETE FROM po_observations WHERE (seen_at, po_id) <= (SELECT seen_at, po_id "
+                "FROM po_observations ORDER BY seen_at DESC, po_id DESC LIMIT 1 OFFSET ?)",
                 (OBSERVATIONS_KEPT,),
             )
 
@@ -678,8 +615,11 @@ class Store:
         now = self._clock()
         async with self._transaction() as db:
             await db.execute(
-                "INSERT OR REPLACE INTO import_outcomes (event_id, po_number, result, detail, "
-                "po_id, decided_at) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO import_outcomes (event_id, po_number, result, detail, po_id, "
+                "decided_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO UPDATE SET "
+                "po_number = excluded.po_number, result = excluded.result, "
+                "detail = excluded.detail, po_id = excluded.po_id, "
+                "decided_at = excluded.decided_at",
                 (event_id, po_number, result.value, detail, po_id, now),
             )
             await db.execute(
@@ -705,36 +645,33 @@ class Store:
             return None
         return ImportOutcome(row[0], row[1], ImportResult(row[2]), row[3], row[4], row[5])
 
-    async def _read_one(self, sql: str, args: Sequence[Any]) -> Any:
+    async def _read_one(self, sql: str, args: Sequence[Any]) -> Row | None:
         """One row of a table a read-only opener may not have yet (a database the daemon has
-        not migrated): a clear error instead of SQLite's."""
+        not migrated): a clear error instead of the database's."""
         try:
-            async with self._db.execute(sql, args) as cur:
-                return await cur.fetchone()
-        except sqlite3.OperationalError as exc:
-            raise StoreError(
-                f"cannot read {self.path}: {exc} (restart syncd to upgrade the database)"
-            ) from None
+            return await self._db.fetchone(sql, args)
+        except StoreError as exc:
+            if await self._db.check_version() >= len(MIGRATIONS):
+                raise
+            raise StoreError(f"{exc} (restart syncd to upgrade the database)") from None
 
     # -- transitions ---------------------------------------------------------------------
 
     async def history(self, link_id: int) -> list[TransitionRecord]:
-        async with self._db.execute(
+        rows = await self._db.fetchall(
             "SELECT id, link_id, from_state, to_state, trigger, cause, at FROM transitions "
             "WHERE link_id = ? ORDER BY id",
             (link_id,),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [TransitionRecord(*r) for r in rows]
 
     async def recent_transitions(self, limit: int = 50) -> list[TransitionRecord]:
-        async with self._db.execute(
+        rows = await self._db.fetchall(
             "SELECT t.id, t.link_id, t.from_state, t.to_state, t.trigger, t.cause, t.at, "
             "l.po_number FROM transitions t JOIN links l ON l.id = t.link_id "
             "ORDER BY t.id DESC LIMIT ?",
             (limit,),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [TransitionRecord(*r) for r in rows]
 
     # -- status page reads ---------------------------------------------------------------
@@ -742,60 +679,18 @@ class Store:
     async def timeline(self, link_id: int) -> list[tuple[TransitionRecord, str | None, str | None]]:
         """An order's transitions, oldest first, each with the ``(source, kind)`` of the inbox
         event that caused it (``None`` for a transition no event caused)."""
-        async with self._db.execute(
+        rows = await self._db.fetchall(
             "SELECT t.id, t.link_id, t.from_state, t.to_state, t.trigger, t.cause, t.at, "
             "i.source, i.kind FROM transitions t LEFT JOIN inbox i ON i.id = t.event_id "
             "WHERE t.link_id = ? ORDER BY t.id",
             (link_id,),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [(TransitionRecord(*r[:7]), r[7], r[8]) for r in rows]
 
     async def last_event_by_source(self, kind: str) -> dict[str, float]:
         """Source → when the newest inbox event of ``kind`` from it arrived (e.g. the last
         webhook each service delivered)."""
-        async with self._db.execute(
+        rows = await self._db.fetchall(
             "SELECT source, max(received_at) FROM inbox WHERE kind = ? GROUP BY source", (kind,)
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return {str(r[0]): float(r[1]) for r in rows}
-
-
-def _write_error(error: sqlite3.Error) -> type[StoreError]:
-    """Locked, busy, I/O, full or read-only are errors of the moment, not of the data."""
-    return StoreUnavailable if isinstance(error, sqlite3.OperationalError) else StoreError
-
-
-def _probe(path: str) -> None:
-    sqlite3.connect(path).close()
-
-
-def _why_unwritable(path: str) -> str:
-    """A hint when the database cannot be written: SQLite's own message does not say why."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        if os.statvfs(folder).f_flag & os.ST_RDONLY:
-            return f" (the file system holding {folder} is read-only)"
-    except OSError:
-        return ""
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        return " (the file is not writable by this user)"
-    if not os.access(folder, os.W_OK):
-        return f" ({folder} is not writable by this user)"
-    return ""
-
-
-def _statements(script: str) -> list[str]:
-    """Split a migration into statements, keeping trigger bodies whole."""
-    statements: list[str] = []
-    buffer = ""
-    for line in script.splitlines(keepends=True):
-        if line.strip().startswith("--"):
-            continue
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            statements.append(buffer.strip())
-            buffer = ""
-    if buffer.strip():
-        statements.append(buffer.strip())
-    return statements

@@ -1,0 +1,120 @@
+"""What the store needs from a database: one small protocol, one implementation per dialect.
+
+:class:`~syncd.store.Store` writes each query once, in the SQL both dialects share: ``?``
+placeholders, ``INSERT ... ON CONFLICT ... DO NOTHING | DO UPDATE``, ``RETURNING id`` for a
+new row's id, and functions both know (``count``, ``min``, ``substr``, ``coalesce``). A
+backend translates placeholders, runs transactions, keeps the schema at the latest
+migration, and turns its driver's errors into :class:`~syncd.errors.StoreError`: a
+:class:`~syncd.errors.StoreUnavailable` for what may pass by itself (locks, serialization
+failures, lost connections, a full or failing disk).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from syncd.errors import StoreError
+
+__all__ = [
+    "Backend",
+    "Queries",
+    "Row",
+    "is_postgres_url",
+    "newer_schema",
+    "redact",
+    "redacted",
+]
+
+#: One result row, columns in the order the query named them.
+Row = tuple[Any, ...]
+
+
+class Queries(Protocol):
+    """Statements in the shared SQL, with ``?`` placeholders."""
+
+    async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        """The first row of the query's result, or ``None``."""
+        ...
+
+    async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """Every row of the query's result."""
+        ...
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run one statement; return how many rows it changed."""
+        ...
+
+
+class Backend(Queries, Protocol):
+    """An open syncd database.
+
+    Reads may run at any time and see committed data; writes run inside
+    :meth:`transaction`, one task at a time.
+    """
+
+    #: ``"sqlite"`` or ``"postgresql"``.
+    dialect: str
+    #: The database as messages name it: a file path, or a URL without its password.
+    where: str
+
+    def transaction(self) -> AbstractAsyncContextManager[Queries]:
+        """Begin a write transaction, whose statements run on what the block is given;
+        commit when the block ends, roll back if it raises.
+
+        :raises StoreUnavailable: begin, a statement or commit failed for a reason that
+            may pass by itself.
+        :raises StoreError: they failed for a lasting reason.
+        """
+        ...
+
+    async def migrate(self) -> None:
+        """Bring the schema to the latest migration.
+
+        :raises StoreError: the schema is newer than this syncd, or a migration failed.
+        """
+        ...
+
+    async def check_version(self) -> int:
+        """The schema version, without migrating.
+
+        :raises StoreError: the schema is newer than this syncd.
+        """
+        ...
+
+    async def integrity_check(self) -> list[str]:
+        """What is wrong with the database; empty when it is sound."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def newer_schema(where: str, version: int, latest: int) -> StoreError:
+    return StoreError(
+        f"database {where} has schema version {version}, newer than this syncd "
+        f"({latest}): upgrade syncd"
+    )
+
+
+def is_postgres_url(location: str) -> bool:
+    """Whether ``daemon.database`` names a PostgreSQL database rather than a file."""
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    url = re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
+
+
+def redacted(location: str) -> str:
+    """``daemon.database`` as messages and logs may show it: a URL without its password."""
+    return redact(location) if is_postgres_url(location) else location

@@ -1,0 +1,307 @@
+"""The PostgreSQL backend, through psycopg 3: several daemons can share one database.
+
+Two connections: one for reads, in autocommit, and one for write transactions, held by one
+task at a time. Reads therefore see committed data only, never another task's transaction
+half-way. Transactions run at PostgreSQL's default READ COMMITTED: every write the store
+makes is one statement whose ``WHERE`` re-checks what it depends on (``UPDATE links ...
+WHERE state = ?``, ``INSERT ... ON CONFLICT``), which PostgreSQL re-evaluates against the
+row another writer just committed, so two daemons cannot both move an order.
+
+``lock_timeout`` plays SQLite's busy timeout (5 s); a URL's own ``options`` come after ours
+and win. A connection found lost is opened again at the next call; the call that found it
+lost fails with ``StoreUnavailable``. Migrations take an advisory lock, so that two
+daemons starting together on an empty database do not both create the schema.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
+
+from syncd.errors import StoreError, StoreUnavailable
+from syncd.store._backend import Row, newer_schema, redact
+from syncd.store._schema_postgres import POSTGRES_MIGRATIONS, VERSION_TABLE
+
+__all__ = ["PostgresBackend"]
+
+log = logging.getLogger("syncd.store")
+
+#: ``pg_advisory_xact_lock`` key of the migrations ("syncd" in ASCII).
+_MIGRATION_LOCK = 0x73796E6364
+_OPTIONS = "-c lock_timeout=5000"
+_READONLY_OPTIONS = " -c default_transaction_read_only=on"
+
+
+@functools.lru_cache(maxsize=512)
+def _sql(query: str) -> str:
+    """The store's ``?`` placeholders as psycopg's ``%s`` (a literal ``%`` doubled)."""
+    return query.replace("%", "%%").replace("?", "%s")
+
+
+def _message(exc: BaseException) -> str:
+    # libpq's messages span lines (one per address tried, a hint indented by a tab).
+    return " ".join(str(exc).split())
+
+
+def _transient(exc: psycopg.Error) -> bool:
+    """Lock timeouts, deadlocks, serialization failures, a lost or refused connection, a
+    full disk, a server shutting down: errors of the moment, not of the data (psycopg
+    files all of these under ``OperationalError``; ``InterfaceError`` is a closed
+    connection)."""
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+def _error(exc: psycopg.Error) -> type[StoreError]:
+    return StoreUnavailable if _transient(exc) else StoreError
+
+
+class _Queries:
+    """Statements on one connection, driver errors left as they are (the caller wraps)."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Row]) -> None:
+        self._conn = conn
+
+    async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        cursor = await self._conn.execute(_sql(sql), args)
+        return await cursor.fetchone()
+
+    async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        cursor = await self._conn.execute(_sql(sql), args)
+        return await cursor.fetchall()
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        cursor = await self._conn.execute(_sql(sql), args)
+        return cursor.rowcount
+
+    async def script(self, sql: str) -> None:
+        """Several statements at once (a migration): with no parameters psycopg sends the
+        text as it is, ``%`` and ``?`` included."""
+        await self._conn.execute(sql.encode())
+
+
+class _Session:
+    """One connection, opened again when found lost; used by one task at a time."""
+
+    def __init__(self, conninfo: str, where: str) -> None:
+        self._conninfo = conninfo
+        self._where = where
+        self._conn: psycopg.AsyncConnection[Row] | None = None
+        self.lock = anyio.Lock()
+
+    async def connection(self) -> psycopg.AsyncConnection[Row]:
+        """The connection, idle and outside any transaction; call with :attr:`lock` held."""
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            if conn.info.transaction_status == TransactionStatus.IDLE:
+                return conn
+            # Left mid-query or mid-transaction by a cancelled task: start clean.
+            log.warning("database connection to %s left busy: opening it again", self._where)
+        await self.discard()
+        self._conn = await _connect(self._conninfo, self._where)
+        return self._conn
+
+    async def discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+
+
+async def _connect(conninfo: str, where: str) -> psycopg.AsyncConnection[Row]:
+    try:
+        return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+    except psycopg.Error as exc:
+        # Transient for a running daemon (the server restarting); at start, Store.open's
+        # caller stops on any StoreError.
+        raise _error(exc)(f"cannot connect to database {where}: {_message(exc)}") from None
+
+
+class PostgresBackend:
+    dialect = "postgresql"
+
+    def __init__(self, conninfo: str, where: str, *, readonly: bool) -> None:
+        self.where = where
+        self._readonly = readonly
+        self._reader = _Session(conninfo, where)
+        self._writer = _Session(conninfo, where)
+
+    @classmethod
+    async def open(
+        cls, url: str, *, readonly: bool, require_schema: bool = True
+    ) -> PostgresBackend:
+        where = redact(url)
+        try:
+            params: dict[str, Any] = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise StoreError(f"bad database URL {where}: {_message(exc)}") from None
+        options = _OPTIONS + (_READONLY_OPTIONS if readonly else "")
+        if params.get("options"):
+            options += f" {params['options']}"
+        params["options"] = options
+        params.setdefault("connect_timeout", "10")
+        params.setdefault("application_name", "syncd")
+        backend = cls(make_conninfo(**params), where, readonly=readonly)
+        try:
+            # Connect now, so that a wrong URL, password or database is said at start.
+            async with backend._reader.lock:
+                await backend._reader.connection()
+            if readonly:
+                if await backend.check_version() == 0 and require_schema:
+                    raise StoreError(f"database {where} has no syncd schema: run syncd on it once")
+            else:
+                await backend.migrate()
+        except BaseException:
+            await backend.close()
+            raise
+        return backend
+
+    async def close(self) -> None:
+        await self._reader.discard()
+        await self._writer.discard()
+
+    # -- queries -------------------------------------------------------------------------
+
+    async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        async with self._reader.lock:
+            conn = await self._reader.connection()
+            try:
+                return await _Queries(conn).fetchone(sql, args)
+            except psycopg.Error as exc:
+                raise self._read_error(exc) from None
+
+    async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        async with self._reader.lock:
+            conn = await self._reader.connection()
+            try:
+                return await _Queries(conn).fetchall(sql, args)
+            except psycopg.Error as exc:
+                raise self._read_error(exc) from None
+
+    async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """One statement in its own transaction."""
+        async with self.transaction() as tx:
+            return await tx.execute(sql, args)
+
+    def _read_error(self, exc: psycopg.Error) -> StoreError:
+        return _error(exc)(f"cannot read from {self.where}: {_message(exc)}")
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_Queries]:
+        async with self._writer.lock:
+            try:
+                conn = await self._writer.connection()
+                await conn.execute("BEGIN")
+            except psycopg.Error as exc:
+                await self._writer.discard()
+                raise _error(exc)(f"cannot write to {self.where}: {_message(exc)}") from None
+            try:
+                yield _Queries(conn)
+            except psycopg.Error as exc:
+                await self._rollback(conn)
+                raise _error(exc)(f"write to {self.where} refused: {_message(exc)}") from exc
+            except BaseException:
+                await self._rollback(conn)
+                raise
+            try:
+                await conn.execute("COMMIT")
+            except psycopg.Error as exc:
+                # The outcome is unknown when the connection died during COMMIT; every write
+                # the store makes is safe to try again (its WHERE or ON CONFLICT re-checks).
+                await self._rollback(conn)
+                raise _error(exc)(f"cannot commit to {self.where}: {_message(exc)}") from None
+
+    async def _rollback(self, conn: psycopg.AsyncConnection[Row]) -> None:
+        # Shielded: a cancelled task must not leave its transaction open for the next one.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                await conn.execute("ROLLBACK")
+                return
+            except psycopg.Error as exc:
+                log.debug("rollback: %s", exc)
+        await self._writer.discard()
+
+    # -- schema --------------------------------------------------------------------------
+
+    async def check_version(self) -> int:
+        version = await self._version(self)
+        if version > len(POSTGRES_MIGRATIONS):
+            raise newer_schema(self.where, version, len(POSTGRES_MIGRATIONS))
+        return version
+
+    @staticmethod
+    async def _version(queries: _Queries | PostgresBackend) -> int:
+        row = await queries.fetchone("SELECT to_regclass(?) IS NOT NULL", (VERSION_TABLE,))
+        if row is None or not row[0]:
+            return 0
+        row = await queries.fetchone(f"SELECT version FROM {VERSION_TABLE}")
+        return 0 if row is None else int(row[0])
+
+    async def migrate(self) -> None:
+        latest = len(POSTGRES_MIGRATIONS)
+        while True:
+            async with self.transaction() as tx:
+                await tx.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+                version = await self._version(tx)
+                if version > latest:
+                    raise newer_schema(self.where, version, latest)
+                if version == latest:
+                    return
+                if version == 0:
+                    await tx.execute(
+                        f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (version INTEGER NOT NULL)"
+                    )
+                    await tx.execute(f"DELETE FROM {VERSION_TABLE}")
+                    await tx.execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES (0)")
+                await tx.script(POSTGRES_MIGRATIONS[version])
+                await tx.execute(f"UPDATE {VERSION_TABLE} SET version = ?", (version + 1,))
+            log.info("database %s migrated to schema version %d", self.where, version + 1)
+
+    async def integrity_check(self) -> list[str]:
+        """The schema is whole: the version, and every table, index and trigger the
+        migrations made, each table readable. (PostgreSQL checks its pages itself when
+        it reads them; a deeper check, ``amcheck``, needs a superuser.)"""
+        problems: list[str] = []
+        version = await self._version(self)
+        if version != len(POSTGRES_MIGRATIONS):
+            problems.append(f"schema version {version}, expected {len(POSTGRES_MIGRATIONS)}")
+        script = "\n".join(POSTGRES_MIGRATIONS)
+        tables = re.findall(r"CREATE TABLE (\w+)", script)
+        present = {
+            str(r[0])
+            for r in await self.fetchall(
+                "SELECT c.relname FROM pg_class c "
+                "WHERE c.relnamespace = current_schema()::regnamespace"
+            )
+        }
+        for kind, names in (
+            ("table", tables),
+            ("index", re.findall(r"CREATE INDEX (\w+)", script)),
+        ):
+            problems += [f"{kind} {name} is missing" for name in names if name not in present]
+        triggers = {
+            str(r[0])
+            for r in await self.fetchall(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass('transitions')"
+            )
+        }
+        problems += [
+            f"trigger {name} is missing"
+            for name in re.findall(r"CREATE TRIGGER (\w+)", script)
+            if name not in triggers
+        ]
+        for table in tables:
+            if table in present:
+                try:
+                    await self.fetchall(f"SELECT * FROM {table} LIMIT 1")
+                except StoreError as exc:
+                    problems.append(f"table {table} cannot be read: {exc}")
+        return problems
