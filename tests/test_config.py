@@ -267,18 +267,19 @@ def test_config_problems_lists_every_wrong_value(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     keys = [problem.key for problem in config_problems(read_config(path))]
+    # The daemon's keys first, then each factory's.
     assert keys == [
         "daemon.log_level",
-        "katana.poll_interval",
         "daemon.concurrency",
         "metrics.listen",
+        "katana.poll_interval",
         "tradegecko.token",
         "katana.token",
     ]
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.key == "daemon.log_level"  # load_config stops at the first
-    assert config_problems(read_config(path), require_tokens=False)[-1].key == "metrics.listen"
+    assert config_problems(read_config(path), require_tokens=False)[-1].key == "katana.poll_interval"
     assert config_problems(parse_config(TOKENS)) == []
 
 
