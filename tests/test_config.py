@@ -934,3 +934,23 @@ def test_a_reload_with_problems_is_refused_and_says_how_many(tmp_path: Path) -> 
     path.unlink()
     with pytest.raises(ConfigError, match="config file not found"):
         reload_config(path, current)
+
+
+def test_the_example_configs_factory_is_valid_once_uncommented(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    example = (Path(__file__).parents[1] / "systemd" / "syncd.toml.example").read_text()
+    lines = [
+        line.removeprefix("# ")
+        if line.startswith(("# [factories.", "# supplier_name", "# order_no_prefix"))
+        else line
+        for line in example.splitlines()
+    ]
+    for variable in ("TRADEGECKO", "KATANA", "NORTH_MILL_TRADEGECKO", "NORTH_MILL_KATANA"):
+        monkeypatch.setenv(f"SYNCD_{variable}_TOKEN", f"{variable.lower()}-token")
+    config = parse_config("\n".join(lines))
+    assert list(config.factories) == ["default", "north-mill"]
+    north = config.factories["north-mill"]
+    assert north.katana.order_no_prefix == "NM-"
+    assert north.tradegecko.supplier_name == "Katana (North Mill)"
+    assert north.tradegecko.supplier_match == "exact"  # the top level's
