@@ -194,7 +194,8 @@ def test_check_of_a_postgres_database_connects_and_checks_its_schema(
         # Empty: fine (run creates the schema), and check creates nothing.
         result = check(url)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.endswith(f"database {url.replace(PASSWORD, '***')})\n"), result.stdout
+        first = result.stdout.splitlines()[0]
+        assert first.endswith(f"database {url.replace(PASSWORD, '***')})"), result.stdout
         assert tables() == [(None, None)]
 
         async def migrate() -> None:
@@ -433,6 +434,73 @@ async def test_check_online_asks_both_services_with_runs_exit_codes(
     assert result.returncode == 2
     assert "katana.timeout" in result.stderr.decode()
     assert "services not asked: the config has problems" in result.stderr.decode()
+
+
+@pytest.mark.anyio
+async def test_check_reads_every_factory_and_asks_each_ones_services(
+    sims: Sims, tmp_path: Path
+) -> None:
+    # Three factories: today's top level (the default), a table, a file in factories.d; the
+    # top level's base URLs are every factory's.
+    config = _sims_config(
+        sims, tmp_path, '[factories.north-mill.katana]\norder_no_prefix = "NM-"\n'
+    )
+    acme = tmp_path / "factories.d" / "acme.toml"
+    acme.parent.mkdir()
+    acme.write_text('[tradegecko]\nsupplier_name = "Katana (Acme)"\n')
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "acme-tradegecko-token").write_text("tg-acme")
+    (credentials / "acme-katana-token").write_text("kt-acme")
+    env = {
+        **SIM_TOKENS,
+        "SYNCD_NORTH_MILL_TRADEGECKO_TOKEN": "tg-north",
+        "SYNCD_NORTH_MILL_KATANA_TOKEN": "kt-north",
+        "SYNCD_CREDENTIALS_DIRECTORY": str(credentials),
+    }
+    offline = await _process("syncd", "check", "--config", str(config), env=env)
+    assert offline.returncode == 0, offline.stderr.decode()
+    lines = offline.stdout.decode().splitlines()
+    assert lines[0].startswith(f"{config}: ok (3 factories, ")
+    assert lines[1:] == [
+        "factory default (the top level): supplier 'Katana', customer 'Tradegecko', "
+        "order_no_prefix 'TG-'",
+        "factory north-mill ([factories.north-mill]): supplier 'Katana', customer "
+        "'Tradegecko', order_no_prefix 'NM-'",
+        f"factory acme ({acme}): supplier 'Katana (Acme)', customer 'Tradegecko', "
+        "order_no_prefix 'TG-'",
+    ]
+
+    # The simulators know one account each: the other two factories' tokens are refused,
+    # each said with its factory's name, none of them printed.
+    online = await _process("syncd", "check", "--online", "--config", str(config), env=env)
+    stderr = online.stderr.decode()
+    assert online.returncode == 4, stderr
+    assert "factory default:" not in stderr
+    assert "syncd: factory north-mill: a token was rejected: " in stderr
+    assert "syncd: factory acme: a token was rejected: " in stderr
+    for token in ("tg-north", "kt-north", "tg-acme", "kt-acme", KATANA_TOKEN):
+        assert token not in stderr
+
+    # Every problem of every factory, each naming its key and, for a file, the file.
+    config.write_text(config.read_text().replace('order_no_prefix = "NM-"', "order_no_prefix = 5"))
+    (acme.parent / "Bad_Name.toml").write_text("")
+    (credentials / "acme-katana-token").write_text(KATANA_TOKEN)  # the default's account
+    for command in ("check", "run"):
+        result = await _process("syncd", command, "--config", str(config), env=env)
+        stderr = result.stderr.decode()
+        assert result.returncode == 2, stderr
+        assert "Traceback" not in stderr and KATANA_TOKEN not in stderr
+    listed = await _process("syncd", "check", "--config", str(config), env=env)
+    assert listed.stderr.decode().splitlines() == [
+        f"syncd: {acme.parent / 'Bad_Name.toml'}: the file's name must be a factory name, a "
+        "lowercase letter or digit, then up to 62 lowercase letters, digits or '-'",
+        "syncd: factories.north-mill.katana.order_no_prefix: Expected `str`, got `int` "
+        f"(in {config})",
+        f"syncd: {acme}: katana.token: the same Katana token as the factory 'default': one "
+        "account served twice would double every call",
+        f"syncd: {config}: 3 problems",
+    ]
 
 
 def test_check_and_run_read_the_default_config_and_credentials(tmp_path: Path) -> None:

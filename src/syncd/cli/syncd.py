@@ -207,6 +207,7 @@ def check(config_path: str | None, online: bool) -> None:
 
     Lists every problem; exits with the code `run` would give for the first."""
     from syncd.cli.check import check as find_problems
+    from syncd.cli.check import factory_lines
     from syncd.store import redacted
 
     path = _config_path(config_path)
@@ -226,11 +227,17 @@ def check(config_path: str | None, online: bool) -> None:
     assert report.config is not None and report.chart is not None
     config = report.config
     services = "; both services accept their tokens" if report.services_ok else ""
+    factories = (
+        f"supplier {config.tradegecko.supplier_name!r}, customer {config.katana.customer_name!r}"
+        if len(config.factories) == 1
+        else f"{len(config.factories)} factories"  # each on its line below
+    )
     click.echo(
-        f"{path}: ok (supplier {config.tradegecko.supplier_name!r}, customer "
-        f"{config.katana.customer_name!r}, {len(report.chart.states)} states, database "
+        f"{path}: ok ({factories}, {len(report.chart.states)} states, database "
         f"{redacted(config.daemon.database)}{services})"
     )
+    for line in factory_lines(config):
+        click.echo(line)
 
 
 _CHECK_EXITS = {
