@@ -327,7 +327,7 @@ class Dialect:
     unknown_route: Callable[[Request], Response]
     #: A control call naming an account the simulator does not have (404).
     unknown_account: Callable[[str], ServiceError]
-    #: ``POST /_sim/accounts`` with a token another account has (409).
+    #: ``POST /_sim/accounts`` with a token another account has (a conflict, 409 or 422).
     account_exists: Callable[[str], ServiceError]
     #: Headers on every API answer (e.g. a request id).
     extra_headers: Callable[[], dict[str, str]] = dict
