@@ -334,6 +334,15 @@ _FAULT_OPTIONS = (
 )
 
 
+_ACCOUNTS_OPTION = click.option(
+    "--accounts",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Accounts served, one world per token: the default token, then <token>-1 ... -(N-1).",
+)
+
+
 def _fault_options(command: Any) -> Any:
     for option in reversed(_FAULT_OPTIONS):
         command = option(command)
@@ -361,8 +370,11 @@ def _faults(options: dict[str, Any]) -> Faults | None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8701, show_default=True, type=int)
 @click.option("--no-rate-limit", is_flag=True, help="Turn the real 300/300 s limit off.")
+@_ACCOUNTS_OPTION
 @_fault_options
-def sim_tradegecko(host: str, port: int, no_rate_limit: bool, **fault_flags: Any) -> None:
+def sim_tradegecko(
+    host: str, port: int, no_rate_limit: bool, accounts: int, **fault_flags: Any
+) -> None:
     """Serve the TradeGecko simulator (token: tradegecko-sim-token)."""
     from syncd.sim import tradegecko
 
@@ -370,7 +382,11 @@ def sim_tradegecko(host: str, port: int, no_rate_limit: bool, **fault_flags: Any
     configure_logging("info")
     click.echo(f"TradeGecko simulator on http://{host}:{port} (API: /, control: /_sim/)")
     _serve_sim(
-        host, port, lambda: tradegecko.run(host, port, rate_limit=not no_rate_limit, faults=faults)
+        host,
+        port,
+        lambda: tradegecko.run(
+            host, port, rate_limit=not no_rate_limit, faults=faults, accounts=accounts
+        ),
     )
 
 
@@ -379,9 +395,15 @@ def sim_tradegecko(host: str, port: int, no_rate_limit: bool, **fault_flags: Any
 @click.option("--port", default=8702, show_default=True, type=int)
 @click.option("--no-rate-limit", is_flag=True, help="Turn the real 60/60 s limit off.")
 @click.option("--play-factory", is_flag=True, help="Make, finish and deliver orders by itself.")
+@_ACCOUNTS_OPTION
 @_fault_options
 def sim_katana(
-    host: str, port: int, no_rate_limit: bool, play_factory: bool, **fault_flags: Any
+    host: str,
+    port: int,
+    no_rate_limit: bool,
+    play_factory: bool,
+    accounts: int,
+    **fault_flags: Any,
 ) -> None:
     """Serve the Katana simulator (token: katana-sim-token)."""
     from syncd.sim import katana
@@ -395,7 +417,12 @@ def sim_katana(
         host,
         port,
         lambda: katana.run(
-            host, port, rate_limit=not no_rate_limit, play_factory=play_factory, faults=faults
+            host,
+            port,
+            rate_limit=not no_rate_limit,
+            play_factory=play_factory,
+            faults=faults,
+            accounts=accounts,
         ),
     )
 

@@ -5,16 +5,23 @@ order" on open sales orders whose rows have no manufacturing order, start every 
 yet started, finish an order once it has been in progress for a while, and deliver a sales
 order whose production is done. It talks only to ``/_sim``, so it never touches the API
 budget the daemon under test draws from, and it logs and carries on after any error.
+
+It works in every account of the simulator (those in use: an idle account has no orders),
+or in the accounts it is given, each with its own memory; one account's error does not
+stop the others.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import httpx
+
+from syncd.sim._frame import ACCOUNT_HEADER
 
 __all__ = ["play_factory"]
 
@@ -26,19 +33,22 @@ _OPEN = frozenset({"NOT_SHIPPED", "PENDING"})
 class _Floor:
     """What the player remembers between polls."""
 
-    def __init__(self, client: httpx.AsyncClient, step_delay: float, customer: str | None):
+    def __init__(
+        self, client: httpx.AsyncClient, step_delay: float, customer: str | None, account: str
+    ) -> None:
         self.client = client
+        self.headers = {ACCOUNT_HEADER: account}
         self.step_delay = step_delay
         self.customer = customer
         self.seen_in_progress: dict[int, float] = {}
         self.pressed_rows: set[int] = set()
 
     async def post(self, path: str) -> None:
-        response = await self.client.post(path)
+        response = await self.client.post(path, headers=self.headers)
         response.raise_for_status()
 
     async def step(self) -> None:
-        response = await self.client.get("/_sim/state")
+        response = await self.client.get("/_sim/state", headers=self.headers)
         response.raise_for_status()
         state: dict[str, Any] = response.json()
         customers = {c["id"]: c["name"] for c in state.get("customers", [])}
@@ -75,19 +85,40 @@ class _Floor:
 
 
 async def play_factory(
-    control_url: str, *, step_delay: float = 0.2, customer_name: str | None = None
+    control_url: str,
+    *,
+    step_delay: float = 0.2,
+    customer_name: str | None = None,
+    accounts: Sequence[str] | None = None,
 ) -> None:
     """Run the workshop against the simulator at ``control_url`` until cancelled.
 
     :param control_url: the simulator's root URL (the control panel is under ``/_sim``).
     :param step_delay: seconds between polls, and the least time an order stays in progress.
     :param customer_name: only work on this customer's orders; ``None`` for all.
+    :param accounts: the accounts (tokens) to work in; ``None`` for every account in use.
     """
+    floors: dict[str, _Floor] = {}
     async with httpx.AsyncClient(base_url=control_url.rstrip("/"), timeout=10.0) as client:
-        floor = _Floor(client, step_delay, customer_name)
         while True:
             try:
-                await floor.step()
+                names = list(accounts) if accounts is not None else await _in_use(client)
             except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
                 log.warning("factory player: %s; carrying on", exc)
+                names = list(floors)
+            for name in names:
+                floor = floors.get(name)
+                if floor is None:
+                    floor = floors[name] = _Floor(client, step_delay, customer_name, name)
+                try:
+                    await floor.step()
+                except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
+                    log.warning("factory player (%s): %s; carrying on", name, exc)
             await anyio.sleep(step_delay)
+
+
+async def _in_use(client: httpx.AsyncClient) -> list[str]:
+    """The accounts whose workshop exists (asking an idle one for its state would make it)."""
+    response = await client.get("/_sim/accounts")
+    response.raise_for_status()
+    return [a["token"] for a in response.json()["accounts"] if a["started"]]
