@@ -1023,6 +1023,25 @@ def test_rerunning_the_demo_on_its_database_reports_only_this_runs_orders(tmp_pa
         assert len(json.loads(listing.stdout)) == count, listing.stdout
 
 
+def test_the_demo_replaces_only_its_own_databases(tmp_path: Path) -> None:
+    """--db naming something an earlier demo did not make (a file, a directory, a daemon's
+    database) is refused and left as it was."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    daemons = tmp_path / "syncd.db"
+    with sqlite3.connect(daemons) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for path in (notes, folder, daemons):
+        result = run("syncd", "demo", "--orders", "1", "--db", str(path))
+        assert result.returncode == 3, result.stderr
+        assert "an earlier demo did not make" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not Path(f"{path}.previous").exists()
+    assert notes.read_text() == "precious" and folder.is_dir()
+
+
 def test_ctrl_c_in_the_demo_exits_130_with_the_summary_so_far(
     world: CrashHarness,
 ) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import signal
+import sqlite3
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -35,12 +36,13 @@ from syncd.config import (
     WebhooksConfig,
 )
 from syncd.domain.statechart import Statechart, load_statechart
+from syncd.errors import StoreError
 from syncd.ops.asgi import bind_socket
 from syncd.runtime.daemon import running_daemon
 from syncd.runtime.dispatcher import TransitionNotice
 from syncd.sim import tradegecko as tradegecko_sim
 from syncd.sim.factory import play_factory
-from syncd.store import Store
+from syncd.store import Store, ensure_not_in_use
 
 __all__ = [
     "KATANA_TOKEN",
@@ -225,15 +227,37 @@ class _Interrupt:
         self.wait: anyio.CancelScope | None = None
 
 
+#: The meta key the demo stamps on its database: the only kind it moves out of the way.
+_MADE_BY = ("made_by", "syncd demo")
+
+
+def _made_by_demo(path: Path) -> bool:
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (_MADE_BY[0],)).fetchone()
+    except sqlite3.Error:
+        return False  # not SQLite, or not syncd's
+    return row is not None and row[0] == _MADE_BY[1]
+
+
 def _set_aside(database: str, out: TextIO) -> None:
     """Move an earlier run's database (and its WAL files) to ``<database>.previous``.
 
     The demo's simulators start empty every run and number their orders from 1 again: the
-    earlier orders would collide with this run's and be reported as its own.
+    earlier orders would collide with this run's and be reported as its own. Only a database
+    an earlier demo made, and no daemon holds, is moved: anything else at the path is refused.
+
+    :raises StoreError: the path holds something else, or a running syncd uses it.
     """
     path = Path(database)
     if not path.exists():
         return
+    ensure_not_in_use(database)
+    if not path.is_file() or not _made_by_demo(path):
+        raise StoreError(
+            f"--db {database} holds something an earlier demo did not make; the demo only "
+            "replaces its own databases: give another path"
+        )
     previous = Path(f"{database}.previous")
     for suffix in ("", "-wal", "-shm"):
         old = Path(f"{path}{suffix}")
@@ -298,6 +322,7 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                 httpx.AsyncClient(timeout=10) as control,
                 running_daemon(config, chart=chart, on_transition=seen) as daemon,
             ):
+                await daemon.store.set_meta(*_MADE_BY)
                 if daemon.metrics_url is not None:
                     print(f"status page: {daemon.metrics_url}/", file=out, flush=True)
                 po_numbers: list[str] = []
