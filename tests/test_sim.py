@@ -65,6 +65,20 @@ def test_a_port_in_use_is_a_clear_usage_error(service: str) -> None:
     assert done.returncode == 2, done.stderr
     assert f"syncd: cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+    # The banner says it serves only once it does: a script may wait for it.
+    assert "simulator on" not in done.stdout
+
+
+@pytest.mark.parametrize("port", ["80000", "-5"])
+def test_a_port_out_of_range_is_a_usage_error(port: str) -> None:
+    done = subprocess.run(
+        [str(BIN / "syncd"), "sim", "katana", "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--port" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.anyio

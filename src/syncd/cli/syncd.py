@@ -368,7 +368,7 @@ def _faults(options: dict[str, Any]) -> Faults | None:
 
 @sim.command("tradegecko")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8701, show_default=True, type=int)
+@click.option("--port", default=8701, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--no-rate-limit", is_flag=True, help="Turn the real 300/300 s limit off.")
 @_ACCOUNTS_OPTION
 @_fault_options
@@ -380,19 +380,26 @@ def sim_tradegecko(
 
     faults = _faults(fault_flags)
     configure_logging("info")
-    click.echo(f"TradeGecko simulator on http://{host}:{port} (API: /, control: /_sim/)")
     _serve_sim(
         host,
         port,
         lambda: tradegecko.run(
-            host, port, rate_limit=not no_rate_limit, faults=faults, accounts=accounts
+            host,
+            port,
+            rate_limit=not no_rate_limit,
+            faults=faults,
+            accounts=accounts,
+            # Printed once listening: a script waiting for the banner may start calling.
+            on_ready=lambda url: click.echo(
+                f"TradeGecko simulator on {url} (API: /, control: /_sim/)"
+            ),
         ),
     )
 
 
 @sim.command("katana")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8702, show_default=True, type=int)
+@click.option("--port", default=8702, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--no-rate-limit", is_flag=True, help="Turn the real 60/60 s limit off.")
 @click.option("--play-factory", is_flag=True, help="Make, finish and deliver orders by itself.")
 @_ACCOUNTS_OPTION
@@ -410,9 +417,6 @@ def sim_katana(
 
     faults = _faults(fault_flags)
     configure_logging("info")
-    click.echo(
-        f"Katana simulator on http://{host}:{port} (API: {katana.API_PREFIX}, control: /_sim/)"
-    )
     _serve_sim(
         host,
         port,
@@ -423,6 +427,9 @@ def sim_katana(
             play_factory=play_factory,
             faults=faults,
             accounts=accounts,
+            on_ready=lambda url: click.echo(
+                f"Katana simulator on {url} (API: {katana.API_PREFIX}, control: /_sim/)"
+            ),
         ),
     )
 

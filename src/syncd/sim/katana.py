@@ -926,12 +926,14 @@ async def run(
     token: str = "katana-sim-token",
     faults: Faults | None = None,
     accounts: int = 1,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve the simulator until cancelled; with ``play_factory`` the workshop works too
     (in every account).
 
     :param accounts: how many accounts in all: the default one, then tokens ``<token>-1``
         ... ``<token>-(N-1)``.
+    :param on_ready: told the base URL once the simulator listens (``syncd sim``'s banner).
     """
     from syncd.ops.asgi import serving
     from syncd.sim.factory import play_factory as player
@@ -940,6 +942,8 @@ async def run(
     for extra in numbered_tokens(token, accounts - 1):
         app.state.frame.create_account(extra)
     async with serving(app, host, port) as url, anyio.create_task_group() as tg:
+        if on_ready is not None:
+            on_ready(url)
         tg.start_soon(app.state.webhooks.run)
         if play_factory:
             tg.start_soon(player, url)

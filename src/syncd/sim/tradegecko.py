@@ -658,15 +658,19 @@ async def run(
     rate_limit: bool = True,
     faults: Faults | None = None,
     accounts: int = 1,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve a freshly seeded simulator until cancelled.
 
     :param accounts: how many accounts in all: the default one, then tokens
         ``tradegecko-sim-token-1`` ... ``-(N-1)`` (webhook secrets ``<token>-webhook-secret``).
+    :param on_ready: told the base URL once the simulator listens (``syncd sim``'s banner).
     """
     app = create_app(rate_limit=(300, 300.0) if rate_limit else None, faults=faults)
     for extra in numbered_tokens(DEFAULT_TOKEN, accounts - 1):
         app.state.frame.create_account(extra)
-    async with serving(app, host, port), anyio.create_task_group() as tg:
+    async with serving(app, host, port) as url, anyio.create_task_group() as tg:
+        if on_ready is not None:
+            on_ready(url)
         tg.start_soon(app.state.webhooks.run)
         await anyio.sleep_forever()
