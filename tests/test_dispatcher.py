@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -18,9 +20,10 @@ from syncd.domain.orders import (
     PurchaseOrderSnapshot,
     SalesOrderFacts,
 )
-from syncd.domain.statechart import load_statechart
+from syncd.domain.statechart import Statechart, default_statechart_path, load_statechart
+from syncd.errors import StatechartError
 from syncd.runtime import inbox
-from syncd.runtime.dispatcher import Dispatcher
+from syncd.runtime.dispatcher import Dispatcher, check_chart
 from syncd.runtime.effects import Outcome
 from syncd.store import Store
 
@@ -48,6 +51,10 @@ class ScriptedEffects:
                 so_number=f"TG-{link.po_number}",
             )
         return Outcome(effect=effect, trigger="po_received", cause="received")
+
+
+def chart_data() -> dict[str, Any]:
+    return tomllib.loads(default_statechart_path().read_text(encoding="utf-8"))
 
 
 def snapshot(po_id: int, number: str) -> PurchaseOrderSnapshot:
@@ -99,6 +106,15 @@ async def run_dispatcher(store: Store, effects: Any) -> AsyncIterator[Dispatcher
         await tg.start(dispatcher.run)
         yield dispatcher
         tg.cancel_scope.cancel()
+
+
+def test_the_statechart_fits_the_effects_and_triggers_of_the_code() -> None:
+    chart = load_statechart()
+    assert check_chart(chart) is chart  # raises naming any mismatch
+    broken = copy.deepcopy(chart_data())
+    broken["states"]["delivered"]["effect"] = "recieve_order"
+    with pytest.raises(StatechartError, match="names effect 'recieve_order', which syncd does not"):
+        check_chart(Statechart(broken, source="typo.toml"))
 
 
 async def test_each_effect_runs_once_when_work_was_waiting_at_start(store: Store) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 
+from syncd.domain import triggers
 from syncd.domain.orders import (
     LineLink,
     PurchaseOrderLine,
@@ -129,19 +130,19 @@ def sales_order_trigger(facts: SalesOrderFacts) -> Sequence[str]:
     state (made from stock, or the look came late) still arrives.
     """
     if facts.deleted:
-        return ("so_deleted",)
+        return (triggers.SO_DELETED,)
     production = facts.production_status or "NONE"
     if facts.status == DELIVERED and production in PRODUCTION_DONE:
-        return ("so_delivered",)
+        return (triggers.SO_DELIVERED,)
     if production in PRODUCTION_UNDERWAY or facts.manufacturing_order_ids:
-        return ("production_started",)
+        return (triggers.PRODUCTION_STARTED,)
     return ()
 
 
 def purchase_order_trigger(status: str) -> str | None:
     """The trigger a TradeGecko PO status fires for an order already linked."""
     if status in PO_WITHDRAWN:
-        return "po_withdrawn"
+        return triggers.PO_WITHDRAWN
     return None
 
 

@@ -22,7 +22,7 @@ from syncd.ops.asgi import bind_socket
 from syncd.ops.logging import register_secrets
 from syncd.ops.metrics import Metrics, serve_metrics
 from syncd.ops.statuspage import StatusPage
-from syncd.runtime.dispatcher import Dispatcher, TransitionNotice
+from syncd.runtime.dispatcher import Dispatcher, TransitionNotice, check_chart
 from syncd.runtime.effects import Effects
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
 from syncd.runtime.webhooks import WebhookConsumer, WebhookListener, bind_listener
@@ -174,7 +174,7 @@ async def running_daemon(
     :raises ApiError: with ``check``, a service rejected its token or could not be reached.
     """
     register_secrets([config.katana.token, config.tradegecko.token])
-    chart = chart or load_statechart(config.daemon.statechart)
+    chart = check_chart(chart or load_statechart(config.daemon.statechart))
     metrics = Metrics()
     metrics.known_states(list(chart.states))
     store = await Store.open(config.daemon.database)

@@ -29,14 +29,15 @@ from syncd.domain.rules import (
     sales_order_trigger,
 )
 from syncd.domain.statechart import Decision, Statechart
+from syncd.domain.triggers import OBSERVATION_TRIGGERS, OPERATOR_TRIGGERS
 from syncd.errors import StoreError, SyncdError, is_transient
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
-from syncd.runtime.effects import Effects, Outcome
+from syncd.runtime.effects import EFFECTS, IMPORT_ORDER, Effects, Outcome
 from syncd.store import ImportResult as Import
 from syncd.store import InboxEvent, Store
 
-__all__ = ["Dispatcher", "ReplayPlan", "ReplayStep", "TransitionNotice"]
+__all__ = ["Dispatcher", "ReplayPlan", "ReplayStep", "TransitionNotice", "check_chart"]
 
 log = logging.getLogger("syncd.dispatcher")
 
@@ -89,6 +90,19 @@ class ReplayPlan:
 #: Inbox kinds a replay does not re-process: the PO's discovery, effects' past outcomes
 #: (the effect is re-run instead) and operators' commands.
 _NOT_REPLAYED = frozenset({inbox.PO_DISCOVERED, inbox.EFFECT_OUTCOME, inbox.OPERATOR})
+
+
+def check_chart(chart: Statechart) -> Statechart:
+    """``chart``, once checked against the code: every effect it names is registered, and the
+    triggers the code fires and its own are the same names.
+
+    :raises StatechartError: naming every mismatch.
+    """
+    chart.check_code(
+        {name: (spec.done, spec.failed) for name, spec in EFFECTS.items()},
+        fired=(*OBSERVATION_TRIGGERS, *OPERATOR_TRIGGERS),
+    )
+    return chart
 
 
 class Dispatcher:
@@ -312,7 +326,7 @@ class Dispatcher:
                     f"(link {owner.id}); is the PO number {link.po_number} used twice?"
                 )
                 outcome = Outcome(
-                    effect=outcome.effect, trigger="import_failed", cause=reason, reason=reason
+                    effect=outcome.effect, trigger=IMPORT_ORDER.failed, cause=reason, reason=reason
                 )
                 triggers, cause = (outcome.trigger,), reason
         for trigger in triggers:
@@ -350,7 +364,7 @@ class Dispatcher:
             and link.snapshot is not None
             and not state.terminal
             # The receipt re-costs the PO's lines itself: that is no drift.
-            and state.effect != "receive_order"
+            and not state.recosts_po
         ):
             notes += purchase_order_drift(link.snapshot, payload.lines)
         new = [n for n in notes if n not in link.notes]

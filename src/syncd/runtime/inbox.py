@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from syncd.domain import triggers
 from syncd.domain.orders import PurchaseOrderLine, PurchaseOrderSnapshot, SalesOrderFacts
 from syncd.runtime.effects import Outcome
 
@@ -40,7 +41,7 @@ IMPORT_REQUESTED = "import_requested"
 OPERATOR = "operator"
 #: ``replay`` is not a statechart trigger: it re-drives the order from where it is.
 REPLAY = "replay"
-OPERATOR_ACTIONS = ("retry", "cancel", REPLAY)
+OPERATOR_ACTIONS = (*triggers.OPERATOR_TRIGGERS, REPLAY)
 #: A verified webhook delivery, persisted before it is acknowledged. Not for the dispatcher:
 #: the webhook consumer re-fetches the object and writes the events the pollers would.
 WEBHOOK_RECEIVED = "webhook_received"
