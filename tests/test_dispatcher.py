@@ -213,3 +213,10 @@ async def test_an_event_that_keeps_failing_is_set_aside(store: Store) -> None:
     assert event_id is not None
     events = {e.id: e for e in await store.events_for_link(link.id)}
     assert event_id in events
+
+
+async def test_every_inbox_kind_is_handled_by_exactly_one_party(store: Store) -> None:
+    dispatcher = Dispatcher(store, load_statechart(), ScriptedEffects())
+    kinds = set(inbox._TYPES)
+    assert set(dispatcher.handlers) == kinds - set(inbox.SOURCE_KINDS)
+    assert set(inbox.SOURCE_KINDS) == {inbox.WEBHOOK_RECEIVED, inbox.IMPORT_REQUESTED}

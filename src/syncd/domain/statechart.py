@@ -217,6 +217,17 @@ class Statechart:
             resume = None
         return Decision(trigger, state, dest, entered.effect, resume)
 
+    def decide_first(
+        self, state: str, triggers: Sequence[str], *, resume_state: str | None = None
+    ) -> Decision | None:
+        """The decision of the first of ``triggers`` that applies in ``state``, if any (a
+        look at a service may offer several, in the order to try them)."""
+        for trigger in triggers:
+            decision = self.decide(state, trigger, resume_state=resume_state)
+            if decision is not None:
+                return decision
+        return None
+
     def valid_path(self, steps: Sequence[tuple[str | None, str, str]]) -> bool:
         """Whether a history of ``(from, to, trigger)`` steps is a path of this chart.
 

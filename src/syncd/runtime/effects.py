@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Protocol
 
 import anyio
 import msgspec
@@ -37,7 +38,15 @@ from syncd.domain.rules import (
 from syncd.errors import ApiError, NotFound, RuleViolation, ValidationFailed, is_transient
 from syncd.runtime.crashpoints import crash_point
 
-__all__ = ["EFFECTS", "IMPORT_ORDER", "RECEIVE_ORDER", "EffectSpec", "Effects", "Outcome"]
+__all__ = [
+    "EFFECTS",
+    "IMPORT_ORDER",
+    "RECEIVE_ORDER",
+    "EffectRunner",
+    "EffectSpec",
+    "Effects",
+    "Outcome",
+]
 
 log = logging.getLogger("syncd.effects")
 
@@ -76,6 +85,12 @@ class Outcome(msgspec.Struct, kw_only=True):
     currency: str | None = None
     lines: tuple[LineLink, ...] | None = None
     notes: tuple[str, ...] = ()
+
+
+class EffectRunner(Protocol):
+    """What the dispatcher needs of the effects: run one by name (:class:`Effects`)."""
+
+    async def run(self, effect: str, link: LinkedOrder) -> Outcome: ...
 
 
 @dataclass
