@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from syncd.config import Config, config_problems, load_config, parse_config, read_config
-from syncd.errors import ConfigError
+from syncd.config import RETRY, Config, config_problems, load_config, parse_config, read_config
+from syncd.errors import ConfigError, RetryPolicy
 
 TOKENS = """
 [tradegecko]
@@ -314,3 +314,11 @@ def test_errors_from_the_file_name_it(tmp_path: Path) -> None:
         load_config(path, require_tokens=False)
     assert caught.value.key == "daemon.concurrency"
     assert str(path) in str(caught.value)
+
+
+def test_every_retry_policy_is_in_one_place_and_the_daemon_keys_set_the_effects() -> None:
+    config = parse_config("[daemon]\nretry_initial = 0.5\nretry_max = 8\n", require_tokens=False)
+    policies = config.retry()
+    assert policies.effect == RetryPolicy(initial=0.5, maximum=8.0)
+    assert policies._replace(effect=RETRY.effect) == RETRY  # the rest as shipped
+    assert RETRY.request.attempts == 5 and RETRY.effect.attempts is None

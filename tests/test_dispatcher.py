@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
+from syncd.config import RETRY
 from syncd.domain.orders import (
     LinkedOrder,
     PurchaseOrderLine,
@@ -21,7 +22,7 @@ from syncd.domain.orders import (
     SalesOrderFacts,
 )
 from syncd.domain.statechart import Statechart, default_statechart_path, load_statechart
-from syncd.errors import StatechartError
+from syncd.errors import RetryPolicy, StatechartError
 from syncd.runtime import inbox
 from syncd.runtime.dispatcher import Dispatcher, check_chart
 from syncd.runtime.effects import Outcome
@@ -101,7 +102,8 @@ async def settle(store: Store, numbers: list[str], states: set[str]) -> list[Lin
 
 @asynccontextmanager
 async def run_dispatcher(store: Store, effects: Any) -> AsyncIterator[Dispatcher]:
-    dispatcher = Dispatcher(store, load_statechart(), effects, retry_initial=0.05, retry_max=0.1)
+    retry = RETRY._replace(effect=RetryPolicy(initial=0.05, maximum=0.1))
+    dispatcher = Dispatcher(store, load_statechart(), effects, retry=retry)
     async with anyio.create_task_group() as tg:
         await tg.start(dispatcher.run)
         yield dispatcher

@@ -83,8 +83,9 @@ async def check_services(
     deadline = anyio.current_time() + bound
     errors: dict[str, ApiError] = {}
 
+    policy = config.retry().start
+
     async def probe(service: str, call: Callable[[], Awaitable[object]]) -> None:
-        delay = 0.5
         attempt = 0
         while True:
             attempt += 1
@@ -104,7 +105,7 @@ async def check_services(
                     if bound > 0:
                         log.error("%s failed for %.0f s at start: giving up", service, bound)
                     return
-                wait = min(delay, left)
+                wait = min(policy.delay(attempt), left)
                 log.warning(
                     "%s not ready at start (try %d), retrying in %.1f s: %s",
                     service,
@@ -115,7 +116,6 @@ async def check_services(
                 if on_wait is not None:
                     on_wait(f"waiting for {service}: {exc}")
                 await anyio.sleep(wait)
-                delay = min(delay * 2, 10.0)
 
     # One attempt per call and a timeout within the bound: the retries here are the backoff.
     timeout = min(10.0, bound) if bound > 0 else min(10.0, config.daemon.start_timeout)
@@ -224,8 +224,7 @@ async def running_daemon(
                 chart,
                 effects,
                 concurrency=config.daemon.concurrency,
-                retry_initial=config.daemon.retry_initial,
-                retry_max=config.daemon.retry_max,
+                retry=config.retry(),
                 on_transition=transition_seen,
                 on_effect=metrics.effect,
                 on_drift=metrics.drift,
@@ -292,7 +291,11 @@ async def running_daemon(
 async def _start_webhooks(tg: anyio.abc.TaskGroup, daemon: Daemon, sock: socket.socket) -> None:
     """Serve the webhook listener and its consumer; once healthy, polls only reconcile."""
     consumer = WebhookConsumer(
-        daemon.store, daemon.tradegecko_poller, daemon.katana_poller, daemon.dispatcher.wake
+        daemon.store,
+        daemon.tradegecko_poller,
+        daemon.katana_poller,
+        daemon.dispatcher.wake,
+        retry=daemon.config.retry(),
     )
 
     def healthy(ok: bool) -> None:

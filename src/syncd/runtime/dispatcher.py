@@ -11,7 +11,6 @@ harmless.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +20,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
+from syncd.config import RETRY, RetryPolicies
 from syncd.domain.orders import LinkedOrder, PurchaseOrderSnapshot, SalesOrderFacts
 from syncd.domain.replay import plan_replay
 from syncd.domain.rules import (
@@ -34,7 +34,7 @@ from syncd.domain.rules import (
 )
 from syncd.domain.statechart import Decision, Statechart
 from syncd.domain.triggers import OBSERVATION_TRIGGERS, OPERATOR_TRIGGERS
-from syncd.errors import StoreError, SyncdError, is_transient
+from syncd.errors import Retries, StoreError, SyncdError, is_transient
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.effects import EFFECTS, IMPORT_ORDER, EffectRunner, Outcome
@@ -43,9 +43,6 @@ from syncd.store import InboxEvent, Store
 __all__ = ["Dispatcher", "TransitionNotice", "check_chart"]
 
 log = logging.getLogger("syncd.dispatcher")
-
-#: How often an inbox event is tried before it is set aside (marked processed, with why).
-_EVENT_ATTEMPTS = 5
 
 #: What handles one inbox kind: the event, and its decoded payload.
 _Handler = Callable[[InboxEvent, Any], Awaitable[None]]
@@ -91,8 +88,7 @@ class Dispatcher:
         effects: EffectRunner,
         *,
         concurrency: int = 4,
-        retry_initial: float = 5.0,
-        retry_max: float = 300.0,
+        retry: RetryPolicies = RETRY,
         on_transition: Callable[[TransitionNotice], None] | None = None,
         on_effect: Callable[[str, str], None] | None = None,
         on_drift: Callable[[str], None] | None = None,
@@ -100,8 +96,7 @@ class Dispatcher:
         self.store = store
         self.chart = chart
         self.effects = effects
-        self.retry_initial = retry_initial
-        self.retry_max = retry_max
+        self.retry = retry
         self._on_transition = on_transition
         #: Told ``(effect, "ok" | "retry" | "failed")`` after each effect run.
         self._on_effect = on_effect
@@ -111,8 +106,10 @@ class Dispatcher:
         self._wake = anyio.Event()
         self._running: set[int] = set()
         self._again: set[int] = set()
-        self._failures: dict[int, int] = {}
-        self._event_failures: dict[int, int] = {}
+        #: Effects that failed for a passing reason, by order; retried until they work.
+        self._effect_retries: Retries[int] = Retries(retry.effect)
+        #: Inbox events that could not be applied, by event; set aside after their attempts.
+        self._event_retries: Retries[int] = Retries(retry.event)
         self._tg: TaskGroup | None = None
         #: Inbox kind → its handler; the sources' own kinds (:data:`inbox.SOURCE_KINDS`)
         #: never reach the dispatcher.
@@ -181,35 +178,37 @@ class Dispatcher:
                 # The database is locked by another process or the disk failed: nothing is
                 # given up, the event waits for the next pass.
                 log.warning("event %s waits: %s", event.id, exc, extra=_ids(event))
-                await anyio.sleep(1.0)
+                await anyio.sleep(self.retry.store.initial)
             else:
                 await self._failed(event, exc)
         except SyncdError as exc:
             await self._failed(event, exc)
         else:
-            self._event_failures.pop(event.id, None)
+            self._event_retries.succeeded(event.id)
 
     async def _failed(self, event: InboxEvent, exc: SyncdError) -> None:
         """Typically another writer moved the order between our read and our write: the next
         pass decides again. A fault that persists must not wedge the inbox."""
-        attempts = self._event_failures.get(event.id, 0) + 1
-        self._event_failures[event.id] = attempts
-        if attempts >= _EVENT_ATTEMPTS:
+        attempt = self._event_retries.failed(event.id)
+        if attempt.delay is None:
             log.error(
                 "event %s (%s) set aside after %d tries: %s",
                 event.id,
                 event.kind,
-                attempts,
+                attempt.number,
                 exc,
                 extra=_ids(event),
             )
-            self._event_failures.pop(event.id, None)
             await self._set_aside(event.id, f"failed: {exc}")
         else:
             log.warning(
-                "event %s not applied (try %d): %s", event.id, attempts, exc, extra=_ids(event)
+                "event %s not applied (try %d): %s",
+                event.id,
+                attempt.number,
+                exc,
+                extra=_ids(event),
             )
-            await anyio.sleep(min(2.0, 0.1 * attempts))
+            await anyio.sleep(attempt.delay)
 
     async def _set_aside(self, event_id: int, outcome: str) -> None:
         try:
@@ -377,7 +376,7 @@ class Dispatcher:
             **extra,  # type: ignore[arg-type]
         )
         crash_point("transition_applied")
-        self._failures.pop(link.id, None)
+        self._effect_retries.succeeded(link.id)
         self._notify(
             updated, decision.source, decision.dest, decision.trigger, cause, link.state_since
         )
@@ -460,7 +459,7 @@ class Dispatcher:
                         exc,
                         extra={"link": link_id},
                     )
-                    await anyio.sleep(self.retry_initial)
+                    await anyio.sleep(self.retry.effect.initial)
                     self._again.add(link_id)
                 if link_id not in self._again:
                     return
@@ -519,7 +518,7 @@ class Dispatcher:
         )
         if plan.effect is not None:
             await self.store.mark_processed(event.id, f"replay: {plan.describe()}")
-            self._failures.pop(link.id, None)
+            self._effect_retries.succeeded(link.id)
             self._schedule(link.id)
             return
         applied = 0
@@ -541,14 +540,14 @@ class Dispatcher:
             await self.store.mark_processed(event.id, f"replay: {plan.describe()}")
 
     async def _retry_later(self, link: LinkedOrder, effect: str, error: Exception) -> None:
-        count = self._failures.get(link.id, 0) + 1
-        self._failures[link.id] = count
-        delay = min(self.retry_max, self.retry_initial * math.pow(2, min(count - 1, 16)))
+        attempt = self._effect_retries.failed(link.id)
+        # The effect policy never gives up: a passing failure passes.
+        delay = attempt.delay if attempt.delay is not None else self.retry.effect.maximum
         log.warning(
             "effect %s for %s failed (attempt %d), retrying in %.0f s: %s",
             effect,
             link.po_number,
-            count,
+            attempt.number,
             delay,
             error,
             extra={"po": link.po_number, "so": link.so_number},

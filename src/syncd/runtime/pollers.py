@@ -30,7 +30,7 @@ from syncd.domain.orders import (
 )
 from syncd.domain.rules import purchase_order_drift, purchase_order_trigger
 from syncd.domain.statechart import Statechart
-from syncd.errors import AuthError, SyncdError, is_transient
+from syncd.errors import AuthError, Retries, SyncdError, is_transient
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
 from syncd.store import ImportResult as Import
@@ -59,8 +59,6 @@ OVERLAP = timedelta(seconds=5)
 #: POs that are not yet issued (drafts) wait; these are imported.
 IMPORTABLE_STATUSES = frozenset({"active"})
 _SUPPLIER_CACHE_SECONDS = 600.0
-#: How often an import request that fails for a lasting reason is tried before it is set aside.
-_IMPORT_ATTEMPTS = 5
 #: Meta key prefix of a service whose token was rejected: ``paused.katana``.
 PAUSED_PREFIX = "paused."
 #: Why a seen PO is not linked, as recorded for ``syncctl explain`` (which matches on them).
@@ -155,7 +153,8 @@ class TradeGeckoPoller(_Poller):
         self.activated_at = activated_at
         self._suppliers: list[int] = []
         self._suppliers_at = -1e18
-        self._import_failures: dict[int, int] = {}
+        self.retry = config.retry()
+        self._import_retries: Retries[int] = Retries(self.retry.backfill)
 
     async def supplier_ids(self) -> list[int]:
         """The ids of the TradeGecko suppliers named like the configured supplier."""
@@ -286,7 +285,8 @@ class TradeGeckoPoller(_Poller):
                     await self._import_requested(event)
             except SyncdError as exc:
                 log.warning("import requests not read: %s", exc)
-            await anyio.sleep(1.0)
+            # syncctl writes requests from another process: they are looked for this often.
+            await anyio.sleep(self.retry.backfill.initial)
 
     async def _import_requested(self, event: InboxEvent) -> None:
         try:
@@ -303,14 +303,15 @@ class TradeGeckoPoller(_Poller):
                 # TradeGecko or the database is down for now: the request waits.
                 log.warning("import of PO %s waits: %s", request.po_number, exc)
                 return
-            attempts = self._import_failures.get(event.id, 0) + 1
-            self._import_failures[event.id] = attempts
-            if attempts < _IMPORT_ATTEMPTS:
-                log.warning("import of PO %s failed (try %d): %s", request.po_number, attempts, exc)
+            attempt = self._import_retries.failed(event.id)
+            if attempt.delay is not None:
+                log.warning(
+                    "import of PO %s failed (try %d): %s", request.po_number, attempt.number, exc
+                )
                 return
             log.error("import of PO %s set aside: %s", request.po_number, exc)
             await self.store.mark_processed(event.id, f"failed: {exc}")
-        self._import_failures.pop(event.id, None)
+        self._import_retries.succeeded(event.id)
 
     async def backfill(self, event_id: int, request: inbox.ImportRequest) -> bool:
         """``syncctl import``: fetch the PO by number and discover it, even if it was made

@@ -38,8 +38,8 @@ from starlette.routing import Route
 
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
-from syncd.config import Config
-from syncd.errors import ApiError, ConfigError, NotFound, SyncdError
+from syncd.config import RETRY, Config, RetryPolicies
+from syncd.errors import ApiError, ConfigError, NotFound, Retries, SyncdError
 from syncd.ops.asgi import bind_socket, serving_socket
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
@@ -82,8 +82,6 @@ TRADEGECKO_PATH = "/webhooks/tradegecko"
 KATANA_PATH = "/webhooks/katana"
 _META_KATANA_TOKEN = "webhooks.katana_token"
 _META_PATH_TOKEN = "webhooks.path_token"
-#: How often a raw delivery is tried before it is set aside (the poller reconciles it).
-_ATTEMPTS = 5
 #: How far ahead of our clock a delivery's timestamp may be (clock skew).
 _FUTURE_SKEW = 300.0
 
@@ -333,13 +331,17 @@ class WebhookConsumer:
         tradegecko_poller: TradeGeckoPoller,
         katana_poller: KatanaPoller,
         wake: Callable[[], None],
+        *,
+        retry: RetryPolicies = RETRY,
     ) -> None:
         self.store = store
         self.tradegecko_poller = tradegecko_poller
         self.katana_poller = katana_poller
         self._wake_dispatcher = wake
         self._kick = anyio.Event()
-        self._failures: dict[int, int] = {}
+        self.retry = retry
+        #: Re-fetches that failed, by object; after their attempts the pollers reconcile.
+        self._retries: Retries[tuple[str, int]] = Retries(retry.webhook)
 
     def wake(self) -> None:
         """Tell the consumer a delivery was persisted."""
@@ -351,7 +353,7 @@ class WebhookConsumer:
                 await self.drain()
             except SyncdError as exc:
                 log.warning("webhook deliveries not processed yet: %s", exc)
-                await anyio.sleep(1.0)
+                await anyio.sleep(self.retry.webhook.initial)
             with anyio.move_on_after(1.0):
                 await self._kick.wait()
             self._kick = anyio.Event()
@@ -381,15 +383,12 @@ class WebhookConsumer:
             except NotFound:
                 outcome, count = "gone", 0
             except SyncdError as exc:
-                attempts = max(self._failures.get(i, 0) for i in ids) + 1
-                if attempts < _ATTEMPTS:
-                    for event_id in ids:
-                        self._failures[event_id] = attempts
+                if self._retries.failed((resource, object_id)).delay is not None:
                     raise
                 outcome, count = f"failed (the poller reconciles): {exc}", 0
             added += count
+            self._retries.succeeded((resource, object_id))
             for event_id in ids:
-                self._failures.pop(event_id, None)
                 # Duplicates of one object in this batch share one re-fetch.
                 await self.store.mark_processed(event_id, outcome)
         if added:
@@ -602,9 +601,10 @@ class WebhookListener:
         return True
 
     async def _register_forever(self) -> None:
-        delay = 5.0
+        policy = self.config.retry().registration
+        failures = 0
         while not self.registered:
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 300.0)
+            failures += 1
+            await anyio.sleep(policy.delay(failures))
             await self._register_once()
         await anyio.sleep_forever()
