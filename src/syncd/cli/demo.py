@@ -34,10 +34,11 @@ from syncd.config import (
     TradeGeckoConfig,
     WebhooksConfig,
 )
+from syncd.domain import triggers
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.ops.asgi import bind_socket
 from syncd.runtime.daemon import running_daemon
-from syncd.runtime.dispatcher import TransitionNotice
+from syncd.runtime.observer import Observer, TransitionNotice
 from syncd.sim import tradegecko as tradegecko_sim
 from syncd.sim.factory import play_factory
 from syncd.store import Store
@@ -160,17 +161,26 @@ async def _simulators(options: DemoOptions) -> AsyncIterator[tuple[str, str, str
         yield katana_url, tradegecko_url, katana_ctl, tradegecko_ctl
 
 
-def _printer(chart: Statechart, out: TextIO, started: float) -> Any:
-    def show(notice: TransitionNotice) -> None:
+class _LiveView(Observer):
+    """The demo's live view: a line per transition as it happens, and when each order's SO
+    was made (for the summary's import latency)."""
+
+    def __init__(self, out: TextIO, started: float) -> None:
+        self.out = out
+        self.started = started
+        #: PO number → when its Katana SO was made (Unix time).
+        self.imported_at: dict[str, float] = {}
+
+    def transitioned(self, notice: TransitionNotice) -> None:
+        if notice.trigger == triggers.SO_CREATED:
+            self.imported_at.setdefault(notice.link.po_number, time.time())
         source = notice.source or "·"
         print(
-            f"{time.monotonic() - started:6.2f}s  {notice.link.po_number:<10} "
+            f"{time.monotonic() - self.started:6.2f}s  {notice.link.po_number:<10} "
             f"{source:>15} → {notice.dest:<15} {notice.cause}",
-            file=out,
+            file=self.out,
             flush=True,
         )
-
-    return show
 
 
 async def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> DemoSummary:
@@ -286,17 +296,12 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                     rate_limit=100_000,
                 ),
             )
-            imported_at: dict[str, float] = {}
-            show = _printer(chart, out, started)
-
-            def seen(notice: TransitionNotice) -> None:
-                if notice.trigger == "so_created":
-                    imported_at.setdefault(notice.link.po_number, time.time())
-                show(notice)
+            view = _LiveView(out, started)
+            imported_at = view.imported_at
 
             async with (
                 httpx.AsyncClient(timeout=10) as control,
-                running_daemon(config, chart=chart, on_transition=seen) as daemon,
+                running_daemon(config, chart=chart, observer=view) as daemon,
             ):
                 po_numbers: list[str] = []
                 created_at: dict[str, float] = {}

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import anyio
 import httpx
@@ -22,8 +23,9 @@ from syncd.ops.asgi import bind_socket
 from syncd.ops.logging import register_secrets
 from syncd.ops.metrics import Metrics, serve_metrics
 from syncd.ops.statuspage import StatusPage
-from syncd.runtime.dispatcher import Dispatcher, TransitionNotice, check_chart
+from syncd.runtime.dispatcher import Dispatcher, check_chart
 from syncd.runtime.effects import Effects
+from syncd.runtime.observer import Observer, Observers
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
 from syncd.runtime.webhooks import WebhookConsumer, WebhookListener, bind_listener
 from syncd.store import Store
@@ -158,7 +160,7 @@ async def running_daemon(
     config: Config,
     *,
     chart: Statechart | None = None,
-    on_transition: Callable[[TransitionNotice], None] | None = None,
+    observer: Observer | None = None,
     katana_transport: httpx.AsyncBaseTransport | None = None,
     tradegecko_transport: httpx.AsyncBaseTransport | None = None,
     check: bool = False,
@@ -166,6 +168,8 @@ async def running_daemon(
 ) -> AsyncIterator[Daemon]:
     """Run the daemon while the block runs; leaving the block stops it.
 
+    :param observer: told what the daemon does (transitions, effects, drift, webhooks,
+        requests), besides the daemon's own metrics.
     :param check: first make one call to each service (:func:`check_services`), after the
         database and the listen addresses are known to be usable.
     :param on_wait: with ``check``, told what the start waits for while a service fails.
@@ -177,6 +181,8 @@ async def running_daemon(
     chart = check_chart(chart or load_statechart(config.daemon.statechart))
     metrics = Metrics()
     metrics.known_states(list(chart.states))
+    watchers = Observers([metrics, observer]) if observer is not None else metrics
+    retry = config.retry()
     store = await Store.open(config.daemon.database)
     metrics_sock: socket.socket | None = None
     webhooks_sock: socket.socket | None = None
@@ -200,37 +206,36 @@ async def running_daemon(
                 config.katana.token,
                 budget=RequestBudget(config.katana.rate_limit, config.katana.rate_period),
                 timeout=config.katana.timeout,
+                retry=retry.request,
                 transport=katana_transport,
-                on_response=metrics.api_hook("katana"),
+                on_response=partial(watchers.api_answered, "katana"),
             ) as katana,
             TradeGeckoClient(
                 config.tradegecko.base_url,
                 config.tradegecko.token,
                 budget=RequestBudget(config.tradegecko.rate_limit, config.tradegecko.rate_period),
                 timeout=config.tradegecko.timeout,
+                retry=retry.request,
                 transport=tradegecko_transport,
-                on_response=metrics.api_hook("tradegecko"),
+                on_response=partial(watchers.api_answered, "tradegecko"),
             ) as tradegecko,
         ):
-            effects = Effects(config, katana, tradegecko)
-
-            def transition_seen(notice: TransitionNotice) -> None:
-                metrics.transition(notice.source, notice.dest, notice.trigger, notice.since)
-                if on_transition is not None:
-                    on_transition(notice)
-
             dispatcher = Dispatcher(
                 store,
                 chart,
-                effects,
+                Effects(config, katana, tradegecko),
                 concurrency=config.daemon.concurrency,
-                retry=config.retry(),
-                on_transition=transition_seen,
-                on_effect=metrics.effect,
-                on_drift=metrics.drift,
+                retry=retry,
+                observer=watchers,
             )
             tg_poller = TradeGeckoPoller(store, tradegecko, config, activated, dispatcher.wake)
             kt_poller = KatanaPoller(store, katana, config, chart, activated, dispatcher.wake)
+            listener: WebhookListener | None = None
+            if webhooks_sock is not None:
+                consumer = WebhookConsumer(
+                    store, tg_poller, kt_poller, dispatcher.wake, retry=retry
+                )
+                listener = WebhookListener(config, store, katana, tradegecko, consumer, watchers)
             daemon = Daemon(
                 config,
                 store,
@@ -242,6 +247,9 @@ async def running_daemon(
                 kt_poller,
                 activated,
                 metrics,
+                metrics_url=_url(metrics_sock) if metrics_sock is not None else None,
+                webhooks=listener,
+                webhooks_url=_url(webhooks_sock) if webhooks_sock is not None else None,
             )
             async with anyio.create_task_group() as tg:
                 await tg.start(dispatcher.run)
@@ -259,14 +267,14 @@ async def running_daemon(
                         budgets={"katana": katana.budget, "tradegecko": tradegecko.budget},
                     )
                 )
-                if webhooks_sock is not None:
-                    await _start_webhooks(tg, daemon, webhooks_sock)
+                if listener is not None and webhooks_sock is not None:
+                    tg.start_soon(listener.consumer.run)
+                    await tg.start(listener.run, webhooks_sock)
                 if metrics_sock is not None:
                     page = StatusPage(
                         config.daemon.database, chart, webhooks_enabled=config.webhooks.enabled
                     )
                     await tg.start(serve_metrics, metrics, metrics_sock, page)
-                    daemon.metrics_url = _url(metrics_sock)
                 log.info(
                     "syncd running",
                     extra={
@@ -286,35 +294,6 @@ async def running_daemon(
                 sock.close()
         with anyio.CancelScope(shield=True):
             await store.close()
-
-
-async def _start_webhooks(tg: anyio.abc.TaskGroup, daemon: Daemon, sock: socket.socket) -> None:
-    """Serve the webhook listener and its consumer; once healthy, polls only reconcile."""
-    consumer = WebhookConsumer(
-        daemon.store,
-        daemon.tradegecko_poller,
-        daemon.katana_poller,
-        daemon.dispatcher.wake,
-        retry=daemon.config.retry(),
-    )
-
-    def healthy(ok: bool) -> None:
-        hooks = daemon.config.webhooks
-        for poller, interval in (
-            (daemon.tradegecko_poller, daemon.config.tradegecko.poll_interval),
-            (daemon.katana_poller, daemon.config.katana.poll_interval),
-        ):
-            poller.interval = max(interval, hooks.reconcile_interval) if ok else interval
-        log.info("webhooks %s", "healthy: polls reconcile" if ok else "not healthy")
-
-    listener = WebhookListener(
-        daemon.config, daemon.store, daemon.katana, daemon.tradegecko, consumer, healthy
-    )
-    if daemon.metrics is not None:
-        listener.on_result = daemon.metrics.webhook
-    tg.start_soon(consumer.run)
-    daemon.webhooks = listener
-    daemon.webhooks_url = await tg.start(listener.run, sock)
 
 
 def _url(sock: socket.socket) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -38,27 +37,15 @@ from syncd.errors import Retries, StoreError, SyncdError, is_transient
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.effects import EFFECTS, IMPORT_ORDER, EffectRunner, Outcome
+from syncd.runtime.observer import Observer, TransitionNotice
 from syncd.store import InboxEvent, Store
 
-__all__ = ["Dispatcher", "TransitionNotice", "check_chart"]
+__all__ = ["Dispatcher", "check_chart"]
 
 log = logging.getLogger("syncd.dispatcher")
 
 #: What handles one inbox kind: the event, and its decoded payload.
 _Handler = Callable[[InboxEvent, Any], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class TransitionNotice:
-    """Told to listeners after a transition is persisted."""
-
-    link: LinkedOrder
-    source: str | None
-    dest: str
-    trigger: str
-    cause: str
-    #: When the order entered ``source``; ``None`` for a new order.
-    since: datetime | None = None
 
 
 def check_chart(chart: Statechart) -> Statechart:
@@ -89,19 +76,14 @@ class Dispatcher:
         *,
         concurrency: int = 4,
         retry: RetryPolicies = RETRY,
-        on_transition: Callable[[TransitionNotice], None] | None = None,
-        on_effect: Callable[[str, str], None] | None = None,
-        on_drift: Callable[[str], None] | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.store = store
         self.chart = chart
         self.effects = effects
         self.retry = retry
-        self._on_transition = on_transition
-        #: Told ``(effect, "ok" | "retry" | "failed")`` after each effect run.
-        self._on_effect = on_effect
-        #: Told the side (``"tradegecko"`` or ``"katana"``) of each newly recorded drift.
-        self._on_drift = on_drift
+        #: Told each transition, effect run and newly recorded drift.
+        self.observer = observer or Observer()
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._wake = anyio.Event()
         self._running: set[int] = set()
@@ -291,7 +273,7 @@ class Dispatcher:
         if decision is not None:
             await self._apply(link, decision, outcome.cause, event.id, outcome)
             gave_up = self.chart.state(decision.dest).attention
-            self._effect_ran(outcome.effect, "failed" if gave_up else "ok")
+            self.observer.effect_ran(outcome.effect, "failed" if gave_up else "ok")
             return
         notes = list(outcome.notes)
         if outcome.so_id is not None and link.so_id != outcome.so_id:
@@ -305,7 +287,7 @@ class Dispatcher:
         if notes:
             await self.store.note(link.id, notes=notes)
         await self.store.mark_processed(event.id, f"no move from {link.state} ({outcome.trigger})")
-        self._effect_ran(outcome.effect, "ok")
+        self.observer.effect_ran(outcome.effect, "ok")
 
     # -- shared by the handlers ----------------------------------------------------------
 
@@ -334,9 +316,8 @@ class Dispatcher:
         if not new:
             return link
         await self.store.note(link.id, notes=[str(item) for item in new])
-        if self._on_drift is not None:
-            for side in sorted({item.side for item in new if isinstance(item, Drift)}):
-                self._on_drift(side)
+        for side in sorted({item.side for item in new if isinstance(item, Drift)}):
+            self.observer.drift_found(side)
         log.warning("order noted", extra={"po": link.po_number, "notes": "; ".join(map(str, new))})
         return await self.store.get_link(link.id) or link
 
@@ -431,8 +412,7 @@ class Dispatcher:
                 "cause": cause,
             },
         )
-        if self._on_transition is not None:
-            self._on_transition(TransitionNotice(link, source, dest, trigger, cause, since))
+        self.observer.transitioned(TransitionNotice(link, source, dest, trigger, cause, since))
 
     # -- effects -------------------------------------------------------------------------
 
@@ -486,7 +466,7 @@ class Dispatcher:
                 # Effects turn what needs a person into an outcome; what is left may pass.
                 failure = exc
         if failure is not None:
-            self._effect_ran(effect, "retry")
+            self.observer.effect_ran(effect, "retry")
             await self._retry_later(link, effect, failure)
             return
         await self.store.add_event(
@@ -498,10 +478,6 @@ class Dispatcher:
         )
         crash_point("outcome_written")
         self.wake()
-
-    def _effect_ran(self, effect: str, result: str) -> None:
-        if self._on_effect is not None:
-            self._on_effect(effect, result)
 
     # -- operators -----------------------------------------------------------------------
 

@@ -73,15 +73,24 @@ def parse_time(value: str) -> datetime:
 class _Poller:
     name = "poller"
 
-    def __init__(self, store: Store, interval: float, wake: Callable[[], None]) -> None:
+    def __init__(
+        self, store: Store, interval: float, wake: Callable[[], None], *, reconcile_interval: float
+    ) -> None:
         self.store = store
+        #: Seconds between polls: the configured interval, or the reconcile interval once
+        #: webhooks bring the changes (:meth:`reconcile`).
         self.interval = interval
+        self._reconcile_interval = reconcile_interval
         self._wake = wake
         self.last_success: float | None = None
         self.kick = anyio.Event()
 
     async def poll_once(self) -> int:
         raise NotImplementedError
+
+    def reconcile(self) -> None:
+        """Webhooks bring the changes now: poll only to catch what a delivery missed."""
+        self.interval = max(self.interval, self._reconcile_interval)
 
     async def _pause(self, error: AuthError) -> None:
         """A revoked token pauses every order (effects retry, nothing moves); the daemon
@@ -146,7 +155,12 @@ class TradeGeckoPoller(_Poller):
         activated_at: datetime,
         wake: Callable[[], None],
     ) -> None:
-        super().__init__(store, config.tradegecko.poll_interval, wake)
+        super().__init__(
+            store,
+            config.tradegecko.poll_interval,
+            wake,
+            reconcile_interval=config.webhooks.reconcile_interval,
+        )
         self.client = client
         self.supplier_name = config.tradegecko.supplier_name
         self.supplier_match = config.tradegecko.supplier_match
@@ -453,7 +467,12 @@ class KatanaPoller(_Poller):
         activated_at: datetime,
         wake: Callable[[], None],
     ) -> None:
-        super().__init__(store, config.katana.poll_interval, wake)
+        super().__init__(
+            store,
+            config.katana.poll_interval,
+            wake,
+            reconcile_interval=config.webhooks.reconcile_interval,
+        )
         self.client = client
         self.followed_states = chart.followed_states()
         self.activated_at = activated_at

@@ -43,6 +43,7 @@ from syncd.errors import ApiError, ConfigError, NotFound, Retries, SyncdError
 from syncd.ops.asgi import bind_socket, serving_socket
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
+from syncd.runtime.observer import Observer
 from syncd.runtime.pollers import OTHER_SUPPLIER, KatanaPoller, TradeGeckoPoller
 from syncd.store import InboxEvent, Store
 
@@ -201,16 +202,17 @@ def create_webhook_app(
     max_body_bytes: int,
     on_received: Callable[[], None],
     health: Callable[[], dict[str, object]] | None = None,
-    on_result: Callable[[str, str], None] | None = None,
+    observer: Observer | None = None,
     replay_window: float | None = None,
     clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """The listener's ASGI app: ``POST /webhooks/tradegecko``,
     ``POST /webhooks/katana/{path token}``, ``GET /healthz``.
 
-    ``replay_window``: seconds a TradeGecko delivery's ``timestamp`` may lie behind
-    ``clock()`` (at most 5 minutes ahead); ``None`` checks no timestamp. The daemon's
-    listener passes ``webhooks.replay_window``.
+    ``on_received`` wakes the consumer once a delivery is stored; ``observer`` is told what
+    each delivery was answered. ``replay_window``: seconds a TradeGecko delivery's
+    ``timestamp`` may lie behind ``clock()`` (at most 5 minutes ahead); ``None`` checks no
+    timestamp. The daemon's listener passes ``webhooks.replay_window``.
     """
 
     def stale(timestamp: float | None) -> bool:
@@ -307,8 +309,9 @@ def create_webhook_app(
     ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             response = await handler(request)
-            if on_result is not None:
-                on_result(service, getattr(response, "result", str(response.status_code)))
+            if observer is not None:
+                result = getattr(response, "result", str(response.status_code))
+                observer.webhook_answered(service, result)
             return response
 
         return endpoint
@@ -511,14 +514,14 @@ class WebhookListener:
         katana: KatanaClient,
         tradegecko: TradeGeckoClient,
         consumer: WebhookConsumer,
-        on_healthy: Callable[[bool], None],
+        observer: Observer | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.katana = katana
         self.tradegecko = tradegecko
         self.consumer = consumer
-        self._on_healthy = on_healthy
+        self.observer = observer or Observer()
         self.url: str | None = None
         self.public_url: str | None = None
         self.registered = False
@@ -527,8 +530,6 @@ class WebhookListener:
             config.webhooks.path_token,
             verify=config.webhooks.verify_signatures,
         )
-        #: Told ``(service, result)`` for every delivery answered (metrics).
-        self.on_result: Callable[[str, str], None] | None = None
 
     async def _load_keys(self) -> None:
         hooks = self.config.webhooks
@@ -566,7 +567,7 @@ class WebhookListener:
             max_body_bytes=hooks.max_body_bytes,
             on_received=self.consumer.wake,
             health=self.health,
-            on_result=self.on_result,
+            observer=self.observer,
             replay_window=hooks.replay_window,
         )
         owned = sock is None
@@ -597,7 +598,10 @@ class WebhookListener:
                 log.warning("webhooks not registered: %s", exc)
                 return False
         self.registered = True
-        self._on_healthy(True)
+        # Changes now come as webhooks: the polls only reconcile what a delivery missed.
+        self.consumer.tradegecko_poller.reconcile()
+        self.consumer.katana_poller.reconcile()
+        log.info("webhooks healthy: polls reconcile")
         return True
 
     async def _register_forever(self) -> None:
