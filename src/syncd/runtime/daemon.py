@@ -9,14 +9,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any, TypeVar
 
 import anyio
 import httpx
 
-from syncd.adapters._http import RequestBudget
+from syncd.adapters._http import RequestBudget, ServiceClient
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
-from syncd.config import Config
+from syncd.config import Config, KatanaConfig, TradeGeckoConfig
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ApiError, AuthError, ConfigError, DecodeError, is_transient
 from syncd.ops.asgi import bind_socket
@@ -122,19 +123,11 @@ async def check_services(
     # One attempt per call and a timeout within the bound: the retries here are the backoff.
     timeout = min(10.0, bound) if bound > 0 else min(10.0, config.daemon.start_timeout)
     async with (
-        KatanaClient(
-            config.katana.base_url,
-            config.katana.token,
-            transport=katana_transport,
-            timeout=timeout,
-            attempts=1,
+        _client(
+            KatanaClient, config.katana, katana_transport, timeout=timeout, attempts=1
         ) as katana,
-        TradeGeckoClient(
-            config.tradegecko.base_url,
-            config.tradegecko.token,
-            transport=tradegecko_transport,
-            timeout=timeout,
-            attempts=1,
+        _client(
+            TradeGeckoClient, config.tradegecko, tradegecko_transport, timeout=timeout, attempts=1
         ) as tradegecko,
         anyio.create_task_group() as tg,
     ):
@@ -200,25 +193,25 @@ async def running_daemon(
         activated = datetime.fromisoformat(
             await store.setdefault_meta("activated_at", datetime.now(UTC).isoformat())
         )
+
+        def serving(
+            kind: type[_Client],
+            settings: KatanaConfig | TradeGeckoConfig,
+            transport: httpx.AsyncBaseTransport | None,
+        ) -> _Client:
+            return _client(
+                kind,
+                settings,
+                transport,
+                budget=RequestBudget(settings.rate_limit, settings.rate_period),
+                timeout=settings.timeout,
+                retry=retry.request,
+                on_response=partial(watchers.api_answered, kind.service),
+            )
+
         async with (
-            KatanaClient(
-                config.katana.base_url,
-                config.katana.token,
-                budget=RequestBudget(config.katana.rate_limit, config.katana.rate_period),
-                timeout=config.katana.timeout,
-                retry=retry.request,
-                transport=katana_transport,
-                on_response=partial(watchers.api_answered, "katana"),
-            ) as katana,
-            TradeGeckoClient(
-                config.tradegecko.base_url,
-                config.tradegecko.token,
-                budget=RequestBudget(config.tradegecko.rate_limit, config.tradegecko.rate_period),
-                timeout=config.tradegecko.timeout,
-                retry=retry.request,
-                transport=tradegecko_transport,
-                on_response=partial(watchers.api_answered, "tradegecko"),
-            ) as tradegecko,
+            serving(KatanaClient, config.katana, katana_transport) as katana,
+            serving(TradeGeckoClient, config.tradegecko, tradegecko_transport) as tradegecko,
         ):
             dispatcher = Dispatcher(
                 store,
@@ -294,6 +287,19 @@ async def running_daemon(
                 sock.close()
         with anyio.CancelScope(shield=True):
             await store.close()
+
+
+_Client = TypeVar("_Client", bound=ServiceClient)
+
+
+def _client(
+    kind: type[_Client],
+    settings: KatanaConfig | TradeGeckoConfig,
+    transport: httpx.AsyncBaseTransport | None,
+    **options: Any,
+) -> _Client:
+    """A client of one service at its configured address, with its token."""
+    return kind(settings.base_url, settings.token, transport=transport, **options)
 
 
 def _url(sock: socket.socket) -> str:

@@ -139,14 +139,7 @@ class Effects:
         snapshot = link.snapshot
         if snapshot is None:
             return _failed(IMPORT_ORDER, "no PO snapshot was stored")
-        try:
-            return await self._import(link, snapshot)
-        except RuleViolation as exc:
-            return _failed(IMPORT_ORDER, str(exc))
-        except ApiError as exc:
-            if is_transient(exc):
-                raise
-            return _failed(IMPORT_ORDER, f"Katana or TradeGecko refused: {exc}")
+        return await _settled(IMPORT_ORDER, self._import(link, snapshot), "Katana or TradeGecko")
 
     async def _import(self, link: LinkedOrder, snapshot: PurchaseOrderSnapshot) -> Outcome:
         katana_config = self.config.katana
@@ -179,19 +172,24 @@ class Effects:
                 f"the SO is in {currency}"
             )
 
-        order_no = order_number_for(snapshot.po_number, katana_config.order_no_prefix)
-        existing = await self._existing_sales_order(order_no)
-        if existing is not None:
-            so_id, so_number = existing
+        def imported(so_id: int, so_number: str, cause: str) -> Outcome:
             return Outcome(
                 effect=IMPORT_ORDER.name,
                 trigger=IMPORT_ORDER.done,
-                cause=f"found Katana SO {so_number} already made for this PO",
+                cause=cause,
                 so_id=so_id,
                 so_number=so_number,
                 currency=currency,
                 lines=tuple(line_links),
                 notes=tuple(notes),
+            )
+
+        order_no = order_number_for(snapshot.po_number, katana_config.order_no_prefix)
+        existing = await self._existing_sales_order(order_no)
+        if existing is not None:
+            so_id, so_number = existing
+            return imported(
+                so_id, so_number, f"found Katana SO {so_number} already made for this PO"
             )
 
         async with self._find_or_create:
@@ -226,15 +224,10 @@ class Effects:
                 )
             raise
         crash_point("so_created")
-        return Outcome(
-            effect=IMPORT_ORDER.name,
-            trigger=IMPORT_ORDER.done,
-            cause=f"created Katana SO {sales_order.order_no} with {len(line_links)} rows",
-            so_id=sales_order.id,
-            so_number=sales_order.order_no,
-            currency=currency,
-            lines=tuple(line_links),
-            notes=tuple(notes),
+        return imported(
+            sales_order.id,
+            sales_order.order_no,
+            f"created Katana SO {sales_order.order_no} with {len(line_links)} rows",
         )
 
     async def _skus_for(self, snapshot: PurchaseOrderSnapshot) -> dict[int, str]:
@@ -352,14 +345,7 @@ class Effects:
 
     async def receive_order(self, link: LinkedOrder) -> Outcome:
         """Re-cost the PO lines from Katana's average costs, then receive the PO."""
-        try:
-            return await self._receive(link)
-        except RuleViolation as exc:
-            return _failed(RECEIVE_ORDER, str(exc))
-        except ApiError as exc:
-            if is_transient(exc):
-                raise
-            return _failed(RECEIVE_ORDER, f"TradeGecko or Katana refused: {exc}")
+        return await _settled(RECEIVE_ORDER, self._receive(link), "TradeGecko or Katana")
 
     async def _receive(self, link: LinkedOrder) -> Outcome:
         try:
@@ -466,6 +452,20 @@ def _costs_found(
             msgspec.structs.replace(line, cost_before=before, cost_after=prices[line.line_id])
         )
     return tuple(found)
+
+
+async def _settled(effect: EffectSpec, work: Awaitable[Outcome], services: str) -> Outcome:
+    """The outcome of ``work``: what a person must fix (a rule the order breaks, a request
+    ``services`` refuse) fires the effect's ``failed`` trigger; a passing failure is raised
+    for the dispatcher to retry."""
+    try:
+        return await work
+    except RuleViolation as exc:
+        return _failed(effect, str(exc))
+    except ApiError as exc:
+        if is_transient(exc):
+            raise
+        return _failed(effect, f"{services} refused: {exc}")
 
 
 def _failed(effect: EffectSpec, reason: str) -> Outcome:

@@ -74,13 +74,13 @@ class _Poller:
     name = "poller"
 
     def __init__(
-        self, store: Store, interval: float, wake: Callable[[], None], *, reconcile_interval: float
+        self, store: Store, config: Config, interval: float, wake: Callable[[], None]
     ) -> None:
         self.store = store
         #: Seconds between polls: the configured interval, or the reconcile interval once
         #: webhooks bring the changes (:meth:`reconcile`).
         self.interval = interval
-        self._reconcile_interval = reconcile_interval
+        self._reconcile_interval = config.webhooks.reconcile_interval
         self._wake = wake
         self.last_success: float | None = None
         self.kick = anyio.Event()
@@ -155,12 +155,7 @@ class TradeGeckoPoller(_Poller):
         activated_at: datetime,
         wake: Callable[[], None],
     ) -> None:
-        super().__init__(
-            store,
-            config.tradegecko.poll_interval,
-            wake,
-            reconcile_interval=config.webhooks.reconcile_interval,
-        )
+        super().__init__(store, config, config.tradegecko.poll_interval, wake)
         self.client = client
         self.supplier_name = config.tradegecko.supplier_name
         self.supplier_match = config.tradegecko.supplier_match
@@ -467,12 +462,7 @@ class KatanaPoller(_Poller):
         activated_at: datetime,
         wake: Callable[[], None],
     ) -> None:
-        super().__init__(
-            store,
-            config.katana.poll_interval,
-            wake,
-            reconcile_interval=config.webhooks.reconcile_interval,
-        )
+        super().__init__(store, config, config.katana.poll_interval, wake)
         self.client = client
         self.followed_states = chart.followed_states()
         self.activated_at = activated_at

@@ -237,14 +237,23 @@ def create_webhook_app(
         answer.background = BackgroundTask(_acknowledged)
         return answer
 
-    async def tradegecko(request: Request) -> Response:
+    async def signed_body(
+        request: Request, service: str, verify: Callable[[bytes, str | None], bool], header: str
+    ) -> bytes | Response:
+        """The delivery's body, or the answer refusing it (too large, not signed right)."""
         try:
             body = await _read_body(request, max_body_bytes)
         except _TooLarge:
             return _answer(413, "body too large")
-        if not keys.tradegecko_ok(body, request.headers.get("x-gecko-signature")):
-            log.warning("TradeGecko delivery with a bad or missing signature refused")
+        if not verify(body, request.headers.get(header)):
+            log.warning("%s delivery with a bad or missing signature refused", service)
             return _answer(401, "bad signature")
+        return body
+
+    async def tradegecko(request: Request) -> Response:
+        body = await signed_body(request, "TradeGecko", keys.tradegecko_ok, "x-gecko-signature")
+        if isinstance(body, Response):
+            return body
         delivery = request.headers.get("x-gecko-delivery", "").strip()
         try:
             note = msgspec.json.decode(body, type=_TradeGeckoBody)
@@ -274,13 +283,9 @@ def create_webhook_app(
     async def katana(request: Request) -> Response:
         if not keys.path_ok(str(request.path_params["token"])):
             return _answer(404, "not found")
-        try:
-            body = await _read_body(request, max_body_bytes)
-        except _TooLarge:
-            return _answer(413, "body too large")
-        if not keys.katana_ok(body, request.headers.get("x-sha2-signature")):
-            log.warning("Katana delivery with a bad or missing signature refused")
-            return _answer(401, "bad signature")
+        body = await signed_body(request, "Katana", keys.katana_ok, "x-sha2-signature")
+        if isinstance(body, Response):
+            return body
         try:
             note = msgspec.json.decode(body, type=_KatanaBody)
             object_id = int(note.object.id)
