@@ -38,6 +38,7 @@ from syncd.domain import triggers
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.ops.asgi import bind_socket
 from syncd.runtime.daemon import running_daemon
+from syncd.runtime.effects import RECEIVE_ORDER
 from syncd.runtime.observer import Observer, TransitionNotice
 from syncd.sim import tradegecko as tradegecko_sim
 from syncd.sim.factory import play_factory
@@ -347,7 +348,13 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                 )
                 details: list[OrderSummary] = []
                 received = 0
-                received_states = set(chart.terminal_states()) - {"cancelled"}
+                # Where the receipt's outcome takes an order: no state name in the code.
+                received_states = {
+                    decision.dest
+                    for state, effect in chart.effect_states().items()
+                    if effect == RECEIVE_ORDER.name
+                    and (decision := chart.decide(state, RECEIVE_ORDER.done)) is not None
+                }
                 for number in po_numbers:
                     link = await daemon.store.link_by_po_number(number)
                     if link is None:
