@@ -232,6 +232,8 @@ def _refusal_cases(tmp_path: Path, taken_port: int) -> dict[str, tuple[str, int,
     (tmp_path / "a-file").write_text("")
     (tmp_path / "not-sqlite.db").write_text("hello, I am not a database\n")
     (tmp_path / "a-folder.db").mkdir()
+    chart = (ROOT / "statecharts" / "linked_order.toml").read_text()
+    (tmp_path / "typo.toml").write_text(chart.replace('"so_created"', '"so_creatd"'))
     return {
         "database under a regular file": (
             f'[daemon]\ndatabase = "{tmp_path / "a-file" / "sub" / "syncd.db"}"\n',
@@ -252,6 +254,11 @@ def _refusal_cases(tmp_path: Path, taken_port: int) -> dict[str, tuple[str, int,
             f'[daemon]\nstatechart = "{tmp_path / "nowhere.toml"}"\n',
             2,
             "statechart file not found",
+        ),
+        "statechart names a trigger the code does not fire": (
+            f'[daemon]\nstatechart = "{tmp_path / "typo.toml"}"\n',
+            2,
+            "syncd fires trigger 'so_created', which no transition has",
         ),
         "metrics address in use": (
             f'[metrics]\nlisten = "127.0.0.1:{taken_port}"\n',

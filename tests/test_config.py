@@ -9,6 +9,7 @@ import pytest
 from syncd.config import (
     DEFAULT_FACTORY,
     LIVE_SETTINGS,
+    RETRY,
     Config,
     ConfigChange,
     FactoryWebhooks,
@@ -23,7 +24,7 @@ from syncd.config import (
     read_config,
     reload_config,
 )
-from syncd.errors import ConfigError
+from syncd.errors import ConfigError, RetryPolicy
 
 TOKENS = """
 [tradegecko]
@@ -954,3 +955,11 @@ def test_the_example_configs_factory_is_valid_once_uncommented(
     assert north.katana.order_no_prefix == "NM-"
     assert north.tradegecko.supplier_name == "Katana (North Mill)"
     assert north.tradegecko.supplier_match == "exact"  # the top level's
+
+
+def test_every_retry_policy_is_in_one_place_and_the_daemon_keys_set_the_effects() -> None:
+    config = parse_config("[daemon]\nretry_initial = 0.5\nretry_max = 8\n", require_tokens=False)
+    policies = config.retry()
+    assert policies.effect == RetryPolicy(initial=0.5, maximum=8.0)
+    assert policies._replace(effect=RETRY.effect) == RETRY  # the rest as shipped
+    assert RETRY.request.attempts == 5 and RETRY.effect.attempts is None

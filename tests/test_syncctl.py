@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import pytest
@@ -25,10 +25,10 @@ from pg_server import PASSWORD, PostgresServer, pg_server_fixture  # noqa: F401 
 from syncd import __version__
 from syncd.cli.syncctl import main as syncctl
 from syncd.cli.syncctl import parse_duration
-from syncd.domain.orders import LineLink, PurchaseOrderSnapshot
+from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderSnapshot
 from syncd.domain.statechart import load_statechart
 from syncd.runtime.dispatcher import Dispatcher
-from syncd.runtime.effects import Effects
+from syncd.runtime.effects import Outcome
 from syncd.store import Store
 from test_flow import is_state, wait_for
 
@@ -138,12 +138,19 @@ async def _order_needing_attention(db: Path | str) -> str:
     return "PO0007"
 
 
+class NoEffects:
+    """The effects of a dispatcher that must run none."""
+
+    async def run(self, effect: str, link: LinkedOrder) -> Outcome:
+        raise AssertionError(f"no effect runs here, yet {effect} ran for {link.po_number}")
+
+
 async def _drain(db: Path | str) -> str:
     """What a daemon does at its next start: drain the inbox."""
     store = await Store.open(db)
     try:
         # Moving to ``imported`` runs no effect, so the dispatcher needs none here.
-        dispatcher = Dispatcher(store, load_statechart(), cast(Effects, None))
+        dispatcher = Dispatcher(store, load_statechart(), NoEffects())
         await dispatcher.drain()
         link = await store.link_by_po_number("PO0007")
         assert link is not None

@@ -19,11 +19,13 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
-from syncd.errors import ConfigError
+from syncd.errors import ConfigError, RetryPolicy
 
 __all__ = [
     "CREDENTIALS",
@@ -32,6 +34,7 @@ __all__ = [
     "DEFAULT_FACTORY",
     "FACTORY_NAME",
     "LIVE_SETTINGS",
+    "RETRY",
     "SUPPLIER_MATCHES",
     "Config",
     "ConfigChange",
@@ -40,6 +43,7 @@ __all__ = [
     "FactoryWebhooks",
     "KatanaConfig",
     "MetricsConfig",
+    "RetryPolicies",
     "TradeGeckoConfig",
     "WebhooksConfig",
     "config_change",
@@ -65,6 +69,35 @@ def default_config_path() -> Path:
     """The config file to use when no ``--config`` is given: ``$SYNCD_CONFIG`` or
     ``/etc/syncd/syncd.toml``."""
     return Path(os.environ.get("SYNCD_CONFIG") or DEFAULT_CONFIG)
+
+
+class RetryPolicies(NamedTuple):
+    """Every retry syncd makes, one :class:`~syncd.errors.RetryPolicy` per kind of work.
+
+    Only what :func:`syncd.errors.is_transient` calls passing is retried; anything else goes
+    to a person at once (or, for an inbox event, after ``event.attempts`` tries).
+    """
+
+    #: One HTTP request, inside the client (idempotent ones only; a POST is never retried).
+    request: RetryPolicy = RetryPolicy(initial=0.2, maximum=10.0, attempts=5)
+    #: An effect (import, receipt): until it works. ``daemon.retry_initial``/``retry_max``.
+    effect: RetryPolicy = RetryPolicy(initial=5.0, maximum=300.0)
+    #: An inbox event the dispatcher cannot apply: set aside (with why) after its attempts.
+    event: RetryPolicy = RetryPolicy(initial=0.1, maximum=2.0, attempts=5)
+    #: The database locked past its busy timeout, or the disk failing: until it works.
+    store: RetryPolicy = RetryPolicy(initial=1.0, maximum=1.0)
+    #: A webhook delivery's re-fetch; after its attempts the pollers reconcile instead.
+    webhook: RetryPolicy = RetryPolicy(initial=1.0, maximum=1.0, attempts=5)
+    #: An ``syncctl import`` request that fails for a lasting reason: set aside after these.
+    backfill: RetryPolicy = RetryPolicy(initial=1.0, maximum=1.0, attempts=5)
+    #: Registering the webhooks with both services: until it works.
+    registration: RetryPolicy = RetryPolicy(initial=5.0, maximum=300.0)
+    #: The start-up check of each service, within ``daemon.start_timeout``.
+    start: RetryPolicy = RetryPolicy(initial=0.5, maximum=10.0)
+
+
+#: The retry policies as shipped; :meth:`Config.retry` applies the config's keys to them.
+RETRY = RetryPolicies()
 
 
 class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -240,6 +273,14 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             tradegecko_secret=first.webhooks.tradegecko_secret,
             katana_token=first.webhooks.katana_token,
             path_token=first.webhooks.path_token,
+        )
+
+    def retry(self) -> RetryPolicies:
+        """Every retry policy, with the configured ones (``daemon.retry_*``) applied."""
+        return RETRY._replace(
+            effect=replace(
+                RETRY.effect, initial=self.daemon.retry_initial, maximum=self.daemon.retry_max
+            )
         )
 
     def for_factory(self, name: str) -> Config:

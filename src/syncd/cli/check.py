@@ -54,8 +54,11 @@ async def check(path: Path, *, online: bool = False) -> CheckReport:
         return report
     config_wrong = config_problems(config)
     report.problems += [Problem("config", str(exc)) for exc in config_wrong]
+    from syncd.runtime.dispatcher import check_chart
+
     try:
-        report.chart = load_statechart(config.daemon.statechart)
+        # Checked against the code as run checks it: a name the code lacks stops the start.
+        report.chart = check_chart(load_statechart(config.daemon.statechart))
     except StatechartError as exc:
         report.problems.append(Problem("config", str(exc)))
     report.problems += [

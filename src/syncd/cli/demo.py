@@ -35,11 +35,13 @@ from syncd.config import (
     TradeGeckoConfig,
     WebhooksConfig,
 )
+from syncd.domain import triggers
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import StoreError
 from syncd.ops.asgi import bind_socket
 from syncd.runtime.daemon import running_daemon
-from syncd.runtime.dispatcher import TransitionNotice
+from syncd.runtime.effects import RECEIVE_ORDER
+from syncd.runtime.observer import Observer, TransitionNotice
 from syncd.sim import tradegecko as tradegecko_sim
 from syncd.sim.factory import play_factory
 from syncd.store import Store, ensure_not_in_use
@@ -162,17 +164,26 @@ async def _simulators(options: DemoOptions) -> AsyncIterator[tuple[str, str, str
         yield katana_url, tradegecko_url, katana_ctl, tradegecko_ctl
 
 
-def _printer(chart: Statechart, out: TextIO, started: float) -> Any:
-    def show(notice: TransitionNotice) -> None:
+class _LiveView(Observer):
+    """The demo's live view: a line per transition as it happens, and when each order's SO
+    was made (for the summary's import latency)."""
+
+    def __init__(self, out: TextIO, started: float) -> None:
+        self.out = out
+        self.started = started
+        #: PO number → when its Katana SO was made (Unix time).
+        self.imported_at: dict[str, float] = {}
+
+    def transitioned(self, notice: TransitionNotice) -> None:
+        if notice.trigger == triggers.SO_CREATED:
+            self.imported_at.setdefault(notice.link.po_number, time.time())
         source = notice.source or "·"
         print(
-            f"{time.monotonic() - started:6.2f}s  {notice.link.po_number:<10} "
+            f"{time.monotonic() - self.started:6.2f}s  {notice.link.po_number:<10} "
             f"{source:>15} → {notice.dest:<15} {notice.cause}",
-            file=out,
+            file=self.out,
             flush=True,
         )
-
-    return show
 
 
 async def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> DemoSummary:
@@ -310,17 +321,12 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                     rate_limit=100_000,
                 ),
             )
-            imported_at: dict[str, float] = {}
-            show = _printer(chart, out, started)
-
-            def seen(notice: TransitionNotice) -> None:
-                if notice.trigger == "so_created":
-                    imported_at.setdefault(notice.link.po_number, time.time())
-                show(notice)
+            view = _LiveView(out, started)
+            imported_at = view.imported_at
 
             async with (
                 httpx.AsyncClient(timeout=10) as control,
-                running_daemon(config, chart=chart, on_transition=seen) as daemon,
+                running_daemon(config, chart=chart, observer=view) as daemon,
             ):
                 await daemon.store.set_meta(*_MADE_BY)
                 if daemon.metrics_url is not None:
@@ -369,7 +375,13 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                 )
                 details: list[OrderSummary] = []
                 received = 0
-                received_states = set(chart.terminal_states()) - {"cancelled"}
+                # Where the receipt's outcome takes an order: no state name in the code.
+                received_states = {
+                    decision.dest
+                    for state, effect in chart.effect_states().items()
+                    if effect == RECEIVE_ORDER.name
+                    and (decision := chart.decide(state, RECEIVE_ORDER.done)) is not None
+                }
                 for number in po_numbers:
                     link = await daemon.store.link_by_po_number(number)
                     if link is None:

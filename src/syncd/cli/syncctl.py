@@ -587,8 +587,7 @@ def _queue(
 ) -> None:
     """Queue an operator's command for the daemon (or, with ``dry_run``, only say what it
     would do)."""
-    from syncd.runtime.dispatcher import Dispatcher
-    from syncd.runtime.effects import Effects
+    from syncd.domain.replay import plan_replay
 
     chart = _chart(ctx)
 
@@ -608,8 +607,8 @@ def _queue(
         }
         if action == inbox.REPLAY:
             # Planning reads the store and the statechart only: no effect runs here.
-            planner = Dispatcher(store, chart, cast(Effects, None))
-            data["plan"] = (await planner.plan_replay(link)).describe()
+            seen = inbox.replayable(await store.events_for_link(link.id))
+            data["plan"] = plan_replay(chart, link, seen).describe()
         else:
             decision = chart.decide(link.state, action, resume_state=link.resume_state)
             if decision is None:
