@@ -537,13 +537,34 @@ async def test_import_reports_the_daemons_outcome_and_explain_says_why(
             _assert_clean_json(data)
 
 
-async def _until_paused(store: Store, paused: bool) -> None:
+async def _until_paused(store: Store, paused: bool, service: str = "tradegecko") -> None:
     with anyio.fail_after(10):
         # The poller writes the pause from the daemon's task; polling is all a test can do.
         while True:
-            if (await store.get_meta("paused.tradegecko") is not None) == paused:
+            if (await store.get_meta(f"paused.{service}") is not None) == paused:
                 return
             await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_a_katana_token_revoked_while_nothing_is_followed_pauses_and_resumes(
+    sims: Sims, tmp_path: Path
+) -> None:
+    """No order is in production, so no poll calls Katana: the import's 401 pauses it, and
+    the poller asks Katana while paused, so the pause ends when the token works again."""
+    db = tmp_path / "syncd.db"
+    token = f"{sims.katana_url}/_sim/token"
+    async with sims.daemon(db) as daemon:
+        assert (await sims.control.post(token, json={"revoked": True})).status_code < 300
+        number = (await sims.create_po([CHAIR]))["order_number"]
+        daemon.poll_now()
+        await _until_paused(daemon.store, True, "katana")
+        code, status, err = await syncctl_process("status", "--db", str(db), "--json")
+        assert code == 0, err
+        assert [pause["service"] for pause in status["paused"]] == ["katana"]
+        assert (await sims.control.post(token, json={"revoked": False})).status_code < 300
+        await _until_paused(daemon.store, False, "katana")
+        await wait_for(daemon, [number], is_state("imported", "in_production"), seconds=20)
 
 
 @pytest.mark.anyio

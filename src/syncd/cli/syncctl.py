@@ -41,7 +41,8 @@ from syncd.domain.orders import LinkedOrder
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ConfigError, StatechartError, StoreError
 from syncd.runtime import inbox
-from syncd.runtime.pollers import BEFORE_ACTIVATION, OTHER_SUPPLIER, PAUSED_PREFIX
+from syncd.runtime.pauses import PAUSED_PREFIX
+from syncd.runtime.pollers import BEFORE_ACTIVATION, OTHER_SUPPLIER
 from syncd.store import (
     ImportOutcome,
     ImportResult,

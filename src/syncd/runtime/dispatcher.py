@@ -33,11 +33,12 @@ from syncd.domain.rules import (
 )
 from syncd.domain.statechart import Decision, Statechart
 from syncd.domain.triggers import OBSERVATION_TRIGGERS, OPERATOR_TRIGGERS
-from syncd.errors import Retries, StoreError, SyncdError, is_transient
+from syncd.errors import AuthError, Retries, StoreError, SyncdError, is_transient
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.effects import EFFECTS, IMPORT_ORDER, EffectRunner, Outcome
 from syncd.runtime.observer import Observer, TransitionNotice
+from syncd.runtime.pauses import pause_service
 from syncd.store import InboxEvent, Store
 
 __all__ = ["Dispatcher", "check_chart"]
@@ -466,6 +467,9 @@ class Dispatcher:
                 # Effects turn what needs a person into an outcome; what is left may pass.
                 failure = exc
         if failure is not None:
+            if isinstance(failure, AuthError):
+                # Seen here first when no poll calls the service (nothing followed yet).
+                await pause_service(self.store, failure.service, failure)
             self.observer.effect_ran(effect, "retry")
             await self._retry_later(link, effect, failure)
             return

@@ -33,6 +33,7 @@ from syncd.domain.statechart import Statechart
 from syncd.errors import AuthError, Retries, SyncdError, is_transient
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
+from syncd.runtime.pauses import PAUSED_PREFIX, pause_service
 from syncd.store import ImportResult as Import
 from syncd.store import InboxEvent, Store
 
@@ -41,7 +42,6 @@ __all__ = [
     "IMPORTABLE_STATUSES",
     "OTHER_SUPPLIER",
     "OVERLAP",
-    "PAUSED_PREFIX",
     "KatanaPoller",
     "TradeGeckoPoller",
     "facts_of",
@@ -59,8 +59,6 @@ OVERLAP = timedelta(seconds=5)
 #: POs that are not yet issued (drafts) wait; these are imported.
 IMPORTABLE_STATUSES = frozenset({"active"})
 _SUPPLIER_CACHE_SECONDS = 600.0
-#: Meta key prefix of a service whose token was rejected: ``paused.katana``.
-PAUSED_PREFIX = "paused."
 #: Why a seen PO is not linked, as recorded for ``syncctl explain`` (which matches on them).
 BEFORE_ACTIVATION = "created before activation"
 OTHER_SUPPLIER = "another supplier"
@@ -93,20 +91,7 @@ class _Poller:
         self.interval = max(self.interval, self._reconcile_interval)
 
     async def _pause(self, error: AuthError) -> None:
-        """A revoked token pauses every order (effects retry, nothing moves); the daemon
-        keeps running and serving metrics, and resumes at the first poll that works."""
-        key = f"{PAUSED_PREFIX}{error.service or self.name}"
-        try:
-            if await self.store.get_meta(key) is None:
-                log.error("%s rejected the token: every order is paused (%s)", self.name, error)
-                await self.store.set_meta(
-                    key,
-                    f"{error.service or self.name} rejected the token (401) since "
-                    f"{datetime.now(UTC).isoformat(timespec='seconds')}: every order is "
-                    "paused until it works again",
-                )
-        except SyncdError as exc:
-            log.warning("cannot record the pause: %s", exc)
+        await pause_service(self.store, error.service or self.name, error)
 
     async def _resume(self) -> None:
         key = f"{PAUSED_PREFIX}{self.name}"
@@ -116,6 +101,12 @@ class _Poller:
                 log.warning("%s accepts the token again: orders resume", self.name)
         except SyncdError as exc:
             log.warning("cannot clear the pause: %s", exc)
+
+    async def _paused(self) -> bool:
+        try:
+            return await self.store.get_meta(f"{PAUSED_PREFIX}{self.name}") is not None
+        except SyncdError:
+            return False
 
     async def run(self) -> None:
         """Poll forever; a failed poll is logged and tried again next interval."""
@@ -474,6 +465,10 @@ class KatanaPoller(_Poller):
     async def poll_once(self) -> int:
         followed = await self.store.so_ids_in_states(self.followed_states)
         if not followed:
+            if await self._paused():
+                # Nothing to follow, but an effect met a 401: ask once, so that the pause
+                # ends when the token works again (one call per interval, only while paused).
+                await self.client.get_factory()
             return 0
         so_since = await self._cursor(self.so_cursor)
         mo_since = await self._cursor(self.mo_cursor)
