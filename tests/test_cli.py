@@ -380,6 +380,22 @@ def test_check_lists_every_problem_and_exits_as_run_would_for_the_first(tmp_path
     assert "is not a directory" in result.stderr
 
 
+def test_check_says_when_metrics_and_webhooks_share_an_address(tmp_path: Path) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    config = tmp_path / "syncd.toml"
+    config.write_text(
+        f'[daemon]\ndatabase = "{tmp_path / "syncd.db"}"\n[tradegecko]\ntoken = "t"\n'
+        f'[katana]\ntoken = "k"\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+        f'[webhooks]\nenabled = true\nlisten = "127.0.0.1:{port}"\ntradegecko_secret = "s"\n'
+    )
+    result = run("syncd", "check", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert f"webhooks.listen: 127.0.0.1:{port} is also metrics.listen" in result.stderr
+    assert "already running" not in result.stderr
+
+
 @pytest.mark.anyio
 async def test_check_online_asks_both_services_with_runs_exit_codes(
     sims: Sims, tmp_path: Path

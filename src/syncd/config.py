@@ -660,7 +660,9 @@ def config_problems(config: Config, *, require_tokens: bool = True) -> list[Conf
         problems.append(ConfigError(message, key=key))
 
     if daemon.log_level not in _LOG_LEVELS:
-        problem(f"must be one of {sorted(_LOG_LEVELS)}", "daemon.log_level")
+        problem(
+            f"must be one of {sorted(_LOG_LEVELS)}, got {daemon.log_level!r}", "daemon.log_level"
+        )
     for key, number in (
         ("daemon.retry_initial", daemon.retry_initial),
         ("daemon.retry_max", daemon.retry_max),

@@ -120,6 +120,7 @@ def _listening(
 
     metrics, hooks = config.metrics, config.webhooks
     sockets: list[socket.socket] = []
+    bound: dict[tuple[str, int], str] = {}
     try:
         for enabled, key, listen, address, problems in (
             (metrics.enabled, "metrics.listen", metrics.listen, metrics.address, metrics_problems),
@@ -131,6 +132,13 @@ def _listening(
                 host, port = address()
             except ConfigError:
                 continue  # already among the config's problems
+            if port != 0 and (host, port) in bound:
+                error = ConfigError(
+                    f"{listen} is also {bound[host, port]}: give each its own", key=key
+                )
+                problems.append(Problem("config", str(error)))
+                continue
+            bound[host, port] = key
             try:
                 sockets.append(bind_socket(host, port))
             except OSError as exc:

@@ -488,7 +488,7 @@ def render_summary(summary: DemoSummary, out: TextIO) -> None:
         file=out,
     )
     if summary.interrupted:
-        print("interrupted (Ctrl-C): the orders above are where they got to", file=out)
+        print("interrupted (Ctrl-C or SIGTERM): the orders above are where they got to", file=out)
     if summary.import_latency_p50_s is not None:
         print(
             f"import latency (PO created → SO created): p50 {summary.import_latency_p50_s:.3f} s"

@@ -210,7 +210,7 @@ def _db_path(ctx: click.Context) -> str:
     if config is None:
         _fail(
             f"name the database with --db PATH or --config PATH (no config at "
-            f"{default_config_path()}; SYNCD_CONFIG names another)",
+            f"{default_config_path()}; set SYNCD_CONFIG to read another)",
             EXIT_CONFIG,
         )
         raise AssertionError("unreachable")

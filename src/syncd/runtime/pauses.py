@@ -31,7 +31,7 @@ async def pause_service(store: Store, service: str, error: AuthError) -> None:
             await store.set_meta(
                 key,
                 f"{service} rejected the token (401) since "
-                f"{datetime.now(UTC).isoformat(timespec='seconds')}: every order is "
+                f"{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}: every order is "
                 "paused until it works again",
             )
     except SyncdError as exc:
