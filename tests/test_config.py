@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from syncd.config import (
@@ -963,3 +964,15 @@ def test_every_retry_policy_is_in_one_place_and_the_daemon_keys_set_the_effects(
     assert policies.effect == RetryPolicy(initial=0.5, maximum=8.0)
     assert policies._replace(effect=RETRY.effect) == RETRY  # the rest as shipped
     assert RETRY.request.attempts == 5 and RETRY.effect.attempts is None
+
+
+def test_a_copy_with_other_service_settings_changes_the_default_factory() -> None:
+    # Tests and the bench copy configs with msgspec.structs.replace: the top-level tables
+    # are the default factory's, so the copy's factory follows (it once kept the old ones).
+    config = parse_config(TOKENS)
+    faster = msgspec.structs.replace(
+        config, katana=msgspec.structs.replace(config.katana, rate_limit=7)
+    )
+    assert faster.katana.rate_limit == 7
+    assert faster.factories["default"].katana.rate_limit == 7
+    assert config.factories["default"].katana.rate_limit == 60  # the original is untouched

@@ -266,6 +266,20 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             if not self.load_problems:  # factories were declared: none of them is "default"
                 self.factories = {DEFAULT_FACTORY: _factory_of(self)}
             return
+        default = self.factories.get(DEFAULT_FACTORY)
+        if default is not None and (default.file, default.key_prefix) == ("", ""):
+            # The top-level tables are this default factory's: a copy of the config with other
+            # ``tradegecko``/``katana`` (msgspec.structs.replace) changes that factory too.
+            derived = _factory_of(self)
+            if (derived.tradegecko, derived.katana) != (default.tradegecko, default.katana):
+                self.factories = {
+                    name: msgspec.structs.replace(
+                        factory, tradegecko=derived.tradegecko, katana=derived.katana
+                    )
+                    if name == DEFAULT_FACTORY
+                    else factory
+                    for name, factory in self.factories.items()
+                }
         first = next(iter(self.factories.values()))
         self.tradegecko, self.katana = first.tradegecko, first.katana
         self.webhooks = msgspec.structs.replace(
