@@ -198,7 +198,11 @@ async def running_daemon(
             KatanaClient(
                 config.katana.base_url,
                 config.katana.token,
-                budget=RequestBudget(config.katana.rate_limit, config.katana.rate_period),
+                budget=RequestBudget(
+                    config.katana.rate_limit,
+                    config.katana.rate_period,
+                    reserve=config.katana.reserve,
+                ),
                 timeout=config.katana.timeout,
                 transport=katana_transport,
                 on_response=metrics.api_hook("katana"),
@@ -206,7 +210,11 @@ async def running_daemon(
             TradeGeckoClient(
                 config.tradegecko.base_url,
                 config.tradegecko.token,
-                budget=RequestBudget(config.tradegecko.rate_limit, config.tradegecko.rate_period),
+                budget=RequestBudget(
+                    config.tradegecko.rate_limit,
+                    config.tradegecko.rate_period,
+                    reserve=config.tradegecko.reserve,
+                ),
                 timeout=config.tradegecko.timeout,
                 transport=tradegecko_transport,
                 on_response=metrics.api_hook("tradegecko"),

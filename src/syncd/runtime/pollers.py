@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 import anyio
 
+from syncd.adapters._http import Priority, request_priority
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.katana import SalesOrder as KatanaSalesOrder
 from syncd.adapters.tradegecko import PurchaseOrder, PurchaseOrderLineItem, TradeGeckoClient
@@ -106,6 +107,7 @@ class _Poller:
         except SyncdError as exc:
             log.warning("cannot clear the pause: %s", exc)
 
+    @request_priority(Priority.BACKGROUND)
     async def run(self) -> None:
         """Poll forever; a failed poll is logged and tried again next interval."""
         while True:
