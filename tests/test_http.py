@@ -4,13 +4,18 @@ their room), paging, chunking and the time format of filters."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import anyio
 import anyio.abc
 import httpx
+import msgspec
 import pytest
 
+from conftest import running_sims
 from syncd.adapters._http import (
     Priority,
     RequestBudget,
@@ -22,6 +27,8 @@ from syncd.adapters._http import (
     parse_reset,
     request_priority,
 )
+from syncd.runtime.daemon import running_daemon
+from test_flow import is_state, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -164,6 +171,24 @@ async def test_the_priority_comes_from_the_caller_context() -> None:
     assert current_priority() is Priority.START
 
 
+async def test_lower_priorities_leave_the_last_slots_to_higher_ones() -> None:
+    # Polls must not take the slot a receipt will need the moment after.
+    clock = Clock()
+    budget = RequestBudget(60, 60.0, reserve=10, clock=clock)
+    assert budget.headroom == 2  # a twentieth of the 50 syncd may use
+    for _ in range(46):
+        await budget.acquire(Priority.BACKGROUND)
+    assert budget._wait_time(Priority.BACKGROUND) > 0  # 4 left: for imports and receipts
+    assert budget._wait_time(Priority.START) == 0
+    for _ in range(2):
+        await budget.acquire(Priority.START)
+    assert budget._wait_time(Priority.START) > 0
+    for _ in range(2):
+        await budget.acquire(Priority.FINISH)
+    assert budget._wait_time(Priority.FINISH) > 0
+    assert budget.used == 50
+
+
 async def test_the_reserve_is_never_taken() -> None:
     clock = Clock()
     budget = RequestBudget(10, 60.0, reserve=3, clock=clock)
@@ -175,7 +200,7 @@ async def test_the_reserve_is_never_taken() -> None:
 
 async def test_others_on_the_key_shrink_syncds_share_until_their_requests_age_out() -> None:
     clock = Clock()
-    budget = RequestBudget(60, 60.0, reserve=10, clock=clock)
+    budget = RequestBudget(60, 60.0, reserve=10, headroom=0, clock=clock)
     for _ in range(5):
         await budget.acquire()
         budget.complete()
@@ -200,7 +225,7 @@ async def test_others_on_the_key_shrink_syncds_share_until_their_requests_age_ou
 
 async def test_remaining_falling_faster_than_our_sends_is_others_spending() -> None:
     clock = Clock()
-    budget = RequestBudget(60, 60.0, reserve=10, clock=clock)
+    budget = RequestBudget(60, 60.0, reserve=10, headroom=0, clock=clock)
     remaining = 60
     for step in range(4):
         await budget.acquire()
@@ -269,14 +294,113 @@ async def test_a_client_reads_the_remaining_header_into_its_budget() -> None:
 
 
 @pytest.mark.parametrize(
-    ("limit", "reserve", "promote_after"),
-    [(0, 0, None), (10, 10, None), (10, -1, None), (10, 1, 0.0)],
+    ("limit", "reserve", "promote_after", "headroom"),
+    [
+        (0, 0, None, None),
+        (10, 10, None, None),
+        (10, -1, None, None),
+        (10, 1, 0.0, None),
+        (10, 1, None, -1),
+        (10, 1, None, 5),  # a poll could never go out
+    ],
 )
 def test_a_budget_refuses_impossible_settings(
-    limit: int, reserve: int, promote_after: float | None
+    limit: int, reserve: int, promote_after: float | None, headroom: int | None
 ) -> None:
     with pytest.raises(ValueError, match="request budget"):
-        RequestBudget(limit, 60.0, reserve=reserve, promote_after=promote_after)
+        RequestBudget(limit, 60.0, reserve=reserve, promote_after=promote_after, headroom=headroom)
+
+
+@dataclass
+class Recorder(httpx.AsyncBaseTransport):
+    """syncd's Katana traffic, passed on to ``inner``: what remained after each request."""
+
+    inner: httpx.AsyncBaseTransport
+    remaining: list[int] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        self.statuses.append(response.status_code)
+        if "X-Ratelimit-Remaining" in response.headers:
+            self.remaining.append(int(response.headers["X-Ratelimit-Remaining"]))
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_syncd_leaves_the_reserve_to_a_competing_client_on_the_same_key(
+    tmp_path: Path,
+) -> None:
+    reserve = 10
+    async with running_sims(katana_rate_limit=(60, 60.0)) as sims:
+        config = sims.config(tmp_path / "syncd.db")
+        # Katana's real limit and the default reserve; polls every 2 s want ~60 requests a
+        # minute besides the imports and receipts, so syncd's share, not its appetite, sets
+        # the pace: the run crosses the first window.
+        config = msgspec.structs.replace(
+            config,
+            katana=msgspec.structs.replace(
+                config.katana, rate_limit=60, rate_period=60.0, reserve=reserve, poll_interval=2.0
+            ),
+        )
+        recorder = Recorder(sims.katana_contract)
+        competitor: list[int] = []
+        competitor_statuses: list[int] = []
+        async with httpx.AsyncClient(
+            base_url=sims.katana_api_url,
+            headers={"Authorization": f"Bearer {sims.katana_token}"},
+        ) as other:
+
+            async def spend(requests: int) -> None:
+                for _ in range(requests):
+                    answer = await other.get("/factory")
+                    competitor_statuses.append(answer.status_code)
+                    competitor.append(int(answer.headers["X-Ratelimit-Remaining"]))
+
+            async def keep_spending() -> None:
+                while True:
+                    await anyio.sleep(5.0)
+                    await spend(1)
+
+            # The factory's Shopify link has just used a quarter of the minute.
+            await spend(15)
+            started = time.monotonic()
+            async with (
+                running_daemon(config, katana_transport=recorder) as daemon,
+                sims.factory(step_delay=3.0),
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(keep_spending)  # and goes on at 12 a minute
+                pos = []
+                for sku in ("CHAIR-OAK", "STOOL-PINE", "TABLE-OAK"):
+                    line = {"sku": sku, "name": sku.title(), "quantity": "2", "price": "50"}
+                    pos.append(await sims.create_po([line]))
+                    daemon.poll_now()
+                    await anyio.sleep(5)
+                await wait_for(
+                    daemon, [po["order_number"] for po in pos], is_state("received"), 120
+                )
+                tg.cancel_scope.cancel()
+            took = time.monotonic() - started
+        katana_counts, _ = await sims.counters()
+    print(
+        f"\nshared key: syncd {len(recorder.statuses)} requests, the other client "
+        f"{len(competitor)}, in {took:.1f} s; lowest remaining after syncd's "
+        f"{min(recorder.remaining)}, after the other's {min(competitor)}"
+    )
+    assert len(recorder.remaining) == len(recorder.statuses) > 0
+    # syncd never took what remained of the key below the reserve...
+    assert min(recorder.remaining) >= reserve
+    # ...so neither it nor the other client met a 429.
+    assert katana_counts["responses_429"] == 0
+    assert 429 not in competitor_statuses
+    assert katana_counts["sales_orders_by_order_no"] == {
+        f"TG-{po['order_number']}": 1 for po in pos
+    }
 
 
 @pytest.mark.parametrize(
