@@ -14,6 +14,7 @@ A client for one service adds only what is its own: the envelope its lists come 
 
 from __future__ import annotations
 
+import bisect
 import enum
 import functools
 import itertools
@@ -223,21 +224,22 @@ class RequestBudget:
     at holds more than syncd's share.
 
     **Priorities.** Waiting requests are served highest :class:`Priority` first, in arrival
-    order within one priority. A request that has waited ``promote_after`` seconds (default:
-    one ``period``) moves up one priority, again after each further ``promote_after``: a
-    background request ranks as ``FINISH`` after ``2 * promote_after`` and then goes before
-    every request that came after it, so none waits for ever.
+    order within one priority, and a lower priority leaves the last ``headroom`` slots of
+    syncd's share per step to the higher ones (a poll never takes the slot a receipt needs
+    next). A request that has waited ``promote_after`` seconds (default: one ``period``)
+    moves up one priority, again after each further ``promote_after``: a background request
+    ranks as ``FINISH`` after ``2 * promote_after`` and then goes before every request that
+    came after it, so none waits for ever.
 
     **Others on the key.** The key is shared (a factory's Shopify link, its accounting,
     people's scripts). Each answer's remaining count (:meth:`observe`) says how many
-    requests the window holds; what syncd's own count does not explain is others'. syncd
-    sends a request only when, after it, its own requests, others' and the ``reserve``
-    still fit in ``limit``: it never takes the remaining count below the reserve, and its
-    share shrinks while others spend. Others' requests are assumed to go on at the rate
-    they were seen (one more per ``period / others`` seconds since the last answer) and
-    to leave the window no sooner than ``period`` after they were seen. The service's
-    headers also stop every caller outright: a 429 or nothing remaining blocks until its
-    reset (:meth:`block_for`).
+    requests the window holds; what syncd's own count does not explain is others'. A
+    request goes out only when, after it, syncd's requests, others' and the ``reserve``
+    still fit in ``limit``: syncd never takes the remaining count below the reserve, and
+    its share shrinks while others spend. How others' use is guessed between answers is
+    :meth:`others`. With ``reserve = 0`` the key is syncd's alone and only its own count
+    holds, as before. The service's headers also stop every caller outright: a 429 or
+    nothing remaining blocks until its reset (:meth:`block_for`).
     """
 
     def __init__(
@@ -317,17 +319,16 @@ class RequestBudget:
         now = self._clock()
         self._prune(now)
         blocked = max(0.0, self._blocked_until - now)
-        until = self._others_until
+        if self.others(now) <= self._room(len(self._sent) + self._in_flight, priority):
+            return blocked
         # Between these moments our count is steady and others' guess only grows (before
         # ``until``) or only fades (after): the first fit is at a moment's start, or where
         # the fading guess meets the room.
-        moments = sorted(
-            {now}
-            | {s + self.period for s in self._sent}
-            | {m for m in (until, until + self.period) if m > now}
-        )
+        expiries = [s + self.period for s in self._sent]  # in order: answers come in order
+        until = self._others_until
+        moments = sorted({now, *expiries} | {m for m in (until, until + self.period) if m > now})
         for start, end in zip(moments, [*moments[1:], math.inf], strict=True):
-            ours = sum(1 for s in self._sent if s + self.period > start) + self._in_flight
+            ours = len(expiries) - bisect.bisect_right(expiries, start) + self._in_flight
             room = self._room(ours, priority)
             if room < 0:
                 continue
