@@ -384,15 +384,18 @@ async def test_syncd_leaves_the_reserve_to_a_competing_client_on_the_same_key(
                 await wait_for(
                     daemon, [po["order_number"] for po in pos], is_state("received"), 120
                 )
+                by_priority = dict(daemon.katana.budget.sent_by_priority)
                 tg.cancel_scope.cancel()
             took = time.monotonic() - started
         katana_counts, _ = await sims.counters()
     print(
         f"\nshared key: syncd {len(recorder.statuses)} requests, the other client "
         f"{len(competitor)}, in {took:.1f} s; lowest remaining after syncd's "
-        f"{min(recorder.remaining)}, after the other's {min(competitor)}"
+        f"{min(recorder.remaining)}, after the other's {min(competitor)}; by priority {by_priority}"
     )
     assert len(recorder.remaining) == len(recorder.statuses) > 0
+    # The callers said who they are: polls, imports, and the receipts' cost reads.
+    assert all(by_priority[priority] > 0 for priority in Priority), by_priority
     # syncd never took what remained of the key below the reserve...
     assert min(recorder.remaining) >= reserve
     # ...so neither it nor the other client met a 429.
