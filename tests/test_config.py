@@ -91,6 +91,7 @@ def test_defaults() -> None:
     assert config.katana.order_no_prefix == "TG-"
     assert config.katana.customer_name == "Tradegecko"
     assert (config.katana.rate_limit, config.katana.rate_period) == (60, 60.0)
+    assert (config.katana.reserve, config.tradegecko.reserve) == (10, 30)
     assert config.tradegecko.poll_interval == config.katana.poll_interval == 30.0
     assert config.metrics.enabled is True
     assert config.metrics.address() == ("127.0.0.1", 9464)
@@ -139,6 +140,9 @@ listen = "[::1]:0"
         pytest.param(
             "[tradegecko]\nrate_limit = 0", "tradegecko.rate_limit", id="zero-rate-limit-tg"
         ),
+        pytest.param("[katana]\nreserve = 60", "katana.reserve", id="reserve-whole-limit"),
+        pytest.param("[tradegecko]\nreserve = -1", "tradegecko.reserve", id="negative-reserve"),
+        pytest.param("[katana]\nrate_limit = 8", "katana.reserve", id="limit-below-reserve"),
         pytest.param("[daemon]\nconcurrency = 0", "daemon.concurrency", id="zero-concurrency"),
         pytest.param("[katana]\nbase_url = 'ftp://katana'", "katana.base_url", id="bad-url"),
         pytest.param(

@@ -1,13 +1,34 @@
 """The plumbing both clients share: the request budget (no window the service can look at
-holds more than the limit), paging, chunking and the time format of filters."""
+holds more than syncd's share; waiting requests go by priority; others on the key keep
+their room), paging, chunking and the time format of filters."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
+import anyio
+import anyio.abc
+import httpx
+import msgspec
 import pytest
 
-from syncd.adapters._http import RequestBudget, chunks, format_time, is_last_page, parse_reset
+from conftest import running_sims
+from syncd.adapters._http import (
+    Priority,
+    RequestBudget,
+    ServiceClient,
+    chunks,
+    current_priority,
+    format_time,
+    is_last_page,
+    parse_reset,
+    request_priority,
+)
+from syncd.runtime.daemon import running_daemon
+from test_flow import is_state, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -43,6 +64,346 @@ async def test_a_429_blocks_every_caller() -> None:
     budget = RequestBudget(10, 60.0, clock=clock)
     budget.block_for(12.0)
     assert budget._wait_time() == pytest.approx(12.0)
+
+
+class Queue:
+    """Callers waiting on one budget; what they got, in order."""
+
+    def __init__(self, budget: RequestBudget, clock: Clock) -> None:
+        self.budget = budget
+        self.clock = clock
+        self.served: list[str] = []
+
+    async def ask(self, tg: anyio.abc.TaskGroup, name: str, priority: Priority) -> None:
+        async def caller() -> None:
+            await self.budget.acquire(priority)
+            self.served.append(name)
+
+        tg.start_soon(caller)
+        await anyio.wait_all_tasks_blocked()  # queued in this order
+
+    async def release_one(self) -> None:
+        """The request on the wire is answered and ages out of the window."""
+        self.budget.complete()
+        self.clock.now += self.budget.period
+        self.budget._notify()
+        await anyio.wait_all_tasks_blocked()
+
+
+async def test_waiting_requests_go_highest_priority_first_then_in_arrival_order() -> None:
+    clock = Clock()
+    budget = RequestBudget(1, 60.0, clock=clock, promote_after=1000.0)
+    queue = Queue(budget, clock)
+    await budget.acquire()  # the window is full
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await queue.ask(tg, "poll", Priority.BACKGROUND)
+            await queue.ask(tg, "import 1", Priority.START)
+            await queue.ask(tg, "receipt", Priority.FINISH)
+            await queue.ask(tg, "import 2", Priority.START)
+            assert budget.waiting == 4
+            assert queue.served == []
+            for served in range(1, 5):
+                await queue.release_one()
+                assert len(queue.served) == served  # one at a time: the window holds one
+    assert queue.served == ["receipt", "import 1", "import 2", "poll"]
+    assert budget.sent_by_priority == {
+        Priority.BACKGROUND: 1,
+        Priority.START: 3,  # the first acquire had no priority set: START
+        Priority.FINISH: 1,
+    }
+
+
+async def test_a_low_priority_request_moves_up_while_it_waits() -> None:
+    # Starvation bound: after promote_after seconds a request ranks one higher; after
+    # 2 * promote_after a poll ranks as FINISH and goes before every later request.
+    clock = Clock()
+    budget = RequestBudget(1, 60.0, clock=clock, promote_after=10.0)
+    queue = Queue(budget, clock)
+    await budget.acquire()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await queue.ask(tg, "poll", Priority.BACKGROUND)
+            clock.now += 5.0
+            await queue.ask(tg, "import", Priority.START)
+            await queue.release_one()  # poll waited 65 s: FINISH now, and first to come
+            await queue.ask(tg, "receipt", Priority.FINISH)
+            await queue.release_one()
+            await queue.release_one()
+    assert queue.served == ["poll", "import", "receipt"]
+
+
+async def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    clock = Clock()
+    budget = RequestBudget(1, 60.0, clock=clock)
+    queue = Queue(budget, clock)
+    await budget.acquire()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await budget.acquire(Priority.FINISH)
+            await queue.ask(tg, "import", Priority.START)
+            assert budget.waiting == 1
+            await queue.release_one()
+    assert queue.served == ["import"]
+    assert budget.waiting == 0
+
+
+async def test_the_priority_comes_from_the_caller_context() -> None:
+    assert current_priority() is Priority.START
+
+    @request_priority(Priority.BACKGROUND)
+    async def poll() -> Priority:
+        return current_priority()
+
+    with request_priority(Priority.FINISH):
+        assert current_priority() is Priority.FINISH
+        assert await poll() is Priority.BACKGROUND
+        assert current_priority() is Priority.FINISH  # restored after the call
+        budget = RequestBudget(5, 60.0)
+        await budget.acquire()
+        assert budget.sent_by_priority[Priority.FINISH] == 1
+        # Tasks started inside inherit it.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(budget.acquire)
+        assert budget.sent_by_priority[Priority.FINISH] == 2
+    assert current_priority() is Priority.START
+
+
+async def test_lower_priorities_leave_the_last_slots_to_higher_ones() -> None:
+    # Polls must not take the slot a receipt will need the moment after.
+    clock = Clock()
+    budget = RequestBudget(60, 60.0, reserve=10, clock=clock)
+    assert budget.headroom == 2  # a twentieth of the 50 syncd may use
+    for _ in range(46):
+        await budget.acquire(Priority.BACKGROUND)
+    assert budget._wait_time(Priority.BACKGROUND) > 0  # 4 left: for imports and receipts
+    assert budget._wait_time(Priority.START) == 0
+    for _ in range(2):
+        await budget.acquire(Priority.START)
+    assert budget._wait_time(Priority.START) > 0
+    for _ in range(2):
+        await budget.acquire(Priority.FINISH)
+    assert budget._wait_time(Priority.FINISH) > 0
+    assert budget.used == 50
+
+
+async def test_the_reserve_is_never_taken() -> None:
+    clock = Clock()
+    budget = RequestBudget(10, 60.0, reserve=3, clock=clock)
+    for _ in range(7):
+        assert budget._wait_time() == 0
+        await budget.acquire()
+    assert budget._wait_time() > 0  # 7 of 10: the other 3 are the key's other users'
+
+
+async def test_others_on_the_key_shrink_syncds_share_until_their_requests_age_out() -> None:
+    clock = Clock()
+    budget = RequestBudget(60, 60.0, reserve=10, headroom=0, clock=clock)
+    for _ in range(5):
+        await budget.acquire()
+        budget.complete()
+    # After our 5 the service says 35 remain: 20 are someone else's.
+    budget.observe(35)
+    assert budget.remaining_reported == 35
+    assert budget.others() == 20
+    # 60 - 10 reserve - 20 others - 5 ours: 25 more, then the 26th waits.
+    for _ in range(24):
+        await budget.acquire()
+    assert budget._wait_time() == 0
+    await budget.acquire()
+    assert budget.used == 30
+    # No room until ours and the others seen leave the window, a period from now.
+    assert budget._wait_time() == pytest.approx(60.0)
+    # Others were seen spending: the guess of their share grows while we hear nothing.
+    assert budget.others(clock.now + 3.0) == 21
+    assert budget.others(clock.now + 30.0) == 30
+    # Past the period those seen are gone and newcomers at their pace stand in for them.
+    assert budget.others(clock.now + 60.0) == 20
+
+
+async def test_remaining_falling_faster_than_our_sends_is_others_spending() -> None:
+    clock = Clock()
+    budget = RequestBudget(60, 60.0, reserve=10, headroom=0, clock=clock)
+    remaining = 60
+    for step in range(4):
+        await budget.acquire()
+        budget.complete()
+        remaining -= 1 + 3  # ours, and 3 of someone else's
+        budget.observe(remaining)
+        assert budget.others() == 3 * (step + 1)
+    # The service says what remains: room is what it says minus the reserve.
+    assert budget.remaining_reported == 44
+    for _ in range(44 - 10):
+        assert budget._wait_time() == 0
+        await budget.acquire()
+    assert budget._wait_time() > 0
+    # A later answer saying others stopped gives their room back at once.
+    for _ in range(34):
+        budget.complete()
+    budget.observe(60 - 38)  # 22 left: all 38 in the window are ours
+    assert budget.others() == 0
+
+
+async def test_a_fixed_window_gives_others_room_back_at_its_reset() -> None:
+    clock = Clock()
+    budget = RequestBudget(300, 300.0, reserve=30, clock=clock)
+    await budget.acquire()
+    budget.complete()
+    budget.observe(20, empties_in=2.0)  # TradeGecko: the window empties in 2 s
+    assert budget.others() == 279
+    assert budget._wait_time() == pytest.approx(2.0)
+    assert budget.others(clock.now + 2.0) == 0
+
+
+async def test_a_key_others_emptied_is_tried_again_within_two_periods() -> None:
+    clock = Clock()
+    budget = RequestBudget(60, 60.0, reserve=10, clock=clock)
+    await budget.acquire()
+    budget.complete()
+    budget.observe(0)  # others took all the rest: 59 of 60
+    # Ours leaves at 60 s, the 59 seen by then too; the guess of newcomers in their place
+    # fades until it leaves room for one: 60 + 60 * (1 - 49/59) s.
+    wait = budget._wait_time()
+    assert wait == pytest.approx(60.0 + 60.0 * (1 - 49 / 59))
+    assert 60.0 < wait < 120.0
+
+
+async def test_no_reserve_means_the_key_is_syncds_alone() -> None:
+    clock = Clock()
+    budget = RequestBudget(60, 60.0, clock=clock)
+    await budget.acquire()
+    budget.complete()
+    budget.observe(30)
+    assert budget.others() == 0  # nothing to make room for: only our own count holds
+    assert budget._wait_time() == 0
+
+
+async def test_a_client_reads_the_remaining_header_into_its_budget() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={}, headers={"X-RateLimit-Remaining": "40"})
+
+    budget = RequestBudget(60, 60.0, reserve=10, clock=Clock())
+    async with ServiceClient(
+        "http://service.test", "tok", budget=budget, transport=httpx.MockTransport(handler)
+    ) as client:
+        await client.request("GET", "/thing")
+    assert budget.remaining_reported == 40
+    assert budget.others() == 19  # 60 - 40 remaining - our 1
+
+
+@pytest.mark.parametrize(
+    ("limit", "reserve", "promote_after", "headroom"),
+    [
+        (0, 0, None, None),
+        (10, 10, None, None),
+        (10, -1, None, None),
+        (10, 1, 0.0, None),
+        (10, 1, None, -1),
+        (10, 1, None, 5),  # a poll could never go out
+    ],
+)
+def test_a_budget_refuses_impossible_settings(
+    limit: int, reserve: int, promote_after: float | None, headroom: int | None
+) -> None:
+    with pytest.raises(ValueError, match="request budget"):
+        RequestBudget(limit, 60.0, reserve=reserve, promote_after=promote_after, headroom=headroom)
+
+
+@dataclass
+class Recorder(httpx.AsyncBaseTransport):
+    """syncd's Katana traffic, passed on to ``inner``: what remained after each request."""
+
+    inner: httpx.AsyncBaseTransport
+    remaining: list[int] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        self.statuses.append(response.status_code)
+        if "X-Ratelimit-Remaining" in response.headers:
+            self.remaining.append(int(response.headers["X-Ratelimit-Remaining"]))
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_syncd_leaves_the_reserve_to_a_competing_client_on_the_same_key(
+    tmp_path: Path,
+) -> None:
+    reserve = 10
+    async with running_sims(katana_rate_limit=(60, 60.0)) as sims:
+        config = sims.config(tmp_path / "syncd.db")
+        # Katana's real limit and the default reserve; polls every 2 s want ~60 requests a
+        # minute besides the imports and receipts, so syncd's share, not its appetite, sets
+        # the pace: the run crosses the first window.
+        config = msgspec.structs.replace(
+            config,
+            katana=msgspec.structs.replace(
+                config.katana, rate_limit=60, rate_period=60.0, reserve=reserve, poll_interval=2.0
+            ),
+        )
+        recorder = Recorder(sims.katana_contract)
+        competitor: list[int] = []
+        competitor_statuses: list[int] = []
+        async with httpx.AsyncClient(
+            base_url=sims.katana_api_url,
+            headers={"Authorization": f"Bearer {sims.katana_token}"},
+        ) as other:
+
+            async def spend(requests: int) -> None:
+                for _ in range(requests):
+                    answer = await other.get("/factory")
+                    competitor_statuses.append(answer.status_code)
+                    competitor.append(int(answer.headers["X-Ratelimit-Remaining"]))
+
+            async def keep_spending() -> None:
+                while True:
+                    await anyio.sleep(5.0)
+                    await spend(1)
+
+            # The factory's Shopify link has just used a quarter of the minute.
+            await spend(15)
+            started = time.monotonic()
+            async with (
+                running_daemon(config, katana_transport=recorder) as daemon,
+                sims.factory(step_delay=3.0),
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(keep_spending)  # and goes on at 12 a minute
+                pos = []
+                for sku in ("CHAIR-OAK", "STOOL-PINE", "TABLE-OAK"):
+                    line = {"sku": sku, "name": sku.title(), "quantity": "2", "price": "50"}
+                    pos.append(await sims.create_po([line]))
+                    daemon.poll_now()
+                    await anyio.sleep(5)
+                await wait_for(
+                    daemon, [po["order_number"] for po in pos], is_state("received"), 120
+                )
+                by_priority = dict(daemon.katana.budget.sent_by_priority)
+                tg.cancel_scope.cancel()
+            took = time.monotonic() - started
+        katana_counts, _ = await sims.counters()
+    print(
+        f"\nshared key: syncd {len(recorder.statuses)} requests, the other client "
+        f"{len(competitor)}, in {took:.1f} s; lowest remaining after syncd's "
+        f"{min(recorder.remaining)}, after the other's {min(competitor)}; by priority {by_priority}"
+    )
+    assert len(recorder.remaining) == len(recorder.statuses) > 0
+    # The callers said who they are: polls, imports, and the receipts' cost reads.
+    assert all(by_priority[priority] > 0 for priority in Priority), by_priority
+    # syncd never took what remained of the key below the reserve...
+    assert min(recorder.remaining) >= reserve
+    # ...so neither it nor the other client met a 429.
+    assert katana_counts["responses_429"] == 0
+    assert 429 not in competitor_statuses
+    assert katana_counts["sales_orders_by_order_no"] == {
+        f"TG-{po['order_number']}": 1 for po in pos
+    }
 
 
 @pytest.mark.parametrize(

@@ -127,6 +127,8 @@ class TradeGeckoConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     poll_interval: float = 30.0
     rate_limit: int = 300
     rate_period: float = 300.0
+    #: Requests per window syncd never takes from the key: its other users' room.
+    reserve: int = 30
     #: Seconds a request may take before it counts as failed (retried when safe).
     timeout: float = 30.0
 
@@ -141,6 +143,9 @@ class KatanaConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     poll_interval: float = 30.0
     rate_limit: int = 60
     rate_period: float = 60.0
+    #: Requests per window syncd never takes from the key (a factory's Shopify link and
+    #: scripts share it): one every 6 s, or a burst of 10, always left to them.
+    reserve: int = 10
     timeout: float = 30.0
 
 
@@ -734,6 +739,12 @@ def _factory_problems(
     ):
         if count < 1:
             problem(f"must be at least 1, got {count}", key)
+    for key, reserve, limit in (
+        ("tradegecko.reserve", tg.reserve, tg.rate_limit),
+        ("katana.reserve", kt.reserve, kt.rate_limit),
+    ):
+        if not 0 <= reserve < max(limit, 1):
+            problem(f"must be at least 0 and below rate_limit ({limit}), got {reserve}", key)
     if not tg.supplier_name.strip():
         problem("must name the supplier", "tradegecko.supplier_name")
     if tg.supplier_match not in SUPPLIER_MATCHES:

@@ -14,15 +14,20 @@ A client for one service adds only what is its own: the envelope its lists come 
 
 from __future__ import annotations
 
+import bisect
+import enum
+import functools
+import itertools
 import json
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Self, TypeVar
+from typing import Any, ParamSpec, Self, TypeVar
 
 import anyio
 import httpx
@@ -45,13 +50,16 @@ from syncd.errors import (
 
 __all__ = [
     "Params",
+    "Priority",
     "RequestBudget",
     "ServiceClient",
     "chunks",
+    "current_priority",
     "describe_error_body",
     "format_time",
     "is_last_page",
     "parse_reset",
+    "request_priority",
 ]
 
 T = TypeVar("T")
@@ -143,51 +151,278 @@ def parse_reset(value: str, now: float) -> float | None:
     return now + number
 
 
+class Priority(enum.IntEnum):
+    """How urgent a request is; waiting requests are served highest first.
+
+    ``FINISH``: work on an order already under way (a receipt, the reads that move an
+    order forward); ``START``: new work (an import); ``BACKGROUND``: polls and
+    reconciliation, which lose nothing by waiting.
+    """
+
+    BACKGROUND = 0
+    START = 1
+    FINISH = 2
+
+
+#: The priority of the requests the current task sends; :func:`request_priority` sets it.
+_PRIORITY: ContextVar[Priority] = ContextVar("syncd_request_priority", default=Priority.START)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class request_priority:  # lower case: it reads as a function, `with request_priority(...)`
+    """Send the requests of a block, or of an async function, at ``priority``.
+
+    ``with request_priority(Priority.FINISH): ...`` or ``@request_priority(Priority.START)``
+    on an ``async def``. A context variable carries it, so the clients' methods take no
+    extra argument and tasks started inside inherit it.
+    """
+
+    def __init__(self, priority: Priority) -> None:
+        self.priority = priority
+        self._tokens: list[Token[Priority]] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append(_PRIORITY.set(self.priority))
+
+    def __exit__(self, *exc_info: object) -> None:
+        _PRIORITY.reset(self._tokens.pop())
+
+    def __call__(self, function: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+        priority = self.priority
+
+        @functools.wraps(function)
+        async def prioritised(*args: P.args, **kwargs: P.kwargs) -> R:
+            # A token per call: the decorated function may run in several tasks at once.
+            token = _PRIORITY.set(priority)
+            try:
+                return await function(*args, **kwargs)
+            finally:
+                _PRIORITY.reset(token)
+
+        return prioritised
+
+
+def current_priority() -> Priority:
+    """The priority requests sent from here go out at (``START`` unless set)."""
+    return _PRIORITY.get()
+
+
+@dataclass(eq=False)
+class _Waiter:
+    priority: Priority
+    seq: int
+    since: float
+
+
 class RequestBudget:
-    """A sliding-window allowance of ``limit`` requests per ``period`` seconds.
+    """A sliding-window allowance of ``limit`` requests per ``period`` seconds, of which
+    ``reserve`` are left to the key's other users.
 
     :meth:`acquire` waits until a request fits; :meth:`complete` tells that its answer came.
     A request counts from the moment it is sent until ``period`` after its answer: the
     service counts it on arrival, somewhere in between, so no window the service can look
-    at holds more than ``limit``. The service's own headers correct the picture: when it
-    says nothing remains, callers wait until its reset time.
+    at holds more than syncd's share.
+
+    **Priorities.** Waiting requests are served highest :class:`Priority` first, in arrival
+    order within one priority, and a lower priority leaves the last ``headroom`` slots of
+    syncd's share per step to the higher ones (a poll never takes the slot a receipt needs
+    next). A request that has waited ``promote_after`` seconds (default: one ``period``)
+    moves up one priority, again after each further ``promote_after``: a background request
+    ranks as ``FINISH`` after ``2 * promote_after`` and then goes before every request that
+    came after it, so none waits for ever.
+
+    **Others on the key.** The key is shared (a factory's Shopify link, its accounting,
+    people's scripts). Each answer's remaining count (:meth:`observe`) says how many
+    requests the window holds; what syncd's own count does not explain is others'. A
+    request goes out only when, after it, syncd's requests, others' and the ``reserve``
+    still fit in ``limit``: syncd never takes the remaining count below the reserve, and
+    its share shrinks while others spend. How others' use is guessed between answers is
+    :meth:`others`. With ``reserve = 0`` the key is syncd's alone and only its own count
+    holds, as before. The service's headers also stop every caller outright: a 429 or
+    nothing remaining blocks until its reset (:meth:`block_for`).
     """
 
-    def __init__(self, limit: int, period: float, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        limit: int,
+        period: float,
+        *,
+        reserve: int = 0,
+        promote_after: float | None = None,
+        headroom: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if limit < 1 or period <= 0:
             raise ValueError("a request budget needs limit >= 1 and period > 0")
+        if not 0 <= reserve < limit:
+            raise ValueError(f"a request budget's reserve must be 0..{limit - 1}, got {reserve}")
+        if promote_after is not None and promote_after <= 0:
+            raise ValueError("a request budget's promote_after must be positive")
+        if headroom is not None and not 0 <= 2 * headroom < limit - reserve:
+            # A background request must still fit in an otherwise empty window.
+            raise ValueError("a request budget's headroom must leave a poll room to send")
         self.limit = limit
         self.period = period
+        self.reserve = reserve
+        self.promote_after = promote_after if promote_after is not None else period
+        # A twentieth of syncd's share: 2 of Katana's 50, 13 of TradeGecko's 270.
+        self.headroom = headroom if headroom is not None else (limit - reserve) // 20
         self._clock = clock
         self._sent: deque[float] = deque()
         self._in_flight = 0
         self._blocked_until = 0.0
-        self._lock = anyio.Lock()
+        self._waiting: list[_Waiter] = []
+        #: The waiter that was first when one last looked.
+        self._head: _Waiter | None = None
+        self._seq = itertools.count()
+        self._changed = anyio.Event()
+        #: Others' requests in the window at the last answer, and when it came.
+        self._others = 0
+        self._others_at = 0.0
+        self._others_until = 0.0
+        self._others_fixed = False
         self.remaining_reported: int | None = None
+        #: Requests sent, by priority (for tests and the benchmark).
+        self.sent_by_priority: dict[Priority, int] = dict.fromkeys(Priority, 0)
 
-    def _wait_time(self) -> float:
-        now = self._clock()
+    # -- the window --------------------------------------------------------------------
+
+    def _prune(self, now: float) -> None:
         while self._sent and now - self._sent[0] >= self.period:
             self._sent.popleft()
-        wait = max(0.0, self._blocked_until - now)
-        if len(self._sent) + self._in_flight >= self.limit:
-            # With every slot on the wire, look again shortly.
-            oldest = self._sent[0] + self.period - now if self._sent else 0.05
-            wait = max(wait, oldest)
-        return wait
 
-    async def acquire(self) -> None:
-        """Wait until one more request fits in the window, then count it as sent."""
-        async with self._lock:
-            # The wait is computed from the window, not signalled by anyone.
-            while (wait := self._wait_time()) > 0:  # noqa: ASYNC110
-                await anyio.sleep(wait)
+    def others(self, at: float | None = None) -> int:
+        """Others' requests syncd assumes the window holds at ``at`` (default: now).
+
+        Until those seen at the last answer can have left (``period`` later; a fixed
+        window's reset): all of them, and newcomers at the pace they were seen (``others``
+        per ``period``), none assumed gone. Then a fixed window starts empty; a sliding one
+        holds newcomers in their place, a guess that fades out over one more period, so
+        that a key others emptied is tried again at the latest two periods after the last
+        answer.
+        """
+        now = self._clock() if at is None else at
+        seen, until = self._others, self._others_until
+        if seen == 0 or (self._others_fixed and now >= until):
+            return 0
+        if now < until:
+            return seen + math.ceil(seen * max(0.0, now - self._others_at) / self.period)
+        return max(0, math.ceil(seen * (1.0 - (now - until) / self.period)))
+
+    def _room(self, ours: int, priority: Priority) -> int:
+        """How many of others' requests fit beside ``ours``, one more at ``priority`` and
+        the slots that priority leaves to higher ones."""
+        return self.limit - self.reserve - ours - 1 - self.headroom * (Priority.FINISH - priority)
+
+    def _wait_time(self, priority: Priority = Priority.FINISH) -> float:
+        """Seconds until one more request at ``priority`` fits (0: now)."""
+        now = self._clock()
+        self._prune(now)
+        blocked = max(0.0, self._blocked_until - now)
+        if self.others(now) <= self._room(len(self._sent) + self._in_flight, priority):
+            return blocked
+        # Between these moments our count is steady and others' guess only grows (before
+        # ``until``) or only fades (after): the first fit is at a moment's start, or where
+        # the fading guess meets the room.
+        expiries = [s + self.period for s in self._sent]  # in order: answers come in order
+        until = self._others_until
+        moments = sorted({now, *expiries} | {m for m in (until, until + self.period) if m > now})
+        for start, end in zip(moments, [*moments[1:], math.inf], strict=True):
+            ours = len(expiries) - bisect.bisect_right(expiries, start) + self._in_flight
+            room = self._room(ours, priority)
+            if room < 0:
+                continue
+            if self.others(start) <= room:
+                return max(blocked, start - now)
+            if start >= until and not self._others_fixed:
+                meets = until + self.period * (1.0 - room / self._others)
+                if start <= meets < end:
+                    return max(blocked, meets - now)
+        # Only requests on the wire stand in the way: :meth:`complete` wakes the waiters
+        # when one is answered; the period is only a safety net.
+        return max(blocked, self.period)
+
+    # -- callers -----------------------------------------------------------------------
+
+    def _promoted(self, waiter: _Waiter, now: float) -> Priority:
+        steps = int((now - waiter.since) // self.promote_after)
+        return Priority(min(waiter.priority + steps, Priority.FINISH))
+
+    def _rank(self, waiter: _Waiter, now: float) -> tuple[int, int]:
+        return (-self._promoted(waiter, now), waiter.seq)
+
+    def _first(self) -> _Waiter:
+        now = self._clock()
+        return min(self._waiting, key=lambda waiter: self._rank(waiter, now))
+
+    def _notify(self) -> None:
+        """Something changed (a slot, an answer, a waiter): waiting callers look again."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def acquire(self, priority: Priority | None = None) -> None:
+        """Wait until one more request fits in syncd's share and it is the first waiting
+        (by priority, then arrival), then count it as sent.
+
+        :param priority: default: the one :class:`request_priority` set here.
+        """
+        waiter = _Waiter(
+            priority if priority is not None else _PRIORITY.get(), next(self._seq), self._clock()
+        )
+        self._waiting.append(waiter)
+        try:
+            while True:
+                first = self._first()
+                if first is not self._head:
+                    # A new first (an arrival, a promotion): wake it, once.
+                    self._head = first
+                    self._notify()
+                if first is waiter:
+                    wait = self._wait_time(self._promoted(waiter, self._clock()))
+                else:
+                    wait = math.inf
+                if wait <= 0:
+                    break
+                changed = self._changed
+                with anyio.move_on_after(wait):
+                    await changed.wait()
             self._in_flight += 1
+            self.sent_by_priority[waiter.priority] += 1
+        finally:
+            self._waiting.remove(waiter)
+            if self._head is waiter:
+                self._head = None
+            self._notify()
 
     def complete(self) -> None:
         """The answer to an acquired request came (or it failed): it now ages out."""
         self._in_flight = max(0, self._in_flight - 1)
         self._sent.append(self._clock())
+        self._notify()
+
+    def observe(self, remaining: int, *, empties_in: float | None = None) -> None:
+        """The service said ``remaining`` requests are left in its window (after one of
+        ours, :meth:`complete` already called): what syncd's count does not explain is
+        others'.
+
+        :param empties_in: seconds until the service's window empties (a fixed window's
+            reset); ``None`` for a sliding window, which others' requests leave at the
+            latest ``period`` from now.
+        """
+        now = self._clock()
+        self._prune(now)
+        self.remaining_reported = remaining
+        ours = len(self._sent) + self._in_flight
+        # With no reserve the key is syncd's alone: nothing to make room for, and what the
+        # count does not explain is the service's own drift, which a 429 corrects.
+        self._others = max(0, self.limit - remaining - ours) if self.reserve else 0
+        self._others_at = now
+        self._others_fixed = empties_in is not None
+        span = self.period if empties_in is None else min(self.period, max(0.0, empties_in))
+        self._others_until = now + span
+        self._notify()
 
     def block_for(self, seconds: float) -> None:
         """Stop every caller for ``seconds`` (a 429, or the service saying nothing remains)."""
@@ -196,8 +431,13 @@ class RequestBudget:
     @property
     def used(self) -> int:
         """Requests counted in the current window, those on the wire included."""
-        self._wait_time()
+        self._prune(self._clock())
         return len(self._sent) + self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for room."""
+        return len(self._waiting)
 
 
 class _Retryable(Exception):
@@ -230,6 +470,9 @@ class ServiceClient:
     #: The header names of the service's rate limit.
     remaining_header = "X-RateLimit-Remaining"
     reset_header = "X-RateLimit-Reset"
+    #: Whether the service's window empties at its reset time (a fixed window); otherwise
+    #: a sliding one, where the reset frees only the oldest request.
+    fixed_window = False
     #: The largest page the service serves; every list asks for this many.
     page_size = 250
     #: Values of one array filter sent in one request, so that a URL stays short.
@@ -372,11 +615,11 @@ class ServiceClient:
             left = int(float(remaining))
         except ValueError:
             return
-        self.budget.remaining_reported = left
-        if left <= 0:
-            reset = parse_reset(response.headers.get(self.reset_header, ""), time.time())
-            if reset is not None:
-                self.budget.block_for(min(reset - time.time(), self.budget.period))
+        reset = parse_reset(response.headers.get(self.reset_header, ""), time.time())
+        reset_in = None if reset is None else max(0.0, reset - time.time())
+        self.budget.observe(left, empties_in=reset_in if self.fixed_window else None)
+        if left <= 0 and reset_in is not None:
+            self.budget.block_for(min(reset_in, self.budget.period))
 
     def _retry_after(self, response: httpx.Response) -> float:
         value = response.headers.get("Retry-After")

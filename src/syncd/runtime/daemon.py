@@ -217,7 +217,9 @@ async def running_daemon(
                 kind,
                 settings,
                 transport,
-                budget=RequestBudget(settings.rate_limit, settings.rate_period),
+                budget=RequestBudget(
+                    settings.rate_limit, settings.rate_period, reserve=settings.reserve
+                ),
                 timeout=settings.timeout,
                 retry=retry.request,
                 on_response=partial(watchers.api_answered, kind.service),

@@ -22,6 +22,7 @@ from typing import Protocol
 import anyio
 import msgspec
 
+from syncd.adapters._http import Priority, request_priority
 from syncd.adapters.katana import KatanaClient, NewSalesOrder, NewSalesOrderRow
 from syncd.adapters.katana import Variant as KatanaVariant
 from syncd.adapters.tradegecko import TradeGeckoClient
@@ -134,6 +135,7 @@ class Effects:
 
     # -- import --------------------------------------------------------------------------
 
+    @request_priority(Priority.START)
     async def import_order(self, link: LinkedOrder) -> Outcome:
         """Create the Katana sales order for a PO, or find the one already created."""
         snapshot = link.snapshot
@@ -343,6 +345,7 @@ class Effects:
 
     # -- receive -------------------------------------------------------------------------
 
+    @request_priority(Priority.FINISH)
     async def receive_order(self, link: LinkedOrder) -> Outcome:
         """Re-cost the PO lines from Katana's average costs, then receive the PO."""
         return await _settled(RECEIVE_ORDER, self._receive(link), "TradeGecko or Katana")

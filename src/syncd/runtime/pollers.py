@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import msgspec
 
+from syncd.adapters._http import Priority, request_priority
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.katana import SalesOrder as KatanaSalesOrder
 from syncd.adapters.tradegecko import PurchaseOrder, PurchaseOrderLineItem, TradeGeckoClient
@@ -108,6 +109,7 @@ class _Poller:
         except SyncdError:
             return False
 
+    @request_priority(Priority.BACKGROUND)
     async def run(self) -> None:
         """Poll forever; a failed poll is logged and tried again next interval."""
         while True:

@@ -54,6 +54,7 @@ class TradeGeckoClient(ServiceClient):
     default_limit = (300, 300.0)
     remaining_header = "X-Rate-Limit-Remaining"
     reset_header = "X-Rate-Limit-Reset"
+    fixed_window = True
     #: The largest page TradeGecko serves; more is a 400.
     page_size = 250
 
