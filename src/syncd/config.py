@@ -743,7 +743,7 @@ def _factory_problems(
         ("tradegecko.reserve", tg.reserve, tg.rate_limit),
         ("katana.reserve", kt.reserve, kt.rate_limit),
     ):
-        if not 0 <= reserve < max(limit, 1):
+        if limit >= 1 and not 0 <= reserve < limit:  # a rate_limit below 1 is its own problem
             problem(f"must be at least 0 and below rate_limit ({limit}), got {reserve}", key)
     if not tg.supplier_name.strip():
         problem("must name the supplier", "tradegecko.supplier_name")

@@ -617,7 +617,10 @@ class ServiceClient:
             return
         reset = parse_reset(response.headers.get(self.reset_header, ""), time.time())
         reset_in = None if reset is None else max(0.0, reset - time.time())
-        self.budget.observe(left, empties_in=reset_in if self.fixed_window else None)
+        # An empty window with a reset announced (a 429) holds others' requests only until
+        # that reset: the service said when it takes requests again.
+        exhausted = left <= 0 and reset_in is not None
+        self.budget.observe(left, empties_in=reset_in if self.fixed_window or exhausted else None)
         if left <= 0 and reset_in is not None:
             self.budget.block_for(min(reset_in, self.budget.period))
 
