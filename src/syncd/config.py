@@ -22,6 +22,7 @@ __all__ = [
     "CREDENTIALS",
     "DEFAULT_CONFIG",
     "DEFAULT_CREDENTIALS_DIRECTORY",
+    "MAKE_TO_ORDER_MODES",
     "SUPPLIER_MATCHES",
     "Config",
     "DaemonConfig",
@@ -86,6 +87,11 @@ class KatanaConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Katana customer ``reference_id`` that marks the customer syncd made, even if renamed.
     customer_reference: str = "syncd-tradegecko"
     order_no_prefix: str = "TG-"
+    #: ``manual``: a person presses "Make to order" in Katana; ``auto``: syncd makes a
+    #: manufacturing order for each row with a recipe once the sales order exists.
+    make_to_order: str = "manual"
+    #: With ``auto``: Katana also makes orders for the subassemblies.
+    create_subassemblies: bool = False
     poll_interval: float = 30.0
     rate_limit: int = 60
     rate_period: float = 60.0
@@ -159,6 +165,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 #: The ways ``tradegecko.supplier_match`` compares supplier names.
 SUPPLIER_MATCHES = ("exact", "casefold", "prefix")
+#: The values of ``katana.make_to_order``.
+MAKE_TO_ORDER_MODES = ("manual", "auto")
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
 
 
@@ -295,6 +303,11 @@ def config_problems(config: Config, *, require_tokens: bool = True) -> list[Conf
         )
     if not kt.customer_name.strip():
         problem("must name the customer", "katana.customer_name")
+    if kt.make_to_order not in MAKE_TO_ORDER_MODES:
+        problem(
+            f"must be one of {', '.join(MAKE_TO_ORDER_MODES)}, got {kt.make_to_order!r}",
+            "katana.make_to_order",
+        )
     for listen in (config.metrics.address, hooks.address):
         try:
             listen()
