@@ -114,9 +114,7 @@ def test_making_to_order_is_left_only_by_its_effect_or_an_end() -> None:
     crash the effect is re-run from this state and makes the rest."""
     assert AUTO.decide("making_to_order", "production_started") is None
     moves = {
-        t: d.dest
-        for t in AUTO.triggers
-        if (d := AUTO.decide("making_to_order", t)) is not None
+        t: d.dest for t in AUTO.triggers if (d := AUTO.decide("making_to_order", t)) is not None
     }
     assert moves == {
         "production_ordered": "in_production",

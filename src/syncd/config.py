@@ -161,6 +161,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
 
+    def statechart_conditions(self) -> frozenset[str]:
+        """The statechart's conditions this configuration makes hold (see ``[conditions]``
+        in ``statecharts/linked_order.toml``)."""
+        return frozenset({"make_to_order_auto"} if self.katana.make_to_order == "auto" else ())
+
 
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 #: The ways ``tradegecko.supplier_match`` compares supplier names.

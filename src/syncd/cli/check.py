@@ -55,7 +55,9 @@ async def check(path: Path, *, online: bool = False) -> CheckReport:
     config_wrong = config_problems(config)
     report.problems += [Problem("config", str(exc)) for exc in config_wrong]
     try:
-        report.chart = load_statechart(config.daemon.statechart)
+        report.chart = load_statechart(
+            config.daemon.statechart, holding=config.statechart_conditions()
+        )
     except StatechartError as exc:
         report.problems.append(Problem("config", str(exc)))
     report.problems += [

@@ -38,9 +38,7 @@ __all__ = [
 RESUME = "resume"
 
 _STATE_KEYS = frozenset({"description", "effect", "follow", "attention", "terminal"})
-_TRANSITION_KEYS = frozenset(
-    {"trigger", "source", "dest", "description", "conditions", "unless"}
-)
+_TRANSITION_KEYS = frozenset({"trigger", "source", "dest", "description", "conditions", "unless"})
 
 
 @dataclass(frozen=True)
@@ -351,9 +349,7 @@ def _parse(
             guards[key] = list(names)
         if dest == RESUME and (guards["conditions"] or guards["unless"]):
             raise fail(f"{where}: a retry back to where the order was takes no conditions")
-        transitions.append(
-            {"trigger": trigger, "source": list(sources), "dest": dest, **guards}
-        )
+        transitions.append({"trigger": trigger, "source": list(sources), "dest": dest, **guards})
     return states, str(initial), transitions, conditions
 
 

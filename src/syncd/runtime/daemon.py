@@ -175,7 +175,9 @@ async def running_daemon(
     :raises ApiError: with ``check``, a service rejected its token or could not be reached.
     """
     register_secrets([config.katana.token, config.tradegecko.token])
-    chart = chart or load_statechart(config.daemon.statechart)
+    chart = chart or load_statechart(
+        config.daemon.statechart, holding=config.statechart_conditions()
+    )
     metrics = Metrics()
     metrics.known_states(list(chart.states))
     # Exclusive: a second daemon on the same SQLite file is refused before it decides

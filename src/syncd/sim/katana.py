@@ -593,6 +593,20 @@ async def _make_to_order(request: Request, world: KatanaWorld) -> Any:
     return world.make_to_order(body.sales_order_row_id)
 
 
+async def _bom_rows(request: Request, world: KatanaWorld) -> Any:
+    records = _filtered(
+        request,
+        world.bom_row_list(),
+        int_equal=[
+            ("product_variant_id", "product_variant_id"),
+            ("ingredient_variant_id", "ingredient_variant_id"),
+            ("product_item_id", "product_item_id"),
+        ],
+        deletable=False,
+    )
+    return _paged(request, records, newest_first=False)
+
+
 async def _inventory(request: Request, world: KatanaWorld) -> Any:
     records = _filtered(
         request,
@@ -849,6 +863,7 @@ def create_app(
         api("/manufacturing_orders", _manufacturing_orders, ["GET"]),
         api("/manufacturing_orders/{id:int}", _manufacturing_order, ["PATCH"]),
         api("/manufacturing_order_make_to_order", _make_to_order, ["POST"]),
+        api("/bom_rows", _bom_rows, ["GET"]),
         api("/inventory", _inventory, ["GET"]),
         api("/webhooks", webhooks, ["GET", "POST"]),
     ]
