@@ -113,6 +113,8 @@ def test_making_to_order_is_left_only_by_its_effect_or_an_end() -> None:
     """A look at the SO that shows some of syncd's MOs must not move the order on: after a
     crash the effect is re-run from this state and makes the rest."""
     assert AUTO.decide("making_to_order", "production_started") is None
+    # Nor a delivery seen meanwhile: the floor may deliver what syncd has made so far.
+    assert AUTO.decide("making_to_order", "so_delivered") is None
     moves = {
         t: d.dest for t in AUTO.triggers if (d := AUTO.decide("making_to_order", t)) is not None
     }
@@ -121,7 +123,7 @@ def test_making_to_order_is_left_only_by_its_effect_or_an_end() -> None:
         "nothing_to_make": "imported",
         "make_to_order_failed": "needs_attention",
         "po_withdrawn": "needs_attention",
-        "so_delivered": "delivered",
+        "found_delivered": "delivered",
         "so_deleted": "cancelled",
         "cancel": "cancelled",
     }

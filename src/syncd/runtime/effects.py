@@ -30,7 +30,9 @@ from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import Config
 from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderSnapshot
 from syncd.domain.rules import (
+    DELIVERED,
     PO_WITHDRAWN,
+    PRODUCTION_DONE,
     cost_update,
     lines_to_import,
     order_number_for,
@@ -363,6 +365,16 @@ class Effects:
                 made += 1
             else:
                 found += 1
+        done = (order.production_status or "NONE") in PRODUCTION_DONE
+        if made == 0 and order.status == DELIVERED and done:
+            # Made (or delivered from stock) while syncd was down; the look that showed it
+            # came while the order could not move on.
+            return Outcome(
+                effect="make_to_order",
+                trigger="found_delivered",
+                cause=f"Katana SO {order.order_no} is already delivered: nothing to make",
+                notes=tuple(notes),
+            )
         if made + found == 0:
             return Outcome(
                 effect="make_to_order",

@@ -95,10 +95,17 @@ class Simulators:
             raise AssertionError(f"setting {service} knobs: {response.text}")
 
     @asynccontextmanager
-    async def factory(self, step_delay: float = 0.05) -> AsyncIterator[None]:
-        """The workshop works (make to order, finish, deliver) while inside."""
+    async def factory(
+        self, step_delay: float = 0.05, *, make_to_order: bool = True
+    ) -> AsyncIterator[None]:
+        """The workshop works (make to order unless told not to, finish, deliver) while
+        inside."""
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: play_factory(self.katana_url, step_delay=step_delay))
+            tg.start_soon(
+                lambda: play_factory(
+                    self.katana_url, step_delay=step_delay, make_to_order=make_to_order
+                )
+            )
             yield
             tg.cancel_scope.cancel()
 

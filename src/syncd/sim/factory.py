@@ -1,10 +1,11 @@
 """The workshop's people, played against the Katana simulator's control panel.
 
 :func:`play_factory` polls ``/_sim/state`` and does what the floor would: press "Make to
-order" on open sales orders whose rows have no manufacturing order, start every order not
-yet started, finish an order once it has been in progress for a while, and deliver a sales
-order whose production is done. It talks only to ``/_sim``, so it never touches the API
-budget the daemon under test draws from, and it logs and carries on after any error.
+order" on open sales orders whose rows have no manufacturing order (unless syncd does that,
+``katana.make_to_order = "auto"``), start every order not yet started, finish an order once
+it has been in progress for a while, and deliver a sales order whose production is done. It
+talks only to ``/_sim``, so it never touches the API budget the daemon under test draws
+from, and it logs and carries on after any error.
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ _OPEN = frozenset({"NOT_SHIPPED", "PENDING"})
 class _Floor:
     """What the player remembers between polls."""
 
-    def __init__(self, client: httpx.AsyncClient, step_delay: float, customer: str | None):
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        step_delay: float,
+        customer: str | None,
+        make_to_order: bool = True,
+    ):
         self.client = client
+        self.make_to_order = make_to_order
         self.step_delay = step_delay
         self.customer = customer
         self.seen_in_progress: dict[int, float] = {}
@@ -48,7 +56,7 @@ class _Floor:
             if so.get("deleted_at") is None
             and (self.customer is None or customers.get(so["customer_id"]) == self.customer)
         }
-        for so in orders.values():
+        for so in orders.values() if self.make_to_order else ():
             waiting = [
                 row["id"]
                 for row in so["sales_order_rows"]
@@ -75,16 +83,22 @@ class _Floor:
 
 
 async def play_factory(
-    control_url: str, *, step_delay: float = 0.2, customer_name: str | None = None
+    control_url: str,
+    *,
+    step_delay: float = 0.2,
+    customer_name: str | None = None,
+    make_to_order: bool = True,
 ) -> None:
     """Run the workshop against the simulator at ``control_url`` until cancelled.
 
     :param control_url: the simulator's root URL (the control panel is under ``/_sim``).
     :param step_delay: seconds between polls, and the least time an order stays in progress.
     :param customer_name: only work on this customer's orders; ``None`` for all.
+    :param make_to_order: press "Make to order"; ``False`` when syncd makes the
+        manufacturing orders, so that the floor only starts and finishes them.
     """
     async with httpx.AsyncClient(base_url=control_url.rstrip("/"), timeout=10.0) as client:
-        floor = _Floor(client, step_delay, customer_name)
+        floor = _Floor(client, step_delay, customer_name, make_to_order)
         while True:
             try:
                 await floor.step()
