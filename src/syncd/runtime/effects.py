@@ -383,10 +383,11 @@ class Effects:
                 notes=tuple(notes),
             )
         already = f" ({found} already linked)" if found else ""
+        orders = "manufacturing order" if made == 1 else "manufacturing orders"
         return Outcome(
             effect="make_to_order",
             trigger="production_ordered",
-            cause=f"made {made} manufacturing orders for Katana SO {order.order_no}{already}",
+            cause=f"made {made} {orders} for Katana SO {order.order_no}{already}",
             notes=tuple(notes),
         )
 

@@ -900,8 +900,10 @@ async def run(
     play_factory: bool = False,
     token: str = "katana-sim-token",
     faults: Faults | None = None,
+    make_to_order: bool = True,
 ) -> None:
-    """Serve the simulator until cancelled; with ``play_factory`` the workshop works too."""
+    """Serve the simulator until cancelled; with ``play_factory`` the workshop works too
+    (pressing "Make to order" unless ``make_to_order`` is false)."""
     from syncd.ops.asgi import serving
     from syncd.sim.factory import play_factory as player
 
@@ -909,5 +911,5 @@ async def run(
     async with serving(app, host, port) as url, anyio.create_task_group() as tg:
         tg.start_soon(app.state.webhooks.run)
         if play_factory:
-            tg.start_soon(player, url)
+            tg.start_soon(functools.partial(player, url, make_to_order=make_to_order))
         await anyio.sleep_forever()
