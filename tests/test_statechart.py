@@ -454,3 +454,27 @@ def test_random_trigger_sequences_stay_inside_the_chart(triggers: list[str]) -> 
     assert CHART.valid_path(history)
     entries = [dest for _, dest, _ in history if CHART.state(dest).effect]
     assert len(effects) == len(entries)
+
+
+def test_edges_list_every_transition_of_the_file_with_its_conditions() -> None:
+    edges = CHART.edges()
+    assert {
+        "trigger": "so_created",
+        "source": "discovered",
+        "dest": "making_to_order",
+        "back": False,
+        "conditions": ["make_to_order_auto"],
+        "unless": [],
+    } in edges
+    # Whatever holds: the same edges for the auto chart.
+    assert AUTO.edges() == edges
+    # Every edge a decision can take is listed.
+    for chart in (CHART, AUTO):
+        for source in chart.states:
+            for trigger in chart.triggers:
+                decision = chart.decide(source, trigger, resume_state="imported")
+                if decision is not None:
+                    assert any(
+                        (e["source"], e["dest"], e["trigger"]) == (source, decision.dest, trigger)
+                        for e in edges
+                    ), (source, trigger)

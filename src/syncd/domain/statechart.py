@@ -167,6 +167,27 @@ class Statechart:
     def terminal_states(self) -> list[str]:
         return [s.name for s in self.states.values() if s.terminal]
 
+    def edges(self) -> list[dict[str, Any]]:
+        """Every edge of the file, whatever holds: ``trigger``, ``source``, ``dest``,
+        ``back`` (a retry to where the order was, one edge per state it can return to),
+        ``conditions`` and ``unless``; in file order, as the diagram draws them."""
+        result: list[dict[str, Any]] = []
+        for t in self._transitions:
+            targets = self._resumable if t["dest"] == RESUME else (t["dest"],)
+            result.extend(
+                {
+                    "trigger": t["trigger"],
+                    "source": source,
+                    "dest": dest,
+                    "back": t["dest"] == RESUME,
+                    "conditions": list(t["conditions"]),
+                    "unless": list(t["unless"]),
+                }
+                for source in t["source"]
+                for dest in targets
+            )
+        return result
+
     def allows(self, state: str, trigger: str, *, resume_state: str | None = None) -> bool:
         """Whether ``trigger`` moves an order in ``state``."""
         return self.decide(state, trigger, resume_state=resume_state) is not None
