@@ -182,3 +182,41 @@ async def test_a_dropped_answer_is_retried_without_a_second_mo(tmp_path: Path) -
         katana_counts, _ = await sims.counters()
     assert katana_counts["faults_injected"] == {"drop_after": 1}
     assert katana_counts["manufacturing_orders_per_row"] == {str(row["id"]): 1 for row in rows}
+
+
+async def test_a_refusal_for_a_row_that_got_its_mo_meanwhile_counts_it_made(
+    tmp_path: Path,
+) -> None:
+    """Katana makes the MO but answers 422 (as the simulator does when a person pressed the
+    button between syncd's read and its call): syncd reads the row again, finds it linked,
+    goes on. The spec documents no 422 for this endpoint: that one answer is let through
+    the contract check."""
+    faults = Faults(
+        rules=[
+            FaultRule(
+                path="/manufacturing_order_make_to_order",
+                method="POST",
+                error_rate=1.0,
+                error_status=422,
+                after=True,
+                times=1,
+            )
+        ]
+    )
+    async with running_sims(katana_faults=faults) as sims:
+        config = auto(sims.config(tmp_path / "syncd.db"))
+        async with sims.daemon(config) as daemon, sims.factory(make_to_order=False):
+            po = await sims.create_po([CHAIR])
+            daemon.poll_now()
+            (link,) = await wait_for(daemon, [po["order_number"]], is_state("received"))
+            steps = await steps_of(daemon, po["order_number"], holding={"make_to_order_auto"})
+            history = await daemon.store.history(link.id)
+        katana_counts, _ = await sims.counters()
+        (refusal,) = sims.katana_contract.violations
+        assert refusal.startswith("makeToOrderManufacturingOrder: response 422"), refusal
+        sims.katana_contract.violations.clear()
+    assert steps == AUTO_PATH
+    assert katana_counts["faults_injected"] == {"error_after": 1}
+    assert list(katana_counts["manufacturing_orders_per_row"].values()) == [1]
+    ordered = next(h for h in history if h.trigger == "production_ordered")
+    assert "made 0 manufacturing orders" in ordered.cause and "1 already linked" in ordered.cause
