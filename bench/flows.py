@@ -12,7 +12,7 @@ import anyio
 
 from bench.harness import Sims, delta, free_port, percentile, running_sims, wait_until
 from syncd.runtime.daemon import Daemon, running_daemon
-from syncd.runtime.dispatcher import TransitionNotice
+from syncd.runtime.observer import Observer, TransitionNotice
 
 MANUAL = 3600.0  # poll interval when the bench kicks the pollers itself
 
@@ -221,14 +221,15 @@ async def sustained(seconds: float = 240.0, in_flight: int = 30) -> dict[str, An
         async with running_sims(limits=True) as sims:
             config = sims.config(Path(tmp) / "syncd.db")  # defaults: 30 s polls, 60/60, 300/300
 
-            def seen(notice: TransitionNotice) -> None:
-                if notice.dest == "received":
-                    completions.append(time.monotonic())
+            class Seen(Observer):
+                def transitioned(self, notice: TransitionNotice) -> None:
+                    if notice.dest == "received":
+                        completions.append(time.monotonic())
 
             async with (
                 running_daemon(
                     config,
-                    on_transition=seen,
+                    observer=Seen(),
                     katana_transport=sims.katana_rec,
                     tradegecko_transport=sims.tradegecko_rec,
                 ),
@@ -271,9 +272,10 @@ async def webhook_latency(orders: int = 100, spacing: float = 0.05) -> dict[str,
     created_at: dict[str, float] = {}
     imported_at: dict[str, float] = {}
 
-    def seen(notice: TransitionNotice) -> None:
-        if notice.dest == "imported":
-            imported_at.setdefault(notice.link.po_number, time.monotonic())
+    class Seen(Observer):
+        def transitioned(self, notice: TransitionNotice) -> None:
+            if notice.dest == "imported":
+                imported_at.setdefault(notice.link.po_number, time.monotonic())
 
     with tempfile.TemporaryDirectory() as tmp:
         async with running_sims(limits=False, webhooks=True) as sims:
@@ -285,7 +287,7 @@ async def webhook_latency(orders: int = 100, spacing: float = 0.05) -> dict[str,
                 retry_initial=0.2,
                 webhook_port=free_port(),
             )
-            async with running_daemon(config, on_transition=seen) as daemon:
+            async with running_daemon(config, observer=Seen()) as daemon:
                 assert daemon.webhooks is not None and daemon.webhooks.registered
                 for _ in range(orders):
                     before = time.monotonic()

@@ -194,7 +194,8 @@ def test_check_of_a_postgres_database_connects_and_checks_its_schema(
         # Empty: fine (run creates the schema), and check creates nothing.
         result = check(url)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.endswith(f"database {url.replace(PASSWORD, '***')})\n"), result.stdout
+        first = result.stdout.splitlines()[0]
+        assert first.endswith(f"database {url.replace(PASSWORD, '***')})"), result.stdout
         assert tables() == [(None, None)]
 
         async def migrate() -> None:
@@ -231,6 +232,8 @@ def _refusal_cases(tmp_path: Path, taken_port: int) -> dict[str, tuple[str, int,
     (tmp_path / "a-file").write_text("")
     (tmp_path / "not-sqlite.db").write_text("hello, I am not a database\n")
     (tmp_path / "a-folder.db").mkdir()
+    chart = (ROOT / "statecharts" / "linked_order.toml").read_text()
+    (tmp_path / "typo.toml").write_text(chart.replace('"so_created"', '"so_creatd"'))
     return {
         "database under a regular file": (
             f'[daemon]\ndatabase = "{tmp_path / "a-file" / "sub" / "syncd.db"}"\n',
@@ -251,6 +254,11 @@ def _refusal_cases(tmp_path: Path, taken_port: int) -> dict[str, tuple[str, int,
             f'[daemon]\nstatechart = "{tmp_path / "nowhere.toml"}"\n',
             2,
             "statechart file not found",
+        ),
+        "statechart names a trigger the code does not fire": (
+            f'[daemon]\nstatechart = "{tmp_path / "typo.toml"}"\n',
+            2,
+            "syncd fires trigger 'so_created', which no transition has",
         ),
         "metrics address in use": (
             f'[metrics]\nlisten = "127.0.0.1:{taken_port}"\n',
@@ -372,6 +380,22 @@ def test_check_lists_every_problem_and_exits_as_run_would_for_the_first(tmp_path
     assert "is not a directory" in result.stderr
 
 
+def test_check_says_when_metrics_and_webhooks_share_an_address(tmp_path: Path) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    config = tmp_path / "syncd.toml"
+    config.write_text(
+        f'[daemon]\ndatabase = "{tmp_path / "syncd.db"}"\n[tradegecko]\ntoken = "t"\n'
+        f'[katana]\ntoken = "k"\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+        f'[webhooks]\nenabled = true\nlisten = "127.0.0.1:{port}"\ntradegecko_secret = "s"\n'
+    )
+    result = run("syncd", "check", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert f"webhooks.listen: 127.0.0.1:{port} is also metrics.listen" in result.stderr
+    assert "already running" not in result.stderr
+
+
 @pytest.mark.anyio
 async def test_check_online_asks_both_services_with_runs_exit_codes(
     sims: Sims, tmp_path: Path
@@ -433,6 +457,73 @@ async def test_check_online_asks_both_services_with_runs_exit_codes(
     assert result.returncode == 2
     assert "katana.timeout" in result.stderr.decode()
     assert "services not asked: the config has problems" in result.stderr.decode()
+
+
+@pytest.mark.anyio
+async def test_check_reads_every_factory_and_asks_each_ones_services(
+    sims: Sims, tmp_path: Path
+) -> None:
+    # Three factories: today's top level (the default), a table, a file in factories.d; the
+    # top level's base URLs are every factory's.
+    config = _sims_config(
+        sims, tmp_path, '[factories.north-mill.katana]\norder_no_prefix = "NM-"\n'
+    )
+    acme = tmp_path / "factories.d" / "acme.toml"
+    acme.parent.mkdir()
+    acme.write_text('[tradegecko]\nsupplier_name = "Katana (Acme)"\n')
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "acme-tradegecko-token").write_text("tg-acme")
+    (credentials / "acme-katana-token").write_text("kt-acme")
+    env = {
+        **SIM_TOKENS,
+        "SYNCD_NORTH_MILL_TRADEGECKO_TOKEN": "tg-north",
+        "SYNCD_NORTH_MILL_KATANA_TOKEN": "kt-north",
+        "SYNCD_CREDENTIALS_DIRECTORY": str(credentials),
+    }
+    offline = await _process("syncd", "check", "--config", str(config), env=env)
+    assert offline.returncode == 0, offline.stderr.decode()
+    lines = offline.stdout.decode().splitlines()
+    assert lines[0].startswith(f"{config}: ok (3 factories, ")
+    assert lines[1:] == [
+        "factory default (the top level): supplier 'Katana', customer 'Tradegecko', "
+        "order_no_prefix 'TG-'",
+        "factory north-mill ([factories.north-mill]): supplier 'Katana', customer "
+        "'Tradegecko', order_no_prefix 'NM-'",
+        f"factory acme ({acme}): supplier 'Katana (Acme)', customer 'Tradegecko', "
+        "order_no_prefix 'TG-'",
+    ]
+
+    # The simulators know one account each: the other two factories' tokens are refused,
+    # each said with its factory's name, none of them printed.
+    online = await _process("syncd", "check", "--online", "--config", str(config), env=env)
+    stderr = online.stderr.decode()
+    assert online.returncode == 4, stderr
+    assert "factory default:" not in stderr
+    assert "syncd: factory north-mill: a token was rejected: " in stderr
+    assert "syncd: factory acme: a token was rejected: " in stderr
+    for token in ("tg-north", "kt-north", "tg-acme", "kt-acme", KATANA_TOKEN):
+        assert token not in stderr
+
+    # Every problem of every factory, each naming its key and, for a file, the file.
+    config.write_text(config.read_text().replace('order_no_prefix = "NM-"', "order_no_prefix = 5"))
+    (acme.parent / "Bad_Name.toml").write_text("")
+    (credentials / "acme-katana-token").write_text(KATANA_TOKEN)  # the default's account
+    for command in ("check", "run"):
+        result = await _process("syncd", command, "--config", str(config), env=env)
+        stderr = result.stderr.decode()
+        assert result.returncode == 2, stderr
+        assert "Traceback" not in stderr and KATANA_TOKEN not in stderr
+    listed = await _process("syncd", "check", "--config", str(config), env=env)
+    assert listed.stderr.decode().splitlines() == [
+        f"syncd: {acme.parent / 'Bad_Name.toml'}: the file's name must be a factory name, a "
+        "lowercase letter or digit, then up to 62 lowercase letters, digits or '-'",
+        "syncd: factories.north-mill.katana.order_no_prefix: Expected `str`, got `int` "
+        f"(in {config})",
+        f"syncd: {acme}: katana.token: the same Katana token as the factory 'default': one "
+        "account served twice would double every call",
+        f"syncd: {config}: 3 problems",
+    ]
 
 
 def test_check_and_run_read_the_default_config_and_credentials(tmp_path: Path) -> None:
@@ -953,6 +1044,25 @@ def test_rerunning_the_demo_on_its_database_reports_only_this_runs_orders(tmp_pa
         listing = run("syncctl", "--db", str(path), "inspect", "--json")
         assert listing.returncode == 0, listing.stderr
         assert len(json.loads(listing.stdout)) == count, listing.stdout
+
+
+def test_the_demo_replaces_only_its_own_databases(tmp_path: Path) -> None:
+    """--db naming something an earlier demo did not make (a file, a directory, a daemon's
+    database) is refused and left as it was."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    daemons = tmp_path / "syncd.db"
+    with sqlite3.connect(daemons) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for path in (notes, folder, daemons):
+        result = run("syncd", "demo", "--orders", "1", "--db", str(path))
+        assert result.returncode == 3, result.stderr
+        assert "an earlier demo did not make" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not Path(f"{path}.previous").exists()
+    assert notes.read_text() == "precious" and folder.is_dir()
 
 
 def test_ctrl_c_in_the_demo_exits_130_with_the_summary_so_far(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -12,15 +14,17 @@ from typing import Any
 import anyio
 import pytest
 
+from syncd.config import RETRY
 from syncd.domain.orders import (
     LinkedOrder,
     PurchaseOrderLine,
     PurchaseOrderSnapshot,
     SalesOrderFacts,
 )
-from syncd.domain.statechart import load_statechart
+from syncd.domain.statechart import Statechart, default_statechart_path, load_statechart
+from syncd.errors import RetryPolicy, StatechartError
 from syncd.runtime import inbox
-from syncd.runtime.dispatcher import Dispatcher
+from syncd.runtime.dispatcher import Dispatcher, check_chart
 from syncd.runtime.effects import Outcome
 from syncd.store import Store
 
@@ -48,6 +52,10 @@ class ScriptedEffects:
                 so_number=f"TG-{link.po_number}",
             )
         return Outcome(effect=effect, trigger="po_received", cause="received")
+
+
+def chart_data() -> dict[str, Any]:
+    return tomllib.loads(default_statechart_path().read_text(encoding="utf-8"))
 
 
 def snapshot(po_id: int, number: str) -> PurchaseOrderSnapshot:
@@ -94,11 +102,21 @@ async def settle(store: Store, numbers: list[str], states: set[str]) -> list[Lin
 
 @asynccontextmanager
 async def run_dispatcher(store: Store, effects: Any) -> AsyncIterator[Dispatcher]:
-    dispatcher = Dispatcher(store, load_statechart(), effects, retry_initial=0.05, retry_max=0.1)
+    retry = RETRY._replace(effect=RetryPolicy(initial=0.05, maximum=0.1))
+    dispatcher = Dispatcher(store, load_statechart(), effects, retry=retry)
     async with anyio.create_task_group() as tg:
         await tg.start(dispatcher.run)
         yield dispatcher
         tg.cancel_scope.cancel()
+
+
+def test_the_statechart_fits_the_effects_and_triggers_of_the_code() -> None:
+    chart = load_statechart()
+    assert check_chart(chart) is chart  # raises naming any mismatch
+    broken = copy.deepcopy(chart_data())
+    broken["states"]["delivered"]["effect"] = "recieve_order"
+    with pytest.raises(StatechartError, match="names effect 'recieve_order', which syncd does not"):
+        check_chart(Statechart(broken, source="typo.toml"))
 
 
 async def test_each_effect_runs_once_when_work_was_waiting_at_start(store: Store) -> None:
@@ -197,3 +215,10 @@ async def test_an_event_that_keeps_failing_is_set_aside(store: Store) -> None:
     assert event_id is not None
     events = {e.id: e for e in await store.events_for_link(link.id)}
     assert event_id in events
+
+
+async def test_every_inbox_kind_is_handled_by_exactly_one_party(store: Store) -> None:
+    dispatcher = Dispatcher(store, load_statechart(), ScriptedEffects())
+    kinds = set(inbox._TYPES)
+    assert set(dispatcher.handlers) == kinds - set(inbox.SOURCE_KINDS)
+    assert set(inbox.SOURCE_KINDS) == {inbox.WEBHOOK_RECEIVED, inbox.IMPORT_REQUESTED}

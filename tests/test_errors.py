@@ -8,6 +8,7 @@ import re
 import pytest
 
 from syncd import errors
+from syncd.errors import Retries, RetryPolicy, Try
 
 #: Every error type and whether it may pass by itself. A new type fails
 #: test_every_error_type_is_classified until it is added here, on purpose.
@@ -104,3 +105,29 @@ def test_all_is_complete_and_sorted() -> None:
     }
     assert set(errors.__all__) == public
     assert errors.__all__ == sorted(errors.__all__)
+
+
+# -- retry policy --------------------------------------------------------------------------
+
+
+def test_a_retry_policy_waits_longer_each_time_up_to_its_maximum() -> None:
+    policy = RetryPolicy(initial=0.5, maximum=10.0, coefficient=2.0)
+    assert [policy.delay(n) for n in range(1, 8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert policy.delay(10_000) == 10.0  # no overflow however long it fails
+
+
+def test_retries_give_up_after_the_policys_attempts_and_start_again_after_success() -> None:
+    retries: Retries[str] = Retries(RetryPolicy(initial=0.1, maximum=1.0, attempts=3))
+    assert retries.failed("a") == Try(1, 0.1)
+    assert retries.failed("a") == Try(2, 0.2)
+    assert retries.failed("b") == Try(1, 0.1)  # counted per piece of work
+    assert retries.failed("a") == Try(3, None)  # spent: give up
+    assert retries.failed("a") == Try(1, 0.1)  # forgotten once given up
+    retries.succeeded("a")
+    assert retries.failed("a") == Try(1, 0.1)
+
+
+def test_without_attempts_a_policy_never_gives_up() -> None:
+    retries: Retries[int] = Retries(RetryPolicy(initial=5.0, maximum=300.0))
+    tries = [retries.failed(1) for _ in range(50)]
+    assert all(t.delay is not None for t in tries) and tries[-1] == Try(50, 300.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from functools import partial
@@ -375,3 +376,188 @@ async def test_control_panel_index_and_unknown_paths_answer_katana_json(
         assert missing.status_code == 404
         assert missing.json()["statusCode"] == 404
         assert missing.json()["name"] == "NotFoundError"
+
+
+# -- many accounts ------------------------------------------------------------------------
+
+SECOND = "katana-second-token"
+SECOND_AUTH = {"Authorization": f"Bearer {SECOND}"}
+AS_SECOND = {"X-Sim-Account": SECOND}
+
+
+async def _second_account(http: httpx.AsyncClient) -> dict[str, Any]:
+    created = await http.post("/_sim/accounts", json={"token": SECOND})
+    assert created.status_code == 201, created.text
+    account: dict[str, Any] = created.json()["account"]
+    return account
+
+
+async def test_accounts_are_created_listed_and_refused_in_katanas_words(
+    http: httpx.AsyncClient,
+) -> None:
+    account = await _second_account(http)
+    assert account == {
+        "token": SECOND,
+        "revoked": False,
+        "started": False,  # its workshop is seeded on first use
+        "requests": 0,
+        "responses_429": 0,
+    }
+    index = (await http.get("/_sim/")).json()
+    assert index["accounts"] == [TOKEN, SECOND]
+    assert index["default_account"] == TOKEN
+    assert "/_sim/accounts" in {entry["path"] for entry in index["control"]}
+    again = await http.post("/_sim/accounts", json={"token": SECOND})
+    assert again.status_code == 409
+    assert again.json()["name"] == "ConflictError"
+    for bad in ({}, {"token": ""}, {"token": " x"}, {"token": 3}, {"token": "y", "secret": "z"}):
+        refused = await http.post("/_sim/accounts", json=bad)
+        assert refused.status_code == 400, bad
+        assert refused.json()["name"] == "BadRequest"
+    nobody = await http.get("/_sim/state", headers={"X-Sim-Account": "nobody"})
+    assert nobody.status_code == 404
+    assert nobody.json() == {
+        "statusCode": 404,
+        "name": "NotFoundError",
+        "message": "Account 'nobody' not found",
+    }
+
+
+async def test_two_accounts_never_see_each_others_records(http: httpx.AsyncClient) -> None:
+    await _second_account(http)
+    first = await _order(http, {"CHAIR-OAK": "1"}, order_no="PO-FIRST")
+    assert (await http.get("/v1/sales_orders", headers=SECOND_AUTH)).json()["data"] == []
+    assert (await http.get("/v1/customers", headers=SECOND_AUTH)).json()["data"] == []
+    # The second workshop is a whole seeded one of its own.
+    variants = await http.get("/v1/variants", params={"sku": "CHAIR-OAK"}, headers=SECOND_AUTH)
+    chair = variants.json()["data"][0]["id"]
+    customer = await http.post("/v1/customers", json={"name": "Other"}, headers=SECOND_AUTH)
+    body = {
+        "customer_id": customer.json()["id"],
+        "order_no": "PO-SECOND",
+        "sales_order_rows": [{"variant_id": chair, "quantity": 2}],
+    }
+    second = await http.post("/v1/sales_orders", json=body, headers=SECOND_AUTH)
+    assert second.status_code == 200, second.text
+    mine = (await http.get("/v1/sales_orders", headers=AUTH)).json()["data"]
+    theirs = (await http.get("/v1/sales_orders", headers=SECOND_AUTH)).json()["data"]
+    assert [so["order_no"] for so in mine] == ["PO-FIRST"]
+    assert [so["order_no"] for so in theirs] == ["PO-SECOND"]
+    # The control panel acts on the account named (header or query), else the default.
+    state = (await http.get("/_sim/state", params={"account": SECOND})).json()
+    assert [so["order_no"] for so in state["sales_orders"]] == ["PO-SECOND"]
+    made = await http.post(
+        f"/_sim/sales_orders/{second.json()['id']}/make_to_order", headers=AS_SECOND
+    )
+    assert made.status_code == 200, made.text
+    assert (await http.get("/_sim/state")).json()["manufacturing_orders"] == []
+    assert (
+        len((await http.get("/_sim/state", headers=AS_SECOND)).json()["manufacturing_orders"]) == 1
+    )
+    assert first["order_no"] == "PO-FIRST"
+
+
+async def test_each_token_has_its_own_rate_budget_and_counters(world: KatanaWorld) -> None:
+    async with _client(create_app(world, rate_limit=(3, 60.0))) as http:
+        await _second_account(http)
+        storm = [await http.get("/v1/factory", headers=AUTH) for _ in range(6)]
+        assert [a.status_code for a in storm] == [200, 200, 200, 429, 429, 429]
+        calm = [await http.get("/v1/factory", headers=SECOND_AUTH) for _ in range(3)]
+        assert [a.status_code for a in calm] == [200, 200, 200]
+        assert [a.headers["X-Ratelimit-Remaining"] for a in calm] == ["2", "1", "0"]
+        default = (await http.get("/_sim/counters")).json()
+        second = (await http.get("/_sim/counters", headers=AS_SECOND)).json()
+        assert (default["responses_429"], default["requests"]) == (3, {"GET /factory": 6})
+        assert (second["responses_429"], second["requests"]) == (0, {"GET /factory": 3})
+        listed = (await http.get("/_sim/accounts")).json()["accounts"]
+        assert [(a["token"], a["requests"], a["responses_429"]) for a in listed] == [
+            (TOKEN, 6, 3),
+            (SECOND, 3, 0),
+        ]
+    assert world.requests == {"GET /factory": 6}  # the default account's world keeps its own
+
+
+async def test_revoking_one_accounts_token_leaves_the_other(http: httpx.AsyncClient) -> None:
+    await _second_account(http)
+    revoked = await http.post("/_sim/token", json={"revoked": True}, headers=AS_SECOND)
+    assert revoked.json() == {"revoked": True}
+    assert (await http.get("/v1/factory", headers=SECOND_AUTH)).status_code == 401
+    assert (await http.get("/v1/factory", headers=AUTH)).status_code == 200
+    await http.post("/_sim/token", params={"account": SECOND}, json={"revoked": False})
+    assert (await http.get("/v1/factory", headers=SECOND_AUTH)).status_code == 200
+
+
+async def test_webhooks_are_the_accounts_own(http: httpx.AsyncClient) -> None:
+    await _second_account(http)
+    hook = {"url": "https://first.example/hook", "subscribed_events": ["sales_order.created"]}
+    other = {"url": "https://second.example/hook", "subscribed_events": ["sales_order.created"]}
+    assert (await http.post("/v1/webhooks", json=hook, headers=AUTH)).status_code == 200
+    made = await http.post("/v1/webhooks", json=other, headers=SECOND_AUTH)
+    listed = (await http.get("/v1/webhooks", headers=SECOND_AUTH)).json()["data"]
+    assert [w["url"] for w in listed] == ["https://second.example/hook"]
+    assert listed[0]["token"] == made.json()["token"]  # each webhook its own token
+    await _order(http, {"CHAIR-OAK": "1"})  # an event in the default account only
+    mine = (await http.get("/_sim/webhooks")).json()
+    theirs = (await http.get("/_sim/webhooks", headers=AS_SECOND)).json()
+    assert (mine["queued"], mine["counters"]) == (1, {"published": 1})
+    assert (theirs["queued"], theirs["counters"]) == (0, {})
+    assert [s["url"] for s in theirs["subscriptions"]] == ["https://second.example/hook"]
+
+
+async def test_a_fault_rule_may_name_an_account(http: httpx.AsyncClient) -> None:
+    await _second_account(http)
+    rules = {"rules": [{"path": "/factory", "error_rate": 1.0, "account": SECOND}]}
+    assert (await http.put("/_sim/faults", json=rules)).status_code == 200
+    assert (await http.get("/v1/factory", headers=SECOND_AUTH)).status_code == 500
+    assert (await http.get("/v1/factory", headers=AUTH)).status_code == 200
+    second = (await http.get("/_sim/counters", headers=AS_SECOND)).json()
+    default = (await http.get("/_sim/counters")).json()
+    assert (second["faults_injected"], default["faults_injected"]) == ({"error": 1}, {})
+    burst = {"burst": {"requests": 2, "account": TOKEN}}
+    await http.put("/_sim/faults", json=burst)
+    assert (await http.get("/v1/factory", headers=SECOND_AUTH)).status_code == 200
+    assert (await http.get("/v1/factory", headers=AUTH)).status_code == 429
+
+
+async def test_factory_player_works_in_every_account_in_use(world: KatanaWorld) -> None:
+    async with serving(create_app(world, rate_limit=None)) as url, _client_at(url) as http:
+        await _second_account(http)
+        await http.post("/_sim/accounts", json={"token": "idle"})
+        first = await _order(http, {"CHAIR-OAK": "1"})
+        variants = await http.get("/v1/variants", params={"sku": "CHAIR-OAK"}, headers=SECOND_AUTH)
+        customer = await http.post("/v1/customers", json={"name": "B"}, headers=SECOND_AUTH)
+        body = {
+            "customer_id": customer.json()["id"],
+            "sales_order_rows": [{"variant_id": variants.json()["data"][0]["id"], "quantity": 1}],
+        }
+        second = (await http.post("/v1/sales_orders", json=body, headers=SECOND_AUTH)).json()
+        waiting = {(first["id"], TOKEN), (second["id"], SECOND)}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(play_factory, url, step_delay=0.02))
+            with anyio.fail_after(10):
+                while True:
+                    for order_id, token in sorted(waiting):
+                        auth = {"Authorization": f"Bearer {token}"}
+                        state = await http.get(f"/v1/sales_orders/{order_id}", headers=auth)
+                        if state.json()["status"] == "DELIVERED":
+                            waiting.discard((order_id, token))
+                    if not waiting:
+                        break
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+        listed = {a["token"]: a for a in (await http.get("/_sim/accounts")).json()["accounts"]}
+        assert listed["idle"]["started"] is False  # the player did not seed an idle workshop
+
+
+async def test_a_thousand_accounts_through_the_control_panel(http: httpx.AsyncClient) -> None:
+    # A sanity bound only; the measured figures are in the notes.
+    started = time.perf_counter()
+    for n in range(1000):
+        created = await http.post("/_sim/accounts", json={"token": f"factory-{n}"})
+        assert created.status_code == 201
+    assert time.perf_counter() - started < 60
+    listed = (await http.get("/_sim/accounts")).json()["accounts"]
+    assert len(listed) == 1001
+    assert not any(a["started"] for a in listed[1:])
+    last = {"Authorization": "Bearer factory-999"}
+    assert (await http.get("/v1/factory", headers=last)).status_code == 200

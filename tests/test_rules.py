@@ -7,13 +7,25 @@ from decimal import Decimal
 
 import pytest
 
-from syncd.domain.orders import PurchaseOrderLine, PurchaseOrderSnapshot, SalesOrderFacts
+from syncd.domain.orders import (
+    LineLink,
+    PurchaseOrderLine,
+    PurchaseOrderSnapshot,
+    SalesOrderFacts,
+    SalesOrderRowFacts,
+)
 from syncd.domain.rules import (
+    Drift,
+    Signal,
     cost_update,
     lines_to_import,
     order_number_for,
     pick_average_cost,
+    purchase_order_drift,
+    purchase_order_signal,
     purchase_order_trigger,
+    sales_order_drift,
+    sales_order_signal,
     sales_order_trigger,
 )
 from syncd.domain.statechart import load_statechart
@@ -258,3 +270,55 @@ def test_a_withdrawn_po_fires_po_withdrawn(status: str) -> None:
 @pytest.mark.parametrize("status", ["draft", "active", "received", ""])
 def test_other_po_statuses_fire_nothing(status: str) -> None:
     assert purchase_order_trigger(status) is None
+
+
+# -- what a look says: signals -------------------------------------------------------------
+
+
+def test_a_look_at_the_sales_order_says_its_triggers_and_why() -> None:
+    signal = sales_order_signal(_facts("DELIVERED", "DONE", deleted=True))
+    assert signal == Signal(
+        ("so_deleted",), "Katana SO TG-PO0435: DELIVERED, production DONE (deleted)"
+    )
+    assert sales_order_signal(_facts(production=None)) == Signal(
+        (), "Katana SO TG-PO0435: NOT_SHIPPED, production none"
+    )
+
+
+def test_a_linked_pos_status_says_its_trigger_and_why() -> None:
+    assert purchase_order_signal("void") == Signal(("po_withdrawn",), "TradeGecko PO is void")
+    assert purchase_order_signal("active") == Signal((), "TradeGecko PO is active")
+
+
+# -- drift ---------------------------------------------------------------------------------
+
+
+def test_po_drift_is_a_value_naming_its_side_and_reads_as_the_note() -> None:
+    snapshot = _snapshot(_line(1), _line(2))
+    now = [_line(1, quantity=D("5")), _line(3)]
+    drift = purchase_order_drift(snapshot, now)
+    assert {d.side for d in drift} == {"tradegecko"}
+    assert [str(d) for d in drift] == [
+        "drift in TradeGecko: line 1 quantity 2 → 5",
+        "drift in TradeGecko: line 2 removed",
+        "drift in TradeGecko: line 3 added (variant 103, quantity 2, price 9.5)",
+    ]
+    assert purchase_order_drift(snapshot, list(snapshot.lines)) == []
+
+
+def test_so_drift_is_a_value_naming_its_side_and_reads_as_the_note() -> None:
+    lines = [
+        LineLink(line_id=1, sku="OAK", katana_variant_id=7, quantity=D("2"), price=D("150")),
+        LineLink(line_id=2, sku="ASH", katana_variant_id=8, quantity=D("1"), price=D("10")),
+    ]
+    rows = [
+        SalesOrderRowFacts(variant_id=7, quantity=D("2"), price=D("99")),
+        SalesOrderRowFacts(variant_id=9, quantity=D("4"), price=None),
+    ]
+    drift = sales_order_drift(lines, rows, "TG-PO0435")
+    assert drift == [
+        Drift("katana", "SO TG-PO0435 OAK price 150 → 99"),
+        Drift("katana", "SO TG-PO0435 row for ASH removed"),
+        Drift("katana", "SO TG-PO0435 row added (variant 9, quantity 4)"),
+    ]
+    assert str(drift[0]) == "drift in Katana: SO TG-PO0435 OAK price 150 → 99"

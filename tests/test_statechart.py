@@ -324,6 +324,38 @@ def test_the_base_data_is_valid() -> None:
     assert decision is not None and decision.dest == "b"
 
 
+def test_only_the_receipt_recosts_the_po() -> None:
+    assert CHART.state("delivered").recosts_po
+    assert not any(CHART.state(s).recosts_po for s in CHART.states if s != "delivered")
+
+
+@pytest.mark.parametrize(
+    ("effects", "fired", "message"),
+    [
+        ({"work": ("go",)}, ("finish", "go"), None),
+        ({"wrk": ("go",)}, ("finish",), "state 'a' names effect 'work', which syncd does not have"),
+        ({"work": ("go",), "other": ()}, ("finish",), "syncd has effect 'other', which no state"),
+        ({"work": ("goo",)}, ("finish", "go"), "syncd fires trigger 'goo', which no transition"),
+        (
+            {"work": ("finish",)},
+            ("go",),
+            "effect 'work' fires 'finish', but no transition leaves a",
+        ),
+        ({"work": ()}, ("go",), "transition trigger 'finish' is fired by nothing in syncd"),
+    ],
+)
+def test_the_code_and_the_chart_are_checked_against_each_other(
+    effects: dict[str, tuple[str, ...]], fired: tuple[str, ...], message: str | None
+) -> None:
+    chart = Statechart(copy.deepcopy(BASE), source="base.toml")
+    if message is None:
+        chart.check_code(effects, fired)
+        return
+    with pytest.raises(StatechartError, match=message) as caught:
+        chart.check_code(effects, fired)
+    assert str(caught.value).startswith("base.toml does not fit the code: ")
+
+
 def _broken(change: str) -> dict[str, Any]:
     data = copy.deepcopy(BASE)
     if change == "unknown state key":

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import pytest
@@ -25,10 +25,10 @@ from pg_server import PASSWORD, PostgresServer, pg_server_fixture  # noqa: F401 
 from syncd import __version__
 from syncd.cli.syncctl import main as syncctl
 from syncd.cli.syncctl import parse_duration
-from syncd.domain.orders import LineLink, PurchaseOrderSnapshot
+from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderSnapshot
 from syncd.domain.statechart import load_statechart
 from syncd.runtime.dispatcher import Dispatcher
-from syncd.runtime.effects import Effects
+from syncd.runtime.effects import Outcome
 from syncd.store import Store
 from test_flow import is_state, wait_for
 
@@ -138,12 +138,19 @@ async def _order_needing_attention(db: Path | str) -> str:
     return "PO0007"
 
 
+class NoEffects:
+    """The effects of a dispatcher that must run none."""
+
+    async def run(self, effect: str, link: LinkedOrder) -> Outcome:
+        raise AssertionError(f"no effect runs here, yet {effect} ran for {link.po_number}")
+
+
 async def _drain(db: Path | str) -> str:
     """What a daemon does at its next start: drain the inbox."""
     store = await Store.open(db)
     try:
         # Moving to ``imported`` runs no effect, so the dispatcher needs none here.
-        dispatcher = Dispatcher(store, load_statechart(), cast(Effects, None))
+        dispatcher = Dispatcher(store, load_statechart(), NoEffects())
         await dispatcher.drain()
         link = await store.link_by_po_number("PO0007")
         assert link is not None
@@ -538,13 +545,34 @@ async def test_import_reports_the_daemons_outcome_and_explain_says_why(
             _assert_clean_json(data)
 
 
-async def _until_paused(store: Store, paused: bool) -> None:
+async def _until_paused(store: Store, paused: bool, service: str = "tradegecko") -> None:
     with anyio.fail_after(10):
         # The poller writes the pause from the daemon's task; polling is all a test can do.
         while True:
-            if (await store.get_meta("paused.tradegecko") is not None) == paused:
+            if (await store.get_meta(f"paused.{service}") is not None) == paused:
                 return
             await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_a_katana_token_revoked_while_nothing_is_followed_pauses_and_resumes(
+    sims: Sims, tmp_path: Path
+) -> None:
+    """No order is in production, so no poll calls Katana: the import's 401 pauses it, and
+    the poller asks Katana while paused, so the pause ends when the token works again."""
+    db = tmp_path / "syncd.db"
+    token = f"{sims.katana_url}/_sim/token"
+    async with sims.daemon(db) as daemon:
+        assert (await sims.control.post(token, json={"revoked": True})).status_code < 300
+        number = (await sims.create_po([CHAIR]))["order_number"]
+        daemon.poll_now()
+        await _until_paused(daemon.store, True, "katana")
+        code, status, err = await syncctl_process("status", "--db", str(db), "--json")
+        assert code == 0, err
+        assert [pause["service"] for pause in status["paused"]] == ["katana"]
+        assert (await sims.control.post(token, json={"revoked": False})).status_code < 300
+        await _until_paused(daemon.store, False, "katana")
+        await wait_for(daemon, [number], is_state("imported", "in_production"), seconds=20)
 
 
 @pytest.mark.anyio

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,8 +13,13 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import anyio
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.errors import AuthError, NotFound, ValidationFailed
@@ -387,3 +395,130 @@ async def test_control_panel_lists_itself_and_refuses_an_empty_po() -> None:
         missing = await sim.http.get("/_sim/nothing")
         assert missing.status_code == 404
         assert missing.json()["type"] == "NotFound"
+
+
+# -- many accounts ------------------------------------------------------------------------
+
+SECOND = "tradegecko-second-token"
+SECOND_AUTH = {"Authorization": f"Bearer {SECOND}"}
+AS_SECOND = {"X-Sim-Account": SECOND}
+
+
+@asynccontextmanager
+async def two_accounts(
+    rate_limit: tuple[int, float] | None = None, **account: str
+) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """A simulator with a second account, and a client of the simulator without a token."""
+    app = create_app(rate_limit=rate_limit)
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+        created = await http.post("/_sim/accounts", json={"token": SECOND, **account})
+        assert created.status_code == 201, created.text
+        yield app, http
+
+
+@pytest.mark.anyio
+async def test_accounts_are_created_with_their_own_webhook_secret() -> None:
+    async with two_accounts(webhook_secret="s3cret") as (_app, http):
+        listed = (await http.get("/_sim/accounts")).json()["accounts"]
+        assert [(a["token"], a["webhook_secret"], a["started"]) for a in listed] == [
+            (DEFAULT_TOKEN, "tradegecko-sim-webhook-secret", True),
+            (SECOND, "s3cret", False),
+        ]
+        third = await http.post("/_sim/accounts", json={"token": "third"})
+        assert third.json()["account"]["webhook_secret"] == "third-webhook-secret"
+        again = await http.post("/_sim/accounts", json={"token": SECOND})
+        assert again.status_code == 422
+        assert again.json() == {"errors": {"token": ["has already been taken"]}}
+        blank = await http.post("/_sim/accounts", json={"token": "x", "webhook_secret": ""})
+        assert blank.status_code == 400
+        assert blank.json()["type"] == "BadRequest"
+        nobody = await http.get("/_sim/counters", params={"account": "nobody"})
+        assert nobody.status_code == 404
+        assert nobody.json() == {
+            "type": "NotFound",
+            "message": "Couldn't find account with 'id'=nobody",
+        }
+        assert (await http.get("/_sim/")).json()["accounts"] == [DEFAULT_TOKEN, SECOND, "third"]
+
+
+@pytest.mark.anyio
+async def test_two_accounts_never_see_each_others_records() -> None:
+    async with two_accounts() as (app, http):
+        body = {"supplier": "Katana", "lines": [{"sku": "MAT-OAK-BOARD", "quantity": "1"}]}
+        theirs = await http.post("/_sim/purchase_orders", json=body, headers=AS_SECOND)
+        assert theirs.status_code == 201, theirs.text
+        mine = await http.get("/purchase_orders", headers=AUTH)
+        assert mine.json()["purchase_orders"] == []
+        listed = (await http.get("/purchase_orders", headers=SECOND_AUTH)).json()
+        assert [po["id"] for po in listed["purchase_orders"]] == [
+            theirs.json()["purchase_order"]["id"]
+        ]
+        line = theirs.json()["purchase_order_line_items"][0]["id"]
+        put = {"purchase_order_line_item": {"price": "9.0"}}
+        # The default account has no such line; an idempotency key is the account's own.
+        key = {"Idempotency-Key": "k-1"}
+        missing = await http.put(f"/purchase_order_line_items/{line}", json=put, headers=AUTH | key)
+        assert missing.status_code == 404
+        done = await http.put(
+            f"/purchase_order_line_items/{line}", json=put, headers=SECOND_AUTH | key
+        )
+        assert done.status_code == 204
+        assert "Idempotent-Replayed" not in done.headers
+        assert app.state.accounts[SECOND].state.world.line_items[line].price == Decimal("9.0")
+        assert app.state.world.purchase_orders == {}
+
+
+@pytest.mark.anyio
+async def test_each_token_has_its_own_rate_window_and_revocation() -> None:
+    async with two_accounts(rate_limit=(2, 300.0)) as (app, http):
+        storm = [await http.get("/currencies", headers=SECOND_AUTH) for _ in range(5)]
+        assert [a.status_code for a in storm] == [200, 200, 429, 429, 429]
+        calm = [await http.get("/currencies", headers=AUTH) for _ in range(2)]
+        assert [a.headers["X-Rate-Limit-Remaining"] for a in calm] == ["1", "0"]
+        theirs = (await http.get("/_sim/counters", headers=AS_SECOND)).json()
+        mine = (await http.get("/_sim/counters")).json()
+        assert (theirs["responses_429"], theirs["requests"]) == (3, {"GET /currencies": 5})
+        assert (mine["responses_429"], mine["requests"]) == (0, {"GET /currencies": 2})
+        await http.post("/_sim/token", json={"revoked": True}, headers=AS_SECOND)
+        assert (await http.get("/accounts/current", headers=SECOND_AUTH)).status_code == 401
+        await http.post("/_sim/token", json={"revoked": True})
+        assert (await http.get("/accounts/current", headers=AUTH)).status_code == 401
+        await http.post("/_sim/token", json={"revoked": False}, headers=AS_SECOND)
+        assert app.state.accounts[SECOND].revoked is False
+        assert app.state.accounts[DEFAULT_TOKEN].revoked is True
+
+
+@pytest.mark.anyio
+async def test_webhooks_go_to_the_accounts_own_subscriptions_signed_with_its_secret() -> None:
+    got: list[tuple[str, str, bytes]] = []
+
+    async def receive(request: Request) -> Response:
+        got.append((request.url.path, request.headers["X-Gecko-Signature"], await request.body()))
+        return Response(status_code=200)
+
+    receiver = Starlette(routes=[Route("/{who}", receive, methods=["POST"])])
+    async with (
+        two_accounts(webhook_secret="second-secret") as (app, http),
+        serving(receiver) as hooks,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(app.state.webhooks.run)
+        for who, auth in (("first", AUTH), ("second", SECOND_AUTH)):
+            hook = {"webhook": {"address": f"{hooks}/{who}", "event": "purchase_order.create"}}
+            assert (await http.post("/webhooks", json=hook, headers=auth)).status_code == 201
+        listed = (await http.get("/webhooks", headers=SECOND_AUTH)).json()["webhooks"]
+        assert [w["address"] for w in listed] == [f"{hooks}/second"]
+        body = {"lines": [{"sku": "MAT-OAK-BOARD"}]}
+        await http.post("/_sim/purchase_orders", json=body, headers=AS_SECOND)
+        with anyio.fail_after(5):
+            while True:
+                knobs = (await http.get("/_sim/webhooks", headers=AS_SECOND)).json()
+                if knobs["counters"].get("delivered"):
+                    break
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
+    ((path, signature, sent),) = got
+    assert path == "/second"
+    digest = hmac.new(b"second-secret", sent, hashlib.sha256).digest()
+    assert signature == base64.b64encode(digest).decode()
+    assert app.state.webhooks.counters_of(DEFAULT_TOKEN) == {}

@@ -27,6 +27,7 @@ from syncd.config import (
 from syncd.errors import ConfigError
 from syncd.runtime import inbox
 from syncd.runtime.daemon import Daemon
+from syncd.runtime.observer import Observer
 from syncd.runtime.webhooks import (
     WebhookKeys,
     create_webhook_app,
@@ -397,13 +398,14 @@ async def test_the_simulator_retries_on_the_real_schedule_compressed() -> None:
 async def test_every_answer_is_counted_by_result(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "counted.db")
     results: list[tuple[str, str]] = []
+
+    class Answers(Observer):
+        def webhook_answered(self, service: str, result: str) -> None:
+            results.append((service, result))
+
     keys = WebhookKeys(SECRET, "path-token-123", {"0123456789abcdef"})
     app = create_webhook_app(
-        store,
-        keys,
-        max_body_bytes=2048,
-        on_received=lambda: None,
-        on_result=lambda service, result: results.append((service, result)),
+        store, keys, max_body_bytes=2048, on_received=lambda: None, observer=Answers()
     )
     body = b'{"object_id": 5, "event": "purchase_order.create", "timestamp": 1546272000}'
     async with httpx.AsyncClient(

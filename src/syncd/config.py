@@ -1,10 +1,17 @@
 """The daemon's configuration: one TOML file, tokens also from the environment or systemd.
 
+A *factory* is one TradeGecko account and one Katana account with their own settings
+(:class:`Factory`). Today's file, with top-level ``[tradegecko]`` and ``[katana]``, is one
+factory named ``default``. More are ``[factories.NAME]`` tables in the file or one
+``NAME.toml`` each in ``daemon.factories_dir`` (``factories.d`` beside the file when it
+exists); the top-level tables' keys (never their tokens) are every factory's defaults.
+
 A token or webhook secret is taken from, in order: the environment (``SYNCD_TRADEGECKO_TOKEN``,
-``SYNCD_KATANA_TOKEN``, ...), a credential file (``tradegecko-token``, ``katana-token``, ...)
-in ``$CREDENTIALS_DIRECTORY`` under systemd, else in ``/etc/syncd/credentials``
+``SYNCD_KATANA_TOKEN``, ...; ``SYNCD_ACME_KATANA_TOKEN`` for the factory ``acme``), a
+credential file (``tradegecko-token``, ``katana-token``, ...; ``acme-katana-token``) in
+``$CREDENTIALS_DIRECTORY`` under systemd, else in ``/etc/syncd/credentials``
 (``SYNCD_CREDENTIALS_DIRECTORY``), then the file's key. Every error names the key that is
-wrong.
+wrong, and the file when a factory has its own.
 """
 
 from __future__ import annotations
@@ -12,31 +19,44 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 
-from syncd.errors import ConfigError
+from syncd.errors import ConfigError, RetryPolicy
 
 __all__ = [
     "CREDENTIALS",
     "DEFAULT_CONFIG",
     "DEFAULT_CREDENTIALS_DIRECTORY",
+    "DEFAULT_FACTORY",
+    "FACTORY_NAME",
+    "LIVE_SETTINGS",
     "MAKE_TO_ORDER_MODES",
+    "RETRY",
     "SUPPLIER_MATCHES",
     "Config",
+    "ConfigChange",
     "DaemonConfig",
+    "Factory",
+    "FactoryWebhooks",
     "KatanaConfig",
     "MetricsConfig",
+    "RetryPolicies",
     "TradeGeckoConfig",
     "WebhooksConfig",
+    "config_change",
     "config_problems",
     "credentials_directory",
     "default_config_path",
+    "factory_credentials",
     "load_config",
     "parse_config",
     "parse_listen",
     "read_config",
+    "reload_config",
 ]
 
 
@@ -52,6 +72,35 @@ def default_config_path() -> Path:
     return Path(os.environ.get("SYNCD_CONFIG") or DEFAULT_CONFIG)
 
 
+class RetryPolicies(NamedTuple):
+    """Every retry syncd makes, one :class:`~syncd.errors.RetryPolicy` per kind of work.
+
+    Only what :func:`syncd.errors.is_transient` calls passing is retried; anything else goes
+    to a person at once (or, for an inbox event, after ``event.attempts`` tries).
+    """
+
+    #: One HTTP request, inside the client (idempotent ones only; a POST is never retried).
+    request: RetryPolicy = RetryPolicy(initial=0.2, maximum=10.0, attempts=5)
+    #: An effect (import, receipt): until it works. ``daemon.retry_initial``/``retry_max``.
+    effect: RetryPolicy = RetryPolicy(initial=5.0, maximum=300.0)
+    #: An inbox event the dispatcher cannot apply: set aside (with why) after its attempts.
+    event: RetryPolicy = RetryPolicy(initial=0.1, maximum=2.0, attempts=5)
+    #: The database locked past its busy timeout, or the disk failing: until it works.
+    store: RetryPolicy = RetryPolicy(initial=1.0, maximum=1.0)
+    #: A webhook delivery's re-fetch; after its attempts the pollers reconcile instead.
+    webhook: RetryPolicy = RetryPolicy(initial=1.0, maximum=1.0, attempts=5)
+    #: An ``syncctl import`` request that fails for a lasting reason: set aside after these.
+    backfill: RetryPolicy = RetryPolicy(initial=1.0, maximum=1.0, attempts=5)
+    #: Registering the webhooks with both services: until it works.
+    registration: RetryPolicy = RetryPolicy(initial=5.0, maximum=300.0)
+    #: The start-up check of each service, within ``daemon.start_timeout``.
+    start: RetryPolicy = RetryPolicy(initial=0.5, maximum=10.0)
+
+
+#: The retry policies as shipped; :meth:`Config.retry` applies the config's keys to them.
+RETRY = RetryPolicies()
+
+
 class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     database: str = "/var/lib/syncd/syncd.db"
     log_level: str = "info"
@@ -64,6 +113,9 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: (5xx, timeout, cut body); a refusal (401, 404) ends the start at once.
     start_timeout: float = 60.0
     statechart: str | None = None
+    #: A folder of one ``NAME.toml`` per factory; relative to the config file's folder.
+    #: Unset: ``factories.d`` beside the config file, when there is one.
+    factories_dir: str | None = None
 
 
 class TradeGeckoConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -154,17 +206,129 @@ class WebhooksConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return parse_listen(self.listen, key="webhooks.listen")
 
 
+#: The factory today's single-factory file describes; it keeps today's credential names.
+DEFAULT_FACTORY = "default"
+#: A factory's name: it appears in webhook paths, metrics labels and ``syncctl --factory``.
+FACTORY_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+class FactoryWebhooks(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A factory's webhook secrets (see :class:`WebhooksConfig`); the listener itself, its
+    address and its rules are the daemon's ``[webhooks]``."""
+
+    tradegecko_secret: str = ""
+    katana_token: str = ""
+    path_token: str = ""
+
+
+class Factory(msgspec.Struct, kw_only=True):
+    """One TradeGecko account linked with one Katana account: its tokens, secrets, names,
+    prefixes, addresses, rate limits and poll intervals."""
+
+    name: str = DEFAULT_FACTORY
+    tradegecko: TradeGeckoConfig = msgspec.field(default_factory=TradeGeckoConfig)
+    katana: KatanaConfig = msgspec.field(default_factory=KatanaConfig)
+    webhooks: FactoryWebhooks = msgspec.field(default_factory=FactoryWebhooks)
+    #: Its own file in ``daemon.factories_dir``; empty when it is in the config file.
+    file: str = ""
+    #: What its keys are called in the config file: ``""`` at the top level or in its own
+    #: file, ``"factories.NAME."`` in a table.
+    key_prefix: str = ""
+
+    def settings(self) -> tuple[TradeGeckoConfig, KatanaConfig, FactoryWebhooks]:
+        """What it runs with: two factories with equal settings behave the same, wherever
+        they are written."""
+        return self.tradegecko, self.katana, self.webhooks
+
+    def where(self) -> str:
+        """Where it is defined, for people: its file, or its table."""
+        if self.file:
+            return self.file
+        return f"[{self.key_prefix.rstrip('.')}]" if self.key_prefix else "the top level"
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The daemon's settings and its factories.
+
+    ``tradegecko``, ``katana`` and the secrets in ``webhooks`` are the first factory's (the
+    ``default`` one when there is one): what the single-factory runtime runs. Built with
+    no ``factories``, the config is the one factory ``default`` made of them.
+    """
+
+    daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
+    tradegecko: TradeGeckoConfig = msgspec.field(default_factory=TradeGeckoConfig)
+    katana: KatanaConfig = msgspec.field(default_factory=KatanaConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
+    #: Every factory by name: ``default`` first, then the file's tables in their order, then
+    #: ``factories_dir``'s files by name.
+    factories: dict[str, Factory] = msgspec.field(default_factory=dict)
+    #: Factories that could not be read (not TOML, wrong shape, bad or taken name):
+    #: :func:`config_problems` lists these first; the others are still read and checked.
+    load_problems: list[ConfigError] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.factories:
+            if not self.load_problems:  # factories were declared: none of them is "default"
+                self.factories = {DEFAULT_FACTORY: _factory_of(self)}
+            return
+        first = next(iter(self.factories.values()))
+        self.tradegecko, self.katana = first.tradegecko, first.katana
+        self.webhooks = msgspec.structs.replace(
+            self.webhooks,
+            tradegecko_secret=first.webhooks.tradegecko_secret,
+            katana_token=first.webhooks.katana_token,
+            path_token=first.webhooks.path_token,
+        )
+
+    def retry(self) -> RetryPolicies:
+        """Every retry policy, with the configured ones (``daemon.retry_*``) applied."""
+        return RETRY._replace(
+            effect=replace(
+                RETRY.effect, initial=self.daemon.retry_initial, maximum=self.daemon.retry_max
+            )
+        )
+
+    def for_factory(self, name: str) -> Config:
+        """This config with only the factory ``name``: what a single-factory runtime (or
+        check's service calls) runs for it.
+
+        :raises KeyError: there is no such factory.
+        """
+        return msgspec.structs.replace(self, factories={name: self.factories[name]})
+
+    def statechart_conditions(self) -> frozenset[str]:
+        """The statechart's conditions this configuration makes hold (see ``[conditions]``
+        in ``statecharts/linked_order.toml``): the first factory's, which the runtime runs."""
+        return frozenset({"make_to_order_auto"} if self.katana.make_to_order == "auto" else ())
+
+
+def _factory_of(config: Config) -> Factory:
+    hooks = config.webhooks
+    secrets = FactoryWebhooks(
+        tradegecko_secret=hooks.tradegecko_secret,
+        katana_token=hooks.katana_token,
+        path_token=hooks.path_token,
+    )
+    return Factory(tradegecko=config.tradegecko, katana=config.katana, webhooks=secrets)
+
+
+class _File(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The config file's tables, ``[factories.*]`` aside."""
+
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     tradegecko: TradeGeckoConfig = msgspec.field(default_factory=TradeGeckoConfig)
     katana: KatanaConfig = msgspec.field(default_factory=KatanaConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
 
-    def statechart_conditions(self) -> frozenset[str]:
-        """The statechart's conditions this configuration makes hold (see ``[conditions]``
-        in ``statecharts/linked_order.toml``)."""
-        return frozenset({"make_to_order_auto"} if self.katana.make_to_order == "auto" else ())
+
+class _FactoryTables(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A factory's tables: ``[factories.NAME]`` or its own file."""
+
+    tradegecko: TradeGeckoConfig = msgspec.field(default_factory=TradeGeckoConfig)
+    katana: KatanaConfig = msgspec.field(default_factory=KatanaConfig)
+    webhooks: FactoryWebhooks = msgspec.field(default_factory=FactoryWebhooks)
 
 
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
@@ -240,60 +404,330 @@ def _read_secret(env: str, credential: str, *, key: str, required: bool) -> str 
     return text or None
 
 
-def _decode(text: str, *, source: str, require_tokens: bool) -> Config:
-    """TOML and types only; then the secrets from the environment or credentials."""
+def factory_credentials(name: str) -> dict[str, tuple[str, str]]:
+    """The factory ``name``'s secrets: credential name -> (environment variable, its key).
+
+    ``default`` keeps today's names (:data:`CREDENTIALS`); ``acme`` reads
+    ``SYNCD_ACME_KATANA_TOKEN`` or the credential ``acme-katana-token``, and so on (``-`` in
+    a name is ``_`` in its variables). No name's variables or credentials are another's:
+    none of today's names ends with another of them.
+    """
+    if name == DEFAULT_FACTORY:
+        return dict(CREDENTIALS)
+    upper = name.upper().replace("-", "_")
+    return {
+        f"{name}-{credential}": (f"SYNCD_{upper}_{env.removeprefix('SYNCD_')}", key)
+        for credential, (env, key) in CREDENTIALS.items()
+    }
+
+
+def _located(message: str, *, key: str | None, file: str = "") -> ConfigError:
+    """The error for ``key``, led by ``file`` when the key is in a factory's own file: its
+    ``key`` stays the key within that file (``katana.token``)."""
+    error = ConfigError(message, key=key)
+    if file:
+        error.args = (f"{file}: {error}",)
+    return error
+
+
+def _read_secrets(
+    tables: _File | _FactoryTables, name: str, *, key_prefix: str, file: str, required: bool
+) -> None:
+    """Put the factory's secrets from the environment or credentials over its file's keys."""
+    for credential, (env, key) in factory_credentials(name).items():
+        table, attribute = key.split(".")
+        try:
+            secret = _read_secret(env, credential, key=key_prefix + key, required=required)
+        except ConfigError as exc:
+            if file:
+                exc.args = (f"{file}: {exc}",)
+            raise
+        if secret:
+            setattr(getattr(tables, table), attribute, secret)
+
+
+def _toml(text: str, source: str) -> dict[str, object]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from None
-    try:
-        config = msgspec.convert(data, Config)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        key = _key_from_msgspec(message)
-        reason = message.split(" - at ")[0]
-        raise ConfigError(f"{reason} (in {source})", key=key) from None
 
-    for credential, (env, key) in CREDENTIALS.items():
-        table, attribute = key.split(".")
-        section = getattr(config, table)
-        secret = _read_secret(env, credential, key=key, required=require_tokens)
-        if secret:
-            setattr(section, attribute, secret)
-    return config
+
+def _shape_error(exc: msgspec.ValidationError, *, source: str, prefix: str = "") -> ConfigError:
+    message = str(exc)
+    key = _key_from_msgspec(message)
+    reason = message.split(" - at ")[0]
+    return ConfigError(f"{reason} (in {source})", key=prefix + key if key else prefix[:-1] or None)
+
+
+class _Declared(msgspec.Struct):
+    """A factory as written: its name, its tables, and where they are."""
+
+    name: str
+    tables: dict[str, object]
+    file: str
+    key_prefix: str
+
+
+_NAME_RULE = "a lowercase letter or digit, then up to 62 lowercase letters, digits or '-'"
+
+
+def _declared_factories(
+    tables: object,
+    factories_dir: str | None,
+    *,
+    source: str,
+    folder: Path | None,
+    problems: list[ConfigError],
+) -> tuple[list[_Declared], bool]:
+    """The ``[factories.NAME]`` tables, then the files of ``factories_dir``, and whether any
+    factory was written at all (even one that cannot be read)."""
+    declared: list[_Declared] = []
+    where: dict[str, str] = {}
+    written = False
+    if tables is not None and not isinstance(tables, dict):
+        problems.append(
+            ConfigError(f"must be [factories.NAME] tables (in {source})", key="factories")
+        )
+    elif tables is not None:
+        for name, table in tables.items():
+            written = True
+            key = f"factories.{name}"
+            if not FACTORY_NAME.fullmatch(name):
+                problems.append(
+                    ConfigError(f"a factory's name must be {_NAME_RULE}, got {name!r}", key=key)
+                )
+            elif not isinstance(table, dict):
+                problems.append(ConfigError(f"must be a table (in {source})", key=key))
+            else:
+                where[name] = f"[{key}] in {source}"
+                declared.append(_Declared(name, table, "", f"{key}."))
+    directory = _factories_dir(factories_dir, folder, problems)
+    if directory is None:
+        return declared, written
+    try:
+        # Only NAME.toml counts: editors' backups and "acme.toml.off" are left alone.
+        files = sorted(
+            path
+            for path in directory.iterdir()
+            if path.suffix == ".toml" and not path.name.startswith(".")
+        )
+    except OSError as exc:
+        problems.append(
+            ConfigError(
+                f"cannot list {directory}: {exc.strerror or exc}", key="daemon.factories_dir"
+            )
+        )
+        return declared, written
+    for path in files:
+        written = True
+        name, file = path.stem, str(path)
+        if not FACTORY_NAME.fullmatch(name):
+            problems.append(
+                _located(
+                    f"the file's name must be a factory name, {_NAME_RULE}", key=None, file=file
+                )
+            )
+            continue
+        if name in where:
+            problems.append(
+                _located(
+                    f"the factory {name!r} is already defined by {where[name]}", key=None, file=file
+                )
+            )
+            continue
+        try:
+            data = _toml(_read_text(path), file)
+        except ConfigError as exc:
+            problems.append(exc)
+            continue
+        where[name] = file
+        declared.append(_Declared(name, data, file, ""))
+    return declared, written
+
+
+def _factories_dir(
+    setting: str | None, folder: Path | None, problems: list[ConfigError]
+) -> Path | None:
+    if setting is None:
+        beside = folder / "factories.d" if folder is not None else None
+        return beside if beside is not None and beside.is_dir() else None
+    directory = Path(setting)
+    if folder is not None and not directory.is_absolute():
+        directory = folder / directory
+    if not directory.is_dir():
+        why = "is not a directory" if directory.exists() else "does not exist"
+        problems.append(ConfigError(f"{directory} {why}", key="daemon.factories_dir"))
+        return None
+    return directory
+
+
+def _factory(
+    declared: _Declared,
+    defaults: dict[str, object],
+    top: _File,
+    *,
+    source: str,
+    require_tokens: bool,
+) -> Factory:
+    """A written factory over the top level's keys (never its tokens).
+
+    :raises ConfigError: a key of the wrong shape, or an unreadable credential.
+    """
+    data = dict(declared.tables)
+    for table in ("tradegecko", "katana"):
+        inherited = defaults.get(table)
+        own = data.get(table, {})
+        if isinstance(inherited, dict) and isinstance(own, dict):
+            data[table] = {k: v for k, v in inherited.items() if k != "token"} | own
+    try:
+        tables = msgspec.convert(data, _FactoryTables)
+    except msgspec.ValidationError as exc:
+        if declared.file:
+            message = str(exc)
+            reason = message.split(" - at ")[0]
+            raise _located(reason, key=_key_from_msgspec(message), file=declared.file) from None
+        raise _shape_error(exc, source=source, prefix=declared.key_prefix) from None
+    _read_secrets(
+        tables,
+        declared.name,
+        key_prefix=declared.key_prefix,
+        file=declared.file,
+        required=require_tokens,
+    )
+    # One OAuth application commonly serves many accounts: its secret is shared by default.
+    tables.webhooks.tradegecko_secret = (
+        tables.webhooks.tradegecko_secret or top.webhooks.tradegecko_secret
+    )
+    return Factory(
+        name=declared.name,
+        tradegecko=tables.tradegecko,
+        katana=tables.katana,
+        webhooks=tables.webhooks,
+        file=declared.file,
+        key_prefix=declared.key_prefix,
+    )
+
+
+def _decode(text: str, *, source: str, require_tokens: bool, folder: Path | None) -> Config:
+    """TOML and types only; then the secrets from the environment or credentials."""
+    data = _toml(text, source)
+    tables = data.pop("factories", None)
+    try:
+        top = msgspec.convert(data, _File)
+    except msgspec.ValidationError as exc:
+        raise _shape_error(exc, source=source) from None
+    _read_secrets(top, DEFAULT_FACTORY, key_prefix="", file="", required=require_tokens)
+
+    problems: list[ConfigError] = []
+    declared, written = _declared_factories(
+        tables, top.daemon.factories_dir, source=source, folder=folder, problems=problems
+    )
+    factories: dict[str, Factory] = {}
+    # Today's file is the factory "default"; beside others it is one while it has a token.
+    if not written or top.tradegecko.token or top.katana.token:
+        factories[DEFAULT_FACTORY] = Factory(
+            tradegecko=top.tradegecko,
+            katana=top.katana,
+            webhooks=FactoryWebhooks(
+                tradegecko_secret=top.webhooks.tradegecko_secret,
+                katana_token=top.webhooks.katana_token,
+                path_token=top.webhooks.path_token,
+            ),
+        )
+    for factory in declared:
+        if factory.name in factories:
+            problems.append(
+                _located(
+                    "the factory 'default' is already the top-level [tradegecko] and [katana] "
+                    "(they have a token): move their tokens here, or name this one otherwise",
+                    key=factory.key_prefix.rstrip(".") or None,
+                    file=factory.file,
+                )
+            )
+            continue
+        try:
+            factories[factory.name] = _factory(
+                factory, data, top, source=source, require_tokens=require_tokens
+            )
+        except ConfigError as exc:
+            problems.append(exc)
+    return Config(
+        daemon=top.daemon,
+        tradegecko=top.tradegecko,
+        katana=top.katana,
+        metrics=top.metrics,
+        webhooks=top.webhooks,
+        factories=factories,
+        load_problems=problems,
+    )
 
 
 def config_problems(config: Config, *, require_tokens: bool = True) -> list[ConfigError]:
-    """Every value of a decoded config that is wrong, in file order; empty when it is right."""
-    problems: list[ConfigError] = []
-    tg, kt, daemon, hooks = config.tradegecko, config.katana, config.daemon, config.webhooks
+    """Every value of a decoded config that is wrong: the factories that could not be
+    read, the daemon's keys, then each factory's; empty when it is right."""
+    problems: list[ConfigError] = list(config.load_problems)
+    daemon, hooks = config.daemon, config.webhooks
 
     def problem(message: str, key: str) -> None:
         problems.append(ConfigError(message, key=key))
 
     if daemon.log_level not in _LOG_LEVELS:
-        problem(f"must be one of {sorted(_LOG_LEVELS)}", "daemon.log_level")
-    for key, url in (("tradegecko.base_url", tg.base_url), ("katana.base_url", kt.base_url)):
-        if not re.match(r"^https?://[^/\s]+", url):
-            problem(f"must be an http(s) URL, got {url!r}", key)
+        problem(
+            f"must be one of {sorted(_LOG_LEVELS)}, got {daemon.log_level!r}", "daemon.log_level"
+        )
     for key, number in (
         ("daemon.retry_initial", daemon.retry_initial),
         ("daemon.retry_max", daemon.retry_max),
         ("daemon.start_timeout", daemon.start_timeout),
-        ("tradegecko.poll_interval", tg.poll_interval),
-        ("tradegecko.rate_period", tg.rate_period),
-        ("tradegecko.timeout", tg.timeout),
-        ("katana.poll_interval", kt.poll_interval),
-        ("katana.rate_period", kt.rate_period),
-        ("katana.timeout", kt.timeout),
         ("metrics.refresh_interval", config.metrics.refresh_interval),
         ("webhooks.reconcile_interval", hooks.reconcile_interval),
         ("webhooks.replay_window", hooks.replay_window),
     ):
         if number <= 0:
             problem(f"must be a positive number of seconds, got {number}", key)
+    if daemon.concurrency < 1:
+        problem(f"must be at least 1, got {daemon.concurrency}", "daemon.concurrency")
+    for listen in (config.metrics.address, hooks.address):
+        try:
+            listen()
+        except ConfigError as exc:
+            problems.append(exc)
+    if hooks.public_base_url and not re.match(r"^https?://[^/\s]+", hooks.public_base_url):
+        problem(
+            f"must be an http(s) URL, got {hooks.public_base_url!r}", "webhooks.public_base_url"
+        )
+    if hooks.max_body_bytes < 1024:
+        problem(f"must be at least 1024, got {hooks.max_body_bytes}", "webhooks.max_body_bytes")
+    for factory in config.factories.values():
+        problems += _factory_problems(factory, hooks, require_tokens=require_tokens)
+    problems += _accounts_served_twice(config)
+    return problems
+
+
+def _factory_problems(
+    factory: Factory, hooks: WebhooksConfig, *, require_tokens: bool
+) -> list[ConfigError]:
+    problems: list[ConfigError] = []
+    tg, kt = factory.tradegecko, factory.katana
+
+    def problem(message: str, key: str) -> None:
+        problems.append(_located(message, key=factory.key_prefix + key, file=factory.file))
+
+    for key, url in (("tradegecko.base_url", tg.base_url), ("katana.base_url", kt.base_url)):
+        if not re.match(r"^https?://[^/\s]+", url):
+            problem(f"must be an http(s) URL, got {url!r}", key)
+    for key, number in (
+        ("tradegecko.poll_interval", tg.poll_interval),
+        ("tradegecko.rate_period", tg.rate_period),
+        ("tradegecko.timeout", tg.timeout),
+        ("katana.poll_interval", kt.poll_interval),
+        ("katana.rate_period", kt.rate_period),
+        ("katana.timeout", kt.timeout),
+    ):
+        if number <= 0:
+            problem(f"must be a positive number of seconds, got {number}", key)
     for key, count in (
-        ("daemon.concurrency", daemon.concurrency),
         ("tradegecko.rate_limit", tg.rate_limit),
         ("katana.rate_limit", kt.rate_limit),
     ):
@@ -313,29 +747,40 @@ def config_problems(config: Config, *, require_tokens: bool = True) -> list[Conf
             f"must be one of {', '.join(MAKE_TO_ORDER_MODES)}, got {kt.make_to_order!r}",
             "katana.make_to_order",
         )
-    for listen in (config.metrics.address, hooks.address):
-        try:
-            listen()
-        except ConfigError as exc:
-            problems.append(exc)
-    if hooks.public_base_url and not re.match(r"^https?://[^/\s]+", hooks.public_base_url):
-        problem(
-            f"must be an http(s) URL, got {hooks.public_base_url!r}", "webhooks.public_base_url"
-        )
-    if hooks.max_body_bytes < 1024:
-        problem(f"must be at least 1024, got {hooks.max_body_bytes}", "webhooks.max_body_bytes")
     if require_tokens:
-        for key, value, env, credential in (
-            ("tradegecko.token", tg.token, "SYNCD_TRADEGECKO_TOKEN", "tradegecko-token"),
-            ("katana.token", kt.token, "SYNCD_KATANA_TOKEN", "katana-token"),
-        ):
+        names = {
+            key: (env, credential)
+            for credential, (env, key) in factory_credentials(factory.name).items()
+        }
+        for key, value in (("tradegecko.token", tg.token), ("katana.token", kt.token)):
             if not value:
-                problem(_nowhere("token", env, credential), key)
-        if hooks.enabled and hooks.verify_signatures and not hooks.tradegecko_secret:
-            problem(
-                _nowhere("secret", "SYNCD_TRADEGECKO_WEBHOOK_SECRET", "tradegecko-webhook-secret"),
-                "webhooks.tradegecko_secret",
-            )
+                problem(_nowhere("token", *names[key]), key)
+        secret = "webhooks.tradegecko_secret"
+        if hooks.enabled and hooks.verify_signatures and not factory.webhooks.tradegecko_secret:
+            problem(_nowhere("secret", *names[secret]), secret)
+    return problems
+
+
+def _accounts_served_twice(config: Config) -> list[ConfigError]:
+    """Two factories with one token would serve one account twice: every call doubled."""
+    problems: list[ConfigError] = []
+    for service, label in (("tradegecko", "TradeGecko"), ("katana", "Katana")):
+        holders: dict[str, str] = {}
+        for factory in config.factories.values():
+            token = getattr(factory, service).token
+            if not token:
+                continue
+            if token in holders:
+                problems.append(
+                    _located(
+                        f"the same {label} token as the factory {holders[token]!r}: one account "
+                        "served twice would double every call",
+                        key=f"{factory.key_prefix}{service}.token",
+                        file=factory.file,
+                    )
+                )
+            else:
+                holders[token] = factory.name
     return problems
 
 
@@ -347,11 +792,17 @@ def _nowhere(what: str, env: str, credential: str) -> str:
 
 
 def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = True) -> Config:
-    """Parse and check configuration text.
+    """Parse and check configuration text (a relative ``daemon.factories_dir`` is the
+    current directory's).
 
     :raises ConfigError: naming the key that is wrong (the first, when several are).
     """
-    config = _decode(text, source=source, require_tokens=require_tokens)
+    return _checked(
+        _decode(text, source=source, require_tokens=require_tokens, folder=None), require_tokens
+    )
+
+
+def _checked(config: Config, require_tokens: bool) -> Config:
     problems = config_problems(config, require_tokens=require_tokens)
     if problems:
         raise problems[0]
@@ -359,13 +810,15 @@ def parse_config(text: str, *, source: str = "<config>", require_tokens: bool = 
 
 
 def read_config(path: str | Path) -> Config:
-    """Read the TOML file at ``path`` without checking its values: for ``syncd check``,
-    which lists every problem (:func:`config_problems`) rather than the first.
+    """Read the TOML file at ``path`` and its factories without checking their values: for
+    ``syncd check``, which lists every problem (:func:`config_problems`) rather than the
+    first. A factory that cannot be read is left out, its problem kept for
+    :func:`config_problems`.
 
     :raises ConfigError: the file is missing or unreadable, not TOML, or of the wrong shape.
     """
     file = Path(path)
-    return _decode(_read_text(file), source=str(file), require_tokens=True)
+    return _decode(_read_text(file), source=str(file), require_tokens=True, folder=file.parent)
 
 
 def _read_text(file: Path) -> str:
@@ -378,9 +831,99 @@ def _read_text(file: Path) -> str:
 
 
 def load_config(path: str | Path, *, require_tokens: bool = True) -> Config:
-    """Read the TOML file at ``path``.
+    """Read the TOML file at ``path`` and its factories.
 
     :raises ConfigError: the file is missing or unreadable, or a key is wrong.
     """
     file = Path(path)
-    return parse_config(_read_text(file), source=str(file), require_tokens=require_tokens)
+    config = _decode(
+        _read_text(file), source=str(file), require_tokens=require_tokens, folder=file.parent
+    )
+    return _checked(config, require_tokens)
+
+
+#: Daemon-wide keys a reload applies; any other daemon-wide change needs a restart.
+LIVE_SETTINGS = frozenset({"daemon.log_level", "daemon.start_timeout", "daemon.factories_dir"})
+_FACTORY_SECRETS = frozenset(field.name for field in msgspec.structs.fields(FactoryWebhooks))
+
+
+class ConfigChange(msgspec.Struct, frozen=True, kw_only=True):
+    """What a reload changes: the factories to start, to stop, to restart with their new
+    settings, and the daemon-wide keys to apply."""
+
+    #: The config to run from now on.
+    config: Config
+    added: tuple[str, ...] = ()
+    #: To stop; their orders and history stay in the database.
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    #: Daemon-wide keys of :data:`LIVE_SETTINGS` that changed.
+    settings: tuple[str, ...] = ()
+    #: Daemon-wide keys that changed and cannot be applied without a restart.
+    needs_restart: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to do: the files say what the daemon already runs."""
+        return not (
+            self.added or self.removed or self.changed or self.settings or self.needs_restart
+        )
+
+
+def config_change(current: Config, new: Config) -> ConfigChange:
+    """What going from ``current`` to ``new`` changes; pure."""
+    before, after = current.factories, new.factories
+    daemon_wide = _daemon_wide_changes(current, new)
+    return ConfigChange(
+        config=new,
+        added=tuple(name for name in after if name not in before),
+        removed=tuple(name for name in before if name not in after),
+        changed=tuple(
+            name
+            for name, factory in after.items()
+            if name in before and factory.settings() != before[name].settings()
+        ),
+        settings=tuple(key for key in daemon_wide if key in LIVE_SETTINGS),
+        needs_restart=tuple(key for key in daemon_wide if key not in LIVE_SETTINGS),
+    )
+
+
+def _daemon_wide_changes(current: Config, new: Config) -> list[str]:
+    keys: list[str] = []
+    for table in ("daemon", "metrics", "webhooks"):
+        old_table, new_table = getattr(current, table), getattr(new, table)
+        for field in msgspec.structs.fields(old_table):
+            if table == "webhooks" and field.name in _FACTORY_SECRETS:
+                continue  # the first factory's, compared with it
+            if getattr(old_table, field.name) != getattr(new_table, field.name):
+                keys.append(f"{table}.{field.name}")
+    return keys
+
+
+def reload_config(path: str | Path, current: Config) -> ConfigChange:
+    """Read the config at ``path`` again and say what changes from ``current``.
+
+    :raises ConfigError: the new config has a problem (the first is named, with how many
+        more), or a daemon-wide key that needs a restart changed (naming it): nothing of it
+        is to be applied, ``current`` runs on.
+    """
+    new = read_config(path)
+    problems = config_problems(new)
+    if problems:
+        first = problems[0]
+        more = (
+            f" (and {len(problems) - 1} more: `syncd check` lists them)"
+            if len(problems) > 1
+            else ""
+        )
+        error = ConfigError(f"{first}{more}; nothing was reloaded")
+        error.key = first.key
+        raise error
+    change = config_change(current, new)
+    if change.needs_restart:
+        first_key, *others = change.needs_restart
+        also = f" (so do {', '.join(others)})" if others else ""
+        raise ConfigError(
+            f"changed: it needs a restart of syncd{also}; nothing was reloaded", key=first_key
+        )
+    return change

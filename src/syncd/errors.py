@@ -19,12 +19,14 @@ SyncdError
       └── DecodeError         * a 2xx whose body is not what the contract says
 
 ``*`` marks the transient ones, those :func:`is_transient` says may pass by themselves: the
-work waits and is tried again, and no person is asked to look.
+work waits and is tried again, and no person is asked to look. How it is tried again is a
+:class:`RetryPolicy` (every one syncd uses is in :data:`syncd.config.RETRY`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 __all__ = [
     "ApiError",
@@ -34,6 +36,8 @@ __all__ = [
     "NotFound",
     "PaymentRequired",
     "RateLimited",
+    "Retries",
+    "RetryPolicy",
     "RuleViolation",
     "ServerError",
     "StatechartError",
@@ -43,6 +47,7 @@ __all__ = [
     "StoreUnavailable",
     "SyncdError",
     "TransportError",
+    "Try",
     "ValidationFailed",
     "is_transient",
 ]
@@ -177,3 +182,52 @@ def is_transient(error: BaseException) -> bool:
     keeps coming back is a fault.
     """
     return isinstance(error, _TRANSIENT)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How work that failed for a passing reason is tried again: wait ``initial`` seconds,
+    then ``coefficient`` times longer each time, never more than ``maximum``; give up after
+    ``attempts`` tries in all (``None``: never give up). Modelled on Temporal's."""
+
+    initial: float
+    maximum: float
+    coefficient: float = 2.0
+    attempts: int | None = None
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failure in a row (1 for the first)."""
+        return min(self.maximum, self.initial * self.coefficient ** min(max(failures, 1) - 1, 64))
+
+
+@dataclass(frozen=True)
+class Try:
+    """A failure as a :class:`Retries` counted it: which one in a row, and how long to wait
+    before the next try (``None``: the attempts are spent; give up)."""
+
+    number: int
+    delay: float | None
+
+
+_K = TypeVar("_K")
+
+
+class Retries(Generic[_K]):
+    """Failures in a row of each piece of work (``key``), under one :class:`RetryPolicy`."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self._failures: dict[_K, int] = {}
+
+    def failed(self, key: _K) -> Try:
+        """Count a failure of ``key``; when its attempts are spent, it is forgotten."""
+        number = self._failures.get(key, 0) + 1
+        if self.policy.attempts is not None and number >= self.policy.attempts:
+            self._failures.pop(key, None)
+            return Try(number, None)
+        self._failures[key] = number
+        return Try(number, self.policy.delay(number))
+
+    def succeeded(self, key: _K) -> None:
+        """``key`` worked (or was dealt with): its next failure is the first again."""
+        self._failures.pop(key, None)

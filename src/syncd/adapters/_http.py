@@ -20,6 +20,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Self, TypeVar
 
@@ -28,6 +29,7 @@ import httpx
 import msgspec
 import stamina
 
+from syncd.config import RETRY
 from syncd.errors import (
     ApiError,
     AuthError,
@@ -35,6 +37,7 @@ from syncd.errors import (
     NotFound,
     PaymentRequired,
     RateLimited,
+    RetryPolicy,
     ServerError,
     TransportError,
     ValidationFailed,
@@ -215,7 +218,9 @@ class ServiceClient:
     :param budget: the shared request budget, one per service per daemon; by default one
         at the service's published limit.
     :param transport: an httpx transport, for tests.
-    :param attempts: how many times an idempotent request is tried.
+    :param retry: how an idempotent request that failed for a passing reason (5xx, no
+        answer) is tried again; by default :data:`syncd.config.RETRY`'s ``request``.
+    :param attempts: tries in all, instead of the policy's (``1``: no retry).
     :param max_rate_wait: the longest total time spent waiting out 429s for one request.
     """
 
@@ -238,12 +243,13 @@ class ServiceClient:
         budget: RequestBudget | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 30.0,
-        attempts: int = 5,
+        retry: RetryPolicy = RETRY.request,
+        attempts: int | None = None,
         max_rate_wait: float = 180.0,
         on_response: Callable[[str, str, int, float], None] | None = None,
     ) -> None:
         self.budget = budget if budget is not None else RequestBudget(*self.default_limit)
-        self.attempts = attempts
+        self.retry = retry if attempts is None else replace(retry, attempts=attempts)
         self.max_rate_wait = max_rate_wait
         self._on_response = on_response
         #: Records of list answers skipped because they did not decode.
@@ -290,10 +296,15 @@ class ServiceClient:
             headers["Idempotency-Key"] = idempotency_key
 
         rate_waited = 0.0
-        attempts = self.attempts if retry_errors else 1
+        policy = self.retry
         try:
             async for attempt in stamina.retry_context(
-                on=_Retryable, attempts=attempts, wait_initial=0.2, wait_max=10.0, timeout=None
+                on=_Retryable,
+                attempts=policy.attempts if retry_errors else 1,
+                wait_initial=policy.initial,
+                wait_max=policy.maximum,
+                wait_exp_base=policy.coefficient,
+                timeout=None,
             ):
                 with attempt:
                     while True:

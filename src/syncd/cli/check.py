@@ -21,7 +21,7 @@ from syncd.config import Config, config_problems, read_config
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ApiError, AuthError, ConfigError, StatechartError, StoreError
 
-__all__ = ["CheckReport", "Kind", "Problem", "check", "database_problems"]
+__all__ = ["CheckReport", "Kind", "Problem", "check", "database_problems", "factory_lines"]
 
 #: What kind of failure a problem is; ``syncd`` maps each to its exit code.
 Kind = Literal["config", "store", "auth", "unreachable"]
@@ -54,9 +54,12 @@ async def check(path: Path, *, online: bool = False) -> CheckReport:
         return report
     config_wrong = config_problems(config)
     report.problems += [Problem("config", str(exc)) for exc in config_wrong]
+    from syncd.runtime.dispatcher import check_chart
+
     try:
-        report.chart = load_statechart(
-            config.daemon.statechart, holding=config.statechart_conditions()
+        # Checked against the code as run checks it: a name the code lacks stops the start.
+        report.chart = check_chart(
+            load_statechart(config.daemon.statechart, holding=config.statechart_conditions())
         )
     except StatechartError as exc:
         report.problems.append(Problem("config", str(exc)))
@@ -78,15 +81,35 @@ async def check(path: Path, *, online: bool = False) -> CheckReport:
 async def _check_services(config: Config, report: CheckReport) -> None:
     from syncd.runtime.daemon import check_services
 
-    try:
-        # One question to each service: check reports what it sees now, without run's retries.
-        await check_services(config, within=0)
-    except AuthError as exc:
-        report.problems.append(Problem("auth", f"a token was rejected: {exc}"))
-    except ApiError as exc:
-        report.problems.append(Problem("unreachable", f"cannot reach the service: {exc}"))
-    else:
-        report.services_ok = True
+    answered = True
+    for name in config.factories:
+        # Beside others, a problem says whose it is.
+        whose = f"factory {name}: " if len(config.factories) > 1 else ""
+        try:
+            # One question to each service: check reports what it sees now, without run's
+            # retries.
+            await check_services(config.for_factory(name), within=0)
+        except AuthError as exc:
+            report.problems.append(Problem("auth", f"{whose}a token was rejected: {exc}"))
+        except ApiError as exc:
+            report.problems.append(
+                Problem("unreachable", f"{whose}cannot reach the service: {exc}")
+            )
+        else:
+            continue
+        answered = False
+    report.services_ok = answered
+
+
+def factory_lines(config: Config) -> list[str]:
+    """One line per factory found, for check's output: its name, where it is written, and
+    what it matches and makes."""
+    return [
+        f"factory {factory.name} ({factory.where()}): supplier "
+        f"{factory.tradegecko.supplier_name!r}, customer {factory.katana.customer_name!r}, "
+        f"order_no_prefix {factory.katana.order_no_prefix!r}"
+        for factory in config.factories.values()
+    ]
 
 
 @contextmanager
@@ -99,6 +122,7 @@ def _listening(
 
     metrics, hooks = config.metrics, config.webhooks
     sockets: list[socket.socket] = []
+    bound: dict[tuple[str, int], str] = {}
     try:
         for enabled, key, listen, address, problems in (
             (metrics.enabled, "metrics.listen", metrics.listen, metrics.address, metrics_problems),
@@ -110,6 +134,13 @@ def _listening(
                 host, port = address()
             except ConfigError:
                 continue  # already among the config's problems
+            if port != 0 and (host, port) in bound:
+                error = ConfigError(
+                    f"{listen} is also {bound[host, port]}: give each its own", key=key
+                )
+                problems.append(Problem("config", str(error)))
+                continue
+            bound[host, port] = key
             try:
                 sockets.append(bind_socket(host, port))
             except OSError as exc:

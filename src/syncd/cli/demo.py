@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 import signal
+import sqlite3
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -34,13 +35,16 @@ from syncd.config import (
     TradeGeckoConfig,
     WebhooksConfig,
 )
+from syncd.domain import triggers
 from syncd.domain.statechart import Statechart, load_statechart
+from syncd.errors import StoreError
 from syncd.ops.asgi import bind_socket
 from syncd.runtime.daemon import running_daemon
-from syncd.runtime.dispatcher import TransitionNotice
+from syncd.runtime.effects import RECEIVE_ORDER
+from syncd.runtime.observer import Observer, TransitionNotice
 from syncd.sim import tradegecko as tradegecko_sim
 from syncd.sim.factory import play_factory
-from syncd.store import Store
+from syncd.store import Store, ensure_not_in_use
 
 __all__ = [
     "KATANA_TOKEN",
@@ -163,17 +167,26 @@ async def _simulators(options: DemoOptions) -> AsyncIterator[tuple[str, str, str
         yield katana_url, tradegecko_url, katana_ctl, tradegecko_ctl
 
 
-def _printer(chart: Statechart, out: TextIO, started: float) -> Any:
-    def show(notice: TransitionNotice) -> None:
+class _LiveView(Observer):
+    """The demo's live view: a line per transition as it happens, and when each order's SO
+    was made (for the summary's import latency)."""
+
+    def __init__(self, out: TextIO, started: float) -> None:
+        self.out = out
+        self.started = started
+        #: PO number → when its Katana SO was made (Unix time).
+        self.imported_at: dict[str, float] = {}
+
+    def transitioned(self, notice: TransitionNotice) -> None:
+        if notice.trigger == triggers.SO_CREATED:
+            self.imported_at.setdefault(notice.link.po_number, time.time())
         source = notice.source or "·"
         print(
-            f"{time.monotonic() - started:6.2f}s  {notice.link.po_number:<10} "
+            f"{time.monotonic() - self.started:6.2f}s  {notice.link.po_number:<10} "
             f"{source:>15} → {notice.dest:<15} {notice.cause}",
-            file=out,
+            file=self.out,
             flush=True,
         )
-
-    return show
 
 
 async def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> DemoSummary:
@@ -228,15 +241,37 @@ class _Interrupt:
         self.wait: anyio.CancelScope | None = None
 
 
+#: The meta key the demo stamps on its database: the only kind it moves out of the way.
+_MADE_BY = ("made_by", "syncd demo")
+
+
+def _made_by_demo(path: Path) -> bool:
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (_MADE_BY[0],)).fetchone()
+    except sqlite3.Error:
+        return False  # not SQLite, or not syncd's
+    return row is not None and row[0] == _MADE_BY[1]
+
+
 def _set_aside(database: str, out: TextIO) -> None:
     """Move an earlier run's database (and its WAL files) to ``<database>.previous``.
 
     The demo's simulators start empty every run and number their orders from 1 again: the
-    earlier orders would collide with this run's and be reported as its own.
+    earlier orders would collide with this run's and be reported as its own. Only a database
+    an earlier demo made, and no daemon holds, is moved: anything else at the path is refused.
+
+    :raises StoreError: the path holds something else, or a running syncd uses it.
     """
     path = Path(database)
     if not path.exists():
         return
+    ensure_not_in_use(database)
+    if not path.is_file() or not _made_by_demo(path):
+        raise StoreError(
+            f"--db {database} holds something an earlier demo did not make; the demo only "
+            "replaces its own databases: give another path"
+        )
     previous = Path(f"{database}.previous")
     for suffix in ("", "-wal", "-shm"):
         old = Path(f"{path}{suffix}")
@@ -291,18 +326,14 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                     rate_limit=100_000,
                 ),
             )
-            imported_at: dict[str, float] = {}
-            show = _printer(chart, out, started)
-
-            def seen(notice: TransitionNotice) -> None:
-                if notice.trigger == "so_created":
-                    imported_at.setdefault(notice.link.po_number, time.time())
-                show(notice)
+            view = _LiveView(out, started)
+            imported_at = view.imported_at
 
             async with (
                 httpx.AsyncClient(timeout=10) as control,
-                running_daemon(config, chart=chart, on_transition=seen) as daemon,
+                running_daemon(config, chart=chart, observer=view) as daemon,
             ):
+                await daemon.store.set_meta(*_MADE_BY)
                 if daemon.metrics_url is not None:
                     print(f"status page: {daemon.metrics_url}/", file=out, flush=True)
                 po_numbers: list[str] = []
@@ -352,7 +383,13 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                 )
                 details: list[OrderSummary] = []
                 received = 0
-                received_states = set(chart.terminal_states()) - {"cancelled"}
+                # Where the receipt's outcome takes an order: no state name in the code.
+                received_states = {
+                    decision.dest
+                    for state, effect in chart.effect_states().items()
+                    if effect == RECEIVE_ORDER.name
+                    and (decision := chart.decide(state, RECEIVE_ORDER.done)) is not None
+                }
                 for number in po_numbers:
                     link = await daemon.store.link_by_po_number(number)
                     if link is None:
@@ -459,7 +496,7 @@ def render_summary(summary: DemoSummary, out: TextIO) -> None:
         file=out,
     )
     if summary.interrupted:
-        print("interrupted (Ctrl-C): the orders above are where they got to", file=out)
+        print("interrupted (Ctrl-C or SIGTERM): the orders above are where they got to", file=out)
     if summary.import_latency_p50_s is not None:
         print(
             f"import latency (PO created → SO created): p50 {summary.import_latency_p50_s:.3f} s"

@@ -41,7 +41,8 @@ from syncd.domain.orders import LinkedOrder
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ConfigError, StatechartError, StoreError
 from syncd.runtime import inbox
-from syncd.runtime.pollers import BEFORE_ACTIVATION, OTHER_SUPPLIER, PAUSED_PREFIX
+from syncd.runtime.pauses import PAUSED_PREFIX
+from syncd.runtime.pollers import BEFORE_ACTIVATION, OTHER_SUPPLIER
 from syncd.store import (
     ImportOutcome,
     ImportResult,
@@ -209,7 +210,7 @@ def _db_path(ctx: click.Context) -> str:
     if config is None:
         _fail(
             f"name the database with --db PATH or --config PATH (no config at "
-            f"{default_config_path()}; SYNCD_CONFIG names another)",
+            f"{default_config_path()}; set SYNCD_CONFIG to read another)",
             EXIT_CONFIG,
         )
         raise AssertionError("unreachable")
@@ -587,8 +588,7 @@ def _queue(
 ) -> None:
     """Queue an operator's command for the daemon (or, with ``dry_run``, only say what it
     would do)."""
-    from syncd.runtime.dispatcher import Dispatcher
-    from syncd.runtime.effects import Effects
+    from syncd.domain.replay import plan_replay
 
     chart = _chart(ctx)
 
@@ -608,8 +608,8 @@ def _queue(
         }
         if action == inbox.REPLAY:
             # Planning reads the store and the statechart only: no effect runs here.
-            planner = Dispatcher(store, chart, cast(Effects, None))
-            data["plan"] = (await planner.plan_replay(link)).describe()
+            seen = inbox.replayable(await store.events_for_link(link.id))
+            data["plan"] = plan_replay(chart, link, seen).describe()
         else:
             decision = chart.decide(link.state, action, resume_state=link.resume_state)
             if decision is None:

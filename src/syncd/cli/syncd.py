@@ -207,6 +207,7 @@ def check(config_path: str | None, online: bool) -> None:
 
     Lists every problem; exits with the code `run` would give for the first."""
     from syncd.cli.check import check as find_problems
+    from syncd.cli.check import factory_lines
     from syncd.store import redacted
 
     path = _config_path(config_path)
@@ -226,11 +227,17 @@ def check(config_path: str | None, online: bool) -> None:
     assert report.config is not None and report.chart is not None
     config = report.config
     services = "; both services accept their tokens" if report.services_ok else ""
+    factories = (
+        f"supplier {config.tradegecko.supplier_name!r}, customer {config.katana.customer_name!r}"
+        if len(config.factories) == 1
+        else f"{len(config.factories)} factories"  # each on its line below
+    )
     click.echo(
-        f"{path}: ok (supplier {config.tradegecko.supplier_name!r}, customer "
-        f"{config.katana.customer_name!r}, {len(report.chart.states)} states, database "
+        f"{path}: ok ({factories}, {len(report.chart.states)} states, database "
         f"{redacted(config.daemon.database)}{services})"
     )
+    for line in factory_lines(config):
+        click.echo(line)
 
 
 _CHECK_EXITS = {
@@ -336,6 +343,15 @@ _FAULT_OPTIONS = (
 )
 
 
+_ACCOUNTS_OPTION = click.option(
+    "--accounts",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Accounts served, one world per token: the default token, then <token>-1 ... -(N-1).",
+)
+
+
 def _fault_options(command: Any) -> Any:
     for option in reversed(_FAULT_OPTIONS):
         command = option(command)
@@ -361,24 +377,38 @@ def _faults(options: dict[str, Any]) -> Faults | None:
 
 @sim.command("tradegecko")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8701, show_default=True, type=int)
+@click.option("--port", default=8701, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--no-rate-limit", is_flag=True, help="Turn the real 300/300 s limit off.")
+@_ACCOUNTS_OPTION
 @_fault_options
-def sim_tradegecko(host: str, port: int, no_rate_limit: bool, **fault_flags: Any) -> None:
+def sim_tradegecko(
+    host: str, port: int, no_rate_limit: bool, accounts: int, **fault_flags: Any
+) -> None:
     """Serve the TradeGecko simulator (token: tradegecko-sim-token)."""
     from syncd.sim import tradegecko
 
     faults = _faults(fault_flags)
     configure_logging("info")
-    click.echo(f"TradeGecko simulator on http://{host}:{port} (API: /, control: /_sim/)")
     _serve_sim(
-        host, port, lambda: tradegecko.run(host, port, rate_limit=not no_rate_limit, faults=faults)
+        host,
+        port,
+        lambda: tradegecko.run(
+            host,
+            port,
+            rate_limit=not no_rate_limit,
+            faults=faults,
+            accounts=accounts,
+            # Printed once listening: a script waiting for the banner may start calling.
+            on_ready=lambda url: click.echo(
+                f"TradeGecko simulator on {url} (API: /, control: /_sim/)"
+            ),
+        ),
     )
 
 
 @sim.command("katana")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8702, show_default=True, type=int)
+@click.option("--port", default=8702, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--no-rate-limit", is_flag=True, help="Turn the real 60/60 s limit off.")
 @click.option("--play-factory", is_flag=True, help="Make, finish and deliver orders by itself.")
 @click.option(
@@ -386,6 +416,7 @@ def sim_tradegecko(host: str, port: int, no_rate_limit: bool, **fault_flags: Any
     is_flag=True,
     help="The factory never presses Make to order (syncd's katana.make_to_order = auto).",
 )
+@_ACCOUNTS_OPTION
 @_fault_options
 def sim_katana(
     host: str,
@@ -393,6 +424,7 @@ def sim_katana(
     no_rate_limit: bool,
     play_factory: bool,
     leave_make_to_order: bool,
+    accounts: int,
     **fault_flags: Any,
 ) -> None:
     """Serve the Katana simulator (token: katana-sim-token)."""
@@ -400,9 +432,6 @@ def sim_katana(
 
     faults = _faults(fault_flags)
     configure_logging("info")
-    click.echo(
-        f"Katana simulator on http://{host}:{port} (API: {katana.API_PREFIX}, control: /_sim/)"
-    )
     _serve_sim(
         host,
         port,
@@ -413,6 +442,10 @@ def sim_katana(
             play_factory=play_factory,
             make_to_order=not leave_make_to_order,
             faults=faults,
+            accounts=accounts,
+            on_ready=lambda url: click.echo(
+                f"Katana simulator on {url} (API: {katana.API_PREFIX}, control: /_sim/)"
+            ),
         ),
     )
 

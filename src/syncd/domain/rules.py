@@ -13,8 +13,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
+from typing import Literal
 
+from syncd.domain import triggers
 from syncd.domain.orders import (
     LineLink,
     PurchaseOrderLine,
@@ -29,14 +32,18 @@ __all__ = [
     "PO_WITHDRAWN",
     "PRODUCTION_DONE",
     "PRODUCTION_UNDERWAY",
+    "Drift",
+    "Signal",
     "cost_update",
     "lines_to_import",
     "order_number_for",
     "pick_average_cost",
     "purchase_order_drift",
+    "purchase_order_signal",
     "purchase_order_trigger",
     "sales_order_drift",
     "sales_order_notes",
+    "sales_order_signal",
     "sales_order_trigger",
 ]
 
@@ -50,6 +57,30 @@ PRODUCTION_UNDERWAY = frozenset({"IN_PROGRESS", "BLOCKED", "DONE"})
 PARTIALLY_DELIVERED = "PARTIALLY_DELIVERED"
 #: TradeGecko PO statuses that withdraw the order.
 PO_WITHDRAWN = frozenset({"void", "deleted", "archived"})
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One edit found after import, never copied across: on which side, and what changed.
+
+    ``str()`` is the note the order keeps (``drift in Katana: SO TG-PO1 CHAIR price 150 →
+    99``).
+    """
+
+    side: Literal["tradegecko", "katana"]
+    text: str
+
+    def __str__(self) -> str:
+        return f"drift in {'TradeGecko' if self.side == 'tradegecko' else 'Katana'}: {self.text}"
+
+
+@dataclass(frozen=True)
+class Signal:
+    """What a look at a service says to the statechart: the triggers to try, in order (the
+    first that applies wins), and the cause the history shows."""
+
+    triggers: tuple[str, ...]
+    cause: str
 
 
 def order_number_for(po_number: str, prefix: str) -> str:
@@ -129,20 +160,35 @@ def sales_order_trigger(facts: SalesOrderFacts) -> Sequence[str]:
     state (made from stock, or the look came late) still arrives.
     """
     if facts.deleted:
-        return ("so_deleted",)
+        return (triggers.SO_DELETED,)
     production = facts.production_status or "NONE"
     if facts.status == DELIVERED and production in PRODUCTION_DONE:
-        return ("so_delivered",)
+        return (triggers.SO_DELIVERED,)
     if production in PRODUCTION_UNDERWAY or facts.manufacturing_order_ids:
-        return ("production_started",)
+        return (triggers.PRODUCTION_STARTED,)
     return ()
 
 
 def purchase_order_trigger(status: str) -> str | None:
     """The trigger a TradeGecko PO status fires for an order already linked."""
     if status in PO_WITHDRAWN:
-        return "po_withdrawn"
+        return triggers.PO_WITHDRAWN
     return None
+
+
+def sales_order_signal(facts: SalesOrderFacts) -> Signal:
+    """What a look at the sales order says to the statechart."""
+    production = facts.production_status or "none"
+    cause = f"Katana SO {facts.order_no}: {facts.status}, production {production}" + (
+        " (deleted)" if facts.deleted else ""
+    )
+    return Signal(tuple(sales_order_trigger(facts)), cause)
+
+
+def purchase_order_signal(status: str) -> Signal:
+    """What a linked PO's status in TradeGecko says to the statechart."""
+    trigger = purchase_order_trigger(status)
+    return Signal((trigger,) if trigger else (), f"TradeGecko PO is {status}")
 
 
 def sales_order_notes(facts: SalesOrderFacts) -> list[str]:
@@ -164,46 +210,55 @@ def _number(value: Decimal | None) -> str:
 
 def purchase_order_drift(
     snapshot: PurchaseOrderSnapshot, current: Iterable[PurchaseOrderLine]
-) -> list[str]:
+) -> list[Drift]:
     """How the PO now differs from the snapshot that was synced (lines, quantities, prices).
 
     Edits after import are never copied to Katana; they are recorded as drift.
     """
     first = {line.line_id: line for line in snapshot.lines}
     now = {line.line_id: line for line in current}
-    drift: list[str] = []
+    drift: list[Drift] = []
     for line_id, before in first.items():
         after = now.get(line_id)
         if after is None:
-            drift.append(f"drift in TradeGecko: line {line_id} removed")
+            drift.append(Drift("tradegecko", f"line {line_id} removed"))
             continue
         if after.variant_id != before.variant_id:
             drift.append(
-                f"drift in TradeGecko: line {line_id} variant {before.variant_id} → "
-                f"{after.variant_id}"
+                Drift(
+                    "tradegecko", f"line {line_id} variant {before.variant_id} → {after.variant_id}"
+                )
             )
         if after.quantity != before.quantity:
             drift.append(
-                f"drift in TradeGecko: line {line_id} quantity {_number(before.quantity)} → "
-                f"{_number(after.quantity)}"
+                Drift(
+                    "tradegecko",
+                    f"line {line_id} quantity {_number(before.quantity)} → "
+                    f"{_number(after.quantity)}",
+                )
             )
         if after.price != before.price:
             drift.append(
-                f"drift in TradeGecko: line {line_id} price {_number(before.price)} → "
-                f"{_number(after.price)}"
+                Drift(
+                    "tradegecko",
+                    f"line {line_id} price {_number(before.price)} → {_number(after.price)}",
+                )
             )
     for line_id, after in now.items():
         if line_id not in first:
             drift.append(
-                f"drift in TradeGecko: line {line_id} added (variant {after.variant_id}, "
-                f"quantity {_number(after.quantity)}, price {_number(after.price)})"
+                Drift(
+                    "tradegecko",
+                    f"line {line_id} added (variant {after.variant_id}, "
+                    f"quantity {_number(after.quantity)}, price {_number(after.price)})",
+                )
             )
     return drift
 
 
 def sales_order_drift(
     lines: Sequence[LineLink], rows: Sequence[SalesOrderRowFacts], order_no: str
-) -> list[str]:
+) -> list[Drift]:
     """How the SO's live rows differ from what the import made of the PO lines.
 
     Rows are matched to lines in order by Katana variant (the same variant may be on two
@@ -212,28 +267,35 @@ def sales_order_drift(
     if not lines:
         return []
     left = list(rows)
-    drift: list[str] = []
+    drift: list[Drift] = []
     for line in lines:
         index = next(
             (i for i, row in enumerate(left) if row.variant_id == line.katana_variant_id), None
         )
         if index is None:
-            drift.append(f"drift in Katana: SO {order_no} row for {line.sku} removed")
+            drift.append(Drift("katana", f"SO {order_no} row for {line.sku} removed"))
             continue
         row = left.pop(index)
         if row.quantity != line.quantity:
             drift.append(
-                f"drift in Katana: SO {order_no} {line.sku} quantity "
-                f"{_number(line.quantity)} → {_number(row.quantity)}"
+                Drift(
+                    "katana",
+                    f"SO {order_no} {line.sku} quantity "
+                    f"{_number(line.quantity)} → {_number(row.quantity)}",
+                )
             )
         if line.price is not None and row.price is not None and row.price != line.price:
             drift.append(
-                f"drift in Katana: SO {order_no} {line.sku} price "
-                f"{_number(line.price)} → {_number(row.price)}"
+                Drift(
+                    "katana",
+                    f"SO {order_no} {line.sku} price {_number(line.price)} → {_number(row.price)}",
+                )
             )
     drift.extend(
-        f"drift in Katana: SO {order_no} row added (variant {row.variant_id}, "
-        f"quantity {_number(row.quantity)})"
+        Drift(
+            "katana",
+            f"SO {order_no} row added (variant {row.variant_id}, quantity {_number(row.quantity)})",
+        )
         for row in left
     )
     return drift

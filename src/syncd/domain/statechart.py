@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +37,7 @@ __all__ = [
 #: The destination that means "back to the state the order was in before attention".
 RESUME = "resume"
 
-_STATE_KEYS = frozenset({"description", "effect", "follow", "attention", "terminal"})
+_STATE_KEYS = frozenset({"description", "effect", "follow", "attention", "terminal", "recosts_po"})
 _TRANSITION_KEYS = frozenset({"trigger", "source", "dest", "description", "conditions", "unless"})
 
 
@@ -51,6 +51,8 @@ class State:
     follow: bool = False
     attention: bool = False
     terminal: bool = False
+    #: syncd re-costs the PO's lines here itself: a changed line price is no drift.
+    recosts_po: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,53 @@ class Statechart:
             )
         return result
 
+    def check_code(self, effects: Mapping[str, Collection[str]], fired: Collection[str]) -> None:
+        """Check the statechart against the code that drives it, like a worker refusing a
+        bad activity registration: a typo on either side stops start-up instead of setting
+        events aside one by one.
+
+        :param effects: effect name → the triggers its outcomes fire (the registry).
+        :param fired: the other triggers the code fires (observations, operators).
+        :raises StatechartError: every mismatch, named.
+        """
+        problems = [
+            f"state {state.name!r} names effect {state.effect!r}, which syncd does not have "
+            f"(it has {', '.join(sorted(effects)) or 'none'})"
+            for state in self.states.values()
+            if state.effect is not None and state.effect not in effects
+        ]
+        used = {s.effect for s in self.states.values() if s.effect}
+        for name, triggers in effects.items():
+            if name not in used:
+                problems.append(f"syncd has effect {name!r}, which no state runs")
+            for trigger in triggers:
+                leaving = [
+                    s.name
+                    for s in self.states.values()
+                    if s.effect == name
+                    and not any(
+                        t["trigger"] == trigger and s.name in t["source"] for t in self._transitions
+                    )
+                ]
+                if trigger in self.triggers and leaving:
+                    problems.append(
+                        f"effect {name!r} fires {trigger!r}, but no transition leaves "
+                        f"{', '.join(leaving)} on it"
+                    )
+        code = set(fired).union(*effects.values()) if effects else set(fired)
+        problems += [
+            f"syncd fires trigger {t!r}, which no transition has"
+            for t in sorted(code)
+            if t not in self.triggers
+        ]
+        problems += [
+            f"transition trigger {t!r} is fired by nothing in syncd"
+            for t in self.triggers
+            if t not in code
+        ]
+        if problems:
+            raise StatechartError(f"{self.source} does not fit the code: " + "; ".join(problems))
+
     def allows(self, state: str, trigger: str, *, resume_state: str | None = None) -> bool:
         """Whether ``trigger`` moves an order in ``state``."""
         return self.decide(state, trigger, resume_state=resume_state) is not None
@@ -220,6 +269,17 @@ class Statechart:
         else:
             resume = None
         return Decision(trigger, state, dest, entered.effect, resume)
+
+    def decide_first(
+        self, state: str, triggers: Sequence[str], *, resume_state: str | None = None
+    ) -> Decision | None:
+        """The decision of the first of ``triggers`` that applies in ``state``, if any (a
+        look at a service may offer several, in the order to try them)."""
+        for trigger in triggers:
+            decision = self.decide(state, trigger, resume_state=resume_state)
+            if decision is not None:
+                return decision
+        return None
 
     def valid_path(self, steps: Sequence[tuple[str | None, str, str]]) -> bool:
         """Whether a history of ``(from, to, trigger)`` steps is a path of this chart.
@@ -328,6 +388,7 @@ def _parse(
             follow=bool(spec.get("follow", False)),
             attention=bool(spec.get("attention", False)),
             terminal=bool(spec.get("terminal", False)),
+            recosts_po=bool(spec.get("recosts_po", False)),
         )
     initial = data.get("initial")
     if initial not in states:

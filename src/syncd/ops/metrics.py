@@ -1,7 +1,8 @@
 """Prometheus metrics: one registry per daemon, served at ``/metrics`` in its task group.
 
-Counters and histograms are updated where things happen (the HTTP clients' ``on_response``
-hook, the dispatcher's transition and effect hooks); gauges that come from the database
+Counters and histograms are updated where things happen: :class:`Metrics` is an
+:class:`~syncd.runtime.observer.Observer`, told by the dispatcher, the webhook listener and
+the HTTP clients what they did; gauges that come from the database
 (orders per state, inbox backlog) are refreshed by :meth:`Metrics.refresh` on a timer, so a
 scrape never touches SQLite. No label carries an order: label values are states, triggers,
 services, endpoint templates and status codes, all bounded.
@@ -59,6 +60,7 @@ from syncd import __version__
 from syncd.adapters._http import RequestBudget
 from syncd.ops.asgi import serving_socket
 from syncd.ops.statuspage import StatusPage
+from syncd.runtime.observer import Observer, TransitionNotice
 from syncd.store import Store
 
 __all__ = ["Metrics", "serve_metrics"]
@@ -73,8 +75,9 @@ _SERVICES = ("tradegecko", "katana")
 _PAUSED_PREFIX = "paused."
 
 
-class Metrics:
-    """The daemon's metrics, in their own :class:`CollectorRegistry`."""
+class Metrics(Observer):
+    """The daemon's metrics, in their own :class:`CollectorRegistry`; an observer of the
+    daemon."""
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -181,16 +184,33 @@ class Metrics:
             registry=r,
         )
 
-    # -- hooks ---------------------------------------------------------------------------
+    # -- the observer ------------------------------------------------------------------
+
+    def transitioned(self, notice: TransitionNotice) -> None:
+        self.transition(notice.source, notice.dest, notice.trigger, notice.since)
+
+    def effect_ran(self, effect: str, result: str) -> None:
+        self.effect(effect, result)
+
+    def drift_found(self, side: str) -> None:
+        self.drift(side)
+
+    def webhook_answered(self, service: str, result: str) -> None:
+        self.webhook(service, result)
+
+    def api_answered(
+        self, service: str, method: str, endpoint: str, status: int, seconds: float
+    ) -> None:
+        self.api_requests.labels(service, method, endpoint, str(status) if status else "none").inc()
+        self.api_duration.labels(service, method, endpoint).observe(seconds)
+
+    # -- counting ------------------------------------------------------------------------
 
     def api_hook(self, service: str) -> Callable[[str, str, int, float], None]:
         """An ``on_response`` hook for the :class:`ServiceClient` of ``service``."""
 
         def observe(method: str, endpoint: str, status: int, seconds: float) -> None:
-            self.api_requests.labels(
-                service, method, endpoint, str(status) if status else "none"
-            ).inc()
-            self.api_duration.labels(service, method, endpoint).observe(seconds)
+            self.api_answered(service, method, endpoint, status, seconds)
 
         return observe
 

@@ -615,7 +615,9 @@ def render_overview(view: Overview, *, refresh: int = REFRESH_SECONDS) -> str:
     )
     parts.append(_footer(now, view.database, refresh))
     return _page(
-        f"syncd: {waiting} need attention" if waiting else "syncd status",
+        (f"syncd: {waiting} {'needs' if waiting == 1 else 'need'} attention")
+        if waiting
+        else "syncd status",
         "".join(parts),
         refresh=refresh,
     )

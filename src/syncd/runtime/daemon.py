@@ -8,22 +8,25 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
+from typing import Any, TypeVar
 
 import anyio
 import httpx
 
-from syncd.adapters._http import RequestBudget
+from syncd.adapters._http import RequestBudget, ServiceClient
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
-from syncd.config import Config
+from syncd.config import Config, KatanaConfig, TradeGeckoConfig
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ApiError, AuthError, ConfigError, DecodeError, is_transient
 from syncd.ops.asgi import bind_socket
 from syncd.ops.logging import register_secrets
 from syncd.ops.metrics import Metrics, serve_metrics
 from syncd.ops.statuspage import StatusPage
-from syncd.runtime.dispatcher import Dispatcher, TransitionNotice
+from syncd.runtime.dispatcher import Dispatcher, check_chart
 from syncd.runtime.effects import Effects
+from syncd.runtime.observer import Observer, Observers
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
 from syncd.runtime.webhooks import WebhookConsumer, WebhookListener, bind_listener
 from syncd.store import Store
@@ -83,8 +86,9 @@ async def check_services(
     deadline = anyio.current_time() + bound
     errors: dict[str, ApiError] = {}
 
+    policy = config.retry().start
+
     async def probe(service: str, call: Callable[[], Awaitable[object]]) -> None:
-        delay = 0.5
         attempt = 0
         while True:
             attempt += 1
@@ -104,7 +108,7 @@ async def check_services(
                     if bound > 0:
                         log.error("%s failed for %.0f s at start: giving up", service, bound)
                     return
-                wait = min(delay, left)
+                wait = min(policy.delay(attempt), left)
                 log.warning(
                     "%s not ready at start (try %d), retrying in %.1f s: %s",
                     service,
@@ -115,23 +119,25 @@ async def check_services(
                 if on_wait is not None:
                     on_wait(f"waiting for {service}: {exc}")
                 await anyio.sleep(wait)
-                delay = min(delay * 2, 10.0)
 
-    # One attempt per call and a timeout within the bound: the retries here are the backoff.
-    timeout = min(10.0, bound) if bound > 0 else min(10.0, config.daemon.start_timeout)
+    # One attempt per call, each within the service's own timeout, 10 s and the bound: the
+    # retries here are the backoff, and the last try ends at most that long after the bound.
+    def timeout(settings: KatanaConfig | TradeGeckoConfig) -> float:
+        return max(1.0, min(settings.timeout, 10.0, bound if bound > 0 else 10.0))
+
     async with (
-        KatanaClient(
-            config.katana.base_url,
-            config.katana.token,
-            transport=katana_transport,
-            timeout=timeout,
+        _client(
+            KatanaClient,
+            config.katana,
+            katana_transport,
+            timeout=timeout(config.katana),
             attempts=1,
         ) as katana,
-        TradeGeckoClient(
-            config.tradegecko.base_url,
-            config.tradegecko.token,
-            transport=tradegecko_transport,
-            timeout=timeout,
+        _client(
+            TradeGeckoClient,
+            config.tradegecko,
+            tradegecko_transport,
+            timeout=timeout(config.tradegecko),
             attempts=1,
         ) as tradegecko,
         anyio.create_task_group() as tg,
@@ -158,7 +164,7 @@ async def running_daemon(
     config: Config,
     *,
     chart: Statechart | None = None,
-    on_transition: Callable[[TransitionNotice], None] | None = None,
+    observer: Observer | None = None,
     katana_transport: httpx.AsyncBaseTransport | None = None,
     tradegecko_transport: httpx.AsyncBaseTransport | None = None,
     check: bool = False,
@@ -166,6 +172,8 @@ async def running_daemon(
 ) -> AsyncIterator[Daemon]:
     """Run the daemon while the block runs; leaving the block stops it.
 
+    :param observer: told what the daemon does (transitions, effects, drift, webhooks,
+        requests), besides the daemon's own metrics.
     :param check: first make one call to each service (:func:`check_services`), after the
         database and the listen addresses are known to be usable.
     :param on_wait: with ``check``, told what the start waits for while a service fails.
@@ -175,11 +183,13 @@ async def running_daemon(
     :raises ApiError: with ``check``, a service rejected its token or could not be reached.
     """
     register_secrets([config.katana.token, config.tradegecko.token])
-    chart = chart or load_statechart(
-        config.daemon.statechart, holding=config.statechart_conditions()
+    chart = check_chart(
+        chart or load_statechart(config.daemon.statechart, holding=config.statechart_conditions())
     )
     metrics = Metrics()
     metrics.known_states(list(chart.states))
+    watchers = Observers([metrics, observer]) if observer is not None else metrics
+    retry = config.retry()
     # Exclusive: a second daemon on the same SQLite file is refused before it decides
     # anything (StoreInUse); PostgreSQL databases are meant to be shared.
     store = await Store.open(config.daemon.database, exclusive=True)
@@ -199,44 +209,42 @@ async def running_daemon(
         activated = datetime.fromisoformat(
             await store.setdefault_meta("activated_at", datetime.now(UTC).isoformat())
         )
+
+        def serving(
+            kind: type[_Client],
+            settings: KatanaConfig | TradeGeckoConfig,
+            transport: httpx.AsyncBaseTransport | None,
+        ) -> _Client:
+            return _client(
+                kind,
+                settings,
+                transport,
+                budget=RequestBudget(settings.rate_limit, settings.rate_period),
+                timeout=settings.timeout,
+                retry=retry.request,
+                on_response=partial(watchers.api_answered, kind.service),
+            )
+
         async with (
-            KatanaClient(
-                config.katana.base_url,
-                config.katana.token,
-                budget=RequestBudget(config.katana.rate_limit, config.katana.rate_period),
-                timeout=config.katana.timeout,
-                transport=katana_transport,
-                on_response=metrics.api_hook("katana"),
-            ) as katana,
-            TradeGeckoClient(
-                config.tradegecko.base_url,
-                config.tradegecko.token,
-                budget=RequestBudget(config.tradegecko.rate_limit, config.tradegecko.rate_period),
-                timeout=config.tradegecko.timeout,
-                transport=tradegecko_transport,
-                on_response=metrics.api_hook("tradegecko"),
-            ) as tradegecko,
+            serving(KatanaClient, config.katana, katana_transport) as katana,
+            serving(TradeGeckoClient, config.tradegecko, tradegecko_transport) as tradegecko,
         ):
-            effects = Effects(config, katana, tradegecko)
-
-            def transition_seen(notice: TransitionNotice) -> None:
-                metrics.transition(notice.source, notice.dest, notice.trigger, notice.since)
-                if on_transition is not None:
-                    on_transition(notice)
-
             dispatcher = Dispatcher(
                 store,
                 chart,
-                effects,
+                Effects(config, katana, tradegecko),
                 concurrency=config.daemon.concurrency,
-                retry_initial=config.daemon.retry_initial,
-                retry_max=config.daemon.retry_max,
-                on_transition=transition_seen,
-                on_effect=metrics.effect,
-                on_drift=metrics.drift,
+                retry=retry,
+                observer=watchers,
             )
             tg_poller = TradeGeckoPoller(store, tradegecko, config, activated, dispatcher.wake)
             kt_poller = KatanaPoller(store, katana, config, chart, activated, dispatcher.wake)
+            listener: WebhookListener | None = None
+            if webhooks_sock is not None:
+                consumer = WebhookConsumer(
+                    store, tg_poller, kt_poller, dispatcher.wake, retry=retry
+                )
+                listener = WebhookListener(config, store, katana, tradegecko, consumer, watchers)
             daemon = Daemon(
                 config,
                 store,
@@ -248,6 +256,9 @@ async def running_daemon(
                 kt_poller,
                 activated,
                 metrics,
+                metrics_url=_url(metrics_sock) if metrics_sock is not None else None,
+                webhooks=listener,
+                webhooks_url=_url(webhooks_sock) if webhooks_sock is not None else None,
             )
             async with anyio.create_task_group() as tg:
                 await tg.start(dispatcher.run)
@@ -265,14 +276,14 @@ async def running_daemon(
                         budgets={"katana": katana.budget, "tradegecko": tradegecko.budget},
                     )
                 )
-                if webhooks_sock is not None:
-                    await _start_webhooks(tg, daemon, webhooks_sock)
+                if listener is not None and webhooks_sock is not None:
+                    tg.start_soon(listener.consumer.run)
+                    await tg.start(listener.run, webhooks_sock)
                 if metrics_sock is not None:
                     page = StatusPage(
                         config.daemon.database, chart, webhooks_enabled=config.webhooks.enabled
                     )
                     await tg.start(serve_metrics, metrics, metrics_sock, page)
-                    daemon.metrics_url = _url(metrics_sock)
                 log.info(
                     "syncd running",
                     extra={
@@ -294,29 +305,17 @@ async def running_daemon(
             await store.close()
 
 
-async def _start_webhooks(tg: anyio.abc.TaskGroup, daemon: Daemon, sock: socket.socket) -> None:
-    """Serve the webhook listener and its consumer; once healthy, polls only reconcile."""
-    consumer = WebhookConsumer(
-        daemon.store, daemon.tradegecko_poller, daemon.katana_poller, daemon.dispatcher.wake
-    )
+_Client = TypeVar("_Client", bound=ServiceClient)
 
-    def healthy(ok: bool) -> None:
-        hooks = daemon.config.webhooks
-        for poller, interval in (
-            (daemon.tradegecko_poller, daemon.config.tradegecko.poll_interval),
-            (daemon.katana_poller, daemon.config.katana.poll_interval),
-        ):
-            poller.interval = max(interval, hooks.reconcile_interval) if ok else interval
-        log.info("webhooks %s", "healthy: polls reconcile" if ok else "not healthy")
 
-    listener = WebhookListener(
-        daemon.config, daemon.store, daemon.katana, daemon.tradegecko, consumer, healthy
-    )
-    if daemon.metrics is not None:
-        listener.on_result = daemon.metrics.webhook
-    tg.start_soon(consumer.run)
-    daemon.webhooks = listener
-    daemon.webhooks_url = await tg.start(listener.run, sock)
+def _client(
+    kind: type[_Client],
+    settings: KatanaConfig | TradeGeckoConfig,
+    transport: httpx.AsyncBaseTransport | None,
+    **options: Any,
+) -> _Client:
+    """A client of one service at its configured address, with its token."""
+    return kind(settings.base_url, settings.token, transport=transport, **options)
 
 
 def _url(sock: socket.socket) -> str:

@@ -11,119 +11,98 @@ harmless.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from typing import Any
 
 import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
+from syncd.config import RETRY, RetryPolicies
 from syncd.domain.orders import LinkedOrder, PurchaseOrderSnapshot, SalesOrderFacts
+from syncd.domain.replay import plan_replay
 from syncd.domain.rules import (
+    Drift,
+    Signal,
     purchase_order_drift,
-    purchase_order_trigger,
+    purchase_order_signal,
     sales_order_drift,
     sales_order_notes,
-    sales_order_trigger,
+    sales_order_signal,
 )
 from syncd.domain.statechart import Decision, Statechart
-from syncd.errors import StoreError, SyncdError, is_transient
+from syncd.domain.triggers import OBSERVATION_TRIGGERS, OPERATOR_TRIGGERS
+from syncd.errors import AuthError, Retries, StoreError, SyncdError, is_transient
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
-from syncd.runtime.effects import Effects, Outcome
-from syncd.store import ImportResult as Import
+from syncd.runtime.effects import EFFECTS, IMPORT_ORDER, EffectRunner, Outcome
+from syncd.runtime.observer import Observer, TransitionNotice
+from syncd.runtime.pauses import pause_service
 from syncd.store import InboxEvent, Store
 
-__all__ = ["Dispatcher", "ReplayPlan", "ReplayStep", "TransitionNotice"]
+__all__ = ["Dispatcher", "check_chart"]
 
 log = logging.getLogger("syncd.dispatcher")
 
-#: How often an inbox event is tried before it is set aside (marked processed, with why).
-_EVENT_ATTEMPTS = 5
+#: What handles one inbox kind: the event, and its decoded payload.
+_Handler = Callable[[InboxEvent, Any], Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class TransitionNotice:
-    """Told to listeners after a transition is persisted."""
+def check_chart(chart: Statechart) -> Statechart:
+    """``chart``, once checked against the code: every effect it names is registered, and the
+    triggers the code fires and its own are the same names.
 
-    link: LinkedOrder
-    source: str | None
-    dest: str
-    trigger: str
-    cause: str
-    #: When the order entered ``source``; ``None`` for a new order.
-    since: datetime | None = None
-
-
-@dataclass(frozen=True)
-class ReplayStep:
-    """One stored inbox event that moves the order when re-processed."""
-
-    event_id: int
-    trigger: str
-    source: str
-    dest: str
-    cause: str
-
-
-@dataclass(frozen=True)
-class ReplayPlan:
-    """What replaying an order does: re-run its state's effect, or these steps."""
-
-    state: str
-    effect: str | None
-    steps: tuple[ReplayStep, ...]
-
-    def describe(self) -> str:
-        if self.effect is not None:
-            return f"re-run the {self.effect} effect of {self.state}"
-        if not self.steps:
-            return f"nothing: no stored event moves the order from {self.state}"
-        return "; ".join(
-            f"event {s.event_id}: {s.source} → {s.dest} [{s.trigger}] {s.cause}" for s in self.steps
-        )
-
-
-#: Inbox kinds a replay does not re-process: the PO's discovery, effects' past outcomes
-#: (the effect is re-run instead) and operators' commands.
-_NOT_REPLAYED = frozenset({inbox.PO_DISCOVERED, inbox.EFFECT_OUTCOME, inbox.OPERATOR})
+    :raises StatechartError: naming every mismatch.
+    """
+    chart.check_code(
+        {name: spec.fires for name, spec in EFFECTS.items()},
+        fired=(*OBSERVATION_TRIGGERS, *OPERATOR_TRIGGERS),
+    )
+    return chart
 
 
 class Dispatcher:
-    """Drives every linked order through the statechart."""
+    """Drives every linked order through the statechart.
+
+    Each inbox kind has one handler (:attr:`handlers`); each decides once, and the decision
+    is applied in one transaction with the event that caused it.
+    """
 
     def __init__(
         self,
         store: Store,
         chart: Statechart,
-        effects: Effects,
+        effects: EffectRunner,
         *,
         concurrency: int = 4,
-        retry_initial: float = 5.0,
-        retry_max: float = 300.0,
-        on_transition: Callable[[TransitionNotice], None] | None = None,
-        on_effect: Callable[[str, str], None] | None = None,
-        on_drift: Callable[[str], None] | None = None,
+        retry: RetryPolicies = RETRY,
+        observer: Observer | None = None,
     ) -> None:
         self.store = store
         self.chart = chart
         self.effects = effects
-        self.retry_initial = retry_initial
-        self.retry_max = retry_max
-        self._on_transition = on_transition
-        #: Told ``(effect, "ok" | "retry" | "failed")`` after each effect run.
-        self._on_effect = on_effect
-        #: Told the side (``"tradegecko"`` or ``"katana"``) of each newly recorded drift.
-        self._on_drift = on_drift
+        self.retry = retry
+        #: Told each transition, effect run and newly recorded drift.
+        self.observer = observer or Observer()
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._wake = anyio.Event()
         self._running: set[int] = set()
         self._again: set[int] = set()
-        self._failures: dict[int, int] = {}
-        self._event_failures: dict[int, int] = {}
+        #: Effects that failed for a passing reason, by order; retried until they work.
+        self._effect_retries: Retries[int] = Retries(retry.effect)
+        #: Inbox events that could not be applied, by event; set aside after their attempts.
+        self._event_retries: Retries[int] = Retries(retry.event)
         self._tg: TaskGroup | None = None
+        #: Inbox kind → its handler; the sources' own kinds (:data:`inbox.SOURCE_KINDS`)
+        #: never reach the dispatcher.
+        self.handlers: dict[str, _Handler] = {
+            inbox.PO_DISCOVERED: self._apply_po_discovered,
+            inbox.PO_OBSERVED: self._apply_po_observed,
+            inbox.SO_OBSERVED: self._apply_so_observed,
+            inbox.EFFECT_OUTCOME: self._apply_effect_outcome,
+            inbox.OPERATOR: self._apply_operator,
+        }
 
     def wake(self) -> None:
         """Tell the dispatcher that the inbox has something new."""
@@ -146,8 +125,7 @@ class Dispatcher:
     async def drain(self) -> int:
         """Process every pending inbox event; returns how many."""
         total = 0
-        # Raw webhook deliveries are the webhook consumer's, not the statechart's.
-        while events := await self.store.pending_events(exclude_kinds=inbox.WEBHOOK_KINDS):
+        while events := await self.store.pending_events(exclude_kinds=inbox.SOURCE_KINDS):
             for event in events:
                 await self._handle(event)
             total += len(events)
@@ -165,6 +143,7 @@ class Dispatcher:
     async def _handle(self, event: InboxEvent) -> None:
         try:
             payload = inbox.decode(event.kind, event.payload)
+            handler = self.handlers[event.kind]
         except (KeyError, msgspec.DecodeError) as exc:
             log.error(
                 "inbox event %s (%s) is unreadable: %s",
@@ -176,48 +155,43 @@ class Dispatcher:
             await self.store.mark_processed(event.id, f"unreadable: {exc}")
             return
         try:
-            if isinstance(payload, inbox.OperatorCommand) and payload.action == inbox.REPLAY:
-                await self._replay(event, payload)
-            elif isinstance(payload, inbox.ImportRequest):
-                await self._backfill(event, payload)
-            elif isinstance(payload, PurchaseOrderSnapshot):
-                await self._discovered(event, payload)
-            else:
-                await self._observed(event, payload)
+            await handler(event, payload)
         except StoreError as exc:
             if is_transient(exc):
                 # The database is locked by another process or the disk failed: nothing is
                 # given up, the event waits for the next pass.
                 log.warning("event %s waits: %s", event.id, exc, extra=_ids(event))
-                await anyio.sleep(1.0)
+                await anyio.sleep(self.retry.store.initial)
             else:
                 await self._failed(event, exc)
         except SyncdError as exc:
             await self._failed(event, exc)
         else:
-            self._event_failures.pop(event.id, None)
+            self._event_retries.succeeded(event.id)
 
     async def _failed(self, event: InboxEvent, exc: SyncdError) -> None:
         """Typically another writer moved the order between our read and our write: the next
         pass decides again. A fault that persists must not wedge the inbox."""
-        attempts = self._event_failures.get(event.id, 0) + 1
-        self._event_failures[event.id] = attempts
-        if attempts >= _EVENT_ATTEMPTS:
+        attempt = self._event_retries.failed(event.id)
+        if attempt.delay is None:
             log.error(
                 "event %s (%s) set aside after %d tries: %s",
                 event.id,
                 event.kind,
-                attempts,
+                attempt.number,
                 exc,
                 extra=_ids(event),
             )
-            self._event_failures.pop(event.id, None)
             await self._set_aside(event.id, f"failed: {exc}")
         else:
             log.warning(
-                "event %s not applied (try %d): %s", event.id, attempts, exc, extra=_ids(event)
+                "event %s not applied (try %d): %s",
+                event.id,
+                attempt.number,
+                exc,
+                extra=_ids(event),
             )
-            await anyio.sleep(min(2.0, 0.1 * attempts))
+            await anyio.sleep(attempt.delay)
 
     async def _set_aside(self, event_id: int, outcome: str) -> None:
         try:
@@ -225,64 +199,11 @@ class Dispatcher:
         except SyncdError as exc:
             log.error("cannot mark event %s processed: %s", event_id, exc)
 
-    async def _backfill(self, event: InboxEvent, request: inbox.ImportRequest) -> None:
-        """``syncctl import``: fetch the PO by number and discover it, even if it was made
-        before activation. A passing failure leaves the event for the next pass."""
-        from syncd.runtime.pollers import OTHER_SUPPLIER, snapshot_of, supplier_matches
+    # -- one handler per inbox kind ------------------------------------------------------
 
-        number = request.po_number
-        # Each outcome is recorded for `syncctl import --wait` and `syncctl explain`.
-        settle = self.store.record_import_outcome
-        if await self.store.link_by_po_number(number) is not None:
-            await settle(event.id, number, Import.ALREADY_LINKED, f"PO {number} is already linked")
-            return
-        client = self.effects.tradegecko
-        found = [
-            po
-            for po in await client.list_purchase_orders(order_number=number)
-            if po.order_number == number
-        ]
-        if not found:
-            log.warning("backfill: no PO %s in TradeGecko", number, extra={"po": number})
-            await settle(event.id, number, Import.NOT_FOUND, f"no PO {number} in TradeGecko")
-            return
-        po = min(found, key=lambda po: po.id)
-        wanted = self.effects.config.tradegecko
-        supplier = next(
-            (
-                c.name
-                for c in await client.list_companies(company_type="supplier")
-                if c.id == po.company_id
-            ),
-            f"company {po.company_id}",
-        )
-        if not request.force and not supplier_matches(
-            supplier, wanted.supplier_name, wanted.supplier_match
-        ):
-            why = f"PO {number} is {supplier}'s, not {wanted.supplier_name}'s: not imported"
-            await self.store.observe_purchase_order(
-                po.id, number, status=po.status, reason=OTHER_SUPPLIER, supplier=supplier
-            )
-            await settle(event.id, number, Import.OTHER_SUPPLIER, why, po_id=po.id)
-            return
-        if po.status != "active":
-            why = f"PO {number} is {po.status} in TradeGecko: not imported"
-            await settle(event.id, number, Import.NOT_ACTIVE, why, po_id=po.id)
-            return
-        order, lines = await client.get_purchase_order(po.id)
-        why = f": {request.reason}" if request.reason else ""
-        await self.store.add_event(
-            f"backfill by {request.who()}{why}",
-            inbox.PO_DISCOVERED,
-            inbox.encode(snapshot_of(order, lines)),
-            dedup_key=f"po:{po.id}",
-            po_id=po.id,
-        )
-        await settle(
-            event.id, number, Import.DISCOVERED, f"PO {number} (id {po.id}) discovered", po_id=po.id
-        )
-
-    async def _discovered(self, event: InboxEvent, snapshot: PurchaseOrderSnapshot) -> None:
+    async def _apply_po_discovered(
+        self, event: InboxEvent, snapshot: PurchaseOrderSnapshot
+    ) -> None:
         link = await self.store.create_link(
             snapshot,
             state=self.chart.initial,
@@ -296,14 +217,49 @@ class Dispatcher:
         if self.chart.state(link.state).effect:
             self._schedule(link.id)
 
-    async def _observed(self, event: InboxEvent, payload: msgspec.Struct) -> None:
-        link = await self._link_for(event)
+    async def _apply_po_observed(
+        self, event: InboxEvent, observed: inbox.PurchaseOrderObserved
+    ) -> None:
+        link = await self._link_or_settle(event)
         if link is None:
-            await self.store.mark_processed(event.id, "no linked order")
             return
-        link = await self._note_observation(link, payload)
-        triggers, cause, outcome = self._triggers(payload)
-        if outcome is not None and outcome.so_id is not None:
+        state = self.chart.state(link.state)
+        if (
+            observed.lines is not None
+            and link.snapshot is not None
+            and not state.terminal
+            # The receipt re-costs the PO's lines itself: that is no drift.
+            and not state.recosts_po
+        ):
+            link = await self._note(link, purchase_order_drift(link.snapshot, observed.lines))
+        await self._move(event, link, purchase_order_signal(observed.status))
+
+    async def _apply_so_observed(self, event: InboxEvent, facts: SalesOrderFacts) -> None:
+        link = await self._link_or_settle(event)
+        if link is None:
+            return
+        if not self.chart.state(link.state).terminal:
+            # What moves nothing but a person should see: a partly delivered SO that
+            # waits, and edits after import (never copied across).
+            seen: list[str | Drift] = [*sales_order_notes(facts)]
+            if not facts.deleted:
+                seen += sales_order_drift(link.lines, facts.rows, facts.order_no)
+            link = await self._note(link, seen)
+        await self._move(event, link, sales_order_signal(facts))
+
+    async def _apply_operator(self, event: InboxEvent, command: inbox.OperatorCommand) -> None:
+        if command.action == inbox.REPLAY:
+            await self._replay(event, command)
+            return
+        link = await self._link_or_settle(event)
+        if link is not None:
+            await self._move(event, link, Signal((command.action,), command.cause()))
+
+    async def _apply_effect_outcome(self, event: InboxEvent, outcome: Outcome) -> None:
+        link = await self._link_or_settle(event)
+        if link is None:
+            return
+        if outcome.so_id is not None:
             owner = await self.store.link_by_so(outcome.so_id)
             if owner is not None and owner.id != link.id:
                 # Two POs with one number map to one order_no: never share an SO.
@@ -312,16 +268,16 @@ class Dispatcher:
                     f"(link {owner.id}); is the PO number {link.po_number} used twice?"
                 )
                 outcome = Outcome(
-                    effect=outcome.effect, trigger="import_failed", cause=reason, reason=reason
+                    effect=outcome.effect, trigger=IMPORT_ORDER.failed, cause=reason, reason=reason
                 )
-                triggers, cause = (outcome.trigger,), reason
-        for trigger in triggers:
-            decision = self.chart.decide(link.state, trigger, resume_state=link.resume_state)
-            if decision is not None:
-                await self._apply(link, decision, cause, event.id, outcome)
-                return
-        notes = list(outcome.notes) if outcome is not None else []
-        if outcome is not None and outcome.so_id is not None and link.so_id != outcome.so_id:
+        decision = self.chart.decide(link.state, outcome.trigger, resume_state=link.resume_state)
+        if decision is not None:
+            await self._apply(link, decision, outcome.cause, event.id, outcome)
+            gave_up = self.chart.state(decision.dest).attention
+            self.observer.effect_ran(outcome.effect, "failed" if gave_up else "ok")
+            return
+        notes = list(outcome.notes)
+        if outcome.so_id is not None and link.so_id != outcome.so_id:
             # The import raced a cancel or a void: the SO exists but nothing follows it.
             warning = (
                 f"Katana SO {outcome.so_number} (id {outcome.so_id}) was made while the order "
@@ -331,55 +287,40 @@ class Dispatcher:
             notes.append(warning)
         if notes:
             await self.store.note(link.id, notes=notes)
+        await self.store.mark_processed(event.id, f"no move from {link.state} ({outcome.trigger})")
+        self.observer.effect_ran(outcome.effect, "ok")
+
+    # -- shared by the handlers ----------------------------------------------------------
+
+    async def _link_or_settle(self, event: InboxEvent) -> LinkedOrder | None:
+        """The order ``event`` is about; ``None`` (the event settled) if there is none."""
+        link = await self._link_for(event)
+        if link is None:
+            await self.store.mark_processed(event.id, "no linked order")
+        return link
+
+    async def _move(self, event: InboxEvent, link: LinkedOrder, signal: Signal) -> None:
+        """Decide once what ``signal`` does to ``link`` and apply it, or settle the event."""
+        decision = self.chart.decide_first(
+            link.state, signal.triggers, resume_state=link.resume_state
+        )
+        if decision is not None:
+            await self._apply(link, decision, signal.cause, event.id, None)
+            return
         await self.store.mark_processed(
-            event.id, f"no move from {link.state} ({', '.join(triggers) or 'nothing new'})"
+            event.id, f"no move from {link.state} ({', '.join(signal.triggers) or 'nothing new'})"
         )
 
-    async def _note_observation(self, link: LinkedOrder, payload: msgspec.Struct) -> LinkedOrder:
-        """Record on the link what a look shows that moves nothing: drift (edits after
-        import, never copied across) and a partly delivered SO that waits."""
-        notes: list[str] = []
-        state = self.chart.state(link.state)
-        if isinstance(payload, SalesOrderFacts) and not state.terminal:
-            notes += sales_order_notes(payload)
-            if not payload.deleted:
-                notes += sales_order_drift(link.lines, payload.rows, payload.order_no)
-        elif (
-            isinstance(payload, inbox.PurchaseOrderObserved)
-            and payload.lines is not None
-            and link.snapshot is not None
-            and not state.terminal
-            # The receipt re-costs the PO's lines itself: that is no drift.
-            and state.effect != "receive_order"
-        ):
-            notes += purchase_order_drift(link.snapshot, payload.lines)
-        new = [n for n in notes if n not in link.notes]
+    async def _note(self, link: LinkedOrder, seen: Sequence[str | Drift]) -> LinkedOrder:
+        """Record on the link what a look shows that moves nothing; count new drift."""
+        new = [item for item in seen if str(item) not in link.notes]
         if not new:
             return link
-        await self.store.note(link.id, notes=new)
-        for side in ("tradegecko", "katana"):
-            prefix = "drift in TradeGecko" if side == "tradegecko" else "drift in Katana"
-            if self._on_drift is not None and any(n.startswith(prefix) for n in new):
-                self._on_drift(side)
-        log.warning("order noted", extra={"po": link.po_number, "notes": "; ".join(new)})
+        await self.store.note(link.id, notes=[str(item) for item in new])
+        for side in sorted({item.side for item in new if isinstance(item, Drift)}):
+            self.observer.drift_found(side)
+        log.warning("order noted", extra={"po": link.po_number, "notes": "; ".join(map(str, new))})
         return await self.store.get_link(link.id) or link
-
-    def _triggers(self, payload: msgspec.Struct) -> tuple[tuple[str, ...], str, Outcome | None]:
-        if isinstance(payload, Outcome):
-            return (payload.trigger,), payload.cause, payload
-        if isinstance(payload, inbox.OperatorCommand):
-            return (payload.action,), payload.cause(), None
-        if isinstance(payload, SalesOrderFacts):
-            production = payload.production_status or "none"
-            cause = f"Katana SO {payload.order_no}: {payload.status}, production {production}" + (
-                " (deleted)" if payload.deleted else ""
-            )
-            return tuple(sales_order_trigger(payload)), cause, None
-        if isinstance(payload, inbox.PurchaseOrderObserved):
-            trigger = purchase_order_trigger(payload.status)
-            cause = f"TradeGecko PO is {payload.status}"
-            return ((trigger,) if trigger else ()), cause, None
-        return (), "", None
 
     async def _link_for(self, event: InboxEvent) -> LinkedOrder | None:
         if event.link_id is not None:
@@ -417,7 +358,7 @@ class Dispatcher:
             **extra,  # type: ignore[arg-type]
         )
         crash_point("transition_applied")
-        self._failures.pop(link.id, None)
+        self._effect_retries.succeeded(link.id)
         self._notify(
             updated, decision.source, decision.dest, decision.trigger, cause, link.state_since
         )
@@ -434,14 +375,16 @@ class Dispatcher:
         if not seen:
             return link
         facts = inbox.decode(seen[-1].kind, seen[-1].payload)
-        triggers, cause, _ = self._triggers(facts)
-        for trigger in triggers:
-            decision = self.chart.decide(link.state, trigger, resume_state=link.resume_state)
-            if decision is not None:
-                return await self._apply(
-                    link, decision, f"{cause} (seen before the retry)", None, None
-                )
-        return link
+        assert isinstance(facts, SalesOrderFacts)
+        signal = sales_order_signal(facts)
+        decision = self.chart.decide_first(
+            link.state, signal.triggers, resume_state=link.resume_state
+        )
+        if decision is None:
+            return link
+        return await self._apply(
+            link, decision, f"{signal.cause} (seen before the retry)", None, None
+        )
 
     async def fire(self, link: LinkedOrder, trigger: str, cause: str) -> LinkedOrder | None:
         """Fire an operator's trigger (retry, cancel) on ``link``; ``None`` if not allowed."""
@@ -470,8 +413,7 @@ class Dispatcher:
                 "cause": cause,
             },
         )
-        if self._on_transition is not None:
-            self._on_transition(TransitionNotice(link, source, dest, trigger, cause, since))
+        self.observer.transitioned(TransitionNotice(link, source, dest, trigger, cause, since))
 
     # -- effects -------------------------------------------------------------------------
 
@@ -498,7 +440,7 @@ class Dispatcher:
                         exc,
                         extra={"link": link_id},
                     )
-                    await anyio.sleep(self.retry_initial)
+                    await anyio.sleep(self.retry.effect.initial)
                     self._again.add(link_id)
                 if link_id not in self._again:
                     return
@@ -506,6 +448,8 @@ class Dispatcher:
             self._running.discard(link_id)
 
     async def _effect_once(self, link_id: int) -> None:
+        """Run the effect of the order's state and write its outcome to the inbox; what the
+        outcome means is decided once, when its handler applies it."""
         link = await self.store.get_link(link_id)
         if link is None:
             return
@@ -523,12 +467,12 @@ class Dispatcher:
                 # Effects turn what needs a person into an outcome; what is left may pass.
                 failure = exc
         if failure is not None:
-            self._effect_ran(effect, "retry")
+            if isinstance(failure, AuthError):
+                # Seen here first when no poll calls the service (nothing followed yet).
+                await pause_service(self.store, failure.service, failure)
+            self.observer.effect_ran(effect, "retry")
             await self._retry_later(link, effect, failure)
             return
-        decision = self.chart.decide(link.state, outcome.trigger, resume_state=link.resume_state)
-        gave_up = decision is not None and self.chart.state(decision.dest).attention
-        self._effect_ran(effect, "failed" if gave_up else "ok")
         await self.store.add_event(
             "effect",
             inbox.EFFECT_OUTCOME,
@@ -539,55 +483,22 @@ class Dispatcher:
         crash_point("outcome_written")
         self.wake()
 
-    def _effect_ran(self, effect: str, result: str) -> None:
-        if self._on_effect is not None:
-            self._on_effect(effect, result)
-
     # -- operators -----------------------------------------------------------------------
 
-    async def plan_replay(self, link: LinkedOrder) -> ReplayPlan:
-        """What replaying ``link`` would do, without doing it (``syncctl replay --dry-run``).
-
-        In an effect state the effect is re-run. Otherwise the order's stored observations
-        are re-processed, oldest first, against its current state: each one the statechart
-        accepts moves it, until a state with an effect takes over.
-        """
-        effect = self.chart.state(link.state).effect
-        if effect is not None:
-            return ReplayPlan(link.state, effect, ())
-        state, resume = link.state, link.resume_state
-        steps: list[ReplayStep] = []
-        for event in await self.store.events_for_link(link.id):
-            if event.kind in _NOT_REPLAYED:
-                continue
-            try:
-                payload = inbox.decode(event.kind, event.payload)
-            except (KeyError, msgspec.DecodeError):
-                continue
-            triggers, cause, _ = self._triggers(payload)
-            for trigger in triggers:
-                decision = self.chart.decide(state, trigger, resume_state=resume)
-                if decision is not None:
-                    steps.append(ReplayStep(event.id, trigger, state, decision.dest, cause))
-                    state, resume = decision.dest, decision.resume_state
-                    break
-            if self.chart.state(state).effect is not None:
-                break
-        return ReplayPlan(link.state, None, tuple(steps))
-
     async def _replay(self, event: InboxEvent, command: inbox.OperatorCommand) -> None:
-        link = await self._link_for(event)
+        link = await self._link_or_settle(event)
         if link is None:
-            await self.store.mark_processed(event.id, "no linked order")
             return
-        plan = await self.plan_replay(link)
+        plan = plan_replay(
+            self.chart, link, inbox.replayable(await self.store.events_for_link(link.id))
+        )
         log.info(
             "operator replay",
             extra={"po": link.po_number, "so": link.so_number, "plan": plan.describe()},
         )
         if plan.effect is not None:
             await self.store.mark_processed(event.id, f"replay: {plan.describe()}")
-            self._failures.pop(link.id, None)
+            self._effect_retries.succeeded(link.id)
             self._schedule(link.id)
             return
         applied = 0
@@ -609,14 +520,14 @@ class Dispatcher:
             await self.store.mark_processed(event.id, f"replay: {plan.describe()}")
 
     async def _retry_later(self, link: LinkedOrder, effect: str, error: Exception) -> None:
-        count = self._failures.get(link.id, 0) + 1
-        self._failures[link.id] = count
-        delay = min(self.retry_max, self.retry_initial * math.pow(2, min(count - 1, 16)))
+        attempt = self._effect_retries.failed(link.id)
+        # The effect policy never gives up: a passing failure passes.
+        delay = attempt.delay if attempt.delay is not None else self.retry.effect.maximum
         log.warning(
             "effect %s for %s failed (attempt %d), retrying in %.0f s: %s",
             effect,
             link.po_number,
-            count,
+            attempt.number,
             delay,
             error,
             extra={"po": link.po_number, "so": link.so_number},

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Protocol
 
 import anyio
 import msgspec
@@ -28,6 +29,7 @@ from syncd.adapters.katana import SalesOrder as KatanaSalesOrder
 from syncd.adapters.katana import Variant as KatanaVariant
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import Config
+from syncd.domain import triggers
 from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderSnapshot
 from syncd.domain.rules import (
     DELIVERED,
@@ -41,12 +43,56 @@ from syncd.domain.rules import (
 from syncd.errors import ApiError, NotFound, RuleViolation, ValidationFailed, is_transient
 from syncd.runtime.crashpoints import crash_point
 
-__all__ = ["Effects", "Outcome"]
+__all__ = [
+    "EFFECTS",
+    "IMPORT_ORDER",
+    "MAKE_TO_ORDER",
+    "RECEIVE_ORDER",
+    "EffectRunner",
+    "EffectSpec",
+    "Effects",
+    "Outcome",
+]
 
 log = logging.getLogger("syncd.effects")
 
 #: How long cached reference data (currencies, the factory, the customer) is trusted.
 _CACHE_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class EffectSpec:
+    """One effect as the statechart names it, and the triggers its outcome fires."""
+
+    name: str
+    #: Fired when the effect did its work (or found it done).
+    done: str
+    #: Fired when a person must look (a rule the order breaks, a refusal).
+    failed: str
+    #: Other outcomes the effect may end in, each its own trigger.
+    other: tuple[str, ...] = ()
+
+    @property
+    def fires(self) -> tuple[str, ...]:
+        """Every trigger the effect's outcome may fire."""
+        return (self.done, self.failed, *self.other)
+
+
+IMPORT_ORDER = EffectSpec("import_order", done=triggers.SO_CREATED, failed=triggers.IMPORT_FAILED)
+RECEIVE_ORDER = EffectSpec(
+    "receive_order", done=triggers.PO_RECEIVED, failed=triggers.RECEIVE_FAILED
+)
+MAKE_TO_ORDER = EffectSpec(
+    "make_to_order",
+    done=triggers.PRODUCTION_ORDERED,
+    failed=triggers.MAKE_TO_ORDER_FAILED,
+    # No row has a recipe; or the SO was delivered before anything was left to make.
+    other=(triggers.NOTHING_TO_MAKE, triggers.FOUND_DELIVERED),
+)
+#: Every effect syncd has, by name: the registry checked against the statechart at start-up.
+EFFECTS: Mapping[str, EffectSpec] = {
+    spec.name: spec for spec in (IMPORT_ORDER, MAKE_TO_ORDER, RECEIVE_ORDER)
+}
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -61,6 +107,12 @@ class Outcome(msgspec.Struct, kw_only=True):
     currency: str | None = None
     lines: tuple[LineLink, ...] | None = None
     notes: tuple[str, ...] = ()
+
+
+class EffectRunner(Protocol):
+    """What the dispatcher needs of the effects: run one by name (:class:`Effects`)."""
+
+    async def run(self, effect: str, link: LinkedOrder) -> Outcome: ...
 
 
 @dataclass
@@ -88,19 +140,20 @@ class Effects:
         # Find-or-create must not interleave: two imports at once would both find nothing
         # and both create the same customer or SKU.
         self._find_or_create = anyio.Lock()
+        self._registered: dict[str, Callable[[LinkedOrder], Awaitable[Outcome]]] = {
+            IMPORT_ORDER.name: self.import_order,
+            MAKE_TO_ORDER.name: self.make_to_order,
+            RECEIVE_ORDER.name: self.receive_order,
+        }
+        assert set(self._registered) == set(EFFECTS), "EFFECTS and Effects disagree"
 
     async def run(self, effect: str, link: LinkedOrder) -> Outcome:
-        """Run the effect called ``effect`` for ``link``.
+        """Run the effect called ``effect`` for ``link`` (a name :data:`EFFECTS` has: the
+        statechart was checked against it at start-up).
 
         :raises ApiError: a passing failure; try again later.
         """
-        if effect == "import_order":
-            return await self.import_order(link)
-        if effect == "receive_order":
-            return await self.receive_order(link)
-        if effect == "make_to_order":
-            return await self.make_to_order(link)
-        raise RuleViolation(f"the statechart names an effect syncd does not have: {effect!r}")
+        return await self._registered[effect](link)
 
     # -- import --------------------------------------------------------------------------
 
@@ -108,15 +161,8 @@ class Effects:
         """Create the Katana sales order for a PO, or find the one already created."""
         snapshot = link.snapshot
         if snapshot is None:
-            return _failed("import_order", "import_failed", "no PO snapshot was stored")
-        try:
-            return await self._import(link, snapshot)
-        except RuleViolation as exc:
-            return _failed("import_order", "import_failed", str(exc))
-        except ApiError as exc:
-            if is_transient(exc):
-                raise
-            return _failed("import_order", "import_failed", f"Katana or TradeGecko refused: {exc}")
+            return _failed(IMPORT_ORDER, "no PO snapshot was stored")
+        return await _settled(IMPORT_ORDER, self._import(link, snapshot), "Katana or TradeGecko")
 
     async def _import(self, link: LinkedOrder, snapshot: PurchaseOrderSnapshot) -> Outcome:
         katana_config = self.config.katana
@@ -149,19 +195,24 @@ class Effects:
                 f"the SO is in {currency}"
             )
 
-        order_no = order_number_for(snapshot.po_number, katana_config.order_no_prefix)
-        existing = await self._existing_sales_order(order_no)
-        if existing is not None:
-            so_id, so_number = existing
+        def imported(so_id: int, so_number: str, cause: str) -> Outcome:
             return Outcome(
-                effect="import_order",
-                trigger="so_created",
-                cause=f"found Katana SO {so_number} already made for this PO",
+                effect=IMPORT_ORDER.name,
+                trigger=IMPORT_ORDER.done,
+                cause=cause,
                 so_id=so_id,
                 so_number=so_number,
                 currency=currency,
                 lines=tuple(line_links),
                 notes=tuple(notes),
+            )
+
+        order_no = order_number_for(snapshot.po_number, katana_config.order_no_prefix)
+        existing = await self._existing_sales_order(order_no)
+        if existing is not None:
+            so_id, so_number = existing
+            return imported(
+                so_id, so_number, f"found Katana SO {so_number} already made for this PO"
             )
 
         async with self._find_or_create:
@@ -196,15 +247,10 @@ class Effects:
                 )
             raise
         crash_point("so_created")
-        return Outcome(
-            effect="import_order",
-            trigger="so_created",
-            cause=f"created Katana SO {sales_order.order_no} with {len(line_links)} rows",
-            so_id=sales_order.id,
-            so_number=sales_order.order_no,
-            currency=currency,
-            lines=tuple(line_links),
-            notes=tuple(notes),
+        return imported(
+            sales_order.id,
+            sales_order.order_no,
+            f"created Katana SO {sales_order.order_no} with {len(line_links)} rows",
         )
 
     async def _skus_for(self, snapshot: PurchaseOrderSnapshot) -> dict[int, str]:
@@ -324,17 +370,8 @@ class Effects:
         """Press "Make to order" on each row of the sales order that has a recipe and no
         manufacturing order yet; rows without a recipe are left to a person, and noted."""
         if link.so_id is None:
-            return _failed(
-                "make_to_order", "make_to_order_failed", "no Katana sales order is linked"
-            )
-        try:
-            return await self._make_to_order(link, link.so_id)
-        except RuleViolation as exc:
-            return _failed("make_to_order", "make_to_order_failed", str(exc))
-        except ApiError as exc:
-            if is_transient(exc):
-                raise
-            return _failed("make_to_order", "make_to_order_failed", f"Katana refused: {exc}")
+            return _failed(MAKE_TO_ORDER, "no Katana sales order is linked")
+        return await _settled(MAKE_TO_ORDER, self._make_to_order(link, link.so_id), "Katana")
 
     async def _make_to_order(self, link: LinkedOrder, so_id: int) -> Outcome:
         try:
@@ -370,23 +407,23 @@ class Effects:
             # Made (or delivered from stock) while syncd was down; the look that showed it
             # came while the order could not move on.
             return Outcome(
-                effect="make_to_order",
-                trigger="found_delivered",
+                effect=MAKE_TO_ORDER.name,
+                trigger=triggers.FOUND_DELIVERED,
                 cause=f"Katana SO {order.order_no} is already delivered: nothing to make",
                 notes=tuple(notes),
             )
         if made + found == 0:
             return Outcome(
-                effect="make_to_order",
-                trigger="nothing_to_make",
+                effect=MAKE_TO_ORDER.name,
+                trigger=triggers.NOTHING_TO_MAKE,
                 cause=f"no row of Katana SO {order.order_no} has a recipe: nothing made to order",
                 notes=tuple(notes),
             )
         already = f" ({found} already linked)" if found else ""
         orders = "manufacturing order" if made == 1 else "manufacturing orders"
         return Outcome(
-            effect="make_to_order",
-            trigger="production_ordered",
+            effect=MAKE_TO_ORDER.name,
+            trigger=MAKE_TO_ORDER.done,
             cause=f"made {made} {orders} for Katana SO {order.order_no}{already}",
             notes=tuple(notes),
         )
@@ -427,16 +464,7 @@ class Effects:
 
     async def receive_order(self, link: LinkedOrder) -> Outcome:
         """Re-cost the PO lines from Katana's average costs, then receive the PO."""
-        try:
-            return await self._receive(link)
-        except RuleViolation as exc:
-            return _failed("receive_order", "receive_failed", str(exc))
-        except ApiError as exc:
-            if is_transient(exc):
-                raise
-            return _failed(
-                "receive_order", "receive_failed", f"TradeGecko or Katana refused: {exc}"
-            )
+        return await _settled(RECEIVE_ORDER, self._receive(link), "TradeGecko or Katana")
 
     async def _receive(self, link: LinkedOrder) -> Outcome:
         try:
@@ -447,8 +475,8 @@ class Effects:
             # Received by an earlier run that died before recording it (or by a person): the
             # record still says what the lines cost before and after.
             return Outcome(
-                effect="receive_order",
-                trigger="po_received",
+                effect=RECEIVE_ORDER.name,
+                trigger=RECEIVE_ORDER.done,
                 cause=f"PO {link.po_number} is received in TradeGecko",
                 lines=_costs_found(link.lines, {line.id: line.price for line in po_lines}),
             )
@@ -520,8 +548,8 @@ class Effects:
             crash_point("po_received")
             cause = f"received PO {link.po_number} (procurement {procurement.id})"
         return Outcome(
-            effect="receive_order",
-            trigger="po_received",
+            effect=RECEIVE_ORDER.name,
+            trigger=RECEIVE_ORDER.done,
             cause=cause,
             lines=tuple(costed),
             notes=tuple(notes),
@@ -545,5 +573,19 @@ def _costs_found(
     return tuple(found)
 
 
-def _failed(effect: str, trigger: str, reason: str) -> Outcome:
-    return Outcome(effect=effect, trigger=trigger, cause=reason, reason=reason)
+async def _settled(effect: EffectSpec, work: Awaitable[Outcome], services: str) -> Outcome:
+    """The outcome of ``work``: what a person must fix (a rule the order breaks, a request
+    ``services`` refuse) fires the effect's ``failed`` trigger; a passing failure is raised
+    for the dispatcher to retry."""
+    try:
+        return await work
+    except RuleViolation as exc:
+        return _failed(effect, str(exc))
+    except ApiError as exc:
+        if is_transient(exc):
+            raise
+        return _failed(effect, f"{services} refused: {exc}")
+
+
+def _failed(effect: EffectSpec, reason: str) -> Outcome:
+    return Outcome(effect=effect.name, trigger=effect.failed, cause=reason, reason=reason)

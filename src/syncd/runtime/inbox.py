@@ -6,10 +6,15 @@ has one payload type, encoded as JSON in the inbox row.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
+from syncd.domain import triggers
 from syncd.domain.orders import PurchaseOrderLine, PurchaseOrderSnapshot, SalesOrderFacts
+from syncd.domain.rules import Signal, purchase_order_signal, sales_order_signal
 from syncd.runtime.effects import Outcome
+from syncd.store import InboxEvent
 
 __all__ = [
     "EFFECT_OUTCOME",
@@ -19,6 +24,7 @@ __all__ = [
     "PO_DISCOVERED",
     "PO_OBSERVED",
     "REPLAY",
+    "SOURCE_KINDS",
     "SO_OBSERVED",
     "WEBHOOK_KINDS",
     "WEBHOOK_RECEIVED",
@@ -28,6 +34,7 @@ __all__ = [
     "WebhookReceived",
     "decode",
     "encode",
+    "replayable",
 ]
 
 PO_DISCOVERED = "po_discovered"
@@ -40,11 +47,14 @@ IMPORT_REQUESTED = "import_requested"
 OPERATOR = "operator"
 #: ``replay`` is not a statechart trigger: it re-drives the order from where it is.
 REPLAY = "replay"
-OPERATOR_ACTIONS = ("retry", "cancel", REPLAY)
+OPERATOR_ACTIONS = (*triggers.OPERATOR_TRIGGERS, REPLAY)
 #: A verified webhook delivery, persisted before it is acknowledged. Not for the dispatcher:
 #: the webhook consumer re-fetches the object and writes the events the pollers would.
 WEBHOOK_RECEIVED = "webhook_received"
 WEBHOOK_KINDS = (WEBHOOK_RECEIVED,)
+#: Requests to a source to look at a service, handled by that source, not the dispatcher:
+#: webhook deliveries (the webhook consumer) and imports on purpose (the TradeGecko poller).
+SOURCE_KINDS = (*WEBHOOK_KINDS, IMPORT_REQUESTED)
 
 
 class PurchaseOrderObserved(msgspec.Struct, kw_only=True, frozen=True):
@@ -120,3 +130,23 @@ def decode(kind: str, payload: bytes) -> msgspec.Struct:
     """
     result: msgspec.Struct = _DECODERS[kind].decode(payload)
     return result
+
+
+def replayable(events: Iterable[InboxEvent]) -> list[tuple[int, Signal]]:
+    """The stored looks at either service among ``events``, as the statechart reads them,
+    for :func:`syncd.domain.replay.plan_replay`. A replay does not re-process the PO's
+    discovery, effects' past outcomes (the effect is re-run instead) or operators' commands;
+    an unreadable event is skipped."""
+    seen: list[tuple[int, Signal]] = []
+    for event in events:
+        if event.kind not in (SO_OBSERVED, PO_OBSERVED):
+            continue
+        try:
+            payload = decode(event.kind, event.payload)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(payload, SalesOrderFacts):
+            seen.append((event.id, sales_order_signal(payload)))
+        elif isinstance(payload, PurchaseOrderObserved):
+            seen.append((event.id, purchase_order_signal(payload.status)))
+    return seen

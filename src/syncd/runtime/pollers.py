@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import anyio
+import msgspec
 
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.katana import SalesOrder as KatanaSalesOrder
@@ -29,17 +30,18 @@ from syncd.domain.orders import (
 )
 from syncd.domain.rules import purchase_order_drift, purchase_order_trigger
 from syncd.domain.statechart import Statechart
-from syncd.errors import AuthError, SyncdError
+from syncd.errors import AuthError, Retries, SyncdError, is_transient
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
-from syncd.store import Store
+from syncd.runtime.pauses import PAUSED_PREFIX, pause_service
+from syncd.store import ImportResult as Import
+from syncd.store import InboxEvent, Store
 
 __all__ = [
     "BEFORE_ACTIVATION",
     "IMPORTABLE_STATUSES",
     "OTHER_SUPPLIER",
     "OVERLAP",
-    "PAUSED_PREFIX",
     "KatanaPoller",
     "TradeGeckoPoller",
     "facts_of",
@@ -57,8 +59,6 @@ OVERLAP = timedelta(seconds=5)
 #: POs that are not yet issued (drafts) wait; these are imported.
 IMPORTABLE_STATUSES = frozenset({"active"})
 _SUPPLIER_CACHE_SECONDS = 600.0
-#: Meta key prefix of a service whose token was rejected: ``paused.katana``.
-PAUSED_PREFIX = "paused."
 #: Why a seen PO is not linked, as recorded for ``syncctl explain`` (which matches on them).
 BEFORE_ACTIVATION = "created before activation"
 OTHER_SUPPLIER = "another supplier"
@@ -71,9 +71,14 @@ def parse_time(value: str) -> datetime:
 class _Poller:
     name = "poller"
 
-    def __init__(self, store: Store, interval: float, wake: Callable[[], None]) -> None:
+    def __init__(
+        self, store: Store, config: Config, interval: float, wake: Callable[[], None]
+    ) -> None:
         self.store = store
+        #: Seconds between polls: the configured interval, or the reconcile interval once
+        #: webhooks bring the changes (:meth:`reconcile`).
         self.interval = interval
+        self._reconcile_interval = config.webhooks.reconcile_interval
         self._wake = wake
         self.last_success: float | None = None
         self.kick = anyio.Event()
@@ -81,21 +86,12 @@ class _Poller:
     async def poll_once(self) -> int:
         raise NotImplementedError
 
+    def reconcile(self) -> None:
+        """Webhooks bring the changes now: poll only to catch what a delivery missed."""
+        self.interval = max(self.interval, self._reconcile_interval)
+
     async def _pause(self, error: AuthError) -> None:
-        """A revoked token pauses every order (effects retry, nothing moves); the daemon
-        keeps running and serving metrics, and resumes at the first poll that works."""
-        key = f"{PAUSED_PREFIX}{error.service or self.name}"
-        try:
-            if await self.store.get_meta(key) is None:
-                log.error("%s rejected the token: every order is paused (%s)", self.name, error)
-                await self.store.set_meta(
-                    key,
-                    f"{error.service or self.name} rejected the token (401) since "
-                    f"{datetime.now(UTC).isoformat(timespec='seconds')}: every order is "
-                    "paused until it works again",
-                )
-        except SyncdError as exc:
-            log.warning("cannot record the pause: %s", exc)
+        await pause_service(self.store, error.service or self.name, error)
 
     async def _resume(self) -> None:
         key = f"{PAUSED_PREFIX}{self.name}"
@@ -105,6 +101,12 @@ class _Poller:
                 log.warning("%s accepts the token again: orders resume", self.name)
         except SyncdError as exc:
             log.warning("cannot clear the pause: %s", exc)
+
+    async def _paused(self) -> bool:
+        try:
+            return await self.store.get_meta(f"{PAUSED_PREFIX}{self.name}") is not None
+        except SyncdError:
+            return False
 
     async def run(self) -> None:
         """Poll forever; a failed poll is logged and tried again next interval."""
@@ -144,13 +146,15 @@ class TradeGeckoPoller(_Poller):
         activated_at: datetime,
         wake: Callable[[], None],
     ) -> None:
-        super().__init__(store, config.tradegecko.poll_interval, wake)
+        super().__init__(store, config, config.tradegecko.poll_interval, wake)
         self.client = client
         self.supplier_name = config.tradegecko.supplier_name
         self.supplier_match = config.tradegecko.supplier_match
         self.activated_at = activated_at
         self._suppliers: list[int] = []
         self._suppliers_at = -1e18
+        self.retry = config.retry()
+        self._import_retries: Retries[int] = Retries(self.retry.backfill)
 
     async def supplier_ids(self) -> list[int]:
         """The ids of the TradeGecko suppliers named like the configured supplier."""
@@ -245,14 +249,17 @@ class TradeGeckoPoller(_Poller):
             log.warning("cannot record PO %s: %s", po.order_number or po.id, exc)
 
     async def _discover(
-        self, po: PurchaseOrder, lines: list[PurchaseOrderLineItem] | None = None
+        self,
+        po: PurchaseOrder,
+        lines: list[PurchaseOrderLineItem] | None = None,
+        *,
+        source: str = "tradegecko",
     ) -> int:
         if lines is None:
             po, lines = await self.client.get_purchase_order(po.id)
-        order = po
-        snapshot = snapshot_of(order, lines)
+        snapshot = snapshot_of(po, lines)
         event = await self.store.add_event(
-            "tradegecko",
+            source,
             inbox.PO_DISCOVERED,
             inbox.encode(snapshot),
             dedup_key=f"po:{po.id}",
@@ -262,6 +269,98 @@ class TradeGeckoPoller(_Poller):
             crash_point("po_discovered")
             log.info("new purchase order", extra={"po": snapshot.po_number, "po_id": po.id})
         return int(event is not None)
+
+    # -- imports on purpose (syncctl import) ---------------------------------------------
+
+    async def run(self) -> None:
+        """Poll forever, and serve the operators' import requests as they come."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._serve_imports)
+            await super().run()
+
+    async def _serve_imports(self) -> None:
+        while True:
+            try:
+                for event in await self.store.pending_events(kinds=(inbox.IMPORT_REQUESTED,)):
+                    await self._import_requested(event)
+            except SyncdError as exc:
+                log.warning("import requests not read: %s", exc)
+            # syncctl writes requests from another process: they are looked for this often.
+            await anyio.sleep(self.retry.backfill.initial)
+
+    async def _import_requested(self, event: InboxEvent) -> None:
+        try:
+            request = inbox.decode(event.kind, event.payload)
+        except msgspec.DecodeError as exc:
+            await self.store.mark_processed(event.id, f"unreadable: {exc}")
+            return
+        assert isinstance(request, inbox.ImportRequest)
+        try:
+            if await self.backfill(event.id, request):
+                self._wake()
+        except SyncdError as exc:
+            if is_transient(exc):
+                # TradeGecko or the database is down for now: the request waits.
+                log.warning("import of PO %s waits: %s", request.po_number, exc)
+                return
+            attempt = self._import_retries.failed(event.id)
+            if attempt.delay is not None:
+                log.warning(
+                    "import of PO %s failed (try %d): %s", request.po_number, attempt.number, exc
+                )
+                return
+            log.error("import of PO %s set aside: %s", request.po_number, exc)
+            await self.store.mark_processed(event.id, f"failed: {exc}")
+        self._import_retries.succeeded(event.id)
+
+    async def backfill(self, event_id: int, request: inbox.ImportRequest) -> bool:
+        """``syncctl import``: fetch the PO by number and discover it, even if it was made
+        before activation; another supplier's is refused unless forced. Each outcome is
+        recorded with the request (``event_id``) for ``syncctl import --wait`` and
+        ``syncctl explain``; returns whether a discovery was written."""
+        number = request.po_number
+        settle = self.store.record_import_outcome
+        if await self.store.link_by_po_number(number) is not None:
+            await settle(event_id, number, Import.ALREADY_LINKED, f"PO {number} is already linked")
+            return False
+        found = [
+            po
+            for po in await self.client.list_purchase_orders(order_number=number)
+            if po.order_number == number
+        ]
+        if not found:
+            log.warning("backfill: no PO %s in TradeGecko", number, extra={"po": number})
+            await settle(event_id, number, Import.NOT_FOUND, f"no PO {number} in TradeGecko")
+            return False
+        po = min(found, key=lambda po: po.id)
+        supplier = next(
+            (
+                c.name
+                for c in await self.client.list_companies(company_type="supplier")
+                if c.id == po.company_id
+            ),
+            f"company {po.company_id}",
+        )
+        if not request.force and not supplier_matches(
+            supplier, self.supplier_name, self.supplier_match
+        ):
+            why = f"PO {number} is {supplier}'s, not {self.supplier_name}'s: not imported"
+            await self.store.observe_purchase_order(
+                po.id, number, status=po.status, reason=OTHER_SUPPLIER, supplier=supplier
+            )
+            await settle(event_id, number, Import.OTHER_SUPPLIER, why, po_id=po.id)
+            return False
+        if po.status not in IMPORTABLE_STATUSES:
+            why = f"PO {number} is {po.status} in TradeGecko: not imported"
+            await settle(event_id, number, Import.NOT_ACTIVE, why, po_id=po.id)
+            return False
+        order, lines = await self.client.get_purchase_order(po.id)
+        why = f": {request.reason}" if request.reason else ""
+        await self._discover(order, lines, source=f"backfill by {request.who()}{why}")
+        await settle(
+            event_id, number, Import.DISCOVERED, f"PO {number} (id {po.id}) discovered", po_id=po.id
+        )
+        return True
 
     async def _observe(self, po: PurchaseOrder) -> int:
         if purchase_order_trigger(po.status) is None:
@@ -354,7 +453,7 @@ class KatanaPoller(_Poller):
         activated_at: datetime,
         wake: Callable[[], None],
     ) -> None:
-        super().__init__(store, config.katana.poll_interval, wake)
+        super().__init__(store, config, config.katana.poll_interval, wake)
         self.client = client
         self.followed_states = chart.followed_states()
         self.activated_at = activated_at
@@ -366,6 +465,10 @@ class KatanaPoller(_Poller):
     async def poll_once(self) -> int:
         followed = await self.store.so_ids_in_states(self.followed_states)
         if not followed:
+            if await self._paused():
+                # Nothing to follow, but an effect met a 401: ask once, so that the pause
+                # ends when the token works again (one call per interval, only while paused).
+                await self.client.get_factory()
             return 0
         so_since = await self._cursor(self.so_cursor)
         mo_since = await self._cursor(self.mo_cursor)

@@ -38,11 +38,12 @@ from starlette.routing import Route
 
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
-from syncd.config import Config
-from syncd.errors import ApiError, ConfigError, NotFound, SyncdError
+from syncd.config import RETRY, Config, RetryPolicies
+from syncd.errors import ApiError, ConfigError, NotFound, Retries, SyncdError
 from syncd.ops.asgi import bind_socket, serving_socket
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
+from syncd.runtime.observer import Observer
 from syncd.runtime.pollers import OTHER_SUPPLIER, KatanaPoller, TradeGeckoPoller
 from syncd.store import InboxEvent, Store
 
@@ -82,8 +83,6 @@ TRADEGECKO_PATH = "/webhooks/tradegecko"
 KATANA_PATH = "/webhooks/katana"
 _META_KATANA_TOKEN = "webhooks.katana_token"
 _META_PATH_TOKEN = "webhooks.path_token"
-#: How often a raw delivery is tried before it is set aside (the poller reconciles it).
-_ATTEMPTS = 5
 #: How far ahead of our clock a delivery's timestamp may be (clock skew).
 _FUTURE_SKEW = 300.0
 
@@ -203,16 +202,17 @@ def create_webhook_app(
     max_body_bytes: int,
     on_received: Callable[[], None],
     health: Callable[[], dict[str, object]] | None = None,
-    on_result: Callable[[str, str], None] | None = None,
+    observer: Observer | None = None,
     replay_window: float | None = None,
     clock: Callable[[], float] = time.time,
 ) -> Starlette:
     """The listener's ASGI app: ``POST /webhooks/tradegecko``,
     ``POST /webhooks/katana/{path token}``, ``GET /healthz``.
 
-    ``replay_window``: seconds a TradeGecko delivery's ``timestamp`` may lie behind
-    ``clock()`` (at most 5 minutes ahead); ``None`` checks no timestamp. The daemon's
-    listener passes ``webhooks.replay_window``.
+    ``on_received`` wakes the consumer once a delivery is stored; ``observer`` is told what
+    each delivery was answered. ``replay_window``: seconds a TradeGecko delivery's
+    ``timestamp`` may lie behind ``clock()`` (at most 5 minutes ahead); ``None`` checks no
+    timestamp. The daemon's listener passes ``webhooks.replay_window``.
     """
 
     def stale(timestamp: float | None) -> bool:
@@ -237,14 +237,23 @@ def create_webhook_app(
         answer.background = BackgroundTask(_acknowledged)
         return answer
 
-    async def tradegecko(request: Request) -> Response:
+    async def signed_body(
+        request: Request, service: str, verify: Callable[[bytes, str | None], bool], header: str
+    ) -> bytes | Response:
+        """The delivery's body, or the answer refusing it (too large, not signed right)."""
         try:
             body = await _read_body(request, max_body_bytes)
         except _TooLarge:
             return _answer(413, "body too large")
-        if not keys.tradegecko_ok(body, request.headers.get("x-gecko-signature")):
-            log.warning("TradeGecko delivery with a bad or missing signature refused")
+        if not verify(body, request.headers.get(header)):
+            log.warning("%s delivery with a bad or missing signature refused", service)
             return _answer(401, "bad signature")
+        return body
+
+    async def tradegecko(request: Request) -> Response:
+        body = await signed_body(request, "TradeGecko", keys.tradegecko_ok, "x-gecko-signature")
+        if isinstance(body, Response):
+            return body
         delivery = request.headers.get("x-gecko-delivery", "").strip()
         try:
             note = msgspec.json.decode(body, type=_TradeGeckoBody)
@@ -274,13 +283,9 @@ def create_webhook_app(
     async def katana(request: Request) -> Response:
         if not keys.path_ok(str(request.path_params["token"])):
             return _answer(404, "not found")
-        try:
-            body = await _read_body(request, max_body_bytes)
-        except _TooLarge:
-            return _answer(413, "body too large")
-        if not keys.katana_ok(body, request.headers.get("x-sha2-signature")):
-            log.warning("Katana delivery with a bad or missing signature refused")
-            return _answer(401, "bad signature")
+        body = await signed_body(request, "Katana", keys.katana_ok, "x-sha2-signature")
+        if isinstance(body, Response):
+            return body
         try:
             note = msgspec.json.decode(body, type=_KatanaBody)
             object_id = int(note.object.id)
@@ -309,8 +314,9 @@ def create_webhook_app(
     ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             response = await handler(request)
-            if on_result is not None:
-                on_result(service, getattr(response, "result", str(response.status_code)))
+            if observer is not None:
+                result = getattr(response, "result", str(response.status_code))
+                observer.webhook_answered(service, result)
             return response
 
         return endpoint
@@ -333,13 +339,17 @@ class WebhookConsumer:
         tradegecko_poller: TradeGeckoPoller,
         katana_poller: KatanaPoller,
         wake: Callable[[], None],
+        *,
+        retry: RetryPolicies = RETRY,
     ) -> None:
         self.store = store
         self.tradegecko_poller = tradegecko_poller
         self.katana_poller = katana_poller
         self._wake_dispatcher = wake
         self._kick = anyio.Event()
-        self._failures: dict[int, int] = {}
+        self.retry = retry
+        #: Re-fetches that failed, by object; after their attempts the pollers reconcile.
+        self._retries: Retries[tuple[str, int]] = Retries(retry.webhook)
 
     def wake(self) -> None:
         """Tell the consumer a delivery was persisted."""
@@ -351,7 +361,7 @@ class WebhookConsumer:
                 await self.drain()
             except SyncdError as exc:
                 log.warning("webhook deliveries not processed yet: %s", exc)
-                await anyio.sleep(1.0)
+                await anyio.sleep(self.retry.webhook.initial)
             with anyio.move_on_after(1.0):
                 await self._kick.wait()
             self._kick = anyio.Event()
@@ -381,15 +391,12 @@ class WebhookConsumer:
             except NotFound:
                 outcome, count = "gone", 0
             except SyncdError as exc:
-                attempts = max(self._failures.get(i, 0) for i in ids) + 1
-                if attempts < _ATTEMPTS:
-                    for event_id in ids:
-                        self._failures[event_id] = attempts
+                if self._retries.failed((resource, object_id)).delay is not None:
                     raise
                 outcome, count = f"failed (the poller reconciles): {exc}", 0
             added += count
+            self._retries.succeeded((resource, object_id))
             for event_id in ids:
-                self._failures.pop(event_id, None)
                 # Duplicates of one object in this batch share one re-fetch.
                 await self.store.mark_processed(event_id, outcome)
         if added:
@@ -512,14 +519,14 @@ class WebhookListener:
         katana: KatanaClient,
         tradegecko: TradeGeckoClient,
         consumer: WebhookConsumer,
-        on_healthy: Callable[[bool], None],
+        observer: Observer | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.katana = katana
         self.tradegecko = tradegecko
         self.consumer = consumer
-        self._on_healthy = on_healthy
+        self.observer = observer or Observer()
         self.url: str | None = None
         self.public_url: str | None = None
         self.registered = False
@@ -528,8 +535,6 @@ class WebhookListener:
             config.webhooks.path_token,
             verify=config.webhooks.verify_signatures,
         )
-        #: Told ``(service, result)`` for every delivery answered (metrics).
-        self.on_result: Callable[[str, str], None] | None = None
 
     async def _load_keys(self) -> None:
         hooks = self.config.webhooks
@@ -567,7 +572,7 @@ class WebhookListener:
             max_body_bytes=hooks.max_body_bytes,
             on_received=self.consumer.wake,
             health=self.health,
-            on_result=self.on_result,
+            observer=self.observer,
             replay_window=hooks.replay_window,
         )
         owned = sock is None
@@ -598,13 +603,17 @@ class WebhookListener:
                 log.warning("webhooks not registered: %s", exc)
                 return False
         self.registered = True
-        self._on_healthy(True)
+        # Changes now come as webhooks: the polls only reconcile what a delivery missed.
+        self.consumer.tradegecko_poller.reconcile()
+        self.consumer.katana_poller.reconcile()
+        log.info("webhooks healthy: polls reconcile")
         return True
 
     async def _register_forever(self) -> None:
-        delay = 5.0
+        policy = self.config.retry().registration
+        failures = 0
         while not self.registered:
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 300.0)
+            failures += 1
+            await anyio.sleep(policy.delay(failures))
             await self._register_once()
         await anyio.sleep_forever()

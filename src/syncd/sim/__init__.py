@@ -7,6 +7,7 @@ nothing with syncd's API clients. :func:`running_simulators` serves both on loop
 
 from syncd.sim._harness import (
     CHAIR_LINE,
+    FactoryTokens,
     Simulators,
     catalogue_lines,
     free_port,
@@ -21,6 +22,7 @@ __all__ = [
     "CHAIR_LINE",
     "KATANA_API_PREFIX",
     "TRADEGECKO_WEBHOOK_SECRET",
+    "FactoryTokens",
     "KatanaWorld",
     "Simulators",
     "TradeGeckoWorld",

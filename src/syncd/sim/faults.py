@@ -22,6 +22,11 @@ template ``/sales_orders/{id}``, a prefix ``/sales_orders*``, or ``*``); every m
 rule adds its latency, and the first fault that fires wins. The random source is seeded, so a
 run with the same seed and the same sequence of requests injects the same faults.
 
+A rule or a burst may name an ``account`` (its API token): it then touches only requests
+bearing that token; by default it touches every account. (A request with no or an unknown
+token belongs to the default account, as it is counted there.) What was injected is
+counted in all and per account.
+
 Faults never touch ``/_sim/``. ``/_sim/faults`` is the control endpoint: ``GET`` shows the
 settings and what was injected, ``PUT`` replaces the settings (a burst starts then), ``DELETE``
 clears them. Both simulators always carry the layer, so faults can be switched on at run time.
@@ -82,6 +87,8 @@ class FaultRule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     path: str = "*"
     #: ``*`` or one HTTP method.
     method: str = "*"
+    #: Only requests of this account (its token); ``None`` for every account.
+    account: str | None = None
     error_rate: Rate = 0.0
     error_status: Annotated[int, msgspec.Meta(ge=400, le=599)] = 500
     timeout_rate: Rate = 0.0
@@ -104,6 +111,8 @@ class Burst(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seconds: NonNegative = 0.0
     #: The wait the 429 announces; by default what is left of a timed burst, else 1 s.
     retry_after: NonNegative | None = None
+    #: Only requests of this account (its token); ``None`` for every account.
+    account: str | None = None
 
 
 class Faults(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -195,7 +204,19 @@ class FaultLayer:
         self.api_prefix = api_prefix.rstrip("/")
         self.rate_limit = rate_limit
         self.injected: Counter[str] = Counter()
+        self.injected_by_account: dict[str, Counter[str]] = {}
+        #: The account key of a request's bearer token (the simulator sets it; the token
+        #: itself until then).
+        self.account_of: Callable[[str | None], str] = lambda token: token or ""
         self.configure(faults or Faults())
+
+    def count(self, kind: str, account: str, by: int = 1) -> None:
+        self.injected[kind] += by
+        self.injected_by_account.setdefault(account, Counter())[kind] += by
+
+    def injected_for(self, account: str) -> dict[str, int]:
+        """What was injected into ``account``'s requests."""
+        return dict(self.injected_by_account.get(account, Counter()))
 
     def configure(self, faults: Faults) -> None:
         """Replace the settings; the random source is re-seeded and a burst starts now."""
@@ -212,6 +233,7 @@ class FaultLayer:
         return {
             "faults": msgspec.to_builtins(self.faults),
             "injected": dict(self.injected),
+            "injected_by_account": {k: dict(v) for k, v in self.injected_by_account.items()},
             "burst_requests_left": self._burst_left,
             "burst_seconds_left": round(max(0.0, self._burst_until - time.monotonic()), 3),
         }
@@ -228,12 +250,16 @@ class FaultLayer:
             return path[len(self.api_prefix) :] or "/"
         return None
 
-    def plan(self, method: str, path: str) -> _Plan:
-        """What to do to one API request."""
+    def plan(self, method: str, path: str, account: str = "") -> _Plan:
+        """What to do to one API request of ``account``."""
         plan = _Plan()
         now = time.monotonic()
         burst = self.faults.burst
-        if burst is not None and (self._burst_left > 0 or now < self._burst_until):
+        if (
+            burst is not None
+            and burst.account in (None, account)
+            and (self._burst_left > 0 or now < self._burst_until)
+        ):
             if self._burst_left > 0:
                 self._burst_left -= 1
             timed = max(0.0, self._burst_until - now)
@@ -243,6 +269,8 @@ class FaultLayer:
         rnd = self._random
         for index, (matches, rule) in enumerate(self._matchers):
             if rule.method not in ("*", method.upper()) or not matches(path):
+                continue
+            if rule.account not in (None, account):
                 continue
             if rule.latency_ms or rule.jitter_ms:
                 plan.delay += (rule.latency_ms + rnd.uniform(0.0, rule.jitter_ms)) / 1000.0
@@ -358,22 +386,23 @@ class FaultInjector:
             await self.app(scope, receive, send)
             return
         layer = self.layer
-        plan = layer.plan(scope["method"], api_path)
+        account = layer.account_of(_bearer(scope))
+        plan = layer.plan(scope["method"], api_path, account)
         if plan.delay > 0:
-            layer.injected["latency"] += 1
+            layer.count("latency", account)
             await anyio.sleep(plan.delay)
         if plan.rate_limited is not None:
-            layer.injected["rate_limited"] += 1
+            layer.count("rate_limited", account)
             await _respond(send, layer.rate_limited_response(plan.rate_limited))
             return
         if plan.kind is None:
             await self.app(scope, receive, send)
             return
-        layer.injected[f"{plan.kind}_after" if plan.after else plan.kind] += 1
+        layer.count(f"{plan.kind}_after" if plan.after else plan.kind, account)
         if plan.kind == "truncate" or plan.after:
             start, body = await self._capture(scope, receive)
             if plan.kind == "truncate":
-                await self._truncated(send, start, body)
+                await self._truncated(send, start, body, account)
                 return
         await self._fail(plan, receive, send)
 
@@ -399,13 +428,13 @@ class FaultInjector:
         await self.app(scope, receive, keep)
         return start, b"".join(chunks)
 
-    async def _truncated(self, send: Send, start: Message, body: bytes) -> None:
+    async def _truncated(self, send: Send, start: Message, body: bytes, account: str) -> None:
         status = int(start.get("status", 500))
         if 200 <= status < 300 and len(body) > 1:
             body = body[: max(1, len(body) // 2)]
         else:
             # Nothing to cut (an error, or a 204): the answer goes out whole, uncounted.
-            self.layer.injected["truncate"] -= 1
+            self.layer.count("truncate", account, -1)
         headers = [
             (name, value)
             for name, value in start.get("headers", [])
@@ -437,6 +466,15 @@ class FaultInjector:
             await _plain(send, 405, {"error": "use GET, PUT or DELETE"})
             return
         await _plain(send, 200, layer.report())
+
+
+def _bearer(scope: Scope) -> str | None:
+    """The bearer token of an ASGI request, if it has one."""
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, given = value.decode("latin-1").partition(" ")
+            return given.strip() if scheme.lower() == "bearer" else None
+    return None
 
 
 async def _plain(send: Send, status: int, data: Any) -> None:

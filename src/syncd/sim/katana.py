@@ -9,6 +9,12 @@ validates against the published OpenAPI contract (the contract tests check this)
 people (pressing "Make to order", starting and finishing manufacturing orders, delivering)
 and must not eat into syncd's API budget. ``GET /_sim/counters`` tells tests how often the
 daemon called each endpoint and whether it created an order number twice.
+
+It serves many accounts at once, one workshop per API token (see :mod:`syncd.sim._frame`):
+``POST /_sim/accounts {"token": ...}`` adds one, whose workshop is seeded on first use; a
+control call names its account with the ``X-Sim-Account`` header or ``?account=``. Each
+account has its own webhooks (each with its own token), counters, rate budget and
+revocation knob.
 """
 
 from __future__ import annotations
@@ -28,7 +34,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
-from syncd.sim._frame import Dialect, Frame, Handler, Page, Quota, SlidingWindow, json_response
+from syncd.sim._frame import (
+    Account,
+    Dialect,
+    Frame,
+    Handler,
+    Page,
+    Quota,
+    SlidingWindow,
+    json_response,
+    numbered_tokens,
+)
 from syncd.sim._katana_world import KatanaError, KatanaWorld
 from syncd.sim.faults import Faults, install_faults
 from syncd.sim.webhooks import Subscription, WebhookSender, katana_sender, new_token
@@ -702,9 +718,10 @@ async def _sim_currency(request: Request, world: KatanaWorld) -> Any:
 def _counters(frame: Frame) -> WorldHandler:
     async def counters(request: Request, world: KatanaWorld) -> Any:
         """How often each endpoint was called, what was created (order numbers twice?)."""
+        account: Account[KatanaWorld] = request.state.account
         report = world.counter_report()
-        report.update(frame.traffic())
-        report["faults_injected"] = dict(request.app.state.faults.injected)
+        report.update(frame.traffic(account))
+        report["faults_injected"] = request.app.state.faults.injected_for(account.token)
         return report
 
     return counters
@@ -746,12 +763,16 @@ def _webhook_handlers(sender: WebhookSender) -> tuple[WorldHandler, WorldHandler
                         allowedValues=list(WEBHOOK_EVENTS),
                     )
             sub = sender.subscribe(
-                body.url, body.subscribed_events, token=new_token(), description=body.description
+                body.url,
+                body.subscribed_events,
+                token=new_token(),
+                description=body.description,
+                account=request.state.account.token,
             )
             sub.enabled = body.enabled
             return _webhook_dict(sub)
-        records = [_webhook_dict(s) for s in reversed(sender.subscriptions.values())]
-        return _paged(request, records)
+        mine = sender.subscriptions_of(request.state.account.token)
+        return _paged(request, [_webhook_dict(s) for s in reversed(mine)])
 
     async def knobs(request: Request, world: KatanaWorld) -> Any:
         """Webhook sender: GET shows it, POST sets speed, duplicate, reorder, drop."""
@@ -760,12 +781,12 @@ def _webhook_handlers(sender: WebhookSender) -> tuple[WorldHandler, WorldHandler
                 sender.set_knobs(msgspec.json.decode(await request.body() or b"{}"))
             except (ValueError, TypeError, AttributeError, msgspec.DecodeError) as exc:
                 raise KatanaError.invalid(".", "knob", str(exc)) from None
-        return sender.knobs()
+        return sender.knobs(request.state.account.token)
 
     return webhooks, knobs
 
 
-def _publisher(sender: WebhookSender) -> Callable[[str, int, str], None]:
+def _publisher(sender: WebhookSender, account: str) -> Callable[[str, int, str], None]:
     def publish(action: str, object_id: int, status: str) -> None:
         resource = action.split(".", 1)[0]
         thing: dict[str, Any] = {"id": str(object_id), "status": status}
@@ -779,6 +800,7 @@ def _publisher(sender: WebhookSender) -> Callable[[str, int, str], None]:
                 "webhook_id": sub.id,
                 "object": thing,
             },
+            account=account,
         )
 
     return publish
@@ -810,6 +832,10 @@ DIALECT = Dialect(
     bad_request=lambda message: KatanaError(400, "BadRequest", message),
     quota_headers=_quota_headers,
     unknown_route=_unknown_route,
+    unknown_account=lambda token: KatanaError.not_found(f"Account {token!r}"),
+    account_exists=lambda token: KatanaError(
+        409, "ConflictError", f"An account with token {token!r} exists"
+    ),
 )
 
 
@@ -820,29 +846,40 @@ def create_app(
     rate_limit: tuple[int, float] | None = (60, 60.0),
     faults: Faults | None = None,
 ) -> Starlette:
-    """The simulator as an ASGI app; the world is on ``app.state.world``.
+    """The simulator as an ASGI app; the default account's world is on ``app.state.world``,
+    every account (:class:`syncd.sim._frame.Accounts`) on ``app.state.accounts``.
 
-    :param world: the account's state; a fresh demo workshop when omitted.
-    :param token: the one API key the simulator accepts.
+    :param world: the default account's state; a fresh demo workshop when omitted.
+    :param token: the default account's API key (more accounts: ``POST /_sim/accounts``).
     :param rate_limit: ``(requests, seconds)`` per token, or ``None`` for no limit.
     :param faults: faults to inject from the start (see :mod:`syncd.sim.faults`); they can
         be changed at any time through ``/_sim/faults``.
     """
     state = world if world is not None else KatanaWorld()
+    sender = katana_sender()
+
+    def new_world(account: Account[KatanaWorld]) -> KatanaWorld:
+        made = KatanaWorld()
+        made.requests = account.requests
+        made.listeners.append(_publisher(sender, account.token))
+        return made
+
     frame = Frame(
         DIALECT,
         token,
         SlidingWindow(*rate_limit) if rate_limit is not None else None,
         requests=state.requests,
+        make_state=new_world,
+        default_state=state,
     )
-    sender = katana_sender()
-    state.listeners.append(_publisher(sender))
+    state.listeners.append(_publisher(sender, token))
     webhooks, webhook_knobs = _webhook_handlers(sender)
 
     def bound(handler: WorldHandler) -> Handler:
         @functools.wraps(handler)
         async def on(request: Request) -> Any:
-            return await handler(request, state)
+            account: Account[KatanaWorld] = request.state.account
+            return await handler(request, account.state)
 
         return on
 
@@ -884,11 +921,14 @@ def create_app(
     ]
     app = frame.app(api_routes, control_routes, api_prefix=API_PREFIX)
     app.state.world = state
+    app.state.accounts = frame.accounts
+    app.state.frame = frame
     #: Run ``app.state.webhooks.run()`` next to the served app to send webhooks.
     app.state.webhooks = sender
-    install_faults(
+    layer = install_faults(
         app, "katana", faults, api_prefix=API_PREFIX, rate_limit=rate_limit[0] if rate_limit else 60
     )
+    layer.account_of = lambda given: frame.accounts.resolve(given).token
     return app
 
 
@@ -900,15 +940,26 @@ async def run(
     play_factory: bool = False,
     token: str = "katana-sim-token",
     faults: Faults | None = None,
+    accounts: int = 1,
+    on_ready: Callable[[str], None] | None = None,
     make_to_order: bool = True,
 ) -> None:
     """Serve the simulator until cancelled; with ``play_factory`` the workshop works too
-    (pressing "Make to order" unless ``make_to_order`` is false)."""
+    (in every account, pressing "Make to order" unless ``make_to_order`` is false).
+
+    :param accounts: how many accounts in all: the default one, then tokens ``<token>-1``
+        ... ``<token>-(N-1)``.
+    :param on_ready: told the base URL once the simulator listens (``syncd sim``'s banner).
+    """
     from syncd.ops.asgi import serving
     from syncd.sim.factory import play_factory as player
 
     app = create_app(token=token, rate_limit=(60, 60.0) if rate_limit else None, faults=faults)
+    for extra in numbered_tokens(token, accounts - 1):
+        app.state.frame.create_account(extra)
     async with serving(app, host, port) as url, anyio.create_task_group() as tg:
+        if on_ready is not None:
+            on_ready(url)
         tg.start_soon(app.state.webhooks.run)
         if play_factory:
             tg.start_soon(functools.partial(player, url, make_to_order=make_to_order))

@@ -11,6 +11,12 @@ and 429 until the reset, without ``Retry-After``.
 Under ``/_sim/`` a control interface, without auth or rate limit, plays the people who use
 TradeGecko: raising, editing and deleting purchase orders, adding variants, and reading
 counters of what the API was asked to do.
+
+It serves many accounts at once, one per API token (see :mod:`syncd.sim._frame`):
+``POST /_sim/accounts {"token": ..., "webhook_secret": ...}`` adds one, seeded on first
+use; a control call names its account with the ``X-Sim-Account`` header or ``?account=``.
+Each account has its own records, idempotency keys, webhooks (signed with its own secret,
+``<token>-webhook-secret`` unless named), counters, rate window and revocation knob.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from starlette.routing import BaseRoute
 
 from syncd.ops.asgi import serving
 from syncd.sim._frame import (
+    Account,
     Dialect,
     FixedWindow,
     Frame,
@@ -43,6 +50,7 @@ from syncd.sim._frame import (
     Page,
     Quota,
     json_response,
+    numbered_tokens,
 )
 from syncd.sim._tradegecko_world import (
     BadRequest,
@@ -119,6 +127,8 @@ DIALECT = Dialect(
     bad_request=BadRequest,
     quota_headers=_quota_headers,
     unknown_route=_unknown_route,
+    unknown_account=lambda token: NotFound("account", token),
+    account_exists=lambda token: Refused("token", "has already been taken"),
     extra_headers=_request_id,
 )
 
@@ -136,7 +146,7 @@ class _Stored:
 
 @dataclass
 class _Account:
-    """The account and what the simulator keeps beside it: replayable answers, counts."""
+    """An account's state and what the simulator keeps beside it: replayable answers, counts."""
 
     world: TradeGeckoWorld
     idempotent: dict[str, _Stored] = field(default_factory=dict)
@@ -147,15 +157,16 @@ class _Account:
 AccountHandler = Callable[[Request, _Account], Awaitable[Any]]
 
 
-def _idempotent(frame: Frame, account: _Account, handler: Handler) -> Handler:
+def _idempotent(frame: Frame, handler: Handler) -> Handler:
     """The ``Idempotency-Key`` header on POST and PUT: the first answer is replayed for
-    24 h; the key on another request is a 422."""
+    24 h; the key on another request is a 422. Keys are the account's own."""
 
     @functools.wraps(handler)
     async def replaying(request: Request) -> Response:
         key = request.headers.get("Idempotency-Key")
         if not key or request.method not in ("POST", "PUT"):
             return await frame.answer(request, handler)
+        account: _Account = request.state.account.state
         cutoff = account.world.clock() - IDEMPOTENCY_TTL
         for old in [k for k, v in account.idempotent.items() if v.at < cutoff]:
             del account.idempotent[old]
@@ -480,12 +491,13 @@ async def _sim_create_company(request: Request, account: _Account) -> Any:
 def _counters(frame: Frame) -> AccountHandler:
     async def counters(request: Request, account: _Account) -> Any:
         """How often each endpoint was called, receipts per PO, price updates."""
+        named: Account[_Account] = request.state.account
         return {
             "receipts": sum(account.receipts.values()),
             "receipts_per_po": {str(k): v for k, v in account.receipts.items()},
             "price_updates": account.price_updates,
-            **frame.traffic(),
-            "faults_injected": dict(request.app.state.faults.injected),
+            **frame.traffic(named),
+            "faults_injected": request.app.state.faults.injected_for(named.token),
         }
 
     return counters
@@ -510,8 +522,9 @@ def _webhook_handlers(sender: WebhookSender) -> tuple[AccountHandler, AccountHan
     """``/webhooks`` (list, create: one event per webhook) and ``/_sim/webhooks`` (knobs)."""
 
     async def webhooks(request: Request, account: _Account) -> Any:
+        named: Account[_Account] = request.state.account
         if request.method == "GET":
-            rows = [_render_webhook(sub) for sub in sender.subscriptions.values()]
+            rows = [_render_webhook(sub) for sub in sender.subscriptions_of(named.token)]
             return _page(request, "webhooks", rows, ("event", "address"))
         hook = _json_body(await request.body()).get("webhook")
         if not isinstance(hook, dict):
@@ -521,7 +534,8 @@ def _webhook_handlers(sender: WebhookSender) -> tuple[AccountHandler, AccountHan
             raise Refused("address", "is not a valid URL")
         if not isinstance(event, str) or "." not in event:
             raise Refused("event", "is not included in the list")
-        return json_response({"webhook": _render_webhook(sender.subscribe(address, [event]))}, 201)
+        sub = sender.subscribe(address, [event], account=named.token, secret=named.webhook_secret)
+        return json_response({"webhook": _render_webhook(sub)}, 201)
 
     async def knobs(request: Request, account: _Account) -> Any:
         """Webhook sender: GET shows it, POST sets speed, duplicate, reorder, drop."""
@@ -530,12 +544,12 @@ def _webhook_handlers(sender: WebhookSender) -> tuple[AccountHandler, AccountHan
                 sender.set_knobs(_json_body(await request.body()))
             except (ValueError, TypeError) as exc:
                 raise BadRequest(str(exc)) from None
-        return sender.knobs()
+        return sender.knobs(request.state.account.token)
 
     return webhooks, knobs
 
 
-def _publisher(sender: WebhookSender) -> Callable[[str, int], None]:
+def _publisher(sender: WebhookSender, account: str) -> Callable[[str, int], None]:
     def publish(event: str, object_id: int) -> None:
         resource = event.split(".", 1)[0]
         note = {
@@ -544,7 +558,7 @@ def _publisher(sender: WebhookSender) -> Callable[[str, int], None]:
             "timestamp": int(time.time()),
             "resource_url": f"https://api.tradegecko.com/{resource}s/{object_id}.json",
         }
-        sender.publish(event, lambda sub: note)
+        sender.publish(event, lambda sub: note, account=account)
 
     return publish
 
@@ -563,27 +577,44 @@ def create_app(
     """The simulator as an ASGI app; run ``app.state.webhooks.run()`` beside it to send
     webhooks (signed with ``webhook_secret``).
 
-    :param world: the account's state; a freshly seeded one by default.
-    :param token: the only bearer token accepted.
+    :param world: the default account's state; a freshly seeded one by default (every
+        account is on ``app.state.accounts``).
+    :param token: the default account's bearer token (more: ``POST /_sim/accounts``).
     :param rate_limit: ``(requests, seconds)`` per fixed window, or None for no limit.
     :param faults: faults to inject from the start (see :mod:`syncd.sim.faults`); they can
         be changed at any time through ``/_sim/faults``.
+    :param webhook_secret: what signs the default account's webhooks.
     """
-    account = _Account(world if world is not None else TradeGeckoWorld())
-    frame = Frame(DIALECT, token, FixedWindow(*rate_limit) if rate_limit is not None else None)
+    default = _Account(world if world is not None else TradeGeckoWorld())
     sender = tradegecko_sender(webhook_secret)
-    account.world.listeners.append(_publisher(sender))
+
+    def new_account(named: Account[_Account]) -> _Account:
+        made = _Account(TradeGeckoWorld())
+        made.world.listeners.append(_publisher(sender, named.token))
+        return made
+
+    frame = Frame(
+        DIALECT,
+        token,
+        FixedWindow(*rate_limit) if rate_limit is not None else None,
+        make_state=new_account,
+        default_state=default,
+        webhook_secrets=True,
+        default_webhook_secret=webhook_secret,
+    )
+    default.world.listeners.append(_publisher(sender, token))
     webhooks, webhook_knobs = _webhook_handlers(sender)
 
     def bound(handler: AccountHandler) -> Handler:
         @functools.wraps(handler)
         async def on(request: Request) -> Any:
-            return await handler(request, account)
+            named: Account[_Account] = request.state.account
+            return await handler(request, named.state)
 
         return on
 
     def api(template: str, handler: AccountHandler, methods: list[str]) -> BaseRoute:
-        return frame.api(template, _idempotent(frame, account, bound(handler)), methods)
+        return frame.api(template, _idempotent(frame, bound(handler)), methods)
 
     def control(path: str, handler: AccountHandler, methods: list[str]) -> BaseRoute:
         return frame.control(path, bound(handler), methods)
@@ -609,17 +640,37 @@ def create_app(
         control("/webhooks", webhook_knobs, ["GET", "POST"]),
     ]
     app = frame.app(api_routes, control_routes)
-    app.state.world = account.world
+    app.state.world = default.world
+    app.state.accounts = frame.accounts
+    app.state.frame = frame
     app.state.webhooks = sender
-    install_faults(app, "tradegecko", faults, rate_limit=rate_limit[0] if rate_limit else 300)
+    layer = install_faults(
+        app, "tradegecko", faults, rate_limit=rate_limit[0] if rate_limit else 300
+    )
+    layer.account_of = lambda given: frame.accounts.resolve(given).token
     return app
 
 
 async def run(
-    host: str, port: int, *, rate_limit: bool = True, faults: Faults | None = None
+    host: str,
+    port: int,
+    *,
+    rate_limit: bool = True,
+    faults: Faults | None = None,
+    accounts: int = 1,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve a freshly seeded simulator until cancelled."""
+    """Serve a freshly seeded simulator until cancelled.
+
+    :param accounts: how many accounts in all: the default one, then tokens
+        ``tradegecko-sim-token-1`` ... ``-(N-1)`` (webhook secrets ``<token>-webhook-secret``).
+    :param on_ready: told the base URL once the simulator listens (``syncd sim``'s banner).
+    """
     app = create_app(rate_limit=(300, 300.0) if rate_limit else None, faults=faults)
-    async with serving(app, host, port), anyio.create_task_group() as tg:
+    for extra in numbered_tokens(DEFAULT_TOKEN, accounts - 1):
+        app.state.frame.create_account(extra)
+    async with serving(app, host, port) as url, anyio.create_task_group() as tg:
+        if on_ready is not None:
+            on_ready(url)
         tg.start_soon(app.state.webhooks.run)
         await anyio.sleep_forever()

@@ -12,6 +12,11 @@ body keyed with the OAuth application secret (``X-Gecko-Signature``) and names e
 The simulator has no TLS: an ``https://`` address is delivered over plain http, as to a
 TLS-terminating proxy in front of the listener.
 
+One sender serves every account of a simulator: each subscription belongs to one account
+(its token), an account's events go only to its own subscriptions, and TradeGecko signs with
+the account's own secret. The knobs are the sender's (all accounts); its counters are kept
+in all and per account.
+
 Run :meth:`WebhookSender.run` in a task group next to the served app; until then deliveries
 wait in the queue.
 """
@@ -68,6 +73,10 @@ class Subscription:
     enabled: bool = True
     description: str | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: The account (its API token) the subscription belongs to.
+    account: str = ""
+    #: What signs its deliveries where the service signs per account; else the sender's.
+    secret: str | None = None
 
 
 @dataclass
@@ -110,7 +119,10 @@ class WebhookSender:
         self.reorder = 0.0
         self.drop = 0.0
         self.subscriptions: dict[int, Subscription] = {}
+        #: What happened to deliveries, all accounts together ...
         self.counters: Counter[str] = Counter()
+        #: ... and per account.
+        self.account_counters: dict[str, Counter[str]] = {}
         self._ids = itertools.count(1)
         self._random = random.Random(seed)
         self._queue: list[Delivery] = []
@@ -126,23 +138,46 @@ class WebhookSender:
         *,
         token: str | None = None,
         description: str | None = None,
+        account: str = "",
+        secret: str | None = None,
     ) -> Subscription:
-        subscription = Subscription(next(self._ids), url, list(events), token, True, description)
+        subscription = Subscription(
+            next(self._ids), url, list(events), token, True, description, account=account
+        )
+        subscription.secret = secret
         self.subscriptions[subscription.id] = subscription
         return subscription
 
-    def knobs(self) -> dict[str, Any]:
+    def subscriptions_of(self, account: str) -> list[Subscription]:
+        """The subscriptions of one account, oldest first."""
+        return [s for s in self.subscriptions.values() if s.account == account]
+
+    def counters_of(self, account: str) -> Counter[str]:
+        return self.account_counters.get(account, Counter())
+
+    def knobs(self, account: str | None = None) -> dict[str, Any]:
+        """The knobs, and the queue, counters and subscriptions of ``account`` (or all)."""
+        subscriptions = (
+            list(self.subscriptions.values()) if account is None else self.subscriptions_of(account)
+        )
         return {
             "speed": self.speed,
             "duplicate": self.duplicate,
             "reorder": self.reorder,
             "drop": self.drop,
-            "queued": len(self._queue),
-            "counters": dict(self.counters),
+            "queued": sum(
+                1 for d in self._queue if account is None or d.subscription.account == account
+            ),
+            "counters": dict(self.counters if account is None else self.counters_of(account)),
             "subscriptions": [
-                {"id": s.id, "url": s.url, "events": s.events} for s in self.subscriptions.values()
+                {"id": s.id, "url": s.url, "events": s.events} for s in subscriptions
             ],
         }
+
+    def _count(self, delivery: Delivery, name: str) -> None:
+        self.counters[name] += 1
+        account = delivery.subscription.account
+        self.account_counters.setdefault(account, Counter())[name] += 1
 
     def set_knobs(self, values: dict[str, Any]) -> None:
         """Set ``speed``, ``duplicate``, ``reorder``, ``drop`` from a control request.
@@ -161,13 +196,16 @@ class WebhookSender:
 
     # -- publishing and delivering -----------------------------------------------------
 
-    def publish(self, event: str, body_for: BodyFor) -> None:
-        """Queue ``event`` for every enabled subscription to it."""
+    def publish(self, event: str, body_for: BodyFor, *, account: str | None = None) -> None:
+        """Queue ``event`` for every enabled subscription to it of ``account`` (or all)."""
         for subscription in list(self.subscriptions.values()):
+            if account is not None and subscription.account != account:
+                continue
             if subscription.enabled and event in subscription.events:
                 body = httpx.Request("POST", "http://x", json=body_for(subscription)).content
-                self._queue.append(Delivery(subscription, event, body))
-                self.counters["published"] += 1
+                delivery = Delivery(subscription, event, body)
+                self._queue.append(delivery)
+                self._count(delivery, "published")
         if self._queue:
             self._ready.set()
 
@@ -186,11 +224,11 @@ class WebhookSender:
                     self.counters["reordered_batches"] += 1
                 for delivery in batch:
                     if self._random.random() < self.drop:
-                        self.counters["dropped"] += 1
+                        self._count(delivery, "dropped")
                         continue
                     tg.start_soon(self._deliver, client, delivery)
                     if self._random.random() < self.duplicate:
-                        self.counters["duplicated"] += 1
+                        self._count(delivery, "duplicated")
                         tg.start_soon(self._deliver, client, delivery)
 
     async def _deliver(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
@@ -209,25 +247,27 @@ class WebhookSender:
             try:
                 response = await client.post(url, content=delivery.body, headers=headers)
             except httpx.HTTPError as exc:
-                self.counters["failed_attempts"] += 1
+                self._count(delivery, "failed_attempts")
                 log.info("webhook %s to %s failed: %s", delivery.event, url, exc)
                 continue
             if self.success(response.status_code):
-                self.counters["delivered"] += 1
+                self._count(delivery, "delivered")
                 return
             if response.status_code == 410 and self.gone_deletes:
                 self.subscriptions.pop(delivery.subscription.id, None)
-                self.counters["gone"] += 1
+                self._count(delivery, "gone")
                 return
-            self.counters["failed_attempts"] += 1
-        self.counters["abandoned"] += 1
+            self._count(delivery, "failed_attempts")
+        self._count(delivery, "abandoned")
 
 
 def tradegecko_sender(secret: str, **kwargs: Any) -> WebhookSender:
-    """TradeGecko's sender: deliveries signed with the OAuth application ``secret``."""
+    """TradeGecko's sender: deliveries signed with the OAuth application ``secret`` (or the
+    subscription's account's own)."""
 
     def sign(subscription: Subscription, delivery: Delivery, attempt: int) -> dict[str, str]:
-        digest = hmac.new(secret.encode(), delivery.body, hashlib.sha256).digest()
+        key = subscription.secret if subscription.secret is not None else secret
+        digest = hmac.new(key.encode(), delivery.body, hashlib.sha256).digest()
         return {
             "X-Gecko-Delivery": delivery.delivery_id,
             "X-Gecko-Signature": base64.b64encode(digest).decode(),

@@ -2,6 +2,7 @@
 the default) or PostgreSQL (a ``postgresql://`` URL)."""
 
 from syncd.store._backend import is_postgres_url, redacted
+from syncd.store._sqlite import ensure_not_in_use
 from syncd.store._store import (
     ImportOutcome,
     ImportResult,
@@ -18,6 +19,7 @@ __all__ = [
     "PurchaseOrderObservation",
     "Store",
     "TransitionRecord",
+    "ensure_not_in_use",
     "is_postgres_url",
     "redacted",
 ]

@@ -29,7 +29,7 @@ from syncd.errors import StoreError, StoreInUse, StoreUnavailable
 from syncd.store._backend import Row, newer_schema
 from syncd.store._schema import MIGRATIONS
 
-__all__ = ["SQLiteBackend", "lock_path"]
+__all__ = ["SQLiteBackend", "ensure_not_in_use", "lock_path"]
 
 log = logging.getLogger("syncd.store")
 
@@ -268,3 +268,13 @@ def _statements(script: str) -> list[str]:
     if buffer.strip():
         statements.append(buffer.strip())
     return statements
+
+
+def ensure_not_in_use(path: str) -> None:
+    """Check that no daemon holds the SQLite file at ``path`` (the demo asks before it moves one).
+
+    :raises StoreInUse: another syncd holds it.
+    """
+    if not Path(lock_path(path)).exists():
+        return
+    _unlock(_lock(path))
