@@ -39,7 +39,8 @@ def auto(config: Config, *, subassemblies: bool = False) -> Config:
     katana = msgspec.structs.replace(
         config.katana, make_to_order="auto", create_subassemblies=subassemblies
     )
-    return msgspec.structs.replace(config, katana=katana)
+    # factories={}: the default factory is made anew of these settings (it would win).
+    return msgspec.structs.replace(config, katana=katana, factories={})
 
 
 async def steps_of(daemon: Daemon, po_number: str, *, holding: set[str]) -> list[Any]:
