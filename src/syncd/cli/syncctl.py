@@ -227,7 +227,10 @@ def main() -> None:
 def _chart(ctx: click.Context) -> Statechart:
     config = _config(ctx)
     try:
-        return load_statechart(config.daemon.statechart if config is not None else None)
+        if config is None:
+            return load_statechart()
+        # Decided as the daemon decides: with the conditions its configuration holds.
+        return load_statechart(config.daemon.statechart, holding=config.statechart_conditions())
     except StatechartError as exc:
         _fail(str(exc), EXIT_CONFIG)
         raise
