@@ -36,7 +36,14 @@ from syncd.runtime.crashpoints import CRASH_POINTS, ENV, EXIT_CODE
 from syncd.sim import TRADEGECKO_WEBHOOK_SECRET, free_port
 from syncd.store import Store
 
-__all__ = ["CRASH_POINTS", "WEBHOOK_POINTS", "CrashHarness", "CrashReport", "Verdict"]
+__all__ = [
+    "AUTO_POINTS",
+    "CRASH_POINTS",
+    "WEBHOOK_POINTS",
+    "CrashHarness",
+    "CrashReport",
+    "Verdict",
+]
 
 BIN = Path(sys.executable).parent
 #: SKUs Katana's simulator knows (re-costed from its average cost: a price PUT each) and one it
@@ -45,6 +52,8 @@ KNOWN_SKUS = ("CHAIR-OAK", "TABLE-OAK", "STOOL-PINE", "LAMP-BRASS")
 NEW_SKU = "SHELF-WALNUT"
 #: Crash points only a daemon with webhooks enabled reaches.
 WEBHOOK_POINTS = frozenset({"webhook_acknowledged"})
+#: Crash points only a daemon with ``katana.make_to_order = "auto"`` reaches.
+AUTO_POINTS = frozenset({"mo_made"})
 
 
 @dataclass
@@ -80,11 +89,17 @@ class Verdict:
     invalid_histories: dict[str, list[tuple[str | None, str, str]]]
     customers_created: int
     products_created: int
+    #: Sales order row id → manufacturing orders made for it, where more than one.
+    duplicate_mos: dict[str, int] = field(default_factory=dict)
+    #: With make-to-order ``auto``: rows with a recipe that have no manufacturing order.
+    rows_without_mo: list[int] = field(default_factory=list)
 
     @property
     def duplicates(self) -> int:
-        return sum(n - 1 for n in self.duplicate_sales_orders.values()) + sum(
-            n - 1 for n in self.duplicate_receipts.values()
+        return (
+            sum(n - 1 for n in self.duplicate_sales_orders.values())
+            + sum(n - 1 for n in self.duplicate_receipts.values())
+            + sum(n - 1 for n in self.duplicate_mos.values())
         )
 
     @property
@@ -94,6 +109,8 @@ class Verdict:
             and not self.duplicate_receipts
             and not self.lost
             and not self.invalid_histories
+            and not self.duplicate_mos
+            and not self.rows_without_mo
             and self.received == self.orders
             and self.customers_created <= 1
             and self.products_created <= 1
@@ -112,10 +129,14 @@ class CrashHarness:
         webhooks: bool = False,
         poll_interval: float = 0.1,
         reconcile_interval: float = 300.0,
+        make_to_order: str = "manual",
     ) -> None:
         """``webhooks``: the daemon listens (on a free port) and registers with both
-        simulators; ``reconcile_interval`` is then the polls' interval once registered."""
+        simulators; ``reconcile_interval`` is then the polls' interval once registered.
+        ``make_to_order``: the daemon's ``katana.make_to_order``; with ``auto`` the factory
+        never presses the button itself."""
         self.workdir = workdir
+        self.make_to_order = make_to_order
         self.webhooks = webhooks
         self.poll_interval = poll_interval
         self.reconcile_interval = reconcile_interval
@@ -143,9 +164,10 @@ class CrashHarness:
             self.tradegecko_url = f"http://127.0.0.1:{tg_port}"
             self.katana_url = f"http://127.0.0.1:{kt_port}"
             self._sims.append(self._spawn_sim("tradegecko", tg_port))
-            self._sims.append(
-                self._spawn_sim("katana", kt_port, *(["--play-factory"] if self.factory else []))
-            )
+            floor = ["--play-factory"] if self.factory else []
+            if self.factory and self.make_to_order == "auto":
+                floor.append("--leave-make-to-order")
+            self._sims.append(self._spawn_sim("katana", kt_port, *floor))
             for url in (self.tradegecko_url, self.katana_url):
                 self._wait_up(url)
             if self.webhooks:
@@ -197,7 +219,8 @@ class CrashHarness:
             f'[tradegecko]\nbase_url = "{self.tradegecko_url}"\ntoken = "tradegecko-sim-token"\n'
             f"poll_interval = {self.poll_interval}\nrate_limit = 100000\n"
             f'[katana]\nbase_url = "{self.katana_url}/v1"\ntoken = "katana-sim-token"\n'
-            f"poll_interval = {self.poll_interval}\nrate_limit = 100000\n" + webhooks
+            f"poll_interval = {self.poll_interval}\nrate_limit = 100000\n"
+            f'make_to_order = "{self.make_to_order}"\n' + webhooks
         )
 
     def start_daemon(self, crash_at: str | None = None) -> subprocess.Popen[bytes]:
@@ -238,8 +261,9 @@ class CrashHarness:
 
     # -- the world ---------------------------------------------------------------------
 
-    def create_po(self, *, new_sku: bool = False) -> tuple[int, str]:
-        skus = self.rng.sample(KNOWN_SKUS, self.rng.randint(1, 3))
+    def create_po(self, *, new_sku: bool = False, known: int | None = None) -> tuple[int, str]:
+        """A PO of ``known`` (else 1 to 3) SKUs Katana knows, plus the one it lacks."""
+        skus = self.rng.sample(KNOWN_SKUS, known or self.rng.randint(1, 3))
         if new_sku:
             skus.append(NEW_SKU)
         lines = [
@@ -329,7 +353,12 @@ class CrashHarness:
         # Spread the POs over all but the last few runs, so that orders are always in flight.
         spread = max(1, kills - 4)
         runs = 0
-        points = sorted(p for p in CRASH_POINTS if self.webhooks or p not in WEBHOOK_POINTS)
+        points = sorted(
+            p
+            for p in CRASH_POINTS
+            if (self.webhooks or p not in WEBHOOK_POINTS)
+            and (self.make_to_order == "auto" or p not in AUTO_POINTS)
+        )
         # The customer and the new SKU's product are made once, by the first import.
         once = {"customer_created", "product_created"}
         while report.kills < kills and time.monotonic() < deadline:
@@ -358,15 +387,15 @@ class CrashHarness:
         report.seconds = time.monotonic() - start
         return report
 
-    def aim(self, point: str, *, seconds: float = 20.0) -> int:
-        """Run the daemon with ``point`` armed, create one PO (with a SKU Katana lacks) once
-        it is active, and wait for the crash; the exit status (``EXIT_CODE`` when it hit;
-        SIGKILL's when ``seconds`` passed first)."""
+    def aim(self, point: str, *, seconds: float = 20.0, known: int | None = None) -> int:
+        """Run the daemon with ``point`` armed, create one PO (``known`` SKUs Katana knows,
+        and one it lacks) once it is active, and wait for the crash; the exit status
+        (``EXIT_CODE`` when it hit; SIGKILL's when ``seconds`` passed first)."""
         proc = self.start_daemon(point)
         deadline = time.monotonic() + seconds
         while proc.poll() is None and time.monotonic() < deadline:
             if not self.pos and self.activated():
-                self.create_po(new_sku=True)
+                self.create_po(new_sku=True, known=known)
             time.sleep(0.02)
         return self.kill_daemon()
 
@@ -406,7 +435,10 @@ class CrashHarness:
                 lost.setdefault(number, "no sales order in Katana")
             if receipts.get(str(po_id), 0) == 0:
                 lost.setdefault(number, "not received in TradeGecko")
+        per_row: dict[str, int] = katana["manufacturing_orders_per_row"]
         return Verdict(
+            duplicate_mos={k: v for k, v in per_row.items() if v > 1},
+            rows_without_mo=self._rows_without_mo(per_row) if self.make_to_order == "auto" else [],
             orders=len(self.pos),
             received=sum(1 for n in self.pos.values() if states.get(n) == "received"),
             duplicate_sales_orders={k: v for k, v in by_no.items() if v > 1},
@@ -417,8 +449,28 @@ class CrashHarness:
             products_created=int(katana["products_created"]),
         )
 
+    def _rows_without_mo(self, per_row: dict[str, int]) -> list[int]:
+        """Rows of this run's SOs that syncd should have made to order and did not: all but
+        the new SKU's (its product has no recipe)."""
+        state = self.http.get(f"{self.katana_url}/_sim/state").json()
+        shelf = self.http.get(
+            f"{self.katana_url}/v1/variants",
+            params={"sku": NEW_SKU},
+            headers={"Authorization": "Bearer katana-sim-token"},
+        ).json()["data"]
+        no_recipe = {v["id"] for v in shelf}
+        numbers = {f"TG-{n}" for n in self.pos.values()}
+        return [
+            row["id"]
+            for so in state["sales_orders"]
+            if so["order_no"] in numbers and so.get("deleted_at") is None
+            for row in so["sales_order_rows"]
+            if row["variant_id"] not in no_recipe and per_row.get(str(row["id"]), 0) == 0
+        ]
+
     async def _invalid_histories(self) -> dict[str, list[tuple[str | None, str, str]]]:
-        chart = load_statechart()
+        holding = {"make_to_order_auto"} if self.make_to_order == "auto" else set()
+        chart = load_statechart(holding=holding)
         store = await Store.open(self.database, readonly=True)
         bad: dict[str, list[tuple[str | None, str, str]]] = {}
         try:

@@ -1122,3 +1122,26 @@ def test_ctrl_c_while_the_demo_starts_exits_130() -> None:
     # Interrupted before or after the orders were made: 130 either way, no traceback.
     assert proc.returncode == 130, (stdout, stderr)
     assert "interrupted" in stdout and "Traceback" not in stderr
+
+
+def test_demo_with_make_to_order_auto(tmp_path: Path) -> None:
+    """syncd makes the manufacturing orders; the factory only starts and finishes them. The
+    second PO's SHELF-WALNUT (created by syncd: no recipe) is noted and left alone."""
+    db = tmp_path / "demo.db"
+    result = run(
+        "syncd", "demo", "--orders", "2", "--make-to-order", "auto", "--json", "--db", str(db)
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["received"] == 2
+    with sqlite3.connect(db) as conn:
+        entered = {row[0] for row in conn.execute("SELECT to_state FROM transitions")}
+    assert "making_to_order" in entered
+    shelf = summary["order_details"][1]
+    assert any("(SHELF-WALNUT) has no recipe" in note for note in shelf["notes"]), shelf
+
+
+def test_demo_refuses_an_unknown_make_to_order_mode() -> None:
+    result = run("syncd", "demo", "--make-to-order", "always")
+    assert result.returncode == 2
+    assert "'--make-to-order'" in result.stderr and "Traceback" not in result.stderr

@@ -90,6 +90,8 @@ def test_defaults() -> None:
     assert config.katana.base_url == "https://api.katanamrp.com/v1"
     assert config.katana.order_no_prefix == "TG-"
     assert config.katana.customer_name == "Tradegecko"
+    assert config.katana.make_to_order == "manual"
+    assert config.katana.create_subassemblies is False
     assert (config.katana.rate_limit, config.katana.rate_period) == (60, 60.0)
     assert (config.katana.reserve, config.tradegecko.reserve) == (10, 30)
     assert config.tradegecko.poll_interval == config.katana.poll_interval == 30.0
@@ -115,6 +117,12 @@ listen = "[::1]:0"
     assert config.daemon.log_level == "debug"
     assert config.daemon.concurrency == 2
     assert config.metrics.address() == ("::1", 0)
+
+
+def test_make_to_order_auto_with_subassemblies() -> None:
+    text = '[katana]\nmake_to_order = "auto"\ncreate_subassemblies = true'
+    config = parse_config(text, require_tokens=False)
+    assert (config.katana.make_to_order, config.katana.create_subassemblies) == ("auto", True)
 
 
 @pytest.mark.parametrize(
@@ -154,6 +162,14 @@ listen = "[::1]:0"
         pytest.param("[metrics]\nlisten = 'localhost:70000'", "metrics.listen", id="big-port"),
         pytest.param(
             "[tradegecko]\nsupplier_name = '  '", "tradegecko.supplier_name", id="blank-supplier"
+        ),
+        pytest.param(
+            "[katana]\nmake_to_order = 'always'", "katana.make_to_order", id="bad-make-to-order"
+        ),
+        pytest.param(
+            "[katana]\ncreate_subassemblies = 'yes'",
+            "katana.create_subassemblies",
+            id="subassemblies-not-bool",
         ),
     ],
 )

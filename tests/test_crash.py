@@ -11,10 +11,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
-from crash_harness import CRASH_POINTS, WEBHOOK_POINTS, CrashHarness
+from crash_harness import AUTO_POINTS, CRASH_POINTS, WEBHOOK_POINTS, CrashHarness
 from syncd.runtime.crashpoints import EXIT_CODE
+from syncd.store import Store
 
 #: The short version `make test` runs.
 KILLS = 24
@@ -44,7 +46,7 @@ def test_the_daemon_killed_again_and_again_loses_nothing_and_does_nothing_twice(
     assert verdict.ok
 
 
-@pytest.mark.parametrize("point", sorted(set(CRASH_POINTS) - WEBHOOK_POINTS))
+@pytest.mark.parametrize("point", sorted(set(CRASH_POINTS) - WEBHOOK_POINTS - AUTO_POINTS))
 def test_a_crash_at_each_point_still_ends_received_exactly_once(tmp_path: Path, point: str) -> None:
     harness = CrashHarness(tmp_path, seed=1)
     with harness.running():
@@ -66,6 +68,61 @@ def test_a_crash_at_each_point_still_ends_received_exactly_once(tmp_path: Path, 
     assert verdict.lost == {} and verdict.received == 1, verdict
     assert verdict.invalid_histories == {}, verdict
     assert verdict.customers_created == 1 and verdict.products_created == 1, verdict
+
+
+#: Kills around the make-to-order call (``katana.make_to_order = "auto"``, a PO of two
+#: known SKUs and one without a recipe): the so_created transition is committed and no MO
+#: made yet; the first MO made and nothing recorded; both made; the outcome written and not
+#: applied (the import's outcome is the first).
+AROUND_MAKE_TO_ORDER = ["transition_applied:1", "mo_made:1", "mo_made:2", "outcome_written:2"]
+
+
+@pytest.mark.parametrize("point", AROUND_MAKE_TO_ORDER)
+def test_a_crash_around_make_to_order_makes_exactly_one_mo_per_row(
+    tmp_path: Path, point: str
+) -> None:
+    harness = CrashHarness(tmp_path, seed=1, make_to_order="auto")
+    with harness.running():
+        status = harness.aim(point, known=2)
+        assert status == EXIT_CODE, f"crash point {point} was never reached (exit {status})"
+        assert harness.finish(orders=1, seconds=20.0), harness.daemon_log_tail()
+        verdict = harness.verdict()
+        katana, _ = harness.counters()
+        (number,) = harness.pos.values()
+        history = anyio.run(_history, harness, number)
+    # Two rows with a recipe: one MO each; the shelf's row (no recipe) none.
+    assert sorted(katana["manufacturing_orders_per_row"].values()) == [1, 1], katana
+    assert verdict.duplicate_mos == {} and verdict.rows_without_mo == [], verdict
+    assert verdict.lost == {} and verdict.received == 1, verdict
+    assert verdict.invalid_histories == {}, verdict
+    assert verdict.ok, verdict
+    assert ("discovered", "making_to_order", "so_created") in history, history
+
+
+async def _history(harness: CrashHarness, po_number: str) -> list[tuple[str | None, str, str]]:
+    store = await Store.open(harness.database, readonly=True)
+    try:
+        link = await store.link_by_po_number(po_number)
+        assert link is not None
+        return [(h.from_state, h.to_state, h.trigger) for h in await store.history(link.id)]
+    finally:
+        await store.close()
+
+
+def test_the_daemon_killed_again_and_again_in_auto_mode_makes_each_mo_once(
+    tmp_path: Path,
+) -> None:
+    harness = CrashHarness(tmp_path, seed=11, make_to_order="auto")
+    with harness.running():
+        report = harness.chaos(orders=6, kills=12, seconds=25.0)
+        assert not report.unexpected_exits, (report, harness.daemon_log_tail())
+        assert harness.finish(orders=6, seconds=30.0), (
+            harness.states(),
+            harness.daemon_log_tail(),
+        )
+        verdict = harness.verdict()
+    assert verdict.duplicate_mos == {} and verdict.rows_without_mo == [], verdict
+    assert verdict.ok, verdict
 
 
 def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:

@@ -25,7 +25,7 @@ from syncd.domain.statechart import Statechart, default_statechart_path, load_st
 from syncd.errors import RetryPolicy, StatechartError
 from syncd.runtime import inbox
 from syncd.runtime.dispatcher import Dispatcher, check_chart
-from syncd.runtime.effects import Outcome
+from syncd.runtime.effects import EFFECTS, Outcome
 from syncd.store import Store
 
 pytestmark = pytest.mark.anyio
@@ -117,6 +117,34 @@ def test_the_statechart_fits_the_effects_and_triggers_of_the_code() -> None:
     broken["states"]["delivered"]["effect"] = "recieve_order"
     with pytest.raises(StatechartError, match="names effect 'recieve_order', which syncd does not"):
         check_chart(Statechart(broken, source="typo.toml"))
+
+
+def test_make_to_order_is_registered_and_its_outcomes_each_leave_its_state() -> None:
+    auto = load_statechart(holding={"make_to_order_auto"})
+    assert check_chart(auto) is auto  # conditions change decisions, not what the file names
+    assert set(EFFECTS["make_to_order"].fires) == {
+        "production_ordered",
+        "make_to_order_failed",
+        "nothing_to_make",
+        "found_delivered",
+    }
+    data = chart_data()
+    moved = copy.deepcopy(data)
+    for transition in moved["transitions"]:
+        if transition["trigger"] == "nothing_to_make":
+            transition["source"] = ["in_production"]
+    with pytest.raises(
+        StatechartError,
+        match="effect 'make_to_order' fires 'nothing_to_make', but no transition leaves "
+        "making_to_order on it",
+    ):
+        check_chart(Statechart(moved, source="moved.toml"))
+    dropped = copy.deepcopy(data)
+    dropped["transitions"] = [
+        t for t in dropped["transitions"] if t["trigger"] != "found_delivered"
+    ]
+    with pytest.raises(StatechartError, match="syncd fires trigger 'found_delivered', which no"):
+        check_chart(Statechart(dropped, source="dropped.toml"))
 
 
 async def test_each_effect_runs_once_when_work_was_waiting_at_start(store: Store) -> None:

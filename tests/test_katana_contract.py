@@ -141,3 +141,38 @@ async def test_validator_catches_undeclared_filters(
     assert transport.violations
     assert "getAllInventoryPoint" in transport.violations[0]
     assert "variant_ids" in transport.violations[0]
+
+
+async def test_make_to_order_and_recipes_validate(
+    sim: tuple[KatanaClient, ValidatingTransport, str],
+) -> None:
+    client, transport, _ = sim
+    customer = await client.create_customer(name="Acme")
+    bell = (await client.create_product(name="Brass bell", sku="BELL-1")).variants[0]
+    (chair,) = await client.list_variants(skus=["CHAIR-OAK"])
+    assert {r.ingredient_variant_id for r in await client.list_bom_rows(chair.id)}
+    # A product made through the API has no recipe.
+    assert await client.list_bom_rows(bell.id) == []
+    order = await client.create_sales_order(
+        NewSalesOrder(
+            customer_id=customer.id,
+            order_no="PO0436",
+            sales_order_rows=[
+                NewSalesOrderRow(variant_id=chair.id, quantity=Decimal("2")),
+                NewSalesOrderRow(variant_id=bell.id, quantity=Decimal("1")),
+            ],
+        )
+    )
+    chair_row, bell_row = order.sales_order_rows
+    mo = await client.make_to_order(chair_row.id, create_subassemblies=True)
+    assert (mo.sales_order_id, mo.sales_order_row_id) == (order.id, chair_row.id)
+    assert mo.planned_quantity == Decimal("2")
+    # The spec documents no refusal for a variant without a recipe: Katana makes an MO with
+    # no ingredients, and the simulator does the same (syncd reads the recipe first).
+    empty = await client.make_to_order(bell_row.id)
+    assert empty.sales_order_row_id == bell_row.id
+    rows = {r.id: r for r in (await client.get_sales_order(order.id)).sales_order_rows}
+    assert rows[chair_row.id].linked_manufacturing_order_id == mo.id
+    assert rows[bell_row.id].linked_manufacturing_order_id == empty.id
+    assert transport.violations == []
+    assert {"makeToOrderManufacturingOrder", "getAllBomRows"} <= set(transport.checked)

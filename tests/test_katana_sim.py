@@ -561,3 +561,54 @@ async def test_a_thousand_accounts_through_the_control_panel(http: httpx.AsyncCl
     assert not any(a["started"] for a in listed[1:])
     last = {"Authorization": "Bearer factory-999"}
     assert (await http.get("/v1/factory", headers=last)).status_code == 200
+
+
+async def test_recipes_and_mos_made_per_row_are_each_accounts_own(
+    http: httpx.AsyncClient,
+) -> None:
+    await _second_account(http)
+    shelf = await http.post(
+        "/_sim/products",
+        json={
+            "name": "Shelf",
+            "sku": "SHELF",
+            "sales_price": 50,
+            "recipe": [{"sku": "MAT-PINE-BOARD", "quantity": 2}],
+        },
+        headers=AS_SECOND,
+    )
+    assert shelf.status_code == 200, shelf.text
+    shelf_id = shelf.json()["variants"][0]["id"]
+
+    async def bom_rows(auth: dict[str, str], **params: Any) -> list[dict[str, Any]]:
+        answer = await http.get("/v1/bom_rows", params={"limit": 250, **params}, headers=auth)
+        assert answer.status_code == 200, answer.text
+        rows: list[dict[str, Any]] = answer.json()["data"]
+        return rows
+
+    (row,) = await bom_rows(SECOND_AUTH, product_variant_id=shelf_id)
+    assert row["quantity"] == 2
+    # The recipe is the second workshop's only: the default one has the catalogue's.
+    assert len(await bom_rows(SECOND_AUTH)) == len(await bom_rows(AUTH)) + 1
+
+    customer = await http.post("/v1/customers", json={"name": "Other"}, headers=SECOND_AUTH)
+    order = await http.post(
+        "/v1/sales_orders",
+        json={
+            "customer_id": customer.json()["id"],
+            "order_no": "PO-SHELF",
+            "sales_order_rows": [{"variant_id": shelf_id, "quantity": 1}],
+        },
+        headers=SECOND_AUTH,
+    )
+    (so_row,) = order.json()["sales_order_rows"]
+    made = await http.post(
+        "/v1/manufacturing_order_make_to_order",
+        json={"sales_order_row_id": so_row["id"]},
+        headers=SECOND_AUTH,
+    )
+    assert made.status_code == 200, made.text
+    theirs = (await http.get("/_sim/counters", headers=AS_SECOND)).json()
+    mine = (await http.get("/_sim/counters")).json()
+    assert theirs["manufacturing_orders_per_row"] == {str(so_row["id"]): 1}
+    assert mine["manufacturing_orders_per_row"] == {}

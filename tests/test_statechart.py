@@ -15,12 +15,23 @@ from syncd.errors import StatechartError
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = load_statechart(ROOT / "statecharts" / "linked_order.toml")
+#: The same file with ``katana.make_to_order = "auto"``.
+AUTO = load_statechart(ROOT / "statecharts" / "linked_order.toml", holding={"make_to_order_auto"})
 
-OPEN_STATES = ["discovered", "imported", "in_production", "delivered", "needs_attention"]
+OPEN_STATES = [
+    "discovered",
+    "making_to_order",
+    "imported",
+    "in_production",
+    "delivered",
+    "needs_attention",
+]
 TERMINAL_STATES = ["received", "cancelled"]
 #: (trigger, source) for every way an order falls into needs_attention.
 FAILURES = [
     ("import_failed", "discovered"),
+    ("make_to_order_failed", "making_to_order"),
+    ("po_withdrawn", "making_to_order"),
     ("receive_failed", "delivered"),
     ("po_withdrawn", "imported"),
     ("po_withdrawn", "in_production"),
@@ -34,8 +45,13 @@ def test_file_loads_with_the_expected_states_and_initial() -> None:
     assert sorted(CHART.terminal_states()) == sorted(TERMINAL_STATES)
     assert CHART.attention_states() == ["needs_attention"]
     assert sorted(CHART.open_states()) == sorted(OPEN_STATES)
-    assert CHART.effect_states() == {"discovered": "import_order", "delivered": "receive_order"}
+    assert CHART.effect_states() == {
+        "discovered": "import_order",
+        "making_to_order": "make_to_order",
+        "delivered": "receive_order",
+    }
     assert set(CHART.followed_states()) == {
+        "making_to_order",
         "imported",
         "in_production",
         "delivered",
@@ -60,6 +76,77 @@ def test_happy_path_through_production() -> None:
         state = decision.dest
         visited.append(state)
     assert visited == ["discovered", "imported", "in_production", "delivered", "received"]
+
+
+def test_manual_make_to_order_never_enters_making_to_order() -> None:
+    """The shipped default: the path is today's, a person presses "Make to order"."""
+    assert CHART.holding == frozenset()
+    for state in CHART.states:
+        for trigger in CHART.triggers:
+            decision = CHART.decide(state, trigger, resume_state="imported")
+            if decision is not None and state != "needs_attention":
+                assert decision.dest != "making_to_order", (state, trigger)
+
+
+def test_auto_make_to_order_path_through_production() -> None:
+    state = AUTO.initial
+    visited = [state]
+    for trigger in ("so_created", "production_ordered", "so_delivered", "po_received"):
+        decision = AUTO.decide(state, trigger)
+        assert decision is not None, (state, trigger)
+        state = decision.dest
+        visited.append(state)
+    assert visited == ["discovered", "making_to_order", "in_production", "delivered", "received"]
+    entered = AUTO.decide("discovered", "so_created")
+    assert entered is not None and entered.effect == "make_to_order"
+
+
+def test_auto_make_to_order_with_nothing_to_make_waits_in_imported() -> None:
+    decision = AUTO.decide("making_to_order", "nothing_to_make")
+    assert decision is not None and decision.dest == "imported" and decision.effect is None
+    # A person then makes it, or delivers from stock.
+    assert AUTO.decide("imported", "production_started") is not None
+    assert AUTO.decide("imported", "so_delivered") is not None
+
+
+def test_making_to_order_is_left_only_by_its_effect_or_an_end() -> None:
+    """A look at the SO that shows some of syncd's MOs must not move the order on: after a
+    crash the effect is re-run from this state and makes the rest."""
+    assert AUTO.decide("making_to_order", "production_started") is None
+    # Nor a delivery seen meanwhile: the floor may deliver what syncd has made so far.
+    assert AUTO.decide("making_to_order", "so_delivered") is None
+    moves = {
+        t: d.dest for t in AUTO.triggers if (d := AUTO.decide("making_to_order", t)) is not None
+    }
+    assert moves == {
+        "production_ordered": "in_production",
+        "nothing_to_make": "imported",
+        "make_to_order_failed": "needs_attention",
+        "po_withdrawn": "needs_attention",
+        "found_delivered": "delivered",
+        "so_deleted": "cancelled",
+        "cancel": "cancelled",
+    }
+
+
+def test_a_condition_the_chart_does_not_declare_is_refused() -> None:
+    with pytest.raises(StatechartError, match="condition 'weekend' is set by the configuration"):
+        Statechart(copy.deepcopy(BASE), source="bad.toml", holding={"weekend"})
+
+
+def test_conditions_choose_between_transitions_of_one_trigger() -> None:
+    data = copy.deepcopy(BASE)
+    data["conditions"] = {"fast": "skip b"}
+    data["transitions"] = [
+        {"trigger": "go", "source": ["a"], "dest": "b", "unless": ["fast"]},
+        {"trigger": "go", "source": ["a"], "dest": "done", "conditions": "fast"},
+        {"trigger": "finish", "source": "b", "dest": "done"},
+    ]
+    slow = Statechart(copy.deepcopy(data)).decide("a", "go")
+    fast = Statechart(copy.deepcopy(data), holding=["fast"]).decide("a", "go")
+    assert slow is not None and slow.dest == "b"
+    assert fast is not None and fast.dest == "done"
+    assert "go [fast]" in Statechart(data).mermaid()
 
 
 def test_delivered_straight_from_imported_when_production_is_skipped() -> None:
@@ -293,6 +380,19 @@ def _broken(change: str) -> dict[str, Any]:
         data["transitions"] = []
     elif change == "transition without trigger":
         del data["transitions"][0]["trigger"]
+    elif change == "undeclared condition":
+        data["transitions"][0]["conditions"] = ["sunny"]
+    elif change == "conditions not names":
+        data["conditions"] = {"sunny": "it is"}
+        data["transitions"][0]["unless"] = [1]
+    elif change == "conditions not a table":
+        data["conditions"] = ["sunny"]
+    elif change == "conditional retry":
+        data["states"]["stuck"] = {"attention": True}
+        data["conditions"] = {"sunny": "it is"}
+        data["transitions"].append(
+            {"trigger": "retry", "source": ["stuck"], "dest": RESUME, "conditions": ["sunny"]}
+        )
     else:  # pragma: no cover - a typo in the parametrize list
         raise AssertionError(change)
     return data
@@ -312,6 +412,10 @@ def _broken(change: str) -> dict[str, Any]:
         ("no states", r"needs a \[states\] table"),
         ("no transitions", r"needs \[\[transitions\]\]"),
         ("transition without trigger", r"transitions\[0\]\.trigger must be a name"),
+        ("undeclared condition", r"transitions\[0\]\.conditions names undeclared condition"),
+        ("conditions not names", r"transitions\[0\]\.unless must list condition names"),
+        ("conditions not a table", r"\[conditions\] must be a table"),
+        ("conditional retry", r"transitions\[2\]: a retry .* takes no conditions"),
     ],
 )
 def test_malformed_data_is_refused_naming_the_problem(change: str, message: str) -> None:
@@ -382,3 +486,27 @@ def test_random_trigger_sequences_stay_inside_the_chart(triggers: list[str]) -> 
     assert CHART.valid_path(history)
     entries = [dest for _, dest, _ in history if CHART.state(dest).effect]
     assert len(effects) == len(entries)
+
+
+def test_edges_list_every_transition_of_the_file_with_its_conditions() -> None:
+    edges = CHART.edges()
+    assert {
+        "trigger": "so_created",
+        "source": "discovered",
+        "dest": "making_to_order",
+        "back": False,
+        "conditions": ["make_to_order_auto"],
+        "unless": [],
+    } in edges
+    # Whatever holds: the same edges for the auto chart.
+    assert AUTO.edges() == edges
+    # Every edge a decision can take is listed.
+    for chart in (CHART, AUTO):
+        for source in chart.states:
+            for trigger in chart.triggers:
+                decision = chart.decide(source, trigger, resume_state="imported")
+                if decision is not None:
+                    assert any(
+                        (e["source"], e["dest"], e["trigger"]) == (source, decision.dest, trigger)
+                        for e in edges
+                    ), (source, trigger)

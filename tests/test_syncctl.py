@@ -402,6 +402,7 @@ async def test_statechart_as_json() -> None:
     assert chart["initial"] == "discovered"
     assert [s["name"] for s in chart["states"]] == [
         "discovered",
+        "making_to_order",
         "imported",
         "in_production",
         "delivered",
@@ -409,11 +410,18 @@ async def test_statechart_as_json() -> None:
         "needs_attention",
         "cancelled",
     ]
-    assert {"trigger": "so_created", "source": "discovered", "dest": "imported", "back": False} in (
-        chart["transitions"]
-    )
+    assert set(chart["conditions"]) == {"make_to_order_auto"}
+    created = {
+        t["dest"]: (t["conditions"], t["unless"])
+        for t in chart["transitions"]
+        if (t["trigger"], t["source"]) == ("so_created", "discovered")
+    }
+    assert created == {
+        "imported": ([], ["make_to_order_auto"]),
+        "making_to_order": (["make_to_order_auto"], []),
+    }
     backs = {t["dest"] for t in chart["transitions"] if t["back"]}
-    assert backs == {"discovered", "imported", "in_production", "delivered"}
+    assert backs == {"discovered", "making_to_order", "imported", "in_production", "delivered"}
     # The same edges as the mermaid drawing.
     code, mermaid, _ = await syncctl_process("statechart")
     drawn = set()

@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_FACTORY",
     "FACTORY_NAME",
     "LIVE_SETTINGS",
+    "MAKE_TO_ORDER_MODES",
     "RETRY",
     "SUPPLIER_MATCHES",
     "Config",
@@ -140,6 +141,11 @@ class KatanaConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Katana customer ``reference_id`` that marks the customer syncd made, even if renamed.
     customer_reference: str = "syncd-tradegecko"
     order_no_prefix: str = "TG-"
+    #: ``manual``: a person presses "Make to order" in Katana; ``auto``: syncd makes a
+    #: manufacturing order for each row with a recipe once the sales order exists.
+    make_to_order: str = "manual"
+    #: With ``auto``: Katana also makes orders for the subassemblies.
+    create_subassemblies: bool = False
     poll_interval: float = 30.0
     rate_limit: int = 60
     rate_period: float = 60.0
@@ -310,6 +316,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         """
         return msgspec.structs.replace(self, factories={name: self.factories[name]})
 
+    def statechart_conditions(self) -> frozenset[str]:
+        """The statechart's conditions this configuration makes hold (see ``[conditions]``
+        in ``statecharts/linked_order.toml``): the first factory's, which the runtime runs."""
+        return frozenset({"make_to_order_auto"} if self.katana.make_to_order == "auto" else ())
+
 
 def _factory_of(config: Config) -> Factory:
     hooks = config.webhooks
@@ -342,6 +353,8 @@ class _FactoryTables(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 #: The ways ``tradegecko.supplier_match`` compares supplier names.
 SUPPLIER_MATCHES = ("exact", "casefold", "prefix")
+#: The values of ``katana.make_to_order``.
+MAKE_TO_ORDER_MODES = ("manual", "auto")
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
 
 
@@ -754,6 +767,11 @@ def _factory_problems(
         )
     if not kt.customer_name.strip():
         problem("must name the customer", "katana.customer_name")
+    if kt.make_to_order not in MAKE_TO_ORDER_MODES:
+        problem(
+            f"must be one of {', '.join(MAKE_TO_ORDER_MODES)}, got {kt.make_to_order!r}",
+            "katana.make_to_order",
+        )
     if require_tokens:
         names = {
             key: (env, credential)

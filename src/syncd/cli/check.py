@@ -58,7 +58,9 @@ async def check(path: Path, *, online: bool = False) -> CheckReport:
 
     try:
         # Checked against the code as run checks it: a name the code lacks stops the start.
-        report.chart = check_chart(load_statechart(config.daemon.statechart))
+        report.chart = check_chart(
+            load_statechart(config.daemon.statechart, holding=config.statechart_conditions())
+        )
     except StatechartError as exc:
         report.problems.append(Problem("config", str(exc)))
     report.problems += [

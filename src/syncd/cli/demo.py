@@ -84,6 +84,9 @@ class DemoOptions(msgspec.Struct, kw_only=True):
     #: Webhooks from the simulators; the pollers then only reconcile.
     webhooks: bool = False
     reconcile_interval: float = 5.0
+    #: ``katana.make_to_order``: with ``auto`` syncd makes the manufacturing orders and the
+    #: factory player only starts and finishes them.
+    make_to_order: str = "manual"
 
 
 class LineSummary(msgspec.Struct, kw_only=True):
@@ -280,7 +283,8 @@ def _set_aside(database: str, out: TextIO) -> None:
 
 
 async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) -> DemoSummary:
-    chart = load_statechart()
+    katana_config = KatanaConfig(make_to_order=options.make_to_order)
+    chart = load_statechart(holding=Config(katana=katana_config).statechart_conditions())
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="syncd-demo-") as scratch:
         database = options.db or str(Path(scratch) / "demo.db")
@@ -314,7 +318,8 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                     # The simulators' limits are off for the demo; so is the daemon's budget.
                     rate_limit=100_000,
                 ),
-                katana=KatanaConfig(
+                katana=msgspec.structs.replace(
+                    katana_config,
                     base_url=katana_url,
                     token=KATANA_TOKEN,
                     poll_interval=options.poll_interval,
@@ -338,7 +343,10 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(
                         lambda: play_factory(
-                            katana_ctl, step_delay=options.factory_delay, customer_name=None
+                            katana_ctl,
+                            step_delay=options.factory_delay,
+                            customer_name=None,
+                            make_to_order=options.make_to_order != "auto",
                         )
                     )
                     for index in range(options.orders):

@@ -227,7 +227,10 @@ def main() -> None:
 def _chart(ctx: click.Context) -> Statechart:
     config = _config(ctx)
     try:
-        return load_statechart(config.daemon.statechart if config is not None else None)
+        if config is None:
+            return load_statechart()
+        # Decided as the daemon decides: with the conditions its configuration holds.
+        return load_statechart(config.daemon.statechart, holding=config.statechart_conditions())
     except StatechartError as exc:
         _fail(str(exc), EXIT_CONFIG)
         raise
@@ -956,27 +959,12 @@ def _explain(data: dict[str, Any], chart: Statechart) -> tuple[str, list[str]]:
 
 
 def _statechart_data(chart: Statechart) -> dict[str, Any]:
-    """States and every transition, from the chart's own decisions (``back``: the retry that
-    returns an order to where it was)."""
-    transitions: list[dict[str, Any]] = []
-    for source in chart.states:
-        for trigger in chart.triggers:
-            decision = chart.decide(source, trigger)
-            if decision is not None:
-                transitions.append(
-                    {"trigger": trigger, "source": source, "dest": decision.dest, "back": False}
-                )
-                continue
-            if not chart.states[source].attention:
-                continue
-            for resume in chart.states:
-                back = chart.decide(source, trigger, resume_state=resume)
-                if back is not None and back.dest == resume:
-                    transitions.append(
-                        {"trigger": trigger, "source": source, "dest": resume, "back": True}
-                    )
+    """States, the declared conditions and every transition of the file with the conditions
+    it needs (``back``: the retry that returns an order to where it was)."""
+    transitions = chart.edges()
     return {
         "initial": chart.initial,
+        "conditions": dict(chart.conditions),
         "states": [
             {
                 "name": state.name,

@@ -260,6 +260,13 @@ _CHECK_EXITS = {
 @click.option(
     "--webhooks", is_flag=True, help="Sync by the simulators' webhooks; polls only reconcile."
 )
+@click.option(
+    "--make-to-order",
+    type=click.Choice(["manual", "auto"]),
+    default="manual",
+    show_default=True,
+    help="auto: syncd makes the manufacturing orders (katana.make_to_order).",
+)
 def demo(
     orders: int,
     db: str | None,
@@ -270,6 +277,7 @@ def demo(
     tradegecko_sim_url: str | None,
     timeout: float,
     webhooks: bool,
+    make_to_order: str,
 ) -> None:
     """Run the whole flow on the simulators and summarise it."""
     from syncd.cli.demo import DemoOptions, render_summary, run_demo
@@ -284,6 +292,7 @@ def demo(
         tradegecko_sim_url=tradegecko_sim_url,
         timeout=timeout,
         webhooks=webhooks,
+        make_to_order=make_to_order,
     )
     progress = sys.stderr if as_json else sys.stdout
     try:
@@ -402,6 +411,11 @@ def sim_tradegecko(
 @click.option("--port", default=8702, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--no-rate-limit", is_flag=True, help="Turn the real 60/60 s limit off.")
 @click.option("--play-factory", is_flag=True, help="Make, finish and deliver orders by itself.")
+@click.option(
+    "--leave-make-to-order",
+    is_flag=True,
+    help="The factory never presses Make to order (syncd's katana.make_to_order = auto).",
+)
 @_ACCOUNTS_OPTION
 @_fault_options
 def sim_katana(
@@ -409,6 +423,7 @@ def sim_katana(
     port: int,
     no_rate_limit: bool,
     play_factory: bool,
+    leave_make_to_order: bool,
     accounts: int,
     **fault_flags: Any,
 ) -> None:
@@ -425,6 +440,7 @@ def sim_katana(
             port,
             rate_limit=not no_rate_limit,
             play_factory=play_factory,
+            make_to_order=not leave_make_to_order,
             faults=faults,
             accounts=accounts,
             on_ready=lambda url: click.echo(

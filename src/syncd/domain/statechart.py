@@ -4,6 +4,11 @@ The file is the single source of state names. :class:`Statechart` wraps a synchr
 ``transitions`` machine used only as a decision: given a state and a trigger it answers where
 the order goes and which effect that entails. Nothing here does I/O beyond reading the file,
 and no callback runs work; effects are the runtime's business.
+
+A transition may depend on a *condition* the file declares in ``[conditions]`` (e.g.
+``make_to_order_auto``): ``conditions`` lists those that must hold, ``unless`` those that must
+not. Which hold is fixed when the chart is loaded (from the configuration), so a decision
+stays a function of state, trigger and resume target alone.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import tomllib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +38,7 @@ __all__ = [
 RESUME = "resume"
 
 _STATE_KEYS = frozenset({"description", "effect", "follow", "attention", "terminal", "recosts_po"})
-_TRANSITION_KEYS = frozenset({"trigger", "source", "dest", "description"})
+_TRANSITION_KEYS = frozenset({"trigger", "source", "dest", "description", "conditions", "unless"})
 
 
 @dataclass(frozen=True)
@@ -73,11 +78,25 @@ class _Decider:
 
 
 class Statechart:
-    """A loaded statechart: states, transitions, and a pure :meth:`decide`."""
+    """A loaded statechart: states, transitions, and a pure :meth:`decide`.
 
-    def __init__(self, data: Mapping[str, Any], *, source: str = "<data>") -> None:
+    :param holding: the declared conditions that hold (the rest do not).
+    :raises StatechartError: the data is not a valid statechart, or ``holding`` names a
+        condition the data does not declare.
+    """
+
+    def __init__(
+        self, data: Mapping[str, Any], *, source: str = "<data>", holding: Iterable[str] = ()
+    ) -> None:
         self.source = source
-        self.states, self.initial, self._transitions = _parse(data, source)
+        self.states, self.initial, self._transitions, self.conditions = _parse(data, source)
+        self.holding = frozenset(holding)
+        undeclared = sorted(self.holding - set(self.conditions))
+        if undeclared:
+            raise StatechartError(
+                f"{source}: condition {undeclared[0]!r} is set by the configuration but the "
+                "statechart does not declare it in [conditions]"
+            )
         self.triggers = tuple(sorted({t["trigger"] for t in self._transitions}))
         self._resumable = tuple(
             s.name for s in self.states.values() if not (s.attention or s.terminal)
@@ -97,7 +116,15 @@ class Statechart:
         result: list[dict[str, Any]] = []
         for t in self._transitions:
             if t["dest"] != RESUME:
-                result.append({"trigger": t["trigger"], "source": t["source"], "dest": t["dest"]})
+                result.append(
+                    {
+                        "trigger": t["trigger"],
+                        "source": t["source"],
+                        "dest": t["dest"],
+                        # Fixed at load: a transition whose conditions fail is never taken.
+                        "conditions": [_fixed(self._passes(t))],
+                    }
+                )
                 continue
             result.extend(
                 {
@@ -109,6 +136,11 @@ class Statechart:
                 for target in self._resumable
             )
         return result
+
+    def _passes(self, transition: Mapping[str, Any]) -> bool:
+        return set(transition["conditions"]) <= self.holding and not (
+            set(transition["unless"]) & self.holding
+        )
 
     # -- questions -----------------------------------------------------------------------
 
@@ -136,6 +168,27 @@ class Statechart:
 
     def terminal_states(self) -> list[str]:
         return [s.name for s in self.states.values() if s.terminal]
+
+    def edges(self) -> list[dict[str, Any]]:
+        """Every edge of the file, whatever holds: ``trigger``, ``source``, ``dest``,
+        ``back`` (a retry to where the order was, one edge per state it can return to),
+        ``conditions`` and ``unless``; in file order, as the diagram draws them."""
+        result: list[dict[str, Any]] = []
+        for t in self._transitions:
+            targets = self._resumable if t["dest"] == RESUME else (t["dest"],)
+            result.extend(
+                {
+                    "trigger": t["trigger"],
+                    "source": source,
+                    "dest": dest,
+                    "back": t["dest"] == RESUME,
+                    "conditions": list(t["conditions"]),
+                    "unless": list(t["unless"]),
+                }
+                for source in t["source"]
+                for dest in targets
+            )
+        return result
 
     def check_code(self, effects: Mapping[str, Collection[str]], fired: Collection[str]) -> None:
         """Check the statechart against the code that drives it, like a worker refusing a
@@ -266,7 +319,7 @@ class Statechart:
         graph = GraphMachine(
             states=list(self.states),
             transitions=[
-                {"trigger": t["trigger"], "source": t["source"], "dest": t["dest"]}
+                {"trigger": _label(t), "source": t["source"], "dest": t["dest"]}
                 for t in self._transitions
                 if t["dest"] != RESUME
             ]
@@ -284,6 +337,19 @@ class Statechart:
         return graph.get_graph()
 
 
+def _label(transition: Mapping[str, Any]) -> str:
+    """A transition's trigger, with its conditions as the diagram shows them."""
+    guards = [*transition["conditions"], *(f"not {c}" for c in transition["unless"])]
+    return f"{transition['trigger']} [{', '.join(guards)}]" if guards else transition["trigger"]
+
+
+def _fixed(value: bool) -> Any:
+    def condition(event: Any) -> bool:
+        return value
+
+    return condition
+
+
 def _resumes_to(target: str) -> Any:
     def condition(event: Any) -> bool:
         return bool(event.model.resume_state == target)
@@ -294,9 +360,14 @@ def _resumes_to(target: str) -> Any:
 
 def _parse(
     data: Mapping[str, Any], source: str
-) -> tuple[dict[str, State], str, list[dict[str, Any]]]:
+) -> tuple[dict[str, State], str, list[dict[str, Any]], dict[str, str]]:
     def fail(message: str) -> StatechartError:
         return StatechartError(f"{source}: {message}")
+
+    raw_conditions = data.get("conditions", {})
+    if not isinstance(raw_conditions, Mapping):
+        raise fail("[conditions] must be a table of name = description")
+    conditions = {str(name): str(text) for name, text in raw_conditions.items()}
 
     raw_states = data.get("states")
     if not isinstance(raw_states, Mapping) or not raw_states:
@@ -347,8 +418,21 @@ def _parse(
                 raise fail(f"{where}.source {name!r} is terminal")
         if dest != RESUME and dest not in states:
             raise fail(f"{where}.dest names unknown state {dest!r}")
-        transitions.append({"trigger": trigger, "source": list(sources), "dest": dest})
-    return states, str(initial), transitions
+        guards: dict[str, list[str]] = {}
+        for key in ("conditions", "unless"):
+            names = spec.get(key, [])
+            if isinstance(names, str):
+                names = [names]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise fail(f"{where}.{key} must list condition names")
+            for name in names:
+                if name not in conditions:
+                    raise fail(f"{where}.{key} names undeclared condition {name!r}")
+            guards[key] = list(names)
+        if dest == RESUME and (guards["conditions"] or guards["unless"]):
+            raise fail(f"{where}: a retry back to where the order was takes no conditions")
+        transitions.append({"trigger": trigger, "source": list(sources), "dest": dest, **guards})
+    return states, str(initial), transitions, conditions
 
 
 def default_statechart_path() -> Path:
@@ -367,8 +451,8 @@ def default_statechart_path() -> Path:
     return candidates[0]
 
 
-def load_statechart(path: Path | str | None = None) -> Statechart:
-    """Read and check a statechart file.
+def load_statechart(path: Path | str | None = None, *, holding: Iterable[str] = ()) -> Statechart:
+    """Read and check a statechart file; ``holding`` names the conditions that hold.
 
     :raises StatechartError: the file is missing, not TOML, or not a valid statechart.
     """
@@ -379,4 +463,4 @@ def load_statechart(path: Path | str | None = None) -> Statechart:
         raise StatechartError(f"statechart file not found: {file}") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise StatechartError(f"{file}: cannot read statechart ({exc})") from None
-    return Statechart(data, source=str(file))
+    return Statechart(data, source=str(file), holding=holding)

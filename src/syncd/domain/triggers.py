@@ -9,11 +9,15 @@ from __future__ import annotations
 
 __all__ = [
     "CANCEL",
+    "FOUND_DELIVERED",
     "IMPORT_FAILED",
+    "MAKE_TO_ORDER_FAILED",
+    "NOTHING_TO_MAKE",
     "OBSERVATION_TRIGGERS",
     "OPERATOR_TRIGGERS",
     "PO_RECEIVED",
     "PO_WITHDRAWN",
+    "PRODUCTION_ORDERED",
     "PRODUCTION_STARTED",
     "RECEIVE_FAILED",
     "RETRY",
@@ -25,6 +29,10 @@ __all__ = [
 # -- fired by effects' outcomes ------------------------------------------------------------
 SO_CREATED = "so_created"
 IMPORT_FAILED = "import_failed"
+PRODUCTION_ORDERED = "production_ordered"
+NOTHING_TO_MAKE = "nothing_to_make"
+FOUND_DELIVERED = "found_delivered"
+MAKE_TO_ORDER_FAILED = "make_to_order_failed"
 PO_RECEIVED = "po_received"
 RECEIVE_FAILED = "receive_failed"
 

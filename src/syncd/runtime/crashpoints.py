@@ -26,6 +26,7 @@ CRASH_POINTS: dict[str, str] = {
     "customer_created": "Katana created the customer; nothing recorded it",
     "product_created": "Katana created a product for a new SKU; nothing recorded it",
     "so_created": "Katana created the sales order; its outcome is not written",
+    "mo_made": "Katana made a row's manufacturing order (make to order); nothing recorded it",
     "price_updated": "TradeGecko took a PO line's new price; the receipt has not happened",
     "po_received": "TradeGecko received the PO; its outcome is not written",
     "outcome_written": "an effect's outcome is in the inbox; the statechart has not applied it",

@@ -183,7 +183,9 @@ async def running_daemon(
     :raises ApiError: with ``check``, a service rejected its token or could not be reached.
     """
     register_secrets([config.katana.token, config.tradegecko.token])
-    chart = check_chart(chart or load_statechart(config.daemon.statechart))
+    chart = check_chart(
+        chart or load_statechart(config.daemon.statechart, holding=config.statechart_conditions())
+    )
     metrics = Metrics()
     metrics.known_states(list(chart.states))
     watchers = Observers([metrics, observer]) if observer is not None else metrics

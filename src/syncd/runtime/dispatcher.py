@@ -56,7 +56,7 @@ def check_chart(chart: Statechart) -> Statechart:
     :raises StatechartError: naming every mismatch.
     """
     chart.check_code(
-        {name: (spec.done, spec.failed) for name, spec in EFFECTS.items()},
+        {name: spec.fires for name, spec in EFFECTS.items()},
         fired=(*OBSERVATION_TRIGGERS, *OPERATOR_TRIGGERS),
     )
     return chart

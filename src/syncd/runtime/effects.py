@@ -1,7 +1,9 @@
-"""The two effects a linked order entails: importing the PO into Katana, receiving it back.
+"""The effects a linked order entails: importing the PO into Katana, making its sales order's
+manufacturing orders (with ``katana.make_to_order = "auto"``), receiving the PO back.
 
-Both are safe to run again after a crash at any point. The import looks its sales order up
+All are safe to run again after a crash at any point. The import looks its sales order up
 by ``order_no`` before creating it, and variants by SKU, and the customer by reference id.
+Make-to-order reads each row's ``linked_manufacturing_order_id`` before making one.
 The receipt reads the PO first (a received PO is done), sets prices with PUTs (idempotent),
 and receives with an ``Idempotency-Key`` that TradeGecko honours for 24 hours.
 
@@ -24,13 +26,16 @@ import msgspec
 
 from syncd.adapters._http import Priority, request_priority
 from syncd.adapters.katana import KatanaClient, NewSalesOrder, NewSalesOrderRow
+from syncd.adapters.katana import SalesOrder as KatanaSalesOrder
 from syncd.adapters.katana import Variant as KatanaVariant
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import Config
 from syncd.domain import triggers
 from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderSnapshot
 from syncd.domain.rules import (
+    DELIVERED,
     PO_WITHDRAWN,
+    PRODUCTION_DONE,
     cost_update,
     lines_to_import,
     order_number_for,
@@ -42,6 +47,7 @@ from syncd.runtime.crashpoints import crash_point
 __all__ = [
     "EFFECTS",
     "IMPORT_ORDER",
+    "MAKE_TO_ORDER",
     "RECEIVE_ORDER",
     "EffectRunner",
     "EffectSpec",
@@ -64,14 +70,30 @@ class EffectSpec:
     done: str
     #: Fired when a person must look (a rule the order breaks, a refusal).
     failed: str
+    #: Other outcomes the effect may end in, each its own trigger.
+    other: tuple[str, ...] = ()
+
+    @property
+    def fires(self) -> tuple[str, ...]:
+        """Every trigger the effect's outcome may fire."""
+        return (self.done, self.failed, *self.other)
 
 
 IMPORT_ORDER = EffectSpec("import_order", done=triggers.SO_CREATED, failed=triggers.IMPORT_FAILED)
 RECEIVE_ORDER = EffectSpec(
     "receive_order", done=triggers.PO_RECEIVED, failed=triggers.RECEIVE_FAILED
 )
+MAKE_TO_ORDER = EffectSpec(
+    "make_to_order",
+    done=triggers.PRODUCTION_ORDERED,
+    failed=triggers.MAKE_TO_ORDER_FAILED,
+    # No row has a recipe; or the SO was delivered before anything was left to make.
+    other=(triggers.NOTHING_TO_MAKE, triggers.FOUND_DELIVERED),
+)
 #: Every effect syncd has, by name: the registry checked against the statechart at start-up.
-EFFECTS: Mapping[str, EffectSpec] = {spec.name: spec for spec in (IMPORT_ORDER, RECEIVE_ORDER)}
+EFFECTS: Mapping[str, EffectSpec] = {
+    spec.name: spec for spec in (IMPORT_ORDER, MAKE_TO_ORDER, RECEIVE_ORDER)
+}
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -121,6 +143,7 @@ class Effects:
         self._find_or_create = anyio.Lock()
         self._registered: dict[str, Callable[[LinkedOrder], Awaitable[Outcome]]] = {
             IMPORT_ORDER.name: self.import_order,
+            MAKE_TO_ORDER.name: self.make_to_order,
             RECEIVE_ORDER.name: self.receive_order,
         }
         assert set(self._registered) == set(EFFECTS), "EFFECTS and Effects disagree"
@@ -342,6 +365,102 @@ class Effects:
             customer_id = made.id
         self._customer.set(customer_id)
         return customer_id
+
+    # -- make to order -------------------------------------------------------------------
+
+    async def make_to_order(self, link: LinkedOrder) -> Outcome:
+        """Press "Make to order" on each row of the sales order that has a recipe and no
+        manufacturing order yet; rows without a recipe are left to a person, and noted."""
+        if link.so_id is None:
+            return _failed(MAKE_TO_ORDER, "no Katana sales order is linked")
+        return await _settled(MAKE_TO_ORDER, self._make_to_order(link, link.so_id), "Katana")
+
+    async def _make_to_order(self, link: LinkedOrder, so_id: int) -> Outcome:
+        try:
+            order = await self.katana.get_sales_order(so_id)
+        except NotFound:
+            raise RuleViolation(f"Katana SO {link.so_number} no longer exists") from None
+        skus = {line.katana_variant_id: line.sku for line in link.lines}
+        has_recipe: dict[int, bool] = {}
+        notes: list[str] = []
+        found = made = 0
+        for row in order.sales_order_rows:
+            if row.deleted_at is not None:
+                continue
+            if row.linked_manufacturing_order_id is not None:
+                # Made by a run that died before recording it, or by a person: never twice.
+                found += 1
+                continue
+            if row.variant_id not in has_recipe:
+                has_recipe[row.variant_id] = bool(await self.katana.list_bom_rows(row.variant_id))
+            if not has_recipe[row.variant_id]:
+                sku = skus.get(row.variant_id, f"variant {row.variant_id}")
+                notes.append(
+                    f"Katana SO {order.order_no} row {row.id} ({sku}) has no recipe: no "
+                    "manufacturing order made; make it or deliver it from stock in Katana"
+                )
+                continue
+            if await self._make_row(order, row.id, link.po_number):
+                made += 1
+            else:
+                found += 1
+        done = (order.production_status or "NONE") in PRODUCTION_DONE
+        if made == 0 and order.status == DELIVERED and done:
+            # Made (or delivered from stock) while syncd was down; the look that showed it
+            # came while the order could not move on.
+            return Outcome(
+                effect=MAKE_TO_ORDER.name,
+                trigger=triggers.FOUND_DELIVERED,
+                cause=f"Katana SO {order.order_no} is already delivered: nothing to make",
+                notes=tuple(notes),
+            )
+        if made + found == 0:
+            return Outcome(
+                effect=MAKE_TO_ORDER.name,
+                trigger=triggers.NOTHING_TO_MAKE,
+                cause=f"no row of Katana SO {order.order_no} has a recipe: nothing made to order",
+                notes=tuple(notes),
+            )
+        already = f" ({found} already linked)" if found else ""
+        orders = "manufacturing order" if made == 1 else "manufacturing orders"
+        return Outcome(
+            effect=MAKE_TO_ORDER.name,
+            trigger=MAKE_TO_ORDER.done,
+            cause=f"made {made} {orders} for Katana SO {order.order_no}{already}",
+            notes=tuple(notes),
+        )
+
+    async def _make_row(self, order: KatanaSalesOrder, row_id: int, po_number: str) -> bool:
+        """Make the row's manufacturing order; ``False`` if it turned out to have one."""
+        order_no = order.order_no
+        try:
+            await self.katana.make_to_order(
+                row_id, create_subassemblies=self.config.katana.create_subassemblies
+            )
+        except ValidationFailed as exc:
+            # A person may have pressed the button between the read and the call.
+            again = await self.katana.get_sales_order(order.id)
+            if any(
+                r.id == row_id and r.linked_manufacturing_order_id is not None
+                for r in again.sales_order_rows
+            ):
+                return False
+            raise RuleViolation(
+                f"Katana refused a manufacturing order for SO {order_no} row {row_id}: {exc.reason}"
+            ) from None
+        except ApiError as exc:
+            if exc.status is None or exc.status >= 500:
+                # The POST may have landed: the next attempt reads the row's link first.
+                log.warning(
+                    "make to order for %s row %s uncertain: %s",
+                    order_no,
+                    row_id,
+                    exc,
+                    extra={"po": po_number, "so": order_no},
+                )
+            raise
+        crash_point("mo_made")
+        return True
 
     # -- receive -------------------------------------------------------------------------
 

@@ -149,14 +149,23 @@ class Simulators:
 
     @asynccontextmanager
     async def factory(
-        self, step_delay: float = 0.05, *, only: list[FactoryTokens] | None = None
+        self,
+        step_delay: float = 0.05,
+        *,
+        only: list[FactoryTokens] | None = None,
+        make_to_order: bool = True,
     ) -> AsyncIterator[None]:
-        """The workshops work (make to order, finish, deliver) while inside: every one in
-        use, or ``only`` those factories'."""
+        """The workshops work (make to order unless told not to, finish, deliver) while
+        inside: every one in use, or ``only`` those factories'."""
         accounts = None if only is None else [f.katana_token for f in only]
         async with anyio.create_task_group() as tg:
             tg.start_soon(
-                lambda: play_factory(self.katana_url, step_delay=step_delay, accounts=accounts)
+                lambda: play_factory(
+                    self.katana_url,
+                    step_delay=step_delay,
+                    accounts=accounts,
+                    make_to_order=make_to_order,
+                )
             )
             yield
             tg.cancel_scope.cancel()

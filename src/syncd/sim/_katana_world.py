@@ -17,6 +17,7 @@ takes its quantities out of stock and leaves averages unchanged.
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -242,6 +243,8 @@ class KatanaWorld:
         self.stock: dict[tuple[int, int], _Stock] = {}
         self.counters: Counter[str] = Counter()
         self.orders_by_no: Counter[str] = Counter()
+        #: Manufacturing orders made to order, by sales order row id (exactly once?).
+        self.mos_by_row: Counter[int] = Counter()
         #: API requests by endpoint, counted by the server's frame.
         self.requests: Counter[str] = Counter()
         #: Currencies the account refuses on a sales order (a control-panel knob).
@@ -444,6 +447,30 @@ class KatanaWorld:
 
     def variant_list(self) -> list[dict[str, Any]]:
         return [self.variant_dict(v) for v in self.variants.values()]
+
+    def bom_row_list(self) -> list[dict[str, Any]]:
+        """Every recipe's material rows, as ``GET /bom_rows`` answers them. A product made
+        by ``POST /products`` (a SKU syncd creates) has none: it has no recipe."""
+        rows: list[dict[str, Any]] = []
+        for variant_id, recipe in self.recipes.items():
+            variant = self.variants[variant_id]
+            stamp = format_time(variant.created_at)
+            for rank, (material_id, quantity) in enumerate(recipe.materials, start=1):
+                rows.append(
+                    {
+                        # Stable across calls: the row is named by its variant and place.
+                        "id": str(uuid.UUID(int=variant_id << 32 | rank)),
+                        "product_variant_id": variant_id,
+                        "product_item_id": variant.parent_id,
+                        "ingredient_variant_id": material_id,
+                        "quantity": quantity,
+                        "notes": None,
+                        "rank": rank * 10000,
+                        "created_at": stamp,
+                        "updated_at": stamp,
+                    }
+                )
+        return rows
 
     def product_dict(self, item: _Item) -> dict[str, Any]:
         return {
@@ -785,6 +812,7 @@ class KatanaWorld:
         row.linked_manufacturing_order_id = mo.id
         row.updated_at = order.updated_at = stamp
         self.counters["manufacturing_orders_created"] += 1
+        self.mos_by_row[row.id] += 1
         self._emit("manufacturing_order.created", mo.id, mo.status)
         self._emit("sales_order.updated", order.id, order.status)
         return self.mo_dict(mo)
@@ -957,6 +985,7 @@ class KatanaWorld:
             "customers_created": self.counters["customers_created"],
             "products_created": self.counters["products_created"],
             "manufacturing_orders_created": self.counters["manufacturing_orders_created"],
+            "manufacturing_orders_per_row": {str(k): v for k, v in self.mos_by_row.items()},
         }
 
 

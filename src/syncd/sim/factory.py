@@ -1,10 +1,11 @@
 """The workshop's people, played against the Katana simulator's control panel.
 
 :func:`play_factory` polls ``/_sim/state`` and does what the floor would: press "Make to
-order" on open sales orders whose rows have no manufacturing order, start every order not
-yet started, finish an order once it has been in progress for a while, and deliver a sales
-order whose production is done. It talks only to ``/_sim``, so it never touches the API
-budget the daemon under test draws from, and it logs and carries on after any error.
+order" on open sales orders whose rows have no manufacturing order (unless syncd does that,
+``katana.make_to_order = "auto"``), start every order not yet started, finish an order once
+it has been in progress for a while, and deliver a sales order whose production is done. It
+talks only to ``/_sim``, so it never touches the API budget the daemon under test draws
+from, and it logs and carries on after any error.
 
 It works in every account of the simulator (those in use: an idle account has no orders),
 or in the accounts it is given, each with its own memory; one account's error does not
@@ -34,10 +35,16 @@ class _Floor:
     """What the player remembers between polls."""
 
     def __init__(
-        self, client: httpx.AsyncClient, step_delay: float, customer: str | None, account: str
+        self,
+        client: httpx.AsyncClient,
+        step_delay: float,
+        customer: str | None,
+        account: str,
+        make_to_order: bool = True,
     ) -> None:
         self.client = client
         self.headers = {ACCOUNT_HEADER: account}
+        self.make_to_order = make_to_order
         self.step_delay = step_delay
         self.customer = customer
         self.seen_in_progress: dict[int, float] = {}
@@ -58,7 +65,7 @@ class _Floor:
             if so.get("deleted_at") is None
             and (self.customer is None or customers.get(so["customer_id"]) == self.customer)
         }
-        for so in orders.values():
+        for so in orders.values() if self.make_to_order else ():
             waiting = [
                 row["id"]
                 for row in so["sales_order_rows"]
@@ -90,6 +97,7 @@ async def play_factory(
     step_delay: float = 0.2,
     customer_name: str | None = None,
     accounts: Sequence[str] | None = None,
+    make_to_order: bool = True,
 ) -> None:
     """Run the workshop against the simulator at ``control_url`` until cancelled.
 
@@ -97,6 +105,8 @@ async def play_factory(
     :param step_delay: seconds between polls, and the least time an order stays in progress.
     :param customer_name: only work on this customer's orders; ``None`` for all.
     :param accounts: the accounts (tokens) to work in; ``None`` for every account in use.
+    :param make_to_order: press "Make to order"; ``False`` when syncd makes the
+        manufacturing orders, so that the floor only starts and finishes them.
     """
     floors: dict[str, _Floor] = {}
     async with httpx.AsyncClient(base_url=control_url.rstrip("/"), timeout=10.0) as client:
@@ -109,7 +119,9 @@ async def play_factory(
             for name in names:
                 floor = floors.get(name)
                 if floor is None:
-                    floor = floors[name] = _Floor(client, step_delay, customer_name, name)
+                    floor = floors[name] = _Floor(
+                        client, step_delay, customer_name, name, make_to_order
+                    )
                 try:
                     await floor.step()
                 except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:

@@ -609,6 +609,20 @@ async def _make_to_order(request: Request, world: KatanaWorld) -> Any:
     return world.make_to_order(body.sales_order_row_id)
 
 
+async def _bom_rows(request: Request, world: KatanaWorld) -> Any:
+    records = _filtered(
+        request,
+        world.bom_row_list(),
+        int_equal=[
+            ("product_variant_id", "product_variant_id"),
+            ("ingredient_variant_id", "ingredient_variant_id"),
+            ("product_item_id", "product_item_id"),
+        ],
+        deletable=False,
+    )
+    return _paged(request, records, newest_first=False)
+
+
 async def _inventory(request: Request, world: KatanaWorld) -> Any:
     records = _filtered(
         request,
@@ -886,6 +900,7 @@ def create_app(
         api("/manufacturing_orders", _manufacturing_orders, ["GET"]),
         api("/manufacturing_orders/{id:int}", _manufacturing_order, ["PATCH"]),
         api("/manufacturing_order_make_to_order", _make_to_order, ["POST"]),
+        api("/bom_rows", _bom_rows, ["GET"]),
         api("/inventory", _inventory, ["GET"]),
         api("/webhooks", webhooks, ["GET", "POST"]),
     ]
@@ -927,9 +942,10 @@ async def run(
     faults: Faults | None = None,
     accounts: int = 1,
     on_ready: Callable[[str], None] | None = None,
+    make_to_order: bool = True,
 ) -> None:
     """Serve the simulator until cancelled; with ``play_factory`` the workshop works too
-    (in every account).
+    (in every account, pressing "Make to order" unless ``make_to_order`` is false).
 
     :param accounts: how many accounts in all: the default one, then tokens ``<token>-1``
         ... ``<token>-(N-1)``.
@@ -946,5 +962,5 @@ async def run(
             on_ready(url)
         tg.start_soon(app.state.webhooks.run)
         if play_factory:
-            tg.start_soon(player, url)
+            tg.start_soon(functools.partial(player, url, make_to_order=make_to_order))
         await anyio.sleep_forever()

@@ -6,12 +6,14 @@ structs for what Katana answers and what syncd sends.
 
 from syncd.adapters.katana.client import KatanaClient
 from syncd.adapters.katana.models import (
+    BomRow,
     Customer,
     Factory,
     InventoryRecord,
     ListEnvelope,
     ManufacturingOrder,
     NewCustomer,
+    NewMakeToOrder,
     NewProduct,
     NewSalesOrder,
     NewSalesOrderRow,
@@ -26,6 +28,7 @@ from syncd.adapters.katana.models import (
 )
 
 __all__ = [
+    "BomRow",
     "Customer",
     "Factory",
     "InventoryRecord",
@@ -33,6 +36,7 @@ __all__ = [
     "ListEnvelope",
     "ManufacturingOrder",
     "NewCustomer",
+    "NewMakeToOrder",
     "NewProduct",
     "NewSalesOrder",
     "NewSalesOrderRow",

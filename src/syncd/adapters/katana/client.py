@@ -19,12 +19,14 @@ import msgspec
 
 from syncd.adapters._http import ServiceClient, format_time
 from syncd.adapters.katana.models import (
+    BomRow,
     Customer,
     Factory,
     InventoryRecord,
     ListEnvelope,
     ManufacturingOrder,
     NewCustomer,
+    NewMakeToOrder,
     NewProduct,
     NewSalesOrder,
     NewVariant,
@@ -187,6 +189,25 @@ class KatanaClient(ServiceClient):
         if ids is not None:
             return await self.list_matching(path, ManufacturingOrder, "ids", ids, params)
         return await self.list_all(path, ManufacturingOrder, params)
+
+    async def make_to_order(
+        self, sales_order_row_id: int, *, create_subassemblies: bool = False
+    ) -> ManufacturingOrder:
+        """Make a manufacturing order for one sales order row ("Make to order"). Not
+        retried: read the row's ``linked_manufacturing_order_id`` first."""
+        body = encode_request(
+            NewMakeToOrder(
+                sales_order_row_id=sales_order_row_id, create_subassemblies=create_subassemblies
+            )
+        )
+        return await self.fetch(
+            "POST", "/manufacturing_order_make_to_order", ManufacturingOrder, body=body
+        )
+
+    async def list_bom_rows(self, product_variant_id: int) -> list[BomRow]:
+        """The recipe (bill of materials) of one product variant; empty when it has none."""
+        params = {"product_variant_id": int(product_variant_id)}
+        return await self.list_all("/bom_rows", BomRow, params)
 
     async def list_inventory(self, variant_ids: Sequence[int]) -> list[InventoryRecord]:
         """Stock and average cost of the given variants, one record per location.

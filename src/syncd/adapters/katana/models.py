@@ -17,12 +17,14 @@ from typing import Generic, TypeVar
 import msgspec
 
 __all__ = [
+    "BomRow",
     "Customer",
     "Factory",
     "InventoryRecord",
     "ListEnvelope",
     "ManufacturingOrder",
     "NewCustomer",
+    "NewMakeToOrder",
     "NewProduct",
     "NewSalesOrder",
     "NewSalesOrderRow",
@@ -147,6 +149,15 @@ class ManufacturingOrder(msgspec.Struct, kw_only=True):
     deleted_at: datetime | None = None
 
 
+class BomRow(msgspec.Struct, kw_only=True):
+    """One ingredient of a product variant's recipe (bill of materials)."""
+
+    id: str
+    product_variant_id: int
+    ingredient_variant_id: int
+    quantity: Decimal | None = None
+
+
 class InventoryRecord(msgspec.Struct, kw_only=True):
     """Stock of one variant at one location, with its moving average cost."""
 
@@ -217,6 +228,13 @@ class NewProduct(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     name: str
     variants: list[NewVariant]
+
+
+class NewMakeToOrder(msgspec.Struct, kw_only=True):
+    """The body of ``POST /manufacturing_order_make_to_order``."""
+
+    sales_order_row_id: int
+    create_subassemblies: bool = False
 
 
 class NewWebhook(msgspec.Struct, kw_only=True, omit_defaults=True):
