@@ -30,13 +30,35 @@ from syncd.sim import (
     running_simulators,
 )
 
-__all__ = ["Recorder", "Sims", "delta", "free_port", "percentile", "running_sims", "wait_until"]
+__all__ = [
+    "Recorder",
+    "Sims",
+    "Unsound",
+    "delta",
+    "free_port",
+    "percentile",
+    "running_sims",
+    "wait_until",
+]
 
 KATANA_TOKEN = "katana-bench-token"
 TRADEGECKO_TOKEN = "tradegecko-bench-token"
 SECRET = TRADEGECKO_WEBHOOK_SECRET
 _ID = re.compile(r"/\d+")
 _IGNORED_QUERY = {"limit", "page"}
+
+
+class Unsound(Exception):
+    """A comparison failed its soundness check: the figure it would give is not to be trusted.
+
+    ``python -m bench`` and each bench's own ``__main__`` print ``UNSOUND: <why>`` and exit 1.
+    ``figures`` keeps what was measured, for the reader to see why.
+    """
+
+    def __init__(self, why: str, figures: dict[str, Any] | None = None) -> None:
+        super().__init__(why)
+        self.why = why
+        self.figures = figures or {}
 
 
 def classify(service: str, method: str, path: str, query: set[str]) -> str:
