@@ -53,6 +53,7 @@ def main() -> int:
         ("3_webhook_intake", intake.measure),
         ("4_scale", scale.measure),
         ("2_sustained", lambda: anyio.run(flows.sustained, seconds)),
+        ("2b_sustained_webhooks", lambda: anyio.run(flows.sustained_webhooks, seconds)),
         ("7_competing_client", lambda: anyio.run(compete.measure)),
     ]
     unsound: list[str] = []

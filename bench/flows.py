@@ -345,13 +345,19 @@ async def baseline_flow(orders: int = 10, poll: float = 1.0) -> dict[str, Any]:
     return result
 
 
-async def sustained(seconds: float = 240.0, in_flight: int = 30) -> dict[str, Any]:
-    """Figure 2: simulators at the real limits, the daemon's default budgets and intervals."""
+async def sustained(
+    seconds: float = 240.0, in_flight: int = 30, *, webhooks: bool = False
+) -> dict[str, Any]:
+    """Figure 2: simulators at the real limits, the daemon's default budgets and intervals;
+    with ``webhooks``, the simulators deliver them and the daemon reconciles every 300 s."""
     completions: list[float] = []
     created = 0
     with tempfile.TemporaryDirectory() as tmp:
-        async with running_sims(limits=True) as sims:
-            config = sims.config(Path(tmp) / "syncd.db")  # defaults: 30 s polls, 60/60, 300/300
+        async with running_sims(limits=True, webhooks=webhooks) as sims:
+            # Defaults: 30 s polls, budgets 60/60 and 300/300.
+            config = sims.config(
+                Path(tmp) / "syncd.db", webhook_port=free_port() if webhooks else None
+            )
             nothing = await tally(sims, None)
 
             def seen(notice: TransitionNotice) -> None:
@@ -382,6 +388,7 @@ async def sustained(seconds: float = 240.0, in_flight: int = 30) -> dict[str, An
     window = 120.0
     late = [c for c in rel if c >= seconds - window]
     return {
+        "webhooks": webhooks,
         "seconds": seconds,
         "in_flight": in_flight,
         "created": created,
@@ -400,6 +407,11 @@ async def sustained(seconds: float = 240.0, in_flight: int = 30) -> dict[str, An
         "katana_calls": _split(dict(kc)),
         "tradegecko_calls": _split(dict(tc)),
     }
+
+
+async def sustained_webhooks(seconds: float = 240.0) -> dict[str, Any]:
+    """Figure 2 with webhooks on: the mode whose lookups spend the same Katana budget."""
+    return await sustained(seconds, webhooks=True)
 
 
 async def webhook_latency(orders: int = 100, spacing: float = 0.05) -> dict[str, Any]:
@@ -455,6 +467,7 @@ def main(argv: list[str]) -> int:
         "baseline_flow": baseline_flow,
         "webhook_latency": webhook_latency,
         "sustained": sustained,
+        "sustained_webhooks": sustained_webhooks,
     }
     unknown = [name for name in argv if name not in figures]
     if unknown:

@@ -156,7 +156,8 @@ class Sims(Simulators):
                 listen=f"127.0.0.1:{webhook_port}",
                 public_base_url=f"https://127.0.0.1:{webhook_port}",
                 tradegecko_secret=SECRET,
-                reconcile_interval=max(poll, 60.0),
+                # The default reconcile interval (what users run), longer when polls are.
+                reconcile_interval=max(poll, WebhooksConfig().reconcile_interval),
             )
         return Config(
             daemon=DaemonConfig(

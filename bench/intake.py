@@ -16,7 +16,10 @@ one thread), else :mod:`bench.loadgen` (httpx). Rounds are interleaved (plain, b
 syncd, plain, ...) and medians quoted. The rows the syncd server persisted must agree with
 the 2xx answers the generator counted.
 
-    python -m bench.intake [--rounds 5] [--seconds 5]
+    python -m bench.intake [--rounds 5] [--seconds 5] [--stall-bare]
+
+``--stall-bare`` is the check's self-test: the bare endpoint is served on a socket with the
+Nagle stall syncd once had; the bench must then say UNSOUND.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -91,8 +95,22 @@ def _body() -> bytes:
     ).encode()
 
 
+def _nagle_socket() -> socket.socket:
+    """A listening socket as syncd bound them before the fix (``proto`` 0): asyncio then
+    leaves Nagle on, and every keep-alive answer waits ~40 ms for the client's delayed ACK."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
 def _serve(kind: str, db: str) -> None:
-    """The ``bare`` or ``syncd`` server (this module run as ``serve KIND DB``)."""
+    """The ``bare``, ``bare-nagle`` or ``syncd`` server (this module run as ``serve KIND DB``).
+
+    ``bare-nagle`` is the bare endpoint on a socket with the old Nagle stall: the bench's
+    self-test (``--stall-bare``), which must come out UNSOUND."""
     import anyio
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -100,7 +118,7 @@ def _serve(kind: str, db: str) -> None:
     from starlette.routing import Route
 
     from syncd.config import WebhooksConfig
-    from syncd.ops.asgi import serving
+    from syncd.ops.asgi import serving, serving_socket
     from syncd.runtime.webhooks import WebhookKeys, create_webhook_app
     from syncd.store import Store
 
@@ -122,6 +140,11 @@ def _serve(kind: str, db: str) -> None:
                 return JSONResponse({"status": "accepted"})
 
             app = Starlette(routes=[Route(PATH, bare, methods=["POST"])])
+        if kind == "bare-nagle":
+            with _nagle_socket() as sock:
+                async with serving_socket(app, sock) as url:
+                    print(url, flush=True)
+                    await anyio.sleep_forever()
         async with serving(app) as url:
             print(url, flush=True)
             await anyio.sleep_forever()
@@ -130,7 +153,7 @@ def _serve(kind: str, db: str) -> None:
 
 
 @contextmanager
-def _servers(tmp: Path) -> Iterator[dict[str, str]]:
+def _servers(tmp: Path, *, stall_bare: bool = False) -> Iterator[dict[str, str]]:
     """The three servers running, each in its own process: kind -> base URL."""
     procs: list[subprocess.Popen[str]] = []
     urls: dict[str, str] = {}
@@ -141,7 +164,8 @@ def _servers(tmp: Path) -> Iterator[dict[str, str]]:
         procs.append(subprocess.Popen(plain, text=True))
         urls["plain"] = f"http://127.0.0.1:{port}"
         for kind in ("bare", "syncd"):
-            cmd = [sys.executable, "-m", "bench.intake", "serve", kind, str(tmp / f"{kind}.db")]
+            served = "bare-nagle" if kind == "bare" and stall_bare else kind
+            cmd = [sys.executable, "-m", "bench.intake", "serve", served, str(tmp / f"{kind}.db")]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
             procs.append(proc)
             assert proc.stdout is not None
@@ -210,8 +234,12 @@ def _signature(body: bytes) -> str:
     return tradegecko_signature(SECRET, body)
 
 
-def measure(rounds: int = 5, seconds: float = 5.0) -> dict[str, Any]:
-    """Interleaved rounds plain, bare, syncd; medians; raises :class:`Unsound`."""
+def measure(rounds: int = 5, seconds: float = 5.0, *, stall_bare: bool = False) -> dict[str, Any]:
+    """Interleaved rounds plain, bare, syncd; medians; raises :class:`Unsound`.
+
+    :param stall_bare: serve the bare endpoint with the old Nagle stall (a self-test of the
+        soundness check: the result must be UNSOUND).
+    """
     generator = "wrk" if shutil.which("wrk") else "httpx (bench.loadgen)"
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -221,7 +249,7 @@ def measure(rounds: int = 5, seconds: float = 5.0) -> dict[str, Any]:
         script.write_text(_WRK_SCRIPT % {"body": body.decode(), "signature": _signature(body)})
         gen = "wrk" if generator == "wrk" else "httpx"
         runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
-        with _servers(tmp) as urls:
+        with _servers(tmp, stall_bare=stall_bare) as urls:
             warm = {  # not in the figures; syncd's rows are counted below
                 kind: _load(gen, script, tmp / "body.json", urls[kind], 1.0, f"warm-{kind}")
                 for kind in KINDS
@@ -242,6 +270,7 @@ def measure(rounds: int = 5, seconds: float = 5.0) -> dict[str, Any]:
         "rounds": rounds,
         "seconds_per_round": seconds,
         "order": "interleaved " + " ".join(KINDS) + " per round",
+        "bare_with_nagle_stall": stall_bare,
     }
     for kind in KINDS:
         result[kind] = {
@@ -282,9 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Figure 3: webhook intake, syncd vs bare.")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=5, help="Seconds per round (whole).")
+    parser.add_argument(
+        "--stall-bare",
+        action="store_true",
+        help="Self-test: serve the bare endpoint with the old Nagle stall; must be UNSOUND.",
+    )
     args = parser.parse_args(argv)
     try:
-        result = measure(args.rounds, args.seconds)
+        result = measure(args.rounds, args.seconds, stall_bare=args.stall_bare)
     except Unsound as exc:
         print(json.dumps(exc.figures, indent=1))
         print(f"UNSOUND: {exc.why}")
