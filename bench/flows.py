@@ -136,6 +136,16 @@ async def _calls_per_order(*, webhooks: bool) -> dict[str, Any]:
     return result
 
 
+def _where(mode: str, label: str, calls: dict[str, Any], orders: int) -> str:
+    """One line a reader can scan: calls per order by service, kind and endpoint."""
+    parts = []
+    for service in ("katana", "tradegecko"):
+        by_endpoint = calls[service]["endpoints_by_kind"]
+        shown = ", ".join(f"{key} {n / orders:g}" for key, n in by_endpoint.items())
+        parts.append(f"{service} {calls[service]['total'] / orders:g}/order [{shown}]")
+    return f"{mode}, {label}: " + "; ".join(parts)
+
+
 async def calls_per_order() -> dict[str, Any]:
     """Figure 1a: calls per linked order, webhooks off (polls kicked, counted apart) and on
     (no polls at all: reconcile interval 1 h), real budgets, limits off.
@@ -147,6 +157,11 @@ async def calls_per_order() -> dict[str, Any]:
         "webhooks_off": await _calls_per_order(webhooks=False),
         "webhooks_on": await _calls_per_order(webhooks=True),
     }
+    result["where_calls_go"] = [
+        _where(mode, label, result[mode][label]["calls"], count)
+        for mode in ("webhooks_off", "webhooks_on")
+        for label, _, count in SCENARIOS
+    ]
     result["katana_per_order_on_over_off"] = {
         label: round(
             result["webhooks_on"][label]["katana_per_order"]
