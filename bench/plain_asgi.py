@@ -1,7 +1,8 @@
-"""The soundness reference of figure 3: a trivial ASGI app for plain ``uvicorn`` (its CLI).
+"""Figure 3's ``plain-asgi``: a raw ASGI callable for plain ``uvicorn`` (its CLI).
 
-It answers what the webhook listener answers and imports nothing, so that what it measures
-is uvicorn on this machine and nothing of syncd's.
+It answers what the webhook listener answers and imports nothing: what uvicorn alone does
+on this machine. Not the gate (that is :mod:`bench.bare_app` on plain uvicorn); it shows
+what Starlette itself costs.
 """
 
 from __future__ import annotations
