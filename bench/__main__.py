@@ -1,4 +1,8 @@
-"""Run every benchmark; print each figure and write them all to bench/results.json."""
+"""Run every benchmark; print each figure and write them all to bench/results.json.
+
+A bench whose soundness check fails is reported as ``UNSOUND: <why>`` (its figures kept in
+results.json for the reader) and the run exits 1 after the others have run.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +18,8 @@ from typing import Any
 
 import anyio
 
-from bench import flows, intake, scale
+from bench import compete, flows, intake, scale
+from bench.harness import find_unsound
 
 
 def machine() -> dict[str, Any]:
@@ -34,29 +40,44 @@ def machine() -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def main() -> int:
     logging.basicConfig(level=logging.ERROR)
     seconds = float(os.environ.get("BENCH_SUSTAINED_S", "240"))
-    out: dict[str, Any] = {"machine": machine()}
+    out: dict[str, Any] = {"machine": machine(), "load_at_start": os.getloadavg()}
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("1a_calls_per_order", lambda: anyio.run(flows.calls_per_order)),
         ("1b_6_polling_per_order", lambda: anyio.run(flows.polling_per_order)),
+        ("1c_production_calls_per_min", lambda: anyio.run(flows.production_calls_per_minute)),
         ("6_baseline_flow", lambda: anyio.run(flows.baseline_flow)),
         ("5_webhook_latency", lambda: anyio.run(flows.webhook_latency)),
         ("3_webhook_intake", intake.measure),
         ("4_scale", scale.measure),
         ("2_sustained", lambda: anyio.run(flows.sustained, seconds)),
+        ("2b_sustained_webhooks", lambda: anyio.run(flows.sustained_webhooks, seconds)),
+        ("7_competing_client", lambda: anyio.run(compete.measure)),
     ]
+    unsound: list[str] = []
     started = time.monotonic()
     for name, step in steps:
         t = time.monotonic()
-        out[name] = step()
+        try:
+            out[name] = step()
+        except BaseException as exc:  # an unsound figure is reported; anything else re-raised
+            found = find_unsound(exc)
+            if found is None:
+                raise
+            out[name] = {"UNSOUND": found.why, "figures": found.figures}
+            unsound.append(f"{name}: {found.why}")
         out[name + "_wall_s"] = round(time.monotonic() - t, 1)
         print(f"== {name} ({out[name + '_wall_s']} s)")
         print(json.dumps(out[name], indent=1, default=str), flush=True)
     out["total_wall_s"] = round(time.monotonic() - started, 1)
+    out["load_at_end"] = os.getloadavg()
     Path(__file__).with_name("results.json").write_text(json.dumps(out, indent=1, default=str))
     print(f"== total {out['total_wall_s']} s; written to bench/results.json")
+    for line in unsound:
+        print(f"UNSOUND: {line}")
+    return 1 if unsound else 0
 
 
-main()
+sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,7 +30,22 @@ from syncd.sim import (
     running_simulators,
 )
 
-__all__ = ["Recorder", "Sims", "delta", "free_port", "percentile", "running_sims", "wait_until"]
+__all__ = [
+    "Recorder",
+    "Sims",
+    "Tally",
+    "Unsound",
+    "calls_between",
+    "daemon_calls",
+    "daemon_statuses",
+    "delta",
+    "find_unsound",
+    "free_port",
+    "percentile",
+    "running_sims",
+    "tally",
+    "wait_until",
+]
 
 KATANA_TOKEN = "katana-bench-token"
 TRADEGECKO_TOKEN = "tradegecko-bench-token"
@@ -39,10 +54,41 @@ _ID = re.compile(r"/\d+")
 _IGNORED_QUERY = {"limit", "page"}
 
 
+class Unsound(Exception):
+    """A comparison failed its soundness check: the figure it would give is not to be trusted.
+
+    ``python -m bench`` and each bench's own ``__main__`` print ``UNSOUND: <why>`` and exit 1.
+    ``figures`` keeps what was measured, for the reader to see why.
+    """
+
+    def __init__(self, why: str, figures: dict[str, Any] | None = None) -> None:
+        super().__init__(why)
+        self.why = why
+        self.figures = figures or {}
+
+
+def find_unsound(exc: BaseException) -> Unsound | None:
+    """The :class:`Unsound` in ``exc``, looking inside task groups' exception groups."""
+    if isinstance(exc, Unsound):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_unsound(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def classify(service: str, method: str, path: str, query: set[str]) -> str:
-    """``poll``, ``effect`` or ``setup`` for one request the daemon made."""
+    """``poll``, ``lookup``, ``effect`` or ``setup`` for one request the daemon made.
+
+    A ``lookup`` reads named records (``?ids=``): what a webhook's notice makes the daemon
+    fetch, since a notice carries only an id.
+    """
     if path.endswith("/webhooks"):
         return "setup"
+    if service == "katana" and method == "GET" and "ids" in query:
+        return "lookup"
     if service == "katana":
         if method == "GET" and path.endswith("/sales_orders"):
             return "effect" if "order_no" in query else "poll"
@@ -110,7 +156,8 @@ class Sims(Simulators):
                 listen=f"127.0.0.1:{webhook_port}",
                 public_base_url=f"https://127.0.0.1:{webhook_port}",
                 tradegecko_secret=SECRET,
-                reconcile_interval=max(poll, 60.0),
+                # The default reconcile interval (what users run), longer when polls are.
+                reconcile_interval=max(poll, WebhooksConfig().reconcile_interval),
             )
         return Config(
             daemon=DaemonConfig(
@@ -167,3 +214,119 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def _template(endpoint: str) -> str:
+    """One spelling for both counters: no API prefix, ``{id}`` for ids and ``{id:int}``."""
+    return _ID.sub("/{id}", endpoint.removeprefix(KATANA_API_PREFIX)).replace("{id:int}", "{id}")
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What was called so far, as each party counts it: service -> ``"METHOD /template"``."""
+
+    #: The daemon's own ``syncd_api_requests_total`` (all statuses).
+    daemon: dict[str, Counter[str]]
+    #: The simulators' ``/_sim/counters``.
+    sims: dict[str, Counter[str]]
+    #: The recording transport: ``(kind, endpoint with query keys)`` (poll, effect, setup).
+    recorder: dict[str, Counter[tuple[str, str]]]
+    #: The simulators' 429 answers.
+    responses_429: dict[str, int]
+    #: The daemon's own count of answers by status (``none``: no answer).
+    daemon_statuses: dict[str, Counter[str]]
+
+
+def _api_samples(metrics: Any) -> Iterator[tuple[dict[str, str], int]]:
+    if metrics is None:  # before the daemon starts: nothing counted yet
+        return
+    for family in metrics.registry.collect():
+        if family.name == "syncd_api_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    yield sample.labels, int(sample.value)
+
+
+def daemon_calls(metrics: Any) -> dict[str, Counter[str]]:
+    """The daemon's ``syncd_api_requests_total`` by service and ``"METHOD /template"``."""
+    out: dict[str, Counter[str]] = {"katana": Counter(), "tradegecko": Counter()}
+    for labels, value in _api_samples(metrics):
+        out[labels["service"]][f"{labels['method']} {_template(labels['endpoint'])}"] += value
+    return out
+
+
+def daemon_statuses(metrics: Any) -> dict[str, Counter[str]]:
+    """The daemon's ``syncd_api_requests_total`` by service and answer status."""
+    out: dict[str, Counter[str]] = {"katana": Counter(), "tradegecko": Counter()}
+    for labels, value in _api_samples(metrics):
+        out[labels["service"]][labels["status"]] += value
+    return out
+
+
+async def tally(sims: Sims, metrics: Any) -> Tally:
+    katana, tradegecko = await sims.counters()
+    return Tally(
+        daemon=daemon_calls(metrics),
+        sims={
+            "katana": Counter({_template(k): v for k, v in katana["requests"].items()}),
+            "tradegecko": Counter({_template(k): v for k, v in tradegecko["requests"].items()}),
+        },
+        recorder={
+            "katana": sims.katana_rec.snapshot(),
+            "tradegecko": sims.tradegecko_rec.snapshot(),
+        },
+        responses_429={
+            "katana": int(katana["responses_429"]),
+            "tradegecko": int(tradegecko["responses_429"]),
+        },
+        daemon_statuses=daemon_statuses(metrics),
+    )
+
+
+def calls_between(before: Tally, after: Tally, *, what: str) -> dict[str, Any]:
+    """Calls made between two tallies, by service: total, by endpoint, by kind.
+
+    :raises Unsound: the daemon's count of an endpoint differs from the simulator's, or the
+        recording transport's total from the daemon's (something called the API that the
+        bench did not account for, or a counter misses calls).
+    """
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for service in ("katana", "tradegecko"):
+        mine = delta(after.daemon[service], before.daemon[service])
+        theirs = delta(after.sims[service], before.sims[service])
+        recorded = delta(after.recorder[service], before.recorder[service])
+        if mine != theirs:
+            diff = {
+                k: (mine.get(k, 0), theirs.get(k, 0))
+                for k in sorted(set(mine) | set(theirs))
+                if mine.get(k, 0) != theirs.get(k, 0)
+            }
+            problems.append(f"{service}: daemon vs simulator (daemon, sim) differ: {diff}")
+        if sum(recorded.values()) != sum(mine.values()):
+            problems.append(
+                f"{service}: recording transport saw {sum(recorded.values())}, "
+                f"daemon's metrics {sum(mine.values())}"
+            )
+        kinds: Counter[str] = Counter()
+        for (kind, _), n in recorded.items():
+            kinds[kind] += n
+        out[service] = {
+            "total": sum(mine.values()),
+            "by_kind": dict(sorted(kinds.items())),
+            "endpoints": dict(sorted(mine.items())),
+            "endpoints_by_kind": {
+                f"{kind} {endpoint}": n for (kind, endpoint), n in sorted(recorded.items())
+            },
+            "responses_429": after.responses_429[service] - before.responses_429[service],
+            "daemon_saw_429": after.daemon_statuses[service]["429"]
+            - before.daemon_statuses[service]["429"],
+        }
+        if out[service]["responses_429"] != out[service]["daemon_saw_429"]:
+            problems.append(
+                f"{service}: simulator answered {out[service]['responses_429']} 429s, "
+                f"the daemon counted {out[service]['daemon_saw_429']}"
+            )
+    if problems:
+        raise Unsound(f"{what}: " + "; ".join(problems), out)
+    return out
