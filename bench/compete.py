@@ -34,7 +34,7 @@ from bench.harness import (
 )
 from syncd.config import Config, KatanaConfig
 from syncd.runtime.daemon import running_daemon
-from syncd.runtime.dispatcher import TransitionNotice
+from syncd.runtime.observer import Observer, TransitionNotice
 
 __all__ = ["katana_reserve", "measure"]
 
@@ -85,9 +85,10 @@ async def measure(
     window: the first burst of the backlog is not the steady state)."""
     received: list[float] = []
 
-    def seen(notice: TransitionNotice) -> None:
-        if notice.dest == "received":
-            received.append(time.monotonic())
+    class Seen(Observer):
+        def transitioned(self, notice: TransitionNotice) -> None:
+            if notice.dest == "received":
+                received.append(time.monotonic())
 
     with tempfile.TemporaryDirectory() as tmp:
         async with running_sims(limits=True) as sims:
@@ -102,7 +103,7 @@ async def measure(
             async with (
                 running_daemon(
                     config,
-                    on_transition=seen,
+                    observer=Seen(),
                     katana_transport=sims.katana_rec,
                     tradegecko_transport=sims.tradegecko_rec,
                 ) as daemon,

@@ -131,7 +131,6 @@ def _serve(kind: str, db: str) -> None:
                 WebhookKeys(SECRET, "path-token"),
                 max_body_bytes=WebhooksConfig().max_body_bytes,
                 on_received=lambda: None,
-                on_result=lambda service, result: None,
                 replay_window=WebhooksConfig().replay_window,
             )
         else:
