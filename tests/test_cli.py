@@ -481,11 +481,19 @@ async def test_check_reads_every_factory_and_asks_each_ones_services(
         "SYNCD_NORTH_MILL_KATANA_TOKEN": "kt-north",
         "SYNCD_CREDENTIALS_DIRECTORY": str(credentials),
     }
+    # Each factory is right, and listed; this syncd still runs one factory per daemon, so
+    # check refuses what run would refuse (it would serve only the first, silently).
+    refused = (
+        "syncd: 3 factories (default, north-mill, acme): this syncd runs one factory per "
+        "daemon; give each its own config and database until several run in one"
+    )
     offline = await _process("syncd", "check", "--config", str(config), env=env)
-    assert offline.returncode == 0, offline.stderr.decode()
+    assert offline.returncode == 2, offline.stderr.decode()
+    assert offline.stderr.decode().splitlines() == [refused, f"syncd: {config}: 1 problem"]
+    run_refused = await _process("syncd", "run", "--config", str(config), env=env)
+    assert run_refused.returncode == 2 and refused in run_refused.stderr.decode()
     lines = offline.stdout.decode().splitlines()
-    assert lines[0].startswith(f"{config}: ok (3 factories, ")
-    assert lines[1:] == [
+    assert lines == [
         "factory default (the top level): supplier 'Katana', customer 'Tradegecko', "
         "order_no_prefix 'TG-'",
         "factory north-mill ([factories.north-mill]): supplier 'Katana', customer "
@@ -498,7 +506,7 @@ async def test_check_reads_every_factory_and_asks_each_ones_services(
     # each said with its factory's name, none of them printed.
     online = await _process("syncd", "check", "--online", "--config", str(config), env=env)
     stderr = online.stderr.decode()
-    assert online.returncode == 4, stderr
+    assert online.returncode == 2, stderr  # the one-factory refusal comes first
     assert "factory default:" not in stderr
     assert "syncd: factory north-mill: a token was rejected: " in stderr
     assert "syncd: factory acme: a token was rejected: " in stderr
@@ -522,7 +530,9 @@ async def test_check_reads_every_factory_and_asks_each_ones_services(
         f"(in {config})",
         f"syncd: {acme}: katana.token: the same Katana token as the factory 'default': one "
         "account served twice would double every call",
-        f"syncd: {config}: 3 problems",
+        # north-mill could not be read: two factories are left to refuse.
+        refused.replace("3 factories (default, north-mill, acme)", "2 factories (default, acme)"),
+        f"syncd: {config}: 4 problems",
     ]
 
 

@@ -219,6 +219,9 @@ def check(config_path: str | None, online: bool) -> None:
     if report.services_skipped:
         click.echo(f"syncd: services not asked: {report.services_skipped}", err=True)
     if report.problems:
+        if report.config is not None and len(report.config.factories) > 1:
+            for line in factory_lines(report.config):
+                click.echo(line)
         count = len(report.problems)
         _fail(
             f"{path}: {count} problem{'s' if count > 1 else ''}",

@@ -31,9 +31,22 @@ from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
 from syncd.runtime.webhooks import WebhookConsumer, WebhookListener, bind_listener
 from syncd.store import Store
 
-__all__ = ["Daemon", "check_services", "running_daemon"]
+__all__ = ["Daemon", "check_one_factory", "check_services", "running_daemon"]
 
 log = logging.getLogger("syncd.daemon")
+
+
+def check_one_factory(config: Config) -> None:
+    """This daemon runs one factory: more in the config would be silently left alone.
+
+    :raises ConfigError: the config has several factories.
+    """
+    if len(config.factories) > 1:
+        names = ", ".join(config.factories)
+        raise ConfigError(
+            f"{len(config.factories)} factories ({names}): this syncd runs one factory per "
+            "daemon; give each its own config and database until several run in one"
+        )
 
 
 @dataclass
@@ -182,6 +195,7 @@ async def running_daemon(
     :raises StatechartError: the statechart file is broken.
     :raises ApiError: with ``check``, a service rejected its token or could not be reached.
     """
+    check_one_factory(config)
     register_secrets([config.katana.token, config.tradegecko.token])
     chart = check_chart(
         chart or load_statechart(config.daemon.statechart, holding=config.statechart_conditions())
