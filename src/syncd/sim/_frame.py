@@ -32,6 +32,7 @@ Errors, one tree for both services::
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import Counter, deque
@@ -60,6 +61,7 @@ __all__ = [
     "RateWindow",
     "ServiceError",
     "SlidingWindow",
+    "StateHandler",
     "bearer_token",
     "json_response",
     "numbered_tokens",
@@ -68,6 +70,8 @@ __all__ = [
 Json = dict[str, Any]
 #: An endpoint: answers a dict or list (sent as JSON, 200) or a whole :class:`Response`.
 Handler = Callable[[Request], Awaitable[Any]]
+#: An endpoint given its account's state too (a simulator's world), see :meth:`Frame.state_api`.
+StateHandler = Callable[[Request, Any], Awaitable[Any]]
 
 _ENCODER = msgspec.json.Encoder(decimal_format="number")
 
@@ -450,6 +454,23 @@ class Frame:
 
         return Route(path, endpoint, methods=list(methods))
 
+    def state_api(
+        self,
+        template: str,
+        handler: StateHandler,
+        methods: Sequence[str],
+        *,
+        wrap: Callable[[Handler], Handler] | None = None,
+    ) -> Route:
+        """:meth:`api` for a handler given its account's state; ``wrap`` (if any) goes
+        around the bound handler inside the frame's steps."""
+        bound = _on_state(handler)
+        return self.api(template, wrap(bound) if wrap is not None else bound, methods)
+
+    def state_control(self, path: str, handler: StateHandler, methods: Sequence[str]) -> Route:
+        """:meth:`control` for a handler given its account's state."""
+        return self.control(path, _on_state(handler), methods)
+
     def named_account(self, request: Request) -> Account[Any]:
         """The account a control call names, the default one when it names none.
 
@@ -553,3 +574,14 @@ class Frame:
                 ],
             }
         )
+
+
+def _on_state(handler: StateHandler) -> Handler:
+    """The handler called with the state of the account the frame found for the request."""
+
+    @functools.wraps(handler)
+    async def on(request: Request) -> Any:
+        account: Account[Any] = request.state.account
+        return await handler(request, account.state)
+
+    return on

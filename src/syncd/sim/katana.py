@@ -32,13 +32,11 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute
 
 from syncd.sim._frame import (
     Account,
     Dialect,
     Frame,
-    Handler,
     Page,
     Quota,
     SlidingWindow,
@@ -875,19 +873,7 @@ def create_app(
     state.listeners.append(_publisher(sender, token))
     webhooks, webhook_knobs = _webhook_handlers(sender)
 
-    def bound(handler: WorldHandler) -> Handler:
-        @functools.wraps(handler)
-        async def on(request: Request) -> Any:
-            account: Account[KatanaWorld] = request.state.account
-            return await handler(request, account.state)
-
-        return on
-
-    def api(template: str, handler: WorldHandler, methods: list[str]) -> BaseRoute:
-        return frame.api(template, bound(handler), methods)
-
-    def control(path: str, handler: WorldHandler, methods: list[str]) -> BaseRoute:
-        return frame.control(path, bound(handler), methods)
+    api, control = frame.state_api, frame.state_control
 
     api_routes = [
         api("/factory", _factory, ["GET"]),

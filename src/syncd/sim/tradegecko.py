@@ -605,19 +605,10 @@ def create_app(
     default.world.listeners.append(_publisher(sender, token))
     webhooks, webhook_knobs = _webhook_handlers(sender)
 
-    def bound(handler: AccountHandler) -> Handler:
-        @functools.wraps(handler)
-        async def on(request: Request) -> Any:
-            named: Account[_Account] = request.state.account
-            return await handler(request, named.state)
-
-        return on
-
     def api(template: str, handler: AccountHandler, methods: list[str]) -> BaseRoute:
-        return frame.api(template, _idempotent(frame, bound(handler)), methods)
+        return frame.state_api(template, handler, methods, wrap=lambda h: _idempotent(frame, h))
 
-    def control(path: str, handler: AccountHandler, methods: list[str]) -> BaseRoute:
-        return frame.control(path, bound(handler), methods)
+    control = frame.state_control
 
     api_routes = [
         api("/accounts/current", _current_account, ["GET"]),
