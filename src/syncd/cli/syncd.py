@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -378,10 +379,23 @@ def _faults(options: dict[str, Any]) -> Faults | None:
     return faults if faults.rules else None
 
 
+def _sim_address(port: int, limit: str) -> Callable[[Any], Any]:
+    """The options every simulator takes first: where it listens, and its rate limit."""
+
+    def decorate(command: Any) -> Any:
+        command = click.option(
+            "--no-rate-limit", is_flag=True, help=f"Turn the real {limit} limit off."
+        )(command)
+        command = click.option(
+            "--port", default=port, show_default=True, type=click.IntRange(0, 65535)
+        )(command)
+        return click.option("--host", default="127.0.0.1", show_default=True)(command)
+
+    return decorate
+
+
 @sim.command("tradegecko")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8701, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--no-rate-limit", is_flag=True, help="Turn the real 300/300 s limit off.")
+@_sim_address(8701, "300/300 s")
 @_ACCOUNTS_OPTION
 @_fault_options
 def sim_tradegecko(
@@ -390,29 +404,19 @@ def sim_tradegecko(
     """Serve the TradeGecko simulator (token: tradegecko-sim-token)."""
     from syncd.sim import tradegecko
 
-    faults = _faults(fault_flags)
-    configure_logging("info")
     _serve_sim(
-        host,
-        port,
-        lambda: tradegecko.run(
-            host,
-            port,
-            rate_limit=not no_rate_limit,
-            faults=faults,
-            accounts=accounts,
-            # Printed once listening: a script waiting for the banner may start calling.
-            on_ready=lambda url: click.echo(
-                f"TradeGecko simulator on {url} (API: /, control: /_sim/)"
-            ),
-        ),
+        tradegecko.run,
+        lambda url: f"TradeGecko simulator on {url} (API: /, control: /_sim/)",
+        fault_flags,
+        host=host,
+        port=port,
+        rate_limit=not no_rate_limit,
+        accounts=accounts,
     )
 
 
 @sim.command("katana")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8702, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--no-rate-limit", is_flag=True, help="Turn the real 60/60 s limit off.")
+@_sim_address(8702, "60/60 s")
 @click.option("--play-factory", is_flag=True, help="Make, finish and deliver orders by itself.")
 @click.option(
     "--leave-make-to-order",
@@ -433,28 +437,43 @@ def sim_katana(
     """Serve the Katana simulator (token: katana-sim-token)."""
     from syncd.sim import katana
 
-    faults = _faults(fault_flags)
-    configure_logging("info")
     _serve_sim(
-        host,
-        port,
-        lambda: katana.run(
-            host,
-            port,
-            rate_limit=not no_rate_limit,
-            play_factory=play_factory,
-            make_to_order=not leave_make_to_order,
-            faults=faults,
-            accounts=accounts,
-            on_ready=lambda url: click.echo(
-                f"Katana simulator on {url} (API: {katana.API_PREFIX}, control: /_sim/)"
-            ),
-        ),
+        katana.run,
+        lambda url: f"Katana simulator on {url} (API: {katana.API_PREFIX}, control: /_sim/)",
+        fault_flags,
+        host=host,
+        port=port,
+        rate_limit=not no_rate_limit,
+        play_factory=play_factory,
+        make_to_order=not leave_make_to_order,
+        accounts=accounts,
     )
 
 
-def _serve_sim(host: str, port: int, serve: Any) -> None:
-    """Run a simulator; an address it cannot listen on is a usage error (exit 2)."""
+def _serve_sim(
+    run: Callable[..., Awaitable[None]],
+    banner: Callable[[str], str],
+    fault_flags: dict[str, Any],
+    *,
+    host: str,
+    port: int,
+    **options: Any,
+) -> None:
+    """Run a simulator with the faults the flags ask for; an address it cannot listen on
+    is a usage error (exit 2)."""
+    faults = _faults(fault_flags)
+    configure_logging("info")
+
+    async def serve() -> None:
+        # The banner once listening: a script waiting for it may start calling.
+        await run(
+            host,
+            port,
+            faults=faults,
+            on_ready=lambda url: click.echo(banner(url)),
+            **options,
+        )
+
     try:
         anyio.run(serve)
     except OSError as exc:
