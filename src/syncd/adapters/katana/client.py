@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import msgspec
@@ -40,6 +40,9 @@ from syncd.adapters.katana.models import (
 )
 
 __all__ = ["KatanaClient"]
+
+
+_Record = TypeVar("_Record")
 
 
 class KatanaClient(ServiceClient):
@@ -135,16 +138,10 @@ class KatanaClient(ServiceClient):
 
         An empty ``ids`` returns an empty list without a request.
         """
-        params: dict[str, Any] = {}
-        if order_no is not None:
-            params["order_no"] = order_no
-        if updated_at_min is not None:
-            params["updated_at_min"] = format_time(updated_at_min)
-        if include_deleted:
-            params["include_deleted"] = "true"
-        if ids is not None:
-            return await self.list_matching("/sales_orders", SalesOrder, "ids", ids, params)
-        return await self.list_all("/sales_orders", SalesOrder, params)
+        params: dict[str, Any] = {} if order_no is None else {"order_no": order_no}
+        return await self._list_changed(
+            "/sales_orders", SalesOrder, ids, updated_at_min, include_deleted, params
+        )
 
     async def get_sales_order(self, sales_order_id: int) -> SalesOrder:
         """One sales order with its live rows.
@@ -180,15 +177,29 @@ class KatanaClient(ServiceClient):
 
         An empty ``ids`` returns an empty list without a request.
         """
-        params: dict[str, Any] = {}
+        return await self._list_changed(
+            "/manufacturing_orders", ManufacturingOrder, ids, updated_at_min, include_deleted
+        )
+
+    async def _list_changed(
+        self,
+        path: str,
+        kind: type[_Record],
+        ids: Sequence[int] | None,
+        updated_at_min: datetime | None,
+        include_deleted: bool,
+        params: dict[str, Any] | None = None,
+    ) -> list[_Record]:
+        """A list endpoint's records with these ``ids`` (all when ``None``), changed since
+        ``updated_at_min``, deleted ones too with ``include_deleted``; ``params`` filter more."""
+        params = dict(params or {})
         if updated_at_min is not None:
             params["updated_at_min"] = format_time(updated_at_min)
         if include_deleted:
             params["include_deleted"] = "true"
-        path = "/manufacturing_orders"
         if ids is not None:
-            return await self.list_matching(path, ManufacturingOrder, "ids", ids, params)
-        return await self.list_all(path, ManufacturingOrder, params)
+            return await self.list_matching(path, kind, "ids", ids, params)
+        return await self.list_all(path, kind, params)
 
     async def make_to_order(
         self, sales_order_row_id: int, *, create_subassemblies: bool = False
