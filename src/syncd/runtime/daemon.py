@@ -135,24 +135,17 @@ async def check_services(
 
     # One attempt per call, each within the service's own timeout, 10 s and the bound: the
     # retries here are the backoff, and the last try ends at most that long after the bound.
-    def timeout(settings: KatanaConfig | TradeGeckoConfig) -> float:
-        return max(1.0, min(settings.timeout, 10.0, bound if bound > 0 else 10.0))
+    def probing(
+        kind: type[_Client],
+        settings: KatanaConfig | TradeGeckoConfig,
+        transport: httpx.AsyncBaseTransport | None,
+    ) -> _Client:
+        timeout = max(1.0, min(settings.timeout, 10.0, bound if bound > 0 else 10.0))
+        return _client(kind, settings, transport, timeout=timeout, attempts=1)
 
     async with (
-        _client(
-            KatanaClient,
-            config.katana,
-            katana_transport,
-            timeout=timeout(config.katana),
-            attempts=1,
-        ) as katana,
-        _client(
-            TradeGeckoClient,
-            config.tradegecko,
-            tradegecko_transport,
-            timeout=timeout(config.tradegecko),
-            attempts=1,
-        ) as tradegecko,
+        probing(KatanaClient, config.katana, katana_transport) as katana,
+        probing(TradeGeckoClient, config.tradegecko, tradegecko_transport) as tradegecko,
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(probe, "katana", katana.get_factory)
