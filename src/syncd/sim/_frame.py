@@ -36,15 +36,18 @@ import functools
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
+import anyio
 import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
+
+from syncd.ops.asgi import serving
 
 __all__ = [
     "ACCOUNT_HEADER",
@@ -65,6 +68,7 @@ __all__ = [
     "bearer_token",
     "json_response",
     "numbered_tokens",
+    "serve",
 ]
 
 Json = dict[str, Any]
@@ -302,6 +306,34 @@ class Accounts(Generic[S]):
 def numbered_tokens(default_token: str, count: int) -> list[str]:
     """The tokens of ``count`` extra accounts, predictably: ``<default>-1`` ... ``<default>-N``."""
     return [f"{default_token}-{n}" for n in range(1, count + 1)]
+
+
+async def serve(
+    app: Starlette,
+    host: str,
+    port: int,
+    *,
+    token: str,
+    accounts: int,
+    on_ready: Callable[[str], None] | None = None,
+    beside: Callable[[str], Coroutine[Any, Any, None]] | None = None,
+) -> None:
+    """Serve a simulator's app (its ``create_app``'s) and send its webhooks until cancelled.
+
+    :param token: the default account's token; the others are ``<token>-1`` ... (``accounts``
+        in all).
+    :param on_ready: told the base URL once the simulator listens.
+    :param beside: started with the base URL too (the Katana factory player).
+    """
+    for extra in numbered_tokens(token, accounts - 1):
+        app.state.frame.create_account(extra)
+    async with serving(app, host, port) as url, anyio.create_task_group() as tg:
+        if on_ready is not None:
+            on_ready(url)
+        tg.start_soon(app.state.webhooks.run)
+        if beside is not None:
+            tg.start_soon(beside, url)
+        await anyio.sleep_forever()
 
 
 def bearer_token(authorization: str) -> str | None:

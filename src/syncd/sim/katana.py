@@ -27,7 +27,6 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
-import anyio
 import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -41,7 +40,7 @@ from syncd.sim._frame import (
     Quota,
     SlidingWindow,
     json_response,
-    numbered_tokens,
+    serve,
 )
 from syncd.sim._katana_world import KatanaError, KatanaWorld
 from syncd.sim.faults import Faults, install_faults
@@ -937,16 +936,8 @@ async def run(
         ... ``<token>-(N-1)``.
     :param on_ready: told the base URL once the simulator listens (``syncd sim``'s banner).
     """
-    from syncd.ops.asgi import serving
     from syncd.sim.factory import play_factory as player
 
     app = create_app(token=token, rate_limit=(60, 60.0) if rate_limit else None, faults=faults)
-    for extra in numbered_tokens(token, accounts - 1):
-        app.state.frame.create_account(extra)
-    async with serving(app, host, port) as url, anyio.create_task_group() as tg:
-        if on_ready is not None:
-            on_ready(url)
-        tg.start_soon(app.state.webhooks.run)
-        if play_factory:
-            tg.start_soon(functools.partial(player, url, make_to_order=make_to_order))
-        await anyio.sleep_forever()
+    beside = functools.partial(player, make_to_order=make_to_order) if play_factory else None
+    await serve(app, host, port, token=token, accounts=accounts, on_ready=on_ready, beside=beside)

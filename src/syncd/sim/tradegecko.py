@@ -33,14 +33,12 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import anyio
 import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute
 
-from syncd.ops.asgi import serving
 from syncd.sim._frame import (
     Account,
     Dialect,
@@ -50,7 +48,7 @@ from syncd.sim._frame import (
     Page,
     Quota,
     json_response,
-    numbered_tokens,
+    serve,
 )
 from syncd.sim._tradegecko_world import (
     BadRequest,
@@ -658,10 +656,4 @@ async def run(
     :param on_ready: told the base URL once the simulator listens (``syncd sim``'s banner).
     """
     app = create_app(rate_limit=(300, 300.0) if rate_limit else None, faults=faults)
-    for extra in numbered_tokens(DEFAULT_TOKEN, accounts - 1):
-        app.state.frame.create_account(extra)
-    async with serving(app, host, port) as url, anyio.create_task_group() as tg:
-        if on_ready is not None:
-            on_ready(url)
-        tg.start_soon(app.state.webhooks.run)
-        await anyio.sleep_forever()
+    await serve(app, host, port, token=DEFAULT_TOKEN, accounts=accounts, on_ready=on_ready)
