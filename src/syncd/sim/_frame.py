@@ -48,6 +48,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from syncd.ops.asgi import serving
+from syncd.sim.faults import Faults, Service, install_faults
+from syncd.sim.webhooks import WebhookSender
 
 __all__ = [
     "ACCOUNT_HEADER",
@@ -526,9 +528,21 @@ class Frame:
         api_routes: Sequence[BaseRoute],
         control_routes: Sequence[BaseRoute],
         *,
+        service: Service,
+        world: Any,
+        webhooks: WebhookSender,
+        faults: Faults | None,
+        rate_limit: int,
         api_prefix: str = "",
     ) -> Starlette:
-        """The service as an ASGI app: the API (under ``api_prefix``) and ``/_sim``."""
+        """The service as an ASGI app: the API (under ``api_prefix``) and ``/_sim``, behind
+        the fault layer (see :mod:`syncd.sim.faults`) keyed by account.
+
+        :param world: the default account's state, kept on ``app.state.world``.
+        :param webhooks: the service's sender; run ``app.state.webhooks.run()`` beside the
+            served app to send webhooks.
+        :param rate_limit: requests per window, for the fault layer's 429 bursts.
+        """
         self._api_prefix = api_prefix
         token_route = self.control("/token", self._token, ["POST"])
         accounts_route = self.control("/accounts", self._accounts, ["GET", "POST"])
@@ -552,9 +566,14 @@ class Frame:
             return self.dialect.unknown_route(request)
 
         # The control panel first: an API without a prefix would otherwise take /_sim paths.
-        return Starlette(
-            routes=[control, *api], exception_handlers={404: not_found, 405: not_found}
-        )
+        app = Starlette(routes=[control, *api], exception_handlers={404: not_found, 405: not_found})
+        app.state.world = world
+        app.state.accounts = self.accounts
+        app.state.frame = self
+        app.state.webhooks = webhooks
+        layer = install_faults(app, service, faults, api_prefix=api_prefix, rate_limit=rate_limit)
+        layer.account_of = lambda given: self.accounts.resolve(given).token
+        return app
 
     async def _token(self, request: Request) -> Any:
         """{"revoked": true} revokes the account's API token (401 everywhere); false restores it."""

@@ -43,7 +43,7 @@ from syncd.sim._frame import (
     serve,
 )
 from syncd.sim._katana_world import KatanaError, KatanaWorld
-from syncd.sim.faults import Faults, install_faults
+from syncd.sim.faults import Faults
 from syncd.sim.webhooks import Subscription, WebhookSender, katana_sender, new_token
 
 __all__ = [
@@ -904,17 +904,16 @@ def create_app(
         control("/manufacturing_orders/{id:int}/finish", _sim_finish, ["POST"]),
         control("/manufacturing_orders/{id:int}/unlink", _sim_unlink, ["POST"]),
     ]
-    app = frame.app(api_routes, control_routes, api_prefix=API_PREFIX)
-    app.state.world = state
-    app.state.accounts = frame.accounts
-    app.state.frame = frame
-    #: Run ``app.state.webhooks.run()`` next to the served app to send webhooks.
-    app.state.webhooks = sender
-    layer = install_faults(
-        app, "katana", faults, api_prefix=API_PREFIX, rate_limit=rate_limit[0] if rate_limit else 60
+    return frame.app(
+        api_routes,
+        control_routes,
+        service="katana",
+        world=state,
+        webhooks=sender,
+        faults=faults,
+        rate_limit=rate_limit[0] if rate_limit else 60,
+        api_prefix=API_PREFIX,
     )
-    layer.account_of = lambda given: frame.accounts.resolve(given).token
-    return app
 
 
 async def run(

@@ -58,7 +58,7 @@ from syncd.sim._tradegecko_world import (
     TradeGeckoWorld,
     parse_time,
 )
-from syncd.sim.faults import Faults, install_faults
+from syncd.sim.faults import Faults
 from syncd.sim.webhooks import WebhookSender, tradegecko_sender
 
 __all__ = [
@@ -628,16 +628,15 @@ def create_app(
         control("/counters", _counters(frame), ["GET"]),
         control("/webhooks", webhook_knobs, ["GET", "POST"]),
     ]
-    app = frame.app(api_routes, control_routes)
-    app.state.world = default.world
-    app.state.accounts = frame.accounts
-    app.state.frame = frame
-    app.state.webhooks = sender
-    layer = install_faults(
-        app, "tradegecko", faults, rate_limit=rate_limit[0] if rate_limit else 300
+    return frame.app(
+        api_routes,
+        control_routes,
+        service="tradegecko",
+        world=default.world,
+        webhooks=sender,
+        faults=faults,
+        rate_limit=rate_limit[0] if rate_limit else 300,
     )
-    layer.account_of = lambda given: frame.accounts.resolve(given).token
-    return app
 
 
 async def run(
