@@ -883,7 +883,7 @@ class Store:
         rows = await self._fetchall(
             "SELECT factory FROM links UNION SELECT factory FROM inbox "
             "UNION SELECT factory FROM meta UNION SELECT factory FROM cursors "
-            "UNION SELECT factory FROM leases"
+            "UNION SELECT factory FROM po_observations UNION SELECT factory FROM leases"
         )
         return sorted(str(r[0]) for r in rows)
 
