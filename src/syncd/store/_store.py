@@ -5,6 +5,9 @@ Each method is written once, in the SQL SQLite and PostgreSQL share (see
 default; a ``postgresql://`` URL selects :mod:`syncd.store._postgres`. A transition, the
 link's new state and the inbox event that caused it are written in one transaction: either
 all of it happened or none did.
+
+Rows belong to factories (:meth:`Store.for_factory`); several daemons on one PostgreSQL
+database share the factories through leases whose fence every owner's write re-checks.
 """
 
 from __future__ import annotations
