@@ -19,6 +19,8 @@ TRANSIENT: dict[type[errors.SyncdError], bool] = {
     errors.StoreUnavailable: True,
     errors.StoreConflict: False,
     errors.StoreInUse: False,
+    # Settled by stopping the factory's work (its new owner carries on), never by retrying.
+    errors.LeaseLost: False,
     errors.RuleViolation: False,
     errors.StatechartError: False,
     errors.ApiError: False,
@@ -81,6 +83,7 @@ def test_store_errors_stay_store_errors() -> None:
     assert issubclass(errors.StoreUnavailable, errors.StoreError)
     assert issubclass(errors.StoreConflict, errors.StoreError)
     assert issubclass(errors.StoreInUse, errors.StoreError)
+    assert issubclass(errors.LeaseLost, errors.StoreError)
 
 
 def test_the_tree_shows_every_type_and_marks_the_transient_ones() -> None:

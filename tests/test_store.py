@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager, closing
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import psycopg
@@ -23,8 +23,15 @@ import pytest
 from pg_server import PostgresServer, pg_server_fixture  # noqa: F401 - for pytest to find
 from syncd.domain.orders import LinkedOrder, PurchaseOrderLine, PurchaseOrderSnapshot
 from syncd.domain.statechart import Decision, load_statechart
-from syncd.errors import StoreConflict, StoreError, StoreInUse, StoreUnavailable, is_transient
-from syncd.store import ImportResult, Store
+from syncd.errors import (
+    LeaseLost,
+    StoreConflict,
+    StoreError,
+    StoreInUse,
+    StoreUnavailable,
+    is_transient,
+)
+from syncd.store import ImportResult, Lease, Store
 from syncd.store._backend import redact
 from syncd.store._postgres import _transient
 from syncd.store._schema import MIGRATIONS
@@ -32,6 +39,7 @@ from syncd.store._schema_postgres import POSTGRES_MIGRATIONS, VERSION_TABLE
 from syncd.store._store import OBSERVATIONS_KEPT
 
 pytestmark = pytest.mark.anyio
+T = TypeVar("T")
 
 CHART = load_statechart()
 WHEN = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -228,9 +236,12 @@ async def test_a_reader_of_an_unmigrated_database_gets_a_clear_error(database: s
     at_first_schema(database)
     store = await Store.open(database, readonly=True)
     try:
+        # The tables of a later migration are missing, and so are the old tables' factory
+        # columns: every read says the same.
         with pytest.raises(StoreError, match="restart syncd to upgrade"):
             await store.last_import_outcome("PO1")
-        assert await store.get_meta("activated_at") is None  # the old tables still read
+        with pytest.raises(StoreError, match="restart syncd to upgrade"):
+            await store.get_meta("activated_at")
     finally:
         await store.close()
 
@@ -914,3 +925,452 @@ async def test_last_event_by_source_is_the_newest_of_a_kind(database: str) -> No
             "katana": 30.0,
             "tradegecko": 10.0,
         }
+
+
+# -- factories --------------------------------------------------------------------------------
+
+TABLES = ("meta", "links", "transitions", "inbox", "cursors", "po_observations", "import_outcomes")
+
+
+def present(value: T | None) -> T:
+    assert value is not None
+    return value
+
+
+def rows_of(database: str, *tables: str) -> dict[str, list[str]]:
+    """Every row of ``tables``, in a stable order: to check that nothing was written."""
+    return {table: sorted(map(repr, raw(database, f"SELECT * FROM {table}"))) for table in tables}
+
+
+async def test_factories_never_see_each_others_rows(database: str) -> None:
+    async with opened(database) as store:
+        north, south = store.for_factory("north"), store.for_factory("south")
+        # The same TradeGecko and Katana ids in two accounts: each factory links its own.
+        n_link, s_link = await new_link(north, 1), await new_link(south, 1)
+        assert n_link.id != s_link.id
+        n_link = await north.apply(n_link, decide("discovered", "so_created"), cause="SO", so_id=9)
+        s_link = await south.apply(s_link, decide("discovered", "so_created"), cause="SO", so_id=9)
+        n_event = await north.add_event(
+            "katana", "webhook", b"n", dedup_key="so:9", link_id=n_link.id
+        )
+        s_event = await south.add_event(
+            "katana", "webhook", b"s", dedup_key="so:9", link_id=s_link.id
+        )
+        assert n_event is not None and s_event is not None
+        assert await north.add_event("katana", "webhook", b"again", dedup_key="so:9") is None
+        await north.set_meta("paused.katana", "north paused")
+        await south.set_meta("activated_at", "south's")
+        await north.set_cursor("tradegecko.po", "n")
+        await south.set_cursor("tradegecko.po", "s")
+        await north.observe_purchase_order(5, "PO5", status="draft", reason="north's draft")
+        await south.observe_purchase_order(5, "PO5", status="void", reason="south's void")
+        await north.record_import_outcome(n_event, "PO7", ImportResult.NOT_FOUND, "none in north")
+
+        assert (await north.link_by_po(1), await south.link_by_po(1)) == (
+            await north.get_link(n_link.id),
+            await south.get_link(s_link.id),
+        )
+        assert present(await north.link_by_so(9)).id == n_link.id
+        assert present(await south.link_by_so(9)).id == s_link.id
+        # Another factory's ids lead nowhere, for reading or for writing.
+        assert await north.get_link(s_link.id) is None
+        assert await north.history(s_link.id) == []
+        assert await north.timeline(s_link.id) == []
+        assert await north.events_for_link(s_link.id) == []
+        assert await north.event_outcome(s_event) is None
+        with pytest.raises(StoreConflict):
+            await north.apply(s_link, decide("imported", "cancel"), cause="wrong factory")
+        with pytest.raises(StoreError, match=f"no linked order with id {s_link.id}"):
+            await north.note(s_link.id, notes=["wrong factory"])
+        await north.mark_processed(s_event, "wrong factory")
+        assert await south.event_outcome(s_event) == (None, None)
+        assert [e.id for e in await south.pending_events()] == [s_event]
+        assert [t.link_id for t in await south.recent_transitions()] == [s_link.id] * 2
+
+        assert await north.meta_with_prefix("paused.") == {"katana": "north paused"}
+        assert await south.meta_with_prefix("paused.") == {}
+        assert await north.get_meta("activated_at") is None
+        assert {n: v for n, (v, _) in (await south.cursors()).items()} == {"tradegecko.po": "s"}
+        assert present(await north.purchase_order_observation("PO5")).reason == "north's draft"
+        assert present(await south.purchase_order_observation("PO5")).reason == "south's void"
+        assert await south.last_import_outcome("PO7") is None
+        assert present(await north.last_import_outcome("PO7")).detail == "none in north"
+        assert await north.inbox_backlog() == (0, None)
+        assert (await south.inbox_backlog())[0] == 1
+        assert await south.linked_po_ids([1, 2]) == {1}
+        assert await south.so_ids_in_states(["imported"]) == {9: s_link.id}
+
+        # The store as opened is the factory `default`, empty here.
+        assert store.factory == "default"
+        assert await store.counts_by_state() == {}
+        assert await store.all_links() == []
+        assert await store.pending_events() == []
+        # Reads across factories.
+        await new_link(store, 1)
+        assert await store.factories() == ["default", "north", "south"]
+        assert await north.counts_by_state_per_factory() == {
+            "default": {"discovered": 1},
+            "north": {"imported": 1},
+            "south": {"imported": 1},
+        }
+        backlog = await store.inbox_backlog_per_factory()
+        assert list(backlog) == ["south"] and backlog["south"][0] == 1
+        assert await store.meta_with_prefix_per_factory("paused.") == {
+            "north": {"katana": "north paused"}
+        }
+
+
+def test_a_factory_view_needs_a_factory_name() -> None:
+    store = Store(None, "nowhere")  # type: ignore[arg-type]
+    for bad in ("", "North", "a:b", "x" * 64):
+        with pytest.raises(ValueError, match="not a factory name"):
+            store.for_factory(bad)
+    lease = Lease("north", "d1", 1, 0.0, 0.0)
+    with pytest.raises(ValueError, match="the lease of factory north cannot fence south"):
+        store.for_factory("south", lease=lease)
+
+
+def at_second_schema(database: str) -> None:
+    """Make ``database`` what syncd left before factories: migrations 1 and 2."""
+    if is_pg(database):
+        raw(database, POSTGRES_MIGRATIONS[0])
+        raw(database, POSTGRES_MIGRATIONS[1])
+        raw(database, f"CREATE TABLE {VERSION_TABLE} (version INTEGER NOT NULL)")
+        raw(database, f"INSERT INTO {VERSION_TABLE} (version) VALUES (2)")
+    else:
+        with closing(sqlite3.connect(database)) as con:
+            con.executescript(MIGRATIONS[0] + MIGRATIONS[1])
+            con.execute("PRAGMA user_version = 2")
+            con.commit()
+
+
+async def test_a_version_2_database_is_migrated_with_everything_in_default(
+    database: str, tmp_path: Path
+) -> None:
+    at_second_schema(database)
+    blob = "decode('7b7d', 'hex')" if is_pg(database) else "X'7B7D'"
+    for sql in (
+        "INSERT INTO meta (key, value) VALUES ('activated_at', 'then')",
+        "INSERT INTO links (id, po_id, po_number, state, so_id, created_at, updated_at, "
+        "state_since) VALUES (7, 1, 'PO0001', 'imported', 9, 1, 2, 2)",
+        "INSERT INTO transitions (link_id, from_state, to_state, trigger, cause, at) "
+        "VALUES (7, NULL, 'discovered', 'po_discovered', 'seen', 1)",
+        "INSERT INTO inbox (id, source, kind, dedup_key, link_id, payload, received_at) "
+        f"VALUES (3, 'katana', 'webhook', 'so:9', 7, {blob}, 5)",
+        "INSERT INTO cursors (name, value, updated_at) VALUES ('tradegecko.po', 'c', 5)",
+        "INSERT INTO po_observations (po_id, po_number, status, reason, first_seen_at, "
+        "seen_at) VALUES (5, 'PO5', 'draft', 'draft', 1, 1)",
+        "INSERT INTO import_outcomes (event_id, po_number, result, detail, decided_at) "
+        "VALUES (3, 'PO7', 'not_found', 'none', 6)",
+    ):
+        raw(database, sql)
+    if is_pg(database):  # where syncd's own inserts would have left the identities
+        for table, last in (("links", 7), ("inbox", 3)):
+            raw(database, f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {last})")
+    async with opened(database) as store:
+        assert await store.get_meta("activated_at") == "then"
+        link = await store.link_by_po(1)
+        assert link is not None and (link.id, link.so_id) == (7, 9)
+        assert [h.trigger for h in await store.history(7)] == ["po_discovered"]
+        assert [e.id for e in await store.pending_events()] == [3]
+        assert await store.get_cursor("tradegecko.po") == "c"
+        assert await store.purchase_order_observation("PO5") is not None
+        assert await store.last_import_outcome("PO7") is not None
+        assert await store.integrity_check() == []
+        assert await store.factories() == ["default"]
+        # A new factory starts empty and may reuse every key; ids go on from the old ones.
+        other = store.for_factory("other")
+        assert await other.link_by_po(1) is None and await other.pending_events() == []
+        assert await other.add_event("katana", "webhook", b"y", dedup_key="so:9") == 4
+        assert (await new_link(other, 1)).id == 8
+        assert await store.add_event("katana", "webhook", b"z", dedup_key="so:9") is None
+    for table in set(TABLES) - {"transitions"}:  # a transition's factory is its link's
+        assert {r[0] for r in raw(database, f"SELECT DISTINCT factory FROM {table}")} <= {
+            "default",
+            "other",
+        }
+    assert schema_version(database) == len(MIGRATIONS)
+    if not is_pg(database):
+        assert raw(database, "PRAGMA foreign_key_check") == []
+        with (
+            pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"),
+            closing(sqlite3.connect(database)) as con,
+        ):
+            con.execute("PRAGMA foreign_keys = ON")
+            con.execute(
+                "INSERT INTO transitions (link_id, to_state, trigger, cause, at) "
+                "VALUES (99, 'x', 'y', 'z', 1)"
+            )
+    # The migrated schema is the one a new database gets.
+    fresh = str(tmp_path / "fresh.db") if not is_pg(database) else None
+    if fresh is not None:
+        async with opened(fresh):
+            pass
+        assert schema(fresh) == schema(database)
+
+
+# -- leases -----------------------------------------------------------------------------------
+
+
+def expire(database: str, factory: str) -> None:
+    """Let ``factory``'s lease run out, by the database's clock (an hour ago)."""
+    raw(database, f"UPDATE leases SET expires_at = expires_at - 3600 WHERE factory = '{factory}'")
+
+
+async def test_a_takeover_raises_the_fence_and_a_renewal_keeps_it(database: str) -> None:
+    async with opened(database) as store:
+        first = await store.acquire_lease("north", "d1", 30)
+        assert first is not None and (first.owner, first.fence) == ("d1", 1)
+        assert await store.acquire_lease("north", "d2", 30) is None  # held
+        again = await store.acquire_lease("north", "d1", 30)
+        assert again is not None and again.fence == 1  # one's own: the same lease
+        renewed = await store.renew_lease(first, 60)
+        assert renewed is not None and renewed.fence == 1
+        assert renewed.expires_at >= first.expires_at + 29
+        assert renewed.deadline > first.deadline
+        (record,) = await store.leases()
+        assert (record.factory, record.owner, record.fence, record.held) == ("north", "d1", 1, True)
+        assert 50 < record.remaining <= 60
+
+        expire(database, "north")
+        taken = await store.acquire_lease("north", "d2", 30)
+        assert taken is not None and (taken.owner, taken.fence) == ("d2", 2)
+        # The old holder's renewal and release fail: the lease moved on.
+        assert await store.renew_lease(renewed, 30) is None
+        assert not await store.release_lease(renewed)
+        assert await store.acquire_lease("north", "d1", 30) is None
+
+        # Released, it is free at once, and the fence still rises.
+        assert await store.release_lease(taken)
+        (record,) = await store.leases()
+        assert (record.owner, record.fence, record.held) == ("d2", 2, False)
+        back = await store.acquire_lease("north", "d1", 30)
+        assert back is not None and back.fence == 3
+        # An expired lease is lost even if no one took it: renewing fails, acquiring again
+        # is a new fence (whatever the holder had in flight is refused).
+        expire(database, "north")
+        assert await store.renew_lease(back, 30) is None
+        mine_again = await store.acquire_lease("north", "d1", 30)
+        assert mine_again is not None and mine_again.fence == 4
+
+
+async def test_a_fenced_write_after_a_takeover_is_refused_and_writes_nothing(
+    database: str,
+) -> None:
+    async with opened(database) as store:
+        lease = await store.acquire_lease("north", "d1", 30)
+        assert lease is not None
+        mine = store.for_factory("north", lease=lease)
+        link = await new_link(mine, 1)
+        event = await mine.add_event("katana", "webhook", b"{}", link_id=link.id)
+        assert event is not None
+        await mine.set_meta("paused.katana", "x")
+        await mine.set_cursor("katana.sales_orders", "c")
+
+        expire(database, "north")
+        theirs = await store.acquire_lease("north", "d2", 30)
+        assert theirs is not None and theirs.fence == 2
+        before = rows_of(database, *TABLES)
+        refused: list[Any] = [
+            mine.create_link(
+                snapshot(2), state="discovered", trigger="po_discovered", cause="c", event_id=event
+            ),
+            mine.apply(link, decide("discovered", "so_created"), cause="SO", event_id=event),
+            mine.note(link.id, notes=["n"], last_error="e"),
+            mine.add_event("effect", "outcome", b"{}", link_id=link.id),
+            mine.mark_processed(event, "done"),
+            mine.set_cursor("katana.sales_orders", "d"),
+            mine.set_meta("paused.katana", "y"),
+            mine.setdefault_meta("activated_at", "now"),
+            mine.delete_meta("paused.katana"),
+            mine.observe_purchase_order(3, "PO3", status="draft", reason="draft"),
+            mine.record_import_outcome(event, "PO4", ImportResult.NOT_FOUND, "none"),
+        ]
+        for write in refused:
+            with pytest.raises(LeaseLost, match="d2 holds it with fence 2") as caught:
+                await write
+            assert not is_transient(caught.value)
+            assert "nothing written" in str(caught.value)
+        assert rows_of(database, *TABLES) == before
+
+        # The new owner writes; webhook intake needs no lease at all.
+        new_owner = store.for_factory("north", lease=theirs)
+        moved = await new_owner.apply(link, decide("discovered", "so_created"), cause="SO")
+        assert moved.state == "imported"
+        assert await store.for_factory("north").add_event("katana", "webhook", b"2") is not None
+        # Reads through the lost view still work (they change nothing).
+        assert (await mine.get_link(link.id)) == moved
+        # An expired lease fences too, taken over or not.
+        expire(database, "north")
+        with pytest.raises(LeaseLost, match="it expired"):
+            await new_owner.set_meta("k", "v")
+
+
+async def test_claim_share_spreads_the_factories_and_rebalances(database: str) -> None:
+    names = [f"f{n:02d}" for n in range(12)]
+    async with opened(database) as one, opened(database) as two:
+        held_one = await one.claim_share("d1", names, {}, ttl=30, within=10)
+        assert sorted(held_one) == names  # alone: every factory
+        # A second daemon joins: the first gives up half at its next round, the second
+        # takes them at its next.
+        held_two = await two.claim_share("d2", names, {}, ttl=30, within=10)
+        assert held_two == {}
+        held_one = await one.claim_share("d1", names, held_one, ttl=30, within=10)
+        held_two = await two.claim_share("d2", names, held_two, ttl=30, within=10)
+        assert len(held_one) == len(held_two) == 6
+        assert set(held_one) | set(held_two) == set(names)
+        assert {r.factory: r.owner for r in await one.leases() if r.held} == {
+            **dict.fromkeys(held_one, "d1"),
+            **dict.fromkeys(held_two, "d2"),
+        }
+        # A factory dropped from the configuration is released.
+        held_one = await one.claim_share("d1", names[1:], held_one, ttl=30, within=10)
+        assert "f00" not in held_one
+        # The second leaves: the first takes everything at its next round.
+        await two.leave("d2")
+        assert await one.live_owners(10) == ["d1"]
+        held_one = await one.claim_share("d1", names, held_one, ttl=30, within=10)
+        assert sorted(held_one) == names
+        fences = {r.factory: r.fence for r in await one.leases()}
+        assert {fences[name] for name in held_two} == {3}  # d1, d2, d1 again
+
+
+async def test_postgres_two_daemons_racing_for_twelve_factories_hold_disjoint_sets(
+    pg_database: str,
+) -> None:
+    names = [f"f{n:02d}" for n in range(12)]
+    async with opened(pg_database) as one, opened(pg_database) as two:
+        won: dict[str, list[str]] = {"d1": [], "d2": []}
+
+        async def grab(store: Store, owner: str, order: list[str]) -> None:
+            for name in order:
+                lease = await store.acquire_lease(name, owner, 30)
+                if lease is not None:
+                    assert lease.fence == 1
+                    won[owner].append(name)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(grab, one, "d1", names)
+            tg.start_soon(grab, two, "d2", names[::-1])
+        assert not set(won["d1"]) & set(won["d2"])
+        assert sorted(won["d1"] + won["d2"]) == names
+        for record in await one.leases():
+            assert record.owner == ("d1" if record.factory in won["d1"] else "d2")
+            assert record.fence == 1
+        for name in names:
+            raw(pg_database, f"UPDATE leases SET expires_at = 0 WHERE factory = '{name}'")
+
+        # Claiming shares at once, round after round: never a factory held twice, and
+        # balanced once both see each other.
+        held: dict[str, dict[str, Lease]] = {"d1": {}, "d2": {}}
+        await one.heartbeat("d1")
+        await two.heartbeat("d2")
+
+        async def claim(store: Store, owner: str) -> None:
+            held[owner] = await store.claim_share(owner, names, held[owner], ttl=30, within=10)
+
+        for _ in range(3):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(claim, one, "d1")
+                tg.start_soon(claim, two, "d2")
+            assert not set(held["d1"]) & set(held["d2"])
+        assert sorted([*held["d1"], *held["d2"]]) == names
+        assert len(held["d1"]) == len(held["d2"]) == 6
+
+
+async def test_postgres_a_takeover_waits_for_a_fenced_write_in_flight(pg_database: str) -> None:
+    async with opened(pg_database) as one, opened(pg_database) as two:
+        lease = await one.acquire_lease("north", "d1", 1)
+        assert lease is not None
+        mine = one.for_factory("north", lease=lease)
+        taken: list[Lease | None] = []
+
+        async def take_over() -> None:
+            taken.append(await two.acquire_lease("north", "d2", 30))
+
+        # The fence is checked and the lease's row locked at the write's start; a
+        # takeover meanwhile waits for the write to commit, so no write ever commits
+        # after the fence has moved.
+        async with anyio.create_task_group() as tg, mine._transaction() as db:
+            await db.execute("INSERT INTO meta (factory, key, value) VALUES ('north', 'k', 'v')")
+            await anyio.sleep(1.2)  # the lease expires meanwhile
+            tg.start_soon(take_over)
+            await anyio.sleep(0.5)
+            assert taken == []  # waiting on the row lock
+        assert taken[0] is not None and taken[0].fence == 2
+        assert raw(pg_database, "SELECT value FROM meta WHERE factory = 'north'") == [("v",)]
+        with pytest.raises(LeaseLost, match="d2 holds it"):
+            await mine.set_meta("k", "w")
+
+
+# -- wake-ups ---------------------------------------------------------------------------------
+
+
+async def next_wakeup(wakeups: Any) -> str:
+    with anyio.fail_after(10):
+        return str(await wakeups.__anext__())
+
+
+async def drain(wakeups: Any, idle: float = 0.3) -> list[str]:
+    """The wake-ups that come until none has for ``idle`` seconds."""
+    names: list[str] = []
+    while True:
+        with anyio.move_on_after(idle):
+            names.append(str(await wakeups.__anext__()))
+            continue
+        return names
+
+
+async def test_wakeups_name_the_notified_factories_once_each(database: str) -> None:
+    async with opened(database) as store:
+        async with store.wakeups() as wakeups:
+            await store.for_factory("north").notify("north")
+            await store.notify("south")
+            await store.notify("north")
+            names = await drain(wakeups)
+            # A name not yet taken is given once; on PostgreSQL the second NOTIFY may come
+            # after the first was taken (a spurious wake-up, harmless).
+            assert names[:2] == ["north", "south"] and set(names) == {"north", "south"}
+            if not is_pg(database):
+                assert names == ["north", "south"]
+            await store.notify("east")
+            assert await drain(wakeups) == ["east"]
+        await store.notify("north")  # no one listening: nothing to do, nothing fails
+
+
+async def test_postgres_notify_reaches_another_connections_wakeups(pg_database: str) -> None:
+    async with opened(pg_database) as daemon, opened(pg_database) as intake:
+        async with daemon.wakeups() as wakeups:
+            north = intake.for_factory("north")
+            assert await north.add_event("tradegecko", "webhook", b"{}") is not None
+            await intake.notify("north")
+            assert await next_wakeup(wakeups) == "north"
+        # Another deployment on the same database, in its own schema, is not woken.
+        raw(pg_database, "CREATE SCHEMA elsewhere")
+        elsewhere_url = pg_database + "?options=-c%20search_path%3Delsewhere"
+        async with opened(elsewhere_url) as other, daemon.wakeups() as wakeups:
+            await other.notify("north")
+            await intake.notify("south")
+            assert await next_wakeup(wakeups) == "south"
+
+
+async def test_postgres_wakeups_listen_again_after_a_lost_connection(
+    pg_database: str, pg_server: PostgresServer
+) -> None:
+    async with (
+        opened(pg_database) as daemon,
+        opened(pg_database) as intake,
+        daemon.wakeups() as wakeups,
+    ):
+        # A delivery persisted while the listener is away: its notification is lost, the
+        # catch-up names its factory.
+        with pg_server.admin() as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND application_name = 'syncd-wakeups'",
+                (pg_database.rsplit("/", 1)[1],),
+            )
+        await intake.for_factory("south").add_event("katana", "webhook", b"{}")
+        assert await next_wakeup(wakeups) == "south"
+        await intake.notify("north")
+        assert await next_wakeup(wakeups) == "north"

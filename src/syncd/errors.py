@@ -5,7 +5,8 @@ SyncdError
  ├── StoreError           the store (SQLite or PostgreSQL) cannot be opened or written
  │    ├── StoreUnavailable    * locked past the timeout, a full or failing disk, a lost server
  │    ├── StoreConflict       another writer moved the order first: decide again
- │    └── StoreInUse          another syncd holds the SQLite file: one daemon per file
+ │    ├── StoreInUse          another syncd holds the SQLite file: one daemon per file
+ │    └── LeaseLost           another daemon took the factory over: stop its work
  ├── RuleViolation        an order breaks a mapping rule (e.g. a line without a SKU)
  ├── StatechartError      the statechart file is malformed, or a trigger is illegal
  └── ApiError             a service answered badly or not at all (names service and endpoint)
@@ -33,6 +34,7 @@ __all__ = [
     "AuthError",
     "ConfigError",
     "DecodeError",
+    "LeaseLost",
     "NotFound",
     "PaymentRequired",
     "RateLimited",
@@ -86,6 +88,12 @@ class StoreConflict(StoreError):
 class StoreInUse(StoreError):
     """Another syncd holds the SQLite file for writing: one daemon per file. Said at start
     (``syncd run`` exits 6); reading it (``syncctl``, ``syncd check``) is never refused."""
+
+
+class LeaseLost(StoreError):
+    """A write fenced by a factory's lease found the lease no longer current: it expired,
+    or another daemon took the factory over (a higher fence). Nothing was written; the
+    daemon must stop that factory's work (the new owner carries it on), never retry it."""
 
 
 class RuleViolation(SyncdError):

@@ -12,8 +12,9 @@ failures, lost connections, a full or failing disk).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,8 +22,10 @@ from syncd.errors import StoreError
 
 __all__ = [
     "Backend",
+    "CatchUp",
     "Queries",
     "Row",
+    "Wakeups",
     "is_postgres_url",
     "newer_schema",
     "redact",
@@ -47,6 +50,28 @@ class Queries(Protocol):
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         """Run one statement; return how many rows it changed."""
         ...
+
+
+class Wakeups(Protocol):
+    """Factory names as :meth:`Backend.notify` sends them; listening from ``__aenter__`` to
+    ``__aexit__``."""
+
+    async def __aenter__(self) -> Wakeups: ...
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def __aiter__(self) -> Wakeups: ...
+
+    async def __anext__(self) -> str: ...
+
+
+#: What :meth:`Backend.wakeups` names after a gap in listening: every factory with work.
+CatchUp = Callable[[], Awaitable[list[str]]]
 
 
 class Backend(Queries, Protocol):
@@ -87,6 +112,15 @@ class Backend(Queries, Protocol):
 
     async def integrity_check(self) -> list[str]:
         """What is wrong with the database; empty when it is sound."""
+        ...
+
+    async def notify(self, factory: str) -> None:
+        """Wake whoever listens for ``factory``."""
+        ...
+
+    def wakeups(self, catch_up: CatchUp) -> Wakeups:
+        """Listen for :meth:`notify`; ``catch_up`` names the factories to wake after
+        listening was interrupted (a lost connection)."""
         ...
 
     async def close(self) -> None: ...

@@ -11,6 +11,10 @@ row another writer just committed, so two daemons cannot both move an order.
 and win. A connection found lost is opened again at the next call; the call that found it
 lost fails with ``StoreUnavailable``. Migrations take an advisory lock, so that two
 daemons starting together on an empty database do not both create the schema.
+
+Wake-ups are ``NOTIFY syncd_wakeup`` with ``<schema>:<factory>`` as the payload (one
+database may hold several syncd deployments, each in its schema), heard on a third
+connection of their own, opened only while someone listens.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import functools
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -28,10 +33,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
 from syncd.errors import StoreError, StoreUnavailable
-from syncd.store._backend import Row, newer_schema, redact
+from syncd.store._backend import CatchUp, Row, newer_schema, redact
 from syncd.store._schema_postgres import POSTGRES_MIGRATIONS, VERSION_TABLE
 
-__all__ = ["PostgresBackend"]
+__all__ = ["PostgresBackend", "PostgresWakeups"]
 
 log = logging.getLogger("syncd.store")
 
@@ -39,6 +44,9 @@ log = logging.getLogger("syncd.store")
 _MIGRATION_LOCK = 0x73796E6364
 _OPTIONS = "-c lock_timeout=5000"
 _READONLY_OPTIONS = " -c default_transaction_read_only=on"
+_CHANNEL = "syncd_wakeup"
+#: Seconds between attempts to listen again after losing the connection: doubling up to.
+_RELISTEN_FIRST, _RELISTEN_MAX = 0.5, 30.0
 
 
 @functools.lru_cache(maxsize=512)
@@ -125,11 +133,96 @@ async def _connect(conninfo: str, where: str) -> psycopg.AsyncConnection[Row]:
         raise _error(exc)(f"cannot connect to database {where}: {_message(exc)}") from None
 
 
+class PostgresWakeups:
+    """``LISTEN`` on a connection of its own; a lost connection is opened again (with a
+    growing pause), and then every factory ``catch_up`` names is woken, since a
+    notification may have been missed meanwhile."""
+
+    def __init__(self, conninfo: str, where: str, catch_up: CatchUp) -> None:
+        self._conninfo = conninfo
+        self._where = where
+        self._catch_up = catch_up
+        self._conn: psycopg.AsyncConnection[Row] | None = None
+        self._schema = ""
+        # An ordered set: a factory named twice before it is taken is given once.
+        self._pending: dict[str, None] = {}
+        self._pause = _RELISTEN_FIRST
+
+    async def __aenter__(self) -> PostgresWakeups:
+        await self._listen()
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._discard()
+
+    def __aiter__(self) -> PostgresWakeups:
+        return self
+
+    async def __anext__(self) -> str:
+        while not self._pending:
+            if self._conn is None:
+                await self._listen_again()
+                continue
+            try:
+                # stop_after: back here after each packet, so the pending set is served.
+                async with aclosing(self._conn.notifies(stop_after=1)) as notes:
+                    async for note in notes:
+                        schema, _, factory = note.payload.rpartition(":")
+                        if schema == self._schema:
+                            self._pending[factory] = None
+            except psycopg.Error as exc:
+                log.warning(
+                    "listening for wake-ups on %s: %s: listening again", self._where, _message(exc)
+                )
+                await self._discard()
+        factory = next(iter(self._pending))
+        del self._pending[factory]
+        return factory
+
+    async def _listen(self) -> None:
+        conn = await _connect(self._conninfo, self._where)
+        try:
+            await conn.execute(f"LISTEN {_CHANNEL}")
+            row = await (await conn.execute("SELECT current_schema()")).fetchone()
+        except psycopg.Error as exc:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+            raise _error(exc)(f"cannot listen on {self._where}: {_message(exc)}") from None
+        self._schema = "" if row is None or row[0] is None else str(row[0])
+        self._conn = conn
+
+    async def _listen_again(self) -> None:
+        await anyio.sleep(self._pause)
+        try:
+            await self._listen()
+            missed = await self._catch_up()
+        except StoreError as exc:
+            self._pause = min(self._pause * 2, _RELISTEN_MAX)
+            log.warning("wake-ups from %s: %s (next try in %.0f s)", self._where, exc, self._pause)
+            await self._discard()
+            return
+        self._pause = _RELISTEN_FIRST
+        self._pending.update(dict.fromkeys(missed))
+        log.info("listening for wake-ups on %s again", self._where)
+
+    async def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+
+
 class PostgresBackend:
     dialect = "postgresql"
 
     def __init__(self, conninfo: str, where: str, *, readonly: bool) -> None:
         self.where = where
+        self._conninfo = conninfo
         self._readonly = readonly
         self._reader = _Session(conninfo, where)
         self._writer = _Session(conninfo, where)
@@ -229,6 +322,20 @@ class PostgresBackend:
                 log.debug("rollback: %s", exc)
         await self._writer.discard()
 
+    # -- wake-ups ------------------------------------------------------------------------
+
+    async def notify(self, factory: str) -> None:
+        async with self.transaction() as tx:
+            await tx.execute(
+                "SELECT pg_notify(?, current_schema() || ':' || ?)", (_CHANNEL, factory)
+            )
+
+    def wakeups(self, catch_up: CatchUp) -> PostgresWakeups:
+        # Named apart in pg_stat_activity: the connection that sits idle, listening.
+        name = conninfo_to_dict(self._conninfo).get("application_name") or "syncd"
+        conninfo = make_conninfo(self._conninfo, application_name=f"{name}-wakeups")
+        return PostgresWakeups(conninfo, self.where, catch_up)
+
     # -- schema --------------------------------------------------------------------------
 
     async def check_version(self) -> int:
@@ -284,7 +391,7 @@ class PostgresBackend:
         }
         for kind, names in (
             ("table", tables),
-            ("index", re.findall(r"CREATE INDEX (\w+)", script)),
+            ("index", re.findall(r"CREATE (?:UNIQUE )?INDEX (\w+)", script)),
         ):
             problems += [f"{kind} {name} is missing" for name in names if name not in present]
         triggers = {

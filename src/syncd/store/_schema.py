@@ -103,4 +103,135 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX import_outcomes_number ON import_outcomes (po_number, event_id);
     """,
+    # SQLite cannot change a table's keys in place: the tables whose keys change are
+    # rebuilt (copied into a new table, the old one dropped, the new one renamed; the
+    # backend runs migrations with foreign keys off and checks them before committing).
+    """
+    -- Many factories (each one TradeGecko account linked with one Katana account) in one
+    -- database: every per-factory row names its factory, and what was there before is the
+    -- factory `default`'s. Ids and keys from TradeGecko and Katana are unique within a
+    -- factory only (two factories are different accounts). Transitions reach their factory
+    -- through their link.
+    CREATE TABLE meta_new (
+        key     TEXT NOT NULL,
+        value   TEXT NOT NULL,
+        factory TEXT NOT NULL DEFAULT 'default',
+        PRIMARY KEY (factory, key)
+    );
+    INSERT INTO meta_new (key, value) SELECT key, value FROM meta;
+    DROP TABLE meta;
+    ALTER TABLE meta_new RENAME TO meta;
+
+    CREATE TABLE links_new (
+        id           INTEGER PRIMARY KEY,
+        po_id        INTEGER NOT NULL,
+        po_number    TEXT    NOT NULL,
+        state        TEXT    NOT NULL,
+        resume_state TEXT,
+        reason       TEXT,
+        so_id        INTEGER,
+        so_number    TEXT,
+        currency     TEXT,
+        snapshot     BLOB,
+        lines        BLOB,
+        notes        BLOB,
+        last_error   TEXT,
+        created_at   REAL    NOT NULL,
+        updated_at   REAL    NOT NULL,
+        state_since  REAL    NOT NULL,
+        factory      TEXT    NOT NULL DEFAULT 'default'
+    );
+    INSERT INTO links_new (id, po_id, po_number, state, resume_state, reason, so_id,
+        so_number, currency, snapshot, lines, notes, last_error, created_at, updated_at,
+        state_since)
+    SELECT id, po_id, po_number, state, resume_state, reason, so_id, so_number, currency,
+        snapshot, lines, notes, last_error, created_at, updated_at, state_since FROM links;
+    DROP TABLE links;
+    ALTER TABLE links_new RENAME TO links;
+    CREATE UNIQUE INDEX links_factory_po ON links (factory, po_id);
+    CREATE UNIQUE INDEX links_factory_so ON links (factory, so_id);
+    CREATE INDEX links_state ON links (factory, state, state_since);
+    CREATE INDEX links_po_number ON links (factory, po_number);
+
+    CREATE TABLE inbox_new (
+        id           INTEGER PRIMARY KEY,
+        source       TEXT    NOT NULL,
+        kind         TEXT    NOT NULL,
+        dedup_key    TEXT,
+        po_id        INTEGER,
+        so_id        INTEGER,
+        link_id      INTEGER,
+        payload      BLOB    NOT NULL,
+        received_at  REAL    NOT NULL,
+        processed_at REAL,
+        outcome      TEXT,
+        factory      TEXT    NOT NULL DEFAULT 'default'
+    );
+    INSERT INTO inbox_new (id, source, kind, dedup_key, po_id, so_id, link_id, payload,
+        received_at, processed_at, outcome)
+    SELECT id, source, kind, dedup_key, po_id, so_id, link_id, payload, received_at,
+        processed_at, outcome FROM inbox;
+    DROP TABLE inbox;
+    ALTER TABLE inbox_new RENAME TO inbox;
+    CREATE UNIQUE INDEX inbox_factory_dedup ON inbox (factory, dedup_key);
+    CREATE INDEX inbox_pending ON inbox (factory, id) WHERE processed_at IS NULL;
+    CREATE INDEX inbox_link ON inbox (link_id, id);
+
+    CREATE TABLE cursors_new (
+        name       TEXT NOT NULL,
+        value      TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        factory    TEXT NOT NULL DEFAULT 'default',
+        PRIMARY KEY (factory, name)
+    );
+    INSERT INTO cursors_new (name, value, updated_at) SELECT name, value, updated_at
+        FROM cursors;
+    DROP TABLE cursors;
+    ALTER TABLE cursors_new RENAME TO cursors;
+
+    CREATE TABLE po_observations_new (
+        po_id         INTEGER NOT NULL,
+        po_number     TEXT    NOT NULL,
+        supplier      TEXT,
+        status        TEXT    NOT NULL,
+        reason        TEXT    NOT NULL,
+        po_created_at REAL,
+        first_seen_at REAL    NOT NULL,
+        seen_at       REAL    NOT NULL,
+        factory       TEXT    NOT NULL DEFAULT 'default',
+        PRIMARY KEY (factory, po_id)
+    );
+    INSERT INTO po_observations_new (po_id, po_number, supplier, status, reason,
+        po_created_at, first_seen_at, seen_at)
+    SELECT po_id, po_number, supplier, status, reason, po_created_at, first_seen_at, seen_at
+        FROM po_observations;
+    DROP TABLE po_observations;
+    ALTER TABLE po_observations_new RENAME TO po_observations;
+    CREATE INDEX po_observations_number ON po_observations (factory, po_number);
+    CREATE INDEX po_observations_seen ON po_observations (factory, seen_at);
+
+    -- An inbox event's id is unique across factories: the key stays.
+    ALTER TABLE import_outcomes ADD COLUMN factory TEXT NOT NULL DEFAULT 'default';
+    DROP INDEX import_outcomes_number;
+    CREATE INDEX import_outcomes_number ON import_outcomes (factory, po_number, event_id);
+
+    -- Which daemon owns each factory: the owner, until when (the database's clock), and a
+    -- fencing number raised at every takeover, which every write of the owner re-checks.
+    -- A row is never deleted (a released lease only expires), so the number never goes
+    -- back.
+    CREATE TABLE leases (
+        factory    TEXT    PRIMARY KEY,
+        owner      TEXT    NOT NULL,
+        fence      INTEGER NOT NULL,
+        expires_at REAL    NOT NULL,
+        renewed_at REAL    NOT NULL
+    );
+
+    -- Every running daemon's heartbeat, for sharing the factories among the live ones.
+    CREATE TABLE daemons (
+        owner      TEXT PRIMARY KEY,
+        started_at REAL NOT NULL,
+        seen_at    REAL NOT NULL
+    );
+    """,
 )

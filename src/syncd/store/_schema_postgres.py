@@ -121,4 +121,66 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX import_outcomes_number ON import_outcomes (po_number, event_id);
     """,
+    # PostgreSQL changes the keys in place (SQLite rebuilds the tables): a new column with
+    # its default fills every existing row with `default`; the old single-column keys are
+    # dropped by their generated names and the indexes made again, leading with factory.
+    """
+    -- Many factories (each one TradeGecko account linked with one Katana account) in one
+    -- database: every per-factory row names its factory, and what was there before is the
+    -- factory `default`'s. Ids and keys from TradeGecko and Katana are unique within a
+    -- factory only (two factories are different accounts). Transitions reach their factory
+    -- through their link.
+    ALTER TABLE meta ADD COLUMN factory TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE meta DROP CONSTRAINT meta_pkey, ADD PRIMARY KEY (factory, key);
+
+    ALTER TABLE links ADD COLUMN factory TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE links DROP CONSTRAINT links_po_id_key, DROP CONSTRAINT links_so_id_key;
+    CREATE UNIQUE INDEX links_factory_po ON links (factory, po_id);
+    CREATE UNIQUE INDEX links_factory_so ON links (factory, so_id);
+    DROP INDEX links_state;
+    CREATE INDEX links_state ON links (factory, state, state_since);
+    DROP INDEX links_po_number;
+    CREATE INDEX links_po_number ON links (factory, po_number);
+
+    ALTER TABLE inbox ADD COLUMN factory TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE inbox DROP CONSTRAINT inbox_dedup_key_key;
+    CREATE UNIQUE INDEX inbox_factory_dedup ON inbox (factory, dedup_key);
+    DROP INDEX inbox_pending;
+    CREATE INDEX inbox_pending ON inbox (factory, id) WHERE processed_at IS NULL;
+
+    ALTER TABLE cursors ADD COLUMN factory TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE cursors DROP CONSTRAINT cursors_pkey, ADD PRIMARY KEY (factory, name);
+
+    ALTER TABLE po_observations ADD COLUMN factory TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE po_observations DROP CONSTRAINT po_observations_pkey,
+        ADD PRIMARY KEY (factory, po_id);
+    DROP INDEX po_observations_number;
+    CREATE INDEX po_observations_number ON po_observations (factory, po_number);
+    DROP INDEX po_observations_seen;
+    CREATE INDEX po_observations_seen ON po_observations (factory, seen_at);
+
+    -- An inbox event's id is unique across factories: the key stays.
+    ALTER TABLE import_outcomes ADD COLUMN factory TEXT NOT NULL DEFAULT 'default';
+    DROP INDEX import_outcomes_number;
+    CREATE INDEX import_outcomes_number ON import_outcomes (factory, po_number, event_id);
+
+    -- Which daemon owns each factory: the owner, until when (the database's clock, as
+    -- seconds since the epoch), and a fencing number raised at every takeover, which every
+    -- write of the owner re-checks. A row is never deleted (a released lease only
+    -- expires), so the number never goes back.
+    CREATE TABLE leases (
+        factory    TEXT   PRIMARY KEY,
+        owner      TEXT   NOT NULL,
+        fence      BIGINT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        renewed_at DOUBLE PRECISION NOT NULL
+    );
+
+    -- Every running daemon's heartbeat, for sharing the factories among the live ones.
+    CREATE TABLE daemons (
+        owner      TEXT PRIMARY KEY,
+        started_at DOUBLE PRECISION NOT NULL,
+        seen_at    DOUBLE PRECISION NOT NULL
+    );
+    """,
 )

@@ -20,16 +20,17 @@ import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import aiosqlite
 import anyio
 
 from syncd.errors import StoreError, StoreInUse, StoreUnavailable
-from syncd.store._backend import Row, newer_schema
+from syncd.store._backend import CatchUp, Row, newer_schema
 from syncd.store._schema import MIGRATIONS
 
-__all__ = ["SQLiteBackend", "ensure_not_in_use", "lock_path"]
+__all__ = ["LocalWakeups", "SQLiteBackend", "ensure_not_in_use", "lock_path"]
 
 log = logging.getLogger("syncd.store")
 
@@ -60,6 +61,44 @@ class _Queries:
             return cursor.rowcount
 
 
+class LocalWakeups:
+    """Wake-ups within this process: one daemon per SQLite file, so the webhook that
+    persisted a delivery and the factory's owner are in the same process."""
+
+    def __init__(self, listeners: set[LocalWakeups]) -> None:
+        self._listeners = listeners
+        # An ordered set: a factory named twice before it is taken is given once.
+        self._pending: dict[str, None] = {}
+        self._arrived = anyio.Event()
+
+    def put(self, factory: str) -> None:
+        self._pending[factory] = None
+        self._arrived.set()
+
+    async def __aenter__(self) -> LocalWakeups:
+        self._listeners.add(self)
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._listeners.discard(self)
+
+    def __aiter__(self) -> LocalWakeups:
+        return self
+
+    async def __anext__(self) -> str:
+        while not self._pending:
+            await self._arrived.wait()
+            self._arrived = anyio.Event()
+        factory = next(iter(self._pending))
+        del self._pending[factory]
+        return factory
+
+
 class SQLiteBackend:
     """One aiosqlite connection; a transaction's statements run on it too (so a read by
     another task during a transaction sees its writes, as SQLite always did here)."""
@@ -72,6 +111,7 @@ class SQLiteBackend:
         self._lock_fd = lock_fd
         self._write_lock = anyio.Lock()
         self._queries = _Queries(db)
+        self._listeners: set[LocalWakeups] = set()
 
     @classmethod
     async def open(cls, path: str, *, readonly: bool, exclusive: bool) -> SQLiteBackend:
@@ -166,6 +206,16 @@ class SQLiteBackend:
         except sqlite3.Error as exc:  # no transaction left to roll back
             log.debug("rollback: %s", exc)
 
+    # -- wake-ups ------------------------------------------------------------------------
+
+    async def notify(self, factory: str) -> None:
+        for listener in self._listeners:
+            listener.put(factory)
+
+    def wakeups(self, catch_up: CatchUp) -> LocalWakeups:
+        # Nothing to catch up on: in-process wake-ups are never interrupted.
+        return LocalWakeups(self._listeners)
+
     # -- schema --------------------------------------------------------------------------
 
     async def check_version(self) -> int:
@@ -179,15 +229,32 @@ class SQLiteBackend:
 
     async def migrate(self) -> None:
         version = await self.check_version()
-        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            async with self.transaction() as tx:
-                # Another process (the daemon, syncctl --write) may have migrated since we
-                # looked; BEGIN IMMEDIATE holds the file now, so this reading stands.
-                if self._checked(await tx.fetchone("PRAGMA user_version")) >= target:
-                    continue
-                for statement in _statements(script):
-                    await tx.execute(statement)
-                await tx.execute(f"PRAGMA user_version = {target}")
+        if version == len(MIGRATIONS):
+            return
+        # A migration that rebuilds a table drops the old one while other tables still
+        # refer to it (SQLite's way of changing keys): foreign keys are off meanwhile (the
+        # pragma is ignored inside a transaction, hence here) and checked before each
+        # commit instead.
+        await self._db.execute("PRAGMA foreign_keys = OFF")
+        try:
+            for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                async with self.transaction() as tx:
+                    # Another process (the daemon, syncctl --write) may have migrated since
+                    # we looked; BEGIN IMMEDIATE holds the file now, so this reading stands.
+                    if self._checked(await tx.fetchone("PRAGMA user_version")) >= target:
+                        continue
+                    for statement in _statements(script):
+                        await tx.execute(statement)
+                    broken = await tx.fetchall("PRAGMA foreign_key_check")
+                    if broken:
+                        raise StoreError(
+                            f"cannot migrate {self.where} to schema version {target}: "
+                            f"{len(broken)} rows refer to rows that are gone "
+                            f"(first: table {broken[0][0]}, row {broken[0][1]})"
+                        )
+                    await tx.execute(f"PRAGMA user_version = {target}")
+        finally:
+            await self._db.execute("PRAGMA foreign_keys = ON")
 
     async def integrity_check(self) -> list[str]:
         """SQLite's own integrity check."""

@@ -5,13 +5,21 @@ Each method is written once, in the SQL SQLite and PostgreSQL share (see
 default; a ``postgresql://`` URL selects :mod:`syncd.store._postgres`. A transition, the
 link's new state and the inbox event that caused it are written in one transaction: either
 all of it happened or none did.
+
+Rows belong to factories (:meth:`Store.for_factory`); several daemons on one PostgreSQL
+database share the factories through leases whose fence every owner's write re-checks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
+import secrets
+import socket
 import time
-from collections.abc import Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -20,21 +28,26 @@ from typing import Any
 
 import msgspec
 
+from syncd.config import FACTORY_NAME
 from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderSnapshot
 from syncd.domain.statechart import Decision
-from syncd.errors import StoreConflict, StoreError
-from syncd.store._backend import Backend, Queries, Row, is_postgres_url
+from syncd.errors import LeaseLost, StoreConflict, StoreError
+from syncd.store._backend import Backend, Queries, Row, Wakeups, is_postgres_url
 from syncd.store._schema import MIGRATIONS
 from syncd.store._sqlite import SQLiteBackend
 
 __all__ = [
+    "DEFAULT_FACTORY",
     "OBSERVATIONS_KEPT",
     "ImportOutcome",
     "ImportResult",
     "InboxEvent",
+    "Lease",
+    "LeaseRecord",
     "PurchaseOrderObservation",
     "Store",
     "TransitionRecord",
+    "new_owner_id",
 ]
 
 _encode = msgspec.json.Encoder().encode
@@ -50,6 +63,56 @@ _UNSET: Any = object()
 #: ``po_observations`` keeps this many POs (the most recently seen); a row per PO, never
 #: one per poll.
 OBSERVATIONS_KEPT = 10_000
+#: The factory of today's single-factory configuration, and of every row written before
+#: there were several.
+DEFAULT_FACTORY = "default"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A daemon's hold on a factory, as :meth:`Store.acquire_lease` or
+    :meth:`Store.renew_lease` granted it.
+
+    ``expires_at`` is the database's clock (seconds since the epoch); ``deadline`` is this
+    process's ``time.monotonic()`` by which the holder must have stopped the factory's
+    effects unless renewed: the moment the request was sent plus the TTL, so never later
+    than the database's expiry, whatever the two clocks say.
+    """
+
+    factory: str
+    owner: str
+    fence: int
+    expires_at: float
+    deadline: float
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """A row of the leases table, for the status page and rebalancing."""
+
+    factory: str
+    owner: str
+    fence: int
+    expires_at: float
+    renewed_at: float
+    #: Seconds until it expires by the database's clock; negative once expired.
+    remaining: float
+
+    @property
+    def held(self) -> bool:
+        return self.remaining >= 0
+
+
+def new_owner_id() -> str:
+    """A daemon's name in the leases: its host and pid, and a random part so that a pid
+    used again after a restart is another owner."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _preference(owner: str, factory: str) -> bytes:
+    # Rendezvous hashing: each daemon prefers the factories in its own order, so daemons
+    # claiming at once mostly reach for different ones.
+    return hashlib.sha256(f"{owner}\0{factory}".encode()).digest()
 
 
 @dataclass(frozen=True)
@@ -142,12 +205,32 @@ def _link(row: Sequence[Any]) -> LinkedOrder:
 
 
 class Store:
-    """The daemon's memory. Open with :meth:`open`; close with :meth:`close`."""
+    """The daemon's memory. Open with :meth:`open`; close with :meth:`close`.
 
-    def __init__(self, db: Backend, path: str, *, clock: Any = time.time) -> None:
+    Every row belongs to a factory. The store :meth:`open` returns is the factory
+    ``default``'s (today's daemon and ``syncctl`` use it as they always did);
+    :meth:`for_factory` gives another factory's view, with the same methods, every read
+    filtered and every write stamped with its name. Methods named ``*_per_factory``, the
+    leases and the daemons' heartbeats read across factories, whichever view they are
+    called on.
+    """
+
+    def __init__(
+        self,
+        db: Backend,
+        path: str,
+        *,
+        clock: Any = time.time,
+        factory: str = DEFAULT_FACTORY,
+        lease: Lease | None = None,
+        root: Store | None = None,
+    ) -> None:
         self._db = db
         self.path = path
         self._clock = clock
+        self.factory = factory
+        self.lease = lease
+        self._root = self if root is None else root
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -186,16 +269,42 @@ class Store:
             db = await SQLiteBackend.open(location, readonly=readonly, exclusive=exclusive)
         return cls(db, db.where)
 
+    def for_factory(self, name: str, *, lease: Lease | None = None) -> Store:
+        """The store as one factory sees it: the same database, that factory's rows.
+
+        :param lease: the daemon's lease of the factory. Every write of the view then
+            checks, in its own transaction, that the lease is still current, and raises
+            :class:`LeaseLost` (writing nothing) when it is not. Without a lease the view
+            writes unfenced: webhook intake (any daemon persists any factory's
+            deliveries), ``syncctl``.
+        :raises ValueError: ``name`` is not a factory name, or the lease is another's.
+        """
+        if not FACTORY_NAME.fullmatch(name):
+            raise ValueError(f"not a factory name: {name!r}")
+        if lease is not None and lease.factory != name:
+            raise ValueError(f"the lease of factory {lease.factory} cannot fence {name}")
+        return Store(self._db, self.path, factory=name, lease=lease, root=self._root)
+
     @property
     def dialect(self) -> str:
         """``"sqlite"`` or ``"postgresql"``."""
         return self._db.dialect
 
     async def close(self) -> None:
-        await self._db.close()
+        """Close the database; a view from :meth:`for_factory` leaves it to its store."""
+        if self._root is self:
+            await self._db.close()
 
-    def _transaction(self) -> AbstractAsyncContextManager[Queries]:
-        return self._db.transaction()
+    def _now(self) -> float:
+        # The store's clock (tests set it on the store :meth:`open` gave): one for all views.
+        return float(self._root._clock())
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Queries]:
+        async with self._db.transaction() as db:
+            if self.lease is not None:
+                await self._check_fence(db, self.lease)
+            yield db
 
     async def schema_version(self) -> int:
         """How many migrations the database has had (0: none, a new database)."""
@@ -209,53 +318,61 @@ class Store:
     # -- meta and cursors ----------------------------------------------------------------
 
     async def get_meta(self, key: str) -> str | None:
-        row = await self._db.fetchone("SELECT value FROM meta WHERE key = ?", (key,))
+        row = await self._fetchone(
+            "SELECT value FROM meta WHERE factory = ? AND key = ?", (self.factory, key)
+        )
         return None if row is None else str(row[0])
 
     async def set_meta(self, key: str, value: str) -> None:
         async with self._transaction() as db:
             await db.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (key, value),
+                "INSERT INTO meta (factory, key, value) VALUES (?, ?, ?) "
+                "ON CONFLICT (factory, key) DO UPDATE SET value = excluded.value",
+                (self.factory, key, value),
             )
 
     async def meta_with_prefix(self, prefix: str) -> dict[str, str]:
         """Every meta key starting with ``prefix`` (without it) and its value."""
-        rows = await self._db.fetchall(
-            "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+        rows = await self._fetchall(
+            "SELECT key, value FROM meta WHERE factory = ? AND substr(key, 1, ?) = ?",
+            (self.factory, len(prefix), prefix),
         )
         return {str(r[0])[len(prefix) :]: str(r[1]) for r in rows}
 
     async def delete_meta(self, key: str) -> None:
         async with self._transaction() as db:
-            await db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            await db.execute("DELETE FROM meta WHERE factory = ? AND key = ?", (self.factory, key))
 
     async def setdefault_meta(self, key: str, value: str) -> str:
         """Set ``key`` unless it is set; return the value in force."""
         async with self._transaction() as db:
             await db.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (key, value)
+                "INSERT INTO meta (factory, key, value) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (self.factory, key, value),
             )
         stored = await self.get_meta(key)
         assert stored is not None
         return stored
 
     async def get_cursor(self, name: str) -> str | None:
-        row = await self._db.fetchone("SELECT value FROM cursors WHERE name = ?", (name,))
+        row = await self._fetchone(
+            "SELECT value FROM cursors WHERE factory = ? AND name = ?", (self.factory, name)
+        )
         return None if row is None else str(row[0])
 
     async def set_cursor(self, name: str, value: str) -> None:
         async with self._transaction() as db:
             await db.execute(
-                "INSERT INTO cursors (name, value, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
+                "INSERT INTO cursors (factory, name, value, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (factory, name) DO UPDATE SET value = excluded.value, "
                 "updated_at = excluded.updated_at",
-                (name, value, self._clock()),
+                (self.factory, name, value, self._now()),
             )
 
     async def cursors(self) -> dict[str, tuple[str, float]]:
-        rows = await self._db.fetchall("SELECT name, value, updated_at FROM cursors")
+        rows = await self._fetchall(
+            "SELECT name, value, updated_at FROM cursors WHERE factory = ?", (self.factory,)
+        )
         return {str(r[0]): (str(r[1]), float(r[2])) for r in rows}
 
     # -- inbox ---------------------------------------------------------------------------
@@ -274,10 +391,20 @@ class Store:
         """Persist an event; ``None`` when its ``dedup_key`` was seen before."""
         async with self._transaction() as db:
             row = await db.fetchone(
-                "INSERT INTO inbox "
-                "(source, kind, dedup_key, po_id, so_id, link_id, payload, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
-                (source, kind, dedup_key, po_id, so_id, link_id, payload, self._clock()),
+                "INSERT INTO inbox (factory, source, kind, dedup_key, po_id, so_id, link_id, "
+                "payload, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING id",
+                (
+                    self.factory,
+                    source,
+                    kind,
+                    dedup_key,
+                    po_id,
+                    so_id,
+                    link_id,
+                    payload,
+                    self._now(),
+                ),
             )
         return None if row is None else int(row[0])
 
@@ -290,15 +417,15 @@ class Store:
     ) -> list[InboxEvent]:
         """Unprocessed events, oldest first; only of ``kinds`` when given, none of
         ``exclude_kinds``."""
-        where = "processed_at IS NULL"
-        args: list[Any] = []
+        where = "factory = ? AND processed_at IS NULL"
+        args: list[Any] = [self.factory]
         if kinds is not None:
             where += f" AND kind IN ({', '.join('?' * len(kinds)) or 'NULL'})"
             args += kinds
         if exclude_kinds:
             where += f" AND kind NOT IN ({', '.join('?' * len(exclude_kinds))})"
             args += exclude_kinds
-        rows = await self._db.fetchall(
+        rows = await self._fetchall(
             "SELECT id, source, kind, payload, po_id, so_id, link_id, received_at FROM inbox "
             f"WHERE {where} ORDER BY id LIMIT ?",
             (*args, limit),
@@ -307,39 +434,43 @@ class Store:
 
     async def has_pending_event(self, link_id: int, kind: str) -> bool:
         """Whether an event of ``kind`` for the link waits unprocessed in the inbox."""
-        row = await self._db.fetchone(
-            "SELECT 1 FROM inbox WHERE link_id = ? AND kind = ? AND processed_at IS NULL LIMIT 1",
-            (link_id, kind),
+        row = await self._fetchone(
+            "SELECT 1 FROM inbox WHERE factory = ? AND link_id = ? AND kind = ? "
+            "AND processed_at IS NULL LIMIT 1",
+            (self.factory, link_id, kind),
         )
         return row is not None
 
     async def events_for_link(self, link_id: int) -> list[InboxEvent]:
-        rows = await self._db.fetchall(
+        rows = await self._fetchall(
             "SELECT id, source, kind, payload, po_id, so_id, link_id, received_at FROM inbox "
-            "WHERE link_id = ? ORDER BY id",
-            (link_id,),
+            "WHERE factory = ? AND link_id = ? ORDER BY id",
+            (self.factory, link_id),
         )
         return [InboxEvent(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
 
     async def mark_processed(self, event_id: int, outcome: str) -> None:
         async with self._transaction() as db:
             await db.execute(
-                "UPDATE inbox SET processed_at = ?, outcome = ? WHERE id = ?",
-                (self._clock(), outcome, event_id),
+                "UPDATE inbox SET processed_at = ?, outcome = ? WHERE factory = ? AND id = ?",
+                (self._now(), outcome, self.factory, event_id),
             )
 
     async def event_outcome(self, event_id: int) -> tuple[float | None, str | None] | None:
         """When an inbox event was processed and with what outcome; ``None`` if no such
         event."""
-        row = await self._db.fetchone(
-            "SELECT processed_at, outcome FROM inbox WHERE id = ?", (event_id,)
+        row = await self._fetchone(
+            "SELECT processed_at, outcome FROM inbox WHERE factory = ? AND id = ?",
+            (self.factory, event_id),
         )
         return None if row is None else (row[0], row[1])
 
     async def inbox_backlog(self) -> tuple[int, float | None]:
         """How many events wait, and when the oldest arrived."""
-        row = await self._db.fetchone(
-            "SELECT count(*), min(received_at) FROM inbox WHERE processed_at IS NULL"
+        row = await self._fetchone(
+            "SELECT count(*), min(received_at) FROM inbox "
+            "WHERE factory = ? AND processed_at IS NULL",
+            (self.factory,),
         )
         assert row is not None
         return int(row[0]), row[1]
@@ -356,13 +487,22 @@ class Store:
         event_id: int | None,
     ) -> LinkedOrder | None:
         """Start following a PO; ``None`` when it is already linked."""
-        now = self._clock()
+        now = self._now()
         async with self._transaction() as db:
             row = await db.fetchone(
-                "INSERT INTO links (po_id, po_number, state, snapshot, created_at, "
-                "updated_at, state_since) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO links (factory, po_id, po_number, state, snapshot, created_at, "
+                "updated_at, state_since) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT DO NOTHING RETURNING id",
-                (snapshot.po_id, snapshot.po_number, state, _encode(snapshot), now, now, now),
+                (
+                    self.factory,
+                    snapshot.po_id,
+                    snapshot.po_number,
+                    state,
+                    _encode(snapshot),
+                    now,
+                    now,
+                    now,
+                ),
             )
             created = row is not None
             link_id = None if row is None else int(row[0])
@@ -375,8 +515,16 @@ class Store:
             if event_id is not None:
                 await db.execute(
                     "UPDATE inbox SET processed_at = ?, outcome = ?, link_id = "
-                    "(SELECT id FROM links WHERE po_id = ?) WHERE id = ?",
-                    (now, "linked" if created else "duplicate", snapshot.po_id, event_id),
+                    "(SELECT id FROM links WHERE factory = ? AND po_id = ?) "
+                    "WHERE factory = ? AND id = ?",
+                    (
+                        now,
+                        "linked" if created else "duplicate",
+                        self.factory,
+                        snapshot.po_id,
+                        self.factory,
+                        event_id,
+                    ),
                 )
         if not created:
             return None
@@ -402,7 +550,7 @@ class Store:
         Refuses (``StoreConflict``) if the link is no longer in ``decision.source``: another
         writer moved it first, and the caller must decide again.
         """
-        now = self._clock()
+        now = self._now()
         sets = ["state = ?", "resume_state = ?", "reason = ?", "updated_at = ?", "state_since = ?"]
         values: list[Any] = [decision.dest, decision.resume_state, reason, now, now]
         if so_id is not _UNSET:
@@ -425,8 +573,8 @@ class Store:
             sets.append("last_error = NULL")
         async with self._transaction() as db:
             changed = await db.execute(
-                f"UPDATE links SET {', '.join(sets)} WHERE id = ? AND state = ?",
-                (*values, link.id, decision.source),
+                f"UPDATE links SET {', '.join(sets)} WHERE factory = ? AND id = ? AND state = ?",
+                (*values, self.factory, link.id, decision.source),
             )
             if changed != 1:
                 raise StoreConflict(
@@ -439,8 +587,9 @@ class Store:
             )
             if event_id is not None:
                 await db.execute(
-                    "UPDATE inbox SET processed_at = ?, outcome = ?, link_id = ? WHERE id = ?",
-                    (now, f"{decision.source}->{decision.dest}", link.id, event_id),
+                    "UPDATE inbox SET processed_at = ?, outcome = ?, link_id = ? "
+                    "WHERE factory = ? AND id = ?",
+                    (now, f"{decision.source}->{decision.dest}", link.id, self.factory, event_id),
                 )
         updated = await self.get_link(link.id)
         assert updated is not None
@@ -463,7 +612,7 @@ class Store:
         if link is None:
             raise StoreError(f"no linked order with id {link_id}")
         sets: list[str] = ["updated_at = ?"]
-        values: list[Any] = [self._clock()]
+        values: list[Any] = [self._now()]
         new = tuple(n for n in notes if n not in link.notes)
         if new:
             sets.append("notes = ?")
@@ -475,10 +624,16 @@ class Store:
             sets.append("lines = ?")
             values.append(_encode(lines))
         async with self._transaction() as db:
-            await db.execute(f"UPDATE links SET {', '.join(sets)} WHERE id = ?", (*values, link_id))
+            await db.execute(
+                f"UPDATE links SET {', '.join(sets)} WHERE factory = ? AND id = ?",
+                (*values, self.factory, link_id),
+            )
 
     async def _one(self, where: str, args: Sequence[Any]) -> LinkedOrder | None:
-        row = await self._db.fetchone(f"SELECT {_LINK_COLUMNS} FROM links WHERE {where}", args)
+        row = await self._fetchone(
+            f"SELECT {_LINK_COLUMNS} FROM links WHERE factory = ? AND {where}",
+            (self.factory, *args),
+        )
         return None if row is None else _link(row)
 
     async def get_link(self, link_id: int) -> LinkedOrder | None:
@@ -506,21 +661,22 @@ class Store:
         if not states:
             return []
         marks = ", ".join("?" for _ in states)
-        sql = f"SELECT {_LINK_COLUMNS} FROM links WHERE state IN ({marks})"
-        args: list[Any] = list(states)
+        sql = f"SELECT {_LINK_COLUMNS} FROM links WHERE factory = ? AND state IN ({marks})"
+        args: list[Any] = [self.factory, *states]
         if older_than is not None:
             sql += " AND state_since <= ?"
-            args.append(self._clock() - older_than)
+            args.append(self._now() - older_than)
         sql += " ORDER BY id"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        rows = await self._db.fetchall(sql, args)
+        rows = await self._fetchall(sql, args)
         return [_link(r) for r in rows]
 
     async def all_links(self, *, limit: int = 1000) -> list[LinkedOrder]:
-        rows = await self._db.fetchall(
-            f"SELECT {_LINK_COLUMNS} FROM links ORDER BY id DESC LIMIT ?", (limit,)
+        rows = await self._fetchall(
+            f"SELECT {_LINK_COLUMNS} FROM links WHERE factory = ? ORDER BY id DESC LIMIT ?",
+            (self.factory, limit),
         )
         return [_link(r) for r in rows]
 
@@ -529,9 +685,10 @@ class Store:
         if not states:
             return {}
         marks = ", ".join("?" for _ in states)
-        rows = await self._db.fetchall(
-            f"SELECT so_id, id FROM links WHERE so_id IS NOT NULL AND state IN ({marks})",
-            list(states),
+        rows = await self._fetchall(
+            "SELECT so_id, id FROM links WHERE factory = ? AND so_id IS NOT NULL "
+            f"AND state IN ({marks})",
+            [self.factory, *states],
         )
         return {int(r[0]): int(r[1]) for r in rows}
 
@@ -539,21 +696,26 @@ class Store:
         if not po_ids:
             return set()
         marks = ", ".join("?" for _ in po_ids)
-        rows = await self._db.fetchall(
-            f"SELECT po_id FROM links WHERE po_id IN ({marks})", list(po_ids)
+        rows = await self._fetchall(
+            f"SELECT po_id FROM links WHERE factory = ? AND po_id IN ({marks})",
+            [self.factory, *po_ids],
         )
         return {int(r[0]) for r in rows}
 
     async def counts_by_state(self) -> dict[str, int]:
-        rows = await self._db.fetchall("SELECT state, count(*) FROM links GROUP BY state")
+        rows = await self._fetchall(
+            "SELECT state, count(*) FROM links WHERE factory = ? GROUP BY state", (self.factory,)
+        )
         return {str(r[0]): int(r[1]) for r in rows}
 
     async def oldest_by_state(self) -> dict[str, tuple[str, float]]:
         """State → (PO number, since) of the order that has waited there longest."""
-        rows = await self._db.fetchall(
+        rows = await self._fetchall(
             "SELECT l.state, l.po_number, l.state_since FROM links l JOIN ("
-            "SELECT state, min(state_since) AS since FROM links GROUP BY state) o "
-            "ON l.state = o.state AND l.state_since = o.since"
+            "SELECT state, min(state_since) AS since FROM links WHERE factory = ? "
+            "GROUP BY state) o ON l.state = o.state AND l.state_since = o.since "
+            "WHERE l.factory = ?",
+            (self.factory, self.factory),
         )
         return {str(r[0]): (str(r[1]), float(r[2])) for r in rows}
 
@@ -571,34 +733,38 @@ class Store:
     ) -> None:
         """Record why a PO seen in TradeGecko was not linked: its row is updated in place, and
         the least recently seen beyond :data:`OBSERVATIONS_KEPT` are dropped."""
-        now = self._clock()
+        now = self._now()
         created = po_created_at.timestamp() if po_created_at is not None else None
         async with self._transaction() as db:
             await db.execute(
-                "INSERT INTO po_observations (po_id, po_number, supplier, status, reason, "
-                "po_created_at, first_seen_at, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (po_id) DO UPDATE SET po_number = excluded.po_number, "
+                "INSERT INTO po_observations (factory, po_id, po_number, supplier, status, "
+                "reason, po_created_at, first_seen_at, seen_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (factory, po_id) DO UPDATE SET po_number = excluded.po_number, "
                 "supplier = coalesce(excluded.supplier, po_observations.supplier), "
                 "status = excluded.status, "
                 "reason = excluded.reason, po_created_at = excluded.po_created_at, "
                 "seen_at = excluded.seen_at",
-                (po_id, po_number, supplier, status, reason, created, now, now),
+                (self.factory, po_id, po_number, supplier, status, reason, created, now, now),
             )
             # Everything from the first row past the bound down, in (seen_at, po_id) order:
             # no row when under the bound (the comparison with NULL is never true). A row
-            # value rather than SQLite's ``LIMIT -1 OFFSET``, which PostgreSQL has not.
+            # value rather than SQLite's ``LIMIT -1 OFFSET``, which PostgreSQL has not. The
+            # bound is each factory's: a busy one does not push out another's.
             await db.execute(
-                "DELETE FROM po_observations WHERE (seen_at, po_id) <= (SELECT seen_at, po_id "
-                "FROM po_observations ORDER BY seen_at DESC, po_id DESC LIMIT 1 OFFSET ?)",
-                (OBSERVATIONS_KEPT,),
+                "DELETE FROM po_observations WHERE factory = ? AND (seen_at, po_id) <= "
+                "(SELECT seen_at, po_id FROM po_observations WHERE factory = ? "
+                "ORDER BY seen_at DESC, po_id DESC LIMIT 1 OFFSET ?)",
+                (self.factory, self.factory, OBSERVATIONS_KEPT),
             )
 
     async def purchase_order_observation(self, po_number: str) -> PurchaseOrderObservation | None:
         """The PO called ``po_number`` as last seen unlinked (the latest seen, if several)."""
-        row = await self._read_one(
+        row = await self._fetchone(
             "SELECT po_id, po_number, supplier, status, reason, po_created_at, first_seen_at, "
-            "seen_at FROM po_observations WHERE po_number = ? ORDER BY seen_at DESC LIMIT 1",
-            (po_number,),
+            "seen_at FROM po_observations WHERE factory = ? AND po_number = ? "
+            "ORDER BY seen_at DESC LIMIT 1",
+            (self.factory, po_number),
         )
         return None if row is None else PurchaseOrderObservation(*row)
 
@@ -612,19 +778,20 @@ class Store:
         po_id: int | None = None,
     ) -> None:
         """Settle a ``syncctl import`` request: its outcome and the inbox event, together."""
-        now = self._clock()
+        now = self._now()
         async with self._transaction() as db:
             await db.execute(
-                "INSERT INTO import_outcomes (event_id, po_number, result, detail, po_id, "
-                "decided_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO UPDATE SET "
+                "INSERT INTO import_outcomes (factory, event_id, po_number, result, detail, "
+                "po_id, decided_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (event_id) DO UPDATE SET "
                 "po_number = excluded.po_number, result = excluded.result, "
                 "detail = excluded.detail, po_id = excluded.po_id, "
                 "decided_at = excluded.decided_at",
-                (event_id, po_number, result.value, detail, po_id, now),
+                (self.factory, event_id, po_number, result.value, detail, po_id, now),
             )
             await db.execute(
-                "UPDATE inbox SET processed_at = ?, outcome = ? WHERE id = ?",
-                (now, detail, event_id),
+                "UPDATE inbox SET processed_at = ?, outcome = ? WHERE factory = ? AND id = ?",
+                (now, detail, self.factory, event_id),
             )
 
     async def import_outcome(self, event_id: int) -> ImportOutcome | None:
@@ -636,41 +803,54 @@ class Store:
         )
 
     async def _import_outcome(self, where: str, args: Sequence[Any]) -> ImportOutcome | None:
-        row = await self._read_one(
+        row = await self._fetchone(
             "SELECT event_id, po_number, result, detail, po_id, decided_at FROM import_outcomes "
-            f"WHERE {where}",
-            args,
+            f"WHERE factory = ? AND {where}",
+            (self.factory, *args),
         )
         if row is None:
             return None
         return ImportOutcome(row[0], row[1], ImportResult(row[2]), row[3], row[4], row[5])
 
-    async def _read_one(self, sql: str, args: Sequence[Any]) -> Row | None:
-        """One row of a table a read-only opener may not have yet (a database the daemon has
-        not migrated): a clear error instead of the database's."""
+    async def _fetchone(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
         try:
             return await self._db.fetchone(sql, args)
         except StoreError as exc:
+            raise await self._behind(exc) from None
+
+    async def _fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        try:
+            return await self._db.fetchall(sql, args)
+        except StoreError as exc:
+            raise await self._behind(exc) from None
+
+    async def _behind(self, exc: StoreError) -> StoreError:
+        """A read-only opener's read of a database the daemon has not migrated yet (a
+        table or column missing): a clear error instead of the database's."""
+        try:
             if await self._db.check_version() >= len(MIGRATIONS):
-                raise
-            raise StoreError(f"{exc} (restart syncd to upgrade the database)") from None
+                return exc
+        except StoreError:
+            return exc
+        return StoreError(f"{exc} (restart syncd to upgrade the database)")
 
     # -- transitions ---------------------------------------------------------------------
 
     async def history(self, link_id: int) -> list[TransitionRecord]:
-        rows = await self._db.fetchall(
-            "SELECT id, link_id, from_state, to_state, trigger, cause, at FROM transitions "
-            "WHERE link_id = ? ORDER BY id",
-            (link_id,),
+        rows = await self._fetchall(
+            "SELECT t.id, t.link_id, t.from_state, t.to_state, t.trigger, t.cause, t.at "
+            "FROM transitions t JOIN links l ON l.id = t.link_id "
+            "WHERE l.factory = ? AND t.link_id = ? ORDER BY t.id",
+            (self.factory, link_id),
         )
         return [TransitionRecord(*r) for r in rows]
 
     async def recent_transitions(self, limit: int = 50) -> list[TransitionRecord]:
-        rows = await self._db.fetchall(
+        rows = await self._fetchall(
             "SELECT t.id, t.link_id, t.from_state, t.to_state, t.trigger, t.cause, t.at, "
             "l.po_number FROM transitions t JOIN links l ON l.id = t.link_id "
-            "ORDER BY t.id DESC LIMIT ?",
-            (limit,),
+            "WHERE l.factory = ? ORDER BY t.id DESC LIMIT ?",
+            (self.factory, limit),
         )
         return [TransitionRecord(*r) for r in rows]
 
@@ -679,18 +859,276 @@ class Store:
     async def timeline(self, link_id: int) -> list[tuple[TransitionRecord, str | None, str | None]]:
         """An order's transitions, oldest first, each with the ``(source, kind)`` of the inbox
         event that caused it (``None`` for a transition no event caused)."""
-        rows = await self._db.fetchall(
+        rows = await self._fetchall(
             "SELECT t.id, t.link_id, t.from_state, t.to_state, t.trigger, t.cause, t.at, "
-            "i.source, i.kind FROM transitions t LEFT JOIN inbox i ON i.id = t.event_id "
-            "WHERE t.link_id = ? ORDER BY t.id",
-            (link_id,),
+            "i.source, i.kind FROM transitions t JOIN links l ON l.id = t.link_id "
+            "LEFT JOIN inbox i ON i.id = t.event_id "
+            "WHERE l.factory = ? AND t.link_id = ? ORDER BY t.id",
+            (self.factory, link_id),
         )
         return [(TransitionRecord(*r[:7]), r[7], r[8]) for r in rows]
 
     async def last_event_by_source(self, kind: str) -> dict[str, float]:
         """Source → when the newest inbox event of ``kind`` from it arrived (e.g. the last
         webhook each service delivered)."""
-        rows = await self._db.fetchall(
-            "SELECT source, max(received_at) FROM inbox WHERE kind = ? GROUP BY source", (kind,)
+        rows = await self._fetchall(
+            "SELECT source, max(received_at) FROM inbox WHERE factory = ? AND kind = ? "
+            "GROUP BY source",
+            (self.factory, kind),
         )
         return {str(r[0]): float(r[1]) for r in rows}
+
+    # -- across factories ----------------------------------------------------------------
+
+    async def factories(self) -> list[str]:
+        """Every factory the database has rows of (a factory removed from the
+        configuration keeps its history, and is listed), sorted."""
+        rows = await self._fetchall(
+            "SELECT factory FROM links UNION SELECT factory FROM inbox "
+            "UNION SELECT factory FROM meta UNION SELECT factory FROM cursors "
+            "UNION SELECT factory FROM po_observations UNION SELECT factory FROM leases"
+        )
+        return sorted(str(r[0]) for r in rows)
+
+    async def counts_by_state_per_factory(self) -> dict[str, dict[str, int]]:
+        """Factory → state → how many orders are in it (factories with orders only)."""
+        rows = await self._fetchall(
+            "SELECT factory, state, count(*) FROM links GROUP BY factory, state"
+        )
+        counts: dict[str, dict[str, int]] = {}
+        for factory, state, count in rows:
+            counts.setdefault(str(factory), {})[str(state)] = int(count)
+        return counts
+
+    async def inbox_backlog_per_factory(self) -> dict[str, tuple[int, float]]:
+        """Factory → how many events wait and when the oldest arrived (factories with a
+        backlog only)."""
+        rows = await self._fetchall(
+            "SELECT factory, count(*), min(received_at) FROM inbox "
+            "WHERE processed_at IS NULL GROUP BY factory"
+        )
+        return {str(r[0]): (int(r[1]), float(r[2])) for r in rows}
+
+    async def meta_with_prefix_per_factory(self, prefix: str) -> dict[str, dict[str, str]]:
+        """Factory → :meth:`meta_with_prefix` of it (e.g. every factory's pauses)."""
+        rows = await self._fetchall(
+            "SELECT factory, key, value FROM meta WHERE substr(key, 1, ?) = ?",
+            (len(prefix), prefix),
+        )
+        found: dict[str, dict[str, str]] = {}
+        for factory, key, value in rows:
+            found.setdefault(str(factory), {})[str(key)[len(prefix) :]] = str(value)
+        return found
+
+    # -- leases --------------------------------------------------------------------------
+    #
+    # Times are the database's clock: PostgreSQL's now(), one clock for every daemon
+    # whatever their hosts' clocks say; on SQLite (one host, one daemon per file) the
+    # store's clock. Acquiring and renewing are each one statement, atomic on both.
+
+    def _clock_cte(self) -> tuple[str, tuple[Any, ...]]:
+        """A ``clock (ts)`` CTE holding the database's now, and its arguments."""
+        if self.dialect == "postgresql":
+            return "WITH clock (ts) AS (SELECT CAST(extract(epoch FROM now()) AS FLOAT8)) ", ()
+        return "WITH clock (ts) AS (SELECT ?) ", (self._now(),)
+
+    async def acquire_lease(self, factory: str, owner: str, ttl: float) -> Lease | None:
+        """Take ``factory`` for ``owner`` for ``ttl`` seconds, if it is free, expired or
+        already ``owner``'s; ``None`` while another daemon holds it.
+
+        The fence rises by one at every takeover (a first lease has fence 1); acquiring a
+        lease one still holds keeps its fence, like :meth:`renew_lease`.
+        """
+        clock, args = self._clock_cte()
+        deadline = time.monotonic() + ttl
+        async with self._db.transaction() as db:
+            row = await db.fetchone(
+                clock + "INSERT INTO leases (factory, owner, fence, expires_at, renewed_at) "
+                "VALUES (?, ?, 1, (SELECT ts FROM clock) + ?, (SELECT ts FROM clock)) "
+                "ON CONFLICT (factory) DO UPDATE SET owner = excluded.owner, "
+                "fence = CASE WHEN leases.owner = excluded.owner "
+                "AND leases.expires_at >= excluded.renewed_at "
+                "THEN leases.fence ELSE leases.fence + 1 END, "
+                "expires_at = excluded.expires_at, renewed_at = excluded.renewed_at "
+                "WHERE leases.expires_at < excluded.renewed_at OR leases.owner = excluded.owner "
+                "RETURNING fence, expires_at",
+                (*args, factory, owner, ttl),
+            )
+        if row is None:
+            return None
+        return Lease(factory, owner, int(row[0]), float(row[1]), deadline)
+
+    async def renew_lease(self, lease: Lease, ttl: float) -> Lease | None:
+        """Extend a lease for ``ttl`` seconds from now, keeping its fence; ``None`` when it
+        is lost: expired (even if no one took it yet: its holder had to stop) or taken
+        over. A lost lease is acquired again with :meth:`acquire_lease`, a new fence."""
+        clock, args = self._clock_cte()
+        deadline = time.monotonic() + ttl
+        async with self._db.transaction() as db:
+            row = await db.fetchone(
+                clock + "UPDATE leases SET expires_at = (SELECT ts FROM clock) + ?, "
+                "renewed_at = (SELECT ts FROM clock) "
+                "WHERE factory = ? AND owner = ? AND fence = ? "
+                "AND expires_at >= (SELECT ts FROM clock) RETURNING fence, expires_at",
+                (*args, ttl, lease.factory, lease.owner, lease.fence),
+            )
+        if row is None:
+            return None
+        return Lease(lease.factory, lease.owner, int(row[0]), float(row[1]), deadline)
+
+    async def release_lease(self, lease: Lease) -> bool:
+        """Give a lease up at once (another daemon may take it at its next claim): the row
+        stays, expired, so that the fence keeps rising. ``False`` if it was lost already."""
+        async with self._db.transaction() as db:
+            changed = await db.execute(
+                "UPDATE leases SET expires_at = 0 WHERE factory = ? AND owner = ? AND fence = ?",
+                (lease.factory, lease.owner, lease.fence),
+            )
+        return changed == 1
+
+    async def leases(self) -> list[LeaseRecord]:
+        """Every factory's lease, held or not, by factory name."""
+        clock, args = self._clock_cte()
+        rows = await self._fetchall(
+            clock + "SELECT factory, owner, fence, expires_at, renewed_at, "
+            "expires_at - (SELECT ts FROM clock) FROM leases ORDER BY factory",
+            args,
+        )
+        return [
+            LeaseRecord(str(r[0]), str(r[1]), int(r[2]), float(r[3]), float(r[4]), float(r[5]))
+            for r in rows
+        ]
+
+    async def _check_fence(self, db: Queries, lease: Lease) -> None:
+        """Inside a write's transaction: the lease is still current, or :class:`LeaseLost`.
+
+        On PostgreSQL the lease's row is locked ``FOR SHARE`` until the write commits, so a
+        takeover (which updates the row) waits for it: a write either commits before the
+        fence moves or is refused. On SQLite every write transaction holds the file.
+        """
+        clock, args = self._clock_cte()
+        lock = " FOR SHARE" if self.dialect == "postgresql" else ""
+        row = await db.fetchone(
+            clock + "SELECT fence FROM leases WHERE factory = ? AND owner = ? AND fence = ? "
+            "AND expires_at >= (SELECT ts FROM clock)" + lock,
+            (*args, lease.factory, lease.owner, lease.fence),
+        )
+        if row is not None:
+            return
+        now = await db.fetchone(
+            "SELECT owner, fence FROM leases WHERE factory = ?", (lease.factory,)
+        )
+        if now is not None and (str(now[0]), int(now[1])) != (lease.owner, lease.fence):
+            became = f"{now[0]} holds it with fence {now[1]}"
+        else:
+            became = "it expired"
+        raise LeaseLost(
+            f"factory {lease.factory}: the lease of {lease.owner} (fence {lease.fence}) is "
+            f"lost ({became}): nothing written"
+        )
+
+    # -- daemons sharing the factories ---------------------------------------------------
+
+    async def heartbeat(self, owner: str) -> None:
+        """Say ``owner`` is alive (by the database's clock)."""
+        clock, args = self._clock_cte()
+        async with self._db.transaction() as db:
+            await db.execute(
+                clock + "INSERT INTO daemons (owner, started_at, seen_at) "
+                "VALUES (?, (SELECT ts FROM clock), (SELECT ts FROM clock)) "
+                "ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at",
+                (*args, owner),
+            )
+
+    async def live_owners(self, within: float) -> list[str]:
+        """The daemons whose last heartbeat is at most ``within`` seconds old, sorted."""
+        clock, args = self._clock_cte()
+        rows = await self._fetchall(
+            clock + "SELECT owner FROM daemons WHERE seen_at >= (SELECT ts FROM clock) - ? "
+            "ORDER BY owner",
+            (*args, within),
+        )
+        return [str(r[0]) for r in rows]
+
+    async def leave(self, owner: str) -> None:
+        """A daemon stopping: its heartbeat goes and its leases expire at once, so that the
+        others take its factories at their next claim instead of after the TTL."""
+        async with self._db.transaction() as db:
+            await db.execute("UPDATE leases SET expires_at = 0 WHERE owner = ?", (owner,))
+            await db.execute("DELETE FROM daemons WHERE owner = ?", (owner,))
+
+    async def claim_share(
+        self,
+        owner: str,
+        factories: Sequence[str],
+        held: Mapping[str, Lease],
+        *,
+        ttl: float,
+        within: float,
+    ) -> dict[str, Lease]:
+        """One round of sharing ``factories`` among the live daemons; what ``owner`` holds
+        after it (compare with ``held`` to learn what to start and stop).
+
+        Heartbeat; renew the leases in ``held`` (a lost one is dropped); release those
+        beyond this daemon's share, ``ceil(factories / live daemons)``, and those no longer
+        in ``factories``; take free or expired ones up to the share. Run it every
+        ``ttl / 3`` or so: a joining daemon gets its share within two rounds of the others,
+        a dead one's factories are taken once its leases expire.
+        """
+        await self.heartbeat(owner)
+        live = set(await self.live_owners(within)) | {owner}
+        share = math.ceil(len(factories) / len(live))
+        order = sorted(factories, key=lambda name: _preference(owner, name))
+        kept: dict[str, Lease] = {}
+        for name, lease in held.items():
+            renewed = await self.renew_lease(lease, ttl)
+            if renewed is not None:
+                kept[name] = renewed
+        # A factory no longer configured goes; then the extras, least preferred first.
+        gone = [name for name in kept if name not in factories]
+        for name in gone + [name for name in reversed(order) if name in kept]:
+            if name in factories and len(kept) <= share:
+                break
+            await self.release_lease(kept.pop(name))
+        if len(kept) < share:
+            taken = {r.factory for r in await self.leases() if r.held and r.owner != owner}
+            for name in order:
+                if len(kept) >= share:
+                    break
+                if name in kept or name in taken:
+                    continue
+                got = await self.acquire_lease(name, owner, ttl)
+                if got is not None:
+                    kept[name] = got
+        return kept
+
+    # -- wake-ups ------------------------------------------------------------------------
+
+    async def notify(self, factory: str) -> None:
+        """Wake the daemon that owns ``factory`` (call it once a delivery is persisted).
+
+        PostgreSQL: a ``NOTIFY`` every daemon on the database hears; SQLite: this
+        process's :meth:`wakeups` only (one daemon per file).
+        """
+        await self._db.notify(factory)
+
+    def wakeups(self) -> Wakeups:
+        """The factories :meth:`notify` names, as they come::
+
+            async with store.wakeups() as wakeups:
+                ...  # look at the inbox once: nothing notified from here on is missed
+                async for factory in wakeups:
+                    ...
+
+        A wake-up may be spurious (after a lost connection to PostgreSQL is opened
+        again, every factory with waiting events is named, since a notification may have
+        been missed meanwhile), never lost while the block runs. Repeated names not yet
+        taken are given once.
+        """
+        return self._db.wakeups(self._pending_factories)
+
+    async def _pending_factories(self) -> list[str]:
+        rows = await self._fetchall(
+            "SELECT DISTINCT factory FROM inbox WHERE processed_at IS NULL ORDER BY factory"
+        )
+        return [str(r[0]) for r in rows]
