@@ -4,6 +4,7 @@ kept as its plan; a live run afterwards does what the plan said, order by order.
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,11 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from click.testing import CliRunner
 
 from conftest import KATANA_TOKEN, Sims
 from syncd.adapters.katana import KatanaClient
+from syncd.cli import syncctl
 from syncd.config import Config, DaemonConfig, config_problems, shadow_database
 from syncd.errors import ConfigError
 from syncd.sim import katana as katana_sim
@@ -164,3 +167,40 @@ def test_an_unknown_mode_is_refused() -> None:
     assert [str(p) for p in problems if p.key == "daemon.mode"] == [
         "daemon.mode: must be one of ['live', 'shadow'], got 'dry'"
     ]
+
+
+async def record_one_plan(database: Path) -> None:
+    store = await Store.open(str(database))
+    try:
+        await store.record_plan(
+            7,
+            "PO0007",
+            "import_order",
+            service="katana",
+            method="POST",
+            endpoint="/sales_orders",
+            path="/sales_orders",
+            body={
+                "order_no": "TG-PO0007",
+                "sales_order_rows": [
+                    {"variant_id": 3, "quantity": "2", "price_per_unit": "150.00"}
+                ],
+            },
+        )
+    finally:
+        await store.close()
+
+
+def test_syncctl_plan_shows_each_order_and_the_sum(tmp_path: Path) -> None:
+    database = tmp_path / "syncd.shadow.db"
+    anyio.run(record_one_plan, database)
+    runner = CliRunner()
+    shown = runner.invoke(syncctl.main, ["plan", "--db", str(database), "--json"])
+    assert shown.exit_code == 0, shown.output
+    answer = json.loads(shown.output)
+    assert answer["summary"]["orders"] == 1 and answer["summary"]["sales_orders"] == 1
+    assert answer["orders"][0]["body"]["order_no"] == "TG-PO0007"
+    text = runner.invoke(syncctl.main, ["plan", "PO0007", "--db", str(database)])
+    assert text.exit_code == 0 and "variant 3: 2 at 150.00" in text.output, text.output
+    missing = runner.invoke(syncctl.main, ["plan", "PO9999", "--db", str(database)])
+    assert missing.exit_code == 5 and "no plan for PO PO9999" in missing.output

@@ -100,7 +100,12 @@ def _config_path(given: str | None) -> Path:
 @click.option(
     "--no-register", is_flag=True, help="Do not make sure the webhooks exist on both services."
 )
-def run(config_path: str | None, no_register: bool) -> None:
+@click.option(
+    "--shadow",
+    is_flag=True,
+    help="Read both services and decide, write to neither: record the plan (syncctl plan).",
+)
+def run(config_path: str | None, no_register: bool, shadow: bool) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     path = _config_path(config_path)
     try:
@@ -110,6 +115,12 @@ def run(config_path: str | None, no_register: bool) -> None:
         return
     if no_register:
         config.webhooks.register = False
+    if shadow:
+        try:
+            config = config.as_shadow()
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_CONFIG)
+            return
     configure_logging(config.daemon.log_level)
     try:
         anyio.run(_run, config, str(path))
