@@ -5,6 +5,8 @@ kept as its plan; a live run afterwards does what the plan said, order by order.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -204,3 +206,25 @@ def test_syncctl_plan_shows_each_order_and_the_sum(tmp_path: Path) -> None:
     assert text.exit_code == 0 and "variant 3: 2 at 150.00" in text.output, text.output
     missing = runner.invoke(syncctl.main, ["plan", "PO9999", "--db", str(database)])
     assert missing.exit_code == 5 and "no plan for PO PO9999" in missing.output
+
+
+def test_the_demo_in_shadow_writes_nothing_and_shows_the_plan(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run(
+        [str(bin_dir / "syncd"), "demo", "--shadow", "--orders", "2", "--json", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["sales_orders_created"], summary["receipts"]) == (0, 0)
+    assert summary["planned_writes"] == 2
+    assert "PO0001: would POST katana" in result.stderr
+    shadow = tmp_path / "demo.shadow.db"
+    assert shadow.exists() and not db.exists()
+    shown = CliRunner().invoke(syncctl.main, ["plan", "--db", str(shadow), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["summary"]["orders"] == 2
