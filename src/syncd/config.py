@@ -57,6 +57,7 @@ __all__ = [
     "parse_listen",
     "read_config",
     "reload_config",
+    "shadow_database",
 ]
 
 
@@ -116,6 +117,13 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: A folder of one ``NAME.toml`` per factory; relative to the config file's folder.
     #: Unset: ``factories.d`` beside the config file, when there is one.
     factories_dir: str | None = None
+    #: ``live``: syncd writes to both services; ``shadow``: it reads both, decides as a
+    #: live run would and writes to neither, recording what it would have sent (its plan,
+    #: ``syncctl plan``) in its own database (``shadow_database``).
+    mode: str = "live"
+    #: A shadow run's database; unset: ``database`` with ``.shadow`` before its suffix
+    #: (``syncd.db`` → ``syncd.shadow.db``). Required when ``database`` is PostgreSQL.
+    shadow_database: str | None = None
 
 
 class TradeGeckoConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -308,6 +316,23 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             )
         )
 
+    @property
+    def shadow(self) -> bool:
+        """Whether this is a shadow run: read both services, write to neither."""
+        return self.daemon.mode == "shadow"
+
+    def as_shadow(self) -> Config:
+        """This config as a shadow run's (``syncd run --shadow``): ``daemon.mode = "shadow"``
+        on its own database, and no webhook registration (that is a write).
+
+        :raises ConfigError: ``daemon.database`` is PostgreSQL and ``shadow_database`` unset.
+        """
+        daemon = msgspec.structs.replace(
+            self.daemon, mode="shadow", database=shadow_database(self.daemon)
+        )
+        hooks = msgspec.structs.replace(self.webhooks, register=False)
+        return msgspec.structs.replace(self, daemon=daemon, webhooks=hooks)
+
     def for_factory(self, name: str) -> Config:
         """This config with only the factory ``name``: what a single-factory runtime (or
         check's service calls) runs for it.
@@ -320,6 +345,25 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         """The statechart's conditions this configuration makes hold (see ``[conditions]``
         in ``statecharts/linked_order.toml``): the first factory's, which the runtime runs."""
         return frozenset({"make_to_order_auto"} if self.katana.make_to_order == "auto" else ())
+
+
+def shadow_database(daemon: DaemonConfig) -> str:
+    """Where a shadow run keeps its state: ``shadow_database``, else ``database`` with
+    ``.shadow`` before its suffix, apart from a live run's so that going live starts clean.
+
+    :raises ConfigError: ``database`` is PostgreSQL and ``shadow_database`` unset.
+    """
+    if daemon.shadow_database:
+        return daemon.shadow_database
+    if daemon.database.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            "must name a database of its own for a shadow run when daemon.database is PostgreSQL",
+            key="daemon.shadow_database",
+        )
+    path = Path(daemon.database)
+    if path.stem.endswith(".shadow"):
+        return daemon.database  # already the shadow's (as_shadow of a shadow config)
+    return str(path.with_name(f"{path.stem}.shadow{path.suffix}"))
 
 
 def _factory_of(config: Config) -> Factory:
@@ -351,6 +395,7 @@ class _FactoryTables(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
+_MODES = {"live", "shadow"}
 #: The ways ``tradegecko.supplier_match`` compares supplier names.
 SUPPLIER_MATCHES = ("exact", "casefold", "prefix")
 #: The values of ``katana.make_to_order``.
@@ -707,6 +752,14 @@ def config_problems(config: Config, *, require_tokens: bool = True) -> list[Conf
             problem(f"must be a positive number of seconds, got {number}", key)
     if daemon.concurrency < 1:
         problem(f"must be at least 1, got {daemon.concurrency}", "daemon.concurrency")
+    if daemon.mode not in _MODES:
+        problem(f"must be one of {sorted(_MODES)}, got {daemon.mode!r}", "daemon.mode")
+    elif daemon.mode == "shadow":
+        try:
+            if shadow_database(daemon) == daemon.database and daemon.shadow_database:
+                problem("must differ from daemon.database", "daemon.shadow_database")
+        except ConfigError as exc:
+            problems.append(exc)
     for listen in (config.metrics.address, hooks.address):
         try:
             listen()

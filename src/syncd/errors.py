@@ -9,6 +9,7 @@ SyncdError
  │    └── LeaseLost           another daemon took the factory over: stop its work
  ├── RuleViolation        an order breaks a mapping rule (e.g. a line without a SKU)
  ├── StatechartError      the statechart file is malformed, or a trigger is illegal
+ ├── WriteWithheld        a shadow run stopped a writing request before it was sent
  └── ApiError             a service answered badly or not at all (names service and endpoint)
       ├── AuthError           * 401: the token was rejected
       ├── PaymentRequired     402: the account's plan does not allow the call
@@ -51,6 +52,7 @@ __all__ = [
     "TransportError",
     "Try",
     "ValidationFailed",
+    "WriteWithheld",
     "is_transient",
 ]
 
@@ -102,6 +104,31 @@ class RuleViolation(SyncdError):
 
 class StatechartError(SyncdError):
     """The statechart file is malformed, or a trigger is not allowed in the current state."""
+
+
+class WriteWithheld(SyncdError):
+    """A shadow run (``syncd run --shadow``) stopped a writing request (POST, PUT, PATCH,
+    DELETE) before it was sent: what it would have sent, for the order's plan.
+
+    Not an :class:`ApiError` (no service was asked, so no effect mistakes it for a refusal)
+    and not transient (trying again withholds the same request).
+
+    :param service: ``"katana"`` or ``"tradegecko"``.
+    :param method: the HTTP method.
+    :param endpoint: the endpoint as a template (``/sales_orders/{id}``).
+    :param path: the path that would have been called.
+    :param body: the JSON body that would have been sent, decoded (``None``: no body).
+    """
+
+    def __init__(
+        self, service: str, method: str, endpoint: str, path: str, body: Any = None
+    ) -> None:
+        self.service = service
+        self.method = method
+        self.endpoint = endpoint
+        self.path = path
+        self.body = body
+        super().__init__(f"{service} {method} {path}: withheld (shadow run)")
 
 
 class ApiError(SyncdError):

@@ -46,6 +46,7 @@ from syncd.errors import (
     ServerError,
     TransportError,
     ValidationFailed,
+    WriteWithheld,
 )
 
 __all__ = [
@@ -69,6 +70,18 @@ log = logging.getLogger("syncd.http")
 Params = Mapping[str, str | int | Sequence[str | int]]
 
 _IDEMPOTENT = frozenset({"GET", "PUT", "PATCH", "DELETE", "HEAD"})
+#: What a shadow run sends; anything else is withheld.
+_READING = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _decoded(body: bytes | None) -> Any:
+    """A withheld request's body as JSON values (its text if it is not JSON)."""
+    if body is None:
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return body.decode("utf-8", "replace")
 
 
 def format_time(moment: datetime) -> str:
@@ -462,6 +475,9 @@ class ServiceClient:
         answer) is tried again; by default :data:`syncd.config.RETRY`'s ``request``.
     :param attempts: tries in all, instead of the policy's (``1``: no retry).
     :param max_rate_wait: the longest total time spent waiting out 429s for one request.
+    :param shadow: send no writing request (POST, PUT, PATCH, DELETE): raise
+        :class:`~syncd.errors.WriteWithheld` with what it would have sent instead. The one
+        place a shadow run stops writes, so no caller can write by forgetting to ask.
     """
 
     service = "api"
@@ -490,7 +506,9 @@ class ServiceClient:
         attempts: int | None = None,
         max_rate_wait: float = 180.0,
         on_response: Callable[[str, str, int, float], None] | None = None,
+        shadow: bool = False,
     ) -> None:
+        self.shadow = shadow
         self.budget = budget if budget is not None else RequestBudget(*self.default_limit)
         self.retry = retry if attempts is None else replace(retry, attempts=attempts)
         self.max_rate_wait = max_rate_wait
@@ -531,6 +549,8 @@ class ServiceClient:
             metrics, so that ids do not explode label cardinality.
         """
         endpoint = template or path
+        if self.shadow and method.upper() not in _READING:
+            raise WriteWithheld(self.service, method.upper(), endpoint, path, _decoded(body))
         retry_errors = method in _IDEMPOTENT or idempotency_key is not None
         headers: dict[str, str] = {}
         if body is not None:

@@ -87,6 +87,8 @@ class DemoOptions(msgspec.Struct, kw_only=True):
     #: ``katana.make_to_order``: with ``auto`` syncd makes the manufacturing orders and the
     #: factory player only starts and finishes them.
     make_to_order: str = "manual"
+    #: A shadow run (``daemon.mode = "shadow"``): nothing written, each order's plan shown.
+    shadow: bool = False
 
 
 class LineSummary(msgspec.Struct, kw_only=True):
@@ -118,6 +120,8 @@ class DemoSummary(msgspec.Struct, kw_only=True):
     import_latency_p99_s: float | None = None
     #: Stopped by SIGINT or SIGTERM (Ctrl-C) before every order settled.
     interrupted: bool = False
+    #: A shadow run: the writes it withheld (each order's plan; ``syncctl plan``).
+    planned_writes: int | None = None
 
 
 def _lines_for(index: int) -> list[dict[str, Any]]:
@@ -307,7 +311,12 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                     reconcile_interval=options.reconcile_interval,
                 )
             config = Config(
-                daemon=DaemonConfig(database=database, retry_initial=0.5, retry_max=5.0),
+                daemon=DaemonConfig(
+                    database=database,
+                    retry_initial=0.5,
+                    retry_max=5.0,
+                    mode="shadow" if options.shadow else "live",
+                ),
                 # Any free port: a demo must not collide with a real daemon's endpoint.
                 metrics=MetricsConfig(listen="127.0.0.1:0"),
                 webhooks=hooks,
@@ -371,11 +380,15 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                         if interrupt.happened:
                             interrupt.wait.cancel()
                         with anyio.move_on_after(options.timeout):
-                            await _wait_until_settled(daemon.store, chart, po_numbers)
+                            if options.shadow:
+                                await _wait_until_planned(daemon.store, po_numbers, out)
+                            else:
+                                await _wait_until_settled(daemon.store, chart, po_numbers)
                     tg.cancel_scope.cancel()
 
                 with anyio.CancelScope(shield=True):
                     katana_after, tg_after = await _counters(control, katana_ctl, tg_ctl)
+                    planned = len(await daemon.store.plans()) if options.shadow else None
                 latencies = sorted(
                     max(0.0, imported_at[n] - created_at[n])
                     for n in po_numbers
@@ -434,6 +447,7 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
             order_details=details,
             import_latency_p50_s=_percentile(latencies, 50),
             import_latency_p99_s=_percentile(latencies, 99),
+            planned_writes=planned,
         )
 
 
@@ -456,6 +470,21 @@ async def _wait_until_settled(store: Store, chart: Statechart, po_numbers: list[
         if all(link is not None and link.state in settled for link in links):
             return
         await anyio.sleep(0.1)
+
+
+async def _wait_until_planned(store: Store, po_numbers: list[str], out: TextIO) -> None:
+    """A shadow run: wait until each order has a plan, then show them."""
+    while True:
+        plans = await store.plans()
+        if {plan.po_number for plan in plans} >= set(po_numbers):
+            break
+        await anyio.sleep(0.1)
+    for plan in plans:
+        print(
+            f"{plan.po_number}: would {plan.method} {plan.service} {plan.path} (withheld)",
+            file=out,
+            flush=True,
+        )
 
 
 def _percentile(values: list[float], percent: float) -> float | None:
@@ -495,6 +524,12 @@ def render_summary(summary: DemoSummary, out: TextIO) -> None:
         f"{summary.receipts} receipts in TradeGecko · {summary.elapsed_s:.1f} s",
         file=out,
     )
+    if summary.planned_writes is not None:
+        print(
+            f"shadow run: {summary.planned_writes} writes withheld, nothing sent "
+            "(syncctl plan --db <the .shadow database> shows them)",
+            file=out,
+        )
     if summary.interrupted:
         print("interrupted (Ctrl-C or SIGTERM): the orders above are where they got to", file=out)
     if summary.import_latency_p50_s is not None:

@@ -46,6 +46,7 @@ from syncd.runtime.pollers import BEFORE_ACTIVATION, OTHER_SUPPLIER
 from syncd.store import (
     ImportOutcome,
     ImportResult,
+    PlannedWrite,
     PurchaseOrderObservation,
     Store,
     is_postgres_url,
@@ -1011,3 +1012,75 @@ def statechart(ctx: click.Context, fmt: str, as_json: bool) -> None:
 def entry() -> None:
     """The ``syncctl`` console script."""
     run_command(main)
+
+
+# -- a shadow run's plan -------------------------------------------------------------------
+
+#: What each withheld request is, for the plan's summary: (effect, method, endpoint) → kind.
+_PLAN_KINDS = {
+    ("import_order", "POST", "/sales_orders"): "sales_orders",
+    ("import_order", "POST", "/products"): "variants",
+    ("import_order", "POST", "/customers"): "customers",
+    ("make_to_order", "POST", "/manufacturing_order_make_to_order"): "manufacturing_orders",
+    ("receive_order", "PUT", "/purchase_order_line_items/{id}"): "recosted_lines",
+    ("receive_order", "POST", "/purchase_orders/{id}/actions/receive"): "receipts",
+}
+
+
+def _planned(plan: PlannedWrite) -> dict[str, Any]:
+    return {
+        "po_number": plan.po_number,
+        "effect": plan.effect,
+        "kind": _PLAN_KINDS.get((plan.effect, plan.method, plan.endpoint), "other"),
+        "service": plan.service,
+        "method": plan.method,
+        "path": plan.path,
+        "body": plan.body,
+        "planned_at": _when(plan.planned_at),
+    }
+
+
+@main.command()
+@_location_options
+@click.argument("po", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def plan(ctx: click.Context, po: str | None, as_json: bool) -> None:
+    """What a shadow run (``syncd run --shadow``) would have sent, per order and in sum.
+
+    Reads the shadow run's database (``daemon.shadow_database``, by default ``database``
+    with ``.shadow`` before its suffix), or the one ``--db`` names. Each order shows the
+    first writing request its effect would have sent.
+    """
+    if ctx.meta.get("syncctl.db") is None:
+        config = _config(ctx)
+        if config is not None:
+            try:
+                ctx.meta["syncctl.db"] = config.as_shadow().daemon.database
+            except ConfigError as exc:
+                _fail(str(exc), EXIT_CONFIG)
+
+    async def work(store: Store) -> list[dict[str, Any]]:
+        return [_planned(p) for p in await store.plans(po)]
+
+    rows = _with_store(ctx, work)
+    if po is not None and not rows:
+        _fail(f"no plan for PO {po} in the shadow run's database", EXIT_NOT_FOUND)
+    summary: dict[str, int] = {"orders": len({r["po_number"] for r in rows})}
+    for kind in [*sorted(set(_PLAN_KINDS.values())), "other"]:
+        summary[kind] = sum(1 for r in rows if r["kind"] == kind)
+    if as_json:
+        _emit({"orders": rows, "summary": summary})
+        return
+    for row in rows:
+        click.echo(
+            f"{row['po_number']:<12} {row['effect']:<14} would {row['method']} "
+            f"{row['service']} {row['path']}"
+        )
+        body = row["body"] if isinstance(row["body"], dict) else {}
+        for line in body.get("sales_order_rows", []):
+            click.echo(
+                f"{'':<12}   variant {line.get('variant_id')}: {line.get('quantity')} at "
+                f"{line.get('price_per_unit')}"
+            )
+    click.echo(", ".join(f"{value} {key.replace('_', ' ')}" for key, value in summary.items()))

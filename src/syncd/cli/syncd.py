@@ -100,7 +100,12 @@ def _config_path(given: str | None) -> Path:
 @click.option(
     "--no-register", is_flag=True, help="Do not make sure the webhooks exist on both services."
 )
-def run(config_path: str | None, no_register: bool) -> None:
+@click.option(
+    "--shadow",
+    is_flag=True,
+    help="Read both services and decide, write to neither: record the plan (syncctl plan).",
+)
+def run(config_path: str | None, no_register: bool, shadow: bool) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
     path = _config_path(config_path)
     try:
@@ -110,6 +115,12 @@ def run(config_path: str | None, no_register: bool) -> None:
         return
     if no_register:
         config.webhooks.register = False
+    if shadow:
+        try:
+            config = config.as_shadow()
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_CONFIG)
+            return
     configure_logging(config.daemon.log_level)
     try:
         anyio.run(_run, config, str(path))
@@ -271,6 +282,9 @@ _CHECK_EXITS = {
     show_default=True,
     help="auto: syncd makes the manufacturing orders (katana.make_to_order).",
 )
+@click.option(
+    "--shadow", is_flag=True, help="A shadow run: decide and show each order's plan, write nothing."
+)
 def demo(
     orders: int,
     db: str | None,
@@ -282,6 +296,7 @@ def demo(
     timeout: float,
     webhooks: bool,
     make_to_order: str,
+    shadow: bool,
 ) -> None:
     """Run the whole flow on the simulators and summarise it."""
     from syncd.cli.demo import DemoOptions, render_summary, run_demo
@@ -297,6 +312,7 @@ def demo(
         timeout=timeout,
         webhooks=webhooks,
         make_to_order=make_to_order,
+        shadow=shadow,
     )
     progress = sys.stderr if as_json else sys.stdout
     try:
@@ -317,6 +333,11 @@ def demo(
         render_summary(summary, sys.stdout)
     if summary.interrupted:
         sys.exit(EXIT_INTERRUPTED)
+    if summary.planned_writes is not None:
+        # A shadow run receives nothing: it worked when every order has its plan.
+        if summary.planned_writes < summary.orders:
+            sys.exit(EXIT_FAILED)
+        return
     if summary.received != summary.orders:
         sys.exit(EXIT_FAILED)
 

@@ -189,6 +189,9 @@ async def running_daemon(
     :raises ApiError: with ``check``, a service rejected its token or could not be reached.
     """
     check_one_factory(config)
+    if config.shadow:
+        # Its own database and no webhook registration: a shadow run writes nowhere live.
+        config = config.as_shadow()
     register_secrets([config.katana.token, config.tradegecko.token])
     chart = check_chart(
         chart or load_statechart(config.daemon.statechart, holding=config.statechart_conditions())
@@ -232,6 +235,7 @@ async def running_daemon(
                 timeout=settings.timeout,
                 retry=retry.request,
                 on_response=partial(watchers.api_answered, kind.service),
+                shadow=config.shadow,
             )
 
         async with (
@@ -245,6 +249,7 @@ async def running_daemon(
                 concurrency=config.daemon.concurrency,
                 retry=retry,
                 observer=watchers,
+                shadow=config.shadow,
             )
             tg_poller = TradeGeckoPoller(store, tradegecko, config, activated, dispatcher.wake)
             kt_poller = KatanaPoller(store, katana, config, chart, activated, dispatcher.wake)
@@ -299,6 +304,7 @@ async def running_daemon(
                         "database": config.daemon.database,
                         "metrics": daemon.metrics_url or "off",
                         "webhooks": daemon.webhooks_url or "off",
+                        "mode": config.daemon.mode,
                         "activated_at": activated.isoformat(),
                     },
                 )

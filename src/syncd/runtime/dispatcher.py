@@ -33,7 +33,14 @@ from syncd.domain.rules import (
 )
 from syncd.domain.statechart import Decision, Statechart
 from syncd.domain.triggers import OBSERVATION_TRIGGERS, OPERATOR_TRIGGERS
-from syncd.errors import AuthError, Retries, StoreError, SyncdError, is_transient
+from syncd.errors import (
+    AuthError,
+    Retries,
+    StoreError,
+    SyncdError,
+    WriteWithheld,
+    is_transient,
+)
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.effects import EFFECTS, IMPORT_ORDER, EffectRunner, Outcome
@@ -78,8 +85,11 @@ class Dispatcher:
         concurrency: int = 4,
         retry: RetryPolicies = RETRY,
         observer: Observer | None = None,
+        shadow: bool = False,
     ) -> None:
         self.store = store
+        #: A shadow run: effects are stopped at their first write, which becomes the plan.
+        self.shadow = shadow
         self.chart = chart
         self.effects = effects
         self.retry = retry
@@ -463,6 +473,9 @@ class Dispatcher:
         async with self._limiter:
             try:
                 outcome = await self.effects.run(effect, link)
+            except WriteWithheld as withheld:
+                await self._planned(link, effect, withheld)
+                return
             except SyncdError as exc:
                 # Effects turn what needs a person into an outcome; what is left may pass.
                 failure = exc
@@ -473,6 +486,9 @@ class Dispatcher:
             self.observer.effect_ran(effect, "retry")
             await self._retry_later(link, effect, failure)
             return
+        if self.shadow:
+            # It ran to its end without a write (it found its work done): no plan.
+            await self.store.drop_plan(link.id, effect)
         await self.store.add_event(
             "effect",
             inbox.EFFECT_OUTCOME,
@@ -482,6 +498,32 @@ class Dispatcher:
         )
         crash_point("outcome_written")
         self.wake()
+
+    async def _planned(self, link: LinkedOrder, effect: str, withheld: WriteWithheld) -> None:
+        """A shadow run stopped the effect at its first write: that request is the order's
+        plan. The order waits in its effect state; trying again would withhold the same
+        request, so only a new decision (or a restart) runs the effect again."""
+        await self.store.record_plan(
+            link.id,
+            link.po_number,
+            effect,
+            service=withheld.service,
+            method=withheld.method,
+            endpoint=withheld.endpoint,
+            path=withheld.path,
+            body=withheld.body,
+        )
+        self._effect_retries.succeeded(link.id)
+        self.observer.effect_ran(effect, "withheld")
+        log.info(
+            "effect %s for %s withheld (shadow run): %s %s %s",
+            effect,
+            link.po_number,
+            withheld.service,
+            withheld.method,
+            withheld.path,
+            extra={"po": link.po_number, "so": link.so_number},
+        )
 
     # -- operators -----------------------------------------------------------------------
 

@@ -234,4 +234,21 @@ MIGRATIONS: tuple[str, ...] = (
         seen_at    REAL NOT NULL
     );
     """,
+    """
+    -- A shadow run's plan (`syncd run --shadow`): per order and effect, the first writing
+    -- request the effect would have sent, withheld. Replaced when the effect runs again.
+    CREATE TABLE plans (
+        factory    TEXT    NOT NULL DEFAULT 'default',
+        link_id    INTEGER NOT NULL,
+        effect     TEXT    NOT NULL,
+        po_number  TEXT    NOT NULL,
+        service    TEXT    NOT NULL,
+        method     TEXT    NOT NULL,
+        endpoint   TEXT    NOT NULL,
+        path       TEXT    NOT NULL,
+        body       TEXT,
+        planned_at REAL    NOT NULL,
+        PRIMARY KEY (factory, link_id, effect)
+    );
+    """,
 )

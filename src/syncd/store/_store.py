@@ -44,6 +44,7 @@ __all__ = [
     "InboxEvent",
     "Lease",
     "LeaseRecord",
+    "PlannedWrite",
     "PurchaseOrderObservation",
     "Store",
     "TransitionRecord",
@@ -177,6 +178,23 @@ class ImportOutcome:
     detail: str
     po_id: int | None
     decided_at: float
+
+
+@dataclass(frozen=True)
+class PlannedWrite:
+    """What a shadow run's effect would have sent for an order: its first writing request,
+    withheld (:class:`~syncd.errors.WriteWithheld`)."""
+
+    link_id: int
+    po_number: str
+    effect: str
+    service: str
+    method: str
+    endpoint: str
+    path: str
+    #: The JSON body it would have sent, decoded; ``None``: no body.
+    body: Any
+    planned_at: float
 
 
 def _iso(epoch: float | None) -> datetime | None:
@@ -1132,3 +1150,72 @@ class Store:
             "SELECT DISTINCT factory FROM inbox WHERE processed_at IS NULL ORDER BY factory"
         )
         return [str(r[0]) for r in rows]
+
+    # -- a shadow run's plan -------------------------------------------------------------
+
+    async def record_plan(
+        self,
+        link_id: int,
+        po_number: str,
+        effect: str,
+        *,
+        service: str,
+        method: str,
+        endpoint: str,
+        path: str,
+        body: Any,
+    ) -> None:
+        """Record what ``effect`` would have sent for the order (replacing what it would have
+        sent before: the effect ran again)."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO plans (factory, link_id, effect, po_number, service, method, "
+                "endpoint, path, body, planned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (factory, link_id, effect) DO UPDATE SET "
+                "po_number = excluded.po_number, service = excluded.service, "
+                "method = excluded.method, endpoint = excluded.endpoint, "
+                "path = excluded.path, body = excluded.body, planned_at = excluded.planned_at",
+                (
+                    self.factory,
+                    link_id,
+                    effect,
+                    po_number,
+                    service,
+                    method,
+                    endpoint,
+                    path,
+                    None if body is None else msgspec.json.encode(body).decode(),
+                    self._now(),
+                ),
+            )
+
+    async def drop_plan(self, link_id: int, effect: str) -> None:
+        """Forget what ``effect`` would have sent for the order: it ran without a write."""
+        async with self._transaction() as db:
+            await db.execute(
+                "DELETE FROM plans WHERE factory = ? AND link_id = ? AND effect = ?",
+                (self.factory, link_id, effect),
+            )
+
+    async def plans(self, po_number: str | None = None) -> list[PlannedWrite]:
+        """The shadow run's plan, by order (oldest order first), of one PO or of all."""
+        where, args = ("", ()) if po_number is None else (" AND po_number = ?", (po_number,))
+        rows = await self._fetchall(
+            "SELECT link_id, po_number, effect, service, method, endpoint, path, body, "
+            f"planned_at FROM plans WHERE factory = ?{where} ORDER BY link_id, planned_at",
+            (self.factory, *args),
+        )
+        return [
+            PlannedWrite(
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                row[5],
+                row[6],
+                None if row[7] is None else msgspec.json.decode(row[7]),
+                row[8],
+            )
+            for row in rows
+        ]
