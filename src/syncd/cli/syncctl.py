@@ -68,6 +68,7 @@ __all__ = [
     "inspect",
     "main",
     "parse_duration",
+    "plan",
     "replay",
     "retry",
     "statechart",
