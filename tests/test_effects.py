@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Sims
+from conftest import Sims, running_sims
 from syncd.adapters.katana import KatanaClient, NewSalesOrder, NewSalesOrderRow
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.domain import triggers
 from syncd.domain.orders import LinkedOrder
 from syncd.runtime.effects import ECOMMERCE_ORDER_TYPE, Effects, natural_key
 from syncd.runtime.pollers import snapshot_of
+from syncd.sim.faults import FaultRule, Faults
 from syncd.store import Store
 from test_flow import is_state, wait_for
 
@@ -182,3 +183,21 @@ async def test_an_order_renamed_in_katana_mid_run_still_completes_with_one_so(
     assert done.so_id == link.so_id
     assert katana_counts["sales_orders_created"] == 1, katana_counts
     assert tg_counts["receipts_per_po"] == {str(po["id"]): 1}
+
+
+async def test_a_create_whose_answer_is_dropped_is_found_by_its_key_not_made_twice(
+    tmp_path: Path,
+) -> None:
+    dropped = Faults(
+        rules=[FaultRule(path="/sales_orders", method="POST", drop_rate=1.0, after=True, times=1)]
+    )
+    async with running_sims(katana_faults=dropped) as sims:
+        async with sims.daemon(tmp_path / "syncd.db") as daemon:
+            po = await sims.create_po()
+            daemon.poll_now()
+            (link,) = await wait_for(daemon, [po["order_number"]], lambda lk: lk.so_id is not None)
+        katana_counts, _ = await sims.counters()
+    assert katana_counts["faults_injected"] == {"drop_after": 1}, katana_counts
+    assert katana_counts["sales_orders_created"] == 1, katana_counts
+    (so,) = sims.katana_world.sales_order_list()
+    assert (link.so_id, so["ecommerce_order_id"]) == (so["id"], str(po["id"]))
