@@ -25,6 +25,7 @@ CRASH_POINTS: dict[str, str] = {
     "po_discovered": "a poller wrote po_discovered to the inbox; the dispatcher has not seen it",
     "customer_created": "Katana created the customer; nothing recorded it",
     "product_created": "Katana created a product for a new SKU; nothing recorded it",
+    "so_create_noted": "the import attempt is noted in the store; the sales order POST not sent",
     "so_created": "Katana created the sales order; its outcome is not written",
     "mo_made": "Katana made a row's manufacturing order (make to order); nothing recorded it",
     "price_updated": "TradeGecko took a PO line's new price; the receipt has not happened",

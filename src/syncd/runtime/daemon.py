@@ -245,7 +245,7 @@ async def running_daemon(
             dispatcher = Dispatcher(
                 store,
                 chart,
-                Effects(config, katana, tradegecko),
+                Effects(config, katana, tradegecko, store),
                 concurrency=config.daemon.concurrency,
                 retry=retry,
                 observer=watchers,

@@ -1,8 +1,13 @@
 """The effects a linked order entails: importing the PO into Katana, making its sales order's
 manufacturing orders (with ``katana.make_to_order = "auto"``), receiving the PO back.
 
-All are safe to run again after a crash at any point. The import looks its sales order up
-by ``order_no`` before creating it, and variants by SKU, and the customer by reference id.
+All are safe to run again after a crash at any point. The import notes in the store that it
+is about to create the sales order before the POST; an import that finds that note (a crash,
+a timeout, a dropped answer, a retry: the POST may have landed) looks the order up first by
+its natural key, which people cannot edit: the create-only ``ecommerce_order_id`` (the PO's
+TradeGecko id) in ``ecommerce_store_name`` ``"TradeGecko <account id>"`` (see
+:func:`natural_key`). A first attempt creates without looking. Variants are looked up by SKU,
+the customer by reference id.
 Make-to-order reads each row's ``linked_manufacturing_order_id`` before making one.
 The receipt reads the PO first (a received PO is done), sets prices with PUTs (idempotent),
 and receives with an ``Idempotency-Key`` that TradeGecko honours for 24 hours.
@@ -43,8 +48,10 @@ from syncd.domain.rules import (
 )
 from syncd.errors import ApiError, NotFound, RuleViolation, ValidationFailed, is_transient
 from syncd.runtime.crashpoints import crash_point
+from syncd.store import Store
 
 __all__ = [
+    "ECOMMERCE_ORDER_TYPE",
     "EFFECTS",
     "IMPORT_ORDER",
     "MAKE_TO_ORDER",
@@ -53,12 +60,44 @@ __all__ = [
     "EffectSpec",
     "Effects",
     "Outcome",
+    "SalesOrderKey",
+    "natural_key",
 ]
 
 log = logging.getLogger("syncd.effects")
 
 #: How long cached reference data (currencies, the factory, the customer) is trusted.
 _CACHE_SECONDS = 600.0
+
+#: ``ecommerce_order_type`` of every SO syncd makes: free-string in Katana (not one of its
+#: own integrations, so not deep-linked), stored verbatim and filterable.
+ECOMMERCE_ORDER_TYPE = "tradegecko"
+#: Meta key (``+ link id``) noting that an import is about to create, or created, the SO.
+_ATTEMPT_KEY = "import_attempt:"
+#: Meta key: when syncd first noted attempts. A link made before it may have an SO from an
+#: earlier syncd that noted nothing, so its import always looks first.
+_ATTEMPTS_SINCE_KEY = "import_attempts_since"
+
+
+@dataclass(frozen=True)
+class SalesOrderKey:
+    """The natural key of a PO's Katana SO: create-only fields, so a person cannot edit
+    them (``order_no`` stays the people's)."""
+
+    order_type: str
+    store_name: str
+    order_id: str
+
+
+def natural_key(tradegecko_account_id: int, po_id: int) -> SalesOrderKey:
+    """The key syncd sets on the SO of TradeGecko PO ``po_id``: the PO's TradeGecko id in
+    the store ``"TradeGecko <account id>"`` (the account's id, not its name: people rename
+    accounts), so two TradeGecko accounts feeding one Katana never share a key."""
+    return SalesOrderKey(
+        order_type=ECOMMERCE_ORDER_TYPE,
+        store_name=f"TradeGecko {tradegecko_account_id}",
+        order_id=str(po_id),
+    )
 
 
 @dataclass(frozen=True)
@@ -131,10 +170,21 @@ class _Cache:
 class Effects:
     """Runs effects by name against the two services."""
 
-    def __init__(self, config: Config, katana: KatanaClient, tradegecko: TradeGeckoClient) -> None:
+    def __init__(
+        self,
+        config: Config,
+        katana: KatanaClient,
+        tradegecko: TradeGeckoClient,
+        store: Store | None = None,
+    ) -> None:
+        """``store``: where import attempts are noted; without one every import looks its
+        SO up before creating it."""
         self.config = config
         self.katana = katana
         self.tradegecko = tradegecko
+        self.store = store
+        self._account_id: int | None = None
+        self._attempts_since: float | None = None
         self._customer = _Cache()
         self._base_currency = _Cache()
         self._currencies = _Cache()
@@ -210,12 +260,16 @@ class Effects:
             )
 
         order_no = order_number_for(snapshot.po_number, katana_config.order_no_prefix)
-        existing = await self._existing_sales_order(order_no)
-        if existing is not None:
-            so_id, so_number = existing
-            return imported(
-                so_id, so_number, f"found Katana SO {so_number} already made for this PO"
-            )
+        key = natural_key(await self._tradegecko_account_id(), snapshot.po_id)
+        legacy = await self._predates_attempts(link)
+        if legacy or await self._attempted(link):
+            # An earlier attempt may have landed (a crash, a timeout, a dropped answer).
+            existing = await self._existing_sales_order(key, order_no if legacy else None)
+            if existing is not None:
+                so_id, so_number = existing
+                return imported(
+                    so_id, so_number, f"found Katana SO {so_number} already made for this PO"
+                )
 
         async with self._find_or_create:
             customer_id = await self._customer_id()
@@ -233,14 +287,21 @@ class Effects:
             currency=currency,
             customer_ref=snapshot.po_number,
             additional_info=f"TradeGecko purchase order {snapshot.po_number}, imported by syncd",
+            ecommerce_order_type=key.order_type,
+            ecommerce_store_name=key.store_name,
+            ecommerce_order_id=key.order_id,
         )
+        # Committed before the POST: from here on the SO may exist, and a later attempt must
+        # look before creating.
+        await self._note_attempt(link)
+        crash_point("so_create_noted")
         try:
             sales_order = await self.katana.create_sales_order(order)
         except ValidationFailed as exc:
             raise RuleViolation(f"Katana refused the sales order: {exc.reason}") from None
         except ApiError as exc:
             if exc.status is None or exc.status >= 500:
-                # The POST may have landed: the next attempt looks order_no up first.
+                # The POST may have landed: the next attempt looks its natural key up first.
                 log.warning(
                     "sales order create for %s uncertain: %s",
                     snapshot.po_number,
@@ -320,21 +381,65 @@ class Effects:
         value = self._base_currency.value
         return str(value) if value else None
 
-    async def _existing_sales_order(self, order_no: str) -> tuple[int, str] | None:
+    async def _tradegecko_account_id(self) -> int:
+        # The token's account never changes under a running daemon: asked once.
+        if self._account_id is None:
+            self._account_id = (await self.tradegecko.get_current_account()).id
+        return self._account_id
+
+    async def _predates_attempts(self, link: LinkedOrder) -> bool:
+        """Whether ``link`` was made before syncd noted import attempts (or there is no
+        store to note them in): an earlier syncd may have made its SO, keyed by
+        ``order_no`` alone."""
+        if self.store is None:
+            return True
+        if self._attempts_since is None:
+            since = await self.store.setdefault_meta(_ATTEMPTS_SINCE_KEY, repr(time.time()))
+            self._attempts_since = float(since)
+        return link.created_at is None or link.created_at.timestamp() < self._attempts_since
+
+    async def _attempted(self, link: LinkedOrder) -> bool:
+        return self.store is None or (
+            await self.store.get_meta(f"{_ATTEMPT_KEY}{link.id}") is not None
+        )
+
+    async def _note_attempt(self, link: LinkedOrder) -> None:
+        if self.store is not None:
+            await self.store.set_meta(f"{_ATTEMPT_KEY}{link.id}", repr(time.time()))
+
+    async def _existing_sales_order(
+        self, key: SalesOrderKey, order_no: str | None
+    ) -> tuple[int, str] | None:
+        """The SO an earlier attempt made: by natural key; then, for a link older than the
+        key (``order_no`` given), by ``order_no``, as syncd found it before."""
         found = [
             so
-            for so in await self.katana.list_sales_orders(order_no=order_no)
-            if so.order_no == order_no and so.deleted_at is None
+            for so in await self.katana.list_sales_orders(
+                ecommerce_order_id=key.order_id,
+                ecommerce_store_name=key.store_name,
+                ecommerce_order_type=key.order_type,
+            )
+            if so.deleted_at is None
+            and (so.ecommerce_order_id, so.ecommerce_store_name, so.ecommerce_order_type)
+            == (key.order_id, key.store_name, key.order_type)
         ]
+        named = f"{key.store_name} order {key.order_id}"
+        if not found and order_no is not None:
+            found = [
+                so
+                for so in await self.katana.list_sales_orders(order_no=order_no)
+                if so.order_no == order_no and so.deleted_at is None
+            ]
+            named = f"order_no {order_no}"
         if not found:
             return None
         oldest = min(found, key=lambda so: so.id)
         if len(found) > 1:
             log.warning(
-                "several Katana SOs carry order_no %s; following %s",
-                order_no,
+                "several Katana SOs carry %s; following %s",
+                named,
                 oldest.id,
-                extra={"so": order_no},
+                extra={"so": oldest.order_no},
             )
         return oldest.id, oldest.order_no
 

@@ -735,6 +735,16 @@ class KatanaWorld:
             stock = self.stock.setdefault((row.variant_id, row.location_id), _Stock())
             stock.quantity += sign * row.quantity
 
+    def rename_sales_order(self, sales_order_id: int, order_no: str) -> dict[str, Any]:
+        """A person gives the order another number in the UI (at any status, as Katana's
+        UI allows); ``sales_orders_by_order_no`` keeps counting it under the number it was
+        created with."""
+        order = self.get_sales_order(sales_order_id)
+        order.order_no = order_no
+        self._touch(order)
+        self._emit("sales_order.updated", order.id, order.status)
+        return self.sales_order_dict(order)
+
     def edit_rows(self, sales_order_id: int, edits: list[dict[str, Any]]) -> dict[str, Any]:
         """The UI's row editing: change quantity or price, or delete a row."""
         order = self.get_sales_order(sales_order_id)

@@ -286,7 +286,9 @@ class _RowEdit(_Body):
 
 
 class _EditSalesOrder(_Body):
-    rows: list[_RowEdit]
+    rows: list[_RowEdit] = []
+    #: A person renames the order in Katana's UI.
+    order_no: str | msgspec.UnsetType = _UNSET
 
 
 class _RecipeRow(_Body):
@@ -542,6 +544,9 @@ async def _sales_orders(request: Request, world: KatanaWorld) -> Any:
             ("status", "status"),
             ("production_status", "production_status"),
             ("currency", "currency"),
+            ("ecommerce_order_id", "ecommerce_order_id"),
+            ("ecommerce_store_name", "ecommerce_store_name"),
+            ("ecommerce_order_type", "ecommerce_order_type"),
         ],
         int_equal=[("customer_id", "customer_id"), ("location_id", "location_id")],
     )
@@ -676,12 +681,17 @@ async def _sim_status(request: Request, world: KatanaWorld) -> Any:
 
 
 async def _sim_sales_order(request: Request, world: KatanaWorld) -> Any:
-    """PATCH: a person edits rows ({"rows": [{"id", "quantity", ...}]}); DELETE: deletes it."""
+    """PATCH: a person edits rows ({"rows": [{"id", "quantity", ...}]}) or the order's
+    number ({"order_no": ...}); DELETE: deletes it."""
     sales_order_id = int(request.path_params["id"])
     if request.method == "DELETE":
         world.delete_sales_order(sales_order_id)
         return Response(status_code=204)
     body = await _body(request, _EditSalesOrder)
+    if body.order_no is not msgspec.UNSET:
+        renamed = world.rename_sales_order(sales_order_id, body.order_no)
+        if not body.rows:
+            return renamed
     return world.edit_rows(sales_order_id, [msgspec.structs.asdict(edit) for edit in body.rows])
 
 

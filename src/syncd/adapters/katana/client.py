@@ -131,6 +131,9 @@ class KatanaClient(ServiceClient):
         *,
         ids: Sequence[int] | None = None,
         order_no: str | None = None,
+        ecommerce_order_id: str | None = None,
+        ecommerce_store_name: str | None = None,
+        ecommerce_order_type: str | None = None,
         updated_at_min: datetime | None = None,
         include_deleted: bool = False,
     ) -> list[SalesOrder]:
@@ -138,7 +141,13 @@ class KatanaClient(ServiceClient):
 
         An empty ``ids`` returns an empty list without a request.
         """
-        params: dict[str, Any] = {} if order_no is None else {"order_no": order_no}
+        filters = {
+            "order_no": order_no,
+            "ecommerce_order_id": ecommerce_order_id,
+            "ecommerce_store_name": ecommerce_store_name,
+            "ecommerce_order_type": ecommerce_order_type,
+        }
+        params: dict[str, Any] = {k: v for k, v in filters.items() if v is not None}
         return await self._list_changed(
             "/sales_orders", SalesOrder, ids, updated_at_min, include_deleted, params
         )
@@ -152,7 +161,8 @@ class KatanaClient(ServiceClient):
         return await self.fetch("GET", path, SalesOrder, template="/sales_orders/{id}")
 
     async def create_sales_order(self, order: NewSalesOrder) -> SalesOrder:
-        """Create a sales order. Not retried: look ``order_no`` up first."""
+        """Create a sales order. Not retried: after a failed attempt, look it up first (by
+        ``ecommerce_order_id``)."""
         return await self.fetch("POST", "/sales_orders", SalesOrder, body=encode_request(order))
 
     async def list_sales_order_rows(

@@ -123,6 +123,11 @@ class SalesOrder(msgspec.Struct, kw_only=True):
     location_id: int | None = None
     customer_ref: str | None = None
     additional_info: str | None = None
+    #: Create-only (no update changes them): who made the order outside Katana, and its id
+    #: there; syncd's natural key (see :class:`NewSalesOrder`).
+    ecommerce_order_type: str | None = None
+    ecommerce_store_name: str | None = None
+    ecommerce_order_id: str | None = None
     total: Decimal | None = None
     sales_order_rows: list[SalesOrderRow] = msgspec.field(default_factory=list)
     created_at: datetime
@@ -205,6 +210,12 @@ class NewSalesOrder(msgspec.Struct, kw_only=True, omit_defaults=True):
     location_id: int | None = None
     customer_ref: str | None = None
     additional_info: str | None = None
+    #: The source platform, its store and the order's id there: set at creation only, so a
+    #: person cannot edit them (``order_no`` they can), and ``GET /sales_orders`` filters
+    #: on each.
+    ecommerce_order_type: str | None = None
+    ecommerce_store_name: str | None = None
+    ecommerce_order_id: str | None = None
 
 
 class NewCustomer(msgspec.Struct, kw_only=True, omit_defaults=True):

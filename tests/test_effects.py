@@ -1,0 +1,203 @@
+"""The import effect against both simulators: a first attempt creates without a look-up; one
+after an attempt that may have landed finds the SO by its natural key (create-only
+``ecommerce_*`` fields), whatever a person did to its ``order_no``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from conftest import Sims, running_sims
+from syncd.adapters.katana import KatanaClient, NewSalesOrder, NewSalesOrderRow
+from syncd.adapters.tradegecko import TradeGeckoClient
+from syncd.domain import triggers
+from syncd.domain.orders import LinkedOrder
+from syncd.runtime.effects import ECOMMERCE_ORDER_TYPE, Effects, natural_key
+from syncd.runtime.pollers import snapshot_of
+from syncd.sim.faults import FaultRule, Faults
+from syncd.store import Store
+from test_flow import is_state, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Bench:
+    sims: Sims
+    store: Store
+    effects: Effects
+    tradegecko: TradeGeckoClient
+
+    async def link(self) -> LinkedOrder:
+        """A new PO in TradeGecko and its link, as the poller would make it."""
+        po = await self.sims.create_po()
+        snapshot = snapshot_of(*await self.tradegecko.get_purchase_order(po["id"]))
+        link = await self.store.create_link(
+            snapshot, state="discovered", trigger="po_discovered", cause="test", event_id=None
+        )
+        assert link is not None
+        return link
+
+    async def warm(self) -> None:
+        """Import a first PO: the customer and factory are cached, and the store notes when
+        attempts began (links made before are treated as an earlier syncd's)."""
+        outcome = await self.effects.import_order(await self.link())
+        assert outcome.trigger == triggers.SO_CREATED, outcome
+
+    async def katana_requests(self) -> Counter[str]:
+        katana, _ = await self.sims.counters()
+        return Counter(katana["requests"])
+
+
+@asynccontextmanager
+async def bench(sims: Sims, tmp_path: Path, *, store: bool = True) -> AsyncIterator[Bench]:
+    config = sims.config(tmp_path / "syncd.db")
+    opened = await Store.open(config.daemon.database)
+    try:
+        async with (
+            KatanaClient(
+                config.katana.base_url, config.katana.token, transport=sims.katana_contract
+            ) as katana,
+            TradeGeckoClient(config.tradegecko.base_url, config.tradegecko.token) as tradegecko,
+        ):
+            effects = Effects(config, katana, tradegecko, opened if store else None)
+            yield Bench(sims, opened, effects, tradegecko)
+    finally:
+        await opened.close()
+
+
+def _spent(before: Counter[str], after: Counter[str]) -> dict[str, int]:
+    return {k: n for k, n in (after - before).items() if n}
+
+
+async def test_a_first_import_creates_without_a_look_up_and_sets_the_natural_key(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with bench(sims, tmp_path) as b:
+        await b.warm()
+        link = await b.link()
+        before = await b.katana_requests()
+        outcome = await b.effects.import_order(link)
+        spent = _spent(before, await b.katana_requests())
+        account = await b.tradegecko.get_current_account()
+    assert outcome.trigger == triggers.SO_CREATED, outcome
+    # The variant look-up and the POST: no sales order look-up.
+    assert spent == {"GET /variants": 1, "POST /sales_orders": 1}, spent
+    (so,) = [s for s in sims.katana_world.sales_order_list() if s["id"] == outcome.so_id]
+    assert so["order_no"] == f"TG-{link.po_number}"
+    assert (so["ecommerce_order_type"], so["ecommerce_store_name"], so["ecommerce_order_id"]) == (
+        ECOMMERCE_ORDER_TYPE,
+        f"TradeGecko {account.id}",
+        str(link.po_id),
+    )
+
+
+async def test_an_import_after_an_attempt_finds_the_so_by_its_key_though_renamed(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with bench(sims, tmp_path) as b:
+        await b.warm()
+        link = await b.link()
+        first = await b.effects.import_order(link)
+        assert first.so_id is not None
+        # A person renames the order in Katana before syncd recorded it (its answer lost).
+        renamed = await sims.control.patch(
+            f"{sims.katana_url}/_sim/sales_orders/{first.so_id}", json={"order_no": "RUSH-1"}
+        )
+        assert renamed.json()["order_no"] == "RUSH-1"
+        before = await b.katana_requests()
+        again = await b.effects.import_order(link)
+        spent = _spent(before, await b.katana_requests())
+    assert again.trigger == triggers.SO_CREATED and again.so_id == first.so_id, again
+    assert again.so_number == "RUSH-1" and again.cause.startswith("found Katana SO"), again
+    # One look-up by the key, no POST; no order_no fallback (the link is newer than keys).
+    assert spent == {"GET /variants": 1, "GET /sales_orders": 1}, spent
+    assert sims.katana_world.counter_report()["sales_orders_created"] == 2
+
+
+async def test_an_import_attempted_before_keys_falls_back_to_order_no(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with bench(sims, tmp_path) as b:
+        # Links made before this moment predate noted attempts: as if an earlier syncd's.
+        await b.store.set_meta("import_attempts_since", repr(4e9))
+        await b.warm()
+        link = await b.link()
+        # What an earlier syncd made: an SO with this PO's order_no and no ecommerce key.
+        (variant,) = await b.effects.katana.list_variants(skus=["CHAIR-OAK"])
+        customer = await b.effects.katana.create_customer(name="Someone")
+        made = await b.effects.katana.create_sales_order(
+            NewSalesOrder(
+                customer_id=customer.id,
+                order_no=f"TG-{link.po_number}",
+                sales_order_rows=[NewSalesOrderRow(variant_id=variant.id, quantity=Decimal(1))],
+            )
+        )
+        before = await b.katana_requests()
+        outcome = await b.effects.import_order(link)
+        spent = _spent(before, await b.katana_requests())
+    assert outcome.so_id == made.id, outcome
+    # By the key (nothing), then by order_no (found): never a second SO.
+    assert spent == {"GET /variants": 1, "GET /sales_orders": 2}, spent
+    # The warm-up's and the earlier syncd's: none made by this import.
+    assert sims.katana_world.counter_report()["sales_orders_created"] == 2
+
+
+async def test_without_a_store_every_import_looks_first(sims: Sims, tmp_path: Path) -> None:
+    async with bench(sims, tmp_path, store=False) as b:
+        link = await b.link()
+        first = await b.effects.import_order(link)
+        again = await b.effects.import_order(link)
+    assert first.so_id == again.so_id is not None
+    assert sims.katana_world.counter_report()["sales_orders_created"] == 1
+
+
+def test_the_natural_key_names_tradegecko_the_account_and_the_po() -> None:
+    key = natural_key(4711, 435)
+    assert (key.order_type, key.store_name, key.order_id) == (
+        "tradegecko",
+        "TradeGecko 4711",
+        "435",
+    )
+
+
+async def test_an_order_renamed_in_katana_mid_run_still_completes_with_one_so(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with sims.daemon(tmp_path / "syncd.db") as daemon, sims.factory():
+        po = await sims.create_po()
+        daemon.poll_now()
+        (link,) = await wait_for(daemon, [po["order_number"]], lambda lk: lk.so_id is not None)
+        answer = await sims.control.patch(
+            f"{sims.katana_url}/_sim/sales_orders/{link.so_id}", json={"order_no": "EDITED-7"}
+        )
+        assert answer.status_code == 200, answer.text
+        (done,) = await wait_for(daemon, [po["order_number"]], is_state("received"), seconds=30)
+    katana_counts, tg_counts = await sims.counters()
+    assert done.so_id == link.so_id
+    assert katana_counts["sales_orders_created"] == 1, katana_counts
+    assert tg_counts["receipts_per_po"] == {str(po["id"]): 1}
+
+
+async def test_a_create_whose_answer_is_dropped_is_found_by_its_key_not_made_twice(
+    tmp_path: Path,
+) -> None:
+    dropped = Faults(
+        rules=[FaultRule(path="/sales_orders", method="POST", drop_rate=1.0, after=True, times=1)]
+    )
+    async with running_sims(katana_faults=dropped) as sims:
+        async with sims.daemon(tmp_path / "syncd.db") as daemon:
+            po = await sims.create_po()
+            daemon.poll_now()
+            (link,) = await wait_for(daemon, [po["order_number"]], lambda lk: lk.so_id is not None)
+        katana_counts, _ = await sims.counters()
+    assert katana_counts["faults_injected"] == {"drop_after": 1}, katana_counts
+    assert katana_counts["sales_orders_created"] == 1, katana_counts
+    (so,) = sims.katana_world.sales_order_list()
+    assert (link.so_id, so["ecommerce_order_id"]) == (so["id"], str(po["id"]))
