@@ -21,6 +21,7 @@ TRANSIENT: dict[type[errors.SyncdError], bool] = {
     errors.StoreInUse: False,
     # Settled by stopping the factory's work (its new owner carries on), never by retrying.
     errors.LeaseLost: False,
+    errors.WriteWithheld: False,
     errors.RuleViolation: False,
     errors.StatechartError: False,
     errors.ApiError: False,
@@ -52,6 +53,8 @@ def _instance(kind: type[errors.SyncdError]) -> errors.SyncdError:
             errors.ServerError: 503,
         }.get(kind)
         return kind("katana", "GET", "/factory", "reason", status=status)
+    if kind is errors.WriteWithheld:
+        return errors.WriteWithheld("katana", "POST", "/sales_orders", "/sales_orders", {})
     return kind("reason")
 
 
