@@ -251,7 +251,14 @@ async def running_daemon(
             listener: WebhookListener | None = None
             if webhooks_sock is not None:
                 consumer = WebhookConsumer(
-                    store, tg_poller, kt_poller, dispatcher.wake, retry=retry
+                    store,
+                    tg_poller,
+                    kt_poller,
+                    dispatcher.wake,
+                    retry=retry,
+                    chart=chart,
+                    coalesce=config.webhooks.coalesce,
+                    concurrency=config.webhooks.concurrency,
                 )
                 listener = WebhookListener(config, store, katana, tradegecko, consumer, watchers)
             daemon = Daemon(
