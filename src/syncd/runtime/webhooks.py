@@ -519,11 +519,10 @@ class WebhookConsumer:
         if so_id is None:
             # Which order it belongs to is unknown: weighed against every followed order's
             # state, then the MO is looked at to find out.
-            states = {
-                (link.state, link.resume_state)
-                for link in await self.store.links_in_states(self.katana_poller.followed_states)
-            }
-            if not any(not self._hint(notes, state, resume) for state, resume in states):
+            followed = self.katana_poller.followed_states
+            held = [state for state in await self.store.counts_by_state() if state in followed]
+            # A look's triggers never include ``retry``, the one a resume state decides.
+            if all(self._hint(notes, state, None) for state in held):
                 return "status cannot move any followed order", 0
             self._counted("manufacturing_order")
             orders = await self.katana_poller.client.list_manufacturing_orders(
