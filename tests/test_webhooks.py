@@ -510,6 +510,12 @@ def test_webhooks_config_reads_secrets_and_names_wrong_keys(
     with pytest.raises(ConfigError) as error:
         parse_config(text + "reconcile_interval = 0\n")
     assert error.value.key == "webhooks.reconcile_interval"
+    assert (config.webhooks.coalesce, config.webhooks.concurrency) == (0.5, 8)
+    for wrong, key in (("coalesce = -1", "coalesce"), ("concurrency = 0", "concurrency")):
+        with pytest.raises(ConfigError) as error:
+            parse_config(text + wrong + "\n")
+        assert error.value.key == f"webhooks.{key}"
+        assert f"got {wrong.split(' = ')[1]}" in str(error.value)
 
 
 async def test_the_simulator_retries_on_the_real_schedule_compressed() -> None:

@@ -2,12 +2,14 @@
 
 A delivery is a *source*, like a poll: the listener verifies it (signature, path token, size,
 shape), writes it to the inbox as a ``webhook_received`` row and only then answers 2xx, so
-that an acknowledged delivery survives a crash. The :class:`WebhookConsumer` then re-fetches
-the object it names (payloads are thin and may be stale, duplicated or out of order) and
-writes the very events the pollers write, under the same de-duplication keys: a webhook and
-a poll of one change count once. The pollers stay as reconciliation for whatever a webhook
-misses, at :attr:`~syncd.config.WebhooksConfig.reconcile_interval` while webhooks are
-healthy.
+that an acknowledged delivery survives a crash. The :class:`WebhookConsumer` takes deliveries
+as hints (payloads are thin and may be stale, duplicated or out of order): it gathers one
+object's deliveries for ``webhooks.coalesce`` seconds, settles without a re-fetch those whose
+Katana ``object.status`` cannot move the order and the echoes of syncd's own writes, and
+re-fetches the rest once, writing the very events the pollers write, under the same
+de-duplication keys: a webhook and a poll of one change count once. The pollers stay as
+reconciliation for whatever a webhook misses or a stale status hid, at
+:attr:`~syncd.config.WebhooksConfig.reconcile_interval` while webhooks are healthy.
 
 Answers: bad signature 401, TradeGecko ``timestamp`` outside the replay window (older than
 :attr:`~syncd.config.WebhooksConfig.replay_window`, or more than 5 minutes ahead) 401
