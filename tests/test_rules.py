@@ -362,3 +362,19 @@ def test_a_delivery_can_move_the_order_only_as_the_chart_says(
         )
         is moves
     )
+
+
+def test_an_mo_finishing_weighs_the_sales_orders_known_status() -> None:
+    chart = load_statechart()
+
+    def moves(so_status: str | None) -> bool:
+        return delivery_can_move(
+            "manufacturing_order",
+            "DONE",
+            deleted=False,
+            allows=lambda trigger: chart.allows("in_production", trigger),
+            so_status=so_status,
+        )
+
+    # Not delivered yet: the SO's own DELIVERED delivery will call for the look.
+    assert (moves("NOT_SHIPPED"), moves("DELIVERED"), moves(None)) == (False, True, True)

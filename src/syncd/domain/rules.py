@@ -171,7 +171,12 @@ def sales_order_trigger(facts: SalesOrderFacts) -> Sequence[str]:
 
 
 def delivery_can_move(
-    resource: str, status: str | None, *, deleted: bool, allows: Callable[[str], bool]
+    resource: str,
+    status: str | None,
+    *,
+    deleted: bool,
+    allows: Callable[[str], bool],
+    so_status: str | None = None,
 ) -> bool:
     """Whether a Katana webhook delivery saying ``status`` of a ``resource`` could move the
     order, whose chart ``allows`` some triggers: only then is the object worth a re-fetch.
@@ -180,7 +185,8 @@ def delivery_can_move(
     deliveries tell that), so the status is tried with no production known; a status that
     leaves a note for a person (partial delivery) counts too. A manufacturing order's
     delivery carries the production, not the SO's status, so every SO status the rules tell
-    apart is tried. No status, a deleted MO, or another resource: it cannot tell, so yes.
+    apart is tried, or only ``so_status`` when the SO's last known status is given. No
+    status, a deleted MO, or another resource: it cannot tell, so yes.
     """
 
     def facts(so_status: str, production: str | None, mos: tuple[int, ...]) -> SalesOrderFacts:
@@ -200,8 +206,8 @@ def delivery_can_move(
         # An MO's delivery means the SO has a manufacturing order behind it.
         return any(
             allows(trigger)
-            for so_status in (DELIVERED, "")
-            for trigger in sales_order_trigger(facts(so_status, status, (0,)))
+            for known in ((DELIVERED, "") if so_status is None else (so_status,))
+            for trigger in sales_order_trigger(facts(known, status, (0,)))
         )
     return True
 

@@ -41,7 +41,7 @@ from starlette.routing import Route
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import RETRY, Config, RetryPolicies
-from syncd.domain.rules import delivery_can_move, purchase_order_trigger
+from syncd.domain.rules import DELIVERED, delivery_can_move, purchase_order_trigger
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ApiError, ConfigError, NotFound, Retries, SyncdError
 from syncd.ops.asgi import bind_socket, serving_socket
@@ -379,7 +379,15 @@ class WebhookConsumer:
         self._busy: set[_Key] = set()
         #: Manufacturing order → its sales order, as re-fetches showed: an MO's delivery is
         #: then weighed against its order's state without a look at the MO.
-        self._mo_so: dict[int, int] = {}
+        self._mo_so: dict[int, int | None] = {}
+        self._mo_lookup = anyio.Lock()
+        #: Each SO's status as last seen (a look or its own delivery): an MO finishing
+        #: cannot deliver an SO known not to be delivered.
+        self._so_status: dict[int, str] = {}
+        #: The newest delivery collected (inbox ids grow), and by SO the newest one
+        #: collected before its last look began: deliveries up to it are covered by it.
+        self._collected = 0
+        self._looked: dict[int, int] = {}
         #: Re-fetches made, by resource (for tests and the curious).
         self.refetches: dict[str, int] = {}
 
@@ -413,12 +421,22 @@ class WebhookConsumer:
                 await self.store.mark_processed(event.id, f"unreadable: {exc}")
                 continue
             assert isinstance(note, inbox.WebhookReceived)
-            key = (note.resource_type, note.object_id)
+            key = self._key(note)
+            self._collected = max(self._collected, event.id)
             self._claimed.add(event.id)
             self._queued.setdefault(key, []).append((event.id, note))
             if key not in self._busy:
                 self._busy.add(key)
                 tg.start_soon(self._work, key)
+
+    def _key(self, note: inbox.WebhookReceived) -> _Key:
+        """Whose deliveries these are: an MO's known sales order gathers them with the
+        SO's own (5 MOs finishing make one look at their SO)."""
+        if note.resource_type == "manufacturing_order":
+            so_id = self._mo_so.get(note.object_id)
+            if so_id is not None:
+                return ("sales_order", so_id)
+        return (note.resource_type, note.object_id)
 
     async def _work(self, key: _Key) -> None:
         try:
@@ -440,7 +458,8 @@ class WebhookConsumer:
         notes = [note for _, note in batch]
         try:
             try:
-                outcome, count = await self._look(resource, object_id, notes)
+                newest = max(event_id for event_id, _ in batch)
+                outcome, count = await self._look(resource, object_id, notes, newest)
             except NotFound:
                 outcome, count = "gone", 0
             except SyncdError as exc:
@@ -470,7 +489,7 @@ class WebhookConsumer:
         self.refetches[resource] = self.refetches.get(resource, 0) + 1
 
     async def _look(
-        self, resource: str, object_id: int, notes: list[inbox.WebhookReceived]
+        self, resource: str, object_id: int, notes: list[inbox.WebhookReceived], newest: int
     ) -> tuple[str, int]:
         if resource == "purchase_order":
             return await self._purchase_order(object_id, notes)
@@ -479,13 +498,20 @@ class WebhookConsumer:
             self.tradegecko_poller.kick.set()
             return "poll asked", 0
         if resource == "manufacturing_order":
-            return await self._manufacturing_order(object_id, notes)
+            return await self._manufacturing_order(object_id, notes, newest)
         if resource == "sales_order":
-            return await self._sales_order(object_id, notes)
+            return await self._sales_order(object_id, notes, newest)
         return f"nothing to do for {resource}", 0
 
-    def _hint(self, notes: list[inbox.WebhookReceived], state: str, resume: str | None) -> str:
-        """Why the deliveries need no look at an order in ``state``, or ``""`` if they do."""
+    def _hint(
+        self,
+        notes: list[inbox.WebhookReceived],
+        state: str,
+        resume: str | None,
+        so_id: int | None = None,
+    ) -> str:
+        """Why the deliveries need no look at the order of SO ``so_id`` in ``state``, or
+        ``""`` if they do."""
         if all(note.event == "sales_order.created" for note in notes):
             # Only syncd's import creates a followed SO; its outcome already said so.
             return "echo of syncd's own write"
@@ -493,12 +519,17 @@ class WebhookConsumer:
         def allows(trigger: str) -> bool:
             return self.chart.allows(state, trigger, resume_state=resume)
 
+        # What the MOs' deliveries are weighed with: a delivery saying DELIVERED (reordered
+        # ones may be stale, so only the status that can move counts), else the last look.
+        delivered = any(n.resource_type == "sales_order" and n.status == DELIVERED for n in notes)
+        so_status = DELIVERED if delivered else self._so_status.get(so_id or 0)
         if any(
             delivery_can_move(
                 note.resource_type,
                 note.status,
                 deleted=note.event.endswith(".deleted"),
                 allows=allows,
+                so_status=so_status,
             )
             for note in notes
         ):
@@ -506,41 +537,56 @@ class WebhookConsumer:
         statuses = ", ".join(sorted({note.status or "none" for note in notes}))
         return f"status {statuses} cannot move an order {state}"
 
-    async def _sales_order(self, so_id: int, notes: list[inbox.WebhookReceived]) -> tuple[str, int]:
+    async def _sales_order(
+        self, so_id: int, notes: list[inbox.WebhookReceived], newest: int
+    ) -> tuple[str, int]:
+        if any(n.resource_type == "sales_order" and n.status == DELIVERED for n in notes):
+            self._so_status[so_id] = DELIVERED  # until a look says otherwise
         link = await self.store.link_by_so(so_id)
         if link is None or link.state not in self.katana_poller.followed_states:
             return "not followed", 0
-        if why := self._hint(notes, link.state, link.resume_state):
+        if why := self._hint(notes, link.state, link.resume_state, link.so_id):
             return why, 0
-        return await self._sales_orders({so_id})
+        return await self._sales_orders({so_id}, newest)
 
     async def _manufacturing_order(
-        self, mo_id: int, notes: list[inbox.WebhookReceived]
+        self, mo_id: int, notes: list[inbox.WebhookReceived], newest: int
     ) -> tuple[str, int]:
-        so_id = self._mo_so.get(mo_id)
+        if mo_id not in self._mo_so:
+            # One at a time: the first look's SO names its siblings' MOs (a 5-line order
+            # makes 5 MOs at once), so theirs need no look at the MO.
+            async with self._mo_lookup:
+                if mo_id not in self._mo_so:
+                    return await self._unknown_manufacturing_order(mo_id, notes, newest)
+        so_id = self._mo_so[mo_id]
         if so_id is None:
-            # Which order it belongs to is unknown: weighed against every followed order's
-            # state, then the MO is looked at to find out.
-            followed = self.katana_poller.followed_states
-            held = [state for state in await self.store.counts_by_state() if state in followed]
-            # A look's triggers never include ``retry``, the one a resume state decides.
-            if all(self._hint(notes, state, None) for state in held):
-                return "status cannot move any followed order", 0
-            self._counted("manufacturing_order")
-            orders = await self.katana_poller.client.list_manufacturing_orders(
-                ids=[mo_id], include_deleted=True
-            )
-            so_ids = {mo.sales_order_id for mo in orders if mo.sales_order_id is not None}
-            for mo in orders:
-                if mo.sales_order_id is not None:
-                    self._mo_so[mo.id] = mo.sales_order_id
-            return await self._sales_orders(so_ids)
+            return "made for no sales order", 0
         link = await self.store.link_by_so(so_id)
         if link is None or link.state not in self.katana_poller.followed_states:
             return "not followed", 0
-        if why := self._hint(notes, link.state, link.resume_state):
+        if why := self._hint(notes, link.state, link.resume_state, link.so_id):
             return why, 0
-        return await self._sales_orders({so_id})
+        return await self._sales_orders({so_id}, newest)
+
+    async def _unknown_manufacturing_order(
+        self, mo_id: int, notes: list[inbox.WebhookReceived], newest: int
+    ) -> tuple[str, int]:
+        # Which order it belongs to is unknown: weighed against every followed order's
+        # state, then the MO is looked at to find out.
+        followed = self.katana_poller.followed_states
+        held = [state for state in await self.store.counts_by_state() if state in followed]
+        # A look's triggers never include ``retry``, the one a resume state decides.
+        if all(self._hint(notes, state, None) for state in held):
+            return "status cannot move any followed order", 0
+        self._counted("manufacturing_order")
+        orders = await self.katana_poller.client.list_manufacturing_orders(
+            ids=[mo_id], include_deleted=True
+        )
+        for mo in orders:
+            # An MO made for no sales order stays so: its deliveries need no look again.
+            self._mo_so[mo.id] = mo.sales_order_id
+        so_ids = {mo.sales_order_id for mo in orders if mo.sales_order_id is not None}
+        return await self._sales_orders(so_ids, newest)
 
     async def _purchase_order(
         self, po_id: int, notes: list[inbox.WebhookReceived]
@@ -561,15 +607,23 @@ class WebhookConsumer:
         added = await poller.consider(po, linked=linked, lines=lines)
         return ("new event" if added else "nothing new"), added
 
-    async def _sales_orders(self, so_ids: Iterable[int]) -> tuple[str, int]:
+    async def _sales_orders(self, so_ids: Iterable[int], newest: int) -> tuple[str, int]:
+        """Look at the followed ones among ``so_ids`` unless a look that began after the
+        ``newest`` delivery was collected (so after Katana's change) already saw them."""
         poller = self.katana_poller
         followed = await self.store.so_ids_in_states(poller.followed_states)
         wanted = sorted(i for i in so_ids if i in followed)
         if not wanted:
             return "not followed", 0
+        wanted = [i for i in wanted if self._looked.get(i, 0) < newest]
+        if not wanted:
+            return "covered by a later look", 0
+        for so_id in wanted:
+            self._looked[so_id] = self._collected
         self._counted("sales_order")
         orders = await poller.client.list_sales_orders(ids=wanted, include_deleted=True)
         for so in orders:
+            self._so_status[so.id] = so.status
             for mo_id in facts_of(so).manufacturing_order_ids:
                 self._mo_so[mo_id] = so.id
         added = await poller.report(orders, followed)
