@@ -18,6 +18,7 @@ from syncd.domain.rules import (
     Drift,
     Signal,
     cost_update,
+    delivery_can_move,
     lines_to_import,
     order_number_for,
     pick_average_cost,
@@ -322,3 +323,58 @@ def test_so_drift_is_a_value_naming_its_side_and_reads_as_the_note() -> None:
         Drift("katana", "SO TG-PO0435 row added (variant 9, quantity 4)"),
     ]
     assert str(drift[0]) == "drift in Katana: SO TG-PO0435 OAK price 150 → 99"
+
+
+@pytest.mark.parametrize(
+    ("resource", "status", "deleted", "state", "moves"),
+    [
+        # A sales order's status alone: only DELIVERED moves, and only where the chart says.
+        ("sales_order", "NOT_SHIPPED", False, "imported", False),
+        ("sales_order", "PENDING", False, "in_production", False),
+        ("sales_order", "DELIVERED", False, "imported", True),
+        ("sales_order", "DELIVERED", False, "in_production", True),
+        ("sales_order", "DELIVERED", False, "delivered", False),
+        ("sales_order", "DELIVERED", False, "making_to_order", False),
+        # A partial delivery moves nothing but leaves a note for a person.
+        ("sales_order", "PARTIALLY_DELIVERED", False, "in_production", True),
+        ("sales_order", None, True, "imported", True),
+        # A manufacturing order: any status starts production of an imported order; only
+        # DONE can complete the delivery of one in production.
+        ("manufacturing_order", "NOT_STARTED", False, "imported", True),
+        ("manufacturing_order", "IN_PROGRESS", False, "imported", True),
+        ("manufacturing_order", "IN_PROGRESS", False, "in_production", False),
+        ("manufacturing_order", "BLOCKED", False, "in_production", False),
+        ("manufacturing_order", "DONE", False, "in_production", True),
+        ("manufacturing_order", "DONE", False, "making_to_order", False),
+        # Cannot tell: look.
+        ("sales_order", None, False, "imported", True),
+        ("manufacturing_order", None, False, "in_production", True),
+        ("manufacturing_order", "DONE", True, "delivered", True),
+    ],
+)
+def test_a_delivery_can_move_the_order_only_as_the_chart_says(
+    resource: str, status: str | None, deleted: bool, state: str, moves: bool
+) -> None:
+    chart = load_statechart()
+    assert (
+        delivery_can_move(
+            resource, status, deleted=deleted, allows=lambda trigger: chart.allows(state, trigger)
+        )
+        is moves
+    )
+
+
+def test_an_mo_finishing_weighs_the_sales_orders_known_status() -> None:
+    chart = load_statechart()
+
+    def moves(so_status: str | None) -> bool:
+        return delivery_can_move(
+            "manufacturing_order",
+            "DONE",
+            deleted=False,
+            allows=lambda trigger: chart.allows("in_production", trigger),
+            so_status=so_status,
+        )
+
+    # Not delivered yet: the SO's own DELIVERED delivery will call for the look.
+    assert (moves("NOT_SHIPPED"), moves("DELIVERED"), moves(None)) == (False, True, True)

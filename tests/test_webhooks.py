@@ -83,6 +83,8 @@ async def test_po_becomes_so_within_a_second_by_webhook(sims: Sims, tmp_path: Pa
         async with httpx.AsyncClient() as client:
             health = (await client.get(f"{daemon.webhooks_url}/healthz")).json()
         assert health == {"status": "ok", "registered": True}
+        # Katana's deliveries wait out their coalescing window, then are settled.
+        await settled(tmp_path / "syncd.db", 1)
     rows = inbox_rows(tmp_path / "syncd.db", inbox.WEBHOOK_RECEIVED)
     assert rows and all(row[2] is not None for row in rows)
 
@@ -226,6 +228,162 @@ async def test_an_acknowledged_delivery_is_processed_after_a_restart(
     assert (row[2] is not None, row[3]) == (True, "new event")
 
 
+# -- deliveries as hints ------------------------------------------------------------------
+
+
+async def katana_requests(sims: Sims) -> dict[str, int]:
+    counters = (await sims.control.get(f"{sims.katana_url}/_sim/counters")).json()
+    requests: dict[str, int] = counters["requests"]
+    return requests
+
+
+async def deliver_katana(daemon: Daemon, action: str, object_id: int, status: str) -> None:
+    """Post one Katana delivery by hand, signed as Katana signs it."""
+    assert daemon.webhooks is not None
+    keys = daemon.webhooks.keys
+    body = json.dumps(
+        {
+            "resource_type": action.split(".")[0],
+            "action": action,
+            "webhook_id": 1,
+            "object": {"id": str(object_id), "status": status},
+        }
+    ).encode()
+    async with httpx.AsyncClient() as client:
+        answer = await client.post(
+            f"{daemon.webhooks_url}/webhooks/katana/{keys.path_token}",
+            content=body,
+            headers={"X-Sha2-Signature": katana_signature(sorted(keys.katana_tokens)[0], body)},
+        )
+    assert answer.json() == {"status": "accepted"}
+
+
+def katana_outcomes(database: Path) -> list[tuple[str, str | None, str | None]]:
+    """(event, status, outcome) of every Katana delivery, once all are settled."""
+    with sqlite3.connect(database) as db:
+        rows = db.execute(
+            "SELECT payload, outcome FROM inbox WHERE kind = ? AND source = 'katana' ORDER BY id",
+            (inbox.WEBHOOK_RECEIVED,),
+        ).fetchall()
+    notes = [(inbox.decode(inbox.WEBHOOK_RECEIVED, bytes(p)), o) for p, o in rows]
+    return [(n.event, n.status, o) for n, o in notes if isinstance(n, inbox.WebhookReceived)]
+
+
+async def settled(database: Path, count: int, seconds: float = 5.0) -> None:
+    with anyio.fail_after(seconds):
+        while True:
+            rows = katana_outcomes(database)
+            if len(rows) >= count and all(outcome for _, _, outcome in rows):
+                return
+            await anyio.sleep(0.02)
+
+
+async def test_a_status_that_cannot_move_the_order_makes_no_refetch(
+    sims: Sims, tmp_path: Path
+) -> None:
+    database = tmp_path / "syncd.db"
+    config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+    async with sims.daemon(config) as daemon:
+        po = await sims.create_po()
+        await wait_for_state(daemon, po["order_number"], "imported", seconds=5)
+        await settled(database, 1)
+        # The SO's `created` right after syncd's POST is its own echo: no look at the SO.
+        assert katana_outcomes(database) == [
+            ("sales_order.created", "NOT_SHIPPED", "echo of syncd's own write")
+        ]
+        link = await daemon.store.link_by_po_number(po["order_number"])
+        assert link is not None and link.so_id is not None
+        await sims.knobs("katana", drop=1.0)  # only the deliveries posted here
+        before = await katana_requests(sims)
+        # Katana's duplicates of a status that cannot move an imported order.
+        for _ in range(3):
+            await deliver_katana(daemon, "sales_order.updated", link.so_id, "NOT_SHIPPED")
+        await settled(database, 4)
+        assert await katana_requests(sims) == before
+        assert (
+            katana_outcomes(database)[1:]
+            == [
+                (
+                    "sales_order.updated",
+                    "NOT_SHIPPED",
+                    "status NOT_SHIPPED cannot move an order imported",
+                )
+            ]
+            * 3
+        )
+        # DELIVERED can move it: the update and the delivery Katana fires make one look.
+        await deliver_katana(daemon, "sales_order.updated", link.so_id, "DELIVERED")
+        await deliver_katana(daemon, "sales_order.delivered", link.so_id, "DELIVERED")
+        await settled(database, 6)
+        after = await katana_requests(sims)
+        assert after.pop("GET /sales_orders", 0) == before.pop("GET /sales_orders", 0) + 1
+        assert after == before
+        assert daemon.webhooks is not None
+        assert daemon.webhooks.consumer.refetches.get("sales_order") == 1
+
+
+async def test_a_katana_delivery_makes_fewer_refetches_per_order(
+    sims: Sims, tmp_path: Path
+) -> None:
+    # No poll in the test's time: every Katana read is the effects' or a delivery's.
+    config = sims.config(tmp_path / "syncd.db", free_port(), poll=60.0, reconcile=60.0)
+    async with sims.daemon(config) as daemon, sims.factory():
+        po = await sims.create_po()
+        await wait_for_state(daemon, po["order_number"], "received", seconds=20)
+        await settled(tmp_path / "syncd.db", 4)
+        assert daemon.webhooks is not None
+        refetches = daemon.webhooks.consumer.refetches
+    requests = await katana_requests(sims)
+    # A first import looks no SO up: every GET /sales_orders is a delivery's re-fetch.
+    assert requests.get("GET /sales_orders", 0) == refetches.get("sales_order", 0)
+    assert requests.get("GET /manufacturing_orders", 0) == refetches.get("manufacturing_order", 0)
+    # One look at the MO (which SO?), one at the SO when it can move: 8 before hints.
+    assert sum(refetches.values()) <= 4, refetches
+
+
+async def test_an_order_completes_with_dropped_duplicated_reordered_katana_deliveries(
+    sims: Sims, tmp_path: Path
+) -> None:
+    config = sims.config(tmp_path / "syncd.db", free_port(), poll=60.0, reconcile=0.5)
+    await sims.knobs("katana", drop=0.5, duplicate=1.0, reorder=1.0)
+    async with sims.daemon(config) as daemon, sims.factory():
+        numbers = [(await sims.create_po())["order_number"] for _ in range(2)]
+        for number in numbers:
+            await wait_for_state(daemon, number, "received", seconds=20)
+    counters = sims.katana_webhooks.counters
+    assert counters["dropped"] >= 1 and counters["duplicated"] >= 1
+    katana = (await sims.control.get(f"{sims.katana_url}/_sim/counters")).json()
+    assert katana["sales_orders_created"] == 2
+
+
+async def test_deliveries_for_different_objects_are_handled_concurrently(
+    sims: Sims, tmp_path: Path
+) -> None:
+    database = tmp_path / "syncd.db"
+    config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+    config.webhooks.coalesce = 0.0
+    async with sims.daemon(config) as daemon:
+        numbers = [(await sims.create_po())["order_number"] for _ in range(3)]
+        so_ids = []
+        for number in numbers:
+            await wait_for_state(daemon, number, "imported", seconds=5)
+            link = await daemon.store.link_by_po_number(number)
+            assert link is not None and link.so_id is not None
+            so_ids.append(link.so_id)
+        await settled(database, 3)
+        await sims.knobs("katana", drop=1.0)
+        slow = {"rules": [{"path": "/sales_orders", "method": "GET", "latency_ms": 600}]}
+        assert (await sims.control.put(f"{sims.katana_url}/_sim/faults", json=slow)).is_success
+        started = time.monotonic()
+        for so_id in so_ids:
+            await deliver_katana(daemon, "sales_order.delivered", so_id, "DELIVERED")
+        await settled(database, 6)
+        # One at a time would take 3 x 0.6 s.
+        assert time.monotonic() - started < 1.5
+        assert daemon.webhooks is not None
+        assert daemon.webhooks.consumer.refetches["sales_order"] == 3
+
+
 async def linked(database: Path, po_number: str) -> bool:
     store = await Store.open(database)
     try:
@@ -328,6 +486,8 @@ async def test_valid_deliveries_are_persisted_once_then_acknowledged(
                 event="sales_order.delivered",
                 resource_type="sales_order",
                 object_id=7,
+                # The payload's status is kept: the consumer weighs it before a re-fetch.
+                status="DELIVERED",
             )
         ]
         * 2,
@@ -350,6 +510,12 @@ def test_webhooks_config_reads_secrets_and_names_wrong_keys(
     with pytest.raises(ConfigError) as error:
         parse_config(text + "reconcile_interval = 0\n")
     assert error.value.key == "webhooks.reconcile_interval"
+    assert (config.webhooks.coalesce, config.webhooks.concurrency) == (0.5, 8)
+    for wrong, key in (("coalesce = -1", "coalesce"), ("concurrency = 0", "concurrency")):
+        with pytest.raises(ConfigError) as error:
+            parse_config(text + wrong + "\n")
+        assert error.value.key == f"webhooks.{key}"
+        assert f"got {wrong.split(' = ')[1]}" in str(error.value)
 
 
 async def test_the_simulator_retries_on_the_real_schedule_compressed() -> None:

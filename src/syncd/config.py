@@ -213,6 +213,11 @@ class WebhooksConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: for up to 3); older, or more than 5 minutes ahead, is refused with 401. A delivery
     #: without a timestamp is accepted.
     replay_window: float = 345600.0
+    #: Seconds the consumer gathers deliveries for one object before it looks at it once
+    #: (Katana sends ``updated`` and ``delivered`` for one delivery, and retries).
+    coalesce: float = 0.5
+    #: Objects whose deliveries are handled at the same time (one object's in order).
+    concurrency: int = 8
 
     def address(self) -> tuple[str, int]:
         """The ``(host, port)`` of :attr:`listen`."""
@@ -760,6 +765,10 @@ def config_problems(config: Config, *, require_tokens: bool = True) -> list[Conf
                 problem("must differ from daemon.database", "daemon.shadow_database")
         except ConfigError as exc:
             problems.append(exc)
+    if hooks.coalesce < 0:
+        problem(f"must be 0 or more seconds, got {hooks.coalesce}", "webhooks.coalesce")
+    if hooks.concurrency < 1:
+        problem(f"must be at least 1, got {hooks.concurrency}", "webhooks.concurrency")
     for listen in (config.metrics.address, hooks.address):
         try:
             listen()

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
@@ -35,6 +35,7 @@ __all__ = [
     "Drift",
     "Signal",
     "cost_update",
+    "delivery_can_move",
     "lines_to_import",
     "order_number_for",
     "pick_average_cost",
@@ -167,6 +168,48 @@ def sales_order_trigger(facts: SalesOrderFacts) -> Sequence[str]:
     if production in PRODUCTION_UNDERWAY or facts.manufacturing_order_ids:
         return (triggers.PRODUCTION_STARTED,)
     return ()
+
+
+def delivery_can_move(
+    resource: str,
+    status: str | None,
+    *,
+    deleted: bool,
+    allows: Callable[[str], bool],
+    so_status: str | None = None,
+) -> bool:
+    """Whether a Katana webhook delivery saying ``status`` of a ``resource`` could move the
+    order, whose chart ``allows`` some triggers: only then is the object worth a re-fetch.
+
+    A sales order's delivery carries the SO's status, not its production (the MOs'
+    deliveries tell that), so the status is tried with no production known; a status that
+    leaves a note for a person (partial delivery) counts too. A manufacturing order's
+    delivery carries the production, not the SO's status, so every SO status the rules tell
+    apart is tried, or only ``so_status`` when the SO's last known status is given. No
+    status, a deleted MO, or another resource: it cannot tell, so yes.
+    """
+
+    def facts(so_status: str, production: str | None, mos: tuple[int, ...]) -> SalesOrderFacts:
+        return SalesOrderFacts(
+            so_id=0,
+            order_no="",
+            status=so_status,
+            production_status=production,
+            deleted=deleted,
+            manufacturing_order_ids=mos,
+        )
+
+    if resource == "sales_order" and (status is not None or deleted):
+        seen = facts(status or "", None, ())
+        return any(map(allows, sales_order_trigger(seen))) or bool(sales_order_notes(seen))
+    if resource == "manufacturing_order" and status is not None and not deleted:
+        # An MO's delivery means the SO has a manufacturing order behind it.
+        return any(
+            allows(trigger)
+            for known in ((DELIVERED, "") if so_status is None else (so_status,))
+            for trigger in sales_order_trigger(facts(known, status, (0,)))
+        )
+    return True
 
 
 def purchase_order_trigger(status: str) -> str | None:

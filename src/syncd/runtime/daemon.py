@@ -25,7 +25,7 @@ from syncd.ops.logging import register_secrets
 from syncd.ops.metrics import Metrics, serve_metrics
 from syncd.ops.statuspage import StatusPage
 from syncd.runtime.dispatcher import Dispatcher, check_chart
-from syncd.runtime.effects import Effects
+from syncd.runtime.effects import Effects, note_attempts_since
 from syncd.runtime.observer import Observer, Observers
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
 from syncd.runtime.webhooks import WebhookConsumer, WebhookListener, bind_listener
@@ -219,6 +219,7 @@ async def running_daemon(
         activated = datetime.fromisoformat(
             await store.setdefault_meta("activated_at", datetime.now(UTC).isoformat())
         )
+        await note_attempts_since(store)
 
         def serving(
             kind: type[_Client],
@@ -256,7 +257,14 @@ async def running_daemon(
             listener: WebhookListener | None = None
             if webhooks_sock is not None:
                 consumer = WebhookConsumer(
-                    store, tg_poller, kt_poller, dispatcher.wake, retry=retry
+                    store,
+                    tg_poller,
+                    kt_poller,
+                    dispatcher.wake,
+                    retry=retry,
+                    chart=chart,
+                    coalesce=config.webhooks.coalesce,
+                    concurrency=config.webhooks.concurrency,
                 )
                 listener = WebhookListener(config, store, katana, tradegecko, consumer, watchers)
             daemon = Daemon(

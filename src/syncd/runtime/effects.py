@@ -62,6 +62,7 @@ __all__ = [
     "Outcome",
     "SalesOrderKey",
     "natural_key",
+    "note_attempts_since",
 ]
 
 log = logging.getLogger("syncd.effects")
@@ -77,6 +78,13 @@ _ATTEMPT_KEY = "import_attempt:"
 #: Meta key: when syncd first noted attempts. A link made before it may have an SO from an
 #: earlier syncd that noted nothing, so its import always looks first.
 _ATTEMPTS_SINCE_KEY = "import_attempts_since"
+
+
+async def note_attempts_since(store: Store) -> None:
+    """Note, once per database, when this syncd began noting import attempts: at its first
+    start, before any import. Links made before (by an older syncd) look their SO up first;
+    on a new database no link does (the first import then costs no look-up either)."""
+    await store.setdefault_meta(_ATTEMPTS_SINCE_KEY, repr(time.time()))
 
 
 @dataclass(frozen=True)

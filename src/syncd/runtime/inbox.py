@@ -93,6 +93,8 @@ class WebhookReceived(msgspec.Struct, kw_only=True, frozen=True):
     delivery_id: str | None = None
     #: Katana's ``X-Katana-Retry-Num``.
     retry: int | None = None
+    #: Katana's ``object.status``: what the object says it is now (a hint, maybe stale).
+    status: str | None = None
 
 
 class ImportRequest(msgspec.Struct, kw_only=True, frozen=True):

@@ -2,12 +2,14 @@
 
 A delivery is a *source*, like a poll: the listener verifies it (signature, path token, size,
 shape), writes it to the inbox as a ``webhook_received`` row and only then answers 2xx, so
-that an acknowledged delivery survives a crash. The :class:`WebhookConsumer` then re-fetches
-the object it names (payloads are thin and may be stale, duplicated or out of order) and
-writes the very events the pollers write, under the same de-duplication keys: a webhook and
-a poll of one change count once. The pollers stay as reconciliation for whatever a webhook
-misses, at :attr:`~syncd.config.WebhooksConfig.reconcile_interval` while webhooks are
-healthy.
+that an acknowledged delivery survives a crash. The :class:`WebhookConsumer` takes deliveries
+as hints (payloads are thin and may be stale, duplicated or out of order): it gathers one
+object's deliveries for ``webhooks.coalesce`` seconds, settles without a re-fetch those whose
+Katana ``object.status`` cannot move the order and the echoes of syncd's own writes, and
+re-fetches the rest once, writing the very events the pollers write, under the same
+de-duplication keys: a webhook and a poll of one change count once. The pollers stay as
+reconciliation for whatever a webhook misses or a stale status hid, at
+:attr:`~syncd.config.WebhooksConfig.reconcile_interval` while webhooks are healthy.
 
 Answers: bad signature 401, TradeGecko ``timestamp`` outside the replay window (older than
 :attr:`~syncd.config.WebhooksConfig.replay_window`, or more than 5 minutes ahead) 401
@@ -39,13 +41,15 @@ from starlette.routing import Route
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import RETRY, Config, RetryPolicies
+from syncd.domain.rules import DELIVERED, delivery_can_move, purchase_order_trigger
+from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ApiError, ConfigError, NotFound, Retries, SyncdError
 from syncd.ops.asgi import bind_socket, serving_socket
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.observer import Observer
-from syncd.runtime.pollers import OTHER_SUPPLIER, KatanaPoller, TradeGeckoPoller
-from syncd.store import InboxEvent, Store
+from syncd.runtime.pollers import OTHER_SUPPLIER, KatanaPoller, TradeGeckoPoller, facts_of
+from syncd.store import Store
 
 __all__ = [
     "KATANA_EVENTS",
@@ -302,8 +306,9 @@ def create_webhook_app(
             object_id=object_id,
             # isdigit() alone accepts "²", which int() refuses.
             retry=int(retry) if retry.isascii() and retry.isdigit() else None,
+            status=note.object.status,
         )
-        # No event id: the consumer coalesces duplicates and re-fetches before acting.
+        # No event id: the consumer coalesces duplicates and weighs the status first.
         return await persist(received, None)
 
     async def healthz(request: Request) -> Response:
@@ -330,8 +335,20 @@ def create_webhook_app(
     )
 
 
+_Key = tuple[str, int]
+_KATANA_RESOURCES = frozenset(event.split(".", 1)[0] for event in KATANA_EVENTS)
+_Batch = list[tuple[int, inbox.WebhookReceived]]
+
+
 class WebhookConsumer:
-    """Turns persisted deliveries into the pollers' events, re-fetching each object once."""
+    """Turns persisted deliveries into the pollers' events, taking them as hints.
+
+    Deliveries for one object within ``coalesce`` seconds are looked at once; a Katana
+    delivery whose status cannot move the order (:func:`~syncd.domain.rules.delivery_can_move`
+    against the chart) and the echoes of syncd's own writes are settled without a re-fetch.
+    Objects are handled ``concurrency`` at a time, one object's deliveries in order. A
+    delivery missed or settled on a stale status is caught by the pollers' reconciliation.
+    """
 
     def __init__(
         self,
@@ -341,6 +358,9 @@ class WebhookConsumer:
         wake: Callable[[], None],
         *,
         retry: RetryPolicies = RETRY,
+        chart: Statechart | None = None,
+        coalesce: float = 0.5,
+        concurrency: int = 8,
     ) -> None:
         self.store = store
         self.tradegecko_poller = tradegecko_poller
@@ -348,78 +368,237 @@ class WebhookConsumer:
         self._wake_dispatcher = wake
         self._kick = anyio.Event()
         self.retry = retry
+        self.chart = chart or load_statechart()
+        self.coalesce = coalesce
+        self._limiter = anyio.CapacityLimiter(concurrency)
         #: Re-fetches that failed, by object; after their attempts the pollers reconcile.
-        self._retries: Retries[tuple[str, int]] = Retries(retry.webhook)
+        self._retries: Retries[_Key] = Retries(retry.webhook)
+        #: Deliveries handed to an object's worker and not yet settled.
+        self._claimed: set[int] = set()
+        self._queued: dict[_Key, _Batch] = {}
+        self._busy: set[_Key] = set()
+        #: Manufacturing order → its sales order, as re-fetches showed: an MO's delivery is
+        #: then weighed against its order's state without a look at the MO.
+        self._mo_so: dict[int, int | None] = {}
+        self._mo_lookup = anyio.Lock()
+        #: Each SO's status as last seen (a look or its own delivery): an MO finishing
+        #: cannot deliver an SO known not to be delivered.
+        self._so_status: dict[int, str] = {}
+        #: The newest delivery collected (inbox ids grow), and by SO the newest one
+        #: collected before its last look began: deliveries up to it are covered by it.
+        self._collected = 0
+        self._looked: dict[int, int] = {}
+        #: Re-fetches made, by resource (for tests and the curious).
+        self.refetches: dict[str, int] = {}
 
     def wake(self) -> None:
         """Tell the consumer a delivery was persisted."""
         self._kick.set()
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.drain()
-            except SyncdError as exc:
-                log.warning("webhook deliveries not processed yet: %s", exc)
-                await anyio.sleep(self.retry.webhook.initial)
-            with anyio.move_on_after(1.0):
-                await self._kick.wait()
-            self._kick = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    await self._collect(tg)
+                except SyncdError as exc:
+                    log.warning("webhook deliveries not processed yet: %s", exc)
+                    await anyio.sleep(self.retry.webhook.initial)
+                with anyio.move_on_after(1.0):
+                    await self._kick.wait()
+                self._kick = anyio.Event()
 
-    async def drain(self) -> int:
-        """Process every persisted delivery; returns how many."""
-        total = 0
-        while events := await self.store.pending_events(kinds=inbox.WEBHOOK_KINDS):
-            await self._process(events)
-            total += len(events)
-        return total
-
-    async def _process(self, events: list[InboxEvent]) -> None:
-        by_object: dict[tuple[str, int], list[int]] = {}
+    async def _collect(self, tg: anyio.abc.TaskGroup) -> None:
+        """Hand every new persisted delivery to its object's worker, starting one if idle."""
+        events = await self.store.pending_events(
+            len(self._claimed) + 200, kinds=inbox.WEBHOOK_KINDS
+        )
         for event in events:
+            if event.id in self._claimed:
+                continue
             try:
                 note = inbox.decode(event.kind, event.payload)
             except (KeyError, msgspec.DecodeError) as exc:
                 await self.store.mark_processed(event.id, f"unreadable: {exc}")
                 continue
             assert isinstance(note, inbox.WebhookReceived)
-            by_object.setdefault((note.resource_type, note.object_id), []).append(event.id)
-        added = 0
-        for (resource, object_id), ids in by_object.items():
+            key = self._key(note)
+            self._collected = max(self._collected, event.id)
+            self._claimed.add(event.id)
+            self._queued.setdefault(key, []).append((event.id, note))
+            if key not in self._busy:
+                self._busy.add(key)
+                tg.start_soon(self._work, key)
+
+    def _key(self, note: inbox.WebhookReceived) -> _Key:
+        """Whose deliveries these are: an MO's known sales order gathers them with the
+        SO's own (5 MOs finishing make one look at their SO)."""
+        if note.resource_type == "manufacturing_order":
+            so_id = self._mo_so.get(note.object_id)
+            if so_id is not None:
+                return ("sales_order", so_id)
+        return (note.resource_type, note.object_id)
+
+    async def _work(self, key: _Key) -> None:
+        try:
+            while True:
+                # The window: what else arrives for this object joins the one look. TradeGecko
+                # deliveries are told apart by their id at the door; a PO's discovery waits not.
+                await anyio.sleep(self.coalesce if key[0] in _KATANA_RESOURCES else 0)
+                batch = self._queued.pop(key, None)
+                if not batch:
+                    return
+                async with self._limiter:
+                    await self._settle(key, batch)
+        finally:
+            # No await since the empty pop: a delivery queued meanwhile starts a new worker.
+            self._busy.discard(key)
+
+    async def _settle(self, key: _Key, batch: _Batch) -> None:
+        resource, object_id = key
+        notes = [note for _, note in batch]
+        try:
             try:
-                outcome, count = await self._refetch(resource, object_id)
+                newest = max(event_id for event_id, _ in batch)
+                outcome, count = await self._look(resource, object_id, notes, newest)
             except NotFound:
                 outcome, count = "gone", 0
             except SyncdError as exc:
-                if self._retries.failed((resource, object_id)).delay is not None:
-                    raise
+                delay = self._retries.failed(key).delay
+                if delay is not None:
+                    log.warning("webhook re-fetch of %s %s failed: %s", resource, object_id, exc)
+                    await anyio.sleep(delay)
+                    # In order: these go before anything that arrived meanwhile.
+                    self._queued[key] = batch + self._queued.get(key, [])
+                    return
                 outcome, count = f"failed (the poller reconciles): {exc}", 0
-            added += count
-            self._retries.succeeded((resource, object_id))
-            for event_id in ids:
-                # Duplicates of one object in this batch share one re-fetch.
+            self._retries.succeeded(key)
+            for event_id, _ in batch:
+                # Every delivery of the batch shares the one look.
                 await self.store.mark_processed(event_id, outcome)
-        if added:
+                self._claimed.discard(event_id)
+        except SyncdError as exc:
+            # The store failed: the deliveries stay pending and are collected again.
+            log.warning("webhook deliveries not processed yet: %s", exc)
+            self._claimed.difference_update(event_id for event_id, _ in batch)
+            await anyio.sleep(self.retry.webhook.initial)
+            return
+        if count:
             self._wake_dispatcher()
 
-    async def _refetch(self, resource: str, object_id: int) -> tuple[str, int]:
+    def _counted(self, resource: str) -> None:
+        self.refetches[resource] = self.refetches.get(resource, 0) + 1
+
+    async def _look(
+        self, resource: str, object_id: int, notes: list[inbox.WebhookReceived], newest: int
+    ) -> tuple[str, int]:
         if resource == "purchase_order":
-            return await self._purchase_order(object_id)
+            return await self._purchase_order(object_id, notes)
         if resource == "procurement":
             # A receipt: the poll reads the PO's new state.
             self.tradegecko_poller.kick.set()
             return "poll asked", 0
         if resource == "manufacturing_order":
-            client = self.katana_poller.client
-            orders = await client.list_manufacturing_orders(ids=[object_id], include_deleted=True)
-            so_ids = {mo.sales_order_id for mo in orders if mo.sales_order_id is not None}
-            return await self._sales_orders(so_ids)
+            return await self._manufacturing_order(object_id, notes, newest)
         if resource == "sales_order":
-            return await self._sales_orders({object_id})
+            return await self._sales_order(object_id, notes, newest)
         return f"nothing to do for {resource}", 0
 
-    async def _purchase_order(self, po_id: int) -> tuple[str, int]:
+    def _hint(
+        self,
+        notes: list[inbox.WebhookReceived],
+        state: str,
+        resume: str | None,
+        so_id: int | None = None,
+    ) -> str:
+        """Why the deliveries need no look at the order of SO ``so_id`` in ``state``, or
+        ``""`` if they do."""
+        if all(note.event == "sales_order.created" for note in notes):
+            # Only syncd's import creates a followed SO; its outcome already said so.
+            return "echo of syncd's own write"
+
+        def allows(trigger: str) -> bool:
+            return self.chart.allows(state, trigger, resume_state=resume)
+
+        # What the MOs' deliveries are weighed with: a delivery saying DELIVERED (reordered
+        # ones may be stale, so only the status that can move counts), else the last look.
+        delivered = any(n.resource_type == "sales_order" and n.status == DELIVERED for n in notes)
+        so_status = DELIVERED if delivered else self._so_status.get(so_id or 0)
+        if any(
+            delivery_can_move(
+                note.resource_type,
+                note.status,
+                deleted=note.event.endswith(".deleted"),
+                allows=allows,
+                so_status=so_status,
+            )
+            for note in notes
+        ):
+            return ""
+        statuses = ", ".join(sorted({note.status or "none" for note in notes}))
+        return f"status {statuses} cannot move an order {state}"
+
+    async def _sales_order(
+        self, so_id: int, notes: list[inbox.WebhookReceived], newest: int
+    ) -> tuple[str, int]:
+        if any(n.resource_type == "sales_order" and n.status == DELIVERED for n in notes):
+            self._so_status[so_id] = DELIVERED  # until a look says otherwise
+        link = await self.store.link_by_so(so_id)
+        if link is None or link.state not in self.katana_poller.followed_states:
+            return "not followed", 0
+        if why := self._hint(notes, link.state, link.resume_state, link.so_id):
+            return why, 0
+        return await self._sales_orders({so_id}, newest)
+
+    async def _manufacturing_order(
+        self, mo_id: int, notes: list[inbox.WebhookReceived], newest: int
+    ) -> tuple[str, int]:
+        if mo_id not in self._mo_so:
+            # One at a time: the first look's SO names its siblings' MOs (a 5-line order
+            # makes 5 MOs at once), so theirs need no look at the MO.
+            async with self._mo_lookup:
+                if mo_id not in self._mo_so:
+                    return await self._unknown_manufacturing_order(mo_id, notes, newest)
+        so_id = self._mo_so[mo_id]
+        if so_id is None:
+            return "made for no sales order", 0
+        link = await self.store.link_by_so(so_id)
+        if link is None or link.state not in self.katana_poller.followed_states:
+            return "not followed", 0
+        if why := self._hint(notes, link.state, link.resume_state, link.so_id):
+            return why, 0
+        return await self._sales_orders({so_id}, newest)
+
+    async def _unknown_manufacturing_order(
+        self, mo_id: int, notes: list[inbox.WebhookReceived], newest: int
+    ) -> tuple[str, int]:
+        # Which order it belongs to is unknown: weighed against every followed order's
+        # state, then the MO is looked at to find out.
+        followed = self.katana_poller.followed_states
+        held = [state for state in await self.store.counts_by_state() if state in followed]
+        # A look's triggers never include ``retry``, the one a resume state decides.
+        if all(self._hint(notes, state, None) for state in held):
+            return "status cannot move any followed order", 0
+        self._counted("manufacturing_order")
+        orders = await self.katana_poller.client.list_manufacturing_orders(
+            ids=[mo_id], include_deleted=True
+        )
+        for mo in orders:
+            # An MO made for no sales order stays so: its deliveries need no look again.
+            self._mo_so[mo.id] = mo.sales_order_id
+        so_ids = {mo.sales_order_id for mo in orders if mo.sales_order_id is not None}
+        return await self._sales_orders(so_ids, newest)
+
+    async def _purchase_order(
+        self, po_id: int, notes: list[inbox.WebhookReceived]
+    ) -> tuple[str, int]:
         poller = self.tradegecko_poller
+        if all(note.event == "purchase_order.received" for note in notes):
+            link = await self.store.link_by_po(po_id)
+            # A received PO is withdrawn from nothing; a linked one was received by syncd's
+            # own receive effect, whose outcome moves the order.
+            if link is not None and purchase_order_trigger("received") is None:
+                return "echo of syncd's own write", 0
+        self._counted("purchase_order")
         po, lines = await poller.client.get_purchase_order(po_id)
         if po.company_id not in await poller.supplier_ids():
             await poller.note_not_linked(po, OTHER_SUPPLIER, supplier=f"company {po.company_id}")
@@ -428,13 +607,25 @@ class WebhookConsumer:
         added = await poller.consider(po, linked=linked, lines=lines)
         return ("new event" if added else "nothing new"), added
 
-    async def _sales_orders(self, so_ids: Iterable[int]) -> tuple[str, int]:
+    async def _sales_orders(self, so_ids: Iterable[int], newest: int) -> tuple[str, int]:
+        """Look at the followed ones among ``so_ids`` unless a look that began after the
+        ``newest`` delivery was collected (so after Katana's change) already saw them."""
         poller = self.katana_poller
         followed = await self.store.so_ids_in_states(poller.followed_states)
         wanted = sorted(i for i in so_ids if i in followed)
         if not wanted:
             return "not followed", 0
+        wanted = [i for i in wanted if self._looked.get(i, 0) < newest]
+        if not wanted:
+            return "covered by a later look", 0
+        for so_id in wanted:
+            self._looked[so_id] = self._collected
+        self._counted("sales_order")
         orders = await poller.client.list_sales_orders(ids=wanted, include_deleted=True)
+        for so in orders:
+            self._so_status[so.id] = so.status
+            for mo_id in facts_of(so).manufacturing_order_ids:
+                self._mo_so[mo_id] = so.id
         added = await poller.report(orders, followed)
         return ("new event" if added else "nothing new"), added
 
