@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
 from conftest import Sims
@@ -97,7 +98,14 @@ async def test_the_observer_passed_to_the_daemon_hears_the_whole_flow(
         # The daemon's own metrics were told the same, beside the observer passed in.
         assert daemon.metrics is not None
         received = {"from": "delivered", "to": "received", "trigger": "po_received"}
-        assert daemon.metrics.registry.get_sample_value("syncd_transitions_total", received) == 1
+        # Observers are told right after the transition is stored, which wait_for may see
+        # first: wait (bounded) for the telling, then require exactly one.
+        registry = daemon.metrics.registry
+        with anyio.fail_after(5):
+            # A metric has no event to wait on: look again until it is there.
+            while registry.get_sample_value("syncd_transitions_total", received) is None:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        assert registry.get_sample_value("syncd_transitions_total", received) == 1
     steps = [r[1:] for r in heard.reports if r[0] == "transitioned"]
     assert steps[0] == (None, "discovered", "po_discovered")
     assert steps[-1] == ("delivered", "received", "po_received")
