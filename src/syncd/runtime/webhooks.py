@@ -542,6 +542,12 @@ class WebhookConsumer:
     ) -> tuple[str, int]:
         if any(n.resource_type == "sales_order" and n.status == DELIVERED for n in notes):
             self._so_status[so_id] = DELIVERED  # until a look says otherwise
+        return await self._weigh(so_id, notes, newest)
+
+    async def _weigh(
+        self, so_id: int, notes: list[inbox.WebhookReceived], newest: int
+    ) -> tuple[str, int]:
+        """Look at the SO only when what the deliveries say could move its order."""
         link = await self.store.link_by_so(so_id)
         if link is None or link.state not in self.katana_poller.followed_states:
             return "not followed", 0
@@ -561,12 +567,7 @@ class WebhookConsumer:
         so_id = self._mo_so[mo_id]
         if so_id is None:
             return "made for no sales order", 0
-        link = await self.store.link_by_so(so_id)
-        if link is None or link.state not in self.katana_poller.followed_states:
-            return "not followed", 0
-        if why := self._hint(notes, link.state, link.resume_state, link.so_id):
-            return why, 0
-        return await self._sales_orders({so_id}, newest)
+        return await self._weigh(so_id, notes, newest)
 
     async def _unknown_manufacturing_order(
         self, mo_id: int, notes: list[inbox.WebhookReceived], newest: int
