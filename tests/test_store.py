@@ -360,6 +360,82 @@ async def test_add_event_deduplicates_on_its_key(database: str) -> None:
         assert pending[0].source == "poller"
 
 
+async def test_concurrent_events_share_a_commit_and_each_gets_its_own_row(
+    database: str,
+) -> None:
+    """Group commit: events added while a commit runs go into the next one together; each
+    caller gets the id of the row holding its own payload, a duplicate (of an earlier
+    event, or of another in the same batch) gets None, and nothing is lost."""
+    async with opened(database) as store:
+        before = await store.add_event("webhook", "received", b"old", dedup_key="d:old")
+        commits = 0
+        transaction = store._db.transaction
+
+        @asynccontextmanager
+        async def counted() -> AsyncIterator[Any]:
+            nonlocal commits
+            commits += 1
+            async with transaction() as db:
+                yield db
+
+        store._db.transaction = counted  # type: ignore[method-assign]
+        results: dict[int, int | None] = {}
+
+        def key(n: int) -> str:
+            # Every 7th repeats the old delivery; n and n + 1 share a key when n % 10 == 0.
+            return "d:old" if n % 7 == 0 else f"d:{n - n % 10 if n % 10 < 2 else n}"
+
+        async def add(n: int) -> None:
+            results[n] = await store.add_event(
+                "webhook", "received", str(n).encode(), dedup_key=key(n)
+            )
+
+        async with anyio.create_task_group() as tg:
+            for n in range(60):
+                tg.start_soon(add, n)
+        assert commits <= 3, f"{commits} commits for 60 concurrent events: not grouped"
+
+        rows = {e.id: e.payload for e in await store.pending_events(limit=500)}
+        assert set(rows) == {before} | {i for i in results.values() if i is not None}
+        for n, event_id in results.items():
+            if event_id is not None:
+                assert rows[event_id] == str(n).encode()
+        # Each new key is stored once, and exactly one of its callers was told the row's id.
+        new_keys = {key(n) for n in range(60)} - {"d:old"}
+        assert len(rows) == 1 + len(new_keys)
+        for k in new_keys:
+            told = [n for n in range(60) if key(n) == k and results[n] is not None]
+            assert len(told) == 1, (k, told)
+        assert all(results[n] is None for n in range(60) if key(n) == "d:old")
+
+
+async def test_a_refused_group_commit_fails_every_caller_in_it(database: str) -> None:
+    async with opened(database) as store:
+        transaction = store._db.transaction
+
+        @asynccontextmanager
+        async def refusing() -> AsyncIterator[Any]:
+            async with transaction() as db:
+                yield db
+                raise StoreUnavailable("disk full")
+
+        store._db.transaction = refusing  # type: ignore[method-assign]
+        errors: list[BaseException] = []
+
+        async def add(n: int) -> None:
+            try:
+                await store.add_event("webhook", "received", b"x", dedup_key=f"k{n}")
+            except StoreUnavailable as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(10):
+                tg.start_soon(add, n)
+        assert len(errors) == 10
+        store._db.transaction = transaction  # type: ignore[method-assign]
+        assert await store.pending_events() == []
+
+
 async def test_inbox_backlog_counts_and_dates_the_waiting_events(database: str) -> None:
     clock = Clock(100.0)
     async with opened(database, clock) as store:
