@@ -22,6 +22,7 @@ from syncd.config import (
     TradeGeckoConfig,
     WebhooksConfig,
 )
+from syncd.errors import first_error
 from syncd.sim import (
     KATANA_API_PREFIX,
     TRADEGECKO_WEBHOOK_SECRET,
@@ -69,14 +70,7 @@ class Unsound(Exception):
 
 def find_unsound(exc: BaseException) -> Unsound | None:
     """The :class:`Unsound` in ``exc``, looking inside task groups' exception groups."""
-    if isinstance(exc, Unsound):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = find_unsound(inner)
-            if found is not None:
-                return found
-    return None
+    return first_error(exc, Unsound)
 
 
 def classify(service: str, method: str, path: str, query: set[str]) -> str:

@@ -27,6 +27,7 @@ work waits and is tried again, and no person is asked to look. How it is tried a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -53,7 +54,9 @@ __all__ = [
     "Try",
     "ValidationFailed",
     "WriteWithheld",
+    "first_error",
     "is_transient",
+    "leaf_errors",
 ]
 
 
@@ -266,3 +269,20 @@ class Retries(Generic[_K]):
     def succeeded(self, key: _K) -> None:
         """``key`` worked (or was dealt with): its next failure is the first again."""
         self._failures.pop(key, None)
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def leaf_errors(exc: BaseException) -> Iterator[BaseException]:
+    """The errors inside ``exc``, unwrapping the exception groups task groups raise."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaf_errors(inner)
+    else:
+        yield exc
+
+
+def first_error(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first error of ``kind`` in ``exc`` (itself, or inside its groups)."""
+    return next((e for e in leaf_errors(exc) if isinstance(e, kind)), None)

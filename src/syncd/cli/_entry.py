@@ -6,16 +6,12 @@ import os
 import sys
 from collections.abc import Callable
 
+from syncd.errors import leaf_errors
+
 __all__ = ["EXIT_PIPE_CLOSED", "run_command"]
 
 #: What a shell reports for a writer killed by SIGPIPE (128 + 13).
 EXIT_PIPE_CLOSED = 141
-
-
-def _only_broken_pipes(exc: BaseException) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_only_broken_pipes(inner) for inner in exc.exceptions)
-    return isinstance(exc, BrokenPipeError)
 
 
 def run_command(command: Callable[[], object]) -> None:
@@ -27,7 +23,7 @@ def run_command(command: Callable[[], object]) -> None:
     try:
         command()
     except BaseException as exc:
-        if not _only_broken_pipes(exc):
+        if not all(isinstance(e, BrokenPipeError) for e in leaf_errors(exc)):
             raise
         # Python flushes stdout again at exit and would complain: point it at /dev/null.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -31,6 +31,7 @@ from syncd.errors import (
     StoreError,
     StoreInUse,
     SyncdError,
+    first_error,
 )
 from syncd.ops.logging import configure_logging
 
@@ -125,22 +126,10 @@ def run(config_path: str | None, no_register: bool, shadow: bool) -> None:
     try:
         anyio.run(_run, config, str(path))
     except BaseException as exc:  # a task group wraps what a task raised in a group
-        error = _first_error(exc)
+        error = first_error(exc, SyncdError)
         if error is None:
             raise
         _exit_for(error)
-
-
-def _first_error(exc: BaseException) -> SyncdError | None:
-    """The syncd error behind ``exc``, unwrapping the groups task groups raise."""
-    if isinstance(exc, SyncdError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_error(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def _exit_for(error: SyncdError) -> None:
@@ -322,7 +311,7 @@ def demo(
         _fail("demo interrupted", EXIT_INTERRUPTED)
         return
     except BaseException as exc:  # its database in use (6) or unusable (3), as for run
-        error = _first_error(exc)
+        error = first_error(exc, SyncdError)
         if not isinstance(error, StoreError):
             raise
         _exit_for(error)
