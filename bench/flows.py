@@ -18,7 +18,6 @@ from bench.harness import (
     delta,
     find_unsound,
     free_port,
-    percentile,
     running_sims,
     tally,
     wait_until,
@@ -430,48 +429,6 @@ async def sustained_webhooks(seconds: float = 240.0) -> dict[str, Any]:
     return await sustained(seconds, webhooks=True)
 
 
-async def webhook_latency(orders: int = 100, spacing: float = 0.05) -> dict[str, Any]:
-    """Figure 5: PO created -> SO created (link imported), webhooks on, limits off."""
-    created_at: dict[str, float] = {}
-    imported_at: dict[str, float] = {}
-
-    class Seen(Observer):
-        def transitioned(self, notice: TransitionNotice) -> None:
-            if notice.dest == "imported":
-                imported_at.setdefault(notice.link.po_number, time.monotonic())
-
-    with tempfile.TemporaryDirectory() as tmp:
-        async with running_sims(limits=False, webhooks=True) as sims:
-            config = sims.config(
-                Path(tmp) / "syncd.db",
-                poll=60.0,
-                katana_budget=100_000,
-                tradegecko_budget=100_000,
-                retry_initial=0.2,
-                webhook_port=free_port(),
-            )
-            async with running_daemon(config, observer=Seen()) as daemon:
-                assert daemon.webhooks is not None and daemon.webhooks.registered
-                for _ in range(orders):
-                    before = time.monotonic()
-                    po = await sims.create_po(1)
-                    created_at[po["order_number"]] = before
-                    await anyio.sleep(spacing)
-
-                async def done() -> bool:
-                    return len(imported_at) >= orders
-
-                await wait_until(done, 60)
-    ms = [(imported_at[n] - created_at[n]) * 1000 for n in created_at]
-    return {
-        "orders": orders,
-        "spacing_s": spacing,
-        "p50_ms": round(percentile(ms, 50), 1),
-        "p99_ms": round(percentile(ms, 99), 1),
-        "max_ms": round(max(ms), 1),
-    }
-
-
 def main(argv: list[str]) -> int:
     """``python -m bench.flows [FIGURE ...]``: the named figures (all when none), as JSON."""
     import json
@@ -482,7 +439,6 @@ def main(argv: list[str]) -> int:
         "polling_per_order": polling_per_order,
         "production_calls_per_minute": production_calls_per_minute,
         "baseline_flow": baseline_flow,
-        "webhook_latency": webhook_latency,
         "sustained": sustained,
         "sustained_webhooks": sustained_webhooks,
     }
