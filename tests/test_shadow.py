@@ -343,10 +343,75 @@ def test_the_demo_in_shadow_writes_nothing_and_shows_the_plan(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["sales_orders_created"], summary["receipts"]) == (0, 0)
-    assert summary["planned_writes"] == 2
-    assert "PO0001: would POST katana" in result.stderr
+    # PO0001: the customer, its SO; PO0002: a product for its new SKU, the customer, its SO.
+    assert summary["planned_writes"] == 5
+    assert "create SO TG-PO0001 for the new customer" in result.stderr
+    assert "new variant SHELF-WALNUT: 1 at 88 USD" in result.stderr
     shadow = tmp_path / "demo.shadow.db"
     assert shadow.exists() and not db.exists()
     shown = CliRunner().invoke(syncctl.main, ["plan", "--db", str(shadow), "--json"])
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.output)["summary"]["orders"] == 2
+
+
+async def shadow_with_a_followed_order(database: Path) -> None:
+    from syncd.domain.statechart import load_statechart
+    from test_store import snapshot
+
+    chart = load_statechart()
+    store = await Store.open(str(database))
+    try:
+        await store.set_meta("activated_at", "2026-12-01T10:00:00+00:00")
+        for po_id in (1, 2):
+            link = await store.create_link(
+                snapshot(po_id, f"PO{po_id}"),
+                state=chart.initial,
+                trigger="po_discovered",
+                cause="seen",
+                event_id=None,
+            )
+            assert link is not None
+            if po_id == 1:
+                decision = chart.decide(link.state, "so_created")
+                assert decision is not None
+                await store.apply(link, decision, cause="found", so_id=90, so_number="SO-90")
+    finally:
+        await store.close()
+
+
+async def test_adopt_copies_the_followed_orders_and_the_activation_and_refuses_twice(
+    tmp_path: Path,
+) -> None:
+    shadow, live = tmp_path / "syncd.shadow.db", tmp_path / "syncd.db"
+    await shadow_with_a_followed_order(shadow)
+    args = ("adopt", "--db", str(live), "--shadow-db", str(shadow))
+    done = await syncctl_run(*args)
+    assert done.exit_code == 0, done.output
+    assert "adopted 1 order (PO1); 1 planned order left for the live run to import" in done.output
+    store = await Store.open(str(live))
+    try:
+        assert await store.get_meta("activated_at") == "2026-12-01T10:00:00+00:00"
+        link = await store.link_by_po_number("PO1")
+        assert link is not None and link.so_id == 90
+        assert [h.trigger for h in await store.history(link.id)] == ["po_discovered", "so_created"]
+        assert await store.link_by_po_number("PO2") is None
+    finally:
+        await store.close()
+    again = await syncctl_run(*args)
+    assert again.exit_code == syncctl.EXIT_IN_USE == 9
+    assert "the live database already has orders (factory default); nothing adopted" in again.output
+
+
+async def test_adopt_refuses_a_live_database_a_daemon_has_open(tmp_path: Path) -> None:
+    shadow, live = tmp_path / "syncd.shadow.db", tmp_path / "syncd.db"
+    await shadow_with_a_followed_order(shadow)
+    held = await Store.open(str(live), exclusive=True)
+    try:
+        refused = await syncctl_run("adopt", "--db", str(live), "--shadow-db", str(shadow))
+    finally:
+        await held.close()
+    assert refused.exit_code == 9 and "a daemon runs on the live database" in refused.output
+    missing = await syncctl_run(
+        "adopt", "--db", str(live), "--shadow-db", str(tmp_path / "none.db")
+    )
+    assert missing.exit_code == 3 and "shadow database not found" in missing.output

@@ -1062,7 +1062,7 @@ def _plan_orders(plans: list[PlannedWrite]) -> list[dict[str, Any]]:
     return list(orders.values())
 
 
-def _number(value: Any) -> str:
+def _amount(value: Any) -> str:
     """A quantity or price as a person writes it (``150.0`` → ``150``)."""
     try:
         return f"{Decimal(str(value)).normalize():f}"
@@ -1095,14 +1095,14 @@ def _described(request: dict[str, Any], new_skus: dict[int, str]) -> list[str]:
             else:
                 named = f"{skus.get(str(variant), '?')} (variant {variant})"
             lines.append(
-                f"  {named}: {_number(row.get('quantity'))} at "
-                f"{_number(row.get('price_per_unit'))} "
+                f"  {named}: {_amount(row.get('quantity'))} at "
+                f"{_amount(row.get('price_per_unit'))} "
                 f"{body.get('currency') or ''}".rstrip()
             )
         return lines
     if kind == "recosted_lines":
-        price = _number(body.get("purchase_order_line_item", {}).get("price"))
-        before = _number(detail.get("before", "?"))
+        price = _amount(body.get("purchase_order_line_item", {}).get("price"))
+        before = _amount(detail.get("before", "?"))
         line = detail.get("line_id", request["path"])
         return [f"re-cost line {line} ({detail.get('sku', '?')}): {before} → {price}"]
     if kind == "receipts":
