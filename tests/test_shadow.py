@@ -245,6 +245,45 @@ async def test_a_shadow_run_plans_everything_writes_nothing_and_live_does_what_i
         assert [line.price for line in lines] == [unit_cost("CHAIR-OAK")]
 
 
+async def test_a_po_the_other_integration_receives_leaves_no_plan(
+    sims: Sims, tmp_path: Path
+) -> None:
+    api = sims.katana_url + katana_sim.API_PREFIX
+    shadow_db = tmp_path / "syncd.shadow.db"
+    async with sims.daemon(shadowed(sims.config(tmp_path / "syncd.db"))) as daemon:
+        other = await sims.create_po(OTHERS, status="draft")
+        async with KatanaClient(api, KATANA_TOKEN) as katana:
+            chair = (await katana.list_variants(skus=["CHAIR-OAK"]))[0]
+            zapier = await katana.create_customer(name="Zapier")
+            row = NewSalesOrderRow(variant_id=chair.id, quantity=Decimal(4))
+            await katana.create_sales_order(
+                NewSalesOrder(
+                    customer_id=zapier.id,
+                    order_no=f"TG-{other['order_number']}",
+                    sales_order_rows=[row],
+                )
+            )
+        po_url = f"{sims.tradegecko_url}/_sim/purchase_orders/{other['id']}"
+        assert (await sims.control.patch(po_url, json={"status": "active"})).status_code == 200
+        number = other["order_number"]
+        async with sims.factory():
+            daemon.poll_now()
+            await plans_for(daemon.store, {number: "receive_order"})
+    # Zapier receives it before syncd would. A linked PO's receipt moves nothing by itself:
+    # the receive effect, run again (here at the next start), finds it received.
+    assert (await sims.control.patch(po_url, json={"status": "received"})).status_code == 200
+    async with sims.daemon(shadowed(sims.config(tmp_path / "syncd.db"))) as daemon:
+        (link,) = await wait_for(daemon, [number], is_state("received"))
+        assert await daemon.store.plans(number) == []
+        last = (await daemon.store.history(link.id))[-1]
+        assert last.cause == f"PO {number} is received in TradeGecko"
+    _, tradegecko = await sims.counters()
+    assert writes(tradegecko) == Counter()
+    shown = await syncctl_run("plan", number, "--db", str(shadow_db))
+    assert shown.exit_code == 5
+    assert "(its order is received: nothing to send)" in shown.output
+
+
 def test_shadow_database_sits_beside_the_live_one() -> None:
     assert shadow_database(DaemonConfig(database="/var/lib/syncd/syncd.db")) == (
         "/var/lib/syncd/syncd.shadow.db"

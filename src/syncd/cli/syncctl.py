@@ -1155,12 +1155,14 @@ def plan(ctx: click.Context, po: str | None, as_json: bool) -> None:
             except ConfigError as exc:
                 _fail(str(exc), EXIT_CONFIG)
 
-    async def work(store: Store) -> list[dict[str, Any]]:
-        return _plan_orders(await store.plans(po))
+    async def work(store: Store) -> tuple[list[dict[str, Any]], LinkedOrder | None]:
+        orders = _plan_orders(await store.plans(po))
+        return orders, None if po is None or orders else await store.link_by_po_number(po)
 
-    orders = _with_store(ctx, work)
+    orders, unplanned = _with_store(ctx, work)
     if po is not None and not orders:
-        _fail(f"no plan for PO {po} in the shadow run's database", EXIT_NOT_FOUND)
+        why = "" if unplanned is None else f" (its order is {unplanned.state}: nothing to send)"
+        _fail(f"no plan for PO {po} in the shadow run's database{why}", EXIT_NOT_FOUND)
     requests = [r for order in orders for r in order["requests"]]
     summary: dict[str, int] = {"orders": len(orders)}
     for kind in [*dict.fromkeys(_PLAN_KINDS.values()), "other"]:

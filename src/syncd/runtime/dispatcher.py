@@ -372,6 +372,11 @@ class Dispatcher:
             **extra,  # type: ignore[arg-type]
         )
         crash_point("transition_applied")
+        left = self.chart.state(decision.source).effect
+        if self.shadow and left is not None and decision.dest != decision.source:
+            # Moved on without its effect's writes (the other integration received the PO,
+            # say): nothing is left to send.
+            await self.store.drop_plan(link.id, left)
         self._effect_retries.succeeded(link.id)
         self._notify(
             updated, decision.source, decision.dest, decision.trigger, cause, link.state_since
