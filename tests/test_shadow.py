@@ -1,6 +1,8 @@
 """A shadow run (``daemon.mode = "shadow"``): both services read for real, nothing written
-to either (the simulators' per-endpoint counters prove it), each order's withheld write
-kept as its plan; a live run afterwards does what the plan said, order by order."""
+to either (the simulators' per-endpoint counters prove it), every write of each order's
+effect kept as its plan (new customer and variants, the SO, the re-costed lines, the
+receipt of an SO another integration made); ``syncctl adopt`` and a live run afterwards
+do what the plan said, order by order."""
 
 from __future__ import annotations
 
@@ -454,3 +456,7 @@ async def test_adopt_refuses_a_live_database_a_daemon_has_open(tmp_path: Path) -
         "adopt", "--db", str(live), "--shadow-db", str(tmp_path / "none.db")
     )
     assert missing.exit_code == 3 and "shadow database not found" in missing.output
+    # Without --shadow-db: the live database's name with .shadow before its suffix.
+    beside = await syncctl_run("adopt", "--db", str(tmp_path / "other.db"))
+    assert beside.exit_code == 3
+    assert f"shadow database not found: {tmp_path / 'other.shadow.db'}" in beside.output

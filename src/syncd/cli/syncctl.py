@@ -38,7 +38,7 @@ import msgspec
 
 from syncd import __version__
 from syncd.cli._entry import run_command
-from syncd.config import Config, default_config_path, load_config
+from syncd.config import Config, DaemonConfig, default_config_path, load_config, shadow_database
 from syncd.domain.orders import LinkedOrder
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ConfigError, StatechartError, StoreError, StoreInUse
@@ -1180,7 +1180,8 @@ def plan(ctx: click.Context, po: str | None, as_json: bool) -> None:
 @click.option(
     "--shadow-db",
     default=None,
-    help="The shadow run's database; default the config's daemon.shadow_database.",
+    help="The shadow run's database; default daemon.shadow_database, else the live "
+    "database's name with .shadow before its suffix.",
 )
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -1195,16 +1196,15 @@ def adopt(ctx: click.Context, shadow_db: str | None, as_json: bool) -> None:
     a live start begins clean, with POs raised from then on.
     """
     config = _config(ctx)
+    live_db = _db_path(ctx)
     if shadow_db is None:
-        if config is None:
-            _fail("name the shadow run's database with --shadow-db PATH or --config", EXIT_CONFIG)
-            raise AssertionError("unreachable")
+        # Where the shadow run of this live database kept its state.
+        daemon = config.daemon if config is not None else DaemonConfig(database=live_db)
         try:
-            shadow_db = config.as_shadow().daemon.database
+            shadow_db = shadow_database(msgspec.structs.replace(daemon, database=live_db))
         except ConfigError as exc:
             _fail(str(exc), EXIT_CONFIG)
             raise
-    live_db = _db_path(ctx)
     if not is_postgres_url(shadow_db) and not Path(shadow_db).exists():
         _fail(f"shadow database not found: {shadow_db}", EXIT_STORE)
     if shadow_db == live_db:
