@@ -286,6 +286,20 @@ async def test_a_po_the_other_integration_receives_leaves_no_plan(
     assert "(its order is received: nothing to send)" in shown.output
 
 
+async def test_an_order_withdrawn_while_planned_loses_its_plan(sims: Sims, tmp_path: Path) -> None:
+    async with sims.daemon(shadowed(sims.config(tmp_path / "syncd.db"))) as daemon:
+        po = await sims.create_po(ORDERS[0])
+        daemon.poll_now()
+        await plans_for(daemon.store, {po["order_number"]: "import_order"})
+        voided = await sims.control.patch(
+            f"{sims.tradegecko_url}/_sim/purchase_orders/{po['id']}", json={"status": "void"}
+        )
+        assert voided.status_code == 200, voided.text
+        daemon.poll_now()
+        await wait_for(daemon, [po["order_number"]], is_state("cancelled"))
+        assert await daemon.store.plans() == []
+
+
 def test_shadow_database_sits_beside_the_live_one() -> None:
     assert shadow_database(DaemonConfig(database="/var/lib/syncd/syncd.db")) == (
         "/var/lib/syncd/syncd.shadow.db"
