@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 
 import anyio
@@ -452,3 +453,58 @@ def test_time_filters_are_utc_with_milliseconds_and_z() -> None:
     assert format_time(datetime(2024, 5, 1, 12, 0, 7, 123456)) == "2024-05-01T12:00:07.123Z"
     plus_two = timezone(timedelta(hours=2))
     assert format_time(datetime(2024, 5, 1, 14, 0, tzinfo=plus_two)) == "2024-05-01T12:00:00.000Z"
+
+
+# -- a shadow run: writes planned or withheld, never sent -----------------------------------
+
+
+def _nothing_sent(request: httpx.Request) -> httpx.Response:
+    raise AssertionError(f"a shadow client sent {request.method} {request.url}")
+
+
+async def test_a_shadow_client_plans_each_write_it_knows_and_sends_none() -> None:
+    from syncd.adapters._http import planning
+    from syncd.adapters.katana import KatanaClient, NewSalesOrder, NewSalesOrderRow
+    from syncd.adapters.tradegecko import TradeGeckoClient
+    from syncd.errors import WriteWithheld
+
+    transport = httpx.MockTransport(_nothing_sent)
+    katana = KatanaClient("http://katana.test", "k", transport=transport, shadow=True)
+    tradegecko = TradeGeckoClient("http://tg.test", "t", transport=transport, shadow=True)
+    async with katana, tradegecko:
+        with planning() as plan:
+            product = await katana.create_product(name="Shelf", sku="SHELF")
+            order = await katana.create_sales_order(
+                NewSalesOrder(
+                    customer_id=4,
+                    order_no="TG-PO1",
+                    sales_order_rows=[
+                        NewSalesOrderRow(
+                            variant_id=product.variants[0].id,
+                            quantity=Decimal(2),
+                            price_per_unit=Decimal("88.50"),
+                        )
+                    ],
+                )
+            )
+            await tradegecko.update_line_item_price(31, Decimal("77.90"))
+            receipt = await tradegecko.receive_purchase_order(30, idempotency_key="k")
+            # No plan for a webhook (a shadow run registers none): withheld, still unsent.
+            with pytest.raises(WriteWithheld, match="katana POST /webhooks"):
+                await katana.create_webhook("https://x.test/hook", ["sales_order.updated"])
+        # Placeholder ids are negative and distinct; the SO names the placeholder variant.
+        ids = [product.id, product.variants[0].id, order.id, order.sales_order_rows[0].id]
+        assert all(i < 0 for i in ids) and len(set(ids)) == 4
+        assert order.sales_order_rows[0].variant_id == product.variants[0].id
+        assert (receipt.id < 0, receipt.purchase_order_id) == (True, 30)
+        assert [(r.service, r.method, r.path) for r in plan.requests] == [
+            ("katana", "POST", "/products"),
+            ("katana", "POST", "/sales_orders"),
+            ("tradegecko", "PUT", "/purchase_order_line_items/31"),
+            ("tradegecko", "POST", "/purchase_orders/30/actions/receive"),
+        ]
+        assert plan.requests[0].body["variants"][0]["sku"] == "SHELF"
+        assert plan.requests[2].body == {"purchase_order_line_item": {"price": "77.90"}}
+        # Outside a plan every write is withheld at once (the safety net).
+        with pytest.raises(WriteWithheld, match="tradegecko PUT"):
+            await tradegecko.update_line_item_price(31, Decimal("1"))

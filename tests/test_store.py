@@ -11,12 +11,14 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, closing
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import msgspec
 import psycopg
 import pytest
 
@@ -1450,3 +1452,92 @@ async def test_postgres_wakeups_listen_again_after_a_lost_connection(
         assert await next_wakeup(wakeups) == "south"
         await intake.notify("north")
         assert await next_wakeup(wakeups) == "north"
+
+
+# -- a shadow run's plans, and adopting its links ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    service: str
+    method: str
+    endpoint: str
+    path: str
+    body: Any = None
+    answer: Any = None
+    detail: Any = None
+
+
+async def test_a_plan_holds_every_request_in_order_and_is_replaced_whole(database: str) -> None:
+    product = Request("katana", "POST", "/products", "/products", {"name": "S"}, {"id": -1})
+    order = Request(
+        "katana", "POST", "/sales_orders", "/sales_orders", {"order_no": "TG-1"}, {"id": -2}
+    )
+    async with opened(database) as store:
+        await store.record_plan(1, "PO1", "import_order", [product, order])
+        await store.record_plan(2, "PO2", "import_order", [order])
+        await store.record_plan(2, "PO2", "import_order", [order, product])  # ran again
+        plans = await store.plans()
+        assert [(p.po_number, p.seq, p.endpoint) for p in plans] == [
+            ("PO1", 0, "/products"),
+            ("PO1", 1, "/sales_orders"),
+            ("PO2", 0, "/sales_orders"),
+            ("PO2", 1, "/products"),
+        ]
+        assert (plans[0].body, plans[0].answer, plans[0].detail) == (
+            {"name": "S"},
+            {"id": -1},
+            None,
+        )
+        await store.drop_plan(1, "import_order")
+        assert {p.po_number for p in await store.plans()} == {"PO2"}
+        assert [p.seq for p in await store.plans("PO2")] == [0, 1]
+
+
+async def test_a_version_4_plan_is_kept_as_its_first_request(database: str) -> None:
+    if is_pg(database):
+        for sql in POSTGRES_MIGRATIONS[:4]:
+            raw(database, sql)
+        raw(database, f"CREATE TABLE {VERSION_TABLE} (version INTEGER NOT NULL)")
+        raw(database, f"INSERT INTO {VERSION_TABLE} (version) VALUES (4)")
+    else:
+        with closing(sqlite3.connect(database)) as con:
+            con.executescript("".join(MIGRATIONS[:4]))
+            con.execute("PRAGMA user_version = 4")
+            con.commit()
+    raw(
+        database,
+        "INSERT INTO plans (link_id, effect, po_number, service, method, endpoint, path, body, "
+        "planned_at) VALUES (3, 'import_order', 'PO3', 'katana', 'POST', '/sales_orders', "
+        "'/sales_orders', '{\"order_no\": \"TG-PO3\"}', 5)",
+    )
+    async with opened(database) as store:
+        (plan,) = await store.plans()
+        assert (plan.po_number, plan.seq, plan.body, plan.answer) == (
+            "PO3",
+            0,
+            {"order_no": "TG-PO3"},
+            None,
+        )
+    assert schema_version(database) == len(MIGRATIONS)
+
+
+async def test_adopting_a_link_copies_it_with_its_history(database: str, tmp_path: Path) -> None:
+    async with opened(tmp_path / "syncd.shadow.db") as shadow:
+        link = await new_link(shadow, 10, "PO10")
+        followed = await shadow.apply(
+            link, decide("discovered", "so_created"), cause="found", so_id=77, so_number="SO-77"
+        )
+        await new_link(shadow, 11, "PO11")
+        history = await shadow.history(followed.id)
+    async with opened(database) as live:
+        await new_link(live, 12, "PO12")  # ids here differ from the shadow's
+        new_id = await live.adopt_link(followed, history)
+        adopted = present(await live.get_link(new_id))
+        assert msgspec.structs.replace(adopted, id=followed.id) == followed
+        assert [
+            (h.from_state, h.to_state, h.trigger, h.cause, h.at) for h in await live.history(new_id)
+        ] == [(h.from_state, h.to_state, h.trigger, h.cause, h.at) for h in history]
+        assert present(await live.link_by_so(77)).id == new_id
+        with pytest.raises(StoreConflict, match="PO10 or its SO is already linked"):
+            await live.adopt_link(followed, history)

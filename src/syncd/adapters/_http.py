@@ -23,10 +23,12 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, ParamSpec, Self, TypeVar
 
 import anyio
@@ -51,15 +53,18 @@ from syncd.errors import (
 
 __all__ = [
     "Params",
+    "PlannedRequest",
     "Priority",
     "RequestBudget",
     "ServiceClient",
+    "WritePlan",
     "chunks",
     "current_priority",
     "describe_error_body",
     "format_time",
     "is_last_page",
     "parse_reset",
+    "planning",
     "request_priority",
 ]
 
@@ -75,13 +80,63 @@ _READING = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def _decoded(body: bytes | None) -> Any:
-    """A withheld request's body as JSON values (its text if it is not JSON)."""
+    """A withheld request's body as JSON values (its text if it is not JSON); numbers with
+    a fraction as :class:`~decimal.Decimal`, their digits as sent."""
     if body is None:
         return None
     try:
-        return json.loads(body)
+        return json.loads(body, parse_float=Decimal)
     except (ValueError, RecursionError):
         return body.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """A writing request a shadow run did not send: what the client would have sent, and
+    the placeholder answer it gave the caller instead (``None``: none, it was withheld)."""
+
+    service: str
+    method: str
+    #: The endpoint as a template (``/sales_orders/{id}``).
+    endpoint: str
+    path: str
+    #: The JSON body, decoded; ``None``: no body.
+    body: Any
+    #: The placeholder answer (negative ids), decoded.
+    answer: Any = None
+    #: What the caller adds to explain it to a person (the client knows only the request).
+    detail: Any = None
+
+
+class WritePlan:
+    """The writes one effect would send, in order, while :func:`planning` is active. Each
+    planned write is answered with a placeholder whose new ids count down from -1, so they
+    can never be mistaken for a service's ids."""
+
+    def __init__(self) -> None:
+        self.requests: list[PlannedRequest] = []
+        self._last_id = 0
+
+    def new_id(self) -> int:
+        """A placeholder id not yet given in this plan."""
+        self._last_id -= 1
+        return self._last_id
+
+
+_plan: ContextVar[WritePlan | None] = ContextVar("syncd_write_plan", default=None)
+
+
+@contextmanager
+def planning() -> Iterator[WritePlan]:
+    """Within the block (this task and those it starts), a shadow client answers each write
+    it knows how to plan with a placeholder and records it in the yielded plan, instead of
+    raising :class:`~syncd.errors.WriteWithheld`. Nothing is sent either way."""
+    plan = WritePlan()
+    token = _plan.set(plan)
+    try:
+        yield plan
+    finally:
+        _plan.reset(token)
 
 
 def format_time(moment: datetime) -> str:
@@ -550,7 +605,7 @@ class ServiceClient:
         """
         endpoint = template or path
         if self.shadow and method.upper() not in _READING:
-            raise WriteWithheld(self.service, method.upper(), endpoint, path, _decoded(body))
+            return self._plan_write(method.upper(), endpoint, path, _decoded(body))
         retry_errors = method in _IDEMPOTENT or idempotency_key is not None
         headers: dict[str, str] = {}
         if body is not None:
@@ -589,6 +644,24 @@ class ServiceClient:
         except _Retryable as exc:
             raise exc.error from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _plan_write(self, method: str, endpoint: str, path: str, body: Any) -> httpx.Response:
+        """A shadow run's write: planned (recorded, answered with a placeholder) when a plan
+        is being made and the client knows the endpoint; else withheld. Never sent."""
+        plan = _plan.get()
+        answer = None if plan is None else self._placeholder(plan, method, endpoint, path, body)
+        if plan is None or answer is None:
+            raise WriteWithheld(self.service, method, endpoint, path, body)
+        plan.requests.append(PlannedRequest(self.service, method, endpoint, path, body, answer))
+        return httpx.Response(200, content=msgspec.json.encode(answer))
+
+    def _placeholder(
+        self, plan: WritePlan, method: str, endpoint: str, path: str, body: Any
+    ) -> Any:
+        """The answer the service would give this write, with new ids from ``plan``
+        (:meth:`WritePlan.new_id`); ``None``: not planned here, so withheld. Each service's
+        client knows its own writes."""
+        return None
 
     async def _send_once(
         self,

@@ -479,12 +479,12 @@ async def _wait_until_planned(store: Store, po_numbers: list[str], out: TextIO) 
         if {plan.po_number for plan in plans} >= set(po_numbers):
             break
         await anyio.sleep(0.1)
-    for plan in plans:
-        print(
-            f"{plan.po_number}: would {plan.method} {plan.service} {plan.path} (withheld)",
-            file=out,
-            flush=True,
-        )
+    # Imported here: the demo's live path never needs syncctl.
+    from syncd.cli.syncctl import describe_plan
+
+    print("the plan (nothing sent):", file=out)
+    for line in describe_plan(plans):
+        print(line, file=out, flush=True)
 
 
 def _percentile(values: list[float], percent: float) -> float | None:
@@ -526,7 +526,7 @@ def render_summary(summary: DemoSummary, out: TextIO) -> None:
     )
     if summary.planned_writes is not None:
         print(
-            f"shadow run: {summary.planned_writes} writes withheld, nothing sent "
+            f"shadow run: {summary.planned_writes} writes planned, nothing sent "
             "(syncctl plan --db <the .shadow database> shows them)",
             file=out,
         )

@@ -16,7 +16,8 @@ cannot be opened (or written, for the commands that queue an event); 5 the order
 for does not exist; 6 the order's state does not allow the command (e.g. ``retry`` of an order
 that does not need attention; ``import`` of a PO already linked or not active); 7 ``import``
 refused: the PO is another supplier's (``--force`` imports it anyway); 8 ``import --wait``:
-the daemon reported no outcome in time (is it running?) or gave up on the request.
+the daemon reported no outcome in time (is it running?) or gave up on the request; 9
+``adopt`` refused: the live database already has orders or a daemon runs on it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -36,10 +38,10 @@ import msgspec
 
 from syncd import __version__
 from syncd.cli._entry import run_command
-from syncd.config import Config, default_config_path, load_config
+from syncd.config import Config, DaemonConfig, default_config_path, load_config, shadow_database
 from syncd.domain.orders import LinkedOrder
 from syncd.domain.statechart import Statechart, load_statechart
-from syncd.errors import ConfigError, StatechartError, StoreError
+from syncd.errors import ConfigError, StatechartError, StoreError, StoreInUse
 from syncd.runtime import inbox
 from syncd.runtime.pauses import PAUSED_PREFIX
 from syncd.runtime.pollers import BEFORE_ACTIVATION, OTHER_SUPPLIER
@@ -55,12 +57,15 @@ from syncd.store import (
 __all__ = [
     "DEFAULT_WAIT",
     "EXIT_CONFIG",
+    "EXIT_IN_USE",
     "EXIT_NOT_ALLOWED",
     "EXIT_NOT_FOUND",
     "EXIT_NO_OUTCOME",
     "EXIT_OTHER_SUPPLIER",
     "EXIT_STORE",
+    "adopt",
     "cancel",
+    "describe_plan",
     "entry",
     "explain",
     "history",
@@ -81,6 +86,8 @@ EXIT_NOT_FOUND = 5
 EXIT_NOT_ALLOWED = 6
 EXIT_OTHER_SUPPLIER = 7
 EXIT_NO_OUTCOME = 8
+#: ``adopt``: the live database already has orders, or a daemon runs on it.
+EXIT_IN_USE = 9
 
 #: ``import --wait`` without a number waits this long (seconds).
 DEFAULT_WAIT = 60.0
@@ -1017,11 +1024,11 @@ def entry() -> None:
 
 # -- a shadow run's plan -------------------------------------------------------------------
 
-#: What each withheld request is, for the plan's summary: (effect, method, endpoint) → kind.
+#: What each planned request is, for the plan's summary: (effect, method, endpoint) → kind.
 _PLAN_KINDS = {
-    ("import_order", "POST", "/sales_orders"): "sales_orders",
-    ("import_order", "POST", "/products"): "variants",
     ("import_order", "POST", "/customers"): "customers",
+    ("import_order", "POST", "/products"): "variants",
+    ("import_order", "POST", "/sales_orders"): "sales_orders",
     ("make_to_order", "POST", "/manufacturing_order_make_to_order"): "manufacturing_orders",
     ("receive_order", "PUT", "/purchase_order_line_items/{id}"): "recosted_lines",
     ("receive_order", "POST", "/purchase_orders/{id}/actions/receive"): "receipts",
@@ -1030,15 +1037,100 @@ _PLAN_KINDS = {
 
 def _planned(plan: PlannedWrite) -> dict[str, Any]:
     return {
-        "po_number": plan.po_number,
         "effect": plan.effect,
+        "seq": plan.seq,
         "kind": _PLAN_KINDS.get((plan.effect, plan.method, plan.endpoint), "other"),
         "service": plan.service,
         "method": plan.method,
         "path": plan.path,
         "body": plan.body,
+        # The placeholder answer the run went on with; null: withheld, the plan ends there.
+        "answer": plan.answer,
+        "detail": plan.detail,
         "planned_at": _when(plan.planned_at),
     }
+
+
+def _plan_orders(plans: list[PlannedWrite]) -> list[dict[str, Any]]:
+    """The plan as one entry per order, its requests in the order they would be sent."""
+    orders: dict[int, dict[str, Any]] = {}
+    for plan in plans:
+        order = orders.setdefault(
+            plan.link_id, {"po_number": plan.po_number, "link_id": plan.link_id, "requests": []}
+        )
+        order["requests"].append(_planned(plan))
+    return list(orders.values())
+
+
+def _amount(value: Any) -> str:
+    """A quantity or price as a person writes it (``150.0`` → ``150``)."""
+    try:
+        return f"{Decimal(str(value)).normalize():f}"
+    except ArithmeticError:
+        return str(value)
+
+
+def _described(request: dict[str, Any], new_skus: dict[int, str]) -> list[str]:
+    """A planned request for a person: what it does, then its rows (an SO's)."""
+    body = request["body"] if isinstance(request["body"], dict) else {}
+    detail = request["detail"] if isinstance(request["detail"], dict) else {}
+    kind = request["kind"]
+    withheld = "" if request["answer"] is not None else " (withheld: the plan stops here)"
+    if kind == "customers":
+        return [f"create customer {body.get('name')!r} (reference {body.get('reference_id')})"]
+    if kind == "variants":
+        made = ", ".join(str(v.get("sku")) for v in body.get("variants", []))
+        return [f"create product {body.get('name')!r} with variant {made}"]
+    if kind == "sales_orders":
+        customer = body.get("customer_id")
+        who = "the new customer" if isinstance(customer, int) and customer < 0 else customer
+        if not isinstance(customer, int) or customer >= 0:
+            who = f"customer {customer}"
+        lines = [f"create SO {body.get('order_no')} for {who}{withheld}"]
+        skus: dict[str, str] = detail.get("skus", {})
+        for row in body.get("sales_order_rows", []):
+            variant = row.get("variant_id")
+            if isinstance(variant, int) and variant in new_skus:
+                named = f"new variant {new_skus[variant]}"
+            else:
+                named = f"{skus.get(str(variant), '?')} (variant {variant})"
+            lines.append(
+                f"  {named}: {_amount(row.get('quantity'))} at "
+                f"{_amount(row.get('price_per_unit'))} "
+                f"{body.get('currency') or ''}".rstrip()
+            )
+        return lines
+    if kind == "recosted_lines":
+        price = _amount(body.get("purchase_order_line_item", {}).get("price"))
+        before = _amount(detail.get("before", "?"))
+        line = detail.get("line_id", request["path"])
+        return [f"re-cost line {line} ({detail.get('sku', '?')}): {before} → {price}"]
+    if kind == "receipts":
+        return [f"receive the PO ({request['path']}){withheld}"]
+    if kind == "manufacturing_orders":
+        return [f"make to order SO row {body.get('sales_order_row_id')}{withheld}"]
+    return [f"{request['method']} {request['service']} {request['path']}{withheld}"]
+
+
+def describe_plan(plans: list[PlannedWrite]) -> list[str]:
+    """A shadow run's plan (:meth:`Store.plans`) as text lines: each order, then each
+    request it would send (``syncctl plan``, ``syncd demo --shadow``)."""
+    return _plan_lines(_plan_orders(plans))
+
+
+def _plan_lines(orders: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for order in orders:
+        lines.append(f"{order['po_number']}:")
+        new_skus: dict[int, str] = {}
+        for request in order["requests"]:
+            answer = request["answer"] if isinstance(request["answer"], dict) else {}
+            for variant in answer.get("variants", []) if request["kind"] == "variants" else []:
+                new_skus[variant.get("id")] = str(variant.get("sku"))
+            first, *rest = _described(request, new_skus)
+            lines.append(f"  {request['effect']:<14} {first}")
+            lines.extend(f"  {'':<14} {line}" for line in rest)
+    return lines
 
 
 @main.command()
@@ -1050,8 +1142,10 @@ def plan(ctx: click.Context, po: str | None, as_json: bool) -> None:
     """What a shadow run (``syncd run --shadow``) would have sent, per order and in sum.
 
     Reads the shadow run's database (``daemon.shadow_database``, by default ``database``
-    with ``.shadow`` before its suffix), or the one ``--db`` names. Each order shows the
-    first writing request its effect would have sent.
+    with ``.shadow`` before its suffix), or the one ``--db`` names. Each order shows every
+    writing request its effect would have sent, in order: new customers and variants (by
+    SKU), the sales order with its rows, each re-costed line (price before → after), the
+    receipt.
     """
     if ctx.meta.get("syncctl.db") is None:
         config = _config(ctx)
@@ -1061,27 +1155,132 @@ def plan(ctx: click.Context, po: str | None, as_json: bool) -> None:
             except ConfigError as exc:
                 _fail(str(exc), EXIT_CONFIG)
 
-    async def work(store: Store) -> list[dict[str, Any]]:
-        return [_planned(p) for p in await store.plans(po)]
+    async def work(store: Store) -> tuple[list[dict[str, Any]], LinkedOrder | None]:
+        orders = _plan_orders(await store.plans(po))
+        return orders, None if po is None or orders else await store.link_by_po_number(po)
 
-    rows = _with_store(ctx, work)
-    if po is not None and not rows:
-        _fail(f"no plan for PO {po} in the shadow run's database", EXIT_NOT_FOUND)
-    summary: dict[str, int] = {"orders": len({r["po_number"] for r in rows})}
-    for kind in [*sorted(set(_PLAN_KINDS.values())), "other"]:
-        summary[kind] = sum(1 for r in rows if r["kind"] == kind)
+    orders, unplanned = _with_store(ctx, work)
+    if po is not None and not orders:
+        why = "" if unplanned is None else f" (its order is {unplanned.state}: nothing to send)"
+        _fail(f"no plan for PO {po} in the shadow run's database{why}", EXIT_NOT_FOUND)
+    requests = [r for order in orders for r in order["requests"]]
+    summary: dict[str, int] = {"orders": len(orders)}
+    for kind in [*dict.fromkeys(_PLAN_KINDS.values()), "other"]:
+        summary[kind] = sum(1 for r in requests if r["kind"] == kind)
     if as_json:
-        _emit({"orders": rows, "summary": summary})
+        _emit({"orders": orders, "summary": summary})
         return
-    for row in rows:
-        click.echo(
-            f"{row['po_number']:<12} {row['effect']:<14} would {row['method']} "
-            f"{row['service']} {row['path']}"
-        )
-        body = row["body"] if isinstance(row["body"], dict) else {}
-        for line in body.get("sales_order_rows", []):
-            click.echo(
-                f"{'':<12}   variant {line.get('variant_id')}: {line.get('quantity')} at "
-                f"{line.get('price_per_unit')}"
-            )
+    for line in _plan_lines(orders):
+        click.echo(line)
     click.echo(", ".join(f"{value} {key.replace('_', ' ')}" for key, value in summary.items()))
+
+
+@main.command()
+@_location_options
+@click.option(
+    "--shadow-db",
+    default=None,
+    help="The shadow run's database; default daemon.shadow_database, else the live "
+    "database's name with .shadow before its suffix.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def adopt(ctx: click.Context, shadow_db: str | None, as_json: bool) -> None:
+    """Before a first live start: take over what a shadow run saw.
+
+    Copies into the live database (``--db``, else the config's ``daemon.database``; made if
+    missing) the shadow run's activation time, so the live run imports every PO the shadow
+    run planned, and each order the shadow run followed on a Katana sales order (with its
+    history), so the live run follows it from where the shadow run was. Refused (exit 9)
+    when the live database already has orders or a daemon has it open. Without ``adopt``
+    a live start begins clean, with POs raised from then on.
+    """
+    config = _config(ctx)
+    live_db = _db_path(ctx)
+    if shadow_db is None:
+        # Where the shadow run of this live database kept its state.
+        daemon = config.daemon if config is not None else DaemonConfig(database=live_db)
+        try:
+            shadow_db = shadow_database(msgspec.structs.replace(daemon, database=live_db))
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_CONFIG)
+            raise
+    if not is_postgres_url(shadow_db) and not Path(shadow_db).exists():
+        _fail(f"shadow database not found: {shadow_db}", EXIT_STORE)
+    if shadow_db == live_db:
+        _fail(f"the shadow and the live database are the same: {live_db}", EXIT_CONFIG)
+    try:
+        adopted = anyio.run(_adopt, shadow_db, live_db)
+    except _Refused as exc:
+        _fail(f"{exc}; nothing adopted", EXIT_IN_USE)
+        raise
+    except StoreError as exc:
+        _fail(str(exc), EXIT_STORE)
+        raise
+    if as_json:
+        _emit(adopted)
+        return
+    for factory in adopted["factories"]:
+        orders = factory["orders"]
+        click.echo(
+            f"{factory['factory']}: activated at {factory['activated_at'] or '-'}; adopted "
+            f"{_plural(len(orders), 'order')}"
+            + (f" ({', '.join(o['po_number'] for o in orders)})" if orders else "")
+            + f"; {_plural(factory['left_to_import'], 'planned order')} left for the live "
+            "run to import"
+        )
+
+
+class _Refused(Exception):
+    """The live database is not one ``adopt`` may fill."""
+
+
+async def _adopt(shadow_db: str, live_db: str) -> dict[str, Any]:
+    shadow = await Store.open(shadow_db, readonly=True)
+    try:
+        try:
+            live = await Store.open(live_db, exclusive=True)
+        except StoreInUse:
+            raise _Refused(f"a daemon runs on the live database {live_db}") from None
+        try:
+            running = [r.factory for r in await live.leases() if r.remaining > 0]
+            if running:
+                raise _Refused(f"a daemon runs on the live database {live_db} ({running[0]})")
+            names = await shadow.factories() or [shadow.factory]
+            for name in names:
+                if await live.for_factory(name).all_links(limit=1):
+                    raise _Refused(f"the live database already has orders (factory {name})")
+            factories = [
+                await _adopt_factory(shadow.for_factory(name), live.for_factory(name))
+                for name in names
+            ]
+            return {"live_database": live_db, "factories": factories}
+        finally:
+            await live.close()
+    finally:
+        await shadow.close()
+
+
+async def _adopt_factory(shadow: Store, live: Store) -> dict[str, Any]:
+    links = list(reversed(await shadow.all_links(limit=1_000_000)))
+    followed = [link for link in links if link.so_id is not None]
+    activated = await shadow.get_meta("activated_at")
+    if activated is not None:
+        await live.set_meta("activated_at", activated)
+    orders = []
+    for link in followed:
+        new_id = await live.adopt_link(link, await shadow.history(link.id))
+        orders.append(
+            {
+                "po_number": link.po_number,
+                "so_number": link.so_number,
+                "link_id": new_id,
+                "state": link.state,
+            }
+        )
+    return {
+        "factory": shadow.factory,
+        "activated_at": activated,
+        "orders": orders,
+        "left_to_import": len(links) - len(followed),
+    }

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +21,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
+from syncd.adapters._http import PlannedRequest, WritePlan, planning
 from syncd.config import RETRY, RetryPolicies
 from syncd.domain.orders import LinkedOrder, PurchaseOrderSnapshot, SalesOrderFacts
 from syncd.domain.replay import plan_replay
@@ -88,7 +91,8 @@ class Dispatcher:
         shadow: bool = False,
     ) -> None:
         self.store = store
-        #: A shadow run: effects are stopped at their first write, which becomes the plan.
+        #: A shadow run: each effect's writes are planned (recorded, answered with
+        #: placeholders), never sent, and the plan is kept instead of the outcome.
         self.shadow = shadow
         self.chart = chart
         self.effects = effects
@@ -368,6 +372,11 @@ class Dispatcher:
             **extra,  # type: ignore[arg-type]
         )
         crash_point("transition_applied")
+        left = self.chart.state(decision.source).effect
+        if self.shadow and left is not None and decision.dest != decision.source:
+            # Moved on without its effect's writes (the other integration received the PO,
+            # say): nothing is left to send.
+            await self.store.drop_plan(link.id, left)
         self._effect_retries.succeeded(link.id)
         self._notify(
             updated, decision.source, decision.dest, decision.trigger, cause, link.state_since
@@ -471,14 +480,20 @@ class Dispatcher:
             return
         failure: SyncdError | None = None
         async with self._limiter:
-            try:
-                outcome = await self.effects.run(effect, link)
-            except WriteWithheld as withheld:
-                await self._planned(link, effect, withheld)
-                return
-            except SyncdError as exc:
-                # Effects turn what needs a person into an outcome; what is left may pass.
-                failure = exc
+            with planning() if self.shadow else nullcontext(WritePlan()) as plan:
+                try:
+                    outcome = await self.effects.run(effect, link)
+                except WriteWithheld as withheld:
+                    # A write no client knows how to plan: it ends the plan, unsent.
+                    await self._planned(link, effect, [*plan.requests, _withheld(withheld)])
+                    return
+                except SyncdError as exc:
+                    # Effects turn what needs a person into an outcome; what is left may pass.
+                    failure = exc
+        if failure is None and plan.requests:
+            # Its outcome holds placeholder ids: it is the plan, never applied.
+            await self._planned(link, effect, _explained(plan.requests, outcome))
+            return
         if failure is not None:
             if isinstance(failure, AuthError):
                 # Seen here first when no poll calls the service (nothing followed yet).
@@ -499,29 +514,20 @@ class Dispatcher:
         crash_point("outcome_written")
         self.wake()
 
-    async def _planned(self, link: LinkedOrder, effect: str, withheld: WriteWithheld) -> None:
-        """A shadow run stopped the effect at its first write: that request is the order's
-        plan. The order waits in its effect state; trying again would withhold the same
-        request, so only a new decision (or a restart) runs the effect again."""
-        await self.store.record_plan(
-            link.id,
-            link.po_number,
-            effect,
-            service=withheld.service,
-            method=withheld.method,
-            endpoint=withheld.endpoint,
-            path=withheld.path,
-            body=withheld.body,
-        )
+    async def _planned(
+        self, link: LinkedOrder, effect: str, requests: Sequence[PlannedRequest]
+    ) -> None:
+        """A shadow run ran the effect to its end with every write planned, not sent: those
+        requests are the order's plan. The order waits in its effect state; running again
+        would plan the same, so only a new decision (or a restart) runs the effect again."""
+        await self.store.record_plan(link.id, link.po_number, effect, requests)
         self._effect_retries.succeeded(link.id)
         self.observer.effect_ran(effect, "withheld")
         log.info(
-            "effect %s for %s withheld (shadow run): %s %s %s",
+            "effect %s for %s planned (shadow run): %s",
             effect,
             link.po_number,
-            withheld.service,
-            withheld.method,
-            withheld.path,
+            "; ".join(f"{r.service} {r.method} {r.path}" for r in requests),
             extra={"po": link.po_number, "so": link.so_number},
         )
 
@@ -577,6 +583,35 @@ class Dispatcher:
         await self.store.note(link.id, last_error=f"{effect}: {error}")
         await anyio.sleep(delay)
         self._again.add(link.id)
+
+
+def _explained(requests: Sequence[PlannedRequest], outcome: Outcome) -> list[PlannedRequest]:
+    """``requests`` with what the outcome knows and the requests do not: the SKU of each
+    SO row's variant, and each re-costed line's price before and after."""
+    lines = outcome.lines or ()
+    skus = {str(line.katana_variant_id): line.sku for line in lines}
+    by_line = {f"/purchase_order_line_items/{line.line_id}": line for line in lines}
+    explained: list[PlannedRequest] = []
+    for request in requests:
+        detail: dict[str, Any] | None = None
+        line = by_line.get(request.path)
+        if request.endpoint == "/sales_orders" and skus:
+            detail = {"skus": skus}
+        elif request.method == "PUT" and line is not None:
+            detail = {
+                "line_id": line.line_id,
+                "sku": line.sku,
+                "before": None if line.cost_before is None else str(line.cost_before),
+                "after": None if line.cost_after is None else str(line.cost_after),
+            }
+        explained.append(replace(request, detail=detail) if detail else request)
+    return explained
+
+
+def _withheld(withheld: WriteWithheld) -> PlannedRequest:
+    return PlannedRequest(
+        withheld.service, withheld.method, withheld.endpoint, withheld.path, withheld.body
+    )
 
 
 def _ids(event: InboxEvent) -> dict[str, object]:

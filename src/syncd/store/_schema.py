@@ -251,4 +251,31 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (factory, link_id, effect)
     );
     """,
+    """
+    -- A shadow run's plan holds every write of an effect, in order (was: its first only),
+    -- with the placeholder answer each was given and what explains it to a person (the
+    -- SKUs of an SO's rows, a re-costed line's price before and after).
+    CREATE TABLE plans_new (
+        factory    TEXT    NOT NULL DEFAULT 'default',
+        link_id    INTEGER NOT NULL,
+        effect     TEXT    NOT NULL,
+        seq        INTEGER NOT NULL DEFAULT 0,
+        po_number  TEXT    NOT NULL,
+        service    TEXT    NOT NULL,
+        method     TEXT    NOT NULL,
+        endpoint   TEXT    NOT NULL,
+        path       TEXT    NOT NULL,
+        body       TEXT,
+        answer     TEXT,
+        detail     TEXT,
+        planned_at REAL    NOT NULL,
+        PRIMARY KEY (factory, link_id, effect, seq)
+    );
+    INSERT INTO plans_new (factory, link_id, effect, seq, po_number, service, method,
+        endpoint, path, body, planned_at)
+    SELECT factory, link_id, effect, 0, po_number, service, method, endpoint, path, body,
+        planned_at FROM plans;
+    DROP TABLE plans;
+    ALTER TABLE plans_new RENAME TO plans;
+    """,
 )

@@ -200,4 +200,14 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (factory, link_id, effect)
     );
     """,
+    """
+    -- A shadow run's plan holds every write of an effect, in order (was: its first only),
+    -- with the placeholder answer each was given and what explains it to a person (the
+    -- SKUs of an SO's rows, a re-costed line's price before and after).
+    ALTER TABLE plans ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE plans ADD COLUMN answer TEXT;
+    ALTER TABLE plans ADD COLUMN detail TEXT;
+    ALTER TABLE plans DROP CONSTRAINT plans_pkey;
+    ALTER TABLE plans ADD PRIMARY KEY (factory, link_id, effect, seq);
+    """,
 )

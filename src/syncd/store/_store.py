@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -183,19 +183,49 @@ class ImportOutcome:
 
 @dataclass(frozen=True)
 class PlannedWrite:
-    """What a shadow run's effect would have sent for an order: its first writing request,
-    withheld (:class:`~syncd.errors.WriteWithheld`)."""
+    """One writing request a shadow run's effect would have sent for an order, in its place
+    (``seq``) among the effect's writes, and the placeholder answer the run went on with."""
 
     link_id: int
     po_number: str
     effect: str
+    seq: int
     service: str
     method: str
     endpoint: str
     path: str
     #: The JSON body it would have sent, decoded; ``None``: no body.
     body: Any
+    #: The placeholder answer (negative ids), decoded; ``None``: withheld, the plan ends.
+    answer: Any
+    #: What explains it to a person (an SO's SKUs by variant id, a line's price before and
+    #: after), decoded; ``None``: nothing.
+    detail: Any
     planned_at: float
+
+
+class _Request(Protocol):
+    """What :meth:`Store.record_plan` keeps of one write
+    (:class:`syncd.adapters._http.PlannedRequest`)."""
+
+    @property
+    def service(self) -> str: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def body(self) -> Any: ...
+    @property
+    def answer(self) -> Any: ...
+    @property
+    def detail(self) -> Any: ...
+
+
+def _epoch(moment: datetime | None) -> float:
+    return time.time() if moment is None else moment.timestamp()
 
 
 def _iso(epoch: float | None) -> datetime | None:
@@ -1222,43 +1252,92 @@ class Store:
         )
         return [str(r[0]) for r in rows]
 
+    async def adopt_link(self, link: LinkedOrder, history: Sequence[TransitionRecord]) -> int:
+        """Take over ``link`` (from another database: a shadow run's) with its transition
+        history, as it stands; returns its id here. Its inbox events stay behind: the next
+        look at each service sees the order afresh.
+
+        :raises StoreConflict: the PO or its SO is already linked here.
+        """
+        async with self._transaction() as db:
+            taken = await db.fetchone(
+                "SELECT po_number FROM links WHERE factory = ? AND (po_id = ? OR so_id = ?)",
+                (self.factory, link.po_id, link.so_id),
+            )
+            if taken is not None:
+                raise StoreConflict(f"PO {link.po_number} or its SO is already linked here")
+            row = await db.fetchone(
+                "INSERT INTO links (factory, po_id, po_number, state, resume_state, reason, "
+                "so_id, so_number, currency, snapshot, lines, notes, last_error, created_at, "
+                "updated_at, state_since) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (
+                    self.factory,
+                    link.po_id,
+                    link.po_number,
+                    link.state,
+                    link.resume_state,
+                    link.reason,
+                    link.so_id,
+                    link.so_number,
+                    link.currency,
+                    None if link.snapshot is None else _encode(link.snapshot),
+                    _encode(link.lines),
+                    _encode(link.notes),
+                    link.last_error,
+                    _epoch(link.created_at),
+                    _epoch(link.updated_at),
+                    _epoch(link.state_since),
+                ),
+            )
+            assert row is not None
+            link_id = int(row[0])
+            for step in history:
+                await db.execute(
+                    "INSERT INTO transitions (link_id, from_state, to_state, trigger, cause, "
+                    "event_id, at) VALUES (?, ?, ?, ?, ?, NULL, ?)",
+                    (link_id, step.from_state, step.to_state, step.trigger, step.cause, step.at),
+                )
+        return link_id
+
     # -- a shadow run's plan -------------------------------------------------------------
 
     async def record_plan(
-        self,
-        link_id: int,
-        po_number: str,
-        effect: str,
-        *,
-        service: str,
-        method: str,
-        endpoint: str,
-        path: str,
-        body: Any,
+        self, link_id: int, po_number: str, effect: str, requests: Sequence[_Request]
     ) -> None:
-        """Record what ``effect`` would have sent for the order (replacing what it would have
-        sent before: the effect ran again)."""
+        """Record every write ``effect`` would have sent for the order, in order (replacing
+        what it would have sent before: the effect ran again)."""
+        now = self._now()
+
+        def text(value: Any) -> str | None:
+            return None if value is None else msgspec.json.encode(value).decode()
+
         async with self._transaction() as db:
             await db.execute(
-                "INSERT INTO plans (factory, link_id, effect, po_number, service, method, "
-                "endpoint, path, body, planned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (factory, link_id, effect) DO UPDATE SET "
-                "po_number = excluded.po_number, service = excluded.service, "
-                "method = excluded.method, endpoint = excluded.endpoint, "
-                "path = excluded.path, body = excluded.body, planned_at = excluded.planned_at",
-                (
-                    self.factory,
-                    link_id,
-                    effect,
-                    po_number,
-                    service,
-                    method,
-                    endpoint,
-                    path,
-                    None if body is None else msgspec.json.encode(body).decode(),
-                    self._now(),
-                ),
+                "DELETE FROM plans WHERE factory = ? AND link_id = ? AND effect = ?",
+                (self.factory, link_id, effect),
             )
+            for seq, request in enumerate(requests):
+                await db.execute(
+                    "INSERT INTO plans (factory, link_id, effect, seq, po_number, service, "
+                    "method, endpoint, path, body, answer, detail, planned_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        self.factory,
+                        link_id,
+                        effect,
+                        seq,
+                        po_number,
+                        request.service,
+                        request.method,
+                        request.endpoint,
+                        request.path,
+                        text(request.body),
+                        text(request.answer),
+                        text(request.detail),
+                        now,
+                    ),
+                )
 
     async def drop_plan(self, link_id: int, effect: str) -> None:
         """Forget what ``effect`` would have sent for the order: it ran without a write."""
@@ -1269,13 +1348,19 @@ class Store:
             )
 
     async def plans(self, po_number: str | None = None) -> list[PlannedWrite]:
-        """The shadow run's plan, by order (oldest order first), of one PO or of all."""
+        """The shadow run's plan, by order (oldest order first) and in the order of each
+        effect's writes, of one PO or of all."""
         where, args = ("", ()) if po_number is None else (" AND po_number = ?", (po_number,))
         rows = await self._fetchall(
-            "SELECT link_id, po_number, effect, service, method, endpoint, path, body, "
-            f"planned_at FROM plans WHERE factory = ?{where} ORDER BY link_id, planned_at",
+            "SELECT link_id, po_number, effect, seq, service, method, endpoint, path, body, "
+            f"answer, detail, planned_at FROM plans WHERE factory = ?{where} "
+            "ORDER BY link_id, planned_at, effect, seq",
             (self.factory, *args),
         )
+
+        def value(text: str | None) -> Any:
+            return None if text is None else msgspec.json.decode(text)
+
         return [
             PlannedWrite(
                 row[0],
@@ -1285,8 +1370,11 @@ class Store:
                 row[4],
                 row[5],
                 row[6],
-                None if row[7] is None else msgspec.json.decode(row[7]),
-                row[8],
+                row[7],
+                value(row[8]),
+                value(row[9]),
+                value(row[10]),
+                row[11],
             )
             for row in rows
         ]

@@ -10,14 +10,14 @@ blindly: callers look the natural key (``order_no``, ``reference_id``, ``sku``) 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
 import httpx
 import msgspec
 
-from syncd.adapters._http import ServiceClient, format_time
+from syncd.adapters._http import ServiceClient, WritePlan, format_time
 from syncd.adapters.katana.models import (
     BomRow,
     Customer,
@@ -71,6 +71,51 @@ class KatanaClient(ServiceClient):
     def _array_filter(self, name: str, values: Sequence[str | int]) -> dict[str, Any]:
         # An array filter repeats its key: ``ids=1&ids=2``.
         return {name: list(values)}
+
+    # -- a shadow run's planned writes --------------------------------------------------
+
+    def _placeholder(
+        self, plan: WritePlan, method: str, endpoint: str, path: str, body: Any
+    ) -> Any:
+        # What Katana would answer, with placeholder ids; webhooks are never planned (a
+        # shadow run registers none).
+        if method != "POST" or not isinstance(body, dict):
+            return None
+        now = format_time(datetime.now(UTC))
+        if endpoint == "/customers":
+            return {**body, "id": plan.new_id()}
+        if endpoint == "/products":
+            product_id = plan.new_id()
+            variants = [
+                {**variant, "id": plan.new_id(), "product_id": product_id}
+                for variant in body.get("variants", [])
+            ]
+            return {**body, "id": product_id, "variants": variants}
+        if endpoint == "/sales_orders":
+            order_id = plan.new_id()
+            rows = [
+                {**row, "id": plan.new_id(), "sales_order_id": order_id}
+                for row in body.get("sales_order_rows", [])
+            ]
+            return {
+                **body,
+                "id": order_id,
+                "status": "NOT_SHIPPED",
+                "sales_order_rows": rows,
+                "created_at": now,
+                "updated_at": now,
+            }
+        if endpoint == "/manufacturing_order_make_to_order":
+            # The variant is the row's, which the request does not name: 0, never read.
+            return {
+                "id": plan.new_id(),
+                "status": "NOT_STARTED",
+                "variant_id": 0,
+                "sales_order_row_id": body.get("sales_order_row_id"),
+                "created_at": now,
+                "updated_at": now,
+            }
+        return None
 
     # -- factory -----------------------------------------------------------------------
 

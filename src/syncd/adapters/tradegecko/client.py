@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from syncd.adapters._http import ServiceClient, chunks, format_time
+from syncd.adapters._http import ServiceClient, WritePlan, chunks, format_time
 from syncd.adapters.tradegecko.models import (
     Account,
     AccountEnvelope,
@@ -77,6 +77,25 @@ class TradeGeckoClient(ServiceClient):
         if len(values) == 1:
             return {name: values[0]}
         return {f"{name}[]": list(values)}
+
+    # -- a shadow run's planned writes --------------------------------------------------
+
+    def _placeholder(
+        self, plan: WritePlan, method: str, endpoint: str, path: str, body: Any
+    ) -> Any:
+        # What TradeGecko would answer, with placeholder ids; webhooks are never planned.
+        item_id = _path_id(path)
+        if (method, endpoint) == ("PUT", "/purchase_order_line_items/{id}") and item_id:
+            line = body.get("purchase_order_line_item", {}) if isinstance(body, dict) else {}
+            return {"purchase_order_line_item": {**line, "id": item_id}}
+        if (method, endpoint) == ("POST", "/purchase_orders/{id}/actions/receive") and item_id:
+            procurement = {
+                "id": plan.new_id(),
+                "purchase_order_id": item_id,
+                "purchase_order_line_item_ids": [],
+            }
+            return {"procurement": procurement}
+        return None
 
     # -- reads -------------------------------------------------------------------------
 
@@ -236,3 +255,9 @@ class TradeGeckoClient(ServiceClient):
         body = json.dumps({"webhook": {"address": address, "event": event}}).encode()
         envelope = await self.fetch("POST", "/webhooks", WebhookEnvelope, body=body)
         return envelope.webhook
+
+
+def _path_id(path: str) -> int | None:
+    """The record id in a path such as ``/purchase_orders/12/actions/receive``."""
+    parts = path.strip("/").split("/")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
