@@ -49,7 +49,7 @@ __all__ = [
 
 log = logging.getLogger("syncd.coordinator")
 
-Clock = Callable[[], float]
+_Clock = Callable[[], float]
 #: Every owner whose heartbeat the database still has (SQLite's clearing at start).
 _EVER = 1e12
 
@@ -145,7 +145,7 @@ class LeaseGuard:
     if nothing checks.
     """
 
-    def __init__(self, lease: Lease, deadline: float, *, clock: Clock = lease_clock) -> None:
+    def __init__(self, lease: Lease, deadline: float, *, clock: _Clock = lease_clock) -> None:
         self._lease = lease
         self._deadline = deadline
         self._clock = clock
@@ -253,7 +253,7 @@ class Coordinator:
         owner: str | None = None,
         times: LeaseTimes | None = None,
         alone: bool | None = None,
-        clock: Clock = lease_clock,
+        clock: _Clock = lease_clock,
     ) -> None:
         self.store = store
         self.runtime = runtime
