@@ -332,16 +332,19 @@ async def _store(url: str) -> AsyncIterator[Store]:
 class Child:
     """tests/coordinator_child.py, its lines read as they come."""
 
-    def __init__(self, url: str, ttl: float, renew: float, factories: list[str]) -> None:
+    def __init__(
+        self, url: str, ttl: float, renew: float, factories: list[str], errors: Path
+    ) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        self.process = subprocess.Popen(
-            [sys.executable, str(CHILD), url, str(ttl), str(renew), *factories],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
+        # stderr to a file: a pipe nobody reads could fill and block the child.
+        with errors.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, str(CHILD), url, str(ttl), str(renew), *factories],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+            )
         self.lines: list[dict[str, Any]] = []
-        self.errors = ""
 
     async def read(self) -> None:
         assert self.process.stdout is not None
@@ -360,62 +363,68 @@ class Child:
         ]
 
     def kill(self) -> None:
+        """SIGKILL (its stdout ends, so does :meth:`read`); again does nothing."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)
             self.process.kill()
         self.process.wait(10)
-        assert self.process.stdout is not None and self.process.stderr is not None
-        self.errors = self.process.stderr.read().decode()
-        self.process.stdout.close()
-        self.process.stderr.close()
 
 
 async def test_a_process_frozen_past_its_leases_stops_them_before_any_effect_on_resume(
-    pg_database: str,
+    pg_database: str, tmp_path: Path
 ) -> None:
     factories = FACTORIES[:4]
     ttl, renew = 2.0, 0.4
-    child = Child(pg_database, ttl, renew, factories)
+    child = Child(pg_database, ttl, renew, factories, tmp_path / "child.err")
     log: list[Event] = []
     try:
         async with anyio.create_task_group() as reader:
             reader.start_soon(child.read)
-            # The child alone first, so that it holds all four.
-            await wait_for(lambda: len(child.events("start")) == 4, 20, "the child started")
-            await wait_for(lambda: len(child.events("effect")) >= 8, 5, "the child's effects")
-            async with daemons(pg_database, log) as group:
-                _, here = await group.start("here", factories=factories)
-                await wait_for(lambda: counts(here) == [2], 10, "2 each")
-                mine = set(factories) - set(here.running)
-                stop_before = {n: len(child.events("stop", n)) for n in mine}
-                child.process.send_signal(signal.SIGSTOP)
-                frozen_at = time.monotonic()
-                await wait_for(lambda: counts(here) == [4], ttl + 4 * renew + 3, "taken over")
-                await anyio.sleep(0.5)
-                resumed_at = time.monotonic()
-                child.process.send_signal(signal.SIGCONT)
-                await wait_for(
-                    lambda: all(len(child.events("stop", n)) > stop_before[n] for n in mine),
-                    5,
-                    "the resumed child stopped its factories",
-                )
-                await anyio.sleep(0.3)
-                for name in mine:
-                    after = [e for e in child.lines if e["factory"] == name and e["t"] > resumed_at]
-                    kinds = [e["event"] for e in after]
-                    # Its effect task and watchdog woke: the guard refused, nothing was sent.
-                    assert "effect" not in kinds[: kinds.index("stop")], after
-                    assert next(e["outcome"] for e in after if e["event"] == "probe") == (
-                        "LeaseLost"
-                    ), after
-                    # Its last effect came before this daemon took the factory.
-                    before = [e["t"] for e in child.events("effect", name) if e["t"] < resumed_at]
-                    assert max(before) < here.started_at[name]
-                    assert here.started_at[name] - frozen_at < ttl + 4 * renew + 3
-            reader.cancel_scope.cancel()
+            try:
+                # The child alone first, so that it holds all four.
+                await wait_for(lambda: len(child.events("start")) == 4, 20, "the child started")
+                await wait_for(lambda: len(child.events("effect")) >= 8, 5, "the child's effects")
+                async with daemons(pg_database, log) as group:
+                    _, here = await group.start("here", factories=factories)
+                    await wait_for(lambda: counts(here) == [2], 10, "2 each")
+                    mine = set(factories) - set(here.running)
+                    stop_before = {n: len(child.events("stop", n)) for n in mine}
+                    child.process.send_signal(signal.SIGSTOP)
+                    frozen_at = time.monotonic()
+                    await wait_for(lambda: counts(here) == [4], ttl + 4 * renew + 3, "taken over")
+                    await anyio.sleep(0.5)
+                    resumed_at = time.monotonic()
+                    child.process.send_signal(signal.SIGCONT)
+                    await wait_for(
+                        lambda: all(len(child.events("stop", n)) > stop_before[n] for n in mine),
+                        5,
+                        "the resumed child stopped its factories",
+                    )
+                    await anyio.sleep(0.3)
+                    for name in mine:
+                        after = [
+                            e for e in child.lines if e["factory"] == name and e["t"] > resumed_at
+                        ]
+                        kinds = [e["event"] for e in after]
+                        # Its effect task and watchdog woke: the guard refused, nothing was sent.
+                        assert "effect" not in kinds[: kinds.index("stop")], after
+                        assert next(e["outcome"] for e in after if e["event"] == "probe") == (
+                            "LeaseLost"
+                        ), after
+                        # Its last effect came before this daemon took the factory.
+                        before = [
+                            e["t"] for e in child.events("effect", name) if e["t"] < resumed_at
+                        ]
+                        assert max(before) < here.started_at[name]
+                        assert here.started_at[name] - frozen_at < ttl + 4 * renew + 3
+            finally:
+                child.kill()  # before the reader is waited for: its read ends
     finally:
         child.kill()
-    assert "Traceback" not in child.errors, child.errors
+        if child.process.stdout is not None:
+            child.process.stdout.close()
+    errors = (tmp_path / "child.err").read_text()
+    assert "Traceback" not in errors, errors
 
 
 # -- SQLite: one daemon ------------------------------------------------------------------

@@ -72,15 +72,17 @@ class FactoryRuntime(Protocol):
     """What the daemon offers the coordinator: starting, stopping and waking factories."""
 
     async def start_factory(self, name: str, guard: LeaseGuard) -> None:
-        """Start the factory's work; return once it runs. Its effects and requests check
-        ``guard`` first; its writes go through ``store.for_factory(name,
-        lease=guard.lease)``. A :class:`~syncd.errors.LeaseLost` from either stops the
-        factory's work (log it, never retry)."""
+        """Start the factory's work; return once it runs (promptly: no API call needs to
+        finish first). Its effects and requests check ``guard`` first; its writes go
+        through ``store.for_factory(name, lease=guard.lease)``. A
+        :class:`~syncd.errors.LeaseLost` from either ends the factory's work (log it,
+        never retry). It looks at the inbox once started: a wake-up before is not
+        forwarded."""
 
     async def stop_factory(self, name: str) -> None:
-        """Stop the factory's work; return once nothing of it runs. The coordinator calls
-        it at most once per start, after revoking the guard, and only then releases or
-        gives up the lease."""
+        """Stop the factory's work; return once nothing of it runs (within the lease's
+        TTL). The coordinator calls it once per start, after revoking the guard, and only
+        then releases the lease."""
 
     def wake(self, name: str) -> None:
         """A delivery for ``name`` is in the inbox (it may be spurious): look now. Never
@@ -360,7 +362,9 @@ class Coordinator:
         self._owned[name] = guard
         log.info("factory %s: taken (fence %d)", name, guard.lease.fence)
         try:
-            await self.runtime.start_factory(name, guard)
+            # Not cancelled halfway by a round's time limit: started, or failed.
+            with anyio.CancelScope(shield=True):
+                await self.runtime.start_factory(name, guard)
         except Exception:
             log.exception("factory %s: cannot start", name)
             guard.revoke("it failed to start")
@@ -374,9 +378,15 @@ class Coordinator:
         guard.revoke("the factory is stopping")
         del self._owned[name]
         done = self._stopping[name] = anyio.Event()
+        stopped = False
         try:
-            with anyio.CancelScope(shield=True):
+            # Shielded, so that a stop asked for completes, yet bounded: a runtime that
+            # hangs cannot hold up the rounds (its guard refuses every effect anyway).
+            with anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.times.ttl):
                 await self.runtime.stop_factory(name)
+                stopped = True
+            if not stopped:
+                log.error("factory %s: not stopped within %s s", name, self.times.ttl)
         except Exception:
             log.exception("factory %s: stopping failed", name)
         finally:
