@@ -454,6 +454,53 @@ async def test_on_sqlite_the_daemon_is_alone_and_owns_every_factory(tmp_path: Pa
             await wait_for(lambda: runtime.woken == ["f05"], 5, "woken in-process")
             tasks.cancel_scope.cancel()
         assert not runtime.running
-        assert not [r for r in await store.leases() if r.held], "left: every lease released"
+        assert {r.expires_at for r in await store.leases()} == {0}, "left: all released"
+    finally:
+        await store.close()
+
+
+async def test_factories_added_and_removed_are_started_and_handed_back(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "syncd.db", exclusive=True)
+    try:
+        runtime = FakeRuntime([], "only")
+        coordinator = Coordinator(store, runtime, FACTORIES[:3], owner="only", times=TIMES)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(coordinator.run)
+            assert set(runtime.running) == set(FACTORIES[:3])
+            # A reload: one factory gone, one new.
+            coordinator.factories = [*FACTORIES[1:3], "f99"]
+            await wait_for(
+                lambda: set(runtime.running) == {*FACTORIES[1:3], "f99"}, 4 * TIMES.renew, "reload"
+            )
+            tasks.cancel_scope.cancel()
+        gone = next(r for r in await store.leases() if r.factory == FACTORIES[0])
+        assert gone.expires_at == 0, "the removed factory's lease was released"
+    finally:
+        await store.close()
+
+
+class HangingStop(FakeRuntime):
+    async def stop_factory(self, name: str) -> None:
+        self.running.pop(name)
+        await anyio.sleep_forever()
+
+
+async def test_a_runtime_that_never_stops_holds_nothing_up_beyond_the_ttl(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await Store.open(tmp_path / "syncd.db", exclusive=True)
+    times = LeaseTimes(ttl=1.0, renew=0.3)
+    try:
+        runtime = HangingStop([], "only")
+        coordinator = Coordinator(store, runtime, FACTORIES[:1], owner="only", times=times)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(coordinator.run)
+            guard = runtime.running["f00"]
+            began = time.monotonic()
+            tasks.cancel_scope.cancel()
+        assert time.monotonic() - began < 3 * times.ttl
+        assert not guard.valid
+        assert "factory f00: not stopped within 1.0 s" in caplog.text
+        assert [r.expires_at for r in await store.leases()] == [0], "it left all the same"
     finally:
         await store.close()

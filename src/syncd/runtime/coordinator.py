@@ -301,7 +301,7 @@ class Coordinator:
                     next_round = max(next_round, anyio.current_time())
                     await anyio.sleep_until(next_round)
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.times.ttl):
+            with anyio.CancelScope(shield=True):
                 await self._leave()
 
     async def round(self) -> None:
@@ -432,9 +432,12 @@ class Coordinator:
     async def _leave(self) -> None:
         for guard in self._owned.values():
             guard.revoke("the daemon is stopping")
-        for name, guard in list(self._owned.items()):
-            await self._stop(name, guard)
-        try:
-            await self.store.leave(self.owner)
-        except StoreError as exc:
-            log.warning("cannot release the leases (they expire by themselves): %s", exc)
+        # Together: each stop is bounded by the TTL, so is the lot.
+        async with anyio.create_task_group() as stops:
+            for name, guard in list(self._owned.items()):
+                stops.start_soon(self._stop, name, guard)
+        with anyio.move_on_after(self.times.ttl):
+            try:
+                await self.store.leave(self.owner)
+            except StoreError as exc:
+                log.warning("cannot release the leases (they expire by themselves): %s", exc)
