@@ -238,7 +238,8 @@ class Coordinator:
 
     :param store: the daemon's store (its default view; leases read across factories).
     :param runtime: where factories are started, stopped and woken.
-    :param factories: the configured factories' names.
+    :param factories: the configured factories' names; a reload may set
+        :attr:`factories` (the next round starts the new ones, hands back the removed).
     :param owner: this daemon's name in the leases; a new :func:`new_owner_id` by default.
     :param times: the lease's TTL and renew interval.
     :param alone: the only daemon on the database: others' heartbeats and leases are
@@ -417,7 +418,10 @@ class Coordinator:
                     async for name in wakeups:
                         guard = self._owned.get(name)
                         if guard is not None and guard.valid:
-                            self.runtime.wake(name)
+                            try:
+                                self.runtime.wake(name)
+                            except Exception:  # one factory's fault ends no other's work
+                                log.exception("factory %s: cannot be woken", name)
             except StoreError as exc:
                 log.warning("cannot listen for wake-ups: %s", exc)
                 await anyio.sleep(self.times.renew)
