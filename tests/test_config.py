@@ -83,6 +83,7 @@ def test_defaults() -> None:
     assert config.daemon.log_level == "info"
     assert config.daemon.concurrency == 4
     assert (config.daemon.retry_initial, config.daemon.retry_max) == (5.0, 300.0)
+    assert (config.daemon.lease_ttl, config.daemon.lease_renew) == (15.0, 5.0)
     assert config.daemon.statechart is None
     assert config.tradegecko.base_url == "https://api.tradegecko.com"
     assert config.tradegecko.supplier_name == "Katana"
@@ -976,6 +977,23 @@ def test_the_example_configs_factory_is_valid_once_uncommented(
     assert north.katana.order_no_prefix == "NM-"
     assert north.tradegecko.supplier_name == "Katana (North Mill)"
     assert north.tradegecko.supplier_match == "exact"  # the top level's
+
+
+def test_the_lease_keys_are_positive_and_renew_well_before_the_ttl() -> None:
+    config = parse_config("[daemon]\nlease_ttl = 30\nlease_renew = 10\n", require_tokens=False)
+    assert (config.daemon.lease_ttl, config.daemon.lease_renew) == (30.0, 10.0)
+    assert not config_problems(config, require_tokens=False)
+    for toml, says in (
+        ("lease_ttl = 0", "daemon.lease_ttl: must be a positive number of seconds, got 0.0"),
+        ("lease_renew = -1", "daemon.lease_renew: must be a positive number of seconds, got -1.0"),
+        (
+            "lease_ttl = 10\nlease_renew = 5",
+            "daemon.lease_renew: must be less than half of daemon.lease_ttl (10.0), got 5.0",
+        ),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(f"[daemon]\n{toml}\n", require_tokens=False)
+        assert str(caught.value) == says
 
 
 def test_every_retry_policy_is_in_one_place_and_the_daemon_keys_set_the_effects() -> None:

@@ -124,6 +124,13 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: A shadow run's database; unset: ``database`` with ``.shadow`` before its suffix
     #: (``syncd.db`` → ``syncd.shadow.db``). Required when ``database`` is PostgreSQL.
     shadow_database: str | None = None
+    #: Seconds a factory's lease lasts (several daemons on one PostgreSQL database): a
+    #: daemon that stops renewing loses its factories to the others after this long, and
+    #: stops their work a tenth of it earlier.
+    lease_ttl: float = 15.0
+    #: Seconds between renewals of the leases (and the daemon's heartbeat); less than
+    #: half of ``lease_ttl``, so that one failed renewal loses nothing.
+    lease_renew: float = 5.0
 
 
 class TradeGeckoConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -749,6 +756,8 @@ def config_problems(config: Config, *, require_tokens: bool = True) -> list[Conf
         ("daemon.retry_initial", daemon.retry_initial),
         ("daemon.retry_max", daemon.retry_max),
         ("daemon.start_timeout", daemon.start_timeout),
+        ("daemon.lease_ttl", daemon.lease_ttl),
+        ("daemon.lease_renew", daemon.lease_renew),
         ("metrics.refresh_interval", config.metrics.refresh_interval),
         ("webhooks.reconcile_interval", hooks.reconcile_interval),
         ("webhooks.replay_window", hooks.replay_window),
@@ -757,6 +766,12 @@ def config_problems(config: Config, *, require_tokens: bool = True) -> list[Conf
             problem(f"must be a positive number of seconds, got {number}", key)
     if daemon.concurrency < 1:
         problem(f"must be at least 1, got {daemon.concurrency}", "daemon.concurrency")
+    if 0 < daemon.lease_ttl / 2 <= daemon.lease_renew:
+        problem(
+            f"must be less than half of daemon.lease_ttl ({daemon.lease_ttl}), "
+            f"got {daemon.lease_renew}",
+            "daemon.lease_renew",
+        )
     if daemon.mode not in _MODES:
         problem(f"must be one of {sorted(_MODES)}, got {daemon.mode!r}", "daemon.mode")
     elif daemon.mode == "shadow":
