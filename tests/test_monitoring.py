@@ -39,11 +39,11 @@ def exported_names() -> set[str]:
     metrics.known_states(["received"])
     metrics.api_hook("katana")("GET", "/x", 200, 0.1)
     metrics.transition("a", "b", "t", None)
-    metrics.state_duration.labels("a").observe(1)
+    metrics.state_duration.labels("default", "a").observe(1)
     metrics.effect("e", "retry")
     metrics.effect("e", "failed")
-    metrics.last_poll.labels("katana").set(1)
-    metrics.rate_limit_remaining.labels("katana").set(1)
+    metrics.last_poll.labels("default", "katana").set(1)
+    metrics.rate_limit_remaining.labels("default", "katana").set(1)
     text = generate_latest(metrics.registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
 
