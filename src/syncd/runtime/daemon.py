@@ -55,7 +55,7 @@ from syncd.runtime.webhooks import (
 )
 from syncd.store import DEFAULT_FACTORY, Store
 
-__all__ = ["Daemon", "FactoryRuntime", "check_services", "running_daemon"]
+__all__ = ["Daemon", "FactoryRuntime", "Pools", "check_services", "running_daemon"]
 
 log = logging.getLogger("syncd.daemon")
 
@@ -106,7 +106,7 @@ class Daemon:
         metrics: Metrics,
         observer: Observer | None,
         retry: RetryPolicies,
-        transports: _Pools,
+        transports: Pools,
         metrics_url: str | None,
         webhooks_url: str | None,
         router: WebhookRouter | None,
@@ -124,7 +124,8 @@ class Daemon:
         self._charts: dict[frozenset[str], Statechart] = {}
         self._observer = observer
         self._retry = retry
-        self._pools = transports
+        #: One connection pool per service host, shared by every factory.
+        self.pools = transports
         self._adjust = adjust or (lambda config: config)
         self._tg: anyio.abc.TaskGroup | None = None
         self._reloading = anyio.Lock()
@@ -232,8 +233,8 @@ class Daemon:
             try:
                 await check_services(
                     config,
-                    katana_transport=self._pools.shared("katana", config.katana.base_url),
-                    tradegecko_transport=self._pools.shared(
+                    katana_transport=self.pools.shared("katana", config.katana.base_url),
+                    tradegecko_transport=self.pools.shared(
                         "tradegecko", config.tradegecko.base_url
                     ),
                     on_wait=on_wait,
@@ -299,7 +300,7 @@ class Daemon:
                     return _client(
                         kind,
                         settings,
-                        self._pools.shared(kind.service, settings.base_url),
+                        self.pools.shared(kind.service, settings.base_url),
                         # Limits are per key: each factory's own budget.
                         budget=RequestBudget(
                             settings.rate_limit, settings.rate_period, reserve=settings.reserve
@@ -477,13 +478,18 @@ class _Shared(httpx.AsyncBaseTransport):
         pass  # the daemon closes the pool when it stops
 
 
-class _Pools:
+class Pools:
     """One connection pool per service host, shared by every factory's clients: tokens
     differ, hosts do not. A transport given (tests) stands for every host of its service."""
 
     def __init__(self, given: dict[str, httpx.AsyncBaseTransport | None]) -> None:
         self._given = given
         self._pools: dict[str, httpx.AsyncBaseTransport] = {}
+
+    @property
+    def hosts(self) -> list[str]:
+        """The hosts a pool was opened for (a given transport is none of them)."""
+        return list(self._pools)
 
     def shared(self, service: str, base_url: str) -> httpx.AsyncBaseTransport:
         given = self._given.get(service)
@@ -627,7 +633,7 @@ async def running_daemon(
         chart = check_chart(chart)
     metrics = Metrics()
     retry = config.retry()
-    pools = _Pools({"katana": katana_transport, "tradegecko": tradegecko_transport})
+    pools = Pools({"katana": katana_transport, "tradegecko": tradegecko_transport})
     # Exclusive: a second daemon on the same SQLite file is refused before it decides
     # anything (StoreInUse); PostgreSQL databases are meant to be shared.
     store = await Store.open(config.daemon.database, exclusive=True)
