@@ -690,6 +690,7 @@ async def running_daemon(
                     config.daemon.database,
                     daemon.chart_for(daemon.factory_config(names[0])),
                     webhooks_enabled=config.webhooks.enabled,
+                    factories=lambda: list(daemon.factories),
                 )
                 await tg.start(serve_metrics, metrics, metrics_sock, page)
             log.info(
