@@ -3,6 +3,7 @@ webhook paths, against simulators serving one account per factory."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import anyio
@@ -19,6 +20,7 @@ from syncd.config import (
     MetricsConfig,
     TradeGeckoConfig,
     WebhooksConfig,
+    load_config,
 )
 from syncd.domain.orders import LinkedOrder
 from syncd.runtime.daemon import Daemon, running_daemon
@@ -277,3 +279,98 @@ async def test_webhooks_are_routed_per_factory_and_a_stopped_factory_is_a_404(
             }
             third = await sims.create_po(factory=sims.factories[1])
             await wait_in(daemon, "north", [third["order_number"]], "received")
+
+
+async def test_a_429_storm_on_one_factory_does_not_slow_the_others(tmp_path: Path) -> None:
+    names = ["north", "south", "east"]
+    async with running_sims(accounts=3) as sims:
+        stormed = sims.factories[1]
+        # Every Katana call of south's token answers 429 with a minute to wait.
+        burst = {"seconds": 120, "retry_after": 60, "account": stormed.katana_token}
+        answer = await sims.control.put(f"{sims.katana_url}/_sim/faults", json={"burst": burst})
+        assert answer.status_code == 200, answer.text
+        config = factories_config(sims, tmp_path / "syncd.db", names)
+        async with (
+            running_daemon(config, katana_transport=sims.katana_contract) as daemon,
+            sims.factory(),
+        ):
+            pos = {
+                name: await sims.create_po(factory=tokens)
+                for name, tokens in zip(names, sims.factories, strict=True)
+            }
+            with anyio.fail_after(20):  # a minute's wait in south would not fit
+                for name in ("north", "east"):
+                    await wait_in(daemon, name, [pos[name]["order_number"]], "received")
+            held = await daemon.root.for_factory("south").link_by_po_number(
+                pos["south"]["order_number"]
+            )
+            assert held is None or held.so_id is None
+            # Only south's token met the storm, and south waits it out (a few calls only).
+            faults = (await sims.control.get(f"{sims.katana_url}/_sim/faults")).json()
+            assert set(faults["injected_by_account"]) == {stormed.katana_token}
+            assert sims.katana_accounts[stormed.katana_token].describe()["requests"] <= 5
+
+
+async def test_a_stopped_factory_leaves_the_metrics_and_a_reload_restarts_a_changed_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_sims(accounts=3) as sims:
+        path = tmp_path / "syncd.toml"
+
+        def write(prefixes: dict[str, object]) -> None:
+            text = (
+                f'[daemon]\ndatabase = "{tmp_path / "syncd.db"}"\nretry_initial = 0.2\n'
+                'retry_max = 1.0\n[metrics]\nlisten = "127.0.0.1:0"\nrefresh_interval = 0.1\n'
+                f'[tradegecko]\nbase_url = "{sims.tradegecko_url}"\npoll_interval = 0.1\n'
+                f'[katana]\nbase_url = "{sims.katana_api_url}"\npoll_interval = 0.1\n'
+                "rate_limit = 100000\n"
+            )
+            for (name, prefix), tokens in zip(prefixes.items(), sims.factories, strict=False):
+                value = f'"{prefix}"' if isinstance(prefix, str) else str(prefix)
+                text += (
+                    f'[factories.{name}.tradegecko]\ntoken = "{tokens.tradegecko_token}"\n'
+                    f'[factories.{name}.katana]\ntoken = "{tokens.katana_token}"\n'
+                    f"order_no_prefix = {value}\n"
+                )
+            path.write_text(text)
+
+        write({"north": "N-", "south": "S-"})
+        config = load_config(path)
+        async with (
+            running_daemon(config, katana_transport=sims.katana_contract) as daemon,
+            sims.factory(),
+        ):
+            assert list(daemon.factories) == ["north", "south"]
+            await metric(daemon, "syncd_inbox_backlog_events", 0, factory="south")
+            before = daemon.factories["north"]
+
+            # north changed, south removed, east added.
+            write({"north": "NM-", "east": "E-"})
+            change = await daemon.reload(path)
+            assert change is not None
+            assert (change.added, change.removed, change.changed) == (
+                ("east",),
+                ("south",),
+                ("north",),
+            )
+            assert sorted(daemon.factories) == ["east", "north"]
+            assert daemon.factories["north"] is not before
+            assert daemon.factories["north"].config.katana.order_no_prefix == "NM-"
+            # south's series went with it: the factory label stays bounded.
+            text = await scrape(daemon.metrics_url or "")
+            assert 'factory="south"' not in text
+            await metric(daemon, "syncd_inbox_backlog_events", 0, factory="east")
+            po = await sims.create_po(factory=sims.factories[0])
+            (link,) = await wait_in(daemon, "north", [po["order_number"]], "received")
+            assert link.so_number == f"NM-{po['order_number']}"
+
+            # A broken file: said, and nothing changes.
+            write({"north": "NM-", "east": 5})
+            with caplog.at_level(logging.ERROR, logger="syncd.daemon"):
+                assert await daemon.reload(path) is None
+            assert "syncd: reload refused: factories.east.katana.order_no_prefix" in caplog.text
+            assert sorted(daemon.factories) == ["east", "north"]
+            # The same files again: nothing to do.
+            write({"north": "NM-", "east": "E-"})
+            again = await daemon.reload(path)
+            assert again is not None and again.empty

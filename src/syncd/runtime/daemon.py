@@ -53,7 +53,7 @@ from syncd.runtime.webhooks import (
     WebhookRouter,
     bind_listener,
 )
-from syncd.store import DEFAULT_FACTORY, Store
+from syncd.store import DEFAULT_FACTORY, Lease, Store
 
 __all__ = ["Daemon", "FactoryRuntime", "Pools", "check_services", "running_daemon"]
 
@@ -209,8 +209,12 @@ class Daemon:
         check: bool = False,
         strict: bool = True,
         on_wait: Callable[[str], None] | None = None,
+        lease: Lease | None = None,
     ) -> FactoryRuntime:
         """Start the factory ``name`` of :attr:`config` in the daemon's task group.
+
+        :param lease: the factory's lease when daemons share it (every write of its store
+            view is then fenced by it: :class:`~syncd.errors.LeaseLost` once it moved on).
 
         :param check: first make one call to each of its services (:func:`check_services`).
         :param strict: with ``check``, a refusal raises; else it is logged and the factory
@@ -227,7 +231,7 @@ class Daemon:
             raise ValueError(f"factory {name} runs already")
         config = self.factory_config(name)
         chart = self.chart_for(config)
-        store = self.root.for_factory(name)
+        store = self.root.for_factory(name, lease=lease)
         register_secrets([config.katana.token, config.tradegecko.token])
         if check:
             try:
