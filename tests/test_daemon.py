@@ -23,6 +23,7 @@ from syncd.config import (
     load_config,
 )
 from syncd.domain.orders import LinkedOrder
+from syncd.errors import AuthError
 from syncd.runtime.daemon import Daemon, running_daemon
 from syncd.sim import free_port
 from test_metrics import samples, scrape
@@ -374,3 +375,18 @@ async def test_a_stopped_factory_leaves_the_metrics_and_a_reload_restarts_a_chan
             write({"north": "NM-", "east": "E-"})
             again = await daemon.reload(path)
             assert again is not None and again.empty
+
+
+async def test_the_start_fails_only_when_every_factory_is_refused(tmp_path: Path) -> None:
+    async with running_sims(accounts=2) as sims:
+        config = factories_config(sims, tmp_path / "syncd.db", ["north", "south"])
+        for tokens in sims.factories:
+            sims.katana_accounts[tokens.katana_token].revoked = True
+        # A task group may wrap it: unwrapped below.
+        with pytest.raises(BaseException) as raised:
+            async with running_daemon(config, check=True):
+                pytest.fail("the daemon started with every token refused")
+        error = raised.value
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        assert isinstance(error, AuthError), raised.value

@@ -79,6 +79,8 @@ class FactoryRuntime:
     webhooks: WebhookListener | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     stopped: anyio.Event = field(default_factory=anyio.Event)
+    #: Why its services refused the start's check, when it was started anyway.
+    refused: ApiError | None = None
 
     def poll_now(self) -> None:
         """Ask both pollers to poll at once rather than at their next interval."""
@@ -233,6 +235,7 @@ class Daemon:
         chart = self.chart_for(config)
         store = self.root.for_factory(name, lease=lease)
         register_secrets([config.katana.token, config.tradegecko.token])
+        refused: ApiError | None = None
         if check:
             try:
                 await check_services(
@@ -246,6 +249,7 @@ class Daemon:
             except ApiError as exc:
                 if strict:
                     raise
+                refused = exc
                 log.error(
                     "factory %s: %s; starting it anyway: it stays paused until it answers",
                     name,
@@ -259,6 +263,7 @@ class Daemon:
         runtime: FactoryRuntime = await self._tg.start(
             self._run_factory, name, config, chart, store, activated
         )
+        runtime.refused = refused
         log.info(
             "factory %s running",
             name,
@@ -689,6 +694,16 @@ async def running_daemon(
                     await start(name)
             if refused:
                 raise next(iter(refused.values()))
+            if (
+                check
+                and daemon.factories
+                and all(runtime.refused is not None for runtime in daemon.factories.values())
+            ):
+                # Every factory refused: the config (a base URL, the tokens) is wrong, not
+                # one factory's account. Said as with one factory (exit 4 or 5).
+                first = next(iter(daemon.factories.values())).refused
+                assert first is not None
+                raise first
             if metrics_sock is not None:
                 page = StatusPage(
                     config.daemon.database,
