@@ -897,8 +897,10 @@ class WebhookRouter:
         """The single factory's health as it always was; with several, each one's."""
         if self.unprefixed is not None and list(self.listeners) == [self.unprefixed]:
             return self.listeners[self.unprefixed].health()
+        listeners = self.listeners.values()
         return {
-            "registered": all(lsn.registered for lsn in self.listeners.values()),
+            # None running yet (the listener serves before the factories start): not yet.
+            "registered": bool(listeners) and all(lsn.registered for lsn in listeners),
             "factories": {name: lsn.health() for name, lsn in self.listeners.items()},
         }
 
