@@ -246,7 +246,11 @@ def _chart(ctx: click.Context) -> Statechart:
     try:
         if config is None:
             return load_statechart()
-        # Decided as the daemon decides: with the conditions its configuration holds.
+        # Decided as the daemon decides: with the conditions its configuration holds (the
+        # factory's own, with --factory).
+        named = ctx.meta.get("syncctl.factory")
+        if named in config.factories:
+            config = config.for_factory(named)
         return load_statechart(config.daemon.statechart, holding=config.statechart_conditions())
     except StatechartError as exc:
         _fail(str(exc), EXIT_CONFIG)
