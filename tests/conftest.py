@@ -120,9 +120,10 @@ async def running_sims(
     katana_faults: Faults | None = None,
     tradegecko_faults: Faults | None = None,
     webhooks: bool = False,
+    accounts: int = 1,
 ) -> AsyncIterator[Sims]:
-    """Both simulators (test tokens) for one test; fails it if the daemon's Katana traffic
-    broke the OpenAPI contract."""
+    """Both simulators (test tokens) for one test, serving ``accounts`` factories; fails it
+    if the daemon's Katana traffic broke the OpenAPI contract."""
     async with running_simulators(
         katana_token=KATANA_TOKEN,
         tradegecko_token=TRADEGECKO_TOKEN,
@@ -131,6 +132,7 @@ async def running_sims(
         katana_faults=katana_faults,
         tradegecko_faults=tradegecko_faults,
         webhooks=webhooks,
+        accounts=accounts,
     ) as simulators:
         sims = Sims(**{f.name: getattr(simulators, f.name) for f in fields(Simulators)})
         yield sims

@@ -183,7 +183,9 @@ async def test_the_customer_is_made_once_and_recognised_by_reference_when_rename
 
 
 def _drift_count(daemon: Any, side: str) -> float:
-    value = daemon.metrics.registry.get_sample_value("syncd_drift_detected_total", {"side": side})
+    value = daemon.metrics.registry.get_sample_value(
+        "syncd_drift_detected_total", {"factory": "default", "side": side}
+    )
     return float(value or 0)
 
 

@@ -24,7 +24,8 @@ from conftest import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
 from crash_harness import CrashHarness
 from pg_server import PASSWORD, PostgresServer, pg_server_fixture  # noqa: F401 - pytest's
 from syncd.domain.statechart import load_statechart
-from syncd.sim import free_port
+from syncd.sim import CHAIR_LINE, free_port
+from syncd.sim._frame import ACCOUNT_HEADER
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -487,18 +488,12 @@ async def test_check_reads_every_factory_and_asks_each_ones_services(
         "SYNCD_NORTH_MILL_KATANA_TOKEN": "kt-north",
         "SYNCD_CREDENTIALS_DIRECTORY": str(credentials),
     }
-    # Each factory is right, and listed; this syncd still runs one factory per daemon, so
-    # check refuses what run would refuse (it would serve only the first, silently).
-    refused = (
-        "syncd: 3 factories (default, north-mill, acme): this syncd runs one factory per "
-        "daemon; give each its own config and database until several run in one"
-    )
+    # Each factory is right, and listed: one daemon runs them all.
     offline = await _process("syncd", "check", "--config", str(config), env=env)
-    assert offline.returncode == 2, offline.stderr.decode()
-    assert offline.stderr.decode().splitlines() == [refused, f"syncd: {config}: 1 problem"]
-    run_refused = await _process("syncd", "run", "--config", str(config), env=env)
-    assert run_refused.returncode == 2 and refused in run_refused.stderr.decode()
-    lines = offline.stdout.decode().splitlines()
+    assert offline.returncode == 0, offline.stderr.decode()
+    assert offline.stderr.decode() == ""
+    summary, *lines = offline.stdout.decode().splitlines()
+    assert summary.startswith(f"{config}: ok (3 factories, ")
     assert lines == [
         "factory default (the top level): supplier 'Katana', customer 'Tradegecko', "
         "order_no_prefix 'TG-'",
@@ -512,7 +507,7 @@ async def test_check_reads_every_factory_and_asks_each_ones_services(
     # each said with its factory's name, none of them printed.
     online = await _process("syncd", "check", "--online", "--config", str(config), env=env)
     stderr = online.stderr.decode()
-    assert online.returncode == 2, stderr  # the one-factory refusal comes first
+    assert online.returncode == 4, stderr
     assert "factory default:" not in stderr
     assert "syncd: factory north-mill: a token was rejected: " in stderr
     assert "syncd: factory acme: a token was rejected: " in stderr
@@ -536,9 +531,7 @@ async def test_check_reads_every_factory_and_asks_each_ones_services(
         f"(in {config})",
         f"syncd: {acme}: katana.token: the same Katana token as the factory 'default': one "
         "account served twice would double every call",
-        # north-mill could not be read: two factories are left to refuse.
-        refused.replace("3 factories (default, north-mill, acme)", "2 factories (default, acme)"),
-        f"syncd: {config}: 4 problems",
+        f"syncd: {config}: 3 problems",
     ]
 
 
@@ -1161,3 +1154,85 @@ def test_demo_refuses_an_unknown_make_to_order_mode() -> None:
     result = run("syncd", "demo", "--make-to-order", "always")
     assert result.returncode == 2
     assert "'--make-to-order'" in result.stderr and "Traceback" not in result.stderr
+
+
+def _account(world: CrashHarness, name: str) -> tuple[str, str]:
+    """A new account in each simulator process for the factory ``name``: its tokens."""
+    suffix = os.urandom(4).hex()  # the simulators outlive the test: fresh tokens each time
+    katana, tradegecko = f"kt-{name}-{suffix}", f"tg-{name}-{suffix}"
+    world.http.post(f"{world.katana_url}/_sim/accounts", json={"token": katana}).raise_for_status()
+    world.http.post(
+        f"{world.tradegecko_url}/_sim/accounts", json={"token": tradegecko}
+    ).raise_for_status()
+    return katana, tradegecko
+
+
+def _syncctl_json(*args: str) -> object:
+    result = subprocess.run(
+        [str(BIN / "syncctl"), *args, "--json"], capture_output=True, text=True, timeout=30
+    )
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def test_sighup_starts_an_added_factory_stops_a_removed_one_and_keeps_a_broken_config_out(
+    tmp_path: Path, world: CrashHarness, daemons: list[Daemon]
+) -> None:
+    tokens = {name: _account(world, name) for name in ("north", "acme")}
+    config = _run_config(tmp_path, world)
+    folder = tmp_path / "factories.d"
+    folder.mkdir()
+
+    def add(name: str, extra: str = "") -> None:
+        katana, tradegecko = tokens[name]
+        (folder / f"{name}.toml").write_text(
+            f'[tradegecko]\ntoken = "{tradegecko}"\n[katana]\ntoken = "{katana}"\n{extra}'
+        )
+
+    add("north")
+    daemon = Daemon(config)
+    daemons.append(daemon)
+    daemon.wait_for("syncd running")
+    assert "factory north running" in daemon.wait_for("factory north running")
+    # A PO in north's account is linked by north.
+    created = world.http.post(
+        f"{world.tradegecko_url}/_sim/purchase_orders",
+        json={"supplier": "Katana", "currency": "USD", "lines": [CHAIR_LINE]},
+        headers={ACCOUNT_HEADER: tokens["north"][1]},
+    )
+    created.raise_for_status()
+    number = created.json()["purchase_order"]["order_number"]
+    inspect = ["--config", str(config), "--factory", "north", "inspect", number]
+    deadline = time.monotonic() + 30
+    while (order := _syncctl_json(*inspect)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert isinstance(order, dict) and order["factory"] == "north", daemon.stderr()
+
+    # Added: started without a restart.
+    add("acme")
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_for("factory acme running")
+    assert "acme" in daemon.wait_for("reload applied")
+
+    # Removed (switched off): stopped, its history kept.
+    (folder / "north.toml").rename(folder / "north.toml.off")
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_for("factory north stopped")
+    kept = _syncctl_json(*inspect)
+    assert isinstance(kept, dict) and kept["po_number"] == number
+
+    # A broken factory file: refused, said, the running factories go on.
+    add("acme", "order_no_prefix = 5\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    refused = daemon.wait_for("reload refused")
+    assert "katana.order_no_prefix" in refused and "nothing was reloaded" in refused
+    # A daemon-wide key that needs a restart: said, nothing applied.
+    add("acme")
+    config.write_text(config.read_text().replace("retry_max = 0.5", "retry_max = 0.7"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    restart = daemon.wait_for("needs a restart")
+    assert "daemon.retry_max" in restart
+    assert daemon.proc.poll() is None
+    assert not [line for line in daemon.lines if "factory acme stopped" in line]
+
+    status, _ = daemon.stop()
+    assert status == 0, daemon.stderr()

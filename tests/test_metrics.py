@@ -33,7 +33,14 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
+#: The series without a ``factory`` label.
+_DAEMON_WIDE = ("syncd_build_info", "syncd_metrics_refresh_timestamp_seconds")
+
+
 def value(text: str, name: str, **labels: str) -> float | None:
+    """A sample's value; the factory ``default``'s unless ``factory`` is named."""
+    if not name.startswith(_DAEMON_WIDE):
+        labels.setdefault("factory", "default")
     return samples(text).get((name, frozenset(labels.items())))
 
 
@@ -122,15 +129,21 @@ def test_metrics_of_two_daemons_do_not_mix() -> None:
     first.effect("import_order", "retry")
     first.effect("receive_order", "failed")
     assert (
-        first.registry.get_sample_value("syncd_effect_retries_total", {"effect": "import_order"})
+        first.registry.get_sample_value(
+            "syncd_effect_retries_total", {"factory": "default", "effect": "import_order"}
+        )
         == 1
     )
     assert (
-        first.registry.get_sample_value("syncd_effect_failures_total", {"effect": "receive_order"})
+        first.registry.get_sample_value(
+            "syncd_effect_failures_total", {"factory": "default", "effect": "receive_order"}
+        )
         == 1
     )
     assert (
-        second.registry.get_sample_value("syncd_effect_retries_total", {"effect": "import_order"})
+        second.registry.get_sample_value(
+            "syncd_effect_retries_total", {"factory": "default", "effect": "import_order"}
+        )
         is None
     )
 

@@ -39,11 +39,11 @@ def exported_names() -> set[str]:
     metrics.known_states(["received"])
     metrics.api_hook("katana")("GET", "/x", 200, 0.1)
     metrics.transition("a", "b", "t", None)
-    metrics.state_duration.labels("a").observe(1)
+    metrics.state_duration.labels("default", "a").observe(1)
     metrics.effect("e", "retry")
     metrics.effect("e", "failed")
-    metrics.last_poll.labels("katana").set(1)
-    metrics.rate_limit_remaining.labels("katana").set(1)
+    metrics.last_poll.labels("default", "katana").set(1)
+    metrics.rate_limit_remaining.labels("default", "katana").set(1)
     text = generate_latest(metrics.registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
 
@@ -72,7 +72,10 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
             {
                 "name": "dashboard",
                 "rules": [
-                    {"record": f"dashboard:query{i}", "expr": expr.replace("$job", ".*")}
+                    {
+                        "record": f"dashboard:query{i}",
+                        "expr": expr.replace("$job", ".*").replace("$factory", ".*"),
+                    }
                     for i, expr in enumerate(dashboard_queries())
                 ],
             }
@@ -124,3 +127,24 @@ def test_example_scrape_config_passes_promtool_and_matches_the_rules() -> None:
     host, port = MetricsConfig().address()
     assert job["static_configs"] == [{"targets": [f"{host}:{port}"]}]
     assert job.get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_the_dashboard_selects_factories_and_the_alerts_fire_per_factory() -> None:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    factory = variables["factory"]
+    assert factory["includeAll"] and factory["multi"]
+    assert factory["query"]["query"] == 'label_values(syncd_orders{job=~"$job"}, factory)'
+    # Every selector of a syncd series follows the selector (up has no factory label).
+    for expr in dashboard_queries():
+        for selector in re.findall(r"\b(syncd_[a-z_]+)\{([^}]*)\}", expr):
+            assert 'factory=~"$factory"' in selector[1], expr
+    # An aggregating rule keeps the factory: one factory's trouble is its own alert.
+    for expr in rule_queries():
+        for kept in re.findall(r"\bby \(([^)]*)\)", expr):
+            assert "factory" in kept.split(", "), expr
+    # And what a daemon exports carries the label.
+    metrics = Metrics()
+    metrics.known_states(["received"], factory="north")
+    text = generate_latest(metrics.registry).decode()
+    assert 'syncd_orders{factory="north",state="received"} 0.0' in text

@@ -73,14 +73,29 @@ def test_metrics_count_what_they_are_told_as_an_observer() -> None:
     assert (
         sample(
             "syncd_transitions_total",
-            {"from": "discovered", "to": "imported", "trigger": "so_created"},
+            {"factory": "default", "from": "discovered", "to": "imported", "trigger": "so_created"},
         )
         == 1
     )
-    assert sample("syncd_effect_failures_total", {"effect": "receive_order"}) == 1
-    assert sample("syncd_drift_detected_total", {"side": "katana"}) == 1
-    assert sample("syncd_webhooks_total", {"service": "katana", "result": "duplicate"}) == 1
-    labels = {"service": "katana", "method": "GET", "endpoint": "/factory", "status": "none"}
+    assert (
+        sample("syncd_effect_failures_total", {"factory": "default", "effect": "receive_order"})
+        == 1
+    )
+    assert sample("syncd_drift_detected_total", {"factory": "default", "side": "katana"}) == 1
+    assert (
+        sample(
+            "syncd_webhooks_total",
+            {"factory": "default", "service": "katana", "result": "duplicate"},
+        )
+        == 1
+    )
+    labels = {
+        "factory": "default",
+        "service": "katana",
+        "method": "GET",
+        "endpoint": "/factory",
+        "status": "none",
+    }
     assert sample("syncd_api_requests_total", labels) == 1
 
 
@@ -97,7 +112,12 @@ async def test_the_observer_passed_to_the_daemon_hears_the_whole_flow(
         await wait_for(daemon, [po["order_number"]], is_state("received"))
         # The daemon's own metrics were told the same, beside the observer passed in.
         assert daemon.metrics is not None
-        received = {"from": "delivered", "to": "received", "trigger": "po_received"}
+        received = {
+            "factory": "default",
+            "from": "delivered",
+            "to": "received",
+            "trigger": "po_received",
+        }
         # Observers are told right after the transition is stored, which wait_for may see
         # first: wait (bounded) for the telling, then require exactly one.
         registry = daemon.metrics.registry

@@ -505,3 +505,43 @@ async def _browse(sims: Sims, db: Path, tmp_path: Path) -> None:
     if target := os.environ.get("SYNCD_SCREENSHOTS"):
         (ROOT / target).mkdir(exist_ok=True)
         shutil.copyfile(shot, ROOT / target / "status-page.png")
+
+
+async def test_with_several_factories_the_page_sums_them_and_says_each_ones(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "syncd.db"
+    async with filled_store(db) as store:
+        # A second factory with the same PO number in its own account, its Katana paused.
+        north = store.for_factory("north")
+        await walk(north, 1, "PO0001", [("import_failed", "the import gave up")], reason="no SKU")
+        await north.set_meta("paused.katana", "katana rejected the token (401) since ...")
+        status = page_for(db, factories=lambda: ["default", "north"])
+        try:
+            overview = await status.overview()
+            order = await status.order("PO0001", "north")
+            first = await status.order("PO0001")
+        finally:
+            await status.close()
+    assert list(overview.factories) == ["default", "north"]
+    assert overview.factories["north"].counts == {"needs_attention": 1}
+    assert overview.factories["north"].attention == 1
+    assert overview.factories["north"].paused == ["katana"]
+    assert overview.factories["default"].attention == 2
+    text = render_overview(overview)
+    page = Page(text)
+    # The states are every factory's.
+    assert page.count("needs_attention") == 3 and page.count("received") == 1
+    factories = page.sections["factories"]
+    assert "north 1 1 paused: katana needs_attention 1" in factories
+    assert "default 3 2" in factories
+    # Each order and service names its factory, and so do the commands.
+    assert f"syncctl --db {db} --factory north retry PO0001" in page.codes
+    assert "/orders/PO0001?factory=north" in text
+    assert page.services["north katana"].startswith("north katana paused")
+    # An order page by factory; without one, the first factory that has it.
+    assert order is not None and order.factory == "north" and order.link.state == "needs_attention"
+    assert first is not None and first.factory == "default" and first.link.state == "received"
+    shown = render_order(order)
+    assert "<dt>factory</dt><dd>north</dd>" in shown
+    assert f"syncctl --db {db} --factory north retry PO0001" in shown

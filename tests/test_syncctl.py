@@ -599,3 +599,102 @@ async def test_status_and_explain_show_a_paused_service(sims: Sims, tmp_path: Pa
         await _until_paused(daemon.store, False)
         code, status, _ = await syncctl_process("status", "--db", str(db), "--json")
         assert status["paused"] == []
+
+
+async def _factories_db(db: Path) -> None:
+    """Three factories' orders in one database: north and south both have a PO 1001 (two
+    accounts number their POs alike), east has 1002 only, the default factory none."""
+    chart = load_statechart()
+    store = await Store.open(db)
+    try:
+        for factory, po_id, number in (
+            ("north", 11, "1001"),
+            ("south", 11, "1001"),
+            ("south", 12, "1003"),
+            ("east", 13, "1002"),
+        ):
+            view = store.for_factory(factory)
+            snapshot = PurchaseOrderSnapshot(
+                po_id=po_id,
+                po_number=number,
+                status="active",
+                company_id=1,
+                currency_id=1,
+                created_at=datetime.now(UTC),
+                updated_at=datetime.now(UTC),
+                lines=(),
+            )
+            link = await view.create_link(
+                snapshot, state=chart.initial, trigger="po_discovered", cause="test", event_id=None
+            )
+            assert link is not None
+        await store.for_factory("south").set_meta(
+            "paused.katana", "katana rejected the token (401) since 2026-12-01T20:00:00Z: ..."
+        )
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_factory_option_on_status_inspect_history_and_the_order_commands(
+    tmp_path: Path,
+) -> None:
+    db = str(tmp_path / "syncd.db")
+    await _factories_db(Path(db))
+
+    # status: a line per factory by default.
+    code, text, err = await syncctl_process("--db", db, "status")
+    assert code == 0, err
+    lines = text.splitlines()
+    assert lines[0].split() == ["factory", "orders", "attention", "inbox", "paused", "states"]
+    assert [line.split()[:5] for line in lines[1:4]] == [
+        ["east", "1", "0", "0", "none"],
+        ["north", "1", "0", "0", "none"],
+        ["south", "2", "0", "0", "katana"],
+    ]
+    assert lines[4].split() == ["total", "4"]
+    code, status, err = await syncctl_process("--db", db, "status", "--json")
+    assert code == 0, err
+    assert set(status["factories"]) == {"east", "north", "south"} and status["total"] == 4
+    assert status["factories"]["south"]["paused"][0]["service"] == "katana"
+    # One factory: today's whole status, naming it.
+    code, south, err = await syncctl_process("--factory", "south", "--db", db, "status", "--json")
+    assert code == 0, err
+    assert south["factory"] == "south" and south["total"] == 2
+    assert south == {"factory": "south", **status["factories"]["south"]}
+
+    # inspect lists every factory's orders, each naming its own.
+    code, rows, err = await syncctl_process("--db", db, "inspect", "--json")
+    assert code == 0, err
+    assert sorted((r["factory"], r["po_number"]) for r in rows) == [
+        ("east", "1002"),
+        ("north", "1001"),
+        ("south", "1001"),
+        ("south", "1003"),
+    ]
+    code, text, err = await syncctl_process("--db", db, "inspect")
+    assert code == 0 and text.splitlines()[0].split()[0] == "factory"
+    code, history, err = await syncctl_process("--db", db, "history", "--json", "--factory", "east")
+    assert code == 0, err
+    assert [(h["factory"], h["po_number"]) for h in history] == [("east", "1002")]
+
+    # An order found in one factory is that one's; in two, --factory must choose.
+    code, one, err = await syncctl_process("--db", db, "inspect", "1003", "--json")
+    assert code == 0 and one["factory"] == "south", err
+    code, _, err = await syncctl_process("--db", db, "inspect", "1001")
+    assert code == 2
+    assert "it is in several factories (north, south): name one with --factory" in err
+    code, one, err = await syncctl_process("--db", db, "--factory", "north", "inspect", "1001")
+    assert code == 0 and "po_number 1001 (po_id 11" in one, err
+    code, _, err = await syncctl_process("--db", db, "--factory", "east", "inspect", "1001")
+    assert code == 5 and "no linked order '1001'" in err
+    code, queued, err = await syncctl_process(
+        "--db", db, "cancel", "1002", "--reason", "test", "--json"
+    )
+    assert code == 0 and queued["order"]["factory"] == "east", err
+
+    # A factory that is neither configured nor in the database, or not a name at all.
+    code, _, err = await syncctl_process("--db", db, "--factory", "west", "status")
+    assert code == 2 and "--factory: no factory 'west' (there are: east, north, south)" in err
+    code, _, err = await syncctl_process("--db", db, "--factory", "West!", "status")
+    assert code == 2 and "is not a factory name" in err

@@ -13,11 +13,15 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from conftest import Sims, running_sims
 from syncd.config import (
@@ -30,6 +34,8 @@ from syncd.runtime.daemon import Daemon
 from syncd.runtime.observer import Observer
 from syncd.runtime.webhooks import (
     WebhookKeys,
+    WebhookListener,
+    WebhookRouter,
     create_webhook_app,
     katana_signature,
     tradegecko_signature,
@@ -520,7 +526,6 @@ def test_webhooks_config_reads_secrets_and_names_wrong_keys(
 
 async def test_the_simulator_retries_on_the_real_schedule_compressed() -> None:
     from starlette.applications import Starlette
-    from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import Route
 
@@ -715,3 +720,70 @@ async def test_a_three_day_old_retry_and_a_timestampless_delivery_are_accepted(
     notes = [inbox.decode(e.kind, e.payload) for e in events]
     assert [getattr(n, "delivery_id", None) for n in notes] == [d for d, _ in cases]
     assert len(woken) == 3
+
+
+class _Prepared:
+    """What the router needs of a factory's listener: its app and whether it registered."""
+
+    def __init__(self, name: str) -> None:
+        async def echo(request: Request) -> JSONResponse:
+            return JSONResponse({"factory": name, "path": request.url.path})
+
+        self.app = Starlette(routes=[Route("/{rest:path}", echo, methods=["POST"])])
+        self.registered = False
+
+    def health(self) -> dict[str, object]:
+        return {"registered": self.registered}
+
+
+@pytest.mark.anyio
+async def test_the_router_sends_each_factorys_paths_to_its_listener() -> None:
+    router = WebhookRouter(unprefixed="default")
+    transport = httpx.ASGITransport(app=router)
+    async with httpx.AsyncClient(transport=transport, base_url="http://syncd") as http:
+        # Serving before any factory started: nothing is registered yet, every path is 404.
+        assert (await http.get("/healthz")).json() == {
+            "status": "ok",
+            "registered": False,
+            "factories": {},
+        }
+        assert (await http.post("/webhooks/tradegecko")).status_code == 404
+
+        listeners = {name: _Prepared(name) for name in ("default", "north")}
+        for name, listener in listeners.items():
+            router.add(name, cast(WebhookListener, listener))
+
+        async def where(path: str) -> tuple[int, Any]:
+            answer = await http.post(path)
+            return answer.status_code, answer.json()
+
+        # Each factory's app sees its paths without the factory's name in them.
+        assert await where("/webhooks/north/tradegecko") == (
+            200,
+            {"factory": "north", "path": "/webhooks/tradegecko"},
+        )
+        assert await where("/webhooks/north/katana/tok") == (
+            200,
+            {"factory": "north", "path": "/webhooks/katana/tok"},
+        )
+        # The default factory keeps today's paths, and answers at its name too.
+        assert await where("/webhooks/katana/tok") == (
+            200,
+            {"factory": "default", "path": "/webhooks/katana/tok"},
+        )
+        assert (await where("/webhooks/default/tradegecko"))[1]["factory"] == "default"
+        for path in ("/webhooks/south/tradegecko", "/webhooks/north/other", "/elsewhere"):
+            assert (await http.post(path)).status_code == 404, path
+
+        listeners["default"].registered = True
+        health = (await http.get("/healthz")).json()
+        assert health["registered"] is False  # north is not yet
+        assert health["factories"] == {
+            "default": {"registered": True},
+            "north": {"registered": False},
+        }
+
+        # A stopped factory's paths are a 404; the single factory left answers as it always did.
+        router.remove("north")
+        assert (await http.post("/webhooks/north/tradegecko")).status_code == 404
+        assert (await http.get("/healthz")).json() == {"status": "ok", "registered": True}

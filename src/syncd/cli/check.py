@@ -54,12 +54,6 @@ async def check(path: Path, *, online: bool = False) -> CheckReport:
         return report
     config_wrong = config_problems(config)
     report.problems += [Problem("config", str(exc)) for exc in config_wrong]
-    from syncd.runtime.daemon import check_one_factory
-
-    try:
-        check_one_factory(config)
-    except ConfigError as exc:  # what run refuses, though each factory is right
-        report.problems.append(Problem("config", str(exc)))
     from syncd.runtime.dispatcher import check_chart
 
     try:

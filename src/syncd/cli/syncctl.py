@@ -8,7 +8,14 @@ daemon recorded of a PO it saw and did not link.
 
 The database comes from ``--db PATH``, else from the config named by ``--config PATH``, else
 from ``$SYNCD_CONFIG`` or ``/etc/syncd/syncd.toml``. Both options go before or after the
-command. JSON output: one shape per thing (an order is the same object in every command),
+command.
+
+``--factory NAME`` (before or after the command) looks at one factory; by default every
+factory: ``status`` then says each one's, ``inspect`` and ``history`` list every factory's
+orders (each row naming its factory), and a command naming an order finds it in whichever
+factory has it (an order in several is refused until ``--factory`` names one). A command
+that needs a factory and cannot tell which (``import`` with several) asks for
+``--factory``. JSON output: one shape per thing (an order is the same object in every command),
 times in ISO 8601 UTC (``2026-12-01T14:58:23Z``), ``null`` for nothing.
 
 Exit codes: 0 success; 2 bad usage or config (an unknown ``--state``, say); 3 the database
@@ -38,7 +45,14 @@ import msgspec
 
 from syncd import __version__
 from syncd.cli._entry import run_command
-from syncd.config import Config, DaemonConfig, default_config_path, load_config, shadow_database
+from syncd.config import (
+    FACTORY_NAME,
+    Config,
+    DaemonConfig,
+    default_config_path,
+    load_config,
+    shadow_database,
+)
 from syncd.domain.orders import LinkedOrder
 from syncd.domain.statechart import Statechart, load_statechart
 from syncd.errors import ConfigError, StatechartError, StoreError, StoreInUse
@@ -46,6 +60,7 @@ from syncd.runtime import inbox
 from syncd.runtime.pauses import PAUSED_PREFIX
 from syncd.runtime.pollers import BEFORE_ACTIVATION, OTHER_SUPPLIER
 from syncd.store import (
+    DEFAULT_FACTORY,
     ImportOutcome,
     ImportResult,
     PlannedWrite,
@@ -174,6 +189,13 @@ def _remember(key: str) -> Callable[[click.Context, click.Parameter, str | None]
 
 def _location_options(command: Callable[..., Any]) -> Callable[..., Any]:
     command = click.option(
+        "--factory",
+        default=None,
+        expose_value=False,
+        callback=_remember("syncctl.factory"),
+        help="Only this factory; default every one.",
+    )(command)
+    command = click.option(
         "--config",
         default=None,
         expose_value=False,
@@ -238,14 +260,46 @@ def _chart(ctx: click.Context) -> Statechart:
     try:
         if config is None:
             return load_statechart()
-        # Decided as the daemon decides: with the conditions its configuration holds.
+        # Decided as the daemon decides: with the conditions its configuration holds (the
+        # factory's own, with --factory).
+        named = ctx.meta.get("syncctl.factory")
+        if named in config.factories:
+            config = config.for_factory(named)
         return load_statechart(config.daemon.statechart, holding=config.statechart_conditions())
     except StatechartError as exc:
         _fail(str(exc), EXIT_CONFIG)
         raise
 
 
-def _with_store(
+class _Refused(Exception):
+    """Said inside the store's run, exited with outside it."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def _factory_names(ctx: click.Context, store: Store) -> list[str]:
+    """The factories a command looks at: ``--factory``, else every one the config names or
+    the database has rows of (config order first); ``default`` when there are none."""
+    config = _config(ctx)
+    configured = list(config.factories) if config is not None else []
+    known = configured + [name for name in await store.factories() if name not in configured]
+    named: str | None = ctx.meta.get("syncctl.factory")
+    if named is None:
+        return known or [DEFAULT_FACTORY]
+    if not FACTORY_NAME.fullmatch(named):
+        raise _Refused(
+            f"--factory: {named!r} is not a factory name (lowercase letters, digits, '-')",
+            EXIT_CONFIG,
+        )
+    if named not in known and named != DEFAULT_FACTORY:
+        there = ", ".join(known) or "none"
+        raise _Refused(f"--factory: no factory {named!r} (there are: {there})", EXIT_CONFIG)
+    return [named]
+
+
+def _run_store(
     ctx: click.Context, work: Callable[[Store], Awaitable[T]], *, write: bool = False
 ) -> T:
     path = _db_path(ctx)
@@ -265,6 +319,60 @@ def _with_store(
     except StoreError as exc:
         _fail(str(exc), EXIT_STORE)
         raise
+    except _Refused as exc:
+        _fail(str(exc), exc.code)
+        raise
+
+
+def _with_store(
+    ctx: click.Context,
+    work: Callable[[Store], Awaitable[T]],
+    *,
+    write: bool = False,
+    has: Callable[[Store], Awaitable[bool]] | None = None,
+) -> T:
+    """Run ``work`` on one factory's store: ``--factory``'s, the only one, or the one that
+    ``has`` what the command names (an order, a PO).
+
+    :raises SystemExit: several factories and none could be chosen (exit 2).
+    """
+
+    async def one(store: Store) -> T:
+        names = await _factory_names(ctx, store)
+        if len(names) > 1 and has is not None:
+            holders = [n for n in names if await has(store.for_factory(n))]
+            if len(holders) > 1:
+                raise _Refused(
+                    f"it is in several factories ({', '.join(holders)}): name one with --factory",
+                    EXIT_CONFIG,
+                )
+            names = holders or names[:1]  # none has it: any one says "not found"
+        if len(names) > 1:
+            raise _Refused(
+                f"{len(names)} factories ({', '.join(names)}): name one with --factory",
+                EXIT_CONFIG,
+            )
+        return await work(store.for_factory(names[0]))
+
+    return _run_store(ctx, one, write=write)
+
+
+def _has_link(key: str) -> Callable[[Store], Awaitable[bool]]:
+    async def has(store: Store) -> bool:
+        return await store.find_link(key) is not None
+
+    return has
+
+
+def _per_factory(ctx: click.Context, work: Callable[[Store], Awaitable[T]]) -> dict[str, T]:
+    """Run ``work`` on each factory looked at (``--factory``'s, else every one)."""
+
+    async def each(store: Store) -> dict[str, T]:
+        return {
+            name: await work(store.for_factory(name)) for name in await _factory_names(ctx, store)
+        }
+
+    return _run_store(ctx, each)
 
 
 # -- the shapes of things --------------------------------------------------------------------
@@ -287,9 +395,10 @@ async def _paused(store: Store) -> list[dict[str, Any]]:
     return result
 
 
-def _order(link: LinkedOrder) -> dict[str, Any]:
+def _order(link: LinkedOrder, factory: str) -> dict[str, Any]:
     """An order as every command shows it (``inspect PO`` adds its details)."""
     return {
+        "factory": factory,
         "id": link.id,
         "po_number": link.po_number,
         "po_id": link.po_id,
@@ -394,7 +503,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
             },
         }
 
-    data = _with_store(ctx, work)
+    each = _per_factory(ctx, work)
+    if len(each) > 1:
+        _status_of_factories(each, as_json)
+        return
+    ((name, data),) = each.items()
+    data = {"factory": name, **data}
     if as_json:
         _emit(data)
         return
@@ -418,6 +532,31 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"last_successful_poll of {source}: {_text(when)}")
     for name, info in data["cursors"].items():
         click.echo(f"cursor {name}: {info['value']} (updated_at {_text(info['updated_at'])})")
+
+
+def _status_of_factories(each: dict[str, dict[str, Any]], as_json: bool) -> None:
+    """``status`` of several factories: a line each (``--factory NAME`` says one's all)."""
+    if as_json:
+        _emit(
+            {
+                "factories": each,
+                "total": sum(data["total"] for data in each.values()),
+                "needs_attention": sum(data["needs_attention"] for data in each.values()),
+            }
+        )
+        return
+    width = max(len("factory"), *(len(name) for name in each))
+    click.echo(
+        f"{'factory':<{width}} {'orders':>7} {'attention':>9} {'inbox':>6}  {'paused':<18}  states"
+    )
+    for name, data in each.items():
+        paused = ",".join(p["service"] for p in data["paused"]) or "none"
+        states = ", ".join(f"{state} {info['orders']}" for state, info in data["states"].items())
+        click.echo(
+            f"{name:<{width}} {data['total']:>7} {data['needs_attention']:>9} "
+            f"{data['inbox_backlog']:>6}  {paused:<18}  {states or '-'}".rstrip()
+        )
+    click.echo(f"{'total':<{width}} {sum(data['total'] for data in each.values()):>7}")
 
 
 def _line(line: Any) -> dict[str, Any]:
@@ -475,7 +614,7 @@ def inspect(
         history = await store.history(link.id)
         paused = await _paused(store) if link.state in open_states else []
         return {
-            **_order(link),
+            **_order(link, store.factory),
             "paused": paused,
             "lines": [_line(line) for line in link.lines],
             "notes": list(link.notes),
@@ -500,10 +639,11 @@ def inspect(
             links = await store.links_in_states([state])
         else:
             links = await store.all_links()
-        return [_order(link) for link in links]
+        return [_order(link, store.factory) for link in links]
 
     if key is None:
-        rows = _with_store(ctx, many)
+        each = _per_factory(ctx, many)
+        rows = [row for found in each.values() for row in found]
         if as_json:
             _emit(rows)
             return
@@ -511,13 +651,14 @@ def inspect(
         if not rows:
             click.echo(f"no linked orders{where}")
             return
-        click.echo(_LIST_HEADER)
+        several = len(each) > 1
+        click.echo(f"{'factory':<16} {_LIST_HEADER}" if several else _LIST_HEADER)
         for row in rows:
-            click.echo(_list_row(row))
+            click.echo(f"{row['factory']:<16} {_list_row(row)}" if several else _list_row(row))
         click.echo(f"{_plural(len(rows), 'order')}{where}")
         return
 
-    data = _with_store(ctx, one)
+    data = _with_store(ctx, one, has=_has_link(key))
     if data is None:
         _fail(f"no linked order {key!r} (syncctl explain {key} says why)", EXIT_NOT_FOUND)
         return
@@ -576,7 +717,13 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
             for t in await store.recent_transitions(limit)
         ]
 
-    rows = _with_store(ctx, work)
+    each = _per_factory(ctx, work)
+    # Newest first across factories (ISO times in UTC sort as text), at most --limit.
+    rows = sorted(
+        ({"factory": name, **row} for name, found in each.items() for row in found),
+        key=lambda row: row["at"] or "",
+        reverse=True,
+    )[:limit]
     if as_json:
         _emit(rows)
         return
@@ -584,7 +731,8 @@ def history(ctx: click.Context, limit: int, as_json: bool) -> None:
         click.echo("no transitions yet")
     for row in rows:
         click.echo(
-            f"{row['at']}  {_text(row['po_number']):<12} {row['from'] or '·':>15} → "
+            (f"{row['factory']:<16} " if len(each) > 1 else "")
+            + f"{row['at']}  {_text(row['po_number']):<12} {row['from'] or '·':>15} → "
             f"{row['to']:<15} [{row['trigger']}] {row['cause']}"
         )
 
@@ -609,7 +757,7 @@ def _queue(
         if link is None:
             return None
         data: dict[str, Any] = {
-            "order": _order(link),
+            "order": _order(link, store.factory),
             "action": action,
             "reason": reason,
             "dry_run": dry_run,
@@ -638,7 +786,7 @@ def _queue(
         )
         return data
 
-    data = _with_store(ctx, work, write=not dry_run)
+    data = _with_store(ctx, work, write=not dry_run, has=_has_link(key))
     if data is None:
         _fail(f"no linked order {key!r}", EXIT_NOT_FOUND)
         return
@@ -808,12 +956,15 @@ def import_(
 
     seconds = wait
 
+    waited_in: list[str] = []
+
     async def await_it(store: Store) -> tuple[ImportOutcome | None, str | None, LinkedOrder | None]:
+        waited_in.append(store.factory)
         return await _await_import(store, event_id, po_number, seconds)
 
     outcome, settled, link = _with_store(ctx, await_it)
     data["outcome"] = _import(outcome) if outcome is not None else None
-    data["order"] = _order(link) if link is not None else None
+    data["order"] = _order(link, waited_in[0]) if link is not None else None
     if outcome is None:
         if as_json:
             _emit(data)
@@ -858,10 +1009,18 @@ def explain(ctx: click.Context, po_number: str, as_json: bool) -> None:
     a draft, another supplier's, created before activation, not seen yet, or paused."""
     config = _config(ctx)
     chart = _chart(ctx)
-    supplier = config.tradegecko.supplier_name if config is not None else None
-    match = config.tradegecko.supplier_match if config is not None else None
+
+    async def has(store: Store) -> bool:
+        return (
+            await store.link_by_po_number(po_number) is not None
+            or await store.purchase_order_observation(po_number) is not None
+        )
 
     async def work(store: Store) -> dict[str, Any]:
+        # The supplier the factory looks for: its own settings.
+        factory = config.factories.get(store.factory) if config is not None else None
+        supplier = factory.tradegecko.supplier_name if factory is not None else None
+        match = factory.tradegecko.supplier_match if factory is not None else None
         link = await store.link_by_po_number(po_number)
         seen = await store.purchase_order_observation(po_number)
         last = await store.last_import_outcome(po_number)
@@ -869,7 +1028,7 @@ def explain(ctx: click.Context, po_number: str, as_json: bool) -> None:
         poll = (await store.meta_with_prefix("last_poll.")).get("tradegecko")
         return {
             "po_number": po_number,
-            "order": _order(link) if link is not None else None,
+            "order": _order(link, store.factory) if link is not None else None,
             "observation": _observation(seen) if seen is not None else None,
             "import": _import(last) if last is not None else None,
             "import_queued": await _pending_imports(store, po_number),
@@ -882,7 +1041,7 @@ def explain(ctx: click.Context, po_number: str, as_json: bool) -> None:
             "supplier_match": match,
         }
 
-    data = _with_store(ctx, work)
+    data = _with_store(ctx, work, has=has)
     data["status"], data["explanation"] = _explain(data, chart)
     if as_json:
         _emit(data)
@@ -1211,7 +1370,7 @@ def adopt(ctx: click.Context, shadow_db: str | None, as_json: bool) -> None:
         _fail(f"the shadow and the live database are the same: {live_db}", EXIT_CONFIG)
     try:
         adopted = anyio.run(_adopt, shadow_db, live_db)
-    except _Refused as exc:
+    except _AdoptRefused as exc:
         _fail(f"{exc}; nothing adopted", EXIT_IN_USE)
         raise
     except StoreError as exc:
@@ -1231,7 +1390,7 @@ def adopt(ctx: click.Context, shadow_db: str | None, as_json: bool) -> None:
         )
 
 
-class _Refused(Exception):
+class _AdoptRefused(Exception):
     """The live database is not one ``adopt`` may fill."""
 
 
@@ -1241,15 +1400,15 @@ async def _adopt(shadow_db: str, live_db: str) -> dict[str, Any]:
         try:
             live = await Store.open(live_db, exclusive=True)
         except StoreInUse:
-            raise _Refused(f"a daemon runs on the live database {live_db}") from None
+            raise _AdoptRefused(f"a daemon runs on the live database {live_db}") from None
         try:
             running = [r.factory for r in await live.leases() if r.remaining > 0]
             if running:
-                raise _Refused(f"a daemon runs on the live database {live_db} ({running[0]})")
+                raise _AdoptRefused(f"a daemon runs on the live database {live_db} ({running[0]})")
             names = await shadow.factories() or [shadow.factory]
             for name in names:
                 if await live.for_factory(name).all_links(limit=1):
-                    raise _Refused(f"the live database already has orders (factory {name})")
+                    raise _AdoptRefused(f"the live database already has orders (factory {name})")
             factories = [
                 await _adopt_factory(shadow.for_factory(name), live.for_factory(name))
                 for name in names

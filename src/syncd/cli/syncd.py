@@ -107,7 +107,9 @@ def _config_path(given: str | None) -> Path:
     help="Read both services and decide, write to neither: record the plan (syncctl plan).",
 )
 def run(config_path: str | None, no_register: bool, shadow: bool) -> None:
-    """Run the daemon until SIGTERM or SIGINT."""
+    """Run the daemon until SIGTERM or SIGINT; SIGHUP reads the config again (factories
+    added, removed or changed are started and stopped; a broken config is logged and the
+    running one kept)."""
     path = _config_path(config_path)
     try:
         config = load_config(path)
@@ -123,8 +125,15 @@ def run(config_path: str | None, no_register: bool, shadow: bool) -> None:
             _fail(str(exc), EXIT_CONFIG)
             return
     configure_logging(config.daemon.log_level)
+
+    def adjust(new: Config) -> Config:
+        """The command line's changes, made again to the config a reload (SIGHUP) reads."""
+        if no_register:
+            new.webhooks.register = False
+        return new.as_shadow() if shadow else new
+
     try:
-        anyio.run(_run, config, str(path))
+        anyio.run(_run, config, str(path), adjust)
     except BaseException as exc:  # a task group wraps what a task raised in a group
         error = first_error(exc, SyncdError)
         if error is None:
@@ -147,11 +156,13 @@ def _exit_for(error: SyncdError) -> None:
         _fail(str(error), EXIT_FAILED)
 
 
-async def _run(config: Config, config_path: str) -> None:
+async def _run(
+    config: Config, config_path: str, adjust: Callable[[Config], Config] | None = None
+) -> None:
     import logging
 
     from syncd.ops.notify import notify, watchdog
-    from syncd.runtime.daemon import running_daemon
+    from syncd.runtime.daemon import Daemon, running_daemon
     from syncd.store import redacted
 
     log = logging.getLogger("syncd.daemon")
@@ -165,14 +176,24 @@ async def _run(config: Config, config_path: str) -> None:
         },
     )
     stopped_by = "nothing"
+    running: Daemon | None = None
     # The signals are taken before anything starts: a stop must work at every moment,
     # start-up included (a hanging service, the start-up check's retries).
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with anyio.create_task_group() as tg:
 
-            async def stop_on_signal() -> None:
+            async def on_signal() -> None:
                 nonlocal stopped_by
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        # Read the files again: factories added, removed or changed are
+                        # started and stopped; a broken config is logged, the old one kept.
+                        if running is None:
+                            log.warning("SIGHUP while starting: nothing reloaded")
+                            continue
+                        # In a task of its own: a SIGTERM during a slow reload still stops.
+                        tg.start_soon(reload, running)
+                        continue
                     stopped_by = signal.Signals(signum).name
                     notify("STOPPING=1", "STATUS=stopping")
                     log.info("syncd stopping", extra={"signal": stopped_by})
@@ -181,7 +202,13 @@ async def _run(config: Config, config_path: str) -> None:
                     tg.cancel_scope.cancel()
                     return
 
-            tg.start_soon(stop_on_signal)
+            async def reload(daemon: Daemon) -> None:
+                notify("RELOADING=1", "STATUS=reloading")
+                log.info("syncd reloading", extra={"config": config_path})
+                await daemon.reload(config_path)
+                notify("READY=1", "STATUS=running")
+
+            tg.start_soon(on_signal)
             # From the first moment: a start that retries a service must not look hung.
             tg.start_soon(watchdog)
 
@@ -191,7 +218,8 @@ async def _run(config: Config, config_path: str) -> None:
             def waiting(what: str) -> None:
                 notify(f"STATUS={what}")
 
-            async with running_daemon(config, check=True, on_wait=waiting):
+            async with running_daemon(config, check=True, on_wait=waiting, adjust=adjust) as daemon:
+                running = daemon
                 notify("READY=1", "STATUS=running")
                 await anyio.sleep_forever()
     log.info("syncd stopped", extra={"signal": stopped_by})

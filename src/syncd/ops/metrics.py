@@ -4,8 +4,10 @@ Counters and histograms are updated where things happen: :class:`Metrics` is an
 :class:`~syncd.runtime.observer.Observer`, told by the dispatcher, the webhook listener and
 the HTTP clients what they did; gauges that come from the database
 (orders per state, inbox backlog) are refreshed by :meth:`Metrics.refresh` on a timer, so a
-scrape never touches SQLite. No label carries an order: label values are states, triggers,
-services, endpoint templates and status codes, all bounded.
+scrape never touches SQLite. No label carries an order: label values are factories, states,
+triggers, services, endpoint templates and status codes, all bounded (a factory's series go
+when it stops). Every series but the build info and the refresh time has a ``factory`` label
+(``default`` for today's single-factory config), left out of the table below.
 
 Every metric (``syncd_`` prefix, base units):
 
@@ -61,7 +63,7 @@ from syncd.adapters._http import RequestBudget
 from syncd.ops.asgi import serving_socket
 from syncd.ops.statuspage import StatusPage
 from syncd.runtime.observer import Observer, TransitionNotice
-from syncd.store import Store
+from syncd.store import DEFAULT_FACTORY, Store
 
 __all__ = ["Metrics", "serve_metrics"]
 
@@ -88,96 +90,95 @@ class Metrics(Observer):
         Info("syncd_build", "The running syncd.", registry=r).info(
             {"version": __version__, "python": platform.python_version()}
         )
-        self.orders = Gauge("syncd_orders", "Linked orders in each state.", ["state"], registry=r)
+        self.orders = Gauge(
+            "syncd_orders", "Linked orders in each state.", ["factory", "state"], registry=r
+        )
         self.orders_oldest_age = Gauge(
             "syncd_orders_oldest_age_seconds",
             "How long the order that has waited longest in each state has been there.",
-            ["state"],
+            ["factory", "state"],
             registry=r,
         )
         self.transitions = Counter(
             "syncd_transitions",
             "Transitions of linked orders.",
-            ["from", "to", "trigger"],
+            ["factory", "from", "to", "trigger"],
             registry=r,
         )
         self.state_duration = Histogram(
             "syncd_state_duration_seconds",
             "Time an order spent in a state, observed when it leaves the state.",
-            ["state"],
+            ["factory", "state"],
             buckets=_STATE_BUCKETS,
             registry=r,
         )
         self.api_requests = Counter(
             "syncd_api_requests",
             "HTTP requests to TradeGecko and Katana, by answer status.",
-            ["service", "method", "endpoint", "status"],
+            ["factory", "service", "method", "endpoint", "status"],
             registry=r,
         )
         self.api_duration = Histogram(
             "syncd_api_request_duration_seconds",
             "Time from sending a request to reading its whole answer.",
-            ["service", "method", "endpoint"],
+            ["factory", "service", "method", "endpoint"],
             buckets=_API_BUCKETS,
             registry=r,
         )
         self.rate_limit_remaining = Gauge(
             "syncd_api_rate_limit_remaining",
             "Requests the service last said remain in its rate-limit window.",
-            ["service"],
+            ["factory", "service"],
             registry=r,
         )
         self.drift_detected = Counter(
             "syncd_drift_detected",
             "Edits found after import (never copied across), by the side edited.",
-            ["side"],
+            ["factory", "side"],
             registry=r,
         )
-        for side in ("tradegecko", "katana"):
-            self.drift_detected.labels(side)
         self.webhooks = Counter(
             "syncd_webhooks",
             "Webhook deliveries, by service and what the listener answered.",
-            ["service", "result"],
+            ["factory", "service", "result"],
             registry=r,
         )
-        # Exported from the start (at 0), so dashboards and alerts see the series.
-        for service in _SERVICES:
-            self.webhooks.labels(service, "accepted")
         self.inbox_backlog = Gauge(
-            "syncd_inbox_backlog_events", "Inbox events waiting to be processed.", registry=r
+            "syncd_inbox_backlog_events",
+            "Inbox events waiting to be processed.",
+            ["factory"],
+            registry=r,
         )
         self.inbox_oldest_age = Gauge(
             "syncd_inbox_oldest_event_age_seconds",
             "Age of the oldest inbox event waiting to be processed (0 when none waits).",
+            ["factory"],
             registry=r,
         )
         self.last_poll = Gauge(
             "syncd_poll_last_success_timestamp_seconds",
             "When each poller last completed a poll, as a Unix time.",
-            ["source"],
+            ["factory", "source"],
             registry=r,
         )
         self.effect_retries = Counter(
             "syncd_effect_retries",
             "Effect runs that failed for a passing reason and will be tried again.",
-            ["effect"],
+            ["factory", "effect"],
             registry=r,
         )
         self.effect_failures = Counter(
             "syncd_effect_failures",
             "Effect runs that gave up: the order needs a person.",
-            ["effect"],
+            ["factory", "effect"],
             registry=r,
         )
         self.service_paused = Gauge(
             "syncd_service_paused",
             "1 while the service rejects syncd's token (401) and every order is paused.",
-            ["service"],
+            ["factory", "service"],
             registry=r,
         )
-        for service in _SERVICES:
-            self.service_paused.labels(service).set(0)
         self.refreshed = Gauge(
             "syncd_metrics_refresh_timestamp_seconds",
             "When the gauges read from the database were last refreshed, as a Unix time.",
@@ -201,47 +202,110 @@ class Metrics(Observer):
     def api_answered(
         self, service: str, method: str, endpoint: str, status: int, seconds: float
     ) -> None:
-        self.api_requests.labels(service, method, endpoint, str(status) if status else "none").inc()
-        self.api_duration.labels(service, method, endpoint).observe(seconds)
+        self.api(service, method, endpoint, status, seconds)
+
+    def for_factory(self, factory: str) -> Observer:
+        """An observer counting what one factory's parts report under its ``factory``."""
+        return _FactoryMetrics(self, factory)
 
     # -- counting ------------------------------------------------------------------------
 
-    def api_hook(self, service: str) -> Callable[[str, str, int, float], None]:
+    def api_hook(
+        self, service: str, *, factory: str = DEFAULT_FACTORY
+    ) -> Callable[[str, str, int, float], None]:
         """An ``on_response`` hook for the :class:`ServiceClient` of ``service``."""
 
         def observe(method: str, endpoint: str, status: int, seconds: float) -> None:
-            self.api_answered(service, method, endpoint, status, seconds)
+            self.api(service, method, endpoint, status, seconds, factory=factory)
 
         return observe
 
+    def api(
+        self,
+        service: str,
+        method: str,
+        endpoint: str,
+        status: int,
+        seconds: float,
+        *,
+        factory: str = DEFAULT_FACTORY,
+    ) -> None:
+        """Count a request and observe its time."""
+        code = str(status) if status else "none"
+        self.api_requests.labels(factory, service, method, endpoint, code).inc()
+        self.api_duration.labels(factory, service, method, endpoint).observe(seconds)
+
     def transition(
-        self, source: str | None, dest: str, trigger: str, since: datetime | None
+        self,
+        source: str | None,
+        dest: str,
+        trigger: str,
+        since: datetime | None,
+        *,
+        factory: str = DEFAULT_FACTORY,
     ) -> None:
         """Count a transition; observe how long the order sat in ``source``."""
-        self.transitions.labels(source or "none", dest, trigger).inc()
+        self.transitions.labels(factory, source or "none", dest, trigger).inc()
         if source is not None and since is not None and source != dest:
-            self.state_duration.labels(source).observe(max(0.0, self._clock() - since.timestamp()))
+            self.state_duration.labels(factory, source).observe(
+                max(0.0, self._clock() - since.timestamp())
+            )
 
-    def effect(self, effect: str, result: str) -> None:
+    def effect(self, effect: str, result: str, *, factory: str = DEFAULT_FACTORY) -> None:
         """Count an effect run that ended in ``retry`` or ``failed``; ``ok`` is not counted."""
         if result == "retry":
-            self.effect_retries.labels(effect).inc()
+            self.effect_retries.labels(factory, effect).inc()
         elif result == "failed":
-            self.effect_failures.labels(effect).inc()
+            self.effect_failures.labels(factory, effect).inc()
 
-    def webhook(self, service: str, result: str) -> None:
+    def webhook(self, service: str, result: str, *, factory: str = DEFAULT_FACTORY) -> None:
         """Count a webhook delivery: accepted, duplicate, ignored, bad_signature, ..."""
-        self.webhooks.labels(service, result).inc()
+        self.webhooks.labels(factory, service, result).inc()
 
-    def drift(self, side: str) -> None:
+    def drift(self, side: str, *, factory: str = DEFAULT_FACTORY) -> None:
         """Count an order found edited after import on ``side`` (tradegecko or katana)."""
-        self.drift_detected.labels(side).inc()
+        self.drift_detected.labels(factory, side).inc()
 
-    def known_states(self, states: list[str]) -> None:
-        """Export 0 for every state (and zero-valued series) before the first refresh."""
+    def known_states(self, states: list[str], *, factory: str = DEFAULT_FACTORY) -> None:
+        """Export 0 for every state of ``factory`` (and its other zero-valued series) before
+        its first refresh, so dashboards and alerts see the series from the start."""
         for state in states:
-            self.orders.labels(state).set(0)
-            self.orders_oldest_age.labels(state).set(0)
+            self.orders.labels(factory, state).set(0)
+            self.orders_oldest_age.labels(factory, state).set(0)
+        for service in _SERVICES:
+            self.drift_detected.labels(factory, service)
+            self.webhooks.labels(factory, service, "accepted")
+            self.service_paused.labels(factory, service).set(0)
+        self.inbox_backlog.labels(factory).set(0)
+        self.inbox_oldest_age.labels(factory).set(0)
+
+    def forget_factory(self, factory: str) -> None:
+        """Drop every series of a factory that stopped: the ``factory`` label stays bounded
+        by the factories running."""
+        for metric in self._by_factory:
+            # prometheus_client has no "remove where"; its children are keyed by label values.
+            for values in [v for v in metric._metrics if v and v[0] == factory]:
+                metric.remove(*values)
+
+    @property
+    def _by_factory(self) -> tuple[Counter | Gauge | Histogram, ...]:
+        return (
+            self.orders,
+            self.orders_oldest_age,
+            self.transitions,
+            self.state_duration,
+            self.api_requests,
+            self.api_duration,
+            self.rate_limit_remaining,
+            self.drift_detected,
+            self.webhooks,
+            self.inbox_backlog,
+            self.inbox_oldest_age,
+            self.last_poll,
+            self.effect_retries,
+            self.effect_failures,
+            self.service_paused,
+        )
 
     # -- refresh -------------------------------------------------------------------------
 
@@ -253,26 +317,31 @@ class Metrics(Observer):
         polls: Mapping[str, float | None],
         budgets: Mapping[str, RequestBudget],
     ) -> None:
-        """Read the database gauges once; set the in-memory ones."""
+        """Read the database gauges of the store's factory once; set the in-memory ones."""
         now = self._clock()
+        factory = store.factory
         counts = await store.counts_by_state()
         oldest = await store.oldest_by_state()
         for state in sorted(set(states) | set(counts)):
-            self.orders.labels(state).set(counts.get(state, 0))
+            self.orders.labels(factory, state).set(counts.get(state, 0))
             since = oldest.get(state)
-            self.orders_oldest_age.labels(state).set(max(0.0, now - since[1]) if since else 0)
+            self.orders_oldest_age.labels(factory, state).set(
+                max(0.0, now - since[1]) if since else 0
+            )
         backlog, oldest_event = await store.inbox_backlog()
-        self.inbox_backlog.set(backlog)
-        self.inbox_oldest_age.set(max(0.0, now - oldest_event) if oldest_event else 0)
+        self.inbox_backlog.labels(factory).set(backlog)
+        self.inbox_oldest_age.labels(factory).set(
+            max(0.0, now - oldest_event) if oldest_event else 0
+        )
         paused = await store.meta_with_prefix(_PAUSED_PREFIX)
         for service in sorted(set(_SERVICES) | set(paused)):
-            self.service_paused.labels(service).set(1 if service in paused else 0)
+            self.service_paused.labels(factory, service).set(1 if service in paused else 0)
         for source, at in polls.items():
             if at is not None:
-                self.last_poll.labels(source).set(at)
+                self.last_poll.labels(factory, source).set(at)
         for service, budget in budgets.items():
             if budget.remaining_reported is not None:
-                self.rate_limit_remaining.labels(service).set(budget.remaining_reported)
+                self.rate_limit_remaining.labels(factory, service).set(budget.remaining_reported)
         self.refreshed.set(now)
 
     async def refresh_forever(
@@ -313,3 +382,30 @@ async def serve_metrics(
         if status is not None:
             with anyio.CancelScope(shield=True):
                 await status.close()
+
+
+class _FactoryMetrics(Observer):
+    """What one factory's parts report, counted under its ``factory`` label."""
+
+    def __init__(self, metrics: Metrics, factory: str) -> None:
+        self._metrics = metrics
+        self.factory = factory
+
+    def transitioned(self, notice: TransitionNotice) -> None:
+        self._metrics.transition(
+            notice.source, notice.dest, notice.trigger, notice.since, factory=self.factory
+        )
+
+    def effect_ran(self, effect: str, result: str) -> None:
+        self._metrics.effect(effect, result, factory=self.factory)
+
+    def drift_found(self, side: str) -> None:
+        self._metrics.drift(side, factory=self.factory)
+
+    def webhook_answered(self, service: str, result: str) -> None:
+        self._metrics.webhook(service, result, factory=self.factory)
+
+    def api_answered(
+        self, service: str, method: str, endpoint: str, status: int, seconds: float
+    ) -> None:
+        self._metrics.api(service, method, endpoint, status, seconds, factory=self.factory)

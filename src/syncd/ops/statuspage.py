@@ -24,7 +24,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
+from syncd.config import FACTORY_NAME
 from syncd.domain.orders import LinkedOrder
 from syncd.domain.statechart import Statechart
 from syncd.errors import StoreError
@@ -43,6 +44,7 @@ from syncd.store import Store, TransitionRecord
 __all__ = [
     "REFRESH_SECONDS",
     "AttentionItem",
+    "FactorySummary",
     "OrderView",
     "Overview",
     "ServiceStatus",
@@ -92,6 +94,16 @@ class AttentionItem:
 
 
 @dataclass(frozen=True)
+class FactorySummary:
+    """One factory's line on the page of several: its orders by state, how many need a
+    person, and its paused services."""
+
+    counts: dict[str, int]
+    attention: int
+    paused: list[str]
+
+
+@dataclass(frozen=True)
 class Overview:
     now: float
     database: str
@@ -106,6 +118,10 @@ class Overview:
     chart_svg: str | None
     chart_note: str | None
     descriptions: dict[str, str]
+    #: Each factory's summary when there are several (in their order); empty for one.
+    factories: dict[str, FactorySummary] = field(default_factory=dict)
+    #: The factory of each order shown (by link id) when there are several.
+    factory_of: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,8 @@ class OrderView:
     steps: list[TimelineStep]
     paused: list[str]
     attention: bool
+    #: Its factory, when the database has several (its commands then name it).
+    factory: str | None = None
 
 
 # -- the page --------------------------------------------------------------------------------
@@ -135,6 +153,9 @@ class StatusPage:
 
     :param webhooks_enabled: whether the daemon listens for webhooks (else the page says
         "polling only" instead of "never").
+    :param factories: the factories the daemon runs; with several (running, or with rows in
+        the database) the page sums them, adds a line per factory, and names the factory
+        of each order and service.
     """
 
     def __init__(
@@ -145,8 +166,11 @@ class StatusPage:
         webhooks_enabled: bool = False,
         refresh: int = REFRESH_SECONDS,
         clock: Callable[[], float] = time.time,
+        factories: Callable[[], list[str]] | None = None,
     ) -> None:
         self.database = database
+        #: The factories the daemon runs (besides those the database has rows of).
+        self.factories = factories
         self.chart = chart
         self.webhooks_enabled = webhooks_enabled
         self.refresh = refresh
@@ -168,48 +192,85 @@ class StatusPage:
 
     # -- reads ---------------------------------------------------------------------------
 
+    async def _factory_names(self, store: Store) -> list[str]:
+        running = self.factories() if self.factories is not None else []
+        return running + [name for name in await store.factories() if name not in running]
+
     async def overview(self) -> Overview:
         store = await self._reader()
-        stored = await store.counts_by_state()
+        names = await self._factory_names(store)
+        several = len(names) > 1
+        views = [store.for_factory(name) for name in names] if names else [store]
+        stored: dict[str, int] = {}
+        attention_states = tuple(self.chart.attention_states())
+        attention: list[AttentionItem] = []
+        recent: list[LinkedOrder] = []
+        services: list[ServiceStatus] = []
+        factories: dict[str, FactorySummary] = {}
+        factory_of: dict[int, str] = {}
+        for view in views:
+            own = await view.counts_by_state()
+            for state, n in own.items():
+                stored[state] = stored.get(state, 0) + n
+            waiting = []
+            for link in await view.links_in_states(attention_states, limit=_ATTENTION_SHOWN):
+                history = await view.history(link.id)
+                trigger = history[-1].trigger if history else None
+                waiting.append(AttentionItem(link, trigger))
+            attention += waiting
+            mine = await view.all_links(limit=_RECENT_ORDERS)
+            recent += mine
+            if several:
+                factory_of.update({item.link.id: view.factory for item in waiting})
+                factory_of.update({link.id: view.factory for link in mine})
+            polls = await view.meta_with_prefix("last_poll.")
+            paused = await view.meta_with_prefix("paused.")
+            hooks = await view.last_event_by_source(WEBHOOK_RECEIVED)
+            found = set(polls) | set(paused) | set(hooks)
+            services += [
+                ServiceStatus(
+                    f"{view.factory} {name}" if several else name,
+                    _float(polls.get(name)),
+                    hooks.get(name),
+                    paused.get(name),
+                )
+                for name in list(_SERVICES) + sorted(found - set(_SERVICES))
+            ]
+            if several:
+                factories[view.factory] = FactorySummary(own, len(waiting), sorted(paused))
         counts = {name: stored.get(name, 0) for name in self.chart.states}
         counts.update({s: n for s, n in sorted(stored.items()) if s not in counts})
-        attention_states = tuple(self.chart.attention_states())
-        attention = []
-        for link in await store.links_in_states(attention_states, limit=_ATTENTION_SHOWN):
-            history = await store.history(link.id)
-            attention.append(AttentionItem(link, history[-1].trigger if history else None))
-        polls = await store.meta_with_prefix("last_poll.")
-        paused = await store.meta_with_prefix("paused.")
-        hooks = await store.last_event_by_source(WEBHOOK_RECEIVED)
-        names = list(_SERVICES) + sorted((set(polls) | set(paused) | set(hooks)) - set(_SERVICES))
-        services = [
-            ServiceStatus(
-                name,
-                _float(polls.get(name)),
-                hooks.get(name),
-                paused.get(name),
-            )
-            for name in names
-        ]
+        if several:  # the newest across factories (link ids are global and grow)
+            recent.sort(key=lambda link: link.id, reverse=True)
         svg, note = await self.draw_chart(counts)
         return Overview(
             now=self._clock(),
             database=self.database,
             counts=counts,
             attention_states=attention_states,
-            attention=attention,
-            recent=await store.all_links(limit=_RECENT_ORDERS),
+            attention=attention[:_ATTENTION_SHOWN],
+            recent=recent[:_RECENT_ORDERS],
             services=services,
             webhooks_enabled=self.webhooks_enabled,
             chart_svg=svg,
             chart_note=note,
             descriptions={name: s.description for name, s in self.chart.states.items()},
+            factories=factories,
+            factory_of=factory_of,
         )
 
-    async def order(self, key: str) -> OrderView | None:
-        """One order by PO number (or link id); ``None`` when there is none."""
-        store = await self._reader()
-        link = await store.find_link(key)
+    async def order(self, key: str, factory: str | None = None) -> OrderView | None:
+        """One order by PO number (or link id), of ``factory`` or else the first factory
+        that has one; ``None`` when there is none."""
+        root = await self._reader()
+        names = [factory] if factory is not None else await self._factory_names(root)
+        link: LinkedOrder | None = None
+        store = root
+        for name in names or [root.factory]:
+            store = root.for_factory(name)
+            link = await store.find_link(key)
+            if link is not None:
+                break
         if link is None:
             return None
         steps = [TimelineStep(r, source, kind) for r, source, kind in await store.timeline(link.id)]
@@ -222,6 +283,7 @@ class StatusPage:
             steps=steps,
             paused=sorted(paused.values()),
             attention=link.state in self.chart.attention_states(),
+            factory=store.factory if factory is not None or len(names) > 1 else None,
         )
 
     async def draw_chart(self, counts: Mapping[str, int]) -> tuple[str | None, str | None]:
@@ -253,7 +315,10 @@ class StatusPage:
 
         async def order(request: Request) -> HTMLResponse:
             key = request.path_params["po_number"]
-            return await self._respond(lambda: self._order_html(key))
+            factory = request.query_params.get("factory")
+            if factory is not None and not FACTORY_NAME.fullmatch(factory):
+                factory = "-"  # no factory has this name: the page says "no order"
+            return await self._respond(lambda: self._order_html(key, factory))
 
         pages = Starlette(
             routes=[
@@ -279,8 +344,8 @@ class StatusPage:
     async def _overview_html(self) -> tuple[int, str]:
         return 200, render_overview(await self.overview(), refresh=self.refresh)
 
-    async def _order_html(self, key: str) -> tuple[int, str]:
-        view = await self.order(key)
+    async def _order_html(self, key: str, factory: str | None = None) -> tuple[int, str]:
+        view = await self.order(key, factory)
         if view is None:
             body = (
                 f"<p class=muted><a href='/'>← syncd status</a></p>"
@@ -414,33 +479,40 @@ def _when(epoch: float | None, now: float, *, missing: str = "never") -> str:
     return f"<time datetime='{stamp}'>{stamp}</time> <span class=muted>({_ago(epoch, now)})</span>"
 
 
-def _order_href(link: LinkedOrder) -> str:
-    return "/orders/" + quote(link.po_number, safe="")
+def _order_href(link: LinkedOrder, factory: str | None = None) -> str:
+    path = "/orders/" + quote(link.po_number, safe="")
+    return path if factory is None else f"{path}?factory={quote(factory, safe='')}"
 
 
-def _order_cell(link: LinkedOrder) -> str:
-    return f"<a href='{_e(_order_href(link))}'>{_e(link.po_number)}</a>"
+def _order_cell(link: LinkedOrder, factory: str | None = None) -> str:
+    shown = _e(link.po_number) if factory is None else f"{_e(factory)} {_e(link.po_number)}"
+    return f"<a href='{_e(_order_href(link, factory))}'>{shown}</a>"
 
 
 def _state(name: str, attention: bool = False) -> str:
     return f"<span class='state{' bad' if attention else ''}'>{_e(name)}</span>"
 
 
-def _syncctl(database: str, *args: str) -> str:
-    return shlex.join(["syncctl", "--db", database, *args])
+def _syncctl(database: str, *args: str, factory: str | None = None) -> str:
+    named = ["--factory", factory] if factory is not None else []
+    return shlex.join(["syncctl", "--db", database, *named, *args])
 
 
-def _resolution(item: AttentionItem, database: str) -> tuple[str, str]:
+def _resolution(item: AttentionItem, database: str, factory: str | None = None) -> tuple[str, str]:
     """What a person does about an order that needs attention: (advice, command)."""
     po = item.link.po_number
     why = _CANCEL_ADVISED.get(item.entered_by or "")
     if why is not None:
         return (
             f"{why}: delete the SO in Katana, or cancel it here",
-            _syncctl(database, "cancel", po, "--reason", "PO withdrawn in TradeGecko"),
+            _syncctl(
+                database, "cancel", po, "--reason", "PO withdrawn in TradeGecko", factory=factory
+            ),
         )
     back = item.link.resume_state or "where it was"
-    return f"fix the cause, then send it back to {back}", _syncctl(database, "retry", po)
+    return f"fix the cause, then send it back to {back}", _syncctl(
+        database, "retry", po, factory=factory
+    )
 
 
 _CSS = """
@@ -552,7 +624,8 @@ def render_overview(view: Overview, *, refresh: int = REFRESH_SECONDS) -> str:
     items = []
     for item in view.attention:
         link = item.link
-        advice, command = _resolution(item, view.database)
+        factory = view.factory_of.get(link.id)
+        advice, command = _resolution(item, view.database, factory)
         since = link.state_since.timestamp() if link.state_since else None
         error = (
             f"<div class='small muted'>last error: {_e(link.last_error)}</div>"
@@ -561,7 +634,8 @@ def render_overview(view: Overview, *, refresh: int = REFRESH_SECONDS) -> str:
         )
         items.append(
             "<div class=item>"
-            f"<div>{_order_cell(link)} <span class=muted>SO {_e(link.so_number or '—')}</span> "
+            f"<div>{_order_cell(link, factory)} "
+            f"<span class=muted>SO {_e(link.so_number or '—')}</span> "
             f"<span class='muted small'>since {_when(since, now)}</span></div>"
             f"<div class=reason>{_e(link.reason or 'no reason recorded')}</div>{error}"
             f"<div class=small>{_e(advice)}:</div><pre><code>{_e(command)}</code></pre></div>"
@@ -573,6 +647,8 @@ def render_overview(view: Overview, *, refresh: int = REFRESH_SECONDS) -> str:
     )
 
     parts.append(states)
+    if view.factories:
+        parts.append(_factories_section(view))
 
     # Services.
     service_rows = []
@@ -602,7 +678,8 @@ def render_overview(view: Overview, *, refresh: int = REFRESH_SECONDS) -> str:
     for link in view.recent:
         since = link.state_since.timestamp() if link.state_since else None
         recent.append(
-            f"<tr><td>{_order_cell(link)}</td><td>{_e(link.so_number or '—')}</td>"
+            f"<tr><td>{_order_cell(link, view.factory_of.get(link.id))}</td>"
+            f"<td>{_e(link.so_number or '—')}</td>"
             f"<td>{_state(link.state, link.state in view.attention_states)}</td>"
             f"<td class='small'>{_when(since, now, missing='—')}</td></tr>"
         )
@@ -623,6 +700,33 @@ def render_overview(view: Overview, *, refresh: int = REFRESH_SECONDS) -> str:
     )
 
 
+def _factories_section(view: Overview) -> str:
+    """A line per factory: its orders by state, how many need a person, what is paused."""
+    rows = []
+    for name, summary in view.factories.items():
+        states = (
+            ", ".join(f"{_e(state)} {n}" for state, n in summary.counts.items() if n)
+            or "<span class=muted>no orders</span>"
+        )
+        paused = (
+            f"<span class='state bad'>paused: {_e(', '.join(summary.paused))}</span>"
+            if summary.paused
+            else "<span class=state>running</span>"
+        )
+        rows.append(
+            f"<tr class='{'bad' if summary.attention else ''}' data-factory='{_e(name)}'>"
+            f"<td><b>{_e(name)}</b></td><td class=n>{sum(summary.counts.values())}</td>"
+            f"<td class=n>{summary.attention}</td><td>{paused}</td>"
+            f"<td class=small>{states}</td></tr>"
+        )
+    return (
+        "<section id=factories><h2>Factories</h2><div class=scroll><table><thead><tr>"
+        "<th>factory</th><th>orders</th><th>need a person</th><th>status</th>"
+        f"<th>orders by state</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+        "</section>"
+    )
+
+
 def render_order(view: OrderView, *, refresh: int = REFRESH_SECONDS) -> str:
     """One order's page: both sides' ids, its state, lines, notes and timeline."""
     link, now = view.link, view.now
@@ -635,6 +739,7 @@ def render_order(view: OrderView, *, refresh: int = REFRESH_SECONDS) -> str:
         ),
         ("state", f"{_state(link.state, view.attention)} since {_when(since, now, missing='—')}"),
         ("link id", str(link.id)),
+        *([("factory", _e(view.factory))] if view.factory is not None else []),
     ]
     if link.reason:
         facts.append(("reason", f"<b>{_e(link.reason)}</b>"))
@@ -647,6 +752,7 @@ def render_order(view: OrderView, *, refresh: int = REFRESH_SECONDS) -> str:
         advice, command = _resolution(
             AttentionItem(link, view.steps[-1].record.trigger if view.steps else None),
             view.database,
+            view.factory,
         )
         facts.append(("to resolve", f"{_e(advice)}:<pre><code>{_e(command)}</code></pre>"))
     parts = [

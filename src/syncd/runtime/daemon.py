@@ -1,4 +1,6 @@
-"""The daemon: the store, both clients, the pollers and the dispatcher in one task group."""
+"""The daemon: every factory's clients, pollers, dispatcher and webhook side in one task
+group, around what they share (the store, metrics and status page, one webhook listener,
+one connection pool per service host)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,10 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -17,10 +20,26 @@ import httpx
 from syncd.adapters._http import RequestBudget, ServiceClient
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
-from syncd.config import Config, KatanaConfig, TradeGeckoConfig
+from syncd.config import (
+    Config,
+    ConfigChange,
+    KatanaConfig,
+    RetryPolicies,
+    TradeGeckoConfig,
+    config_change,
+    config_problems,
+    read_config,
+)
 from syncd.domain.statechart import Statechart, load_statechart
-from syncd.errors import ApiError, AuthError, ConfigError, DecodeError, is_transient
-from syncd.ops.asgi import bind_socket
+from syncd.errors import (
+    ApiError,
+    AuthError,
+    ConfigError,
+    DecodeError,
+    SyncdError,
+    is_transient,
+)
+from syncd.ops.asgi import bind_socket, serving_socket
 from syncd.ops.logging import register_secrets
 from syncd.ops.metrics import Metrics, serve_metrics
 from syncd.ops.statuspage import StatusPage
@@ -28,31 +47,26 @@ from syncd.runtime.dispatcher import Dispatcher, check_chart
 from syncd.runtime.effects import Effects, note_attempts_since
 from syncd.runtime.observer import Observer, Observers
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
-from syncd.runtime.webhooks import WebhookConsumer, WebhookListener, bind_listener
-from syncd.store import Store
+from syncd.runtime.webhooks import (
+    WebhookConsumer,
+    WebhookListener,
+    WebhookRouter,
+    bind_listener,
+)
+from syncd.store import DEFAULT_FACTORY, Lease, Store
 
-__all__ = ["Daemon", "check_one_factory", "check_services", "running_daemon"]
+__all__ = ["Daemon", "FactoryRuntime", "Pools", "check_services", "running_daemon"]
 
 log = logging.getLogger("syncd.daemon")
 
 
-def check_one_factory(config: Config) -> None:
-    """This daemon runs one factory: more in the config would be silently left alone.
-
-    :raises ConfigError: the config has several factories.
-    """
-    if len(config.factories) > 1:
-        names = ", ".join(config.factories)
-        raise ConfigError(
-            f"{len(config.factories)} factories ({names}): this syncd runs one factory per "
-            "daemon; give each its own config and database until several run in one"
-        )
-
-
 @dataclass
-class Daemon:
-    """A running daemon's parts, for the CLI, the demo and the tests."""
+class FactoryRuntime:
+    """One factory's running parts: its view of the store, its two clients (its tokens, its
+    own request budgets), its dispatcher, pollers and webhook side, in its own cancel scope."""
 
+    name: str
+    #: The config with only this factory (:meth:`Config.for_factory`).
     config: Config
     store: Store
     chart: Statechart
@@ -62,18 +76,445 @@ class Daemon:
     tradegecko_poller: TradeGeckoPoller
     katana_poller: KatanaPoller
     activated_at: datetime
-    metrics: Metrics | None = None
-    #: Where ``/metrics`` is served (``http://host:port``); ``None`` when disabled.
-    metrics_url: str | None = None
-    #: The webhook listener; ``None`` when ``webhooks.enabled`` is off.
     webhooks: WebhookListener | None = None
-    #: Where the webhook listener listens (``http://host:port``).
-    webhooks_url: str | None = None
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    stopped: anyio.Event = field(default_factory=anyio.Event)
+    #: Why its services refused the start's check, when it was started anyway.
+    refused: ApiError | None = None
 
     def poll_now(self) -> None:
         """Ask both pollers to poll at once rather than at their next interval."""
         self.tradegecko_poller.kick.set()
         self.katana_poller.kick.set()
+
+
+class Daemon:
+    """A running daemon: the factories it runs (:attr:`factories`) and what they share (the
+    store, the metrics and status page, the webhook listener, one connection pool per
+    service host).
+
+    The single-factory attributes (``store``, ``katana``, ``dispatcher``, ``webhooks``, ...)
+    are the first running factory's, for the CLI, the demo and the tests of one factory.
+    :meth:`start_factory` and :meth:`stop_factory` start and stop one factory while the
+    daemon runs (a reload, a coordinator handing factories between daemons).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        root: Store,
+        *,
+        chart: Statechart | None,
+        metrics: Metrics,
+        observer: Observer | None,
+        retry: RetryPolicies,
+        transports: Pools,
+        metrics_url: str | None,
+        webhooks_url: str | None,
+        router: WebhookRouter | None,
+        adjust: Callable[[Config], Config] | None = None,
+    ) -> None:
+        self.config = config
+        #: The store as opened (the default factory's view); each factory has its own view.
+        self.root = root
+        self.metrics: Metrics | None = metrics
+        self.metrics_url = metrics_url
+        self.webhooks_url = webhooks_url
+        self.router = router
+        self.factories: dict[str, FactoryRuntime] = {}
+        self._chart = chart
+        self._charts: dict[frozenset[str], Statechart] = {}
+        self._observer = observer
+        self._retry = retry
+        #: One connection pool per service host, shared by every factory.
+        self.pools = transports
+        self._adjust = adjust or (lambda config: config)
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._reloading = anyio.Lock()
+
+    # -- the first factory, for one-factory callers ----------------------------------------
+
+    def _first(self) -> FactoryRuntime:
+        if not self.factories:
+            raise LookupError("no factory is running")
+        return next(iter(self.factories.values()))
+
+    @property
+    def store(self) -> Store:
+        return self._first().store if self.factories else self.root
+
+    @property
+    def chart(self) -> Statechart:
+        return self._first().chart
+
+    @property
+    def katana(self) -> KatanaClient:
+        return self._first().katana
+
+    @property
+    def tradegecko(self) -> TradeGeckoClient:
+        return self._first().tradegecko
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self._first().dispatcher
+
+    @property
+    def tradegecko_poller(self) -> TradeGeckoPoller:
+        return self._first().tradegecko_poller
+
+    @property
+    def katana_poller(self) -> KatanaPoller:
+        return self._first().katana_poller
+
+    @property
+    def activated_at(self) -> datetime:
+        return self._first().activated_at
+
+    @property
+    def webhooks(self) -> WebhookListener | None:
+        return self._first().webhooks if self.factories else None
+
+    def poll_now(self) -> None:
+        """Ask every factory's pollers to poll at once rather than at their next interval."""
+        for runtime in self.factories.values():
+            runtime.poll_now()
+
+    # -- starting and stopping factories ---------------------------------------------------
+
+    def factory_config(self, name: str) -> Config:
+        """The config a factory runs with: :attr:`config` with only that factory (itself when
+        it is the only one, so settings changed on it in code still hold).
+
+        :raises KeyError: the config has no such factory.
+        """
+        if list(self.config.factories) == [name]:
+            return self.config
+        return self.config.for_factory(name)
+
+    def chart_for(self, config: Config) -> Statechart:
+        """The statechart a factory runs: the one given, else the file's with the factory's
+        conditions (loaded once per set of conditions)."""
+        if self._chart is not None:
+            return self._chart
+        holding = config.statechart_conditions()
+        if holding not in self._charts:
+            self._charts[holding] = check_chart(
+                load_statechart(config.daemon.statechart, holding=holding)
+            )
+        return self._charts[holding]
+
+    async def start_factory(
+        self,
+        name: str,
+        *,
+        check: bool = False,
+        strict: bool = True,
+        on_wait: Callable[[str], None] | None = None,
+        lease: Lease | None = None,
+    ) -> FactoryRuntime:
+        """Start the factory ``name`` of :attr:`config` in the daemon's task group.
+
+        :param lease: the factory's lease when daemons share it (every write of its store
+            view is then fenced by it: :class:`~syncd.errors.LeaseLost` once it moved on).
+
+        :param check: first make one call to each of its services (:func:`check_services`).
+        :param strict: with ``check``, a refusal raises; else it is logged and the factory
+            starts anyway (its pollers pause it at the first 401 and resume when the token
+            works), so one factory's wrong token never stops the others.
+        :raises ValueError: it runs already.
+        :raises KeyError: the config has no such factory.
+        :raises ApiError: with ``check`` and ``strict``, a service refused.
+        :raises StoreError: its rows cannot be read or written.
+        """
+        if self._tg is None:
+            raise RuntimeError("the daemon is not running")
+        if name in self.factories:
+            raise ValueError(f"factory {name} runs already")
+        config = self.factory_config(name)
+        chart = self.chart_for(config)
+        store = self.root.for_factory(name, lease=lease)
+        register_secrets([config.katana.token, config.tradegecko.token])
+        refused: ApiError | None = None
+        if check:
+            try:
+                await check_services(
+                    config,
+                    katana_transport=self.pools.shared("katana", config.katana.base_url),
+                    tradegecko_transport=self.pools.shared(
+                        "tradegecko", config.tradegecko.base_url
+                    ),
+                    on_wait=on_wait,
+                )
+            except ApiError as exc:
+                if strict:
+                    raise
+                refused = exc
+                log.error(
+                    "factory %s: %s; starting it anyway: it stays paused until it answers",
+                    name,
+                    exc,
+                    extra={"factory": name},
+                )
+        activated = datetime.fromisoformat(
+            await store.setdefault_meta("activated_at", datetime.now(UTC).isoformat())
+        )
+        await note_attempts_since(store)
+        runtime: FactoryRuntime = await self._tg.start(
+            self._run_factory, name, config, chart, store, activated
+        )
+        runtime.refused = refused
+        log.info(
+            "factory %s running",
+            name,
+            extra={"factory": name, "activated_at": activated.isoformat()},
+        )
+        return runtime
+
+    async def stop_factory(self, name: str) -> None:
+        """Stop the factory ``name``: its pollers, webhook routes (404 from now on) and
+        effects (cancelled at a step boundary, as on SIGTERM: they run again at its next
+        start). Its rows stay in the database. Nothing when it does not run."""
+        runtime = self.factories.get(name)
+        if runtime is None:
+            return
+        runtime.scope.cancel()
+        await runtime.stopped.wait()
+        log.info("factory %s stopped", name, extra={"factory": name})
+
+    async def _run_factory(
+        self,
+        name: str,
+        config: Config,
+        chart: Statechart,
+        store: Store,
+        activated: datetime,
+        *,
+        task_status: anyio.abc.TaskStatus[FactoryRuntime],
+    ) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        metrics.known_states(list(chart.states), factory=name)
+        own = metrics.for_factory(name)
+        watchers: Observer = Observers([own, self._observer]) if self._observer is not None else own
+        retry = self._retry
+        scope = anyio.CancelScope()
+        runtime: FactoryRuntime | None = None
+        try:
+            with scope:
+
+                def serving(
+                    kind: type[_Client], settings: KatanaConfig | TradeGeckoConfig
+                ) -> _Client:
+                    return _client(
+                        kind,
+                        settings,
+                        self.pools.shared(kind.service, settings.base_url),
+                        # Limits are per key: each factory's own budget.
+                        budget=RequestBudget(
+                            settings.rate_limit, settings.rate_period, reserve=settings.reserve
+                        ),
+                        timeout=settings.timeout,
+                        retry=retry.request,
+                        on_response=partial(watchers.api_answered, kind.service),
+                        shadow=config.shadow,
+                    )
+
+                async with (
+                    serving(KatanaClient, config.katana) as katana,
+                    serving(TradeGeckoClient, config.tradegecko) as tradegecko,
+                ):
+                    dispatcher = Dispatcher(
+                        store,
+                        chart,
+                        Effects(config, katana, tradegecko, store),
+                        concurrency=config.daemon.concurrency,
+                        retry=retry,
+                        observer=watchers,
+                        shadow=config.shadow,
+                    )
+                    tg_poller = TradeGeckoPoller(
+                        store, tradegecko, config, activated, dispatcher.wake
+                    )
+                    kt_poller = KatanaPoller(
+                        store, katana, config, chart, activated, dispatcher.wake
+                    )
+                    listener: WebhookListener | None = None
+                    if self.router is not None:
+                        consumer = WebhookConsumer(
+                            store,
+                            tg_poller,
+                            kt_poller,
+                            dispatcher.wake,
+                            retry=retry,
+                            chart=chart,
+                            coalesce=config.webhooks.coalesce,
+                            concurrency=config.webhooks.concurrency,
+                        )
+                        listener = WebhookListener(
+                            config,
+                            store,
+                            katana,
+                            tradegecko,
+                            consumer,
+                            watchers,
+                            factory=None if name == self.router.unprefixed else name,
+                        )
+                    runtime = FactoryRuntime(
+                        name,
+                        config,
+                        store,
+                        chart,
+                        katana,
+                        tradegecko,
+                        dispatcher,
+                        tg_poller,
+                        kt_poller,
+                        activated,
+                        listener,
+                        scope,
+                    )
+                    async with anyio.create_task_group() as tg:
+                        await tg.start(dispatcher.run)
+                        tg.start_soon(tg_poller.run)
+                        tg.start_soon(kt_poller.run)
+                        tg.start_soon(
+                            partial(
+                                metrics.refresh_forever,
+                                store,
+                                config.metrics.refresh_interval,
+                                states=list(chart.states),
+                                polls=lambda: {
+                                    tg_poller.name: tg_poller.last_success,
+                                    kt_poller.name: kt_poller.last_success,
+                                },
+                                budgets={
+                                    "katana": katana.budget,
+                                    "tradegecko": tradegecko.budget,
+                                },
+                            )
+                        )
+                        if listener is not None and self.router is not None:
+                            await listener.prepare()
+                            self.router.add(name, listener)
+                            tg.start_soon(listener.consumer.run)
+                            assert self.webhooks_url is not None
+                            await tg.start(listener.register, self.webhooks_url)
+                        self.factories[name] = runtime
+                        task_status.started(runtime)
+        finally:
+            if self.router is not None:
+                self.router.remove(name)
+            if self.factories.get(name) is runtime:
+                del self.factories[name]
+            metrics.forget_factory(name)
+            if runtime is not None:
+                runtime.stopped.set()
+
+    # -- reloading ---------------------------------------------------------------------------
+
+    async def reload(self, path: str | Path) -> ConfigChange | None:
+        """Read the config at ``path`` again and start, stop and restart factories to match.
+
+        A broken config, or one changing a daemon-wide key that needs a restart, is logged
+        and nothing of it applied: the daemon runs on as it was. A removed factory's rows
+        stay in the database. Returns the change applied, ``None`` when refused.
+        """
+        async with self._reloading:
+            try:
+                change = _reload(path, self.config, self._adjust)
+            except ConfigError as exc:
+                log.error("syncd: reload refused: %s", exc)
+                return None
+            if change.empty:
+                log.info("reload: nothing changed")
+                return change
+            for name in (*change.removed, *change.changed):
+                await self.stop_factory(name)
+            self.config = change.config
+            if "daemon.log_level" in change.settings:
+                logging.getLogger().setLevel(self.config.daemon.log_level.upper())
+            for name in (*change.changed, *change.added):
+                try:
+                    await self.start_factory(name, check=True, strict=False)
+                except SyncdError as exc:
+                    log.error("factory %s not started: %s", name, exc, extra={"factory": name})
+            log.info(
+                "reload applied",
+                extra={
+                    "added": list(change.added),
+                    "removed": list(change.removed),
+                    "changed": list(change.changed),
+                    "settings": list(change.settings),
+                    "factories": list(self.factories),
+                },
+            )
+            return change
+
+
+def _reload(path: str | Path, current: Config, adjust: Callable[[Config], Config]) -> ConfigChange:
+    """:func:`reload_config`, with the command line's adjustments (``--no-register``,
+    ``--shadow``) made to the new config before it is compared with the running one."""
+    new = read_config(path)
+    problems = config_problems(new)
+    if problems:
+        more = (
+            f" (and {len(problems) - 1} more: `syncd check` lists them)"
+            if len(problems) > 1
+            else ""
+        )
+        raise ConfigError(f"{problems[0]}{more}; nothing was reloaded")
+    change = config_change(current, adjust(new))
+    if change.needs_restart:
+        first_key, *others = change.needs_restart
+        also = f" (so do {', '.join(others)})" if others else ""
+        raise ConfigError(
+            f"changed: it needs a restart of syncd{also}; nothing was reloaded", key=first_key
+        )
+    return change
+
+
+class _Shared(httpx.AsyncBaseTransport):
+    """A client's handle on a pool it shares: closing the client leaves the pool open."""
+
+    def __init__(self, pool: httpx.AsyncBaseTransport) -> None:
+        self.pool = pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pass  # the daemon closes the pool when it stops
+
+
+class Pools:
+    """One connection pool per service host, shared by every factory's clients: tokens
+    differ, hosts do not. A transport given (tests) stands for every host of its service."""
+
+    def __init__(self, given: dict[str, httpx.AsyncBaseTransport | None]) -> None:
+        self._given = given
+        self._pools: dict[str, httpx.AsyncBaseTransport] = {}
+
+    @property
+    def hosts(self) -> list[str]:
+        """The hosts a pool was opened for (a given transport is none of them)."""
+        return list(self._pools)
+
+    def shared(self, service: str, base_url: str) -> httpx.AsyncBaseTransport:
+        given = self._given.get(service)
+        if given is not None:
+            return _Shared(given)
+        url = httpx.URL(base_url)
+        host = f"{url.scheme}://{url.host}:{url.port or ''}"
+        if host not in self._pools:
+            self._pools[host] = httpx.AsyncHTTPTransport()
+        return _Shared(self._pools[host])
+
+    async def aclose(self) -> None:
+        given = [t for t in self._given.values() if t is not None]
+        for pool in [*self._pools.values(), *given]:
+            await pool.aclose()
+        self._pools.clear()
 
 
 async def check_services(
@@ -175,31 +616,33 @@ async def running_daemon(
     tradegecko_transport: httpx.AsyncBaseTransport | None = None,
     check: bool = False,
     on_wait: Callable[[str], None] | None = None,
+    adjust: Callable[[Config], Config] | None = None,
 ) -> AsyncIterator[Daemon]:
-    """Run the daemon while the block runs; leaving the block stops it.
+    """Run the daemon, every factory of ``config`` in it, while the block runs; leaving the
+    block stops it.
 
     :param observer: told what the daemon does (transitions, effects, drift, webhooks,
         requests), besides the daemon's own metrics.
-    :param check: first make one call to each service (:func:`check_services`), after the
-        database and the listen addresses are known to be usable.
+    :param check: first make one call to each service of each factory
+        (:func:`check_services`), after the database and the listen addresses are known to
+        be usable. With one factory a refusal stops the start; with several, only when every
+        factory is refused (the others start, the refused ones wait paused).
     :param on_wait: with ``check``, told what the start waits for while a service fails.
+    :param adjust: what the command line changes in a config (``--no-register``), made
+        again to each config a reload reads.
     :raises StoreInUse: another syncd runs on the SQLite file.
     :raises StoreError: the database cannot be opened.
     :raises StatechartError: the statechart file is broken.
     :raises ApiError: with ``check``, a service rejected its token or could not be reached.
     """
-    check_one_factory(config)
     if config.shadow:
         # Its own database and no webhook registration: a shadow run writes nowhere live.
         config = config.as_shadow()
-    register_secrets([config.katana.token, config.tradegecko.token])
-    chart = check_chart(
-        chart or load_statechart(config.daemon.statechart, holding=config.statechart_conditions())
-    )
+    if chart is not None:
+        chart = check_chart(chart)
     metrics = Metrics()
-    metrics.known_states(list(chart.states))
-    watchers = Observers([metrics, observer]) if observer is not None else metrics
     retry = config.retry()
+    pools = Pools({"katana": katana_transport, "tradegecko": tradegecko_transport})
     # Exclusive: a second daemon on the same SQLite file is refused before it decides
     # anything (StoreInUse); PostgreSQL databases are meant to be shared.
     store = await Store.open(config.daemon.database, exclusive=True)
@@ -209,123 +652,105 @@ async def running_daemon(
         metrics_sock = _metrics_socket(config)
         # Bound before anything starts, like the metrics socket: a port in use is said at once.
         webhooks_sock = bind_listener(config) if config.webhooks.enabled else None
-        if check:
-            await check_services(
-                config,
-                katana_transport=katana_transport,
-                tradegecko_transport=tradegecko_transport,
-                on_wait=on_wait,
-            )
-        activated = datetime.fromisoformat(
-            await store.setdefault_meta("activated_at", datetime.now(UTC).isoformat())
+        names = list(config.factories)
+        # The factory `default` (today's single-factory config) keeps the unprefixed paths.
+        router = WebhookRouter(unprefixed=DEFAULT_FACTORY) if webhooks_sock is not None else None
+        daemon = Daemon(
+            config,
+            store,
+            chart=chart,
+            metrics=metrics,
+            observer=observer,
+            retry=retry,
+            transports=pools,
+            metrics_url=_url(metrics_sock) if metrics_sock is not None else None,
+            webhooks_url=_url(webhooks_sock) if webhooks_sock is not None else None,
+            router=router,
+            adjust=adjust,
         )
-        await note_attempts_since(store)
+        for name in names:  # a broken statechart is said before any service is asked
+            daemon.chart_for(daemon.factory_config(name))
+        async with anyio.create_task_group() as tg:
+            if router is not None and webhooks_sock is not None:
+                await tg.start(_serve_webhooks, router, webhooks_sock)
+            daemon._tg = tg
+            refused: dict[str, ApiError] = {}
 
-        def serving(
-            kind: type[_Client],
-            settings: KatanaConfig | TradeGeckoConfig,
-            transport: httpx.AsyncBaseTransport | None,
-        ) -> _Client:
-            return _client(
-                kind,
-                settings,
-                transport,
-                budget=RequestBudget(
-                    settings.rate_limit, settings.rate_period, reserve=settings.reserve
-                ),
-                timeout=settings.timeout,
-                retry=retry.request,
-                on_response=partial(watchers.api_answered, kind.service),
-                shadow=config.shadow,
-            )
-
-        async with (
-            serving(KatanaClient, config.katana, katana_transport) as katana,
-            serving(TradeGeckoClient, config.tradegecko, tradegecko_transport) as tradegecko,
-        ):
-            dispatcher = Dispatcher(
-                store,
-                chart,
-                Effects(config, katana, tradegecko, store),
-                concurrency=config.daemon.concurrency,
-                retry=retry,
-                observer=watchers,
-                shadow=config.shadow,
-            )
-            tg_poller = TradeGeckoPoller(store, tradegecko, config, activated, dispatcher.wake)
-            kt_poller = KatanaPoller(store, katana, config, chart, activated, dispatcher.wake)
-            listener: WebhookListener | None = None
-            if webhooks_sock is not None:
-                consumer = WebhookConsumer(
-                    store,
-                    tg_poller,
-                    kt_poller,
-                    dispatcher.wake,
-                    retry=retry,
-                    chart=chart,
-                    coalesce=config.webhooks.coalesce,
-                    concurrency=config.webhooks.concurrency,
-                )
-                listener = WebhookListener(config, store, katana, tradegecko, consumer, watchers)
-            daemon = Daemon(
-                config,
-                store,
-                chart,
-                katana,
-                tradegecko,
-                dispatcher,
-                tg_poller,
-                kt_poller,
-                activated,
-                metrics,
-                metrics_url=_url(metrics_sock) if metrics_sock is not None else None,
-                webhooks=listener,
-                webhooks_url=_url(webhooks_sock) if webhooks_sock is not None else None,
-            )
-            async with anyio.create_task_group() as tg:
-                await tg.start(dispatcher.run)
-                tg.start_soon(tg_poller.run)
-                tg.start_soon(kt_poller.run)
-                tg.start_soon(
-                    lambda: metrics.refresh_forever(
-                        store,
-                        config.metrics.refresh_interval,
-                        states=list(chart.states),
-                        polls=lambda: {
-                            tg_poller.name: tg_poller.last_success,
-                            kt_poller.name: kt_poller.last_success,
-                        },
-                        budgets={"katana": katana.budget, "tradegecko": tradegecko.budget},
-                    )
-                )
-                if listener is not None and webhooks_sock is not None:
-                    tg.start_soon(listener.consumer.run)
-                    await tg.start(listener.run, webhooks_sock)
-                if metrics_sock is not None:
-                    page = StatusPage(
-                        config.daemon.database, chart, webhooks_enabled=config.webhooks.enabled
-                    )
-                    await tg.start(serve_metrics, metrics, metrics_sock, page)
-                log.info(
-                    "syncd running",
-                    extra={
-                        "database": config.daemon.database,
-                        "metrics": daemon.metrics_url or "off",
-                        "webhooks": daemon.webhooks_url or "off",
-                        "mode": config.daemon.mode,
-                        "activated_at": activated.isoformat(),
-                    },
-                )
+            async def start(name: str) -> None:
                 try:
-                    yield daemon
-                finally:
-                    tg.cancel_scope.cancel()
+                    await daemon.start_factory(
+                        name, check=check, strict=len(names) == 1, on_wait=on_wait
+                    )
+                except ApiError as exc:  # only with one factory
+                    refused[name] = exc
+
+            if check and len(names) > 1:
+                # Asked at once: a slow factory does not hold the others' start.
+                async with anyio.create_task_group() as starting:
+                    for name in names:
+                        starting.start_soon(start, name)
+            else:
+                for name in names:
+                    await start(name)
+            if refused:
+                raise next(iter(refused.values()))
+            if (
+                check
+                and daemon.factories
+                and all(runtime.refused is not None for runtime in daemon.factories.values())
+            ):
+                # Every factory refused: the config (a base URL, the tokens) is wrong, not
+                # one factory's account. Said as with one factory (exit 4 or 5).
+                first = next(iter(daemon.factories.values())).refused
+                assert first is not None
+                raise first
+            if metrics_sock is not None:
+                page = StatusPage(
+                    config.daemon.database,
+                    daemon.chart_for(daemon.factory_config(names[0])),
+                    webhooks_enabled=config.webhooks.enabled,
+                    factories=lambda: list(daemon.factories),
+                )
+                await tg.start(serve_metrics, metrics, metrics_sock, page)
+            log.info(
+                "syncd running",
+                extra={
+                    "database": config.daemon.database,
+                    "metrics": daemon.metrics_url or "off",
+                    "webhooks": daemon.webhooks_url or "off",
+                    "mode": config.daemon.mode,
+                    "factories": list(daemon.factories),
+                    **(
+                        {"activated_at": daemon.activated_at.isoformat()}
+                        if len(daemon.factories) == 1
+                        else {}
+                    ),
+                },
+            )
+            try:
+                yield daemon
+            finally:
+                tg.cancel_scope.cancel()
     finally:
         for sock in (metrics_sock, webhooks_sock):
             if sock is not None:
                 sock.close()
         with anyio.CancelScope(shield=True):
+            await pools.aclose()
             await store.close()
+
+
+async def _serve_webhooks(
+    router: WebhookRouter,
+    sock: socket.socket,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The one webhook listener of every factory, until cancelled."""
+    async with serving_socket(router, sock) as url:
+        log.info("webhook listener on %s", url)
+        task_status.started()
+        await anyio.sleep_forever()
 
 
 _Client = TypeVar("_Client", bound=ServiceClient)

@@ -37,6 +37,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
@@ -59,11 +60,13 @@ __all__ = [
     "WebhookConsumer",
     "WebhookKeys",
     "WebhookListener",
+    "WebhookRouter",
     "bind_listener",
     "create_webhook_app",
     "katana_signature",
     "register_webhooks",
     "tradegecko_signature",
+    "webhook_paths",
 ]
 
 log = logging.getLogger("syncd.webhooks")
@@ -86,6 +89,16 @@ KATANA_EVENTS = (
 TRADEGECKO_PATH = "/webhooks/tradegecko"
 KATANA_PATH = "/webhooks/katana"
 _META_KATANA_TOKEN = "webhooks.katana_token"
+
+
+def webhook_paths(factory: str | None = None) -> tuple[str, str]:
+    """The TradeGecko path and the Katana path (before its token) a factory is sent to:
+    ``/webhooks/<factory>/tradegecko``; ``None`` is the single factory's unprefixed paths."""
+    if factory is None:
+        return TRADEGECKO_PATH, KATANA_PATH
+    return f"/webhooks/{factory}/tradegecko", f"/webhooks/{factory}/katana"
+
+
 _META_PATH_TOKEN = "webhooks.path_token"
 #: How far ahead of our clock a delivery's timestamp may be (clock skew).
 _FUTURE_SKEW = 300.0
@@ -637,21 +650,25 @@ async def register_webhooks(
     tradegecko: TradeGeckoClient,
     base_url: str,
     keys: WebhookKeys,
+    *,
+    factory: str | None = None,
 ) -> None:
     """Make sure both services send to ``base_url``: list, then create only what is missing.
 
-    Katana's returned token is kept in the database and added to ``keys``.
+    Katana's returned token is kept in the database and added to ``keys``. ``factory`` names
+    the factory in the paths (:func:`webhook_paths`); ``None`` registers the unprefixed ones.
 
     :raises ApiError: a service refused or could not be reached.
     """
     base = base_url.rstrip("/")
-    tg_url = base + TRADEGECKO_PATH
+    tg_path, kt_path = webhook_paths(factory)
+    tg_url = base + tg_path
     present = {hook.event for hook in await tradegecko.list_webhooks() if hook.address == tg_url}
     for event in TRADEGECKO_EVENTS:
         if event not in present:
             await tradegecko.create_webhook(tg_url, event)
             log.info("TradeGecko webhook %s registered", event)
-    kt_url = f"{base}{KATANA_PATH}/{keys.path_token}"
+    kt_url = f"{base}{kt_path}/{keys.path_token}"
     if not kt_url.startswith("https://"):
         log.error("Katana sends webhooks only to https:// addresses; %s is not", base)
         return
@@ -702,7 +719,12 @@ def bind_listener(config: Config) -> socket.socket:
 
 
 class WebhookListener:
-    """The listener served inside the daemon's task group, its keys and its health."""
+    """One factory's side of the listener: its keys, its app, its registration and health.
+
+    ``factory`` names the factory in the paths (``/webhooks/<factory>/...``); ``None``
+    keeps the single factory's unprefixed paths. :meth:`run` serves it alone on a socket;
+    the daemon serves several through one :class:`WebhookRouter` instead.
+    """
 
     def __init__(
         self,
@@ -712,6 +734,8 @@ class WebhookListener:
         tradegecko: TradeGeckoClient,
         consumer: WebhookConsumer,
         observer: Observer | None = None,
+        *,
+        factory: str | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -719,9 +743,11 @@ class WebhookListener:
         self.tradegecko = tradegecko
         self.consumer = consumer
         self.observer = observer or Observer()
+        self.factory = factory
         self.url: str | None = None
         self.public_url: str | None = None
         self.registered = False
+        self.app: Starlette | None = None
         self.keys = WebhookKeys(
             config.webhooks.tradegecko_secret,
             config.webhooks.path_token,
@@ -740,6 +766,26 @@ class WebhookListener:
     def health(self) -> dict[str, object]:
         return {"registered": self.registered}
 
+    async def prepare(self) -> Starlette:
+        """Load the keys and build the app (:attr:`app`) serving the unprefixed paths."""
+        hooks = self.config.webhooks
+        if not hooks.verify_signatures:
+            log.warning(
+                "webhooks.verify_signatures = false: webhook signatures are NOT checked; "
+                "anyone who can reach the listener can send deliveries"
+            )
+        await self._load_keys()
+        self.app = create_webhook_app(
+            self.store,
+            self.keys,
+            max_body_bytes=hooks.max_body_bytes,
+            on_received=self.consumer.wake,
+            health=self.health,
+            observer=self.observer,
+            replay_window=hooks.replay_window,
+        )
+        return self.app
+
     async def run(
         self,
         sock: socket.socket | None = None,
@@ -751,55 +797,56 @@ class WebhookListener:
 
         :raises ConfigError: the listen address cannot be listened on.
         """
-        hooks = self.config.webhooks
-        if not hooks.verify_signatures:
-            log.warning(
-                "webhooks.verify_signatures = false: webhook signatures are NOT checked; "
-                "anyone who can reach the listener can send deliveries"
-            )
-        await self._load_keys()
-        app = create_webhook_app(
-            self.store,
-            self.keys,
-            max_body_bytes=hooks.max_body_bytes,
-            on_received=self.consumer.wake,
-            health=self.health,
-            observer=self.observer,
-            replay_window=hooks.replay_window,
-        )
+        app = await self.prepare()
         owned = sock is None
         if sock is None:
             sock = bind_listener(self.config)
         try:
             async with serving_socket(app, sock) as url:
-                self.url = url
-                self.public_url = hooks.public_base_url.rstrip("/") or url
                 log.info("webhook listener on %s", url)
-                # One try before the daemon counts as started: a change made right after
-                # the start is sent as a webhook. Failures are tried again in the background.
-                await self._register_once()
-                task_status.started(url)
-                await self._register_forever()
+                await self.register(url, task_status=task_status)
         finally:
             if owned:
                 sock.close()
+
+    async def register(
+        self, url: str, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Register the webhooks at ``webhooks.public_base_url`` (else ``url``, where the
+        listener listens) until they are, then wait until cancelled; ``task_status`` gets
+        ``url`` after the first try."""
+        self.url = url
+        self.public_url = self.config.webhooks.public_base_url.rstrip("/") or url
+        # One try before the daemon counts as started: a change made right after
+        # the start is sent as a webhook. Failures are tried again in the background.
+        await self._register_once()
+        task_status.started(url)
+        await self._register_forever()
 
     async def _register_once(self) -> bool:
         assert self.public_url is not None
         if self.config.webhooks.register:
             try:
                 await register_webhooks(
-                    self.store, self.katana, self.tradegecko, self.public_url, self.keys
+                    self.store,
+                    self.katana,
+                    self.tradegecko,
+                    self.public_url,
+                    self.keys,
+                    factory=self.factory,
                 )
             except SyncdError as exc:
-                log.warning("webhooks not registered: %s", exc)
+                log.warning("webhooks not registered: %s", exc, extra=self._where())
                 return False
         self.registered = True
         # Changes now come as webhooks: the polls only reconcile what a delivery missed.
         self.consumer.tradegecko_poller.reconcile()
         self.consumer.katana_poller.reconcile()
-        log.info("webhooks healthy: polls reconcile")
+        log.info("webhooks healthy: polls reconcile", extra=self._where())
         return True
+
+    def _where(self) -> dict[str, str]:
+        return {"factory": self.factory} if self.factory is not None else {}
 
     async def _register_forever(self) -> None:
         policy = self.config.retry().registration
@@ -809,3 +856,66 @@ class WebhookListener:
             await anyio.sleep(policy.delay(failures))
             await self._register_once()
         await anyio.sleep_forever()
+
+
+class WebhookRouter:
+    """One listener for every factory: ``/webhooks/<factory>/tradegecko`` and
+    ``/webhooks/<factory>/katana/<path token>`` go to that factory's
+    :class:`WebhookListener`; the unprefixed paths go to the factory ``unprefixed`` names
+    (the single factory of today's configs). A factory not running is a 404.
+
+    Factories come and go while it serves (:meth:`add`, :meth:`remove`).
+    """
+
+    def __init__(self, unprefixed: str | None = None) -> None:
+        self.unprefixed = unprefixed
+        self.listeners: dict[str, WebhookListener] = {}
+
+    def add(self, name: str, listener: WebhookListener) -> None:
+        if listener.app is None:
+            raise ValueError(f"factory {name}: the listener is not prepared")
+        self.listeners[name] = listener
+
+    def remove(self, name: str) -> None:
+        self.listeners.pop(name, None)
+
+    def route(self, path: str) -> tuple[WebhookListener, str] | None:
+        """The listener a path goes to and the unprefixed path it serves it as."""
+        parts = path.split("/")  # "", "webhooks", first, ...
+        if len(parts) < 3 or parts[0] or parts[1] != "webhooks":
+            return None
+        listener = self.listeners.get(parts[2])
+        if listener is not None and len(parts) >= 4 and parts[3] in ("tradegecko", "katana"):
+            return listener, "/" + "/".join([parts[1], *parts[3:]])
+        if parts[2] in ("tradegecko", "katana") and self.unprefixed is not None:
+            default = self.listeners.get(self.unprefixed)
+            if default is not None:
+                return default, path
+        return None
+
+    def health(self) -> dict[str, object]:
+        """The single factory's health as it always was; with several, each one's."""
+        if self.unprefixed is not None and list(self.listeners) == [self.unprefixed]:
+            return self.listeners[self.unprefixed].health()
+        listeners = self.listeners.values()
+        return {
+            # None running yet (the listener serves before the factories start): not yet.
+            "registered": bool(listeners) and all(lsn.registered for lsn in listeners),
+            "factories": {name: lsn.health() for name, lsn in self.listeners.items()},
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path = str(scope["path"])
+        if path == "/healthz":
+            response: Response = JSONResponse({"status": "ok", **self.health()})
+            await response(scope, receive, send)
+            return
+        found = self.route(path)
+        if found is None:
+            await _answer(404, "not found")(scope, receive, send)
+            return
+        listener, inner = found
+        assert listener.app is not None
+        await listener.app({**scope, "path": inner, "raw_path": inner.encode()}, receive, send)

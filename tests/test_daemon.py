@@ -1,0 +1,392 @@
+"""Several factories in one daemon: each its own store rows, clients, budgets, pollers and
+webhook paths, against simulators serving one account per factory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from conftest import Sims, running_sims
+from syncd.config import (
+    Config,
+    DaemonConfig,
+    Factory,
+    FactoryWebhooks,
+    KatanaConfig,
+    MetricsConfig,
+    TradeGeckoConfig,
+    WebhooksConfig,
+    load_config,
+)
+from syncd.domain.orders import LinkedOrder
+from syncd.errors import AuthError
+from syncd.runtime.daemon import Daemon, running_daemon
+from syncd.sim import free_port
+from test_metrics import samples, scrape
+
+pytestmark = pytest.mark.anyio
+
+
+def factories_config(
+    sims: Sims,
+    database: Path,
+    names: list[str],
+    *,
+    webhook_port: int | None = None,
+    poll: float = 0.1,
+) -> Config:
+    """A config running ``names``, one simulator account each (in the order of
+    ``sims.factories``); with ``webhook_port`` they listen for webhooks there."""
+    factories: dict[str, Factory] = {}
+    for name, tokens in zip(names, sims.factories, strict=False):
+        factories[name] = Factory(
+            name=name,
+            tradegecko=TradeGeckoConfig(
+                base_url=sims.tradegecko_url,
+                token=tokens.tradegecko_token,
+                poll_interval=poll,
+                rate_limit=100_000,
+            ),
+            katana=KatanaConfig(
+                base_url=sims.katana_api_url,
+                token=tokens.katana_token,
+                poll_interval=poll,
+                rate_limit=100_000,
+            ),
+            webhooks=FactoryWebhooks(tradegecko_secret=tokens.tradegecko_webhook_secret),
+        )
+    hooks = (
+        WebhooksConfig(
+            enabled=True,
+            listen=f"127.0.0.1:{webhook_port}",
+            # Katana sends only to https; the simulators deliver it over plain http.
+            public_base_url=f"https://127.0.0.1:{webhook_port}",
+        )
+        if webhook_port is not None
+        else WebhooksConfig()
+    )
+    # The default factory's settings are the top-level tables.
+    default = factories.get("default")
+    top = {"tradegecko": default.tradegecko, "katana": default.katana} if default else {}
+    return Config(
+        daemon=DaemonConfig(database=str(database), retry_initial=0.2, retry_max=1.0),
+        metrics=MetricsConfig(listen="127.0.0.1:0", refresh_interval=0.1),
+        webhooks=hooks,
+        factories=factories,
+        **top,  # type: ignore[arg-type]
+    )
+
+
+async def wait_in(
+    daemon: Daemon, factory: str, po_numbers: list[str], *states: str, seconds: float = 30
+) -> list[LinkedOrder]:
+    """Wait until each PO of ``factory`` has a link in one of ``states``."""
+    store = daemon.root.for_factory(factory)
+    with anyio.fail_after(seconds):
+        while True:
+            links = [await store.link_by_po_number(n) for n in po_numbers]
+            if all(link is not None and link.state in states for link in links):
+                return [link for link in links if link is not None]
+            await anyio.sleep(0.05)
+
+
+async def metric(
+    daemon: Daemon, name: str, expected: float, *, at_least: bool = False, **labels: str
+) -> None:
+    """Wait (bounded: the gauges are refreshed every 0.1 s) for a sample to read ``expected``
+    (or more, ``at_least``)."""
+    assert daemon.metrics_url is not None
+    key = (name, frozenset(labels.items()))
+    seen = None
+    with anyio.move_on_after(10):
+        while True:
+            seen = samples(await scrape(daemon.metrics_url)).get(key)
+            if seen == expected or (at_least and seen is not None and seen >= expected):
+                return
+            await anyio.sleep(0.05)
+    raise AssertionError(f"{name}{labels} is {seen}, not {expected}")
+
+
+async def test_three_factories_in_one_daemon_each_link_only_their_own_orders(
+    tmp_path: Path,
+) -> None:
+    names = ["north", "south", "east"]
+    async with running_sims(accounts=3) as sims:
+        config = factories_config(sims, tmp_path / "syncd.db", names)
+        async with (
+            running_daemon(config, katana_transport=sims.katana_contract) as daemon,
+            sims.factory(),
+        ):
+            assert list(daemon.factories) == names
+            # 1, 2 and 3 POs: the same PO numbers and ids exist in several accounts.
+            created = {
+                name: [await sims.create_po(factory=tokens) for _ in range(count)]
+                for count, (name, tokens) in enumerate(
+                    zip(names, sims.factories, strict=True), start=1
+                )
+            }
+            daemon.poll_now()
+            links = {
+                name: await wait_in(daemon, name, [po["order_number"] for po in pos], "received")
+                for name, pos in created.items()
+            }
+            for name in names:
+                await metric(
+                    daemon,
+                    "syncd_orders",
+                    len(created[name]),
+                    factory=name,
+                    state="received",
+                )
+            text = await scrape(daemon.metrics_url or "")
+            # Each factory's own budgets; one pool for the one TradeGecko host of all three
+            # (Katana's traffic goes through the test's contract check, given).
+            budgets = {id(daemon.factories[n].katana.budget) for n in names}
+            assert len(budgets) == 3
+            assert daemon.pools.hosts == [sims.tradegecko_url]
+
+        for name, tokens in zip(names, sims.factories, strict=True):
+            numbers = [po["order_number"] for po in created[name]]
+            katana_counts, tg_counts = await sims.counters(tokens)
+            # Exactly one SO per PO in its own Katana account, one receipt in its own
+            # TradeGecko account: nothing crossed.
+            assert katana_counts["sales_orders_by_order_no"] == {f"TG-{n}": 1 for n in numbers}
+            assert tg_counts["receipts_per_po"] == {str(po["id"]): 1 for po in created[name]}
+            orders = sims.katana_world_of(tokens).sales_orders
+            for link in links[name]:
+                assert link.so_id is not None
+                assert orders[link.so_id].order_no == f"TG-{link.po_number}"
+        # Requests counted per factory, no label beyond the three.
+        factories = {
+            dict(labels)["factory"]
+            for (metric_name, labels) in samples(text)
+            if metric_name == "syncd_api_requests_total"
+        }
+        assert factories == set(names)
+
+
+async def test_a_revoked_katana_token_pauses_only_its_own_factory(tmp_path: Path) -> None:
+    names = ["north", "south", "east"]
+    async with running_sims(accounts=3) as sims:
+        revoked = sims.factories[1]
+        sims.katana_accounts[revoked.katana_token].revoked = True
+        config = factories_config(sims, tmp_path / "syncd.db", names)
+        # The start's check refuses south's token: south starts paused, the others run.
+        async with (
+            running_daemon(config, katana_transport=sims.katana_contract, check=True) as daemon,
+            sims.factory(),
+        ):
+            assert list(daemon.factories) == names
+            pos = {
+                name: await sims.create_po(factory=tokens)
+                for name, tokens in zip(names, sims.factories, strict=True)
+            }
+            for name in ("north", "east"):
+                await wait_in(daemon, name, [pos[name]["order_number"]], "received")
+            south = daemon.root.for_factory("south")
+            with anyio.fail_after(10):
+                while await south.get_meta("paused.katana") is None:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            (held,) = await wait_in(daemon, "south", [pos["south"]["order_number"]], "discovered")
+            assert held.so_id is None
+            await metric(daemon, "syncd_service_paused", 1, factory="south", service="katana")
+            for name in ("north", "east"):
+                await metric(daemon, "syncd_service_paused", 0, factory=name, service="katana")
+                assert await daemon.root.for_factory(name).get_meta("paused.katana") is None
+
+            # The token works again: south resumes and finishes on its own.
+            sims.katana_accounts[revoked.katana_token].revoked = False
+            await wait_in(daemon, "south", [pos["south"]["order_number"]], "received")
+            await metric(daemon, "syncd_service_paused", 0, factory="south", service="katana")
+        katana_counts, _ = await sims.counters(revoked)
+        assert katana_counts["sales_orders_by_order_no"] == {
+            f"TG-{pos['south']['order_number']}": 1
+        }
+
+
+async def test_webhooks_are_routed_per_factory_and_a_stopped_factory_is_a_404(
+    tmp_path: Path,
+) -> None:
+    names = ["default", "north"]
+    async with running_sims(accounts=2, webhooks=True) as sims:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        public = f"https://127.0.0.1:{port}"
+        # Polls every minute: only webhooks bring the new orders in time.
+        config = factories_config(sims, tmp_path / "syncd.db", names, webhook_port=port, poll=60)
+        async with (
+            running_daemon(config, katana_transport=sims.katana_contract) as daemon,
+            sims.factory(),
+            httpx.AsyncClient(timeout=5) as http,
+        ):
+            # `default` keeps today's paths; the others are named in theirs.
+            paths = {"default": "/webhooks", "north": "/webhooks/north"}
+            for name in names:
+                runtime = daemon.factories[name]
+                assert runtime.webhooks is not None and runtime.webhooks.registered
+                tg_hooks = {hook.address for hook in await runtime.tradegecko.list_webhooks()}
+                assert tg_hooks == {f"{public}{paths[name]}/tradegecko"}
+                kt_hooks = [hook.url for hook in await runtime.katana.list_webhooks()]
+                assert kt_hooks == [
+                    f"{public}{paths[name]}/katana/{runtime.webhooks.keys.path_token}"
+                ]
+            health = (await http.get(f"{base}/healthz")).json()
+            assert health == {
+                "status": "ok",
+                "registered": True,
+                "factories": {name: {"registered": True} for name in names},
+            }
+
+            pos = {
+                name: await sims.create_po(factory=tokens)
+                for name, tokens in zip(names, sims.factories, strict=True)
+            }
+            for name in names:
+                await wait_in(daemon, name, [pos[name]["order_number"]], "received")
+            for name in names:
+                await metric(
+                    daemon,
+                    "syncd_webhooks_total",
+                    1,
+                    at_least=True,
+                    factory=name,
+                    service="tradegecko",
+                    result="accepted",
+                )
+            assert (await http.post(f"{base}/webhooks/nowhere/tradegecko")).status_code == 404
+
+            # Stopping a factory: its routes answer 404, its rows stay, the other runs on.
+            await daemon.stop_factory("north")
+            assert list(daemon.factories) == ["default"]
+            answer = await http.post(f"{base}/webhooks/north/tradegecko", content=b"{}")
+            assert answer.status_code == 404
+            kept = await daemon.root.for_factory("north").link_by_po_number(
+                pos["north"]["order_number"]
+            )
+            assert kept is not None and kept.state == "received"
+            second = await sims.create_po(factory=sims.factories[0])
+            await wait_in(daemon, "default", [second["order_number"]], "received")
+            assert daemon.store.factory == "default"
+
+            # Started again, with its history.
+            runtime = await daemon.start_factory("north")
+            assert list(daemon.factories) == names and runtime.webhooks is not None
+            assert (await http.get(f"{base}/healthz")).json()["factories"]["north"] == {
+                "registered": True
+            }
+            third = await sims.create_po(factory=sims.factories[1])
+            await wait_in(daemon, "north", [third["order_number"]], "received")
+
+
+async def test_a_429_storm_on_one_factory_does_not_slow_the_others(tmp_path: Path) -> None:
+    names = ["north", "south", "east"]
+    async with running_sims(accounts=3) as sims:
+        stormed = sims.factories[1]
+        # Every Katana call of south's token answers 429 with a minute to wait.
+        burst = {"seconds": 120, "retry_after": 60, "account": stormed.katana_token}
+        answer = await sims.control.put(f"{sims.katana_url}/_sim/faults", json={"burst": burst})
+        assert answer.status_code == 200, answer.text
+        config = factories_config(sims, tmp_path / "syncd.db", names)
+        async with (
+            running_daemon(config, katana_transport=sims.katana_contract) as daemon,
+            sims.factory(),
+        ):
+            pos = {
+                name: await sims.create_po(factory=tokens)
+                for name, tokens in zip(names, sims.factories, strict=True)
+            }
+            with anyio.fail_after(20):  # a minute's wait in south would not fit
+                for name in ("north", "east"):
+                    await wait_in(daemon, name, [pos[name]["order_number"]], "received")
+            held = await daemon.root.for_factory("south").link_by_po_number(
+                pos["south"]["order_number"]
+            )
+            assert held is None or held.so_id is None
+            # Only south's token met the storm, and south waits it out (a few calls only).
+            faults = (await sims.control.get(f"{sims.katana_url}/_sim/faults")).json()
+            assert set(faults["injected_by_account"]) == {stormed.katana_token}
+            assert sims.katana_accounts[stormed.katana_token].describe()["requests"] <= 5
+
+
+async def test_a_stopped_factory_leaves_the_metrics_and_a_reload_restarts_a_changed_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_sims(accounts=3) as sims:
+        path = tmp_path / "syncd.toml"
+
+        def write(prefixes: dict[str, object]) -> None:
+            text = (
+                f'[daemon]\ndatabase = "{tmp_path / "syncd.db"}"\nretry_initial = 0.2\n'
+                'retry_max = 1.0\n[metrics]\nlisten = "127.0.0.1:0"\nrefresh_interval = 0.1\n'
+                f'[tradegecko]\nbase_url = "{sims.tradegecko_url}"\npoll_interval = 0.1\n'
+                f'[katana]\nbase_url = "{sims.katana_api_url}"\npoll_interval = 0.1\n'
+                "rate_limit = 100000\n"
+            )
+            for (name, prefix), tokens in zip(prefixes.items(), sims.factories, strict=False):
+                value = f'"{prefix}"' if isinstance(prefix, str) else str(prefix)
+                text += (
+                    f'[factories.{name}.tradegecko]\ntoken = "{tokens.tradegecko_token}"\n'
+                    f'[factories.{name}.katana]\ntoken = "{tokens.katana_token}"\n'
+                    f"order_no_prefix = {value}\n"
+                )
+            path.write_text(text)
+
+        write({"north": "N-", "south": "S-"})
+        config = load_config(path)
+        async with (
+            running_daemon(config, katana_transport=sims.katana_contract) as daemon,
+            sims.factory(),
+        ):
+            assert list(daemon.factories) == ["north", "south"]
+            await metric(daemon, "syncd_inbox_backlog_events", 0, factory="south")
+            before = daemon.factories["north"]
+
+            # north changed, south removed, east added.
+            write({"north": "NM-", "east": "E-"})
+            change = await daemon.reload(path)
+            assert change is not None
+            assert (change.added, change.removed, change.changed) == (
+                ("east",),
+                ("south",),
+                ("north",),
+            )
+            assert sorted(daemon.factories) == ["east", "north"]
+            assert daemon.factories["north"] is not before
+            assert daemon.factories["north"].config.katana.order_no_prefix == "NM-"
+            # south's series went with it: the factory label stays bounded.
+            text = await scrape(daemon.metrics_url or "")
+            assert 'factory="south"' not in text
+            await metric(daemon, "syncd_inbox_backlog_events", 0, factory="east")
+            po = await sims.create_po(factory=sims.factories[0])
+            (link,) = await wait_in(daemon, "north", [po["order_number"]], "received")
+            assert link.so_number == f"NM-{po['order_number']}"
+
+            # A broken file: said, and nothing changes.
+            write({"north": "NM-", "east": 5})
+            with caplog.at_level(logging.ERROR, logger="syncd.daemon"):
+                assert await daemon.reload(path) is None
+            assert "syncd: reload refused: factories.east.katana.order_no_prefix" in caplog.text
+            assert sorted(daemon.factories) == ["east", "north"]
+            # The same files again: nothing to do.
+            write({"north": "NM-", "east": "E-"})
+            again = await daemon.reload(path)
+            assert again is not None and again.empty
+
+
+async def test_the_start_fails_only_when_every_factory_is_refused(tmp_path: Path) -> None:
+    async with running_sims(accounts=2) as sims:
+        config = factories_config(sims, tmp_path / "syncd.db", ["north", "south"])
+        for tokens in sims.factories:
+            sims.katana_accounts[tokens.katana_token].revoked = True
+        # A task group may wrap it: unwrapped below.
+        with pytest.raises(BaseException) as raised:
+            async with running_daemon(config, check=True):
+                pytest.fail("the daemon started with every token refused")
+        error = raised.value
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        assert isinstance(error, AuthError), raised.value
