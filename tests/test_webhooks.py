@@ -237,7 +237,9 @@ async def katana_requests(sims: Sims) -> dict[str, int]:
     return requests
 
 
-async def deliver_katana(daemon: Daemon, action: str, object_id: int, status: str) -> None:
+async def deliver_katana(
+    daemon: Daemon, action: str, object_id: int, status: str, *, expect: str = "accepted"
+) -> None:
     """Post one Katana delivery by hand, signed as Katana signs it."""
     assert daemon.webhooks is not None
     keys = daemon.webhooks.keys
@@ -255,7 +257,7 @@ async def deliver_katana(daemon: Daemon, action: str, object_id: int, status: st
             content=body,
             headers={"X-Sha2-Signature": katana_signature(sorted(keys.katana_tokens)[0], body)},
         )
-    assert answer.json() == {"status": "accepted"}
+    assert answer.json() == {"status": expect}
 
 
 def katana_outcomes(database: Path) -> list[tuple[str, str | None, str | None]]:
@@ -276,6 +278,33 @@ async def settled(database: Path, count: int, seconds: float = 5.0) -> None:
             if len(rows) >= count and all(outcome for _, _, outcome in rows):
                 return
             await anyio.sleep(0.02)
+
+
+async def test_a_katana_variant_delivery_drops_the_cached_variant(
+    sims: Sims, tmp_path: Path
+) -> None:
+    database = tmp_path / "syncd.db"
+    config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+    async with sims.daemon(config) as daemon:
+        po = await sims.create_po()
+        await wait_for_state(daemon, po["order_number"], "imported", seconds=5)
+        link = await daemon.store.link_by_po_number(po["order_number"])
+        assert link is not None
+        (line,) = link.lines
+        assert await daemon.store.cached_variant_ids("katana", [line.sku], since=0) == {
+            line.sku: line.katana_variant_id
+        }
+        before = await katana_requests(sims)
+        await deliver_katana(
+            daemon, "variant.updated", line.katana_variant_id, "", expect="variant forgotten"
+        )
+        assert await daemon.store.cached_variant_ids("katana", [line.sku], since=0) == {}
+        assert await katana_requests(sims) == before  # dropped at the door: no call
+        await daemon.store.remember_variants("katana", {line.katana_variant_id: line.sku})
+        await deliver_katana(daemon, "product.updated", 1, "", expect="variant forgotten")
+        assert await daemon.store.cached_variant_ids("katana", [line.sku], since=0) == {}
+        (hook,) = await daemon.katana.list_webhooks()
+    assert {"variant.updated", "variant.deleted", "product.updated"} <= set(hook.subscribed_events)
 
 
 async def test_a_status_that_cannot_move_the_order_makes_no_refetch(

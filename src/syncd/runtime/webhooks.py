@@ -54,6 +54,7 @@ from syncd.store import Store
 __all__ = [
     "KATANA_EVENTS",
     "KATANA_PATH",
+    "KATANA_VARIANT_EVENTS",
     "TRADEGECKO_EVENTS",
     "TRADEGECKO_PATH",
     "WebhookConsumer",
@@ -83,6 +84,8 @@ KATANA_EVENTS = (
     "manufacturing_order.blocked",
     "manufacturing_order.done",
 )
+#: Katana events that may change what a SKU's variant id is: the variant cache drops it.
+KATANA_VARIANT_EVENTS = ("product.updated", "product.deleted", "variant.updated", "variant.deleted")
 TRADEGECKO_PATH = "/webhooks/tradegecko"
 KATANA_PATH = "/webhooks/katana"
 _META_KATANA_TOKEN = "webhooks.katana_token"
@@ -272,6 +275,10 @@ def create_webhook_app(
                 note.timestamp,
             )
             return _answer(401, "stale timestamp")
+        if note.event.startswith("variant."):
+            # TradeGecko sends no variant update, but a variant event is still news.
+            await store.forget_variants("tradegecko", variant_ids=[note.object_id])
+            return _answer(200, "variant forgotten")
         if note.event not in TRADEGECKO_EVENTS:
             log.info("TradeGecko event %s ignored", note.event)
             return _answer(200, "ignored")
@@ -295,6 +302,13 @@ def create_webhook_app(
             object_id = int(note.object.id)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             return _answer(400, f"malformed body: {exc}")
+        if note.action in KATANA_VARIANT_EVENTS:
+            # The cache is keyed by variant: a product's change drops all of Katana's (rare).
+            if note.action.startswith("variant."):
+                await store.forget_variants("katana", variant_ids=[object_id])
+            else:
+                await store.forget_variants("katana", every=True)
+            return _answer(200, "variant forgotten")
         if note.action not in KATANA_EVENTS:
             log.info("Katana event %s ignored", note.action)
             return _answer(200, "ignored")
@@ -663,7 +677,9 @@ async def register_webhooks(
         token = mine[0].token
     else:
         try:
-            created = await katana.create_webhook(kt_url, KATANA_EVENTS, description="syncd")
+            created = await katana.create_webhook(
+                kt_url, (*KATANA_EVENTS, *KATANA_VARIANT_EVENTS), description="syncd"
+            )
         except ApiError as exc:
             if exc.status is not None and exc.status < 500:
                 raise

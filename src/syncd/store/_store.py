@@ -1273,11 +1273,21 @@ class Store:
                 )
 
     async def forget_variants(
-        self, service: str, *, variant_ids: Sequence[int] = (), skus: Sequence[str] = ()
+        self,
+        service: str,
+        *,
+        variant_ids: Sequence[int] = (),
+        skus: Sequence[str] = (),
+        every: bool = False,
     ) -> None:
-        """Drop the cached entries of ``service`` for these variant ids and SKUs: the
-        service refused one, or said it changed."""
+        """Drop the cached entries of ``service`` for these variant ids and SKUs (or
+        ``every`` one): the service refused one, or said it changed."""
         async with self._transaction() as db:
+            if every:
+                await db.execute(
+                    "DELETE FROM variants WHERE factory = ? AND service = ?",
+                    (self.factory, service),
+                )
             if variant_ids:
                 marks = ", ".join("?" * len(variant_ids))
                 await db.execute(
