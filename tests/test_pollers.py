@@ -12,7 +12,11 @@ import anyio
 import pytest
 
 from conftest import Sims
+from syncd.adapters.tradegecko import TradeGeckoClient
+from syncd.runtime import inbox
 from syncd.runtime.daemon import Daemon
+from syncd.runtime.pollers import TradeGeckoPoller, snapshot_of
+from syncd.store import Store
 from test_flow import is_state, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -105,3 +109,32 @@ async def test_a_kick_or_a_new_followed_order_brings_the_interval_back(
                 await anyio.sleep(0.02)
         assert poller.idle_polls <= 1  # the kicked poll found nothing: 1
         assert poller.next_wait() == 60.0
+
+
+async def test_a_poll_finding_several_new_pos_reads_their_lines_together(
+    sims: Sims, tmp_path: Path
+) -> None:
+    config = sims.config(tmp_path / "syncd.db", poll=60.0)
+    store = await Store.open(config.daemon.database)
+    try:
+        async with TradeGeckoClient(config.tradegecko.base_url, config.tradegecko.token) as tg:
+            activated = datetime.now(UTC) - timedelta(seconds=1)
+            poller = TradeGeckoPoller(store, tg, config, activated, lambda: None)
+            pos = [await sims.create_po(lines) for lines in (1, 3, 2)]
+            await poller.supplier_ids()
+            _, before = await sims.counters()
+            added = await poller.poll_once()
+            _, after = await sims.counters()
+            pending = await store.pending_events()
+            alone = {po["id"]: snapshot_of(*await tg.get_purchase_order(po["id"])) for po in pos}
+    finally:
+        await store.close()
+    spent = dict(Counter(after["requests"]) - Counter(before["requests"]))
+    assert added == 3
+    # One list of the POs, one read of all their lines: no read of each PO.
+    assert spent == {"GET /purchase_orders": 1, "GET /purchase_order_line_items": 1}, spent
+    found = {event.po_id: event for event in pending if event.kind == inbox.PO_DISCOVERED}
+    # The same snapshots as reading each PO by itself.
+    assert {
+        po_id: inbox.decode(inbox.PO_DISCOVERED, event.payload) for po_id, event in found.items()
+    } == alone

@@ -207,12 +207,13 @@ class TradeGeckoPoller(_Poller):
             updated_at_min=cursor - OVERLAP,
         )
         linked = await self.store.linked_po_ids([po.id for po in orders])
+        lines = await self._lines_of_new(orders, linked)
         added = 0
         for po in sorted(orders, key=lambda po: (po.created_at, po.id)):
             if po.created_at < self.activated_at:
                 continue
             try:
-                added += await self.consider(po, linked=po.id in linked)
+                added += await self.consider(po, linked=po.id in linked, lines=lines.get(po.id))
             except SyncdError as exc:
                 # One PO that cannot be read must not stop the others; the cursor stays
                 # before it so that the next poll tries it again.
@@ -228,6 +229,34 @@ class TradeGeckoPoller(_Poller):
             if newest > cursor:
                 await self.store.set_cursor(self.cursor_name, newest.isoformat())
         return added
+
+    async def _lines_of_new(
+        self, orders: Sequence[PurchaseOrder], linked: set[int]
+    ) -> dict[int, list[PurchaseOrderLineItem]]:
+        """The lines of the POs this poll may discover, read together when there are several
+        (one read for all instead of one each). A PO whose lines came back other than its
+        ``purchase_order_line_item_ids`` say is left out: it is read by itself."""
+        new = [
+            po
+            for po in orders
+            if po.id not in linked
+            and po.status in IMPORTABLE_STATUSES
+            and po.created_at >= self.activated_at
+        ]
+        if len(new) < 2:
+            return {}
+        try:
+            found = await self.client.lines_of_purchase_orders([po.id for po in new])
+        except SyncdError as exc:
+            log.warning("PO lines not read together, one PO at a time instead: %s", exc)
+            return {}
+        whole: dict[int, list[PurchaseOrderLineItem]] = {}
+        for po in new:
+            order = {line_id: i for i, line_id in enumerate(po.purchase_order_line_item_ids)}
+            lines = found.get(po.id, [])
+            if {line.id for line in lines} == set(order):
+                whole[po.id] = sorted(lines, key=lambda line: order[line.id])
+        return whole
 
     async def consider(
         self,
