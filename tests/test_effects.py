@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+import anyio
+import msgspec
 import pytest
 
 from conftest import Sims, running_sims
@@ -18,7 +20,7 @@ from syncd.adapters.katana import KatanaClient, NewSalesOrder, NewSalesOrderRow
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.domain import triggers
 from syncd.domain.orders import LinkedOrder
-from syncd.runtime.effects import ECOMMERCE_ORDER_TYPE, Effects, natural_key
+from syncd.runtime.effects import ECOMMERCE_ORDER_TYPE, Effects, Outcome, natural_key
 from syncd.runtime.pollers import snapshot_of
 from syncd.sim.faults import FaultRule, Faults
 from syncd.store import Store
@@ -194,6 +196,49 @@ async def test_a_cached_variant_katana_refuses_is_looked_up_again_with_one_so(
     violations = sims.katana_contract.violations
     assert violations and all("createSalesOrder: response 422" in v for v in violations)
     violations.clear()
+
+
+async def test_receipts_due_together_share_one_inventory_read(sims: Sims, tmp_path: Path) -> None:
+    async with bench(sims, tmp_path) as b:
+        await b.warm()
+        links = []
+        for lines in (1, 2, 1):
+            po = await sims.create_po(lines)
+            link = await b.store.create_link(
+                snapshot_of(*await b.tradegecko.get_purchase_order(po["id"])),
+                state="discovered",
+                trigger="po_discovered",
+                cause="test",
+                event_id=None,
+            )
+            assert link is not None
+            made = await b.effects.import_order(link)
+            assert made.trigger == triggers.SO_CREATED, made
+            links.append(msgspec.structs.replace(link, so_id=made.so_id, lines=made.lines))
+        b.effects.inventory.window = 1.0  # wide: the PO reads before it vary under load
+        before = await b.katana_requests()
+        outcomes: list[Outcome] = []
+
+        async def receive(link: LinkedOrder) -> None:
+            outcomes.append(await b.effects.receive_order(link))
+
+        async with anyio.create_task_group() as tg:
+            for link in links:
+                tg.start_soon(receive, link)
+        spent = _spent(before, await b.katana_requests())
+        # One alone still reads once.
+        alone = await b.link()
+        made = await b.effects.import_order(alone)
+        before = await b.katana_requests()
+        alone = msgspec.structs.replace(alone, so_id=made.so_id, lines=made.lines)
+        single = await b.effects.receive_order(alone)
+        spent_alone = _spent(before, await b.katana_requests())
+    assert [o.trigger for o in outcomes] == [triggers.PO_RECEIVED] * 3, outcomes
+    assert spent == {"GET /inventory": 1}, spent
+    assert single.trigger == triggers.PO_RECEIVED and spent_alone == {"GET /inventory": 1}
+    # Each receipt re-costed its own lines only.
+    assert sorted(len(o.lines or ()) for o in outcomes) == [1, 1, 2]
+    assert (b.effects.inventory.reads, b.effects.inventory.served) == (2, 4)
 
 
 def test_the_natural_key_names_tradegecko_the_account_and_the_po() -> None:
