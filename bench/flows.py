@@ -78,8 +78,14 @@ async def _quiet(sims: Sims, daemon: Daemon, seconds: float = 1.0) -> None:
             last, still = now, time.monotonic()
 
 
-async def _until_all(daemon: Daemon, numbers: list[str], state: str, *, kick: bool) -> None:
-    """Until every order is in ``state``; with ``kick``, kick both pollers every 0.25 s."""
+async def _until_all(
+    daemon: Daemon, numbers: list[str], state: str, *, kick: bool, seconds: float = 120.0
+) -> None:
+    """Until every order is in ``state``; with ``kick``, kick both pollers every 0.25 s.
+
+    :raises Unsound: the orders did not get there in ``seconds``; the message says where
+        they stand and what the budgets hold (a stall explains itself).
+    """
 
     async def done() -> bool:
         states = [await _state(daemon, n) for n in numbers]
@@ -89,7 +95,29 @@ async def _until_all(daemon: Daemon, numbers: list[str], state: str, *, kick: bo
             daemon.poll_now()
         return False
 
-    await wait_until(done, 120, step=0.25)
+    try:
+        await wait_until(done, seconds, step=0.25)
+    except TimeoutError:
+        raise Unsound(
+            f"stalled: not all {state} after {seconds:g} s: {await _standing(daemon, numbers)}",
+            {},
+        ) from None
+
+
+async def _standing(daemon: Daemon, numbers: list[str]) -> str:
+    """Where the orders stand and what holds them: states, budgets, pending inbox rows."""
+    states = Counter([str(await _state(daemon, n)) for n in numbers])
+    parts = [f"orders {dict(states)}"]
+    for name, client in (("katana", daemon.katana), ("tradegecko", daemon.tradegecko)):
+        budget = client.budget
+        sent = {p.name.lower(): n for p, n in budget.sent_by_priority.items()}
+        parts.append(
+            f"{name} budget used {budget.used}/{budget.limit}, waiting {budget.waiting}, "
+            f"others {budget.others()}, sent {sent}"
+        )
+    pending = Counter(event.kind for event in await daemon.store.pending_events(1000))
+    parts.append(f"inbox pending {dict(pending)}")
+    return "; ".join(parts)
 
 
 async def _calls_per_order(*, webhooks: bool) -> dict[str, Any]:

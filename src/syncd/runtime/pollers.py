@@ -519,9 +519,10 @@ class KatanaPoller(_Poller):
         self.client = client
         self.followed_states = chart.followed_states()
         self.activated_at = activated_at
-        #: When the MO list was last read (monotonic); ``None``: not since start, so the
-        #: first poll reads it (what changed while syncd was down).
-        self.mo_listed_at: float | None = None
+        #: When the MO list was last read (monotonic); ``None``: due at the next poll. Not
+        #: due at start: the SO list's cursor catches what changed while syncd was down,
+        #: and the MO list's, kept in the store, what changed behind an SO one read later.
+        self.mo_listed_at: float | None = time.monotonic()
         self._followed: set[int] = set()
         self._grown = False
 
