@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import tempfile
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from bench.harness import (
     tally,
     wait_until,
 )
+from syncd.runtime import inbox
 from syncd.runtime.daemon import Daemon, running_daemon
 from syncd.runtime.observer import Observer, TransitionNotice
 
@@ -117,7 +119,29 @@ async def _standing(daemon: Daemon, numbers: list[str]) -> str:
         )
     pending = Counter(event.kind for event in await daemon.store.pending_events(1000))
     parts.append(f"inbox pending {dict(pending)}")
+    stuck = [
+        f"{link.po_number} {link.state} SO {link.so_id}"
+        for link in [await daemon.store.link_by_po_number(n) for n in numbers]
+        if link is not None and link.state != "received"
+    ]
+    if stuck and daemon.webhooks is not None:
+        parts.append(f"behind: {stuck}; Katana deliveries settled: {_deliveries(daemon)}")
     return "; ".join(parts)
+
+
+def _deliveries(daemon: Daemon) -> list[tuple[str, int, str | None, str | None]]:
+    """Every Katana delivery the daemon settled: (event, object id, status, outcome)."""
+    with sqlite3.connect(daemon.config.daemon.database) as db:
+        rows = db.execute(
+            "SELECT payload, outcome FROM inbox WHERE kind = ? AND source = 'katana' ORDER BY id",
+            (inbox.WEBHOOK_RECEIVED,),
+        ).fetchall()
+    found = []
+    for payload, outcome in rows:
+        note = inbox.decode(inbox.WEBHOOK_RECEIVED, bytes(payload))
+        if isinstance(note, inbox.WebhookReceived):
+            found.append((note.event, note.object_id, note.status, outcome))
+    return found
 
 
 async def _calls_per_order(*, webhooks: bool) -> dict[str, Any]:
