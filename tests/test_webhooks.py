@@ -36,6 +36,7 @@ from syncd.runtime.webhooks import (
 )
 from syncd.sim import TRADEGECKO_WEBHOOK_SECRET, free_port
 from syncd.sim.factory import play_factory
+from syncd.sim.faults import FaultRule, Faults
 from syncd.store import Store
 
 pytestmark = pytest.mark.anyio
@@ -305,6 +306,45 @@ async def test_a_katana_variant_delivery_drops_the_cached_variant(
         assert await daemon.store.cached_variant_ids("katana", [line.sku], since=0) == {}
         (hook,) = await daemon.katana.list_webhooks()
     assert {"variant.updated", "variant.deleted", "product.updated"} <= set(hook.subscribed_events)
+
+
+async def test_a_delivery_for_an_so_whose_import_is_not_recorded_yet_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    # The SO is made, its answer hangs 2 s: the order stays `discovered` with no SO while
+    # Katana already says the SO is delivered.
+    hang = Faults(
+        rules=[
+            FaultRule(
+                path="/sales_orders",
+                method="POST",
+                timeout_rate=1.0,
+                timeout_seconds=2.0,
+                after=True,
+                times=1,
+            )
+        ]
+    )
+    database = tmp_path / "syncd.db"
+    async with running_sims(katana_faults=hang, webhooks=True) as sims:
+        config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+        async with sims.daemon(config) as daemon:
+            po = await sims.create_po()
+            with anyio.fail_after(5):
+                while not sims.katana_world.sales_order_list():  # noqa: ASYNC110 - the sim's
+                    await anyio.sleep(0.02)
+            (so,) = sims.katana_world.sales_order_list()
+            link = await daemon.store.link_by_po_number(po["order_number"])
+            assert link is not None and link.state == "discovered" and link.so_id is None
+            delivered = await sims.control.post(
+                f"{sims.katana_url}/_sim/sales_orders/{so['id']}/deliver"
+            )
+            assert delivered.status_code == 200, delivered.text
+            # No poll for a minute: only the deliveries, kept until the import is recorded,
+            # can move the order.
+            await wait_for_state(daemon, po["order_number"], "received", seconds=15)
+    outcomes = [o for event, _, o in katana_outcomes(database) if event != "sales_order.created"]
+    assert "not followed" not in outcomes, outcomes
 
 
 async def test_a_status_that_cannot_move_the_order_makes_no_refetch(

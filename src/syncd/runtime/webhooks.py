@@ -94,6 +94,10 @@ _META_PATH_TOKEN = "webhooks.path_token"
 _FUTURE_SKEW = 300.0
 
 
+class _NotLinkedYet(SyncdError):
+    """A delivery for an SO no link names while an import is under way: looked at again."""
+
+
 def tradegecko_signature(secret: str, body: bytes) -> str:
     """``X-Gecko-Signature``: Base64 of HMAC-SHA256 of the raw body, keyed with the secret."""
     digest = hmac.new(secret.encode(), body, hashlib.sha256).digest()
@@ -563,6 +567,14 @@ class WebhookConsumer:
     ) -> tuple[str, int]:
         """Look at the SO only when what the deliveries say could move its order."""
         link = await self.store.link_by_so(so_id)
+        # The SO may be the one an import just made, its outcome not stored yet: wait
+        # (retried like a failed look) rather than settle its deliveries as not followed.
+        if (
+            link is None
+            and not all(n.event == "sales_order.created" for n in notes)
+            and (await self.store.counts_by_state()).get(self.chart.initial, 0)
+        ):
+            raise _NotLinkedYet(f"Katana SO {so_id} is no order's yet; an import is under way")
         if link is None or link.state not in self.katana_poller.followed_states:
             return "not followed", 0
         if why := self._hint(notes, link.state, link.resume_state, link.so_id):
