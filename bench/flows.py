@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import tempfile
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from bench.harness import (
     tally,
     wait_until,
 )
+from syncd.runtime import inbox
 from syncd.runtime.daemon import Daemon, running_daemon
 from syncd.runtime.observer import Observer, TransitionNotice
 
@@ -77,8 +79,14 @@ async def _quiet(sims: Sims, daemon: Daemon, seconds: float = 1.0) -> None:
             last, still = now, time.monotonic()
 
 
-async def _until_all(daemon: Daemon, numbers: list[str], state: str, *, kick: bool) -> None:
-    """Until every order is in ``state``; with ``kick``, kick both pollers every 0.25 s."""
+async def _until_all(
+    daemon: Daemon, numbers: list[str], state: str, *, kick: bool, seconds: float = 120.0
+) -> None:
+    """Until every order is in ``state``; with ``kick``, kick both pollers every 0.25 s.
+
+    :raises Unsound: the orders did not get there in ``seconds``; the message says where
+        they stand and what the budgets hold (a stall explains itself).
+    """
 
     async def done() -> bool:
         states = [await _state(daemon, n) for n in numbers]
@@ -88,7 +96,51 @@ async def _until_all(daemon: Daemon, numbers: list[str], state: str, *, kick: bo
             daemon.poll_now()
         return False
 
-    await wait_until(done, 120, step=0.25)
+    try:
+        await wait_until(done, seconds, step=0.25)
+    except TimeoutError:
+        raise Unsound(
+            f"stalled: not all {state} after {seconds:g} s: {await _standing(daemon, numbers)}",
+            {},
+        ) from None
+
+
+async def _standing(daemon: Daemon, numbers: list[str]) -> str:
+    """Where the orders stand and what holds them: states, budgets, pending inbox rows."""
+    states = Counter([str(await _state(daemon, n)) for n in numbers])
+    parts = [f"orders {dict(states)}"]
+    for name, client in (("katana", daemon.katana), ("tradegecko", daemon.tradegecko)):
+        budget = client.budget
+        sent = {p.name.lower(): n for p, n in budget.sent_by_priority.items()}
+        parts.append(
+            f"{name} budget used {budget.used}/{budget.limit}, waiting {budget.waiting}, "
+            f"others {budget.others()}, sent {sent}"
+        )
+    pending = Counter(event.kind for event in await daemon.store.pending_events(1000))
+    parts.append(f"inbox pending {dict(pending)}")
+    stuck = [
+        f"{link.po_number} {link.state} SO {link.so_id}"
+        for link in [await daemon.store.link_by_po_number(n) for n in numbers]
+        if link is not None and link.state != "received"
+    ]
+    if stuck and daemon.webhooks is not None:
+        parts.append(f"behind: {stuck}; Katana deliveries settled: {_deliveries(daemon)}")
+    return "; ".join(parts)
+
+
+def _deliveries(daemon: Daemon) -> list[tuple[str, int, str | None, str | None]]:
+    """Every Katana delivery the daemon settled: (event, object id, status, outcome)."""
+    with sqlite3.connect(daemon.config.daemon.database) as db:
+        rows = db.execute(
+            "SELECT payload, outcome FROM inbox WHERE kind = ? AND source = 'katana' ORDER BY id",
+            (inbox.WEBHOOK_RECEIVED,),
+        ).fetchall()
+    found = []
+    for payload, outcome in rows:
+        note = inbox.decode(inbox.WEBHOOK_RECEIVED, bytes(payload))
+        if isinstance(note, inbox.WebhookReceived):
+            found.append((note.event, note.object_id, note.status, outcome))
+    return found
 
 
 async def _calls_per_order(*, webhooks: bool) -> dict[str, Any]:

@@ -85,7 +85,8 @@ def classify(service: str, method: str, path: str, query: set[str]) -> str:
         return "lookup"
     if service == "katana":
         if method == "GET" and path.endswith("/sales_orders"):
-            return "effect" if "order_no" in query else "poll"
+            # The import's look-ups: by natural key (after an attempt) or by order_no.
+            return "effect" if query & {"order_no", "ecommerce_order_id"} else "poll"
         if method == "GET" and path.endswith("/manufacturing_orders"):
             return "poll"
         return "effect"

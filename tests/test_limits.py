@@ -82,11 +82,12 @@ async def run_flow(
 @pytest.mark.timeout(180)
 async def test_the_real_katana_limit_is_never_hit(tmp_path: Path) -> None:
     async with simulators(katana_limit=(60, 60.0), tradegecko_limit=(300, 300.0)) as sims:
-        # The daemon's default budget (60 per 60 s). Polling every 0.5 s asks for about 240
-        # Katana requests a minute while an order is followed, so the budget is spent after
-        # ~15 s and then sets the pace: nothing more goes out until the first window rolls
-        # over at 60 s, where a budget a hair out of step with the service would meet a 429.
-        config = with_katana(sims.config(tmp_path / "syncd.db"), rate_limit=60, poll_interval=0.5)
+        # The daemon's default budget (60 per 60 s). Polling every 0.2 s asks for at least
+        # 150 Katana requests a minute while an order is followed (an SO list per poll, idle
+        # polls stretched to 0.4 s), so the budget is spent within ~25 s and then sets the
+        # pace: nothing more goes out until the first window rolls over at 60 s, where a
+        # budget a hair out of step with the service would meet a 429.
+        config = with_katana(sims.config(tmp_path / "syncd.db"), rate_limit=60, poll_interval=0.2)
         # TradeGecko at its real limit too (300 per 300 s): polled every 2 s, not every 0.1 s.
         config = msgspec.structs.replace(
             config, tradegecko=msgspec.structs.replace(config.tradegecko, poll_interval=2.0)

@@ -174,6 +174,13 @@ async def test_a_shadow_run_plans_everything_writes_nothing_and_live_does_what_i
     assert rows_of(b[2].body, {new_variant["id"]: "SHELF-WALNUT"}) == [
         ("SHELF-WALNUT", Decimal(3), Decimal(88))
     ]
+    # A placeholder names no Katana variant: the SKU cache never keeps one.
+    cache = await Store.open(str(shadow_db), readonly=True)
+    try:
+        cached = await cache.cached_variant_ids("katana", ["SHELF-WALNUT", "CHAIR-OAK"], since=0)
+    finally:
+        await cache.close()
+    assert "SHELF-WALNUT" not in cached and all(i > 0 for i in cached.values()), cached
     # C: every line re-costed at Katana's average cost, then the receipt.
     assert [(p.method, p.endpoint) for p in c] == [
         ("PUT", "/purchase_order_line_items/{id}"),

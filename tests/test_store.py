@@ -1541,3 +1541,31 @@ async def test_adopting_a_link_copies_it_with_its_history(database: str, tmp_pat
         assert present(await live.link_by_so(77)).id == new_id
         with pytest.raises(StoreConflict, match="PO10 or its SO is already linked"):
             await live.adopt_link(followed, history)
+
+
+async def test_the_variant_cache_maps_skus_per_service_and_factory(database: str) -> None:
+    clock = Clock(1000.0)
+    async with opened(database, clock) as store:
+        north, south = store.for_factory("north"), store.for_factory("south")
+        await north.remember_variants("tradegecko", {11: "A-1", 12: "B-2"})
+        await north.remember_variants("katana", {501: "A-1"})
+        await south.remember_variants("katana", {777: "A-1"})
+        assert await north.cached_skus("tradegecko", [11, 12, 13], since=0) == {
+            11: "A-1",
+            12: "B-2",
+        }
+        assert await north.cached_variant_ids("katana", ["A-1", "Z"], since=0) == {"A-1": 501}
+        assert await south.cached_variant_ids("katana", ["A-1"], since=0) == {"A-1": 777}
+        # One SKU names one variant per service: a new id for A-1 replaces the old one.
+        clock.now = 2000.0
+        await north.remember_variants("katana", {502: "A-1"})
+        assert await north.cached_variant_ids("katana", ["A-1"], since=0) == {"A-1": 502}
+        # Older than `since`: not trusted.
+        assert await north.cached_skus("tradegecko", [11], since=1500.0) == {}
+        assert await north.cached_variant_ids("katana", ["A-1"], since=1500.0) == {"A-1": 502}
+        await north.forget_variants("katana", variant_ids=[502])
+        await north.forget_variants("tradegecko", skus=["B-2"])
+        assert await north.cached_variant_ids("katana", ["A-1"], since=0) == {}
+        assert await north.cached_skus("tradegecko", [11, 12], since=0) == {11: "A-1"}
+        assert await south.cached_variant_ids("katana", ["A-1"], since=0) == {"A-1": 777}
+        assert await north.cached_skus("tradegecko", [], since=0) == {}

@@ -42,6 +42,7 @@ from syncd.runtime.webhooks import (
 )
 from syncd.sim import TRADEGECKO_WEBHOOK_SECRET, free_port
 from syncd.sim.factory import play_factory
+from syncd.sim.faults import FaultRule, Faults
 from syncd.store import Store
 
 pytestmark = pytest.mark.anyio
@@ -243,7 +244,9 @@ async def katana_requests(sims: Sims) -> dict[str, int]:
     return requests
 
 
-async def deliver_katana(daemon: Daemon, action: str, object_id: int, status: str) -> None:
+async def deliver_katana(
+    daemon: Daemon, action: str, object_id: int, status: str, *, expect: str = "accepted"
+) -> None:
     """Post one Katana delivery by hand, signed as Katana signs it."""
     assert daemon.webhooks is not None
     keys = daemon.webhooks.keys
@@ -261,7 +264,7 @@ async def deliver_katana(daemon: Daemon, action: str, object_id: int, status: st
             content=body,
             headers={"X-Sha2-Signature": katana_signature(sorted(keys.katana_tokens)[0], body)},
         )
-    assert answer.json() == {"status": "accepted"}
+    assert answer.json() == {"status": expect}
 
 
 def katana_outcomes(database: Path) -> list[tuple[str, str | None, str | None]]:
@@ -282,6 +285,72 @@ async def settled(database: Path, count: int, seconds: float = 5.0) -> None:
             if len(rows) >= count and all(outcome for _, _, outcome in rows):
                 return
             await anyio.sleep(0.02)
+
+
+async def test_a_katana_variant_delivery_drops_the_cached_variant(
+    sims: Sims, tmp_path: Path
+) -> None:
+    database = tmp_path / "syncd.db"
+    config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+    async with sims.daemon(config) as daemon:
+        po = await sims.create_po()
+        await wait_for_state(daemon, po["order_number"], "imported", seconds=5)
+        link = await daemon.store.link_by_po_number(po["order_number"])
+        assert link is not None
+        (line,) = link.lines
+        assert await daemon.store.cached_variant_ids("katana", [line.sku], since=0) == {
+            line.sku: line.katana_variant_id
+        }
+        before = await katana_requests(sims)
+        await deliver_katana(
+            daemon, "variant.updated", line.katana_variant_id, "", expect="variant forgotten"
+        )
+        assert await daemon.store.cached_variant_ids("katana", [line.sku], since=0) == {}
+        assert await katana_requests(sims) == before  # dropped at the door: no call
+        await daemon.store.remember_variants("katana", {line.katana_variant_id: line.sku})
+        await deliver_katana(daemon, "product.updated", 1, "", expect="variant forgotten")
+        assert await daemon.store.cached_variant_ids("katana", [line.sku], since=0) == {}
+        (hook,) = await daemon.katana.list_webhooks()
+    assert {"variant.updated", "variant.deleted", "product.updated"} <= set(hook.subscribed_events)
+
+
+async def test_a_delivery_for_an_so_whose_import_is_not_recorded_yet_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    # The SO is made, its answer hangs 2 s: the order stays `discovered` with no SO while
+    # Katana already says the SO is delivered.
+    hang = Faults(
+        rules=[
+            FaultRule(
+                path="/sales_orders",
+                method="POST",
+                timeout_rate=1.0,
+                timeout_seconds=2.0,
+                after=True,
+                times=1,
+            )
+        ]
+    )
+    database = tmp_path / "syncd.db"
+    async with running_sims(katana_faults=hang, webhooks=True) as sims:
+        config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+        async with sims.daemon(config) as daemon:
+            po = await sims.create_po()
+            with anyio.fail_after(5):
+                while not sims.katana_world.sales_order_list():  # noqa: ASYNC110 - the sim's
+                    await anyio.sleep(0.02)
+            (so,) = sims.katana_world.sales_order_list()
+            link = await daemon.store.link_by_po_number(po["order_number"])
+            assert link is not None and link.state == "discovered" and link.so_id is None
+            delivered = await sims.control.post(
+                f"{sims.katana_url}/_sim/sales_orders/{so['id']}/deliver"
+            )
+            assert delivered.status_code == 200, delivered.text
+            # No poll for a minute: only the deliveries, kept until the import is recorded,
+            # can move the order.
+            await wait_for_state(daemon, po["order_number"], "received", seconds=15)
+    outcomes = [o for event, _, o in katana_outcomes(database) if event != "sales_order.created"]
+    assert "not followed" not in outcomes, outcomes
 
 
 async def test_a_status_that_cannot_move_the_order_makes_no_refetch(

@@ -30,7 +30,7 @@ import anyio
 import msgspec
 
 from syncd.adapters._http import Priority, request_priority
-from syncd.adapters.katana import KatanaClient, NewSalesOrder, NewSalesOrderRow
+from syncd.adapters.katana import InventoryRecord, KatanaClient, NewSalesOrder, NewSalesOrderRow
 from syncd.adapters.katana import SalesOrder as KatanaSalesOrder
 from syncd.adapters.katana import Variant as KatanaVariant
 from syncd.adapters.tradegecko import TradeGeckoClient
@@ -46,7 +46,14 @@ from syncd.domain.rules import (
     order_number_for,
     pick_average_cost,
 )
-from syncd.errors import ApiError, NotFound, RuleViolation, ValidationFailed, is_transient
+from syncd.errors import (
+    ApiError,
+    NotFound,
+    RuleViolation,
+    SyncdError,
+    ValidationFailed,
+    is_transient,
+)
 from syncd.runtime.crashpoints import crash_point
 from syncd.store import Store
 
@@ -56,9 +63,11 @@ __all__ = [
     "IMPORT_ORDER",
     "MAKE_TO_ORDER",
     "RECEIVE_ORDER",
+    "VARIANT_TRUST_SECONDS",
     "EffectRunner",
     "EffectSpec",
     "Effects",
+    "InventoryReads",
     "Outcome",
     "SalesOrderKey",
     "natural_key",
@@ -69,6 +78,12 @@ log = logging.getLogger("syncd.effects")
 
 #: How long cached reference data (currencies, the factory, the customer) is trusted.
 _CACHE_SECONDS = 600.0
+#: How long a cached variant (SKU ↔ id) is trusted without a refusal or a webhook saying it
+#: changed: a SKU renamed with webhooks off is picked up within this long.
+VARIANT_TRUST_SECONDS = 24 * 3600.0
+#: The variant cache's ``service`` names.
+_KATANA = "katana"
+_TRADEGECKO = "tradegecko"
 
 #: ``ecommerce_order_type`` of every SO syncd makes: free-string in Katana (not one of its
 #: own integrations, so not deep-linked), stored verbatim and filterable.
@@ -175,6 +190,65 @@ class _Cache:
         self.value, self.at = value, time.monotonic()
 
 
+class InventoryReads:
+    """Receipts due within :attr:`window` seconds of each other share one inventory read.
+
+    The first receipt to ask waits the window, then reads the stock of every variant asked
+    for meanwhile (``GET /inventory``, chunked); each receipt gets the records of its own
+    variants. A failed read fails every receipt that shared it (each retries as before).
+    """
+
+    #: Seconds the first receipt waits for others: short beside an order's hours.
+    window = 0.2
+
+    def __init__(self, katana: KatanaClient) -> None:
+        self.katana = katana
+        self._batch: _InventoryBatch | None = None
+        #: Reads made, and receipts they served (for tests and the benches).
+        self.reads = 0
+        self.served = 0
+
+    async def read(self, variant_ids: Sequence[int]) -> list[InventoryRecord]:
+        """The inventory records of ``variant_ids`` (every location)."""
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _InventoryBatch()
+            batch.variant_ids.update(variant_ids)
+            try:
+                await anyio.sleep(self.window)
+                self._batch = None  # later receipts start the next batch
+                self.reads += 1
+                batch.records = await self.katana.list_inventory(sorted(batch.variant_ids))
+            except BaseException as exc:
+                if self._batch is batch:
+                    self._batch = None
+                # The others must not wait for a read that never comes.
+                batch.error = exc if isinstance(exc, Exception) else None
+                raise
+            finally:
+                batch.done.set()
+        else:
+            batch.variant_ids.update(variant_ids)
+            await batch.done.wait()
+            if batch.records is None:
+                if batch.error is not None:
+                    raise batch.error
+                # The first receipt was cancelled: read alone.
+                return await self.katana.list_inventory(variant_ids)
+        self.served += 1
+        assert batch.records is not None
+        wanted = set(variant_ids)
+        return [record for record in batch.records if record.variant_id in wanted]
+
+
+@dataclass
+class _InventoryBatch:
+    variant_ids: set[int] = field(default_factory=set)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    records: list[InventoryRecord] | None = None
+    error: Exception | None = None
+
+
 class Effects:
     """Runs effects by name against the two services."""
 
@@ -199,6 +273,8 @@ class Effects:
         # Find-or-create must not interleave: two imports at once would both find nothing
         # and both create the same customer or SKU.
         self._find_or_create = anyio.Lock()
+        #: Receipts' inventory reads, shared by receipts due together.
+        self.inventory = InventoryReads(katana)
         self._registered: dict[str, Callable[[LinkedOrder], Awaitable[Outcome]]] = {
             IMPORT_ORDER.name: self.import_order,
             MAKE_TO_ORDER.name: self.make_to_order,
@@ -224,23 +300,29 @@ class Effects:
             return _failed(IMPORT_ORDER, "no PO snapshot was stored")
         return await _settled(IMPORT_ORDER, self._import(link, snapshot), "Katana or TradeGecko")
 
-    async def _import(self, link: LinkedOrder, snapshot: PurchaseOrderSnapshot) -> Outcome:
+    async def _import(
+        self, link: LinkedOrder, snapshot: PurchaseOrderSnapshot, *, fresh: bool = False
+    ) -> Outcome:
+        """``fresh``: look every variant up, trusting no cached one (Katana refused one)."""
         katana_config = self.config.katana
         rows, notes = lines_to_import(snapshot)
         if not rows:
             raise RuleViolation(f"PO {snapshot.po_number} has no line with a variant to import")
 
-        skus = await self._skus_for(snapshot)
+        skus, cached = await self._skus_for(snapshot, fresh=fresh)
         line_links: list[LineLink] = []
         async with self._find_or_create:
-            variants = await self._katana_variants(sorted({skus[r.line_id] for r in rows}), notes)
+            variants, cached_katana = await self._katana_variants(
+                sorted({skus[r.line_id] for r in rows}), notes, fresh=fresh
+            )
+        cached = cached or cached_katana
         for row in rows:
-            variant, created = variants[skus[row.line_id]]
+            variant_id, created = variants[skus[row.line_id]]
             line_links.append(
                 LineLink(
                     line_id=row.line_id,
                     sku=skus[row.line_id],
-                    katana_variant_id=variant.id,
+                    katana_variant_id=variant_id,
                     quantity=row.quantity,
                     price=row.price,
                     created_variant=created,
@@ -308,7 +390,19 @@ class Effects:
         crash_point("so_create_noted")
         try:
             sales_order = await self.katana.create_sales_order(order)
-        except ValidationFailed as exc:
+        except (ValidationFailed, NotFound) as exc:
+            if cached and _names_variant(exc):
+                # A cached variant id gone stale: drop what was cached and look again. The
+                # attempt is noted, so the retry looks the SO up first: never a second SO.
+                await self._forget_variants(line_links)
+                log.info(
+                    "Katana refused a cached variant for %s; looking the variants up again",
+                    snapshot.po_number,
+                    extra={"po": snapshot.po_number},
+                )
+                return await self._import(link, snapshot, fresh=True)
+            if isinstance(exc, NotFound):
+                raise
             raise RuleViolation(f"Katana refused the sales order: {exc.reason}") from None
         except ApiError as exc:
             if exc.status is None or exc.status >= 500:
@@ -327,41 +421,60 @@ class Effects:
             f"created Katana SO {sales_order.order_no} with {len(line_links)} rows",
         )
 
-    async def _skus_for(self, snapshot: PurchaseOrderSnapshot) -> dict[int, str]:
+    async def _skus_for(
+        self, snapshot: PurchaseOrderSnapshot, *, fresh: bool = False
+    ) -> tuple[dict[int, str], bool]:
+        """The SKU of each PO line by line id, and whether any came from the cache (only
+        the variants not cached, or all with ``fresh``, are read from TradeGecko)."""
         variant_ids = sorted({ln.variant_id for ln in snapshot.lines if ln.variant_id is not None})
-        variants = {v.id: v for v in await self.tradegecko.list_variants(ids=variant_ids)}
+        known = {} if fresh else await self._cached_skus(_TRADEGECKO, variant_ids)
+        missing = [v for v in variant_ids if v not in known]
+        listed = await self.tradegecko.list_variants(ids=missing) if missing else []
+        read = {v.id: (v.sku or "").strip() for v in listed}
+        await self._remember_variants(_TRADEGECKO, {i: sku for i, sku in read.items() if sku})
+        sku_of = {**known, **read}
         skus: dict[int, str] = {}
         for line in snapshot.lines:
             if line.variant_id is None or line.freeform:
                 continue
-            variant = variants.get(line.variant_id)
-            if variant is None:
+            if line.variant_id not in sku_of:
                 raise RuleViolation(
                     f"line {line.line_id}: TradeGecko variant {line.variant_id} not found"
                 )
-            sku = (variant.sku or "").strip()
+            sku = sku_of[line.variant_id]
             if not sku:
                 raise RuleViolation(
                     f"line {line.line_id}: TradeGecko variant {line.variant_id} has no SKU: "
                     "cannot match without a SKU"
                 )
             skus[line.line_id] = sku
-        return skus
+        return skus, bool(known)
 
     async def _katana_variants(
-        self, skus: Sequence[str], notes: list[str]
-    ) -> dict[str, tuple[KatanaVariant, bool]]:
-        found: dict[str, list[KatanaVariant]] = {sku: [] for sku in skus}
-        for variant in await self.katana.list_variants(skus=skus):
+        self, skus: Sequence[str], notes: list[str], *, fresh: bool = False
+    ) -> tuple[dict[str, tuple[int, bool]], bool]:
+        """The Katana variant id of each SKU and whether syncd created it now (a product per
+        unknown SKU), and whether any came from the cache."""
+        result: dict[str, tuple[int, bool]] = {}
+        if not fresh:
+            result = {
+                sku: (variant_id, False)
+                for sku, variant_id in (await self._cached_variant_ids(skus)).items()
+            }
+        cached = bool(result)
+        wanted = [sku for sku in skus if sku not in result]
+        if not wanted:
+            return result, cached
+        found: dict[str, list[KatanaVariant]] = {sku: [] for sku in wanted}
+        for variant in await self.katana.list_variants(skus=wanted):
             if variant.sku in found and variant.deleted_at is None:
                 found[variant.sku].append(variant)
-        result: dict[str, tuple[KatanaVariant, bool]] = {}
         for sku, live in found.items():
             if len(live) > 1:
                 ids = ", ".join(str(v.id) for v in live)
                 raise RuleViolation(f"SKU {sku} matches several live Katana variants ({ids})")
             if live:
-                result[sku] = (live[0], False)
+                result[sku] = (live[0].id, False)
                 continue
             product = await self.katana.create_product(name=sku, sku=sku)
             crash_point("product_created")
@@ -369,8 +482,50 @@ class Effects:
             if not made:
                 raise RuleViolation(f"Katana created product {product.id} without a variant")
             notes.append(f"created Katana product {product.name!r} for SKU {sku}")
-            result[sku] = (made[0], True)
-        return result
+            result[sku] = (made[0].id, True)
+        await self._remember_variants(_KATANA, {result[sku][0]: sku for sku in wanted})
+        return result, cached
+
+    # The variant cache is a saving, never a need: a store that fails here costs a look-up.
+
+    async def _cached_skus(self, service: str, variant_ids: Sequence[int]) -> dict[int, str]:
+        if self.store is None or not variant_ids:
+            return {}
+        since = time.time() - VARIANT_TRUST_SECONDS
+        try:
+            return await self.store.cached_skus(service, variant_ids, since=since)
+        except SyncdError as exc:
+            log.warning("variant cache not read: %s", exc)
+            return {}
+
+    async def _cached_variant_ids(self, skus: Sequence[str]) -> dict[str, int]:
+        if self.store is None or not skus:
+            return {}
+        since = time.time() - VARIANT_TRUST_SECONDS
+        try:
+            return await self.store.cached_variant_ids(_KATANA, skus, since=since)
+        except SyncdError as exc:
+            log.warning("variant cache not read: %s", exc)
+            return {}
+
+    async def _remember_variants(self, service: str, skus: Mapping[int, str]) -> None:
+        # A shadow run's placeholder variant (a negative id) names nothing in Katana.
+        skus = {variant_id: sku for variant_id, sku in skus.items() if variant_id > 0}
+        if self.store is None or not skus:
+            return
+        try:
+            await self.store.remember_variants(service, skus)
+        except SyncdError as exc:
+            log.warning("variant cache not written: %s", exc)
+
+    async def _forget_variants(self, lines: Sequence[LineLink]) -> None:
+        """Drop the cached variants of ``lines`` on both sides: Katana refused one."""
+        if self.store is None:
+            return
+        skus = sorted({line.sku for line in lines})
+        # Must hold: a retry trusting the same stale entry would be refused again.
+        await self.store.forget_variants(_KATANA, skus=skus)
+        await self.store.forget_variants(_TRADEGECKO, skus=skus)
 
     async def _currency_iso(self, currency_id: int | None) -> str | None:
         if currency_id is None:
@@ -607,7 +762,7 @@ class Effects:
 
         current = {line.id: line for line in po_lines}
         variant_ids = sorted({line.katana_variant_id for line in link.lines})
-        records = await self.katana.list_inventory(variant_ids) if variant_ids else []
+        records = await self.inventory.read(variant_ids) if variant_ids else []
         by_variant: dict[int, list[tuple[int, Decimal | None, Decimal | None]]] = {}
         for record in records:
             by_variant.setdefault(record.variant_id, []).append(
@@ -676,6 +831,11 @@ class Effects:
             lines=tuple(costed),
             notes=tuple(notes),
         )
+
+
+def _names_variant(exc: ApiError) -> bool:
+    """Whether Katana's refusal is about a variant (an id it no longer knows)."""
+    return "variant" in f"{exc.reason} {exc.details}".lower()
 
 
 def _costs_found(

@@ -19,7 +19,7 @@ import anyio
 import msgspec
 
 from syncd.adapters._http import Priority, request_priority
-from syncd.adapters.katana import KatanaClient
+from syncd.adapters.katana import KatanaClient, ManufacturingOrder
 from syncd.adapters.katana import SalesOrder as KatanaSalesOrder
 from syncd.adapters.tradegecko import PurchaseOrder, PurchaseOrderLineItem, TradeGeckoClient
 from syncd.config import Config
@@ -71,6 +71,9 @@ def parse_time(value: str) -> datetime:
 
 class _Poller:
     name = "poller"
+    #: How far polls that find nothing stretch the interval (at most this many times it);
+    #: a kick or a poll that finds something brings it back. 1: never stretched.
+    idle_stretch = 1.0
 
     def __init__(
         self, store: Store, config: Config, interval: float, wake: Callable[[], None]
@@ -83,6 +86,8 @@ class _Poller:
         self._wake = wake
         self.last_success: float | None = None
         self.kick = anyio.Event()
+        #: Polls in a row that found nothing (and were not kicked).
+        self.idle_polls = 0
 
     async def poll_once(self) -> int:
         raise NotImplementedError
@@ -90,6 +95,18 @@ class _Poller:
     def reconcile(self) -> None:
         """Webhooks bring the changes now: poll only to catch what a delivery missed."""
         self.interval = max(self.interval, self._reconcile_interval)
+
+    def _moved(self, added: int) -> bool:
+        """Whether the poll found something that may move (``added``: new events)."""
+        return bool(added)
+
+    def next_wait(self) -> float:
+        """Seconds until the next poll: the interval, stretched (doubling, up to
+        :attr:`idle_stretch` times) after the second poll in a row that found nothing. The
+        reconcile interval is never stretched: it is the webhooks' safety net."""
+        if self.interval >= self._reconcile_interval or self.idle_polls < 2:
+            return self.interval
+        return self.interval * min(self.idle_stretch, 2.0 ** (self.idle_polls - 1))
 
     async def _pause(self, error: AuthError) -> None:
         await pause_service(self.store, error.service or self.name, error)
@@ -122,6 +139,7 @@ class _Poller:
             else:
                 await self._resume()
                 self.last_success = time.time()
+                self.idle_polls = 0 if self._moved(added) else self.idle_polls + 1
                 if added:
                     self._wake()
                 try:
@@ -129,8 +147,10 @@ class _Poller:
                     await self.store.set_meta(f"last_poll.{self.name}", str(self.last_success))
                 except SyncdError as exc:
                     log.warning("cannot record the %s poll: %s", self.name, exc)
-            with anyio.move_on_after(self.interval):
+            with anyio.move_on_after(self.next_wait()):
                 await self.kick.wait()
+            if self.kick.is_set():
+                self.idle_polls = 0  # asked to look now: something may move
             self.kick = anyio.Event()
 
 
@@ -187,12 +207,13 @@ class TradeGeckoPoller(_Poller):
             updated_at_min=cursor - OVERLAP,
         )
         linked = await self.store.linked_po_ids([po.id for po in orders])
+        lines = await self._lines_of_new(orders, linked)
         added = 0
         for po in sorted(orders, key=lambda po: (po.created_at, po.id)):
             if po.created_at < self.activated_at:
                 continue
             try:
-                added += await self.consider(po, linked=po.id in linked)
+                added += await self.consider(po, linked=po.id in linked, lines=lines.get(po.id))
             except SyncdError as exc:
                 # One PO that cannot be read must not stop the others; the cursor stays
                 # before it so that the next poll tries it again.
@@ -208,6 +229,34 @@ class TradeGeckoPoller(_Poller):
             if newest > cursor:
                 await self.store.set_cursor(self.cursor_name, newest.isoformat())
         return added
+
+    async def _lines_of_new(
+        self, orders: Sequence[PurchaseOrder], linked: set[int]
+    ) -> dict[int, list[PurchaseOrderLineItem]]:
+        """The lines of the POs this poll may discover, read together when there are several
+        (one read for all instead of one each). A PO whose lines came back other than its
+        ``purchase_order_line_item_ids`` say is left out: it is read by itself."""
+        new = [
+            po
+            for po in orders
+            if po.id not in linked
+            and po.status in IMPORTABLE_STATUSES
+            and po.created_at >= self.activated_at
+        ]
+        if len(new) < 2:
+            return {}
+        try:
+            found = await self.client.lines_of_purchase_orders([po.id for po in new])
+        except SyncdError as exc:
+            log.warning("PO lines not read together, one PO at a time instead: %s", exc)
+            return {}
+        whole: dict[int, list[PurchaseOrderLineItem]] = {}
+        for po in new:
+            order = {line_id: i for i, line_id in enumerate(po.purchase_order_line_item_ids)}
+            lines = found.get(po.id, [])
+            if {line.id for line in lines} == set(order):
+                whole[po.id] = sorted(lines, key=lambda line: order[line.id])
+        return whole
 
     async def consider(
         self,
@@ -440,11 +489,22 @@ def snapshot_of(po: PurchaseOrder, lines: list[PurchaseOrderLineItem]) -> Purcha
 
 
 class KatanaPoller(_Poller):
-    """Follows the sales orders of linked orders, and the manufacturing orders behind them."""
+    """Follows the sales orders of linked orders, and the manufacturing orders behind them.
+
+    Production takes hours: a cycle that finds nothing is common, and the key is shared. So
+    the interval stretches to twice itself while polls find nothing (the same followed
+    orders, nothing new), and the manufacturing order list, which only finds followed SOs
+    whose MO changed without the SO's ``updated_at`` moving, is read only when the SO list
+    left a followed order unseen and at most once per :attr:`mo_every` seconds. Its cursor
+    stays put between reads, so a skipped read loses nothing: the next one covers it.
+    """
 
     name = "katana"
     so_cursor = "katana.sales_orders"
     mo_cursor = "katana.manufacturing_orders"
+    idle_stretch = 2.0
+    #: The MO list, in poll intervals: at most once per this many.
+    MO_EVERY_POLLS = 4
 
     def __init__(
         self,
@@ -459,6 +519,17 @@ class KatanaPoller(_Poller):
         self.client = client
         self.followed_states = chart.followed_states()
         self.activated_at = activated_at
+        #: When the MO list was last read (monotonic); ``None``: due at the next poll. Not
+        #: due at start: the SO list's cursor catches what changed while syncd was down,
+        #: and the MO list's, kept in the store, what changed behind an SO one read later.
+        self.mo_listed_at: float | None = time.monotonic()
+        self._followed: set[int] = set()
+        self._grown = False
+
+    @property
+    def mo_every(self) -> float:
+        """Seconds between two reads of the manufacturing order list, at most."""
+        return self.MO_EVERY_POLLS * self.interval
 
     async def _cursor(self, name: str) -> datetime:
         stored = await self.store.get_cursor(name)
@@ -472,16 +543,27 @@ class KatanaPoller(_Poller):
                 # ends when the token works again (one call per interval, only while paused).
                 await self.client.get_factory()
             return 0
+        # A newly followed order (an import just made its SO) is something that may move.
+        grown = not set(followed) <= self._followed
+        self._followed = set(followed)
         so_since = await self._cursor(self.so_cursor)
         mo_since = await self._cursor(self.mo_cursor)
         ceiling = datetime.now(UTC)
         orders = await self.client.list_sales_orders(
             updated_at_min=so_since - OVERLAP, include_deleted=True
         )
-        manufacturing = await self.client.list_manufacturing_orders(
-            updated_at_min=mo_since - OVERLAP, include_deleted=True
-        )
         seen = {so.id for so in orders}
+        manufacturing: list[ManufacturingOrder] = []
+        due = (
+            self.mo_listed_at is None
+            or time.monotonic() - self.mo_listed_at >= self.mo_every
+            or self.interval >= self._reconcile_interval
+        )
+        if due and not set(followed) <= seen:
+            manufacturing = await self.client.list_manufacturing_orders(
+                updated_at_min=mo_since - OVERLAP, include_deleted=True
+            )
+            self.mo_listed_at = time.monotonic()
         behind = sorted(
             {
                 mo.sales_order_id
@@ -499,7 +581,11 @@ class KatanaPoller(_Poller):
         await self._advance(
             self.mo_cursor, mo_since, [mo.updated_at for mo in manufacturing], ceiling
         )
+        self._grown = grown
         return added
+
+    def _moved(self, added: int) -> bool:
+        return bool(added) or self._grown
 
     async def report(self, orders: Sequence[KatanaSalesOrder], followed: dict[int, int]) -> int:
         """Report the followed ones among ``orders`` (``followed``: SO id → link id).

@@ -55,6 +55,7 @@ from syncd.store import Store
 __all__ = [
     "KATANA_EVENTS",
     "KATANA_PATH",
+    "KATANA_VARIANT_EVENTS",
     "TRADEGECKO_EVENTS",
     "TRADEGECKO_PATH",
     "WebhookConsumer",
@@ -86,6 +87,8 @@ KATANA_EVENTS = (
     "manufacturing_order.blocked",
     "manufacturing_order.done",
 )
+#: Katana events that may change what a SKU's variant id is: the variant cache drops it.
+KATANA_VARIANT_EVENTS = ("product.updated", "product.deleted", "variant.updated", "variant.deleted")
 TRADEGECKO_PATH = "/webhooks/tradegecko"
 KATANA_PATH = "/webhooks/katana"
 _META_KATANA_TOKEN = "webhooks.katana_token"
@@ -102,6 +105,10 @@ def webhook_paths(factory: str | None = None) -> tuple[str, str]:
 _META_PATH_TOKEN = "webhooks.path_token"
 #: How far ahead of our clock a delivery's timestamp may be (clock skew).
 _FUTURE_SKEW = 300.0
+
+
+class _NotLinkedYet(SyncdError):
+    """A delivery for an SO no link names while an import is under way: looked at again."""
 
 
 def tradegecko_signature(secret: str, body: bytes) -> str:
@@ -285,6 +292,10 @@ def create_webhook_app(
                 note.timestamp,
             )
             return _answer(401, "stale timestamp")
+        if note.event.startswith("variant."):
+            # TradeGecko sends no variant update, but a variant event is still news.
+            await store.forget_variants("tradegecko", variant_ids=[note.object_id])
+            return _answer(200, "variant forgotten")
         if note.event not in TRADEGECKO_EVENTS:
             log.info("TradeGecko event %s ignored", note.event)
             return _answer(200, "ignored")
@@ -308,6 +319,13 @@ def create_webhook_app(
             object_id = int(note.object.id)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             return _answer(400, f"malformed body: {exc}")
+        if note.action in KATANA_VARIANT_EVENTS:
+            # The cache is keyed by variant: a product's change drops all of Katana's (rare).
+            if note.action.startswith("variant."):
+                await store.forget_variants("katana", variant_ids=[object_id])
+            else:
+                await store.forget_variants("katana", every=True)
+            return _answer(200, "variant forgotten")
         if note.action not in KATANA_EVENTS:
             log.info("Katana event %s ignored", note.action)
             return _answer(200, "ignored")
@@ -562,6 +580,14 @@ class WebhookConsumer:
     ) -> tuple[str, int]:
         """Look at the SO only when what the deliveries say could move its order."""
         link = await self.store.link_by_so(so_id)
+        # The SO may be the one an import just made, its outcome not stored yet: wait
+        # (retried like a failed look) rather than settle its deliveries as not followed.
+        if (
+            link is None
+            and not all(n.event == "sales_order.created" for n in notes)
+            and (await self.store.counts_by_state()).get(self.chart.initial, 0)
+        ):
+            raise _NotLinkedYet(f"Katana SO {so_id} is no order's yet; an import is under way")
         if link is None or link.state not in self.katana_poller.followed_states:
             return "not followed", 0
         if why := self._hint(notes, link.state, link.resume_state, link.so_id):
@@ -680,7 +706,9 @@ async def register_webhooks(
         token = mine[0].token
     else:
         try:
-            created = await katana.create_webhook(kt_url, KATANA_EVENTS, description="syncd")
+            created = await katana.create_webhook(
+                kt_url, (*KATANA_EVENTS, *KATANA_VARIANT_EVENTS), description="syncd"
+            )
         except ApiError as exc:
             if exc.status is not None and exc.status < 500:
                 raise

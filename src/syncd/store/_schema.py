@@ -278,4 +278,19 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE plans;
     ALTER TABLE plans_new RENAME TO plans;
     """,
+    """
+    -- What each service's variant ids are called (the SKU): TradeGecko's variant id → SKU
+    -- (read per PO line), Katana's SKU → variant id (the SO rows). A cache: an entry is
+    -- dropped when the service refuses the id or a webhook says the variant changed, and
+    -- trusted for a while only (seen_at).
+    CREATE TABLE variants (
+        factory    TEXT    NOT NULL DEFAULT 'default',
+        service    TEXT    NOT NULL,
+        variant_id INTEGER NOT NULL,
+        sku        TEXT    NOT NULL,
+        seen_at    REAL NOT NULL,
+        PRIMARY KEY (factory, service, variant_id)
+    );
+    CREATE INDEX variants_sku ON variants (factory, service, sku);
+    """,
 )

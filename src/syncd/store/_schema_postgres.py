@@ -210,4 +210,19 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE plans DROP CONSTRAINT plans_pkey;
     ALTER TABLE plans ADD PRIMARY KEY (factory, link_id, effect, seq);
     """,
+    """
+    -- What each service's variant ids are called (the SKU): TradeGecko's variant id → SKU
+    -- (read per PO line), Katana's SKU → variant id (the SO rows). A cache: an entry is
+    -- dropped when the service refuses the id or a webhook says the variant changed, and
+    -- trusted for a while only (seen_at).
+    CREATE TABLE variants (
+        factory    TEXT    NOT NULL DEFAULT 'default',
+        service    TEXT    NOT NULL,
+        variant_id BIGINT  NOT NULL,
+        sku        TEXT    NOT NULL,
+        seen_at    DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (factory, service, variant_id)
+    );
+    CREATE INDEX variants_sku ON variants (factory, service, sku);
+    """,
 )

@@ -1378,3 +1378,85 @@ class Store:
             )
             for row in rows
         ]
+
+    # -- the variant cache (SKU ↔ variant id, per service) -------------------------------
+
+    async def cached_skus(
+        self, service: str, variant_ids: Sequence[int], *, since: float
+    ) -> dict[int, str]:
+        """The SKUs ``service`` last gave for ``variant_ids`` (seen at or after ``since``),
+        by variant id; ids not cached, or older, are left out."""
+        if not variant_ids:
+            return {}
+        marks = ", ".join("?" * len(variant_ids))
+        rows = await self._fetchall(
+            "SELECT variant_id, sku FROM variants WHERE factory = ? AND service = ? "
+            f"AND seen_at >= ? AND variant_id IN ({marks})",
+            (self.factory, service, since, *variant_ids),
+        )
+        return {int(row[0]): str(row[1]) for row in rows}
+
+    async def cached_variant_ids(
+        self, service: str, skus: Sequence[str], *, since: float
+    ) -> dict[str, int]:
+        """The variant ids ``service`` last gave for ``skus`` (seen at or after ``since``),
+        by SKU; SKUs not cached, or older, are left out."""
+        if not skus:
+            return {}
+        marks = ", ".join("?" * len(skus))
+        rows = await self._fetchall(
+            "SELECT sku, variant_id FROM variants WHERE factory = ? AND service = ? "
+            f"AND seen_at >= ? AND sku IN ({marks})",
+            (self.factory, service, since, *skus),
+        )
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    async def remember_variants(self, service: str, skus: Mapping[int, str]) -> None:
+        """Note what ``service`` calls its variants now (``skus``: variant id → SKU). An id
+        or a SKU noted before is replaced: one SKU names one variant per service."""
+        if not skus:
+            return
+        now = self._now()
+        async with self._transaction() as db:
+            for variant_id, sku in skus.items():
+                await db.execute(
+                    "DELETE FROM variants WHERE factory = ? AND service = ? AND sku = ? "
+                    "AND variant_id <> ?",
+                    (self.factory, service, sku, variant_id),
+                )
+                await db.execute(
+                    "INSERT INTO variants (factory, service, variant_id, sku, seen_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (factory, service, variant_id) DO "
+                    "UPDATE SET sku = excluded.sku, seen_at = excluded.seen_at",
+                    (self.factory, service, variant_id, sku, now),
+                )
+
+    async def forget_variants(
+        self,
+        service: str,
+        *,
+        variant_ids: Sequence[int] = (),
+        skus: Sequence[str] = (),
+        every: bool = False,
+    ) -> None:
+        """Drop the cached entries of ``service`` for these variant ids and SKUs (or
+        ``every`` one): the service refused one, or said it changed."""
+        async with self._transaction() as db:
+            if every:
+                await db.execute(
+                    "DELETE FROM variants WHERE factory = ? AND service = ?",
+                    (self.factory, service),
+                )
+            if variant_ids:
+                marks = ", ".join("?" * len(variant_ids))
+                await db.execute(
+                    "DELETE FROM variants WHERE factory = ? AND service = ? "
+                    f"AND variant_id IN ({marks})",
+                    (self.factory, service, *variant_ids),
+                )
+            if skus:
+                marks = ", ".join("?" * len(skus))
+                await db.execute(
+                    f"DELETE FROM variants WHERE factory = ? AND service = ? AND sku IN ({marks})",
+                    (self.factory, service, *skus),
+                )

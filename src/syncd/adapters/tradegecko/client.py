@@ -206,6 +206,23 @@ class TradeGeckoClient(ServiceClient):
             {"purchase_order_id": purchase_order_id},
         )
 
+    async def lines_of_purchase_orders(
+        self, purchase_order_ids: Sequence[int]
+    ) -> dict[int, list[PurchaseOrderLineItem]]:
+        """The lines of several purchase orders in one read (250 a page, chunked), by PO
+        id; every id asked for is a key, a PO without lines (or unknown) has none."""
+        found: dict[int, list[PurchaseOrderLineItem]] = {po_id: [] for po_id in purchase_order_ids}
+        lines = await self.list_matching(
+            "/purchase_order_line_items",
+            PurchaseOrderLineItem,
+            "purchase_order_id",
+            sorted(found),
+        )
+        for line in lines:
+            if line.purchase_order_id in found:
+                found[line.purchase_order_id].append(line)
+        return found
+
     # -- writes ------------------------------------------------------------------------
 
     async def update_line_item_price(

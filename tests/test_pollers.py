@@ -1,0 +1,140 @@
+"""The Katana poller costs what it must: the MO list only when the SO list left a followed
+order unseen, at most once per ``mo_every``; a slower cadence while polls find nothing."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+
+from conftest import Sims
+from syncd.adapters.tradegecko import TradeGeckoClient
+from syncd.runtime import inbox
+from syncd.runtime.daemon import Daemon
+from syncd.runtime.pollers import TradeGeckoPoller, snapshot_of
+from syncd.store import Store
+from test_flow import is_state, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+async def katana_requests(sims: Sims) -> Counter[str]:
+    katana, _ = await sims.counters()
+    return Counter(katana["requests"])
+
+
+async def imported(sims: Sims, daemon: Daemon) -> None:
+    """One PO imported; then the daemon's own loop is left idle (60 s polls)."""
+    po = await sims.create_po()
+    with anyio.fail_after(20):
+        while (link := await daemon.store.link_by_po_number(po["order_number"])) is None or (
+            link.state != "imported"
+        ):
+            daemon.poll_now()
+            await anyio.sleep(0.1)
+    await wait_for(daemon, [po["order_number"]], is_state("imported"))
+    await anyio.sleep(0.5)  # the kicked polls are done
+
+
+async def spent_by_poll(sims: Sims, daemon: Daemon) -> dict[str, int]:
+    before = await katana_requests(sims)
+    await daemon.katana_poller.poll_once()
+    return {k: n for k, n in (await katana_requests(sims) - before).items() if n}
+
+
+async def test_the_mo_list_is_read_only_when_the_so_list_leaves_an_order_unseen_and_due(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with sims.daemon(sims.config(tmp_path / "syncd.db", poll=60.0)) as daemon:
+        await imported(sims, daemon)
+        poller = daemon.katana_poller
+        assert poller.mo_every == 4 * 60.0
+        both = {"GET /sales_orders": 1, "GET /manufacturing_orders": 1}
+        # The SO list shows nothing new (the cursor is past it): the MO list looks for
+        # changes behind a followed order, once.
+        later = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+        await daemon.store.set_cursor(poller.so_cursor, later)
+        poller.mo_listed_at = None
+        assert await spent_by_poll(sims, daemon) == both
+        assert await spent_by_poll(sims, daemon) == {"GET /sales_orders": 1}  # not due
+        poller.mo_listed_at = time.monotonic() - poller.mo_every
+        assert await spent_by_poll(sims, daemon) == both  # due again
+        # Due, but the SO list (from before the SO was made) saw every followed order.
+        earlier = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+        await daemon.store.set_cursor(poller.so_cursor, earlier)
+        poller.mo_listed_at = None
+        assert await spent_by_poll(sims, daemon) == {"GET /sales_orders": 1}
+
+
+async def test_polls_that_find_nothing_stretch_the_interval_to_twice_it(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with sims.daemon(sims.config(tmp_path / "syncd.db", poll=60.0)) as daemon:
+        poller = daemon.katana_poller
+        waits = []
+        for idle in range(4):
+            poller.idle_polls = idle
+            waits.append(poller.next_wait())
+        assert waits == [60.0, 60.0, 120.0, 120.0]
+        # TradeGecko's poll finds new POs: it never stretches.
+        daemon.tradegecko_poller.idle_polls = 5
+        assert daemon.tradegecko_poller.next_wait() == 60.0
+        # The reconcile interval is the webhooks' safety net: never stretched.
+        poller.reconcile()
+        poller.idle_polls = 5
+        assert poller.next_wait() == poller.interval
+
+
+async def test_a_kick_or_a_new_followed_order_brings_the_interval_back(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with sims.daemon(sims.config(tmp_path / "syncd.db", poll=60.0)) as daemon:
+        poller = daemon.katana_poller
+        await imported(sims, daemon)
+        # A newly followed order (an import made its SO) counts as found.
+        poller._followed = set()
+        await poller.poll_once()
+        assert poller._moved(0)
+        await poller.poll_once()
+        assert not poller._moved(0)
+        # A kick counts the idle polls from nought again.
+        poller.idle_polls = 5
+        poller.kick.set()
+        with anyio.fail_after(5):
+            while poller.idle_polls >= 5:  # noqa: ASYNC110 - the poller's own counter
+                await anyio.sleep(0.02)
+        assert poller.idle_polls <= 1  # the kicked poll found nothing: 1
+        assert poller.next_wait() == 60.0
+
+
+async def test_a_poll_finding_several_new_pos_reads_their_lines_together(
+    sims: Sims, tmp_path: Path
+) -> None:
+    config = sims.config(tmp_path / "syncd.db", poll=60.0)
+    store = await Store.open(config.daemon.database)
+    try:
+        async with TradeGeckoClient(config.tradegecko.base_url, config.tradegecko.token) as tg:
+            activated = datetime.now(UTC) - timedelta(seconds=1)
+            poller = TradeGeckoPoller(store, tg, config, activated, lambda: None)
+            pos = [await sims.create_po(lines) for lines in (1, 3, 2)]
+            await poller.supplier_ids()
+            _, before = await sims.counters()
+            added = await poller.poll_once()
+            _, after = await sims.counters()
+            pending = await store.pending_events()
+            alone = {po["id"]: snapshot_of(*await tg.get_purchase_order(po["id"])) for po in pos}
+    finally:
+        await store.close()
+    spent = dict(Counter(after["requests"]) - Counter(before["requests"]))
+    assert added == 3
+    # One list of the POs, one read of all their lines: no read of each PO.
+    assert spent == {"GET /purchase_orders": 1, "GET /purchase_order_line_items": 1}, spent
+    found = {event.po_id: event for event in pending if event.kind == inbox.PO_DISCOVERED}
+    # The same snapshots as reading each PO by itself.
+    assert {
+        po_id: inbox.decode(inbox.PO_DISCOVERED, event.payload) for po_id, event in found.items()
+    } == alone
