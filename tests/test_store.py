@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import psycopg
 import pytest
@@ -409,6 +410,26 @@ async def test_concurrent_events_share_a_commit_and_each_gets_its_own_row(
             told = [n for n in range(60) if key(n) == k and results[n] is not None]
             assert len(told) == 1, (k, told)
         assert all(results[n] is None for n in range(60) if key(n) == "d:old")
+
+
+async def test_a_writer_cancelled_at_any_step_leaves_no_transaction_open(
+    database: str,
+) -> None:
+    """A factory stopped (its tasks cancelled) while the others write on: wherever its write
+    was cut short, even with its BEGIN sent and not yet answered, the next write works."""
+    async with opened(database) as store:
+        for steps in range(12):
+
+            async def write(n: int = steps) -> None:
+                await store.set_meta(f"cut.{n}", "x")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(write)
+                for _ in range(steps):
+                    await anyio.lowlevel.checkpoint()
+                tg.cancel_scope.cancel()
+            await store.set_meta("after", str(steps))
+            assert await store.get_meta("after") == str(steps)
 
 
 async def test_a_refused_group_commit_fails_every_caller_in_it(database: str) -> None:

@@ -186,6 +186,13 @@ class SQLiteBackend:
                 await self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise _error(exc)(f"cannot write to {self.where}: {exc}") from None
+            except BaseException:
+                # Cancelled while BEGIN was queued (a factory stopped, the daemon stopping):
+                # the connection's thread still runs it, and the transaction would stay
+                # open for the next writer ("cannot start a transaction within a
+                # transaction"). The ROLLBACK is queued behind it, before the lock is let go.
+                await self._rollback()
+                raise
             try:
                 yield self._queries
             except sqlite3.Error as exc:
