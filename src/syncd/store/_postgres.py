@@ -296,6 +296,11 @@ class PostgresBackend:
             except psycopg.Error as exc:
                 await self._writer.discard()
                 raise _error(exc)(f"cannot write to {self.where}: {_message(exc)}") from None
+            except BaseException:
+                # Cancelled mid-command: the connection's state is unknown; the next writer
+                # gets a new one.
+                await self._writer.discard()
+                raise
             try:
                 yield _Queries(conn)
             except psycopg.Error as exc:
@@ -311,6 +316,11 @@ class PostgresBackend:
                 # the store makes is safe to try again (its WHERE or ON CONFLICT re-checks).
                 await self._rollback(conn)
                 raise _error(exc)(f"cannot commit to {self.where}: {_message(exc)}") from None
+            except BaseException:
+                # Cancelled during COMMIT: committed or not, the server decides; this
+                # connection is mid-command, so it is not used again.
+                await self._writer.discard()
+                raise
 
     async def _rollback(self, conn: psycopg.AsyncConnection[Row]) -> None:
         # Shielded: a cancelled task must not leave its transaction open for the next one.
