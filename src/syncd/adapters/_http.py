@@ -29,7 +29,7 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, Protocol, Self, TypeVar
 
 import anyio
 import httpx
@@ -56,6 +56,7 @@ __all__ = [
     "PlannedRequest",
     "Priority",
     "RequestBudget",
+    "RequestGuard",
     "ServiceClient",
     "WritePlan",
     "chunks",
@@ -508,6 +509,17 @@ class RequestBudget:
         return len(self._waiting)
 
 
+class RequestGuard(Protocol):
+    """What may stop a client's requests: a factory's lease guard
+    (:class:`syncd.runtime.coordinator.LeaseGuard`)."""
+
+    def check(self) -> None:
+        """Raise (:class:`~syncd.errors.LeaseLost`) if nothing may be sent now."""
+
+    def remaining(self) -> float:
+        """Seconds a request may still take."""
+
+
 class _Retryable(Exception):
     def __init__(self, error: ApiError) -> None:
         self.error = error
@@ -533,6 +545,11 @@ class ServiceClient:
     :param shadow: send no writing request (POST, PUT, PATCH, DELETE): raise
         :class:`~syncd.errors.WriteWithheld` with what it would have sent instead. The one
         place a shadow run stops writes, so no caller can write by forgetting to ask.
+
+    :param guard: the factory's lease guard, when daemons share the factories: checked
+        right before each request is sent (:class:`~syncd.errors.LeaseLost`, nothing sent,
+        once the lease may be lost), and each request's timeout is cut to what remains of
+        it, so no answer is awaited past the lease.
     """
 
     service = "api"
@@ -562,8 +579,11 @@ class ServiceClient:
         max_rate_wait: float = 180.0,
         on_response: Callable[[str, str, int, float], None] | None = None,
         shadow: bool = False,
+        guard: RequestGuard | None = None,
     ) -> None:
         self.shadow = shadow
+        self.guard = guard
+        self._timeout = timeout
         self.budget = budget if budget is not None else RequestBudget(*self.default_limit)
         self.retry = retry if attempts is None else replace(retry, attempts=attempts)
         self.max_rate_wait = max_rate_wait
@@ -676,8 +696,13 @@ class ServiceClient:
         started = time.perf_counter()
         try:
             try:
+                timeout: float | httpx.Timeout = self._http.timeout
+                if self.guard is not None:
+                    # Checked after the budget's wait: that wait may outlast the lease.
+                    self.guard.check()
+                    timeout = max(0.001, min(self._timeout, self.guard.remaining()))
                 response = await self._http.request(
-                    method, path, params=params, content=body, headers=headers
+                    method, path, params=params, content=body, headers=headers, timeout=timeout
                 )
                 await response.aread()
             finally:

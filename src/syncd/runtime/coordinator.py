@@ -71,7 +71,7 @@ def lease_clock() -> float:
 class FactoryRuntime(Protocol):
     """What the daemon offers the coordinator: starting, stopping and waking factories."""
 
-    async def start_factory(self, name: str, guard: LeaseGuard) -> None:
+    async def start_factory(self, name: str, guard: LeaseGuard) -> object:
         """Start the factory's work; return once it runs (promptly: no API call needs to
         finish first). Its effects and requests check ``guard`` first; its writes go
         through ``store.for_factory(name, lease=guard.lease)``. A
