@@ -6,6 +6,7 @@ the end-to-end test below."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,6 +18,7 @@ import msgspec
 import pytest
 
 from conftest import Sims, running_sims
+from multidaemon_harness import cluster
 from pg_server import PostgresServer, pg_server_fixture  # noqa: F401 - for pytest to find
 from syncd.config import Config, DaemonConfig
 from syncd.runtime.daemon import Daemon, running_daemon
@@ -212,3 +214,60 @@ async def test_on_sqlite_the_daemon_runs_every_factory_itself(tmp_path: Path) ->
             assert daemon.coordinator is None
             assert list(daemon.factories) == NAMES
             assert all(r.guard is None and r.store.lease is None for r in daemon.factories.values())
+
+
+# -- end to end: real processes ------------------------------------------------------------
+
+
+async def test_three_daemons_twelve_factories_killed_frozen_added_removed_and_reloaded(
+    pg_database: str, tmp_path: Path
+) -> None:
+    """3 ``syncd run`` on one PostgreSQL, 12 factories: one SIGKILLed and restarted, one
+    frozen past its leases (it sends and writes nothing for what it lost), one added and
+    one removed, a factory added and one removed by SIGHUP; every PO of every active
+    factory ends with exactly one SO and one receipt, every history a statechart path."""
+    async with cluster(pg_database, tmp_path, factories=12, ttl=3.0, renew=0.5) as run:
+        first = [await run.start(slot) for slot in range(3)]
+        for daemon in first:
+            await run.wait_running(daemon)
+        assert sorted((await run.spread()).values()) == [4, 4, 4]
+        await run.create_pos()
+
+        # SIGKILL one and start it again: its leases expire, the others take them; the
+        # new process joins and gets its share back.
+        killed = first[0]
+        killed.signal(signal.SIGKILL)
+        killed.proc.wait(timeout=10)
+        await run.create_pos()
+        await run.wait_running(await run.start(killed.slot))
+        await run.spread()
+
+        # Frozen past its leases, then resumed.
+        frozen = await run.freeze(first[1])
+        assert frozen.ok, frozen
+        assert frozen.taken_over_after < 3.0 + 2.0, frozen
+        assert frozen.stopped_on_resume, run.tail(first[1])
+        await run.create_pos()
+        await run.spread()
+
+        # A daemon added, one removed (SIGTERM: its leases released at once).
+        await run.wait_running(await run.start(3))
+        assert sorted((await run.spread()).values()) == [3, 3, 3, 3]
+        leaving = run.daemons[2]
+        leaving.signal(signal.SIGTERM)
+        assert leaving.proc.wait(timeout=20) == 0, run.tail(leaving)
+        assert sorted((await run.spread()).values()) == [4, 4, 4]
+
+        # A factory added and one removed, by SIGHUP to every daemon.
+        run.add_factory("f12", run.sims.factories[12])
+        run.remove_factory("f05")
+        run.reload_all()
+        await run.spread()
+        await run.create_pos()
+
+        assert await run.finish(seconds=60), await run.verdict()
+        verdict = await run.verdict()
+        assert verdict.ok, verdict
+        assert verdict.orders == 4 * 11 + 1  # 4 rounds of 12, less f05's; f12's one
+        # f05 stopped everywhere: no daemon runs it, none holds its lease.
+        assert "f05" not in await run.holders()
