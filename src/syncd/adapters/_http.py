@@ -15,15 +15,17 @@ A client for one service adds only what is its own: the envelope its lists come 
 from __future__ import annotations
 
 import bisect
+import contextvars
 import enum
 import functools
 import itertools
 import json
 import logging
 import math
+import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
@@ -32,6 +34,7 @@ from decimal import Decimal
 from typing import Any, ParamSpec, Protocol, Self, TypeVar
 
 import anyio
+import httpcore
 import httpx
 import msgspec
 import stamina
@@ -63,6 +66,7 @@ __all__ = [
     "current_priority",
     "describe_error_body",
     "format_time",
+    "guarded_transport",
     "is_last_page",
     "parse_reset",
     "planning",
@@ -520,6 +524,85 @@ class RequestGuard(Protocol):
         """Seconds a request may still take."""
 
 
+#: The guard of the request being sent in this task: the network stream checks it right
+#: before each write (:func:`guarded_transport`).
+_sending_for: contextvars.ContextVar[RequestGuard | None] = contextvars.ContextVar(
+    "syncd_sending_for", default=None
+)
+
+
+class _GuardedStream(httpcore.AsyncNetworkStream):
+    """A connection that checks the sending request's guard right before each write: no
+    await between the check and the bytes leaving, so a process frozen after a client's
+    check (waiting for a pooled connection, connecting) still sends nothing once it wakes
+    up past its lease."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 - httpcore's interface
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 - httpcore's interface
+        guard = _sending_for.get()
+        if guard is not None:
+            guard.check()
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+    ) -> httpcore.AsyncNetworkStream:
+        return _GuardedStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _GuardedStream(stream)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
+        return _GuardedStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def guarded_transport() -> httpx.AsyncHTTPTransport:
+    """An httpx transport (a connection pool) whose connections check the guard of the
+    request they send right before each write (see :class:`RequestGuard`). Shared by
+    several factories' clients: each request carries its own client's guard."""
+    transport = httpx.AsyncHTTPTransport()
+    # httpx takes no network backend; its pool (httpcore) does.
+    pool = transport._pool
+    pool._network_backend = _GuardedBackend(pool._network_backend)
+    return transport
+
+
 class _Retryable(Exception):
     def __init__(self, error: ApiError) -> None:
         self.error = error
@@ -701,10 +784,14 @@ class ServiceClient:
                     # Checked after the budget's wait: that wait may outlast the lease.
                     self.guard.check()
                     timeout = max(0.001, min(self._timeout, self.guard.remaining()))
-                response = await self._http.request(
-                    method, path, params=params, content=body, headers=headers, timeout=timeout
-                )
-                await response.aread()
+                sending = _sending_for.set(self.guard)
+                try:
+                    response = await self._http.request(
+                        method, path, params=params, content=body, headers=headers, timeout=timeout
+                    )
+                    await response.aread()
+                finally:
+                    _sending_for.reset(sending)
             finally:
                 self.budget.complete()
         except httpx.TimeoutException as exc:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import anyio
 import httpx
 
-from syncd.adapters._http import RequestBudget, ServiceClient
+from syncd.adapters._http import RequestBudget, ServiceClient, guarded_transport
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import (
@@ -593,7 +593,8 @@ class Pools:
         url = httpx.URL(base_url)
         host = f"{url.scheme}://{url.host}:{url.port or ''}"
         if host not in self._pools:
-            self._pools[host] = httpx.AsyncHTTPTransport()
+            # Its connections check each request's lease guard right before writing it.
+            self._pools[host] = guarded_transport()
         return _Shared(self._pools[host])
 
     async def aclose(self) -> None:
