@@ -22,6 +22,7 @@ from multidaemon_harness import cluster
 from pg_server import PostgresServer, pg_server_fixture  # noqa: F401 - for pytest to find
 from syncd.config import Config, DaemonConfig
 from syncd.runtime.daemon import Daemon, running_daemon
+from syncd.runtime.pollers import TradeGeckoPoller
 from syncd.runtime.webhooks import tradegecko_signature
 from syncd.sim import free_port
 from test_daemon import factories_config, wait_in
@@ -271,3 +272,37 @@ async def test_three_daemons_twelve_factories_killed_frozen_added_removed_and_re
         assert verdict.orders == 4 * 11 + 1  # 4 rounds of 12, less f05's; f12's one
         # f05 stopped everywhere: no daemon runs it, none holds its lease.
         assert "f05" not in await run.holders()
+
+
+async def test_a_factory_that_fails_stops_alone_and_is_started_again(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in one factory's work (here its TradeGecko poller, once) stops that factory
+    alone; the coordinator starts it again at a later round and it finishes its PO."""
+    failures = {"south": 1}
+    run = TradeGeckoPoller.run
+
+    async def failing(self: TradeGeckoPoller) -> None:
+        if failures.get(self.store.factory, 0) > 0:
+            failures[self.store.factory] -= 1
+            raise RuntimeError("a bug in the poller")
+        await run(self)
+
+    monkeypatch.setattr(TradeGeckoPoller, "run", failing)
+    async with running_sims(accounts=4) as sims, sims.factory():
+        config = shared_config(sims, pg_database)
+        async with daemons(sims, [config]) as (daemon,):
+            pos = {
+                name: await sims.create_po(factory=tokens)
+                for name, tokens in zip(NAMES, sims.factories, strict=True)
+            }
+            for name in NAMES:
+                await wait_in(daemon, name, [pos[name]["order_number"]], "received")
+            assert failures == {"south": 0}
+    failed = [r for r in caplog.records if "factory south failed" in r.getMessage()]
+    assert len(failed) == 1, [r.getMessage() for r in caplog.records]
+    assert not [
+        r
+        for r in caplog.records
+        if "failed: stopping it" in r.getMessage() and "south" not in r.getMessage()
+    ]
