@@ -303,6 +303,11 @@ class Coordinator:
                         except StoreError as exc:
                             log.warning("cannot renew or claim leases: %s", exc)
                     if not started:
+                        # The first round's factories running (or failed) before the
+                        # caller goes on: a daemon says it runs once it runs its share.
+                        with anyio.move_on_after(self.times.ttl):
+                            for starting in list(self._starting.values()):
+                                await starting.wait()
                         task_status.started()
                         started = True
                     next_round += self.times.renew
