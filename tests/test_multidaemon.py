@@ -193,6 +193,11 @@ async def test_any_daemon_takes_any_factorys_webhook_and_the_owner_is_woken_at_o
                 assert missing.status_code == 404
                 health = (await http.get(f"http://127.0.0.1:{ports[0]}/healthz")).json()
                 assert health["factories"][name] == {"here": False}
+            # Counted on the daemon that took it.
+            assert first.metrics_url is not None
+            counted = samples(await scrape(first.metrics_url))
+            labels = {"factory": name, "service": "tradegecko", "result": "accepted"}
+            assert counted[("syncd_webhooks_total", frozenset(labels.items()))] == 1
             # The owner's consumer and dispatcher woke at once: the PO is imported (its SO
             # made) long before the owner's next poll.
             store = second.root.for_factory(name)

@@ -533,7 +533,11 @@ class Daemon:
         """
         if self.router is None:
             return
-        intake = WebhookIntake(name, self.factory_config(name), self.root.for_factory(name))
+        # Counted as the factory's deliveries (syncd_webhooks_total) on this daemon too.
+        observer = self.metrics.for_factory(name) if self.metrics is not None else None
+        intake = WebhookIntake(
+            name, self.factory_config(name), self.root.for_factory(name), observer
+        )
         await intake.prepare()
         self.router.intakes[name] = intake
 

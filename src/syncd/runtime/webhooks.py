@@ -879,10 +879,13 @@ class WebhookIntake:
     #: owner may have registered the webhook since).
     refresh_interval = 1.0
 
-    def __init__(self, name: str, config: Config, store: Store) -> None:
+    def __init__(
+        self, name: str, config: Config, store: Store, observer: Observer | None = None
+    ) -> None:
         self.name = name
         self.config = config
         self.store = store
+        self.observer = observer
         self.app: ASGIApp | None = None
         self.keys = WebhookKeys(
             config.webhooks.tradegecko_secret,
@@ -913,6 +916,7 @@ class WebhookIntake:
             self.keys,
             max_body_bytes=self.config.webhooks.max_body_bytes,
             on_received=lambda: None,
+            observer=self.observer,
             replay_window=self.config.webhooks.replay_window,
             notify=notify,
         )
