@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from bench import compete, flows, intake, latency, scale
+from bench import compete, flows, intake, latency, multidaemon, scale
 from bench.harness import find_unsound
 
 
@@ -40,6 +41,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def failover() -> Any:
+    """bench/failover.py in its own process (it starts its own PostgreSQL): its summary."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.failover"], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.failover exited {done.returncode}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     logging.basicConfig(level=logging.ERROR)
     seconds = float(os.environ.get("BENCH_SUSTAINED_S", "240"))
@@ -55,6 +66,8 @@ def main() -> int:
         ("2_sustained", lambda: anyio.run(flows.sustained, seconds)),
         ("2b_sustained_webhooks", lambda: anyio.run(flows.sustained_webhooks, seconds)),
         ("7_competing_client", lambda: anyio.run(compete.measure)),
+        ("8_failover", failover),
+        ("9_multidaemon", lambda: anyio.run(multidaemon.measure)),
     ]
     unsound: list[str] = []
     started = time.monotonic()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -21,13 +22,17 @@ from syncd.adapters._http import (
     Priority,
     RequestBudget,
     ServiceClient,
+    _sending_for,
     chunks,
     current_priority,
     format_time,
+    guarded_transport,
     is_last_page,
     parse_reset,
     request_priority,
 )
+from syncd.errors import LeaseLost, TransportError
+from syncd.ops.asgi import serving
 from syncd.runtime.daemon import running_daemon
 from test_flow import is_state, wait_for
 
@@ -508,3 +513,72 @@ async def test_a_shadow_client_plans_each_write_it_knows_and_sends_none() -> Non
         # Outside a plan every write is withheld at once (the safety net).
         with pytest.raises(WriteWithheld, match="tradegecko PUT"):
             await tradegecko.update_line_item_price(31, Decimal("1"))
+
+
+class _Guard:
+    """A lease guard stand-in: valid for ``seconds`` of the test's clock, or revoked."""
+
+    def __init__(self, seconds: float) -> None:
+        self.until = time.monotonic() + seconds
+        self.revoked = False
+
+    def check(self) -> None:
+        if self.revoked or time.monotonic() >= self.until:
+            raise LeaseLost("factory north: the lease may be lost: nothing sent")
+
+    def remaining(self) -> float:
+        return 0.0 if self.revoked else max(0.0, self.until - time.monotonic())
+
+
+async def test_a_guarded_client_sends_nothing_once_its_lease_may_be_lost() -> None:
+    """Checked before each send, the timeout cut to the lease's time; and on the daemon's
+    pools checked again right before the bytes are written (after a wait for a pooled
+    connection, say)."""
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(scope["path"])
+        if scope["path"] == "/slow":
+            await anyio.sleep(5)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async with serving(app) as url:
+        guard = _Guard(60.0)
+        async with ServiceClient(url, "tok", guard=guard, attempts=1) as client:
+            await client.request("GET", "/one")
+            guard.revoked = True
+            with pytest.raises(LeaseLost):
+                await client.request("GET", "/two")
+        assert seen == ["/one"]
+
+        # The timeout is what remains of the lease, not the client's 30 s.
+        short = _Guard(0.5)
+        async with ServiceClient(url, "tok", guard=short, attempts=1) as client:
+            started = time.monotonic()
+            with pytest.raises(TransportError, match="timed out"):
+                await client.request("GET", "/slow")
+            assert time.monotonic() - started < 2.0
+
+        # The connection-level check: a request that passed the client's check and then
+        # waited (here: the guard revoked in between) writes nothing.
+        transport = guarded_transport()
+        late = _Guard(60.0)
+
+        class Revoking(ServiceClient):
+            async def _send_once(self, *args: Any, **kwargs: Any) -> httpx.Response:
+                late.check()  # the client's check passes...
+                late.revoked = True  # ...then the lease lapses, before the write
+                sending = _sending_for.set(late)
+                try:
+                    return await self._http.request("GET", "/three")
+                finally:
+                    _sending_for.reset(sending)
+
+        async with Revoking(url, "tok", guard=late, transport=transport, attempts=1) as client:
+            with pytest.raises(LeaseLost):
+                await client.request("GET", "/three")
+        await transport.aclose()
+        assert seen == ["/one", "/slow"]

@@ -58,6 +58,8 @@ def test_unit_verifies_clean(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == ""
     assert "Type=notify" in unit.read_text() and "WatchdogSec=" in unit.read_text()
+    # A reload is SIGHUP, which `syncd run` takes as "read the config again".
+    assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in unit.read_text()
 
 
 @pytest.fixture

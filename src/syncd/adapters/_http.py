@@ -15,23 +15,26 @@ A client for one service adds only what is its own: the envelope its lists come 
 from __future__ import annotations
 
 import bisect
+import contextvars
 import enum
 import functools
 import itertools
 import json
 import logging
 import math
+import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, Protocol, Self, TypeVar
 
 import anyio
+import httpcore
 import httpx
 import msgspec
 import stamina
@@ -56,12 +59,14 @@ __all__ = [
     "PlannedRequest",
     "Priority",
     "RequestBudget",
+    "RequestGuard",
     "ServiceClient",
     "WritePlan",
     "chunks",
     "current_priority",
     "describe_error_body",
     "format_time",
+    "guarded_transport",
     "is_last_page",
     "parse_reset",
     "planning",
@@ -508,6 +513,96 @@ class RequestBudget:
         return len(self._waiting)
 
 
+class RequestGuard(Protocol):
+    """What may stop a client's requests: a factory's lease guard
+    (:class:`syncd.runtime.coordinator.LeaseGuard`)."""
+
+    def check(self) -> None:
+        """Raise (:class:`~syncd.errors.LeaseLost`) if nothing may be sent now."""
+
+    def remaining(self) -> float:
+        """Seconds a request may still take."""
+
+
+#: The guard of the request being sent in this task: the network stream checks it right
+#: before each write (:func:`guarded_transport`).
+_sending_for: contextvars.ContextVar[RequestGuard | None] = contextvars.ContextVar(
+    "syncd_sending_for", default=None
+)
+
+
+class _GuardedStream(httpcore.AsyncNetworkStream):
+    """A connection that checks the sending request's guard right before each write: no
+    await between the check and the bytes leaving, so a process frozen after a client's
+    check (waiting for a pooled connection, connecting) still sends nothing once it wakes
+    up past its lease."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 - httpcore's interface
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 - httpcore's interface
+        guard = _sending_for.get()
+        if guard is not None:
+            guard.check()
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+    ) -> httpcore.AsyncNetworkStream:
+        return _GuardedStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _GuardedStream(stream)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_unix_socket(path, timeout, socket_options)
+        return _GuardedStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def guarded_transport() -> httpx.AsyncHTTPTransport:
+    """An httpx transport (a connection pool) whose connections check the guard of the
+    request they send right before each write (see :class:`RequestGuard`). Shared by
+    several factories' clients: each request carries its own client's guard."""
+    transport = httpx.AsyncHTTPTransport()
+    # httpx takes no network backend; its pool (httpcore) does.
+    pool = transport._pool
+    pool._network_backend = _GuardedBackend(pool._network_backend)
+    return transport
+
+
 class _Retryable(Exception):
     def __init__(self, error: ApiError) -> None:
         self.error = error
@@ -533,6 +628,11 @@ class ServiceClient:
     :param shadow: send no writing request (POST, PUT, PATCH, DELETE): raise
         :class:`~syncd.errors.WriteWithheld` with what it would have sent instead. The one
         place a shadow run stops writes, so no caller can write by forgetting to ask.
+
+    :param guard: the factory's lease guard, when daemons share the factories: checked
+        right before each request is sent (:class:`~syncd.errors.LeaseLost`, nothing sent,
+        once the lease may be lost), and each request's timeout is cut to what remains of
+        it, so no answer is awaited past the lease.
     """
 
     service = "api"
@@ -562,8 +662,11 @@ class ServiceClient:
         max_rate_wait: float = 180.0,
         on_response: Callable[[str, str, int, float], None] | None = None,
         shadow: bool = False,
+        guard: RequestGuard | None = None,
     ) -> None:
         self.shadow = shadow
+        self.guard = guard
+        self._timeout = timeout
         self.budget = budget if budget is not None else RequestBudget(*self.default_limit)
         self.retry = retry if attempts is None else replace(retry, attempts=attempts)
         self.max_rate_wait = max_rate_wait
@@ -676,10 +779,19 @@ class ServiceClient:
         started = time.perf_counter()
         try:
             try:
-                response = await self._http.request(
-                    method, path, params=params, content=body, headers=headers
-                )
-                await response.aread()
+                timeout: float | httpx.Timeout = self._http.timeout
+                if self.guard is not None:
+                    # Checked after the budget's wait: that wait may outlast the lease.
+                    self.guard.check()
+                    timeout = max(0.001, min(self._timeout, self.guard.remaining()))
+                sending = _sending_for.set(self.guard)
+                try:
+                    response = await self._http.request(
+                        method, path, params=params, content=body, headers=headers, timeout=timeout
+                    )
+                    await response.aread()
+                finally:
+                    _sending_for.reset(sending)
             finally:
                 self.budget.complete()
         except httpx.TimeoutException as exc:

@@ -179,6 +179,23 @@ class Metrics(Observer):
             ["factory", "service"],
             registry=r,
         )
+        # Several daemons on one PostgreSQL database: what this one holds.
+        self.factories_owned = Gauge(
+            "syncd_factories_owned",
+            "Factories this daemon runs now (it holds their leases).",
+            registry=r,
+        )
+        self.lease_takeovers = Counter(
+            "syncd_lease_takeovers",
+            "Factories this daemon took the lease of and started.",
+            registry=r,
+        )
+        self.factory_running = Gauge(
+            "syncd_factory_running",
+            "1 while the factory runs on this daemon (absent elsewhere).",
+            ["factory"],
+            registry=r,
+        )
         self.refreshed = Gauge(
             "syncd_metrics_refresh_timestamp_seconds",
             "When the gauges read from the database were last refreshed, as a Unix time.",
@@ -305,6 +322,7 @@ class Metrics(Observer):
             self.effect_retries,
             self.effect_failures,
             self.service_paused,
+            self.factory_running,
         )
 
     # -- refresh -------------------------------------------------------------------------

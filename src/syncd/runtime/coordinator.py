@@ -50,6 +50,8 @@ __all__ = [
 log = logging.getLogger("syncd.coordinator")
 
 _Clock = Callable[[], float]
+#: A stop under way: the event it sets when done, and the start it waits for first.
+_Stopping = tuple[anyio.Event, anyio.Event | None]
 #: Every owner whose heartbeat the database still has (SQLite's clearing at start).
 _EVER = 1e12
 
@@ -71,7 +73,7 @@ def lease_clock() -> float:
 class FactoryRuntime(Protocol):
     """What the daemon offers the coordinator: starting, stopping and waking factories."""
 
-    async def start_factory(self, name: str, guard: LeaseGuard) -> None:
+    async def start_factory(self, name: str, guard: LeaseGuard) -> object:
         """Start the factory's work; return once it runs (promptly: no API call needs to
         finish first). Its effects and requests check ``guard`` first; its writes go
         through ``store.for_factory(name, lease=guard.lease)``. A
@@ -268,6 +270,11 @@ class Coordinator:
         self._owned: dict[str, LeaseGuard] = {}
         # A factory being stopped: its next start waits for the stop to finish.
         self._stopping: dict[str, anyio.Event] = {}
+        # A factory being started: a stop asked for meanwhile waits for the start to end.
+        self._starting: dict[str, anyio.Event] = {}
+        # Where starts and stops run, apart from the rounds: a slow start or stop of one
+        # factory must not hold up the renewal of the others (their guards would lapse).
+        self._tasks: anyio.abc.TaskGroup | None = None
 
     @property
     def owned(self) -> dict[str, LeaseGuard]:
@@ -284,6 +291,7 @@ class Coordinator:
             if self.alone:
                 await self._clear_others()
             async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
                 tasks.start_soon(self._watchdog)
                 tasks.start_soon(self._forward_wakeups)
                 next_round = anyio.current_time()
@@ -295,6 +303,11 @@ class Coordinator:
                         except StoreError as exc:
                             log.warning("cannot renew or claim leases: %s", exc)
                     if not started:
+                        # The first round's factories running (or failed) before the
+                        # caller goes on: a daemon says it runs once it runs its share.
+                        with anyio.move_on_after(self.times.ttl):
+                            for starting in list(self._starting.values()):
+                                await starting.wait()
                         task_status.started()
                         started = True
                     next_round += self.times.renew
@@ -314,7 +327,7 @@ class Coordinator:
         order = sorted(self.factories, key=lambda name: _preference(owner, name))
         for name, guard in list(self._owned.items()):
             if not guard.valid:
-                await self._stop(name, guard)
+                self._stop_soon(name, guard)
                 continue
             sent = self._clock()
             renewed = await store.renew_lease(guard.lease, ttl)
@@ -323,9 +336,9 @@ class Coordinator:
             if renewed is None:
                 guard.revoke("the renewal was refused")
                 log.warning("factory %s: lease lost (fence %s)", name, guard.lease.fence)
-                await self._stop(name, guard)
+                self._stop_soon(name, guard)
             elif not guard.extend(renewed, sent + ttl - self.times.margin):
-                await self._stop(name, guard)
+                self._stop_soon(name, guard)
         # Hand over: factories no longer configured, then the least preferred extras.
         extras = [name for name in self._owned if name not in self.factories]
         kept = [name for name in order if name in self._owned]
@@ -335,9 +348,8 @@ class Coordinator:
             if found is None:
                 continue  # the watchdog stopped it meanwhile
             found.revoke("handed over to another daemon")
-            await self._stop(name, found)
-            await store.release_lease(found.lease)
-            log.info("factory %s: handed over (share %d)", name, share)
+            # Released once stopped, never before: the next owner must not run it meanwhile.
+            self._stop_soon(name, found, release=True, share=share)
         if len(self._owned) >= share:
             return
         taken = {r.factory for r in await store.leases() if r.held and r.owner != owner}
@@ -352,38 +364,91 @@ class Coordinator:
                 continue
             guard = LeaseGuard(lease, sent + ttl - self.times.margin, clock=self._clock)
             if guard.valid:
-                await self._start(name, guard)
+                self._start_soon(name, guard)
             else:
                 await store.release_lease(lease)
 
-    async def _start(self, name: str, guard: LeaseGuard) -> None:
-        stopping = self._stopping.get(name)
-        if stopping is not None:
-            await stopping.wait()
+    def _start_soon(self, name: str, guard: LeaseGuard) -> None:
+        """Own ``name`` from now on (the next rounds renew it) and start it in the
+        background."""
         self._owned[name] = guard
         log.info("factory %s: taken (fence %d)", name, guard.lease.fence)
+        done = self._starting[name] = anyio.Event()
+        if self._tasks is None:  # a round called by hand (tests): start it here
+            raise RuntimeError("the coordinator is not running")
+        self._tasks.start_soon(self._start, name, guard, done)
+
+    async def _start(self, name: str, guard: LeaseGuard, done: anyio.Event) -> None:
         try:
-            # Not cancelled halfway by a round's time limit: started, or failed.
+            stopping = self._stopping.get(name)
+            if stopping is not None:
+                await stopping.wait()
+            if not guard.valid:
+                return  # stopped or lapsed while it waited
+            # Not cancelled halfway by the daemon's stop: started, or failed.
             with anyio.CancelScope(shield=True):
                 await self.runtime.start_factory(name, guard)
         except Exception:
             log.exception("factory %s: cannot start", name)
             guard.revoke("it failed to start")
+            done.set()
             await self._stop(name, guard)
-            await self.store.release_lease(guard.lease)
+            with anyio.CancelScope(shield=True):
+                await self.store.release_lease(guard.lease)
+        finally:
+            done.set()
+            if self._starting.get(name) is done:
+                del self._starting[name]
 
-    async def _stop(self, name: str, guard: LeaseGuard) -> None:
-        """Revoke, forget and stop ``name`` (``guard`` is the one it runs with)."""
-        if self._owned.get(name) is not guard:
+    def _stop_soon(
+        self, name: str, guard: LeaseGuard, *, release: bool = False, share: int = 0
+    ) -> None:
+        """Revoke and forget ``name`` now, stop it in the background (then release its
+        lease when handed over)."""
+        forgotten = self._forget(name, guard)
+        if forgotten is None:
             return
+        assert self._tasks is not None
+        self._tasks.start_soon(self._stopped, name, guard, forgotten, release, share)
+
+    async def _stopped(
+        self, name: str, guard: LeaseGuard, forgotten: _Stopping, release: bool, share: int
+    ) -> None:
+        await self._finish_stop(name, *forgotten)
+        if release:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.times.ttl):
+                try:
+                    await self.store.release_lease(guard.lease)
+                    log.info("factory %s: handed over (share %d)", name, share)
+                except StoreError as exc:
+                    log.warning("factory %s: lease not released (it expires): %s", name, exc)
+
+    def _forget(self, name: str, guard: LeaseGuard) -> _Stopping | None:
+        """Revoke and forget ``name``: the event its stop sets, and its start in progress
+        (the stop waits for it), or ``None`` when ``guard`` is not the one it runs with."""
+        if self._owned.get(name) is not guard:
+            return None
         guard.revoke("the factory is stopping")
         del self._owned[name]
         done = self._stopping[name] = anyio.Event()
+        return done, self._starting.get(name)
+
+    async def _stop(self, name: str, guard: LeaseGuard) -> None:
+        """Revoke, forget and stop ``name`` (``guard`` is the one it runs with)."""
+        forgotten = self._forget(name, guard)
+        if forgotten is not None:
+            await self._finish_stop(name, *forgotten)
+
+    async def _finish_stop(
+        self, name: str, done: anyio.Event, starting: anyio.Event | None
+    ) -> None:
         stopped = False
         try:
             # Shielded, so that a stop asked for completes, yet bounded: a runtime that
             # hangs cannot hold up the rounds (its guard refuses every effect anyway).
             with anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.times.ttl):
+                if starting is not None:
+                    await starting.wait()  # its guard is revoked: it ends at once
                 await self.runtime.stop_factory(name)
                 stopped = True
             if not stopped:
@@ -405,7 +470,7 @@ class Coordinator:
                     "factory %s: lease not renewed in time: stopping it before it expires",
                     name,
                 )
-                await self._stop(name, guard)
+                self._stop_soon(name, guard)
             pending = [g.deadline - now for g in self._owned.values()]
             # Sleep in steps of at most a second: the loop's clock may stand still while
             # the host is suspended, the lease clock does not.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import anyio
 import httpx
 
-from syncd.adapters._http import RequestBudget, ServiceClient
+from syncd.adapters._http import RequestBudget, ServiceClient, guarded_transport
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import (
@@ -43,17 +43,19 @@ from syncd.ops.asgi import bind_socket, serving_socket
 from syncd.ops.logging import register_secrets
 from syncd.ops.metrics import Metrics, serve_metrics
 from syncd.ops.statuspage import StatusPage
+from syncd.runtime.coordinator import Coordinator, LeaseGuard, LeaseTimes
 from syncd.runtime.dispatcher import Dispatcher, check_chart
 from syncd.runtime.effects import Effects, note_attempts_since
 from syncd.runtime.observer import Observer, Observers
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
 from syncd.runtime.webhooks import (
     WebhookConsumer,
+    WebhookIntake,
     WebhookListener,
     WebhookRouter,
     bind_listener,
 )
-from syncd.store import DEFAULT_FACTORY, Lease, Store
+from syncd.store import DEFAULT_FACTORY, Store
 
 __all__ = ["Daemon", "FactoryRuntime", "Pools", "check_services", "running_daemon"]
 
@@ -77,6 +79,8 @@ class FactoryRuntime:
     katana_poller: KatanaPoller
     activated_at: datetime
     webhooks: WebhookListener | None = None
+    #: Its lease's guard when daemons share the factories (gates its requests and effects).
+    guard: LeaseGuard | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     stopped: anyio.Event = field(default_factory=anyio.Event)
     #: Why its services refused the start's check, when it was started anyway.
@@ -86,6 +90,12 @@ class FactoryRuntime:
         """Ask both pollers to poll at once rather than at their next interval."""
         self.tradegecko_poller.kick.set()
         self.katana_poller.kick.set()
+
+    def wake(self) -> None:
+        """A delivery or an event is in its inbox: the consumer and the dispatcher look now."""
+        self.dispatcher.wake()
+        if self.webhooks is not None:
+            self.webhooks.consumer.wake()
 
 
 class Daemon:
@@ -131,6 +141,9 @@ class Daemon:
         self._adjust = adjust or (lambda config: config)
         self._tg: anyio.abc.TaskGroup | None = None
         self._reloading = anyio.Lock()
+        #: Who runs which factory, when daemons share a PostgreSQL database; ``None``: this
+        #: daemon runs every factory of its config (SQLite).
+        self.coordinator: Coordinator | None = None
 
     # -- the first factory, for one-factory callers ----------------------------------------
 
@@ -207,16 +220,21 @@ class Daemon:
     async def start_factory(
         self,
         name: str,
+        guard: LeaseGuard | None = None,
         *,
         check: bool = False,
         strict: bool = True,
         on_wait: Callable[[str], None] | None = None,
-        lease: Lease | None = None,
     ) -> FactoryRuntime:
         """Start the factory ``name`` of :attr:`config` in the daemon's task group.
 
-        :param lease: the factory's lease when daemons share it (every write of its store
-            view is then fenced by it: :class:`~syncd.errors.LeaseLost` once it moved on).
+        :param guard: the factory's lease guard when daemons share the factories (the
+            :class:`~syncd.runtime.coordinator.Coordinator` starts it so). Every write of
+            its store view is fenced by ``guard.lease`` (:class:`~syncd.errors.LeaseLost`
+            once it moved on), every request of its clients checks the guard first and
+            waits no longer than it lasts, and its work is cancelled when the guard ends.
+            A failure of its work then stops that factory alone (logged, the guard revoked:
+            the coordinator starts it again at a later round).
 
         :param check: first make one call to each of its services (:func:`check_services`).
         :param strict: with ``check``, a refusal raises; else it is logged and the factory
@@ -233,7 +251,7 @@ class Daemon:
             raise ValueError(f"factory {name} runs already")
         config = self.factory_config(name)
         chart = self.chart_for(config)
-        store = self.root.for_factory(name, lease=lease)
+        store = self.root.for_factory(name, lease=None if guard is None else guard.lease)
         register_secrets([config.katana.token, config.tradegecko.token])
         refused: ApiError | None = None
         if check:
@@ -261,13 +279,20 @@ class Daemon:
         )
         await note_attempts_since(store)
         runtime: FactoryRuntime = await self._tg.start(
-            self._run_factory, name, config, chart, store, activated
+            self._run_factory, name, config, chart, store, activated, guard
         )
         runtime.refused = refused
+        if guard is not None and self.metrics is not None:
+            self.metrics.lease_takeovers.inc()
+            self.metrics.factories_owned.set(len(self.factories))
         log.info(
             "factory %s running",
             name,
-            extra={"factory": name, "activated_at": activated.isoformat()},
+            extra={
+                "factory": name,
+                "activated_at": activated.isoformat(),
+                **({} if guard is None else {"fence": guard.lease.fence}),
+            },
         )
         return runtime
 
@@ -282,6 +307,13 @@ class Daemon:
         await runtime.stopped.wait()
         log.info("factory %s stopped", name, extra={"factory": name})
 
+    def wake(self, name: str) -> None:
+        """A delivery for ``name`` is in the inbox (another daemon's listener took it): its
+        consumer and dispatcher look now. Nothing when it does not run here."""
+        runtime = self.factories.get(name)
+        if runtime is not None:
+            runtime.wake()
+
     async def _run_factory(
         self,
         name: str,
@@ -289,6 +321,7 @@ class Daemon:
         chart: Statechart,
         store: Store,
         activated: datetime,
+        guard: LeaseGuard | None,
         *,
         task_status: anyio.abc.TaskStatus[FactoryRuntime],
     ) -> None:
@@ -301,7 +334,9 @@ class Daemon:
         scope = anyio.CancelScope()
         runtime: FactoryRuntime | None = None
         try:
-            with scope:
+            # Cancelled at the lease's deadline or when the coordinator revokes it, even if
+            # nothing checks: nothing of the factory outlives its lease.
+            with guard.cancel_scope() if guard is not None else nullcontext(), scope:
 
                 def serving(
                     kind: type[_Client], settings: KatanaConfig | TradeGeckoConfig
@@ -318,6 +353,7 @@ class Daemon:
                         retry=retry.request,
                         on_response=partial(watchers.api_answered, kind.service),
                         shadow=config.shadow,
+                        guard=guard,
                     )
 
                 async with (
@@ -372,6 +408,7 @@ class Daemon:
                         kt_poller,
                         activated,
                         listener,
+                        guard,
                         scope,
                     )
                     async with anyio.create_task_group() as tg:
@@ -401,13 +438,23 @@ class Daemon:
                             assert self.webhooks_url is not None
                             await tg.start(listener.register, self.webhooks_url)
                         self.factories[name] = runtime
+                        metrics.factory_running.labels(name).set(1)
                         task_status.started(runtime)
+        except Exception:
+            if guard is None or runtime is None or name not in self.factories:
+                raise  # one factory alone, or a failed start: said as before
+            # One factory's fault (a bug, a write refused because the lease moved on) stops
+            # that factory alone; the coordinator starts it again at a later round.
+            log.exception("factory %s failed: stopping it", name, extra={"factory": name})
+            guard.revoke("its work failed")
         finally:
             if self.router is not None:
                 self.router.remove(name)
             if self.factories.get(name) is runtime:
                 del self.factories[name]
             metrics.forget_factory(name)
+            if guard is not None:
+                metrics.factories_owned.set(len(self.factories))
             if runtime is not None:
                 runtime.stopped.set()
 
@@ -429,16 +476,19 @@ class Daemon:
             if change.empty:
                 log.info("reload: nothing changed")
                 return change
-            for name in (*change.removed, *change.changed):
-                await self.stop_factory(name)
-            self.config = change.config
+            if self.coordinator is not None:
+                await self._reload_shared(change)
+            else:
+                for name in (*change.removed, *change.changed):
+                    await self.stop_factory(name)
+                self.config = change.config
+                for name in (*change.changed, *change.added):
+                    try:
+                        await self.start_factory(name, check=True, strict=False)
+                    except SyncdError as exc:
+                        log.error("factory %s not started: %s", name, exc, extra={"factory": name})
             if "daemon.log_level" in change.settings:
                 logging.getLogger().setLevel(self.config.daemon.log_level.upper())
-            for name in (*change.changed, *change.added):
-                try:
-                    await self.start_factory(name, check=True, strict=False)
-                except SyncdError as exc:
-                    log.error("factory %s not started: %s", name, exc, extra={"factory": name})
             log.info(
                 "reload applied",
                 extra={
@@ -450,6 +500,46 @@ class Daemon:
                 },
             )
             return change
+
+    async def _reload_shared(self, change: ConfigChange) -> None:
+        """A reload when daemons share the factories: the coordinator starts the added ones
+        (here or elsewhere) and hands back the removed ones at its next round; a changed one
+        running here is stopped now and taken again with its new settings."""
+        coordinator = self.coordinator
+        assert coordinator is not None
+        self.config = change.config
+        if self.router is not None:
+            for name in change.removed:
+                self.router.intakes.pop(name, None)
+        for name in (*change.changed, *change.added):
+            try:
+                await self.add_intake(name)
+            except SyncdError as exc:
+                log.error(
+                    "factory %s: its webhooks not taken: %s", name, exc, extra={"factory": name}
+                )
+        for name in change.changed:
+            guard = coordinator.owned.get(name)
+            if guard is not None:
+                guard.revoke("its settings changed")
+                await self.stop_factory(name)
+        coordinator.factories = list(self.config.factories)
+
+    async def add_intake(self, name: str) -> None:
+        """Take ``name``'s webhook deliveries here whichever daemon runs it (persisted, its
+        owner woken). Nothing without a webhook listener.
+
+        :raises StoreError: its keys cannot be read.
+        """
+        if self.router is None:
+            return
+        # Counted as the factory's deliveries (syncd_webhooks_total) on this daemon too.
+        observer = self.metrics.for_factory(name) if self.metrics is not None else None
+        intake = WebhookIntake(
+            name, self.factory_config(name), self.root.for_factory(name), observer
+        )
+        await intake.prepare()
+        self.router.intakes[name] = intake
 
 
 def _reload(path: str | Path, current: Config, adjust: Callable[[Config], Config]) -> ConfigChange:
@@ -507,7 +597,8 @@ class Pools:
         url = httpx.URL(base_url)
         host = f"{url.scheme}://{url.host}:{url.port or ''}"
         if host not in self._pools:
-            self._pools[host] = httpx.AsyncHTTPTransport()
+            # Its connections check each request's lease guard right before writing it.
+            self._pools[host] = guarded_transport()
         return _Shared(self._pools[host])
 
     async def aclose(self) -> None:
@@ -617,6 +708,8 @@ async def running_daemon(
     check: bool = False,
     on_wait: Callable[[str], None] | None = None,
     adjust: Callable[[Config], Config] | None = None,
+    shared: bool | None = None,
+    owner: str | None = None,
 ) -> AsyncIterator[Daemon]:
     """Run the daemon, every factory of ``config`` in it, while the block runs; leaving the
     block stops it.
@@ -630,6 +723,11 @@ async def running_daemon(
     :param on_wait: with ``check``, told what the start waits for while a service fails.
     :param adjust: what the command line changes in a config (``--no-register``), made
         again to each config a reload reads.
+    :param shared: share the factories with the other daemons on the database (a
+        :class:`~syncd.runtime.coordinator.Coordinator` starts the ones this daemon holds
+        the lease of; the listener takes every factory's webhooks). By default on
+        PostgreSQL; on SQLite the daemon runs every factory itself.
+    :param owner: this daemon's name in the leases (a new one by default).
     :raises StoreInUse: another syncd runs on the SQLite file.
     :raises StoreError: the database cannot be opened.
     :raises StatechartError: the statechart file is broken.
@@ -670,10 +768,14 @@ async def running_daemon(
         )
         for name in names:  # a broken statechart is said before any service is asked
             daemon.chart_for(daemon.factory_config(name))
+        if shared is None:
+            shared = store.dialect != "sqlite"
         async with anyio.create_task_group() as tg:
             if router is not None and webhooks_sock is not None:
                 await tg.start(_serve_webhooks, router, webhooks_sock)
             daemon._tg = tg
+            if shared:
+                await _start_shared(daemon, names, check=check, on_wait=on_wait, owner=owner)
             refused: dict[str, ApiError] = {}
 
             async def start(name: str) -> None:
@@ -684,7 +786,9 @@ async def running_daemon(
                 except ApiError as exc:  # only with one factory
                     refused[name] = exc
 
-            if check and len(names) > 1:
+            if shared:
+                pass  # the coordinator started this daemon's share
+            elif check and len(names) > 1:
                 # Asked at once: a slow factory does not hold the others' start.
                 async with anyio.create_task_group() as starting:
                     for name in names:
@@ -738,6 +842,64 @@ async def running_daemon(
         with anyio.CancelScope(shield=True):
             await pools.aclose()
             await store.close()
+
+
+async def _start_shared(
+    daemon: Daemon,
+    names: list[str],
+    *,
+    check: bool,
+    on_wait: Callable[[str], None] | None,
+    owner: str | None,
+) -> None:
+    """Start sharing the factories with the other daemons on the database: every factory's
+    webhook intake, the services' check of every factory (as without sharing: the start
+    fails only when every factory is refused), then the coordinator's first round."""
+    assert daemon._tg is not None
+    config = daemon.config
+    for name in names:
+        await daemon.add_intake(name)
+    if check:
+        refused: dict[str, ApiError] = {}
+
+        async def ask(name: str) -> None:
+            settings = daemon.factory_config(name)
+            try:
+                await check_services(
+                    settings,
+                    katana_transport=daemon.pools.shared("katana", settings.katana.base_url),
+                    tradegecko_transport=daemon.pools.shared(
+                        "tradegecko", settings.tradegecko.base_url
+                    ),
+                    on_wait=on_wait,
+                )
+            except ApiError as exc:
+                refused[name] = exc
+                log.error(
+                    "factory %s: %s; it runs anyway: it stays paused until it answers",
+                    name,
+                    exc,
+                    extra={"factory": name},
+                )
+
+        async with anyio.create_task_group() as asking:
+            for name in names:
+                asking.start_soon(ask, name)
+        if names and len(refused) == len(names):
+            raise refused[names[0]]
+    coordinator = Coordinator(
+        daemon.root,
+        daemon,
+        names,
+        owner=owner,
+        times=LeaseTimes(config.daemon.lease_ttl, config.daemon.lease_renew),
+    )
+    daemon.coordinator = coordinator
+    await daemon._tg.start(coordinator.run)
+    log.info(
+        "sharing the factories with the daemons on the database",
+        extra={"owner": coordinator.owner, "running here": list(daemon.factories)},
+    )
 
 
 async def _serve_webhooks(

@@ -24,6 +24,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import socket
 import time
@@ -37,7 +38,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
@@ -59,6 +60,7 @@ __all__ = [
     "TRADEGECKO_EVENTS",
     "TRADEGECKO_PATH",
     "WebhookConsumer",
+    "WebhookIntake",
     "WebhookKeys",
     "WebhookListener",
     "WebhookRouter",
@@ -229,6 +231,7 @@ def create_webhook_app(
     observer: Observer | None = None,
     replay_window: float | None = None,
     clock: Callable[[], float] = time.time,
+    notify: Callable[[], Awaitable[None]] | None = None,
 ) -> Starlette:
     """The listener's ASGI app: ``POST /webhooks/tradegecko``,
     ``POST /webhooks/katana/{path token}``, ``GET /healthz``.
@@ -236,7 +239,9 @@ def create_webhook_app(
     ``on_received`` wakes the consumer once a delivery is stored; ``observer`` is told what
     each delivery was answered. ``replay_window``: seconds a TradeGecko delivery's
     ``timestamp`` may lie behind ``clock()`` (at most 5 minutes ahead); ``None`` checks no
-    timestamp. The daemon's listener passes ``webhooks.replay_window``.
+    timestamp. The daemon's listener passes ``webhooks.replay_window``. ``notify`` is
+    awaited once a delivery is stored (another daemon owns the factory: wake it); a failure
+    of it is logged, the delivery still acknowledged (the owner looks at its inbox anyway).
     """
 
     def stale(timestamp: float | None) -> bool:
@@ -256,6 +261,11 @@ def create_webhook_app(
             log.info("duplicate %s delivery %s", received.service, received.delivery_id)
             return _answer(200, "duplicate")
         on_received()
+        if notify is not None:
+            try:
+                await notify()
+            except SyncdError as exc:
+                log.warning("delivery stored, its factory's owner not woken: %s", exc)
         answer = _answer(200, "accepted")
         # Runs once the 200 is sent: the sender will not try again, only the inbox row is left.
         answer.background = BackgroundTask(_acknowledged)
@@ -886,6 +896,73 @@ class WebhookListener:
         await anyio.sleep_forever()
 
 
+class WebhookIntake:
+    """A factory's deliveries taken by a daemon that does not run it (several daemons on one
+    database behind one load balancer): verified with the factory's keys, persisted through
+    a view without a lease, and its owner woken (:meth:`Store.notify`). Registration and
+    the consumer are the owner's.
+    """
+
+    #: How often the Katana webhook token is read again when a Katana delivery comes (the
+    #: owner may have registered the webhook since).
+    refresh_interval = 1.0
+
+    def __init__(
+        self, name: str, config: Config, store: Store, observer: Observer | None = None
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.store = store
+        self.observer = observer
+        self.app: ASGIApp | None = None
+        self.keys = WebhookKeys(
+            config.webhooks.tradegecko_secret,
+            config.webhooks.path_token,
+            verify=config.webhooks.verify_signatures,
+        )
+        self._loaded_at = -math.inf
+
+    async def _load_keys(self) -> None:
+        hooks = self.config.webhooks
+        if not self.keys.path_token:
+            self.keys.path_token = await self.store.setdefault_meta(
+                _META_PATH_TOKEN, secrets.token_urlsafe(24)
+            )
+        stored = await self.store.get_meta(_META_KATANA_TOKEN)
+        self.keys.katana_tokens |= {t for t in (hooks.katana_token, stored) if t}
+        self._loaded_at = time.monotonic()
+
+    async def prepare(self) -> ASGIApp:
+        """Load the keys and build the app (:attr:`app`)."""
+        await self._load_keys()
+
+        async def notify() -> None:
+            await self.store.notify(self.name)
+
+        app = create_webhook_app(
+            self.store,
+            self.keys,
+            max_body_bytes=self.config.webhooks.max_body_bytes,
+            on_received=lambda: None,
+            observer=self.observer,
+            replay_window=self.config.webhooks.replay_window,
+            notify=notify,
+        )
+
+        async def refreshing(scope: Scope, receive: Receive, send: Send) -> None:
+            if str(scope.get("path", "")).startswith(KATANA_PATH) and (
+                time.monotonic() - self._loaded_at >= self.refresh_interval
+            ):
+                try:
+                    await self._load_keys()
+                except SyncdError as exc:
+                    log.warning("factory %s: webhook keys not read again: %s", self.name, exc)
+            await app(scope, receive, send)
+
+        self.app = refreshing
+        return refreshing
+
+
 class WebhookRouter:
     """One listener for every factory: ``/webhooks/<factory>/tradegecko`` and
     ``/webhooks/<factory>/katana/<path token>`` go to that factory's
@@ -898,6 +975,12 @@ class WebhookRouter:
     def __init__(self, unprefixed: str | None = None) -> None:
         self.unprefixed = unprefixed
         self.listeners: dict[str, WebhookListener] = {}
+        #: Every configured factory's intake when daemons share them: a factory not
+        #: running here is served by it (persisted, its owner woken).
+        self.intakes: dict[str, WebhookIntake] = {}
+
+    def _serving(self, name: str) -> WebhookListener | WebhookIntake | None:
+        return self.listeners.get(name) or self.intakes.get(name)
 
     def add(self, name: str, listener: WebhookListener) -> None:
         if listener.app is None:
@@ -907,22 +990,33 @@ class WebhookRouter:
     def remove(self, name: str) -> None:
         self.listeners.pop(name, None)
 
-    def route(self, path: str) -> tuple[WebhookListener, str] | None:
+    def route(self, path: str) -> tuple[WebhookListener | WebhookIntake, str] | None:
         """The listener a path goes to and the unprefixed path it serves it as."""
         parts = path.split("/")  # "", "webhooks", first, ...
         if len(parts) < 3 or parts[0] or parts[1] != "webhooks":
             return None
-        listener = self.listeners.get(parts[2])
+        listener = self._serving(parts[2])
         if listener is not None and len(parts) >= 4 and parts[3] in ("tradegecko", "katana"):
             return listener, "/" + "/".join([parts[1], *parts[3:]])
         if parts[2] in ("tradegecko", "katana") and self.unprefixed is not None:
-            default = self.listeners.get(self.unprefixed)
+            default = self._serving(self.unprefixed)
             if default is not None:
                 return default, path
         return None
 
     def health(self) -> dict[str, object]:
         """The single factory's health as it always was; with several, each one's."""
+        if self.intakes:
+            # Shared factories: each one's health where it runs here; the others run elsewhere.
+            return {
+                "registered": all(lsn.registered for lsn in self.listeners.values()),
+                "factories": {
+                    name: {**self.listeners[name].health(), "here": True}
+                    if name in self.listeners
+                    else {"here": False}
+                    for name in self.intakes
+                },
+            }
         if self.unprefixed is not None and list(self.listeners) == [self.unprefixed]:
             return self.listeners[self.unprefixed].health()
         listeners = self.listeners.values()
