@@ -183,7 +183,11 @@ class SQLiteBackend:
     async def transaction(self) -> AsyncIterator[_Queries]:
         async with self._write_lock:
             try:
-                await self._db.execute("BEGIN IMMEDIATE")
+                # Shielded: cancelled while waiting, the BEGIN still runs in aiosqlite's
+                # thread and would leave a transaction open that no one ends (every later
+                # write: "cannot start a transaction within a transaction").
+                with anyio.CancelScope(shield=True):
+                    await self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise _error(exc)(f"cannot write to {self.where}: {exc}") from None
             try:
