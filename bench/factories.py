@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -99,8 +100,16 @@ def _start_sim(service: str, accounts: int) -> tuple[subprocess.Popen[str], str]
             raise RuntimeError(f"the {service} simulator exited with {proc.wait()}")
         for word in line.split():
             if word.startswith("http://"):
+                # Its log goes on to stdout: read and dropped, or the full pipe blocks the
+                # simulator's event loop (at 1,000 accounts its webhook log fills it).
+                threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
                 return proc, word.rstrip("/").removesuffix("/v1")
     raise RuntimeError(f"the {service} simulator printed no address")
+
+
+def _drain(stream: Any) -> None:
+    for _ in stream:
+        pass
 
 
 def _config(tmp: Path, count: int, katana: str, tradegecko: str) -> tuple[Path, int, int]:
