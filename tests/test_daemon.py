@@ -390,3 +390,34 @@ async def test_the_start_fails_only_when_every_factory_is_refused(tmp_path: Path
         while isinstance(error, BaseExceptionGroup):
             error = error.exceptions[0]
         assert isinstance(error, AuthError), raised.value
+
+
+async def test_factories_start_a_bounded_number_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,000 factories' checks and registrations at once queued on the shared pools until
+    they timed out; the start takes a few at a time, each one's start whole."""
+    import syncd.runtime.daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "_STARTING_AT_ONCE", 2)
+    checking, most = 0, 0
+    check = daemon_module.check_services
+
+    async def counted(*args: object, **kwargs: object) -> None:
+        nonlocal checking, most
+        checking += 1
+        most = max(most, checking)
+        try:
+            await anyio.sleep(0.05)  # long enough for the others to pile up if unbounded
+            await check(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            checking -= 1
+
+    monkeypatch.setattr(daemon_module, "check_services", counted)
+    names = [f"f{i}" for i in range(5)]
+    async with running_sims(accounts=5) as sims:
+        config = factories_config(sims, tmp_path / "syncd.db", names)
+        async with running_daemon(config, check=True) as daemon:
+            assert list(daemon.factories) and set(daemon.factories) == set(names)
+            assert all(runtime.refused is None for runtime in daemon.factories.values())
+    assert most == 2

@@ -222,3 +222,92 @@ async def test_a_rejected_token_shows_as_a_paused_service_until_it_works(
         assert (await sims.control.post(token, json={"revoked": False})).status_code < 300
         daemon.poll_now()
         await _paused(daemon.metrics_url, "tradegecko", 0)
+
+
+async def test_several_factories_are_refreshed_by_one_grouped_read(tmp_path: Path) -> None:
+    """Each factory's refresh_forever runs, one of them reads for all (4 queries, whatever
+    the number of factories); when it stops, another takes over; a stopped factory's series
+    do not come back."""
+    from syncd.adapters._http import RequestBudget
+    from syncd.store import Store
+
+    metrics = Metrics()
+    store = await Store.open(tmp_path / "syncd.db")
+    try:
+        names = [f"f{i}" for i in range(6)]
+        views = {name: store.for_factory(name) for name in names}
+        await views["f3"].set_meta("paused.katana", "401")
+        await views["f4"].add_event("tradegecko", "webhook", b"x")
+        queries: list[str] = []
+        fetchall = store._db.fetchall
+
+        async def counted(sql: str, args: object = ()) -> object:
+            queries.append(sql)
+            return await fetchall(sql, args)  # type: ignore[arg-type]
+
+        store._db.fetchall = counted  # type: ignore[method-assign, assignment]
+
+        def text() -> str:
+            from prometheus_client import generate_latest
+
+            return generate_latest(metrics.registry).decode()
+
+        async with anyio.create_task_group() as tg:
+            scopes: dict[str, anyio.CancelScope] = {}
+
+            async def refreshing(name: str) -> None:
+                with anyio.CancelScope() as scope:
+                    scopes[name] = scope
+                    await metrics.refresh_forever(
+                        views[name],
+                        0.05,
+                        states=["received"],
+                        polls=lambda: {"tradegecko": 123.0},
+                        budgets={"katana": RequestBudget(60, 60.0)},
+                    )
+
+            for name in names:
+                tg.start_soon(refreshing, name)
+            for _ in range(100):
+                await anyio.sleep(0.02)
+                if value(text(), "syncd_inbox_backlog_events", factory="f4") == 1:
+                    break
+            got = text()
+            assert value(got, "syncd_service_paused", factory="f3", service="katana") == 1
+            assert value(got, "syncd_service_paused", factory="f2", service="katana") == 0
+            assert value(got, "syncd_orders", factory="f5", state="received") == 0
+            assert (
+                value(
+                    got,
+                    "syncd_poll_last_success_timestamp_seconds",
+                    factory="f1",
+                    source="tradegecko",
+                )
+                == 123.0
+            )
+            # Grouped: once all six run, a refresh is 4 queries for the 6 factories, not 24.
+            queries.clear()
+            await anyio.sleep(0.2)
+            seen = list(queries)
+            refreshes = sum("FROM inbox" in q for q in seen)
+            assert refreshes >= 2 and len(seen) <= 4 * (refreshes + 1), seen
+            assert all("WHERE factory = ?" not in q for q in seen), seen
+            leader = metrics._refresher
+            assert leader is not None
+            scopes[leader].cancel()
+            metrics.forget_factory(leader)
+            await anyio.sleep(0.05)
+            await views["f0" if leader != "f0" else "f1"].set_meta("paused.tradegecko", "401")
+            survivor = "f0" if leader != "f0" else "f1"
+            for _ in range(100):
+                await anyio.sleep(0.02)
+                got = text()
+                if value(got, "syncd_service_paused", factory=survivor, service="tradegecko"):
+                    break
+            assert metrics._refresher not in (None, leader)
+            assert value(got, "syncd_service_paused", factory=survivor, service="tradegecko") == 1
+            assert value(got, "syncd_inbox_backlog_events", factory=leader) is None
+            tg.cancel_scope.cancel()
+        assert metrics._refreshing == {}
+    finally:
+        await store.close()

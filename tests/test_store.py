@@ -39,7 +39,7 @@ from syncd.store._backend import redact
 from syncd.store._postgres import _transient
 from syncd.store._schema import MIGRATIONS
 from syncd.store._schema_postgres import POSTGRES_MIGRATIONS, VERSION_TABLE
-from syncd.store._store import OBSERVATIONS_KEPT
+from syncd.store._store import OBSERVATIONS_KEPT, PENDING_SUMMARY_AGE
 
 pytestmark = pytest.mark.anyio
 T = TypeVar("T")
@@ -1590,3 +1590,54 @@ async def test_the_variant_cache_maps_skus_per_service_and_factory(database: str
         assert await north.cached_skus("tradegecko", [11, 12], since=0) == {11: "A-1"}
         assert await south.cached_variant_ids("katana", ["A-1"], since=0) == {"A-1": 777}
         assert await north.cached_skus("tradegecko", [], since=0) == {}
+
+
+async def test_oldest_by_state_per_factory_is_each_factorys_oldest(database: str) -> None:
+    async with opened(database) as store:
+        north, south = store.for_factory("north"), store.for_factory("south")
+        await new_link(north, 1)
+        await anyio.sleep(0.01)  # a later state_since
+        await new_link(north, 2)
+        await new_link(south, 3)
+        found = await store.oldest_by_state_per_factory()
+        assert {f: {s: n for s, (n, _) in by.items()} for f, by in found.items()} == {
+            "north": {"discovered": "PO0001"},
+            "south": {"discovered": "PO0003"},
+        }
+        assert found["north"] == await north.oldest_by_state()
+        assert found["south"] == await south.oldest_by_state()
+
+
+async def test_idle_factories_share_one_query_for_what_waits_in_the_inbox(database: str) -> None:
+    async with opened(database) as store:
+        views = [store.for_factory(f"f{i}") for i in range(20)]
+        queries: list[str] = []
+        fetchall = store._db.fetchall
+
+        async def counted(sql: str, args: Any = ()) -> Any:
+            queries.append(sql)
+            return await fetchall(sql, args)
+
+        store._db.fetchall = counted  # type: ignore[method-assign]
+        for view in views:
+            assert await view.pending_events() == []
+        # Twenty idle factories asking: the first two ask for themselves (one factory's own
+        # query is as cheap), then one summary answers the rest.
+        assert len(queries) <= 3, queries
+        # An event this process adds is found at once, whatever the summary said.
+        event = await views[7].add_event("tradegecko", "webhook", b"x")
+        assert [e.id for e in await views[7].pending_events()] == [event]
+        assert await views[7].pending_events(kinds=("import_requested",)) == []
+        assert [e.id for e in await views[7].pending_events(exclude_kinds=("other",))] == [event]
+        assert await views[8].pending_events() == []
+        # Another process's event (syncctl, another daemon) is found once the summary is
+        # older than its age.
+        other = await Store.open(database)
+        try:
+            theirs = await other.for_factory("f9").add_event("tradegecko", "webhook", b"y")
+        finally:
+            await other.close()
+        await anyio.sleep(PENDING_SUMMARY_AGE + 0.1)
+        assert [e.id for e in await views[9].pending_events()] == [theirs]
+        await views[9].mark_processed(theirs if theirs is not None else -1, "done")
+        assert await views[9].pending_events() == []

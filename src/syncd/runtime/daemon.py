@@ -61,6 +61,9 @@ __all__ = ["Daemon", "FactoryRuntime", "Pools", "check_services", "running_daemo
 
 log = logging.getLogger("syncd.daemon")
 
+#: Factories starting at the same time (each asks its services and registers its webhooks).
+_STARTING_AT_ONCE = 32
+
 
 @dataclass
 class FactoryRuntime:
@@ -778,18 +781,24 @@ async def running_daemon(
                 await _start_shared(daemon, names, check=check, on_wait=on_wait, owner=owner)
             refused: dict[str, ApiError] = {}
 
+            starting_now = anyio.Semaphore(_STARTING_AT_ONCE)
+
             async def start(name: str) -> None:
                 try:
-                    await daemon.start_factory(
-                        name, check=check, strict=len(names) == 1, on_wait=on_wait
-                    )
+                    async with starting_now:
+                        await daemon.start_factory(
+                            name, check=check, strict=len(names) == 1, on_wait=on_wait
+                        )
                 except ApiError as exc:  # only with one factory
                     refused[name] = exc
 
             if shared:
                 pass  # the coordinator started this daemon's share
             elif check and len(names) > 1:
-                # Asked at once: a slow factory does not hold the others' start.
+                # Asked together, a bounded number at a time: a slow factory does not hold
+                # the others' start, and 1,000 factories' checks and registrations do not
+                # queue at once on the shared pools (they timed out waiting for a connection,
+                # and httpcore's queue costs CPU by its length squared).
                 async with anyio.create_task_group() as starting:
                     for name in names:
                         starting.start_soon(start, name)
