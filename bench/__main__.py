@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from bench import compete, flows, intake, latency, multidaemon, scale
+from bench import compete, factories, flows, intake, latency, multidaemon, scale
 from bench.harness import find_unsound
 
 
@@ -68,6 +68,7 @@ def main() -> int:
         ("7_competing_client", lambda: anyio.run(compete.measure)),
         ("8_failover", failover),
         ("9_multidaemon", lambda: anyio.run(multidaemon.measure)),
+        ("10_factories", lambda: factories.measure([1, 10, 100, 1000])),
     ]
     unsound: list[str] = []
     started = time.monotonic()
