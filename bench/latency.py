@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +58,8 @@ def _start(cmd: list[str], what: str) -> tuple[subprocess.Popen[str], str]:
             raise RuntimeError(f"the {what} simulator exited with {proc.wait()}")
         for word in line.split():
             if word.startswith("http://"):
+                # Drained from here on: a simulator blocked on a full pipe would stall.
+                threading.Thread(target=proc.stdout.read, daemon=True).start()
                 return proc, word.rstrip("/").removesuffix("/v1")
     raise RuntimeError(f"the {what} simulator printed no address")
 
