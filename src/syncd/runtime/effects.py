@@ -274,6 +274,8 @@ class PurchaseOrderReads:
     fresh_for = 60.0
     #: Lines read ahead at most: one page of ``/purchase_order_line_items``.
     ahead_lines = 250
+    #: Seconds at most a batch stays open while the budget has callers waiting.
+    patience = 5.0
 
     def __init__(
         self,
@@ -303,6 +305,10 @@ class PurchaseOrderReads:
             batch.ids.add(po_id)
             try:
                 await anyio.sleep(self.window)
+                waited = self.window
+                while waited < self.patience and self.tradegecko.budget.waiting:
+                    await anyio.sleep(self.window)
+                    waited += self.window
                 self._batch = None  # later receipts start the next batch
                 batch.found = await self._read_together(batch.ids)
             except BaseException as exc:
@@ -345,6 +351,9 @@ class PurchaseOrderReads:
                 ahead.append(link.po_id)
         ids = sorted(asked.union(ahead))
         self.reads += 1
+        if len(ids) == 1:
+            # Alone: one read with its lines side-loaded (NotFound is the asker's).
+            return {ids[0]: await self.tradegecko.get_purchase_order(ids[0])}
         orders = await self.tradegecko.list_purchase_orders(ids=ids)
         lines_of = await self.tradegecko.lines_of_purchase_orders([po.id for po in orders])
         found: dict[int, _PurchaseOrderRead] = {}
