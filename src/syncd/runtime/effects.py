@@ -263,7 +263,11 @@ class PurchaseOrderReads:
     orders waiting for it in the dispatcher's queue), up to a page of their lines. A PO read
     ahead so serves its receipt once, if that receipt asks within :attr:`fresh_for` seconds;
     a retry reads again. A PO missing from the list, or whose lines came back other than its
-    ``purchase_order_line_item_ids`` say, is read by itself (``GET /purchase_orders/{id}``).
+    ``purchase_order_line_item_ids`` say, is read by itself (``GET /purchase_orders/{id}``),
+    as is a batch of one. With ``patience``, a batch stays open up to that many seconds
+    while TradeGecko's budget has callers waiting (its read would wait behind them anyway):
+    for the webhook consumer's look-ups. Receipts use none: a receipt waiting holds one of
+    the dispatcher's slots, and the read-ahead already serves most of them.
     A failed read fails every receipt that shared it (each retries as before).
     """
 
@@ -274,16 +278,18 @@ class PurchaseOrderReads:
     fresh_for = 60.0
     #: Lines read ahead at most: one page of ``/purchase_order_line_items``.
     ahead_lines = 250
-    #: Seconds at most a batch stays open while the budget has callers waiting.
-    patience = 5.0
 
     def __init__(
         self,
         tradegecko: TradeGeckoClient,
         due: Callable[[], Awaitable[Sequence[LinkedOrder]]] | None = None,
+        *,
+        patience: float = 0.0,
     ) -> None:
         self.tradegecko = tradegecko
         self.due = due
+        #: Seconds at most a batch stays open while the budget has callers waiting.
+        self.patience = patience
         self._batch: _PurchaseOrderBatch | None = None
         self._ahead: dict[int, tuple[float, _PurchaseOrderRead]] = {}
         #: Shared reads made, and receipts they served (for tests and the benches).

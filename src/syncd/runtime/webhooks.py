@@ -422,8 +422,9 @@ class WebhookConsumer:
         self._looked: dict[int, int] = {}
         #: Re-fetches made, by resource (for tests and the curious).
         self.refetches: dict[str, int] = {}
-        #: PO look-ups due together share one read (several new POs at once).
-        self.purchase_orders = PurchaseOrderReads(tradegecko_poller.client)
+        #: PO look-ups due together share one read (several new POs at once); while the
+        #: budget is contended they wait up to 5 s for more.
+        self.purchase_orders = PurchaseOrderReads(tradegecko_poller.client, patience=5.0)
 
     def wake(self) -> None:
         """Tell the consumer a delivery was persisted."""
