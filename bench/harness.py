@@ -90,6 +90,8 @@ def classify(service: str, method: str, path: str, query: set[str]) -> str:
         if method == "GET" and path.endswith("/manufacturing_orders"):
             return "poll"
         return "effect"
+    if method == "GET" and path.endswith("/purchase_orders") and "ids" in query:
+        return "effect"  # the receipts' shared PO read (the poll filters by company)
     if method == "GET" and (path.endswith("/purchase_orders") or path.endswith("/companies")):
         return "poll"
     return "effect"

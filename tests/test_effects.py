@@ -56,6 +56,10 @@ class Bench:
         katana, _ = await self.sims.counters()
         return Counter(katana["requests"])
 
+    async def tradegecko_reads(self) -> Counter[str]:
+        _, tradegecko = await self.sims.counters()
+        return Counter({k: n for k, n in tradegecko["requests"].items() if k.startswith("GET")})
+
 
 @asynccontextmanager
 async def bench(sims: Sims, tmp_path: Path, *, store: bool = True) -> AsyncIterator[Bench]:
@@ -239,6 +243,65 @@ async def test_receipts_due_together_share_one_inventory_read(sims: Sims, tmp_pa
     # Each receipt re-costed its own lines only.
     assert sorted(len(o.lines or ()) for o in outcomes) == [1, 1, 2]
     assert (b.effects.inventory.reads, b.effects.inventory.served) == (2, 4)
+
+
+async def test_receipts_due_together_share_one_po_read_and_read_ahead_those_due(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with bench(sims, tmp_path) as b:
+        await b.warm()
+        links = []
+        for lines in (1, 2, 1, 1, 1):
+            po = await sims.create_po(lines)
+            # Stored as waiting for its receipt: what the read-ahead looks for.
+            link = await b.store.create_link(
+                snapshot_of(*await b.tradegecko.get_purchase_order(po["id"])),
+                state="delivered",
+                trigger="po_discovered",
+                cause="test",
+                event_id=None,
+            )
+            assert link is not None
+            made = await b.effects.import_order(link)
+            assert made.trigger == triggers.SO_CREATED, made
+            links.append(msgspec.structs.replace(link, so_id=made.so_id, lines=made.lines))
+        reads = b.effects.purchase_orders
+        reads.window = 1.0  # wide: the two receipts start together under load
+        before = await b.tradegecko_reads()
+        outcomes: list[Outcome] = []
+
+        async def receive(link: LinkedOrder) -> None:
+            outcomes.append(await b.effects.receive_order(link))
+
+        async with anyio.create_task_group() as tg:
+            for link in links[:2]:
+                tg.start_soon(receive, link)
+        together = _spent(before, await b.tradegecko_reads())
+        # The other three were read ahead with them: their receipts read nothing.
+        before = await b.tradegecko_reads()
+        for link in links[2:4]:
+            await receive(link)
+        ahead = _spent(before, await b.tradegecko_reads())
+        # Voided after its PO was read ahead: the refused receipt reads again and says so.
+        await sims.control.patch(
+            f"{sims.tradegecko_url}/_sim/purchase_orders/{links[4].po_id}", json={"status": "void"}
+        )
+        voided = await b.effects.receive_order(links[4])
+        # A read ahead serves once: a retry reads again.
+        reads.window = 0.0
+        again = await b.tradegecko_reads()
+        retried = await b.effects.receive_order(links[2])
+        retry = _spent(again, await b.tradegecko_reads())
+    assert [o.trigger for o in outcomes] == [triggers.PO_RECEIVED] * 4, outcomes
+    assert together == {"GET /purchase_orders": 1, "GET /purchase_order_line_items": 1}, together
+    assert ahead == {}, ahead
+    assert sorted(len(o.lines or ()) for o in outcomes) == [1, 1, 1, 2]
+    assert voided.trigger == triggers.RECEIVE_FAILED and "void" in (voided.reason or ""), voided
+    assert retried.trigger == triggers.PO_RECEIVED, retried
+    assert "received in TradeGecko" in retried.cause
+    assert sum(retry.values()) >= 1 and "GET /purchase_orders" in retry, retry
+    # Two receipts together, three ahead (one voided), the retry by its own batch.
+    assert (reads.reads, reads.served) == (2, 6)
 
 
 def test_the_natural_key_names_tradegecko_the_account_and_the_po() -> None:

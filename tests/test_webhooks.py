@@ -492,6 +492,30 @@ def tg_request(body: bytes, *, signature: str | None = "good", delivery: str = "
     return {"content": body, "headers": headers}
 
 
+async def test_new_pos_delivered_together_are_looked_at_in_one_read(
+    sims: Sims, tmp_path: Path
+) -> None:
+    database = tmp_path / "syncd.db"
+    config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+    async with sims.daemon(config) as daemon:
+        assert daemon.webhooks is not None
+        reads = daemon.webhooks.consumer.purchase_orders
+        reads.window = 1.0  # wide: the three deliveries arrive together under load
+        await anyio.sleep(0.5)  # past the poll at start
+        _, before = await sims.counters()
+        numbers = [(await sims.create_po())["order_number"] for _ in range(3)]
+        for number in numbers:
+            await wait_for_state(daemon, number, "imported", "in_production", seconds=10)
+        _, after = await sims.counters()
+        refetches = daemon.webhooks.consumer.refetches
+    spent = {k: n - before["requests"].get(k, 0) for k, n in after["requests"].items()}
+    by_id = {k: n for k, n in spent.items() if k.startswith("GET /purchase_orders/") and n}
+    assert refetches["purchase_order"] == 3, refetches
+    assert (reads.reads, reads.served) == (1, 3)
+    assert spent.get("GET /purchase_orders") == 1 and by_id == {}, spent
+    assert spent.get("GET /purchase_order_line_items") == 1, spent
+
+
 async def test_forged_or_missing_signatures_are_refused_and_nothing_is_stored(
     listener: tuple[httpx.AsyncClient, Store, list[int]],
 ) -> None:

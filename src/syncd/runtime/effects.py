@@ -33,7 +33,7 @@ from syncd.adapters._http import Priority, request_priority
 from syncd.adapters.katana import InventoryRecord, KatanaClient, NewSalesOrder, NewSalesOrderRow
 from syncd.adapters.katana import SalesOrder as KatanaSalesOrder
 from syncd.adapters.katana import Variant as KatanaVariant
-from syncd.adapters.tradegecko import TradeGeckoClient
+from syncd.adapters.tradegecko import PurchaseOrder, PurchaseOrderLineItem, TradeGeckoClient
 from syncd.config import Config
 from syncd.domain import triggers
 from syncd.domain.orders import LineLink, LinkedOrder, PurchaseOrderSnapshot
@@ -69,6 +69,7 @@ __all__ = [
     "Effects",
     "InventoryReads",
     "Outcome",
+    "PurchaseOrderReads",
     "SalesOrderKey",
     "natural_key",
     "note_attempts_since",
@@ -249,6 +250,138 @@ class _InventoryBatch:
     error: Exception | None = None
 
 
+#: A PO as a receipt reads it: the order and its lines.
+_PurchaseOrderRead = tuple[PurchaseOrder, list[PurchaseOrderLineItem]]
+
+
+class PurchaseOrderReads:
+    """Receipts due together share their PO reads (TradeGecko's budget is the receipts').
+
+    The first receipt to ask waits :attr:`window` seconds, then reads, in one
+    ``GET /purchase_orders?ids[]=`` and one ``GET /purchase_order_line_items?purchase_order_id[]=``,
+    every PO asked for meanwhile and the POs of orders whose receipt is due (``due``: the
+    orders waiting for it in the dispatcher's queue), up to a page of their lines. A PO read
+    ahead so serves its receipt once, if that receipt asks within :attr:`fresh_for` seconds;
+    a retry reads again. A PO missing from the list, or whose lines came back other than its
+    ``purchase_order_line_item_ids`` say, is read by itself (``GET /purchase_orders/{id}``),
+    as is a batch of one. With ``patience``, a batch stays open up to that many seconds
+    while TradeGecko's budget has callers waiting (its read would wait behind them anyway):
+    for the webhook consumer's look-ups. Receipts use none: a receipt waiting holds one of
+    the dispatcher's slots, and the read-ahead already serves most of them.
+    A failed read fails every receipt that shared it (each retries as before).
+    """
+
+    #: Seconds the first receipt waits for others.
+    window = 0.2
+    #: How old a PO read ahead may be when its receipt uses it. At saturation a receipt's
+    #: own read waits for the budget about as long between its read and its writes.
+    fresh_for = 60.0
+    #: Lines read ahead at most: one page of ``/purchase_order_line_items``.
+    ahead_lines = 250
+
+    def __init__(
+        self,
+        tradegecko: TradeGeckoClient,
+        due: Callable[[], Awaitable[Sequence[LinkedOrder]]] | None = None,
+        *,
+        patience: float = 0.0,
+    ) -> None:
+        self.tradegecko = tradegecko
+        self.due = due
+        #: Seconds at most a batch stays open while the budget has callers waiting.
+        self.patience = patience
+        self._batch: _PurchaseOrderBatch | None = None
+        self._ahead: dict[int, tuple[float, _PurchaseOrderRead]] = {}
+        #: Shared reads made, and receipts they served (for tests and the benches).
+        self.reads = 0
+        self.served = 0
+
+    async def read(self, po_id: int) -> _PurchaseOrderRead:
+        """The PO ``po_id`` and its lines.
+
+        :raises syncd.errors.NotFound: the purchase order does not exist.
+        """
+        ahead = self._ahead.pop(po_id, None)
+        if ahead is not None and time.monotonic() - ahead[0] <= self.fresh_for:
+            self.served += 1
+            return ahead[1]
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _PurchaseOrderBatch()
+            batch.ids.add(po_id)
+            try:
+                await anyio.sleep(self.window)
+                waited = self.window
+                while waited < self.patience and self.tradegecko.budget.waiting:
+                    await anyio.sleep(self.window)
+                    waited += self.window
+                self._batch = None  # later receipts start the next batch
+                batch.found = await self._read_together(batch.ids)
+            except BaseException as exc:
+                if self._batch is batch:
+                    self._batch = None
+                # The others must not wait for a read that never comes.
+                batch.error = exc if isinstance(exc, Exception) else None
+                raise
+            finally:
+                batch.done.set()
+        else:
+            batch.ids.add(po_id)
+            await batch.done.wait()
+            if batch.found is None:
+                if batch.error is not None:
+                    raise batch.error
+                # The first receipt was cancelled: read alone.
+                return await self.tradegecko.get_purchase_order(po_id)
+        assert batch.found is not None
+        found = batch.found.get(po_id)
+        if found is None:
+            return await self.tradegecko.get_purchase_order(po_id)
+        self.served += 1
+        return found
+
+    async def _read_together(self, asked: set[int]) -> dict[int, _PurchaseOrderRead]:
+        now = time.monotonic()
+        for po_id, (at, _) in list(self._ahead.items()):
+            if now - at > self.fresh_for:
+                del self._ahead[po_id]
+        ahead: list[int] = []
+        room = self.ahead_lines
+        due = await self.due() if self.due is not None else []
+        for link in due:
+            if link.po_id in asked or link.po_id in self._ahead or link.po_id in ahead:
+                continue
+            count = max(1, len(link.lines))
+            if count <= room:
+                room -= count
+                ahead.append(link.po_id)
+        ids = sorted(asked.union(ahead))
+        self.reads += 1
+        if len(ids) == 1:
+            # Alone: one read with its lines side-loaded (NotFound is the asker's).
+            return {ids[0]: await self.tradegecko.get_purchase_order(ids[0])}
+        orders = await self.tradegecko.list_purchase_orders(ids=ids)
+        lines_of = await self.tradegecko.lines_of_purchase_orders([po.id for po in orders])
+        found: dict[int, _PurchaseOrderRead] = {}
+        for po in orders:
+            order = {line_id: i for i, line_id in enumerate(po.purchase_order_line_item_ids)}
+            read = lines_of.get(po.id, [])
+            if {line.id for line in read} == set(order):
+                found[po.id] = (po, sorted(read, key=lambda line: order[line.id]))
+        for po_id in ahead:
+            if po_id in found:
+                self._ahead[po_id] = (now, found[po_id])
+        return found
+
+
+@dataclass
+class _PurchaseOrderBatch:
+    ids: set[int] = field(default_factory=set)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    found: dict[int, _PurchaseOrderRead] | None = None
+    error: Exception | None = None
+
+
 class Effects:
     """Runs effects by name against the two services."""
 
@@ -275,6 +408,8 @@ class Effects:
         self._find_or_create = anyio.Lock()
         #: Receipts' inventory reads, shared by receipts due together.
         self.inventory = InventoryReads(katana)
+        #: Receipts' PO reads, shared by receipts due together and read ahead for those due.
+        self.purchase_orders = PurchaseOrderReads(tradegecko, self._receipts_due)
         self._registered: dict[str, Callable[[LinkedOrder], Awaitable[Outcome]]] = {
             IMPORT_ORDER.name: self.import_order,
             MAKE_TO_ORDER.name: self.make_to_order,
@@ -738,6 +873,15 @@ class Effects:
 
     # -- receive -------------------------------------------------------------------------
 
+    #: The states whose orders wait for their receipt (the statechart's ``receive_order``
+    #: state): their POs are read ahead. Only a saving: a wrong name reads nothing ahead.
+    receipt_states: tuple[str, ...] = ("delivered",)
+
+    async def _receipts_due(self) -> list[LinkedOrder]:
+        if self.store is None:
+            return []
+        return await self.store.links_in_states(self.receipt_states, limit=250)
+
     @request_priority(Priority.FINISH)
     async def receive_order(self, link: LinkedOrder) -> Outcome:
         """Re-cost the PO lines from Katana's average costs, then receive the PO."""
@@ -745,7 +889,7 @@ class Effects:
 
     async def _receive(self, link: LinkedOrder) -> Outcome:
         try:
-            po, po_lines = await self.tradegecko.get_purchase_order(link.po_id)
+            po, po_lines = await self.purchase_orders.read(link.po_id)
         except NotFound:
             raise RuleViolation(f"PO {link.po_number} no longer exists in TradeGecko") from None
         if po.status == "received":
@@ -817,6 +961,11 @@ class Effects:
             )
         except ValidationFailed:
             po, _ = await self.tradegecko.get_purchase_order(link.po_id)
+            if po.status in PO_WITHDRAWN:
+                # Withdrawn since the PO was read (a read ahead may be a minute old).
+                raise RuleViolation(
+                    f"PO {link.po_number} is {po.status} in TradeGecko: not received"
+                ) from None
             if po.status != "received":
                 raise
             # The lines were costed by this run just now: the record keeps them.

@@ -49,6 +49,7 @@ from syncd.errors import ApiError, ConfigError, NotFound, Retries, SyncdError
 from syncd.ops.asgi import bind_socket, serving_socket
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
+from syncd.runtime.effects import PurchaseOrderReads
 from syncd.runtime.observer import Observer
 from syncd.runtime.pollers import OTHER_SUPPLIER, KatanaPoller, TradeGeckoPoller, facts_of
 from syncd.store import Store
@@ -431,6 +432,9 @@ class WebhookConsumer:
         self._looked: dict[int, int] = {}
         #: Re-fetches made, by resource (for tests and the curious).
         self.refetches: dict[str, int] = {}
+        #: PO look-ups due together share one read (several new POs at once); while the
+        #: budget is contended they wait up to 5 s for more.
+        self.purchase_orders = PurchaseOrderReads(tradegecko_poller.client, patience=5.0)
 
     def wake(self) -> None:
         """Tell the consumer a delivery was persisted."""
@@ -649,7 +653,7 @@ class WebhookConsumer:
             if link is not None and purchase_order_trigger("received") is None:
                 return "echo of syncd's own write", 0
         self._counted("purchase_order")
-        po, lines = await poller.client.get_purchase_order(po_id)
+        po, lines = await self.purchase_orders.read(po_id)
         if po.company_id not in await poller.supplier_ids():
             await poller.note_not_linked(po, OTHER_SUPPLIER, supplier=f"company {po.company_id}")
             return "another supplier", 0
