@@ -1,7 +1,7 @@
 """Share of the Katana key left to others at saturation: syncd works through a backlog while
 another client (its own process) spends the same key at a fixed rate.
 
-    python -m bench.compete [--seconds 120] [--backlog 60] [--rate 15] [--warm 60] [--reserve N]
+    python -m bench.compete [--seconds 120] [--backlog 150] [--rate 15] [--warm 60] [--reserve N]
 
 Simulators at the real limits (Katana 60/60 s, TradeGecko 300/300 s) and the daemon's real
 budgets; ``--rate`` is the competitor's calls per minute (``GET /factory``, which syncd does
@@ -76,7 +76,7 @@ def _competitor(url: str, token: str, per_minute: float, seconds: float) -> None
 
 async def measure(
     seconds: float = 120.0,
-    backlog: int = 60,
+    backlog: int = 150,
     rate: float = 15.0,
     reserve: int | None = None,
     warm: float = 60.0,
@@ -167,7 +167,7 @@ async def measure(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Share of the Katana key left to others.")
     parser.add_argument("--seconds", type=float, default=120.0)
-    parser.add_argument("--backlog", type=int, default=60)
+    parser.add_argument("--backlog", type=int, default=150)
     parser.add_argument("--warm", type=float, default=60.0, help="Saturate first, seconds.")
     parser.add_argument("--rate", type=float, default=15.0, help="Competitor calls/min.")
     parser.add_argument("--reserve", type=int, default=None)

@@ -254,6 +254,10 @@ class _InventoryBatch:
 _PurchaseOrderRead = tuple[PurchaseOrder, list[PurchaseOrderLineItem]]
 
 
+#: Seconds between looks at the budget while a batch waits for it (:class:`PurchaseOrderReads`).
+_PATIENCE_STEP = 0.05
+
+
 class PurchaseOrderReads:
     """Receipts due together share their PO reads (TradeGecko's budget is the receipts').
 
@@ -285,11 +289,14 @@ class PurchaseOrderReads:
         due: Callable[[], Awaitable[Sequence[LinkedOrder]]] | None = None,
         *,
         patience: float = 0.0,
+        window: float | None = None,
     ) -> None:
         self.tradegecko = tradegecko
         self.due = due
         #: Seconds at most a batch stays open while the budget has callers waiting.
         self.patience = patience
+        if window is not None:
+            self.window = window
         self._batch: _PurchaseOrderBatch | None = None
         self._ahead: dict[int, tuple[float, _PurchaseOrderRead]] = {}
         #: Shared reads made, and receipts they served (for tests and the benches).
@@ -311,10 +318,10 @@ class PurchaseOrderReads:
             batch.ids.add(po_id)
             try:
                 await anyio.sleep(self.window)
-                waited = self.window
+                waited, step = self.window, max(self.window, _PATIENCE_STEP)
                 while waited < self.patience and self.tradegecko.budget.waiting:
-                    await anyio.sleep(self.window)
-                    waited += self.window
+                    await anyio.sleep(step)
+                    waited += step
                 self._batch = None  # later receipts start the next batch
                 batch.found = await self._read_together(batch.ids)
             except BaseException as exc:

@@ -434,7 +434,12 @@ class WebhookConsumer:
         self.refetches: dict[str, int] = {}
         #: PO look-ups due together share one read (several new POs at once); while the
         #: budget is contended they wait up to 5 s for more.
-        self.purchase_orders = PurchaseOrderReads(tradegecko_poller.client, patience=5.0)
+        # No fixed window: deliveries handled together still share a read (they join while
+        # it is due), and a PO created alone is looked at at once (PO → SO latency); only
+        # while TradeGecko's budget has callers waiting does the batch stay open for more.
+        self.purchase_orders = PurchaseOrderReads(
+            tradegecko_poller.client, patience=5.0, window=0.0
+        )
 
     def wake(self) -> None:
         """Tell the consumer a delivery was persisted."""
