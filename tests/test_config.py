@@ -83,7 +83,7 @@ def test_defaults() -> None:
     assert config.daemon.log_level == "info"
     assert config.daemon.concurrency == 4
     assert (config.daemon.retry_initial, config.daemon.retry_max) == (5.0, 300.0)
-    assert (config.daemon.lease_ttl, config.daemon.lease_renew) == (15.0, 5.0)
+    assert (config.daemon.lease_ttl, config.daemon.lease_renew) == (10.0, 3.0)
     assert config.daemon.statechart is None
     assert config.tradegecko.base_url == "https://api.tradegecko.com"
     assert config.tradegecko.supplier_name == "Katana"

@@ -126,11 +126,12 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     shadow_database: str | None = None
     #: Seconds a factory's lease lasts (several daemons on one PostgreSQL database): a
     #: daemon that stops renewing loses its factories to the others after this long, and
-    #: stops their work a tenth of it earlier.
-    lease_ttl: float = 15.0
+    #: stops their work a tenth of it earlier. With ``lease_renew``, failover within
+    #: ``lease_ttl + lease_renew`` (13 s by default).
+    lease_ttl: float = 10.0
     #: Seconds between renewals of the leases (and the daemon's heartbeat); less than
     #: half of ``lease_ttl``, so that one failed renewal loses nothing.
-    lease_renew: float = 5.0
+    lease_renew: float = 3.0
 
 
 class TradeGeckoConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -100,8 +100,8 @@ class LeaseTimes:
         half the TTL (a renewal may fail once without losing the lease).
     """
 
-    ttl: float = 15.0
-    renew: float = 5.0
+    ttl: float = 10.0
+    renew: float = 3.0
 
     def __post_init__(self) -> None:
         if not self.ttl > 0 or not self.renew > 0:
