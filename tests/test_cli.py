@@ -153,7 +153,7 @@ def test_check_accepts_a_good_config_and_names_the_wrong_key(tmp_path: Path) -> 
     lease.write_text(good.read_text().replace("[daemon]\n", "[daemon]\nlease_renew = 10\n"))
     result = run("syncd", "check", "--config", str(lease), env=no_credentials)
     assert result.returncode == 2
-    assert "daemon.lease_renew: must be less than half of daemon.lease_ttl (15.0)" in result.stderr
+    assert "daemon.lease_renew: must be less than half of daemon.lease_ttl (10.0)" in result.stderr
 
     no_token = tmp_path / "no_token.toml"
     no_token.write_text('[katana]\ntoken = "k"\n')

@@ -40,6 +40,7 @@ from syncd.store._sqlite import SQLiteBackend
 __all__ = [
     "DEFAULT_FACTORY",
     "OBSERVATIONS_KEPT",
+    "PENDING_SUMMARY_AGE",
     "ImportOutcome",
     "ImportResult",
     "InboxEvent",
