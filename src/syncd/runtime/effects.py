@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import anyio
 import msgspec
@@ -62,6 +62,7 @@ __all__ = [
     "EFFECTS",
     "IMPORT_ORDER",
     "MAKE_TO_ORDER",
+    "RECEIPT_WINDOW",
     "RECEIVE_ORDER",
     "VARIANT_TRUST_SECONDS",
     "EffectRunner",
@@ -191,6 +192,66 @@ class _Cache:
         self.value, self.at = value, time.monotonic()
 
 
+#: Seconds the first receipt waits for others to share its read: short beside an order's hours.
+RECEIPT_WINDOW = 0.2
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _SharedRead(Generic[_K, _V]):
+    """Callers within ``window`` seconds of each other share one read of every key they
+    asked for: the first waits the window (and then while ``linger()`` says to), reads
+    with ``read_all``, and every caller gets the same answer. A failed read fails every
+    caller that shared it (each retries as before); ``None`` tells a caller the first one
+    was cancelled, so it reads alone."""
+
+    def __init__(
+        self,
+        read_all: Callable[[set[_K]], Awaitable[_V]],
+        window: float,
+        linger: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._read_all = read_all
+        self.window = window
+        self._linger = linger
+        self._batch: _Batch[_K, _V] | None = None
+
+    async def read(self, keys: Iterable[_K]) -> _V | None:
+        batch = self._batch
+        if batch is not None:
+            batch.keys.update(keys)
+            await batch.done.wait()
+            if batch.result is None and batch.error is not None:
+                raise batch.error
+            return batch.result
+        batch = self._batch = _Batch()
+        batch.keys.update(keys)
+        try:
+            await anyio.sleep(self.window)
+            if self._linger is not None:
+                await self._linger()
+            self._batch = None  # later callers start the next batch
+            batch.result = await self._read_all(batch.keys)
+        except BaseException as exc:
+            if self._batch is batch:
+                self._batch = None
+            # The others must not wait for a read that never comes.
+            batch.error = exc if isinstance(exc, Exception) else None
+            raise
+        finally:
+            batch.done.set()
+        return batch.result
+
+
+@dataclass
+class _Batch(Generic[_K, _V]):
+    keys: set[_K] = field(default_factory=set)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: _V | None = None
+    error: Exception | None = None
+
+
 class InventoryReads:
     """Receipts due within :attr:`window` seconds of each other share one inventory read.
 
@@ -199,55 +260,35 @@ class InventoryReads:
     variants. A failed read fails every receipt that shared it (each retries as before).
     """
 
-    #: Seconds the first receipt waits for others: short beside an order's hours.
-    window = 0.2
-
     def __init__(self, katana: KatanaClient) -> None:
         self.katana = katana
-        self._batch: _InventoryBatch | None = None
+        self._shared = _SharedRead(self._read_all, RECEIPT_WINDOW)
         #: Reads made, and receipts they served (for tests and the benches).
         self.reads = 0
         self.served = 0
 
     async def read(self, variant_ids: Sequence[int]) -> list[InventoryRecord]:
         """The inventory records of ``variant_ids`` (every location)."""
-        batch = self._batch
-        if batch is None:
-            batch = self._batch = _InventoryBatch()
-            batch.variant_ids.update(variant_ids)
-            try:
-                await anyio.sleep(self.window)
-                self._batch = None  # later receipts start the next batch
-                self.reads += 1
-                batch.records = await self.katana.list_inventory(sorted(batch.variant_ids))
-            except BaseException as exc:
-                if self._batch is batch:
-                    self._batch = None
-                # The others must not wait for a read that never comes.
-                batch.error = exc if isinstance(exc, Exception) else None
-                raise
-            finally:
-                batch.done.set()
-        else:
-            batch.variant_ids.update(variant_ids)
-            await batch.done.wait()
-            if batch.records is None:
-                if batch.error is not None:
-                    raise batch.error
-                # The first receipt was cancelled: read alone.
-                return await self.katana.list_inventory(variant_ids)
+        records = await self._shared.read(variant_ids)
+        if records is None:
+            # The first receipt was cancelled: read alone.
+            return await self.katana.list_inventory(variant_ids)
         self.served += 1
-        assert batch.records is not None
         wanted = set(variant_ids)
-        return [record for record in batch.records if record.variant_id in wanted]
+        return [record for record in records if record.variant_id in wanted]
 
+    @property
+    def window(self) -> float:
+        """Seconds the first receipt waits for others: short beside an order's hours."""
+        return self._shared.window
 
-@dataclass
-class _InventoryBatch:
-    variant_ids: set[int] = field(default_factory=set)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    records: list[InventoryRecord] | None = None
-    error: Exception | None = None
+    @window.setter
+    def window(self, seconds: float) -> None:
+        self._shared.window = seconds
+
+    async def _read_all(self, variant_ids: set[int]) -> list[InventoryRecord]:
+        self.reads += 1
+        return await self.katana.list_inventory(sorted(variant_ids))
 
 
 #: A PO as a receipt reads it: the order and its lines.
@@ -275,8 +316,6 @@ class PurchaseOrderReads:
     A failed read fails every receipt that shared it (each retries as before).
     """
 
-    #: Seconds the first receipt waits for others.
-    window = 0.2
     #: How old a PO read ahead may be when its receipt uses it. At saturation a receipt's
     #: own read waits for the budget about as long between its read and its writes.
     fresh_for = 60.0
@@ -295,9 +334,9 @@ class PurchaseOrderReads:
         self.due = due
         #: Seconds at most a batch stays open while the budget has callers waiting.
         self.patience = patience
-        if window is not None:
-            self.window = window
-        self._batch: _PurchaseOrderBatch | None = None
+        self._shared = _SharedRead(
+            self._read_together, RECEIPT_WINDOW if window is None else window, self._linger
+        )
         self._ahead: dict[int, tuple[float, _PurchaseOrderRead]] = {}
         #: Shared reads made, and receipts they served (for tests and the benches).
         self.reads = 0
@@ -312,40 +351,28 @@ class PurchaseOrderReads:
         if ahead is not None and time.monotonic() - ahead[0] <= self.fresh_for:
             self.served += 1
             return ahead[1]
-        batch = self._batch
-        if batch is None:
-            batch = self._batch = _PurchaseOrderBatch()
-            batch.ids.add(po_id)
-            try:
-                await anyio.sleep(self.window)
-                waited, step = self.window, max(self.window, _PATIENCE_STEP)
-                while waited < self.patience and self.tradegecko.budget.waiting:
-                    await anyio.sleep(step)
-                    waited += step
-                self._batch = None  # later receipts start the next batch
-                batch.found = await self._read_together(batch.ids)
-            except BaseException as exc:
-                if self._batch is batch:
-                    self._batch = None
-                # The others must not wait for a read that never comes.
-                batch.error = exc if isinstance(exc, Exception) else None
-                raise
-            finally:
-                batch.done.set()
-        else:
-            batch.ids.add(po_id)
-            await batch.done.wait()
-            if batch.found is None:
-                if batch.error is not None:
-                    raise batch.error
-                # The first receipt was cancelled: read alone.
-                return await self.tradegecko.get_purchase_order(po_id)
-        assert batch.found is not None
-        found = batch.found.get(po_id)
-        if found is None:
+        found = await self._shared.read([po_id])
+        read = None if found is None else found.get(po_id)
+        if read is None:
+            # The first receipt was cancelled, or the list did not bring this PO whole.
             return await self.tradegecko.get_purchase_order(po_id)
         self.served += 1
-        return found
+        return read
+
+    @property
+    def window(self) -> float:
+        """Seconds the first receipt waits for others."""
+        return self._shared.window
+
+    @window.setter
+    def window(self, seconds: float) -> None:
+        self._shared.window = seconds
+
+    async def _linger(self) -> None:
+        waited, step = self.window, max(self.window, _PATIENCE_STEP)
+        while waited < self.patience and self.tradegecko.budget.waiting:
+            await anyio.sleep(step)
+            waited += step
 
     async def _read_together(self, asked: set[int]) -> dict[int, _PurchaseOrderRead]:
         now = time.monotonic()
@@ -379,14 +406,6 @@ class PurchaseOrderReads:
             if po_id in found:
                 self._ahead[po_id] = (now, found[po_id])
         return found
-
-
-@dataclass
-class _PurchaseOrderBatch:
-    ids: set[int] = field(default_factory=set)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    found: dict[int, _PurchaseOrderRead] | None = None
-    error: Exception | None = None
 
 
 class Effects:
