@@ -45,7 +45,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -57,7 +56,7 @@ import anyio
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness import Unsound, _template, free_port
+from bench.harness import Unsound, _template, free_port, start_simulator
 from syncd.sim import CHAIR_LINE, TRADEGECKO_WEBHOOK_SECRET
 
 __all__ = ["measure"]
@@ -81,35 +80,6 @@ def _token(base: str, index: int) -> str:
 
 def _names(count: int) -> list[str]:
     return [f"f{i}" for i in range(count)]
-
-
-def _start_sim(service: str, accounts: int) -> tuple[subprocess.Popen[str], str]:
-    """A simulator process; its base URL read from the banner it prints once listening."""
-    accounts_flag = ["--accounts", str(accounts)]
-    proc = subprocess.Popen(
-        [str(_BIN / "syncd"), "sim", service, "--no-rate-limit", "--port", "0", *accounts_flag],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the {service} simulator exited with {proc.wait()}")
-        for word in line.split():
-            if word.startswith("http://"):
-                # Its log goes on to stdout: read and dropped, or the full pipe blocks the
-                # simulator's event loop (at 1,000 accounts its webhook log fills it).
-                threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
-                return proc, word.rstrip("/").removesuffix("/v1")
-    raise RuntimeError(f"the {service} simulator printed no address")
-
-
-def _drain(stream: Any) -> None:
-    for _ in stream:
-        pass
 
 
 def _config(tmp: Path, count: int, katana: str, tradegecko: str) -> tuple[Path, int, int]:
@@ -170,9 +140,9 @@ def _scrape(text: str) -> dict[str, Any]:
 def _processes(tmp: Path, count: int) -> Iterator[dict[str, Any]]:
     procs: list[subprocess.Popen[str]] = []
     try:
-        katana, katana_url = _start_sim("katana", count)
+        katana, katana_url = start_simulator("katana", count)
         procs.append(katana)
-        tradegecko, tradegecko_url = _start_sim("tradegecko", count)
+        tradegecko, tradegecko_url = start_simulator("tradegecko", count)
         procs.append(tradegecko)
         config, hook_port, metrics_port = _config(tmp, count, katana_url, tradegecko_url)
         log = (tmp / "syncd.log").open("w")

@@ -17,7 +17,6 @@ the last line. The bound to compare with: a lease expires ``ttl`` after its last
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -25,22 +24,9 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
-
-
-def _load(name: str) -> ModuleType:
-    """A module of tests/ loaded from its file, without putting tests/ on ``sys.path``."""
-    spec = importlib.util.spec_from_file_location(name, TESTS / f"{name}.py")
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {name} from {TESTS}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench.harness import TESTS, load_test_module
 
 
 class Daemon:
@@ -109,7 +95,7 @@ def main() -> int:
     parser.add_argument("--ttl", type=float, default=3.0)
     parser.add_argument("--renew", type=float, default=0.5)
     args = parser.parse_args()
-    pg = _load("pg_server")
+    pg = load_test_module("pg_server")
     binaries = pg.find_binaries()
     if binaries is None:
         raise SystemExit("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)")

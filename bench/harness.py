@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import subprocess
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import anyio
@@ -32,6 +37,7 @@ from syncd.sim import (
 )
 
 __all__ = [
+    "TESTS",
     "Recorder",
     "Sims",
     "Tally",
@@ -42,8 +48,10 @@ __all__ = [
     "delta",
     "find_unsound",
     "free_port",
+    "load_test_module",
     "percentile",
     "running_sims",
+    "start_simulator",
     "tally",
     "wait_until",
 ]
@@ -327,3 +335,44 @@ def calls_between(before: Tally, after: Tally, *, what: str) -> dict[str, Any]:
     if problems:
         raise Unsound(f"{what}: " + "; ".join(problems), out)
     return out
+
+
+#: The tests' folder: some benches reuse its helpers (the PostgreSQL server, harnesses).
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+
+
+def load_test_module(name: str) -> ModuleType:
+    """A module of tests/ loaded from its file, without putting tests/ on ``sys.path``."""
+    spec = importlib.util.spec_from_file_location(name, TESTS / f"{name}.py")
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {name} from {TESTS}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def start_simulator(service: str, accounts: int = 1) -> tuple[subprocess.Popen[str], str]:
+    """``syncd sim SERVICE --no-rate-limit`` as its own process; its base URL (without
+    Katana's ``/v1``) read from the banner it prints once listening."""
+    syncd = str(Path(sys.executable).parent / "syncd")
+    flags = ["--no-rate-limit", "--port", "0", "--accounts", str(accounts)]
+    proc = subprocess.Popen(
+        [syncd, "sim", service, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {service} simulator exited with {proc.wait()}")
+        for word in line.split():
+            if word.startswith("http://"):
+                # Its log goes on to stdout: read and dropped, or the full pipe blocks the
+                # simulator's event loop (at 1,000 accounts its webhook log fills it).
+                threading.Thread(target=proc.stdout.read, daemon=True).start()
+                return proc, word.rstrip("/").removesuffix("/v1")
+    raise RuntimeError(f"the {service} simulator printed no address")

@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from bench.harness import Unsound, free_port, percentile
+from bench.harness import Unsound, free_port, percentile, start_simulator
 from syncd.sim import CHAIR_LINE, TRADEGECKO_WEBHOOK_SECRET
 
 __all__ = ["measure"]
@@ -47,37 +46,15 @@ _KATANA_TOKEN = "katana-sim-token"
 _TRADEGECKO_TOKEN = "tradegecko-sim-token"
 
 
-def _start(cmd: list[str], what: str) -> tuple[subprocess.Popen[str], str]:
-    """Start a simulator and read its base URL from the banner it prints once listening."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the {what} simulator exited with {proc.wait()}")
-        for word in line.split():
-            if word.startswith("http://"):
-                # Drained from here on: a simulator blocked on a full pipe would stall.
-                threading.Thread(target=proc.stdout.read, daemon=True).start()
-                return proc, word.rstrip("/").removesuffix("/v1")
-    raise RuntimeError(f"the {what} simulator printed no address")
-
-
 @contextmanager
 def _processes(tmp: Path) -> Iterator[dict[str, Any]]:
     """Both simulators and the daemon running; what the rounds need to reach them."""
     bin_dir = Path(sys.executable).parent
     procs: list[subprocess.Popen[str]] = []
     try:
-        katana, katana_url = _start(
-            [str(bin_dir / "syncd"), "sim", "katana", "--no-rate-limit", "--port", "0"], "Katana"
-        )
+        katana, katana_url = start_simulator("katana")
         procs.append(katana)
-        tradegecko, tradegecko_url = _start(
-            [str(bin_dir / "syncd"), "sim", "tradegecko", "--no-rate-limit", "--port", "0"],
-            "TradeGecko",
-        )
+        tradegecko, tradegecko_url = start_simulator("tradegecko")
         procs.append(tradegecko)
         hook_port, metrics_port = free_port(), free_port()
         db = tmp / "syncd.db"

@@ -18,34 +18,18 @@ then a JSON summary: duplicates and losses (both must be 0) and the failover tim
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import anyio
 
-from bench.harness import Unsound
-
-TESTS = Path(__file__).resolve().parents[1] / "tests"
-
-
-def _load(name: str) -> ModuleType:
-    """A module of tests/ loaded from its file, without putting tests/ on ``sys.path``."""
-    spec = importlib.util.spec_from_file_location(name, TESTS / f"{name}.py")
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {name} from {TESTS}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench.harness import Unsound, load_test_module
 
 
 async def _taken_over(run: Any, owner: str, factories: list[str], within: float) -> float:
@@ -73,8 +57,8 @@ async def measure(
     :raises Unsound: a PO lost or done twice, a history off the chart, or a frozen daemon
         that acted for a factory it had lost.
     """
-    harness = _load("multidaemon_harness")
-    pg = _load("pg_server")
+    harness = load_test_module("multidaemon_harness")
+    pg = load_test_module("pg_server")
     binaries = pg.find_binaries()
     if binaries is None:
         raise SystemExit("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)")
