@@ -10,29 +10,13 @@ survived, orders, duplicates and losses. Exits 0 when nothing was lost or done t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 
-#: The harness the crash tests use, run as it is (it is theirs: kept in one place).
-HARNESS = Path(__file__).resolve().parents[1] / "tests" / "crash_harness.py"
-
-
-def _load_harness() -> ModuleType:
-    """``tests/crash_harness.py`` as a module, loaded from its file: nothing is added to
-    ``sys.path``, so no other module of tests/ can shadow a package here."""
-    spec = importlib.util.spec_from_file_location("crash_harness", HARNESS)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load the crash harness from {HARNESS}")
-    module = importlib.util.module_from_spec(spec)
-    # Registered before it runs: its dataclasses look their module up by name.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench.harness import load_test_module
 
 
 def main() -> int:
@@ -48,7 +32,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="syncd-crash-") as scratch:
         workdir = Path(args.keep or scratch)
         workdir.mkdir(parents=True, exist_ok=True)
-        harness = _load_harness().CrashHarness(workdir, seed=args.seed)
+        harness = load_test_module("crash_harness").CrashHarness(workdir, seed=args.seed)
         began = time.monotonic()
         with harness.running():
             report = harness.chaos(orders=args.orders, kills=args.kills, seconds=args.seconds)

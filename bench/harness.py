@@ -347,6 +347,7 @@ def load_test_module(name: str) -> ModuleType:
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot load {name} from {TESTS}")
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: its dataclasses look their module up by name.
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
