@@ -1305,35 +1305,6 @@ async def test_a_fenced_write_after_a_takeover_is_refused_and_writes_nothing(
             await new_owner.set_meta("k", "v")
 
 
-async def test_claim_share_spreads_the_factories_and_rebalances(database: str) -> None:
-    names = [f"f{n:02d}" for n in range(12)]
-    async with opened(database) as one, opened(database) as two:
-        held_one = await one.claim_share("d1", names, {}, ttl=30, within=10)
-        assert sorted(held_one) == names  # alone: every factory
-        # A second daemon joins: the first gives up half at its next round, the second
-        # takes them at its next.
-        held_two = await two.claim_share("d2", names, {}, ttl=30, within=10)
-        assert held_two == {}
-        held_one = await one.claim_share("d1", names, held_one, ttl=30, within=10)
-        held_two = await two.claim_share("d2", names, held_two, ttl=30, within=10)
-        assert len(held_one) == len(held_two) == 6
-        assert set(held_one) | set(held_two) == set(names)
-        assert {r.factory: r.owner for r in await one.leases() if r.held} == {
-            **dict.fromkeys(held_one, "d1"),
-            **dict.fromkeys(held_two, "d2"),
-        }
-        # A factory dropped from the configuration is released.
-        held_one = await one.claim_share("d1", names[1:], held_one, ttl=30, within=10)
-        assert "f00" not in held_one
-        # The second leaves: the first takes everything at its next round.
-        await two.leave("d2")
-        assert await one.live_owners(10) == ["d1"]
-        held_one = await one.claim_share("d1", names, held_one, ttl=30, within=10)
-        assert sorted(held_one) == names
-        fences = {r.factory: r.fence for r in await one.leases()}
-        assert {fences[name] for name in held_two} == {3}  # d1, d2, d1 again
-
-
 async def test_postgres_two_daemons_racing_for_twelve_factories_hold_disjoint_sets(
     pg_database: str,
 ) -> None:
@@ -1356,25 +1327,6 @@ async def test_postgres_two_daemons_racing_for_twelve_factories_hold_disjoint_se
         for record in await one.leases():
             assert record.owner == ("d1" if record.factory in won["d1"] else "d2")
             assert record.fence == 1
-        for name in names:
-            raw(pg_database, f"UPDATE leases SET expires_at = 0 WHERE factory = '{name}'")
-
-        # Claiming shares at once, round after round: never a factory held twice, and
-        # balanced once both see each other.
-        held: dict[str, dict[str, Lease]] = {"d1": {}, "d2": {}}
-        await one.heartbeat("d1")
-        await two.heartbeat("d2")
-
-        async def claim(store: Store, owner: str) -> None:
-            held[owner] = await store.claim_share(owner, names, held[owner], ttl=30, within=10)
-
-        for _ in range(3):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(claim, one, "d1")
-                tg.start_soon(claim, two, "d2")
-            assert not set(held["d1"]) & set(held["d2"])
-        assert sorted([*held["d1"], *held["d2"]]) == names
-        assert len(held["d1"]) == len(held["d2"]) == 6
 
 
 async def test_postgres_a_takeover_waits_for_a_fenced_write_in_flight(pg_database: str) -> None:

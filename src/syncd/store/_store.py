@@ -12,8 +12,6 @@ database share the factories through leases whose fence every owner's write re-c
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
 import secrets
 import socket
@@ -110,12 +108,6 @@ def new_owner_id() -> str:
     """A daemon's name in the leases: its host and pid, and a random part so that a pid
     used again after a restart is another owner."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-def _preference(owner: str, factory: str) -> bytes:
-    # Rendezvous hashing: each daemon prefers the factories in its own order, so daemons
-    # claiming at once mostly reach for different ones.
-    return hashlib.sha256(f"{owner}\0{factory}".encode()).digest()
 
 
 @dataclass(frozen=True)
@@ -1252,51 +1244,6 @@ class Store:
         async with self._db.transaction() as db:
             await db.execute("UPDATE leases SET expires_at = 0 WHERE owner = ?", (owner,))
             await db.execute("DELETE FROM daemons WHERE owner = ?", (owner,))
-
-    async def claim_share(
-        self,
-        owner: str,
-        factories: Sequence[str],
-        held: Mapping[str, Lease],
-        *,
-        ttl: float,
-        within: float,
-    ) -> dict[str, Lease]:
-        """One round of sharing ``factories`` among the live daemons; what ``owner`` holds
-        after it (compare with ``held`` to learn what to start and stop).
-
-        Heartbeat; renew the leases in ``held`` (a lost one is dropped); release those
-        beyond this daemon's share, ``ceil(factories / live daemons)``, and those no longer
-        in ``factories``; take free or expired ones up to the share. Run it every
-        ``ttl / 3`` or so: a joining daemon gets its share within two rounds of the others,
-        a dead one's factories are taken once its leases expire.
-        """
-        await self.heartbeat(owner)
-        live = set(await self.live_owners(within)) | {owner}
-        share = math.ceil(len(factories) / len(live))
-        order = sorted(factories, key=lambda name: _preference(owner, name))
-        kept: dict[str, Lease] = {}
-        for name, lease in held.items():
-            renewed = await self.renew_lease(lease, ttl)
-            if renewed is not None:
-                kept[name] = renewed
-        # A factory no longer configured goes; then the extras, least preferred first.
-        gone = [name for name in kept if name not in factories]
-        for name in gone + [name for name in reversed(order) if name in kept]:
-            if name in factories and len(kept) <= share:
-                break
-            await self.release_lease(kept.pop(name))
-        if len(kept) < share:
-            taken = {r.factory for r in await self.leases() if r.held and r.owner != owner}
-            for name in order:
-                if len(kept) >= share:
-                    break
-                if name in kept or name in taken:
-                    continue
-                got = await self.acquire_lease(name, owner, ttl)
-                if got is not None:
-                    kept[name] = got
-        return kept
 
     # -- wake-ups ------------------------------------------------------------------------
 
