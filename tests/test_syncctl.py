@@ -698,3 +698,44 @@ async def test_factory_option_on_status_inspect_history_and_the_order_commands(
     assert code == 2 and "--factory: no factory 'west' (there are: east, north, south)" in err
     code, _, err = await syncctl_process("--db", db, "--factory", "West!", "status")
     assert code == 2 and "is not a factory name" in err
+
+
+@pytest.mark.anyio
+async def test_status_names_the_daemon_holding_each_factorys_lease(tmp_path: Path) -> None:
+    db = str(tmp_path / "syncd.db")
+    await _factories_db(Path(db))
+    store = await Store.open(db)
+    try:
+        assert await store.acquire_lease("east", "host-a:101:aa", 60.0) is not None
+        assert await store.acquire_lease("south", "host-b:202:bb", 0.05) is not None
+        await anyio.sleep(0.2)  # south's lease expires; north never had one
+    finally:
+        await store.close()
+
+    code, status, err = await syncctl_process("--db", db, "status", "--json")
+    assert code == 0, err
+    owners = {name: data["owner"] for name, data in status["factories"].items()}
+    assert owners["north"] is None
+    east = owners["east"]
+    assert east["daemon"] == "host-a:101:aa" and east["fence"] == 1 and east["held"] is True
+    assert 50 < east["expires_in_s"] <= 60
+    assert owners["south"]["daemon"] == "host-b:202:bb" and owners["south"]["held"] is False
+
+    code, text, err = await syncctl_process("--db", db, "status")
+    assert code == 0, err
+    lines = text.splitlines()
+    assert lines[0].split() == [
+        "factory",
+        "orders",
+        "attention",
+        "inbox",
+        "paused",
+        "owner",
+        "states",
+    ]
+    assert "host-a:101:aa (fence 1, expires in" in lines[1] and lines[1].startswith("east")
+    assert lines[2].startswith("north") and "  none  " in lines[2]
+    assert "none (lease of host-b:202:bb expired" in lines[3]
+    code, text, err = await syncctl_process("--factory", "east", "--db", db, "status")
+    assert code == 0, err
+    assert "owner: host-a:101:aa (fence 1, expires in" in text

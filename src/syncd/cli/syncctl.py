@@ -63,6 +63,7 @@ from syncd.store import (
     DEFAULT_FACTORY,
     ImportOutcome,
     ImportResult,
+    LeaseRecord,
     PlannedWrite,
     PurchaseOrderObservation,
     Store,
@@ -377,6 +378,27 @@ def _per_factory(ctx: click.Context, work: Callable[[Store], Awaitable[T]]) -> d
 
 # -- the shapes of things --------------------------------------------------------------------
 
+
+def _owner(lease: LeaseRecord | None) -> dict[str, Any] | None:
+    """The daemon holding a factory's lease (``None``: no daemon ever took one)."""
+    if lease is None:
+        return None
+    return {
+        "daemon": lease.owner,
+        "fence": lease.fence,
+        "held": lease.held,
+        "expires_in_s": round(lease.remaining, 1),
+    }
+
+
+def _owner_text(owner: dict[str, Any] | None) -> str:
+    if owner is None:
+        return "none"
+    if owner["held"]:
+        return f"{owner['daemon']} (fence {owner['fence']}, expires in {owner['expires_in_s']} s)"
+    return f"none (lease of {owner['daemon']} expired {-owner['expires_in_s']} s ago)"
+
+
 _PAUSED_SINCE = re.compile(r" since (\S+):(?: |$)")
 
 
@@ -473,8 +495,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Orders per state, the oldest in each, paused services, inbox backlog, last polls."""
 
     chart = _chart(ctx)
+    leases: dict[str, LeaseRecord] | None = None
 
     async def work(store: Store) -> dict[str, Any]:
+        nonlocal leases
+        if leases is None:  # one read for every factory, not one each
+            leases = {r.factory: r for r in await store.leases()}
         counts = await store.counts_by_state()
         oldest = await store.oldest_by_state()
         backlog, oldest_event = await store.inbox_backlog()
@@ -501,6 +527,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
                 name: {"value": v, "updated_at": _when(t)}
                 for name, (v, t) in sorted(cursors.items())
             },
+            "owner": _owner(leases.get(store.factory)),
         }
 
     each = _per_factory(ctx, work)
@@ -528,6 +555,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         f"inbox_backlog: {_plural(data['inbox_backlog'], 'event')}"
         + (f" (oldest since {data['inbox_oldest_since']})" if data["inbox_oldest_since"] else "")
     )
+    if data["owner"] is not None:  # daemons sharing factories on PostgreSQL
+        click.echo(f"owner: {_owner_text(data['owner'])}")
     for source, when in data["last_successful_poll"].items():
         click.echo(f"last_successful_poll of {source}: {_text(when)}")
     for name, info in data["cursors"].items():
@@ -546,15 +575,22 @@ def _status_of_factories(each: dict[str, dict[str, Any]], as_json: bool) -> None
         )
         return
     width = max(len("factory"), *(len(name) for name in each))
+    # The owner column only where daemons share the factories through leases.
+    owners = {name: _owner_text(data["owner"]) for name, data in each.items()}
+    owned = any(data["owner"] for data in each.values())
+    o_width = max(len("owner"), *(len(o) for o in owners.values())) if owned else 0
+    owner_head = f"  {'owner':<{o_width}}" if owned else ""
     click.echo(
-        f"{'factory':<{width}} {'orders':>7} {'attention':>9} {'inbox':>6}  {'paused':<18}  states"
+        f"{'factory':<{width}} {'orders':>7} {'attention':>9} {'inbox':>6}  {'paused':<18}"
+        f"{owner_head}  states"
     )
     for name, data in each.items():
         paused = ",".join(p["service"] for p in data["paused"]) or "none"
         states = ", ".join(f"{state} {info['orders']}" for state, info in data["states"].items())
+        owner = f"  {owners[name]:<{o_width}}" if owned else ""
         click.echo(
             f"{name:<{width}} {data['total']:>7} {data['needs_attention']:>9} "
-            f"{data['inbox_backlog']:>6}  {paused:<18}  {states or '-'}".rstrip()
+            f"{data['inbox_backlog']:>6}  {paused:<18}{owner}  {states or '-'}".rstrip()
         )
     click.echo(f"{'total':<{width}} {sum(data['total'] for data in each.values()):>7}")
 
