@@ -635,8 +635,11 @@ class WebhookConsumer:
             raise _NotLinkedYet(f"Katana SO {so_id} is no order's yet; an import is under way")
         if link is None or link.state not in self.katana_poller.followed_states:
             return "not followed", 0
-        await self._hear(so_id, batch)
         evidence = await self.store.sales_order_evidence(so_id)
+        if evidence is not None:
+            # Without a look kept there is nothing to add to: the look will tell.
+            await self._hear(so_id, batch)
+            evidence = await self.store.sales_order_evidence(so_id)
         so_status = evidence.status if evidence is not None else None
         if why := self._hint(notes, link.state, link.resume_state, so_status):
             return why, 0
