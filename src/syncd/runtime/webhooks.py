@@ -7,7 +7,9 @@ as hints (payloads are thin and may be stale, duplicated or out of order): it ga
 object's deliveries for ``webhooks.coalesce`` seconds, settles without a re-fetch those whose
 Katana ``object.status`` cannot move the order and the echoes of syncd's own writes, and
 re-fetches the rest once, writing the very events the pollers write, under the same
-de-duplication keys: a webhook and a poll of one change count once. The pollers stay as
+de-duplication keys: a webhook and a poll of one change count once. Signed deliveries are
+taken at their word where an earlier look, kept in the store, makes them sufficient (see
+:class:`WebhookConsumer`). The pollers stay as
 reconciliation for whatever a webhook misses or a stale status hid, at
 :attr:`~syncd.config.WebhooksConfig.reconcile_interval` while webhooks are healthy.
 
@@ -400,6 +402,15 @@ class WebhookConsumer:
     against the chart) and the echoes of syncd's own writes are settled without a re-fetch.
     Objects are handled ``concurrency`` at a time, one object's deliveries in order. A
     delivery missed or settled on a stale status is caught by the pollers' reconciliation.
+
+    Signed deliveries (``trusted``) are taken at their word where a look makes them
+    sufficient, with the evidence in the store (it survives a restart): a look at an SO
+    keeps what it saw and places the MOs its rows link; an MO heard of that no look placed
+    is placed by one look at the followed SOs that may own it (several such MOs in a window
+    share it), the MO itself being looked at only when none of them links it; a placed
+    MO's statuses need no look; an SO's DELIVERED moves the order with no look when every
+    MO its last look placed said DONE since, no row waited for an MO and no SO delivery
+    since may have been a row edit. Otherwise one look, as before.
     """
 
     def __init__(
@@ -723,10 +734,12 @@ class WebhookConsumer:
         followed = self.katana_poller.followed_states
         held = [state for state in await self.store.counts_by_state() if state in followed]
         # A look's triggers never include ``retry``, the one a resume state decides.
-        if all(self._hint(notes, state, None, None) for state in held):
+        movable = [state for state in held if not self._hint(notes, state, None, None)]
+        if not movable:
             return "status cannot move any followed order", 0
+        # Its owner is one whose order it can move, and whose rows may link a new MO.
         owners = await self.store.sales_orders_waiting(
-            sorted(await self.store.so_ids_in_states(followed))
+            sorted(await self.store.so_ids_in_states(movable))
         )
         if 0 < len(owners) <= _OWNERS_PER_LOOK:
             outcome, added = await self._sales_orders(owners, newest)
