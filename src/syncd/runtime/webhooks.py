@@ -9,9 +9,9 @@ Katana ``object.status`` cannot move the order and the echoes of syncd's own wri
 re-fetches the rest once, writing the very events the pollers write, under the same
 de-duplication keys: a webhook and a poll of one change count once. Signed deliveries are
 taken at their word where an earlier look, kept in the store, makes them sufficient (see
-:class:`WebhookConsumer`). The pollers stay as
-reconciliation for whatever a webhook misses or a stale status hid, at
-:attr:`~syncd.config.WebhooksConfig.reconcile_interval` while webhooks are healthy.
+:class:`WebhookConsumer`). The pollers stay as reconciliation for whatever a webhook misses
+or a stale status hid, at :attr:`~syncd.config.WebhooksConfig.reconcile_interval` while
+webhooks are healthy.
 
 Answers: bad signature 401, TradeGecko ``timestamp`` outside the replay window (older than
 :attr:`~syncd.config.WebhooksConfig.replay_window`, or more than 5 minutes ahead) 401
