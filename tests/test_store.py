@@ -1593,3 +1593,59 @@ async def test_idle_factories_share_one_query_for_what_waits_in_the_inbox(databa
         assert [e.id for e in await views[9].pending_events()] == [theirs]
         await views[9].mark_processed(theirs if theirs is not None else -1, "done")
         assert await views[9].pending_events() == []
+
+
+async def test_production_evidence_keeps_looks_placements_and_what_was_heard_since(
+    database: str,
+) -> None:
+    async with opened(database) as store:
+        assert await store.sales_order_evidence(7) is None
+        assert await store.sales_orders_waiting([7, 8]) == {7, 8}  # never looked at
+        await store.record_sales_order_look(
+            7, 10, b'{"so_id":7}', status="NOT_SHIPPED", waiting=False, mo_ids=[70, 71]
+        )
+        await store.record_sales_order_look(
+            8, 10, b'{"so_id":8}', status="NOT_SHIPPED", waiting=True, mo_ids=[]
+        )
+        assert await store.sales_orders_waiting([7, 8]) == {8}  # a row waits for an MO
+        # Heard after the look: kept; an older delivery than the one kept changes nothing.
+        await store.hear_manufacturing_order(70, "DONE", 12)
+        await store.hear_manufacturing_order(70, "IN_PROGRESS", 11)
+        await store.hear_manufacturing_order(99, "DONE", 12)  # placed by no look: ignored
+        assert await store.placement(99) is None
+        await store.hear_sales_order(7, 13, status="DELIVERED", edit=False)
+        evidence = await store.sales_order_evidence(7)
+        assert evidence is not None
+        assert (evidence.looked, evidence.facts, evidence.waiting) == (10, b'{"so_id":7}', False)
+        assert (evidence.status, evidence.heard, evidence.edited) == ("DELIVERED", 13, None)
+        assert [(p.mo_id, p.so_id, p.placed, p.status, p.heard) for p in evidence.placements] == [
+            (70, 7, 10, "DONE", 12),
+            (71, 7, 10, None, None),
+        ]
+        # An edit the look already saw marks nothing; one after it makes the look stale.
+        await store.hear_sales_order(7, 9, status=None, edit=True)
+        assert await store.sales_orders_waiting([7]) == set()
+        await store.hear_sales_order(7, 14, status="NOT_SHIPPED", edit=True)
+        assert await store.sales_orders_waiting([7]) == {7}
+        # A look older than the one kept is dropped; a newer one replaces it and keeps only
+        # what its MOs said after it began.
+        await store.record_sales_order_look(
+            7, 5, b"{}", status="NOT_SHIPPED", waiting=True, mo_ids=[]
+        )
+        assert (await store.sales_order_evidence(7)).looked == 10  # type: ignore[union-attr]
+        await store.record_sales_order_look(
+            7, 12, b"{}", status="DELIVERED", waiting=False, mo_ids=[70, 71]
+        )
+        again = await store.sales_order_evidence(7)
+        assert again is not None and again.edited is None and again.heard == 12
+        assert [(p.mo_id, p.status, p.heard) for p in again.placements] == [
+            (70, None, None),
+            (71, None, None),
+        ]
+        # An MO made for no sales order is placed so; another factory sees none of it.
+        await store.place_manufacturing_order(72, None, 12)
+        placement = await store.placement(72)
+        assert placement is not None and placement.so_id is None
+        other = store.for_factory("other")
+        assert await other.placement(70) is None
+        assert await other.sales_order_evidence(7) is None

@@ -412,7 +412,9 @@ async def test_a_katana_delivery_makes_fewer_refetches_per_order(
     # A first import looks no SO up: every GET /sales_orders is a delivery's re-fetch.
     assert requests.get("GET /sales_orders", 0) == refetches.get("sales_order", 0)
     assert requests.get("GET /manufacturing_orders", 0) == refetches.get("manufacturing_order", 0)
-    # One look at the MO (which SO?), one at the SO when it can move: 8 before hints.
+    # One look at the SO places its MO, whose DONE and the SO's DELIVERED are then taken
+    # at their word; under load the MO may be heard before the import is stored (the MO
+    # is looked at) or an SO delivery after that look (one more look). 8 before hints.
     assert sum(refetches.values()) <= 4, refetches
 
 
@@ -880,3 +882,178 @@ async def test_the_router_sends_each_factorys_paths_to_its_listener() -> None:
         router.remove("north")
         assert (await http.post("/webhooks/north/tradegecko")).status_code == 404
         assert (await http.get("/healthz")).json() == {"status": "ok", "registered": True}
+
+
+# -- deliveries taken at their word: placements and evidence kept in the store ------------
+
+
+async def imported_so(sims: Sims, daemon: Daemon, lines: int = 1) -> tuple[str, int]:
+    """A new PO's number and its SO's id, once the order is imported."""
+    po = await sims.create_po(lines)
+    await wait_for_state(daemon, po["order_number"], "imported", seconds=5)
+    link = await daemon.store.link_by_po_number(po["order_number"])
+    assert link is not None and link.so_id is not None
+    return po["order_number"], link.so_id
+
+
+def looks(daemon: Daemon) -> dict[str, int]:
+    """The consumer's Katana looks so far, by resource."""
+    assert daemon.webhooks is not None
+    made = daemon.webhooks.consumer.refetches
+    return {r: n for r, n in made.items() if r in ("sales_order", "manufacturing_order")}
+
+
+async def test_an_mo_heard_of_is_placed_by_one_look_at_the_sales_orders_that_may_own_it(
+    sims: Sims, tmp_path: Path
+) -> None:
+    database = tmp_path / "syncd.db"
+    config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+    async with sims.daemon(config) as daemon:
+        orders = [await imported_so(sims, daemon) for _ in range(2)]
+        await settled(database, 2)  # the SOs' created echoes
+        await sims.knobs("katana", drop=1.0)  # only the deliveries posted here
+        before = await katana_requests(sims)
+        world = sims.katana_world
+        mo_ids = [world.make_to_order_all(so_id)[0]["id"] for _, so_id in orders]
+        for mo_id in mo_ids:
+            await deliver_katana(daemon, "manufacturing_order.created", mo_id, "NOT_STARTED")
+        for number, _ in orders:
+            await wait_for_state(daemon, number, "in_production", seconds=5)
+        await settled(database, 4)
+        after = await katana_requests(sims)
+        # Neither MO is looked at: one read of both SOs places both and moves both orders.
+        assert after.get("GET /manufacturing_orders", 0) == before.get(
+            "GET /manufacturing_orders", 0
+        )
+        assert after["GET /sales_orders"] == before.get("GET /sales_orders", 0) + 1
+        assert looks(daemon) == {"sales_order": 1}
+        for (_, so_id), mo_id in zip(orders, mo_ids, strict=True):
+            placement = await daemon.store.placement(mo_id)
+            assert placement is not None and placement.so_id == so_id
+
+
+async def test_a_placed_mos_statuses_are_taken_at_their_word_across_a_restart(
+    sims: Sims, tmp_path: Path
+) -> None:
+    database = tmp_path / "syncd.db"
+    config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+    world = sims.katana_world
+    async with sims.daemon(config) as daemon:
+        number, so_id = await imported_so(sims, daemon)
+        await settled(database, 1)
+        await sims.knobs("katana", drop=1.0)
+        (mo,) = world.make_to_order_all(so_id)
+        await deliver_katana(daemon, "manufacturing_order.created", mo["id"], "NOT_STARTED")
+        await wait_for_state(daemon, number, "in_production", seconds=5)
+        await settled(database, 2)
+        placed = looks(daemon)
+        world.start_mo(mo["id"])
+        await deliver_katana(daemon, "manufacturing_order.in_progress", mo["id"], "IN_PROGRESS")
+        world.finish_mo(mo["id"])
+        await deliver_katana(daemon, "manufacturing_order.done", mo["id"], "DONE")
+        await settled(database, 4)
+        assert looks(daemon) == placed == {"sales_order": 1}  # the MO's word, no look
+    config.webhooks.register = False
+    # A new process: only the database remembers the placement and the MO's DONE.
+    async with sims.daemon(config) as daemon:
+        with anyio.fail_after(5):
+            while daemon.katana_poller.last_success is None:  # noqa: ASYNC110 - the poll at start
+                await anyio.sleep(0.02)
+        world.deliver(so_id)
+        await deliver_katana(daemon, "sales_order.delivered", so_id, "DELIVERED")
+        await wait_for_state(daemon, number, "received", seconds=10)
+        assert looks(daemon) == {}
+    assert katana_outcomes(database)[-1] == (
+        "sales_order.delivered",
+        "DELIVERED",
+        "delivered, as signed deliveries say",
+    )
+
+
+async def _deliver_with(sims: Sims, daemon: Daemon, database: Path, case: str) -> str:
+    """Take an order through production with the deliveries of ``case``; deliver its SO
+    (signed, DELIVERED) and return the order's number once received."""
+    world = sims.katana_world
+    number, so_id = await imported_so(sims, daemon, lines=2 if case == "row not made" else 1)
+    await settled(database, 1)
+    await sims.knobs("katana", drop=1.0)
+    rows = world.get_sales_order(so_id).row_ids
+    mo = world.make_to_order(rows[0])
+    await deliver_katana(daemon, "manufacturing_order.created", mo["id"], "NOT_STARTED")
+    await wait_for_state(daemon, number, "in_production", seconds=5)
+    await settled(database, 2)
+    world.start_mo(mo["id"])
+    world.finish_mo(mo["id"])
+    sent = 2
+    if case != "done not heard":
+        await deliver_katana(daemon, "manufacturing_order.done", mo["id"], "DONE")
+        sent += 1
+    if case == "reordered":
+        # The MO's older status comes last: its DONE is not the word to take.
+        await deliver_katana(daemon, "manufacturing_order.updated", mo["id"], "IN_PROGRESS")
+        sent += 1
+    if case == "rows edited":
+        world.edit_rows(so_id, [{"id": rows[0], "price_per_unit": 99}])
+        await deliver_katana(daemon, "sales_order.updated", so_id, "NOT_SHIPPED")
+        sent += 1
+    await settled(database, sent)
+    world.deliver(so_id)
+    await deliver_katana(daemon, "sales_order.delivered", so_id, "DELIVERED")
+    await wait_for_state(daemon, number, "received", seconds=10)
+    return number
+
+
+@pytest.mark.parametrize("case", ["complete", "done not heard", "reordered", "row not made"])
+async def test_delivered_moves_with_no_look_only_when_the_evidence_is_complete(
+    sims: Sims, tmp_path: Path, case: str
+) -> None:
+    database = tmp_path / "syncd.db"
+    config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+    async with sims.daemon(config) as daemon:
+        await _deliver_with(sims, daemon, database, case)
+        # The look that placed the MO, and one at the delivery unless the evidence told.
+        assert looks(daemon) == {"sales_order": 1 if case == "complete" else 2}
+    outcome = katana_outcomes(database)[-1]
+    assert (outcome[2] == "delivered, as signed deliveries say") is (case == "complete")
+
+
+async def test_a_row_edit_heard_after_the_look_is_looked_at_on_delivery_and_kept_as_drift(
+    sims: Sims, tmp_path: Path
+) -> None:
+    database = tmp_path / "syncd.db"
+    config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+    async with sims.daemon(config) as daemon:
+        number = await _deliver_with(sims, daemon, database, "rows edited")
+        assert looks(daemon) == {"sales_order": 2}
+        link = await daemon.store.link_by_po_number(number)
+        assert link is not None
+        assert any("price" in note and "99" in note for note in link.notes), link.notes
+
+
+async def test_unsigned_deliveries_are_not_taken_at_their_word(sims: Sims, tmp_path: Path) -> None:
+    database = tmp_path / "syncd.db"
+    config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+    config.webhooks.verify_signatures = False
+    async with sims.daemon(config) as daemon:
+        await _deliver_with(sims, daemon, database, "complete")
+        assert looks(daemon) == {"sales_order": 2}
+
+
+async def test_a_row_edit_whose_delivery_is_lost_is_recorded_as_drift_by_the_reconcile_poll(
+    sims: Sims, tmp_path: Path
+) -> None:
+    database = tmp_path / "syncd.db"
+    config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+    async with sims.daemon(config) as daemon:
+        number, so_id = await imported_so(sims, daemon)
+        await sims.knobs("katana", drop=1.0)  # the edit's delivery never comes
+        (row,) = sims.katana_world.get_sales_order(so_id).row_ids
+        sims.katana_world.edit_rows(so_id, [{"id": row, "price_per_unit": 99}])
+        daemon.poll_now()  # the reconcile poll, due every webhooks.reconcile_interval
+        with anyio.fail_after(10):
+            while True:
+                link = await daemon.store.link_by_po_number(number)
+                assert link is not None
+                if any("drift in Katana" in note and "99" in note for note in link.notes):
+                    break
+                await anyio.sleep(0.05)

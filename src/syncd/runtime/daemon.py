@@ -389,6 +389,7 @@ class Daemon:
                             chart=chart,
                             coalesce=config.webhooks.coalesce,
                             concurrency=config.webhooks.concurrency,
+                            trusted=config.webhooks.verify_signatures,
                         )
                         listener = WebhookListener(
                             config,

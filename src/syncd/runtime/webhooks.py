@@ -7,9 +7,11 @@ as hints (payloads are thin and may be stale, duplicated or out of order): it ga
 object's deliveries for ``webhooks.coalesce`` seconds, settles without a re-fetch those whose
 Katana ``object.status`` cannot move the order and the echoes of syncd's own writes, and
 re-fetches the rest once, writing the very events the pollers write, under the same
-de-duplication keys: a webhook and a poll of one change count once. The pollers stay as
-reconciliation for whatever a webhook misses or a stale status hid, at
-:attr:`~syncd.config.WebhooksConfig.reconcile_interval` while webhooks are healthy.
+de-duplication keys: a webhook and a poll of one change count once. Signed deliveries are
+taken at their word where an earlier look, kept in the store, makes them sufficient (see
+:class:`WebhookConsumer`). The pollers stay as reconciliation for whatever a webhook misses
+or a stale status hid, at :attr:`~syncd.config.WebhooksConfig.reconcile_interval` while
+webhooks are healthy.
 
 Answers: bad signature 401, TradeGecko ``timestamp`` outside the replay window (older than
 :attr:`~syncd.config.WebhooksConfig.replay_window`, or more than 5 minutes ahead) 401
@@ -43,8 +45,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import RETRY, Config, RetryPolicies
-from syncd.domain.rules import DELIVERED, delivery_can_move, purchase_order_trigger
+from syncd.domain.orders import SalesOrderFacts
+from syncd.domain.rules import (
+    DELIVERED,
+    delivery_can_move,
+    purchase_order_trigger,
+    sales_order_trigger,
+)
 from syncd.domain.statechart import Statechart, load_statechart
+from syncd.domain.triggers import SO_DELIVERED
 from syncd.errors import ApiError, ConfigError, NotFound, Retries, SyncdError
 from syncd.ops.asgi import bind_socket, serving_socket
 from syncd.runtime import inbox
@@ -52,7 +61,7 @@ from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.effects import PurchaseOrderReads
 from syncd.runtime.observer import Observer
 from syncd.runtime.pollers import OTHER_SUPPLIER, KatanaPoller, TradeGeckoPoller, facts_of
-from syncd.store import Store
+from syncd.store import SalesOrderEvidence, Store
 
 __all__ = [
     "KATANA_EVENTS",
@@ -380,6 +389,9 @@ def create_webhook_app(
 _Key = tuple[str, int]
 _KATANA_RESOURCES = frozenset(event.split(".", 1)[0] for event in KATANA_EVENTS)
 _Batch = list[tuple[int, inbox.WebhookReceived]]
+#: The most followed SOs one look reads to place an MO heard of (one request); with more
+#: that may own it, the MO itself is looked at.
+_OWNERS_PER_LOOK = 50
 
 
 class WebhookConsumer:
@@ -390,6 +402,15 @@ class WebhookConsumer:
     against the chart) and the echoes of syncd's own writes are settled without a re-fetch.
     Objects are handled ``concurrency`` at a time, one object's deliveries in order. A
     delivery missed or settled on a stale status is caught by the pollers' reconciliation.
+
+    Signed deliveries (``trusted``) are taken at their word where a look makes them
+    sufficient, with the evidence in the store (it survives a restart): a look at an SO
+    keeps what it saw and places the MOs its rows link; an MO heard of that no look placed
+    is placed by one look at the followed SOs that may own it (several such MOs in a window
+    share it), the MO itself being looked at only when none of them links it; a placed
+    MO's statuses need no look; an SO's DELIVERED moves the order with no look when every
+    MO its last look placed said DONE since, no row waited for an MO and no SO delivery
+    since may have been a row edit. Otherwise one look, as before.
     """
 
     def __init__(
@@ -403,6 +424,7 @@ class WebhookConsumer:
         chart: Statechart | None = None,
         coalesce: float = 0.5,
         concurrency: int = 8,
+        trusted: bool = True,
     ) -> None:
         self.store = store
         self.tradegecko_poller = tradegecko_poller
@@ -419,13 +441,13 @@ class WebhookConsumer:
         self._claimed: set[int] = set()
         self._queued: dict[_Key, _Batch] = {}
         self._busy: set[_Key] = set()
-        #: Manufacturing order → its sales order, as re-fetches showed: an MO's delivery is
-        #: then weighed against its order's state without a look at the MO.
+        #: Deliveries are signed (``webhooks.verify_signatures``): the statuses they say
+        #: are taken at their word, with what looks placed (kept in the store).
+        self.trusted = trusted
+        #: Manufacturing order → its sales order, as looks placed it (a cache of the
+        #: store's placements): its deliveries are gathered with the SO's.
         self._mo_so: dict[int, int | None] = {}
         self._mo_lookup = anyio.Lock()
-        #: Each SO's status as last seen (a look or its own delivery): an MO finishing
-        #: cannot deliver an SO known not to be delivered.
-        self._so_status: dict[int, str] = {}
         #: The newest delivery collected (inbox ids grow), and by SO the newest one
         #: collected before its last look began: deliveries up to it are covered by it.
         self._collected = 0
@@ -505,11 +527,10 @@ class WebhookConsumer:
 
     async def _settle(self, key: _Key, batch: _Batch) -> None:
         resource, object_id = key
-        notes = [note for _, note in batch]
         try:
             try:
                 newest = max(event_id for event_id, _ in batch)
-                outcome, count = await self._look(resource, object_id, notes, newest)
+                outcome, count = await self._look(resource, object_id, batch, newest)
             except NotFound:
                 outcome, count = "gone", 0
             except SyncdError as exc:
@@ -539,18 +560,18 @@ class WebhookConsumer:
         self.refetches[resource] = self.refetches.get(resource, 0) + 1
 
     async def _look(
-        self, resource: str, object_id: int, notes: list[inbox.WebhookReceived], newest: int
+        self, resource: str, object_id: int, batch: _Batch, newest: int
     ) -> tuple[str, int]:
         if resource == "purchase_order":
-            return await self._purchase_order(object_id, notes)
+            return await self._purchase_order(object_id, [note for _, note in batch])
         if resource == "procurement":
             # A receipt: the poll reads the PO's new state.
             self.tradegecko_poller.kick.set()
             return "poll asked", 0
         if resource == "manufacturing_order":
-            return await self._manufacturing_order(object_id, notes, newest)
+            return await self._manufacturing_order(object_id, batch, newest)
         if resource == "sales_order":
-            return await self._sales_order(object_id, notes, newest)
+            return await self._weigh(object_id, batch, newest)
         return f"nothing to do for {resource}", 0
 
     def _hint(
@@ -558,10 +579,10 @@ class WebhookConsumer:
         notes: list[inbox.WebhookReceived],
         state: str,
         resume: str | None,
-        so_id: int | None = None,
+        so_status: str | None,
     ) -> str:
-        """Why the deliveries need no look at the order of SO ``so_id`` in ``state``, or
-        ``""`` if they do."""
+        """Why the deliveries need no look at the order in ``state``, whose SO's status is
+        last known as ``so_status`` (``None``: unknown), or ``""`` if they do."""
         if all(note.event == "sales_order.created" for note in notes):
             # Only syncd's import creates a followed SO; its outcome already said so.
             return "echo of syncd's own write"
@@ -570,9 +591,9 @@ class WebhookConsumer:
             return self.chart.allows(state, trigger, resume_state=resume)
 
         # What the MOs' deliveries are weighed with: a delivery saying DELIVERED (reordered
-        # ones may be stale, so only the status that can move counts), else the last look.
-        delivered = any(n.resource_type == "sales_order" and n.status == DELIVERED for n in notes)
-        so_status = DELIVERED if delivered else self._so_status.get(so_id or 0)
+        # ones may be stale, so only the status that can move counts), else the last known.
+        if any(n.resource_type == "sales_order" and n.status == DELIVERED for n in notes):
+            so_status = DELIVERED
         if any(
             delivery_can_move(
                 note.resource_type,
@@ -587,17 +608,33 @@ class WebhookConsumer:
         statuses = ", ".join(sorted({note.status or "none" for note in notes}))
         return f"status {statuses} cannot move an order {state}"
 
-    async def _sales_order(
-        self, so_id: int, notes: list[inbox.WebhookReceived], newest: int
-    ) -> tuple[str, int]:
-        if any(n.resource_type == "sales_order" and n.status == DELIVERED for n in notes):
-            self._so_status[so_id] = DELIVERED  # until a look says otherwise
-        return await self._weigh(so_id, notes, newest)
+    def _word(self, note: inbox.WebhookReceived) -> str | None:
+        """The status a delivery is taken at its word for: only a signed one's (anyone can
+        send an unsigned one), sent the first time (a retry is older than what was sent
+        since), of an object not deleted."""
+        if not self.trusted or note.retry or note.event.endswith(".deleted"):
+            return None
+        return note.status
 
-    async def _weigh(
-        self, so_id: int, notes: list[inbox.WebhookReceived], newest: int
-    ) -> tuple[str, int]:
-        """Look at the SO only when what the deliveries say could move its order."""
+    async def _hear(self, so_id: int, batch: _Batch) -> None:
+        """Keep what the deliveries say of SO ``so_id`` and its placed MOs (by inbox id:
+        a delivery heard later than another wins)."""
+        for event_id, note in batch:
+            status = self._word(note)
+            if note.resource_type == "manufacturing_order":
+                if status is not None:
+                    await self.store.hear_manufacturing_order(note.object_id, status, event_id)
+            elif note.resource_type == "sales_order" and note.event != "sales_order.created":
+                # Anything but DELIVERED may be an edit of its rows (Katana's SO deliveries
+                # say only the status): the rows are looked at again before it moves.
+                await self.store.hear_sales_order(
+                    so_id, event_id, status=status, edit=status != DELIVERED
+                )
+
+    async def _weigh(self, so_id: int, batch: _Batch, newest: int) -> tuple[str, int]:
+        """Look at the SO only when what the deliveries say could move its order and what
+        is known (the last look, signed deliveries since) cannot tell how."""
+        notes = [note for _, note in batch]
         link = await self.store.link_by_so(so_id)
         # The SO may be the one an import just made, its outcome not stored yet: wait
         # (retried like a failed look) rather than settle its deliveries as not followed.
@@ -609,40 +646,115 @@ class WebhookConsumer:
             raise _NotLinkedYet(f"Katana SO {so_id} is no order's yet; an import is under way")
         if link is None or link.state not in self.katana_poller.followed_states:
             return "not followed", 0
-        if why := self._hint(notes, link.state, link.resume_state, link.so_id):
+        evidence = await self.store.sales_order_evidence(so_id)
+        if evidence is not None:
+            # Without a look kept there is nothing to add to: the look will tell.
+            await self._hear(so_id, batch)
+            evidence = await self.store.sales_order_evidence(so_id)
+        so_status = evidence.status if evidence is not None else None
+        if why := self._hint(notes, link.state, link.resume_state, so_status):
             return why, 0
+        if evidence is not None and (facts := self._delivered_by_word(evidence)) is not None:
+            allowed = self.chart.allows(link.state, SO_DELIVERED, resume_state=link.resume_state)
+            if allowed:
+                return await self._report_delivered(evidence, facts, link.id)
         return await self._sales_orders({so_id}, newest)
 
-    async def _manufacturing_order(
-        self, mo_id: int, notes: list[inbox.WebhookReceived], newest: int
+    def _delivered_by_word(self, evidence: SalesOrderEvidence) -> SalesOrderFacts | None:
+        """What a look would now see, when the evidence tells it: the SO said DELIVERED
+        (signed, or the look), its rows unchanged since the look, which showed no row
+        waiting for production, and every MO the look placed on it DONE (said after the
+        look, or as the look saw it). ``None``: a look must tell."""
+        if not self.trusted or evidence.status != DELIVERED or evidence.edited is not None:
+            return None
+        if evidence.waiting:
+            return None
+        facts = msgspec.json.decode(evidence.facts, type=SalesOrderFacts)
+        if facts.deleted or not facts.manufacturing_order_ids:
+            return None
+        placed = {p.mo_id: p for p in evidence.placements}
+        for mo_id in facts.manufacturing_order_ids:
+            placement = placed.get(mo_id)
+            if placement is None or placement.so_id != evidence.so_id:
+                return None
+            if placement.heard is not None and placement.heard > placement.placed:
+                done = placement.status == "DONE"
+            else:
+                done = facts.production_status == "DONE"
+            if not done:
+                return None
+        delivered = msgspec.structs.replace(
+            facts, status=DELIVERED, production_status="DONE", updated_at=None
+        )
+        return delivered if SO_DELIVERED in sales_order_trigger(delivered) else None
+
+    async def _report_delivered(
+        self, evidence: SalesOrderEvidence, facts: SalesOrderFacts, link_id: int
     ) -> tuple[str, int]:
+        """The event a look would have written, from the evidence: under a key the same
+        evidence makes again (workers racing on one SO write it once)."""
+        heard = max([evidence.heard or 0, *(p.heard or 0 for p in evidence.placements)], default=0)
+        event = await self.store.add_event(
+            "katana",
+            inbox.SO_OBSERVED,
+            inbox.encode(facts),
+            dedup_key=(
+                f"so:{facts.so_id}:heard:{heard}:{facts.status}:{facts.production_status}"
+                f":{facts.deleted}:{len(facts.manufacturing_order_ids)}"
+            ),
+            so_id=facts.so_id,
+            link_id=link_id,
+        )
+        added = int(event is not None)
+        return ("delivered, as signed deliveries say" if added else "nothing new"), added
+
+    async def _manufacturing_order(self, mo_id: int, batch: _Batch, newest: int) -> tuple[str, int]:
         if mo_id not in self._mo_so:
-            # One at a time: the first look's SO names its siblings' MOs (a 5-line order
-            # makes 5 MOs at once), so theirs need no look at the MO.
-            async with self._mo_lookup:
-                if mo_id not in self._mo_so:
-                    return await self._unknown_manufacturing_order(mo_id, notes, newest)
+            placement = await self.store.placement(mo_id)
+            if placement is None:
+                # One at a time: the first look places its siblings (a 5-line order makes
+                # 5 MOs at once, 10 orders in flight 10), so theirs need no look.
+                async with self._mo_lookup:
+                    placement = await self.store.placement(mo_id)
+                    if placement is None:
+                        return await self._unknown_manufacturing_order(mo_id, batch, newest)
+            self._mo_so[mo_id] = placement.so_id
         so_id = self._mo_so[mo_id]
         if so_id is None:
             return "made for no sales order", 0
-        return await self._weigh(so_id, notes, newest)
+        return await self._weigh(so_id, batch, newest)
 
     async def _unknown_manufacturing_order(
-        self, mo_id: int, notes: list[inbox.WebhookReceived], newest: int
+        self, mo_id: int, batch: _Batch, newest: int
     ) -> tuple[str, int]:
         # Which order it belongs to is unknown: weighed against every followed order's
-        # state, then the MO is looked at to find out.
+        # state; then the followed SOs that may own it are looked at together, and only if
+        # none of them links it, the MO itself.
+        notes = [note for _, note in batch]
         followed = self.katana_poller.followed_states
         held = [state for state in await self.store.counts_by_state() if state in followed]
         # A look's triggers never include ``retry``, the one a resume state decides.
-        if all(self._hint(notes, state, None) for state in held):
+        movable = [state for state in held if not self._hint(notes, state, None, None)]
+        if not movable:
             return "status cannot move any followed order", 0
+        # Its owner is one whose order it can move, and whose rows may link a new MO.
+        owners = await self.store.sales_orders_waiting(
+            sorted(await self.store.so_ids_in_states(movable))
+        )
+        if 0 < len(owners) <= _OWNERS_PER_LOOK:
+            outcome, added = await self._sales_orders(owners, newest)
+            placement = await self.store.placement(mo_id)
+            if placement is not None:
+                self._mo_so[mo_id] = placement.so_id
+                return outcome, added
         self._counted("manufacturing_order")
+        looked = self._collected
         orders = await self.katana_poller.client.list_manufacturing_orders(
             ids=[mo_id], include_deleted=True
         )
         for mo in orders:
             # An MO made for no sales order stays so: its deliveries need no look again.
+            await self.store.place_manufacturing_order(mo.id, mo.sales_order_id, looked)
             self._mo_so[mo.id] = mo.sales_order_id
         so_ids = {mo.sales_order_id for mo in orders if mo.sales_order_id is not None}
         return await self._sales_orders(so_ids, newest)
@@ -667,8 +779,9 @@ class WebhookConsumer:
         return ("new event" if added else "nothing new"), added
 
     async def _sales_orders(self, so_ids: Iterable[int], newest: int) -> tuple[str, int]:
-        """Look at the followed ones among ``so_ids`` unless a look that began after the
-        ``newest`` delivery was collected (so after Katana's change) already saw them."""
+        """Look at the followed ones among ``so_ids`` (one request) unless a look that began
+        after the ``newest`` delivery was collected (so after Katana's change) already saw
+        them; keep what it saw and place the MOs their rows link."""
         poller = self.katana_poller
         followed = await self.store.so_ids_in_states(poller.followed_states)
         wanted = sorted(i for i in so_ids if i in followed)
@@ -677,13 +790,25 @@ class WebhookConsumer:
         wanted = [i for i in wanted if self._looked.get(i, 0) < newest]
         if not wanted:
             return "covered by a later look", 0
+        looked = self._collected
         for so_id in wanted:
-            self._looked[so_id] = self._collected
+            self._looked[so_id] = looked
         self._counted("sales_order")
         orders = await poller.client.list_sales_orders(ids=wanted, include_deleted=True)
         for so in orders:
-            self._so_status[so.id] = so.status
-            for mo_id in facts_of(so).manufacturing_order_ids:
+            facts = facts_of(so)
+            await self.store.record_sales_order_look(
+                so.id,
+                looked,
+                inbox.encode(facts),
+                status=so.status,
+                waiting=any(
+                    row.deleted_at is None and row.linked_manufacturing_order_id is None
+                    for row in so.sales_order_rows
+                ),
+                mo_ids=facts.manufacturing_order_ids,
+            )
+            for mo_id in facts.manufacturing_order_ids:
                 self._mo_so[mo_id] = so.id
         added = await poller.report(orders, followed)
         return ("new event" if added else "nothing new"), added

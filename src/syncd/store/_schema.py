@@ -293,4 +293,32 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX variants_sku ON variants (factory, service, sku);
     """,
+    """
+    -- What the webhook consumer knows of the Katana production behind followed SOs, so that
+    -- deliveries are taken at their word across a restart. A look at an SO keeps what it
+    -- saw (its facts, whether a live row waits for an MO) and places the MOs its rows
+    -- link; the signed deliveries heard since (inbox ids order them) say each MO's status
+    -- and the SO's, and an SO delivery that may be a row edit marks the look stale.
+    CREATE TABLE so_evidence (
+        factory TEXT    NOT NULL DEFAULT 'default',
+        so_id   INTEGER NOT NULL,
+        looked  INTEGER NOT NULL,
+        facts   TEXT    NOT NULL,
+        waiting INTEGER NOT NULL,
+        status  TEXT,
+        heard   INTEGER,
+        edited  INTEGER,
+        PRIMARY KEY (factory, so_id)
+    );
+    CREATE TABLE mo_placements (
+        factory TEXT    NOT NULL DEFAULT 'default',
+        mo_id   INTEGER NOT NULL,
+        so_id   INTEGER,
+        placed  INTEGER NOT NULL,
+        status  TEXT,
+        heard   INTEGER,
+        PRIMARY KEY (factory, mo_id)
+    );
+    CREATE INDEX mo_placements_so ON mo_placements (factory, so_id);
+    """,
 )

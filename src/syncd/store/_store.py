@@ -44,8 +44,10 @@ __all__ = [
     "InboxEvent",
     "Lease",
     "LeaseRecord",
+    "Placement",
     "PlannedWrite",
     "PurchaseOrderObservation",
+    "SalesOrderEvidence",
     "Store",
     "TransitionRecord",
     "new_owner_id",
@@ -122,6 +124,39 @@ class InboxEvent:
     so_id: int | None
     link_id: int | None
     received_at: float
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a look at a sales order placed a Katana MO (``so_id`` ``None``: made for no
+    SO), and the status its signed deliveries said since (``heard``: that one's inbox id)."""
+
+    mo_id: int
+    so_id: int | None
+    placed: int
+    status: str | None
+    heard: int | None
+
+
+@dataclass(frozen=True)
+class SalesOrderEvidence:
+    """What the last look at a Katana SO saw, and what signed deliveries said since.
+
+    ``looked``: the newest delivery collected before the look began (inbox ids grow);
+    ``facts``: the look's encoded :class:`~syncd.domain.orders.SalesOrderFacts`;
+    ``waiting``: a live row had no MO; ``status``/``heard``: the SO's status as last
+    heard and from which delivery; ``edited``: a delivery since that may be a row edit;
+    ``placements``: the MOs placed on it.
+    """
+
+    so_id: int
+    looked: int
+    facts: bytes
+    waiting: bool
+    status: str | None
+    heard: int | None
+    edited: int | None
+    placements: tuple[Placement, ...]
 
 
 @dataclass(frozen=True)
@@ -1402,6 +1437,133 @@ class Store:
             )
             for row in rows
         ]
+
+    # -- what the webhook consumer knows of Katana's production ---------------------------
+
+    async def record_sales_order_look(
+        self,
+        so_id: int,
+        looked: int,
+        facts: bytes,
+        *,
+        status: str,
+        waiting: bool,
+        mo_ids: Sequence[int],
+    ) -> None:
+        """Keep what a look at SO ``so_id`` saw and place the MOs its rows link on it. A
+        look that began before the one kept (``looked`` lower) changes nothing; an MO's
+        status heard after ``looked`` survives its placement, one heard before does not."""
+        async with self._transaction() as db:
+            row = await db.fetchone(
+                "SELECT looked FROM so_evidence WHERE factory = ? AND so_id = ?",
+                (self.factory, so_id),
+            )
+            if row is not None and int(row[0]) > looked:
+                return
+            await db.execute(
+                "INSERT INTO so_evidence (factory, so_id, looked, facts, waiting, status, "
+                "heard, edited) VALUES (?, ?, ?, ?, ?, ?, ?, NULL) "
+                "ON CONFLICT (factory, so_id) DO UPDATE SET looked = excluded.looked, "
+                "facts = excluded.facts, waiting = excluded.waiting, status = excluded.status, "
+                "heard = excluded.heard, edited = NULL",
+                (self.factory, so_id, looked, facts.decode(), int(waiting), status, looked),
+            )
+            for mo_id in mo_ids:
+                await self._place(db, mo_id, so_id, looked)
+
+    async def place_manufacturing_order(self, mo_id: int, so_id: int | None, placed: int) -> None:
+        """Place MO ``mo_id`` on SO ``so_id`` (``None``: made for no SO) as of ``placed``."""
+        async with self._transaction() as db:
+            await self._place(db, mo_id, so_id, placed)
+
+    async def _place(self, db: Queries, mo_id: int, so_id: int | None, placed: int) -> None:
+        await db.execute(
+            "INSERT INTO mo_placements (factory, mo_id, so_id, placed, status, heard) "
+            "VALUES (?, ?, ?, ?, NULL, NULL) ON CONFLICT (factory, mo_id) DO UPDATE SET "
+            "status = CASE WHEN mo_placements.so_id = excluded.so_id "
+            "AND mo_placements.heard > excluded.placed THEN mo_placements.status END, "
+            "heard = CASE WHEN mo_placements.so_id = excluded.so_id "
+            "AND mo_placements.heard > excluded.placed THEN mo_placements.heard END, "
+            "so_id = excluded.so_id, placed = excluded.placed",
+            (self.factory, mo_id, so_id, placed),
+        )
+
+    async def placement(self, mo_id: int) -> Placement | None:
+        """Where a look placed MO ``mo_id``, or ``None`` if none has."""
+        row = await self._fetchone(
+            "SELECT mo_id, so_id, placed, status, heard FROM mo_placements "
+            "WHERE factory = ? AND mo_id = ?",
+            (self.factory, mo_id),
+        )
+        return None if row is None else Placement(*row)
+
+    async def hear_manufacturing_order(self, mo_id: int, status: str, event_id: int) -> None:
+        """A placed MO's signed delivery ``event_id`` says ``status``: kept unless a later
+        delivery was heard already."""
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE mo_placements SET status = ?, heard = ? WHERE factory = ? AND mo_id = ? "
+                "AND (heard IS NULL OR heard < ?)",
+                (status, event_id, self.factory, mo_id, event_id),
+            )
+
+    async def hear_sales_order(
+        self, so_id: int, event_id: int, *, status: str | None, edit: bool
+    ) -> None:
+        """An SO's signed delivery ``event_id``: its ``status`` (kept unless a later one was
+        heard), and with ``edit`` a change the last look may not have seen (its rows)."""
+        async with self._transaction() as db:
+            if status is not None:
+                await db.execute(
+                    "UPDATE so_evidence SET status = ?, heard = ? WHERE factory = ? "
+                    "AND so_id = ? AND (heard IS NULL OR heard < ?)",
+                    (status, event_id, self.factory, so_id, event_id),
+                )
+            if edit:
+                await db.execute(
+                    "UPDATE so_evidence SET edited = ? WHERE factory = ? AND so_id = ? "
+                    "AND looked < ? AND (edited IS NULL OR edited < ?)",
+                    (event_id, self.factory, so_id, event_id, event_id),
+                )
+
+    async def sales_order_evidence(self, so_id: int) -> SalesOrderEvidence | None:
+        """What the last look at SO ``so_id`` saw and what was heard since, or ``None``."""
+        row = await self._fetchone(
+            "SELECT so_id, looked, facts, waiting, status, heard, edited FROM so_evidence "
+            "WHERE factory = ? AND so_id = ?",
+            (self.factory, so_id),
+        )
+        if row is None:
+            return None
+        placed = await self._fetchall(
+            "SELECT mo_id, so_id, placed, status, heard FROM mo_placements "
+            "WHERE factory = ? AND so_id = ? ORDER BY mo_id",
+            (self.factory, so_id),
+        )
+        return SalesOrderEvidence(
+            so_id=int(row[0]),
+            looked=int(row[1]),
+            facts=str(row[2]).encode(),
+            waiting=bool(row[3]),
+            status=row[4],
+            heard=row[5],
+            edited=row[6],
+            placements=tuple(Placement(*p) for p in placed),
+        )
+
+    async def sales_orders_waiting(self, so_ids: Sequence[int]) -> set[int]:
+        """Those of ``so_ids`` that may still gain an MO: no look kept, a live row with no
+        MO, or a change since the look."""
+        if not so_ids:
+            return set()
+        marks = ", ".join("?" * len(so_ids))
+        rows = await self._fetchall(
+            f"SELECT so_id FROM so_evidence WHERE factory = ? AND so_id IN ({marks}) "
+            "AND waiting = 0 AND edited IS NULL",
+            (self.factory, *so_ids),
+        )
+        settled = {int(r[0]) for r in rows}
+        return {so_id for so_id in so_ids if so_id not in settled}
 
     # -- the variant cache (SKU ↔ variant id, per service) -------------------------------
 
