@@ -318,6 +318,42 @@ class Cluster:
         )
         return {str(f): str(o) for f, o in rows}
 
+    async def diagnosis(self, lines: int = 40) -> str:
+        """What a failed wait says: the leases and heartbeats by the database's clock, every
+        session on the database (who waits for whom), and each daemon's last log lines
+        (the whole logs are ``d<slot>.log`` in the work directory)."""
+        parts: list[str] = []
+        queries = {
+            "leases (remaining s by the database's clock)": (
+                "SELECT factory, owner, fence, round((expires_at - extract(epoch FROM now()))"
+                "::numeric, 2) FROM leases ORDER BY factory"
+            ),
+            "heartbeats (age s)": (
+                "SELECT owner, round((extract(epoch FROM now()) - seen_at)::numeric, 2) "
+                "FROM daemons ORDER BY owner"
+            ),
+            "sessions (app, pid, state, in transaction for s, waiting on, blocked by, query)": (
+                "SELECT application_name, pid, state, round(extract(epoch FROM "
+                "clock_timestamp() - xact_start)::numeric, 2), wait_event_type, "
+                "pg_blocking_pids(pid), left(query, 120) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "ORDER BY application_name, pid"
+            ),
+        }
+        for title, sql in queries.items():
+            try:
+                rows = await self.query(sql)
+            except psycopg.Error as exc:
+                parts.append(f"-- {title}: cannot query: {exc}")
+                continue
+            parts.append(f"-- {title}:")
+            parts += [f"   {' | '.join(str(v) for v in row)}" for row in rows]
+        for slot, daemon in sorted(self.daemons.items()):
+            state = "running" if daemon.alive else f"exited {daemon.proc.returncode}"
+            parts.append(f"-- d{slot} (pid {daemon.pid}, {state}), last {lines} lines:")
+            parts.append(self.tail(daemon, lines).rstrip())
+        return "\n".join(parts)
+
     async def owner_of(self, daemon: DaemonProcess) -> str | None:
         rows = await self.query("SELECT owner FROM daemons")
         found = [str(o) for (o,) in rows if f":{daemon.pid}:" in str(o)]
@@ -341,7 +377,9 @@ class Cluster:
             ):
                 return owners
             if time.monotonic() > deadline:
-                raise AssertionError(f"not spread in {seconds} s: {held} ({live} daemons)")
+                raise AssertionError(
+                    f"not spread in {seconds} s: {held} ({live} daemons)\n" + await self.diagnosis()
+                )
             await anyio.sleep(0.1)
 
     # -- orders ----------------------------------------------------------------------------
@@ -430,12 +468,18 @@ class Cluster:
         lost = sorted(f for f, o in (await self.holders()).items() if o == owner)
         stopped = time.time()
         daemon.signal(signal.SIGSTOP)
-        with anyio.fail_after(self.ttl * 4 + 10):
-            while True:
-                held = await self.holders()
-                if all(held.get(f, owner) != owner for f in lost):
-                    break
-                await anyio.sleep(0.05)
+        deadline = time.monotonic() + self.ttl * 4 + 10
+        while True:
+            held = await self.holders()
+            left = [f for f in lost if held.get(f, owner) == owner]
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"d{daemon.slot} ({owner}) frozen {time.time() - stopped:.1f} s: "
+                    f"{left} of {lost} not taken over\n" + await self.diagnosis()
+                )
+            await anyio.sleep(0.05)
         taken_over = time.time() - stopped
         # Frozen a little longer: its deadlines are well past when it resumes.
         await anyio.sleep(0.5)
