@@ -302,6 +302,86 @@ async def test_a_daemon_whose_renewals_hang_stops_its_factories_before_the_lease
     assert_never_two_owners(log)
 
 
+#: A daemon frozen halfway through a transaction that locked its lease's row: a fenced
+#: write's check (``FOR SHARE`` until it commits) or a renewal (the row updated).
+_HALFWAY = {
+    "a fenced write": "SELECT fence FROM leases WHERE factory = ? FOR SHARE",
+    "a renewal": "UPDATE leases SET renewed_at = renewed_at WHERE factory = ?",
+}
+
+
+@pytest.mark.parametrize("halfway", sorted(_HALFWAY))
+async def test_a_daemon_frozen_halfway_through_a_transaction_holds_no_takeover_up(
+    pg_database: str, halfway: str
+) -> None:
+    """Frozen (SIGSTOP, a paused VM) with a transaction open, a daemon's connection holds
+    its lock on the lease's row: the server must end that session, or no other daemon can
+    ever take the factory (its ``acquire_lease`` waits on the lock, then times out)."""
+    log: list[Event] = []
+    factories = FACTORIES[:4]
+    async with daemons(pg_database, log) as group:
+        gone, g = await group.start("gone", factories=factories, kind=Crashing)
+        await wait_for(lambda: counts(g) == [4], 4 * TIMES.renew + 2, "gone has all")
+        group.stop("gone")
+        await wait_for(lambda: not g.running, 2, "gone's factories stopped with it")
+        stuck = anyio.Event()
+
+        async def frozen_halfway() -> None:
+            # The frozen daemon's own store and connection: the session as it opens it.
+            async with gone.store._db.transaction() as tx:
+                await tx.execute(_HALFWAY[halfway], (factories[0],))
+                stuck.set()
+                await anyio.sleep_forever()
+
+        group.tasks.start_soon(frozen_halfway)
+        await stuck.wait()
+        frozen_at = time.monotonic()
+        _, here = await group.start("here", factories=factories)
+        await wait_for(
+            lambda: counts(here) == [4], TIMES.ttl + 4 * TIMES.renew + 2, "here took all four"
+        )
+        # No later than the frozen daemon's leases expired, give or take a round.
+        assert time.monotonic() - frozen_at < TIMES.ttl + 2 * TIMES.renew + 1
+    assert_never_two_owners(log)
+
+
+async def test_a_takeover_that_waits_holds_up_no_renewal_of_the_factories_held(
+    pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fourth factory's ``acquire_lease`` never returns (a lock never released): the
+    three taken before it keep their first leases, renewed at every round."""
+    log: list[Event] = []
+    factories = FACTORIES[:4]
+    async with daemons(pg_database, log) as group:
+        store = await Store.open(pg_database)
+        group.stores.append(store)
+        acquire = store.acquire_lease
+        tried: list[str] = []
+
+        async def waiting(factory: str, owner: str, ttl: float) -> Lease | None:
+            if factory not in tried:
+                tried.append(factory)
+            if tried.index(factory) == 3:
+                await anyio.sleep_forever()
+            return await acquire(factory, owner, ttl)
+
+        monkeypatch.setattr(store, "acquire_lease", waiting)
+        runtime = FakeRuntime(log, "here")
+        coordinator = Coordinator(store, runtime, factories, owner="here", times=TIMES)
+        group.tasks.start_soon(coordinator.run)
+        await wait_for(lambda: counts(runtime) == [3], 4 * TIMES.renew + 2, "three taken")
+        first = dict(runtime.running)
+        # Two TTLs: without renewals every guard would have lapsed.
+        await anyio.sleep(2 * TIMES.ttl)
+        assert runtime.running == first, "a factory held was stopped"
+        assert all(guard.valid for guard in first.values())
+        assert [e for e in log if e[2] == "stop"] == []
+        leases = {r.factory: r for r in await store.leases()}
+        assert all(leases[n].held and leases[n].fence == 1 for n in first)
+        assert tried[3] not in runtime.running
+    assert_never_two_owners(log)
+
+
 async def test_the_owner_is_woken_for_its_factories_only(pg_database: str) -> None:
     log: list[Event] = []
     async with daemons(pg_database, log) as group:
