@@ -353,20 +353,26 @@ class Coordinator:
         if len(self._owned) >= share:
             return
         taken = {r.factory for r in await store.leases() if r.held and r.owner != owner}
-        for name in order:
-            if len(self._owned) >= share:
-                break
-            if name in self._owned or name in taken:
-                continue
-            sent = self._clock()
-            lease = await store.acquire_lease(name, owner, ttl)
-            if lease is None:
-                continue
-            guard = LeaseGuard(lease, sent + ttl - self.times.margin, clock=self._clock)
-            if guard.valid:
-                self._start_soon(name, guard)
-            else:
-                await store.release_lease(lease)
+        # Taking must not hold up the next round's renewals (the guards here would lapse):
+        # a takeover that waits, e.g. on the row lock of a daemon frozen in a transaction
+        # until the server ends its session, is tried again next round.
+        with anyio.move_on_after(self.times.renew) as taking:
+            for name in order:
+                if len(self._owned) >= share:
+                    break
+                if name in self._owned or name in taken:
+                    continue
+                sent = self._clock()
+                lease = await store.acquire_lease(name, owner, ttl)
+                if lease is None:
+                    continue
+                guard = LeaseGuard(lease, sent + ttl - self.times.margin, clock=self._clock)
+                if guard.valid:
+                    self._start_soon(name, guard)
+                else:
+                    await store.release_lease(lease)
+        if taking.cancelled_caught:
+            log.warning("taking factories took over %s s: the rest next round", self.times.renew)
 
     def _start_soon(self, name: str, guard: LeaseGuard) -> None:
         """Own ``name`` from now on (the next rounds renew it) and start it in the
