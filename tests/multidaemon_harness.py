@@ -487,9 +487,21 @@ class Cluster:
         daemon.signal(signal.SIGCONT)
         await anyio.sleep(after_resume)
         check = FrozenCheck(lost, resumed - stopped, taken_over)
+        # The requests and rows first, the daemon's takings again last: a write or request
+        # under a lease it took again comes after that lease was committed, so the takings
+        # read later include its lease, whereas read first they could miss one taken
+        # meanwhile (and the act under it would look like one after a lost lease).
+        requests = list(self.requests)
+        writes = await self.query(
+            "SELECT at, tbl, factory FROM audit.rows WHERE app = %s AND at >= %s "
+            "AND tbl <> 'leases'",
+            f"d{daemon.slot}",
+            resumed,
+        )
         retaken: dict[str, float] = {}
         for at, factory in await self.query(
-            "SELECT at, factory FROM audit.rows WHERE tbl = 'leases' AND owner = %s AND at >= %s",
+            "SELECT at, factory FROM audit.rows WHERE tbl = 'leases' AND owner = %s AND at >= %s "
+            "ORDER BY at",
             owner,
             resumed,
         ):
@@ -499,16 +511,11 @@ class Cluster:
             for name in lost
             for token in (self.tokens[name].katana_token, self.tokens[name].tradegecko_token)
         }
-        for at, slot, token in list(self.requests):
+        for at, slot, token in requests:
             name = tokens.get(token)
             if slot == daemon.slot and name and resumed <= at < retaken.get(name, float("inf")):
                 check.requests.append((at - resumed, name))
-        for at, tbl, factory in await self.query(
-            "SELECT at, tbl, factory FROM audit.rows WHERE app = %s AND at >= %s "
-            "AND tbl <> 'leases'",
-            f"d{daemon.slot}",
-            resumed,
-        ):
+        for at, tbl, factory in writes:
             name = str(factory)
             if name in lost and float(at) < retaken.get(name, float("inf")):
                 check.writes.append((float(at) - resumed, str(tbl), name))

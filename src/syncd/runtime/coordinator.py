@@ -321,6 +321,7 @@ class Coordinator:
     async def round(self) -> None:
         """One round: heartbeat, renew, hand over what is beyond the share, take up to it."""
         store, owner, ttl = self.store, self.owner, self.times.ttl
+        began = anyio.current_time()
         await store.heartbeat(owner)
         live = [owner] if self.alone else await store.live_owners(self.times.within)
         share = fair_share(owner, live, len(self.factories))
@@ -353,10 +354,11 @@ class Coordinator:
         if len(self._owned) >= share:
             return
         taken = {r.factory for r in await store.leases() if r.held and r.owner != owner}
-        # Taking must not hold up the next round's renewals (the guards here would lapse):
-        # a takeover that waits, e.g. on the row lock of a daemon frozen in a transaction
-        # until the server ends its session, is tried again next round.
-        with anyio.move_on_after(self.times.renew) as taking:
+        # Taking ends half a TTL after the round began, leaving the other half (less the
+        # margin) for the next round's renewals: a takeover that waits, e.g. on the row
+        # lock of a daemon frozen in a transaction until the server ends its session, must
+        # not let the guards here lapse. The rest is tried next round.
+        with anyio.CancelScope(deadline=began + ttl / 2) as taking:
             for name in order:
                 if len(self._owned) >= share:
                     break
@@ -372,7 +374,7 @@ class Coordinator:
                 else:
                     await store.release_lease(lease)
         if taking.cancelled_caught:
-            log.warning("taking factories took over %s s: the rest next round", self.times.renew)
+            log.warning("taking factories: half the lease ttl passed, the rest next round")
 
     def _start_soon(self, name: str, guard: LeaseGuard) -> None:
         """Own ``name`` from now on (the next rounds renew it) and start it in the
