@@ -345,43 +345,6 @@ async def test_a_daemon_frozen_halfway_through_a_transaction_holds_no_takeover_u
     assert_never_two_owners(log)
 
 
-async def test_a_takeover_that_waits_holds_up_no_renewal_of_the_factories_held(
-    pg_database: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The fourth factory's ``acquire_lease`` never returns (a lock never released): the
-    three taken before it keep their first leases, renewed at every round."""
-    log: list[Event] = []
-    factories = FACTORIES[:4]
-    async with daemons(pg_database, log) as group:
-        store = await Store.open(pg_database)
-        group.stores.append(store)
-        acquire = store.acquire_lease
-        tried: list[str] = []
-
-        async def waiting(factory: str, owner: str, ttl: float) -> Lease | None:
-            if factory not in tried:
-                tried.append(factory)
-            if tried.index(factory) == 3:
-                await anyio.sleep_forever()
-            return await acquire(factory, owner, ttl)
-
-        monkeypatch.setattr(store, "acquire_lease", waiting)
-        runtime = FakeRuntime(log, "here")
-        coordinator = Coordinator(store, runtime, factories, owner="here", times=TIMES)
-        group.tasks.start_soon(coordinator.run)
-        await wait_for(lambda: counts(runtime) == [3], 4 * TIMES.renew + 2, "three taken")
-        first = dict(runtime.running)
-        # Two TTLs: without renewals every guard would have lapsed.
-        await anyio.sleep(2 * TIMES.ttl)
-        assert runtime.running == first, "a factory held was stopped"
-        assert all(guard.valid for guard in first.values())
-        assert [e for e in log if e[2] == "stop"] == []
-        leases = {r.factory: r for r in await store.leases()}
-        assert all(leases[n].held and leases[n].fence == 1 for n in first)
-        assert tried[3] not in runtime.running
-    assert_never_two_owners(log)
-
-
 async def test_the_owner_is_woken_for_its_factories_only(pg_database: str) -> None:
     log: list[Event] = []
     async with daemons(pg_database, log) as group:

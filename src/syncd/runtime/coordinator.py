@@ -321,7 +321,6 @@ class Coordinator:
     async def round(self) -> None:
         """One round: heartbeat, renew, hand over what is beyond the share, take up to it."""
         store, owner, ttl = self.store, self.owner, self.times.ttl
-        began = anyio.current_time()
         await store.heartbeat(owner)
         live = [owner] if self.alone else await store.live_owners(self.times.within)
         share = fair_share(owner, live, len(self.factories))
@@ -354,27 +353,20 @@ class Coordinator:
         if len(self._owned) >= share:
             return
         taken = {r.factory for r in await store.leases() if r.held and r.owner != owner}
-        # Taking ends half a TTL after the round began, leaving the other half (less the
-        # margin) for the next round's renewals: a takeover that waits, e.g. on the row
-        # lock of a daemon frozen in a transaction until the server ends its session, must
-        # not let the guards here lapse. The rest is tried next round.
-        with anyio.CancelScope(deadline=began + ttl / 2) as taking:
-            for name in order:
-                if len(self._owned) >= share:
-                    break
-                if name in self._owned or name in taken:
-                    continue
-                sent = self._clock()
-                lease = await store.acquire_lease(name, owner, ttl)
-                if lease is None:
-                    continue
-                guard = LeaseGuard(lease, sent + ttl - self.times.margin, clock=self._clock)
-                if guard.valid:
-                    self._start_soon(name, guard)
-                else:
-                    await store.release_lease(lease)
-        if taking.cancelled_caught:
-            log.warning("taking factories: half the lease ttl passed, the rest next round")
+        for name in order:
+            if len(self._owned) >= share:
+                break
+            if name in self._owned or name in taken:
+                continue
+            sent = self._clock()
+            lease = await store.acquire_lease(name, owner, ttl)
+            if lease is None:
+                continue
+            guard = LeaseGuard(lease, sent + ttl - self.times.margin, clock=self._clock)
+            if guard.valid:
+                self._start_soon(name, guard)
+            else:
+                await store.release_lease(lease)
 
     def _start_soon(self, name: str, guard: LeaseGuard) -> None:
         """Own ``name`` from now on (the next rounds renew it) and start it in the
