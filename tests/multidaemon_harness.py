@@ -283,11 +283,15 @@ class Cluster:
         return [d for d in self.daemons.values() if d.alive]
 
     async def wait_running(self, daemon: DaemonProcess, seconds: float = 30.0) -> None:
-        with anyio.fail_after(seconds):
-            while not daemon.logged("syncd running"):
-                if not daemon.alive:
-                    raise AssertionError(f"d{daemon.slot} exited: {self.tail(daemon)}")
-                await anyio.sleep(0.05)
+        deadline = time.monotonic() + seconds
+        while not daemon.logged("syncd running"):
+            if not daemon.alive:
+                raise AssertionError(f"d{daemon.slot} exited: {self.tail(daemon)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"d{daemon.slot} not running in {seconds} s\n" + await self.diagnosis()
+                )
+            await anyio.sleep(0.05)
 
     def tail(self, daemon: DaemonProcess, lines: int = 30) -> str:
         return "".join(line for _, line in daemon.lines[-lines:])
