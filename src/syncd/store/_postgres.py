@@ -13,9 +13,9 @@ VM), whose locks would otherwise outlive its leases: a renewal's updated row, or
 write's ``FOR SHARE``, holds every other daemon's takeover of that factory for as long as
 it stays frozen. The store's transactions run statement after statement, nothing else in
 between, so a live daemon is never that long idle in one. A URL's own ``options`` come
-after ours and win. A connection found lost is opened again at the next call; the call that found it
-lost fails with ``StoreUnavailable``. Migrations take an advisory lock, so that two
-daemons starting together on an empty database do not both create the schema.
+after ours and win. A connection found lost is opened again at the next call; the call
+that found it lost fails with ``StoreUnavailable``. Migrations take an advisory lock, so
+that two daemons starting together on an empty database do not both create the schema.
 
 Wake-ups are ``NOTIFY syncd_wakeup`` with ``<schema>:<factory>`` as the payload (one
 database may hold several syncd deployments, each in its schema), heard on a third
