@@ -229,6 +229,10 @@ class Cluster:
         self.pos: dict[tuple[str, int], str] = {}
         self._stack = contextlib.AsyncExitStack()
         self._client = httpx.AsyncClient(timeout=30.0)
+        # One connection for the harness's queries: its waits poll every 50 ms, and a new
+        # connection each time (a backend forked, a SCRAM exchange) took CPU from the
+        # daemons it was timing.
+        self._db: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
 
     # -- factories and daemons -------------------------------------------------------------
 
@@ -279,11 +283,15 @@ class Cluster:
         return [d for d in self.daemons.values() if d.alive]
 
     async def wait_running(self, daemon: DaemonProcess, seconds: float = 30.0) -> None:
-        with anyio.fail_after(seconds):
-            while not daemon.logged("syncd running"):
-                if not daemon.alive:
-                    raise AssertionError(f"d{daemon.slot} exited: {self.tail(daemon)}")
-                await anyio.sleep(0.05)
+        deadline = time.monotonic() + seconds
+        while not daemon.logged("syncd running"):
+            if not daemon.alive:
+                raise AssertionError(f"d{daemon.slot} exited: {self.tail(daemon)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"d{daemon.slot} not running in {seconds} s\n" + await self.diagnosis()
+                )
+            await anyio.sleep(0.05)
 
     def tail(self, daemon: DaemonProcess, lines: int = 30) -> str:
         return "".join(line for _, line in daemon.lines[-lines:])
@@ -307,9 +315,10 @@ class Cluster:
                 )
 
     async def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as db:
-            cursor = await db.execute(sql, params)
-            return list(await cursor.fetchall())
+        if self._db is None or self._db.closed:
+            self._db = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        cursor = await self._db.execute(sql, params)
+        return list(await cursor.fetchall())
 
     async def holders(self) -> dict[str, str]:
         """Factory → the owner of its current lease (by the database's clock)."""
@@ -317,6 +326,42 @@ class Cluster:
             "SELECT factory, owner FROM leases WHERE expires_at >= extract(epoch FROM now())"
         )
         return {str(f): str(o) for f, o in rows}
+
+    async def diagnosis(self, lines: int = 40) -> str:
+        """What a failed wait says: the leases and heartbeats by the database's clock, every
+        session on the database (who waits for whom), and each daemon's last log lines
+        (the whole logs are ``d<slot>.log`` in the work directory)."""
+        parts: list[str] = []
+        queries = {
+            "leases (remaining s by the database's clock)": (
+                "SELECT factory, owner, fence, round((expires_at - extract(epoch FROM now()))"
+                "::numeric, 2) FROM leases ORDER BY factory"
+            ),
+            "heartbeats (age s)": (
+                "SELECT owner, round((extract(epoch FROM now()) - seen_at)::numeric, 2) "
+                "FROM daemons ORDER BY owner"
+            ),
+            "sessions (app, pid, state, in transaction for s, waiting on, blocked by, query)": (
+                "SELECT application_name, pid, state, round(extract(epoch FROM "
+                "clock_timestamp() - xact_start)::numeric, 2), wait_event_type, "
+                "pg_blocking_pids(pid), left(query, 120) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "ORDER BY application_name, pid"
+            ),
+        }
+        for title, sql in queries.items():
+            try:
+                rows = await self.query(sql)
+            except psycopg.Error as exc:
+                parts.append(f"-- {title}: cannot query: {exc}")
+                continue
+            parts.append(f"-- {title}:")
+            parts += [f"   {' | '.join(str(v) for v in row)}" for row in rows]
+        for slot, daemon in sorted(self.daemons.items()):
+            state = "running" if daemon.alive else f"exited {daemon.proc.returncode}"
+            parts.append(f"-- d{slot} (pid {daemon.pid}, {state}), last {lines} lines:")
+            parts.append(self.tail(daemon, lines).rstrip())
+        return "\n".join(parts)
 
     async def owner_of(self, daemon: DaemonProcess) -> str | None:
         rows = await self.query("SELECT owner FROM daemons")
@@ -341,7 +386,9 @@ class Cluster:
             ):
                 return owners
             if time.monotonic() > deadline:
-                raise AssertionError(f"not spread in {seconds} s: {held} ({live} daemons)")
+                raise AssertionError(
+                    f"not spread in {seconds} s: {held} ({live} daemons)\n" + await self.diagnosis()
+                )
             await anyio.sleep(0.1)
 
     # -- orders ----------------------------------------------------------------------------
@@ -430,12 +477,18 @@ class Cluster:
         lost = sorted(f for f, o in (await self.holders()).items() if o == owner)
         stopped = time.time()
         daemon.signal(signal.SIGSTOP)
-        with anyio.fail_after(self.ttl * 4 + 10):
-            while True:
-                held = await self.holders()
-                if all(held.get(f, owner) != owner for f in lost):
-                    break
-                await anyio.sleep(0.05)
+        deadline = time.monotonic() + self.ttl * 4 + 10
+        while True:
+            held = await self.holders()
+            left = [f for f in lost if held.get(f, owner) == owner]
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"d{daemon.slot} ({owner}) frozen {time.time() - stopped:.1f} s: "
+                    f"{left} of {lost} not taken over\n" + await self.diagnosis()
+                )
+            await anyio.sleep(0.05)
         taken_over = time.time() - stopped
         # Frozen a little longer: its deadlines are well past when it resumes.
         await anyio.sleep(0.5)
@@ -443,9 +496,21 @@ class Cluster:
         daemon.signal(signal.SIGCONT)
         await anyio.sleep(after_resume)
         check = FrozenCheck(lost, resumed - stopped, taken_over)
+        # The requests and rows first, the daemon's takings again last: a write or request
+        # under a lease it took again comes after that lease was committed, so the takings
+        # read later include its lease, whereas read first they could miss one taken
+        # meanwhile (and the act under it would look like one after a lost lease).
+        requests = list(self.requests)
+        writes = await self.query(
+            "SELECT at, tbl, factory FROM audit.rows WHERE app = %s AND at >= %s "
+            "AND tbl <> 'leases'",
+            f"d{daemon.slot}",
+            resumed,
+        )
         retaken: dict[str, float] = {}
         for at, factory in await self.query(
-            "SELECT at, factory FROM audit.rows WHERE tbl = 'leases' AND owner = %s AND at >= %s",
+            "SELECT at, factory FROM audit.rows WHERE tbl = 'leases' AND owner = %s AND at >= %s "
+            "ORDER BY at",
             owner,
             resumed,
         ):
@@ -455,16 +520,11 @@ class Cluster:
             for name in lost
             for token in (self.tokens[name].katana_token, self.tokens[name].tradegecko_token)
         }
-        for at, slot, token in list(self.requests):
+        for at, slot, token in requests:
             name = tokens.get(token)
             if slot == daemon.slot and name and resumed <= at < retaken.get(name, float("inf")):
                 check.requests.append((at - resumed, name))
-        for at, tbl, factory in await self.query(
-            "SELECT at, tbl, factory FROM audit.rows WHERE app = %s AND at >= %s "
-            "AND tbl <> 'leases'",
-            f"d{daemon.slot}",
-            resumed,
-        ):
+        for at, tbl, factory in writes:
             name = str(factory)
             if name in lost and float(at) < retaken.get(name, float("inf")):
                 check.writes.append((float(at) - resumed, str(tbl), name))
@@ -476,6 +536,8 @@ class Cluster:
             daemon.close()
         await self._stack.aclose()
         await self._client.aclose()
+        if self._db is not None:
+            await self._db.close()
 
 
 @contextlib.asynccontextmanager

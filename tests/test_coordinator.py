@@ -302,6 +302,49 @@ async def test_a_daemon_whose_renewals_hang_stops_its_factories_before_the_lease
     assert_never_two_owners(log)
 
 
+#: A daemon frozen halfway through a transaction that locked its lease's row: a fenced
+#: write's check (``FOR SHARE`` until it commits) or a renewal (the row updated).
+_HALFWAY = {
+    "a fenced write": "SELECT fence FROM leases WHERE factory = ? FOR SHARE",
+    "a renewal": "UPDATE leases SET renewed_at = renewed_at WHERE factory = ?",
+}
+
+
+@pytest.mark.parametrize("halfway", sorted(_HALFWAY))
+async def test_a_daemon_frozen_halfway_through_a_transaction_holds_no_takeover_up(
+    pg_database: str, halfway: str
+) -> None:
+    """Frozen (SIGSTOP, a paused VM) with a transaction open, a daemon's connection holds
+    its lock on the lease's row: the server must end that session, or no other daemon can
+    ever take the factory (its ``acquire_lease`` waits on the lock, then times out)."""
+    log: list[Event] = []
+    factories = FACTORIES[:4]
+    async with daemons(pg_database, log) as group:
+        gone, g = await group.start("gone", factories=factories, kind=Crashing)
+        await wait_for(lambda: counts(g) == [4], 4 * TIMES.renew + 2, "gone has all")
+        group.stop("gone")
+        await wait_for(lambda: not g.running, 2, "gone's factories stopped with it")
+        stuck = anyio.Event()
+
+        async def frozen_halfway() -> None:
+            # The frozen daemon's own store and connection: the session as it opens it.
+            async with gone.store._db.transaction() as tx:
+                await tx.execute(_HALFWAY[halfway], (factories[0],))
+                stuck.set()
+                await anyio.sleep_forever()
+
+        group.tasks.start_soon(frozen_halfway)
+        await stuck.wait()
+        frozen_at = time.monotonic()
+        _, here = await group.start("here", factories=factories)
+        await wait_for(
+            lambda: counts(here) == [4], TIMES.ttl + 4 * TIMES.renew + 2, "here took all four"
+        )
+        # No later than the frozen daemon's leases expired, give or take a round.
+        assert time.monotonic() - frozen_at < TIMES.ttl + 2 * TIMES.renew + 1
+    assert_never_two_owners(log)
+
+
 async def test_the_owner_is_woken_for_its_factories_only(pg_database: str) -> None:
     log: list[Event] = []
     async with daemons(pg_database, log) as group:

@@ -7,10 +7,15 @@ makes is one statement whose ``WHERE`` re-checks what it depends on (``UPDATE li
 WHERE state = ?``, ``INSERT ... ON CONFLICT``), which PostgreSQL re-evaluates against the
 row another writer just committed, so two daemons cannot both move an order.
 
-``lock_timeout`` plays SQLite's busy timeout (5 s); a URL's own ``options`` come after ours
-and win. A connection found lost is opened again at the next call; the call that found it
-lost fails with ``StoreUnavailable``. Migrations take an advisory lock, so that two
-daemons starting together on an empty database do not both create the schema.
+``lock_timeout`` plays SQLite's busy timeout (5 s); ``idle_in_transaction_session_timeout``
+(2 s) ends the session of a daemon frozen halfway through a transaction (SIGSTOP, a paused
+VM), whose locks would otherwise outlive its leases: a renewal's updated row, or a fenced
+write's ``FOR SHARE``, holds every other daemon's takeover of that factory for as long as
+it stays frozen. The store's transactions run statement after statement, nothing else in
+between, so a live daemon is never that long idle in one. A URL's own ``options`` come
+after ours and win. A connection found lost is opened again at the next call; the call
+that found it lost fails with ``StoreUnavailable``. Migrations take an advisory lock, so
+that two daemons starting together on an empty database do not both create the schema.
 
 Wake-ups are ``NOTIFY syncd_wakeup`` with ``<schema>:<factory>`` as the payload (one
 database may hold several syncd deployments, each in its schema), heard on a third
@@ -42,7 +47,7 @@ log = logging.getLogger("syncd.store")
 
 #: ``pg_advisory_xact_lock`` key of the migrations ("syncd" in ASCII).
 _MIGRATION_LOCK = 0x73796E6364
-_OPTIONS = "-c lock_timeout=5000"
+_OPTIONS = "-c lock_timeout=5000 -c idle_in_transaction_session_timeout=2000"
 _READONLY_OPTIONS = " -c default_transaction_read_only=on"
 _CHANNEL = "syncd_wakeup"
 #: Seconds between attempts to listen again after losing the connection: doubling up to.
