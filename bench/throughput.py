@@ -32,10 +32,10 @@ generator and the workshop), and the whole machine (``/proc/stat``: what else ra
 
 Sound when, for every trial: every PO has exactly one SO in its Katana account and one
 receipt in its TradeGecko account (the simulators' state), every history a statechart
-path; per factory, service and endpoint the daemons' ``syncd_api_requests_total`` summed
-over the daemons equals the simulator account's ``/_sim/counters`` (plus the start's
-uncounted service check, one per daemon and factory; an endpoint called while it is read
-must lie between the daemons' readings before and after); every factory held by one
+path; per factory, service and endpoint the calls made from the first PO to the end, as
+the daemons' ``syncd_api_requests_total`` summed over the daemons count them, equal those of
+the simulator account's ``/_sim/counters`` (an endpoint called while they are read, a
+poll, must lie between the daemons' readings before and after); every factory held by one
 daemon, the same from the first PO to the last receipt (no lease taken meanwhile, by the
 audit trigger), ``n`` distinct owners, ``sum(syncd_factory_running)`` 1 per factory. Else
 ``UNSOUND: ...`` and exit 1.
@@ -64,7 +64,6 @@ import httpx
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.factories import _scrape
 from bench.harness import Unsound, _template, free_port, load_test_module, start_simulator
 from syncd.sim import FactoryTokens, Simulators
 from syncd.sim.katana import API_PREFIX
@@ -96,8 +95,9 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class CallsReading:
-    """The daemons' calls (summed over the daemons) read ``before`` and ``after`` the
-    simulators' (``sims``)."""
+    """The daemons' calls (summed over the daemons) read ``before`` the simulators'
+    (``sims``): those answered; and ``after``: all, answered or not (``status="none"``: a
+    request whose answer never came, which may never have reached the simulator)."""
 
     before: Calls
     sims: Calls
@@ -114,10 +114,12 @@ def count_problems(start: CallsReading, end: CallsReading) -> list[str]:
     """The calls made between two readings, the daemons' against the simulators', per
     factory, service and endpoint.
 
-    A daemon counts a request once answered, after the simulator counted it, so the
-    simulators' calls lie between the daemons' readings on either side: the simulators'
-    difference between the readings must lie between ``end.before - start.after`` and
-    ``end.after - start.before`` (equal when nothing was called while reading). Counts
+    A daemon counts a request once answered, after the simulator counted it, or once it
+    gave up waiting (the simulator may or may not have seen it), so the simulators' calls
+    lie between the daemons' readings on either side: the simulators' difference between
+    the readings must lie between ``end.before - start.after`` and ``end.after -
+    start.before`` (equal when nothing was called while reading and every call answered).
+    Counts
     between the readings only: a factory stopped meanwhile would have its series dropped
     (:func:`lease_problems` flags that).
     """
@@ -249,6 +251,10 @@ def cpu_between(start: CpuReading, end: CpuReading) -> dict[str, Any]:
         "machine_cores": round(cores, 2),
         # What the machine spent on anything not this bench's: the other engineers' work.
         "others_cores": round(max(0.0, busy - ours) / wall, 2),
+        # What the bench's processes got of the machine: on a shared, saturated machine more
+        # processes get more of it (the scheduler shares by runnable task), so a higher rate
+        # may be a bigger slice, not a better design: compare ``orders_per_cpu_s`` too.
+        "ours_cores": round(ours / wall, 2),
     }
 
 
@@ -401,19 +407,24 @@ async def _registered(parts: _Parts, seconds: float) -> None:
             await anyio.sleep(0.2)
 
 
-async def _scrape_all(parts: _Parts) -> tuple[Calls, dict[str, int]]:
-    """The daemons' calls summed, and ``sum(syncd_factory_running)`` per factory."""
+async def _scrape_all(parts: _Parts, *, answered: bool) -> tuple[Calls, dict[str, int]]:
+    """The daemons' calls summed (``answered``: only those answered), and
+    ``sum(syncd_factory_running)`` per factory."""
     calls: Calls = {}
     running: Counter[str] = Counter()
     for url in parts.metrics.values():
         text = (await parts.run.sims.control.get(url)).text
-        for name, services in _scrape(text)["calls"].items():
-            for service, counted in services.items():
-                calls.setdefault(name, {}).setdefault(service, Counter()).update(counted)
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
+                labels = sample.labels
                 if sample.name == "syncd_factory_running":
-                    running[sample.labels["factory"]] += int(sample.value)
+                    running[labels["factory"]] += int(sample.value)
+                elif sample.name == "syncd_api_requests_total" and not (
+                    answered and labels["status"] == "none"
+                ):
+                    endpoint = f"{labels['method']} {_template(labels['endpoint'])}"
+                    per = calls.setdefault(labels["factory"], {})
+                    per.setdefault(labels["service"], Counter())[endpoint] += int(sample.value)
     return calls, dict(running)
 
 
@@ -464,9 +475,9 @@ async def _received(parts: _Parts, orders: int, seconds: float) -> float:
 
 
 async def _read_calls(parts: _Parts) -> CallsReading:
-    before, _ = await _scrape_all(parts)
+    before, _ = await _scrape_all(parts, answered=True)
     sims = await _sim_calls(parts)
-    after, _ = await _scrape_all(parts)
+    after, _ = await _scrape_all(parts, answered=False)
     return CallsReading(before, sims, after)
 
 
@@ -538,7 +549,7 @@ async def trial(
                 last,
             )
             calls = _totals(calls_start, calls_end)
-            _, running = await _scrape_all(parts)
+            _, running = await _scrape_all(parts, answered=False)
             problems += lease_problems(
                 parts.names,
                 held_start,
@@ -569,6 +580,8 @@ async def trial(
         "orders_per_s": round(orders / wall, 2),
         "daemons_cpu_ms_per_order": round(daemon_cpu * 1000 / orders, 1),
         "postgres_cpu_ms_per_order": round(cpu["cpu_s"]["postgres"] * 1000 / orders, 1),
+        # Orders per CPU second of every part (daemons, simulators, PostgreSQL, this process).
+        "orders_per_cpu_s": round(orders / sum(cpu["cpu_s"].values()), 2),
         "api_calls_per_order": {s: round(v / orders, 2) for s, v in calls.items()},
         **cpu,
         "load_at_end": os.getloadavg(),
@@ -604,6 +617,8 @@ def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
                 "sim_tradegecko_core_share": median(lambda t: t["core_share"]["sim_tradegecko"]),
                 "bench_core_share": median(lambda t: t["core_share"]["bench"]),
                 "postgres_core_share": median(lambda t: t["core_share"]["postgres"]),
+                "ours_cores": median(lambda t: t["ours_cores"]),
+                "orders_per_cpu_s": median(lambda t: t["orders_per_cpu_s"]),
             }
         if "1" in rows:
             for n in rows:
@@ -672,6 +687,9 @@ async def measure(
                         )
                     except Unsound as exc:
                         result = {"mode": mode, "daemons": n, "problems": [exc.why]}
+                    except Exception as exc:  # the apparatus failed: no figure, the rest runs
+                        why = f"{type(exc).__name__}: {exc}"
+                        result = {"mode": mode, "daemons": n, "problems": [why]}
                     result["round"] = number
                     trials.append(result)
                     print(json.dumps(result, default=str), flush=True)  # the bench's output

@@ -77,6 +77,19 @@ def test_a_poll_answered_while_reading_lies_between_the_daemons_readings() -> No
     assert count_problems(START, end) == []
 
 
+def test_a_request_left_unanswered_may_not_have_reached_the_simulator() -> None:
+    # A receive cut by a connection error: the daemon counts it (status "none") in its
+    # later reading of all calls, the simulator never saw it. Sound; one more is not.
+    end = CallsReading(
+        before=calls(f00={"POST /purchase_orders/{id}/actions/receive": 6}),
+        sims=calls(f00={"POST /purchase_orders/{id}/actions/receive": 6}),
+        after=calls(f00={"POST /purchase_orders/{id}/actions/receive": 7}),
+    )
+    assert count_problems(START, end) == []
+    counted_twice = CallsReading(end.after, end.sims, end.after)
+    assert "(7, 6, 7)" in count_problems(START, counted_twice)[0]
+
+
 def test_calls_before_the_first_reading_do_not_count() -> None:
     # The start's checks and registrations: before the interval, in every reading.
     start = still({"GET /factory": 3, "POST /webhooks": 1})
@@ -141,6 +154,7 @@ def test_a_part_at_one_core_and_a_busy_machine_are_named() -> None:
         "the machine: 1.98 of 2.00 cores busy",
     ]
     assert cpu["others_cores"] == 0.63  # 19.8 s busy, 13.5 s of it ours
+    assert cpu["ours_cores"] == 1.35
 
 
 def test_the_summary_quotes_medians_and_ratios_to_one_daemon() -> None:
@@ -154,6 +168,8 @@ def test_the_summary_quotes_medians_and_ratios_to_one_daemon() -> None:
             "postgres_cpu_ms_per_order": 20.0,
             "machine_busy_cores": 2.0,
             "others_cores": 0.0,
+            "ours_cores": 0.4,
+            "orders_per_cpu_s": 5.0,
             "core_share": share,
         }
 
