@@ -39,6 +39,11 @@ poll, must lie between the daemons' readings before and after); every factory he
 daemon, the same from the first PO to the last receipt (no lease taken meanwhile, by the
 audit trigger), ``n`` distinct owners, ``sum(syncd_factory_running)`` 1 per factory. Else
 ``UNSOUND: ...`` and exit 1.
+
+At the default lease settings (``--ttl 10 --renew 3``, the daemon's) a burst on a loaded
+machine can make a daemon miss its own renewals (they queue on its one database connection
+behind the orders' work): its factories stop and are taken again, and the lease check says
+UNSOUND. ``--ttl 120 --renew 10`` keeps the leases still while the orders are measured.
 """
 
 from __future__ import annotations
@@ -708,13 +713,17 @@ async def measure(
     return out
 
 
-def _numbers(text: str, what: str) -> list[int]:
+def _numbers(text: str) -> list[int]:
+    """``1,2,3`` as numbers, each at least 1.
+
+    :raises ValueError: naming what is wrong.
+    """
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise SystemExit(f"{what}: not a list of numbers: {text!r}") from None
+        raise ValueError(f"not a list of numbers: {text!r}") from None
     if not values or min(values) < 1:
-        raise SystemExit(f"{what}: each must be at least 1: {text!r}")
+        raise ValueError(f"each must be at least 1: {text!r}")
     return values
 
 
@@ -734,6 +743,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--logs", type=Path, help="copy each trial's daemon logs here")
     args = parser.parse_args(argv)
+    try:
+        daemons = _numbers(args.daemons)
+    except ValueError as exc:
+        parser.error(f"--daemons: {exc}")
     modes = args.modes.split(",")
     if set(modes) - set(_MODES):
         parser.error(f"--modes: each one of {', '.join(_MODES)}, got {args.modes!r}")
@@ -742,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = anyio.run(
             lambda: measure(
-                daemons=_numbers(args.daemons, "--daemons"),
+                daemons=daemons,
                 rounds=args.rounds,
                 factories=args.factories,
                 orders=args.orders,
