@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from bench import compete, factories, flows, intake, latency, multidaemon, scale
+from bench import compete, factories, flows, intake, latency, multidaemon, scale, throughput
 from bench.harness import find_unsound
 
 
@@ -69,6 +69,7 @@ def main() -> int:
         ("8_failover", failover),
         ("9_multidaemon", lambda: anyio.run(multidaemon.measure)),
         ("10_factories", lambda: factories.measure([1, 10, 100, 1000])),
+        ("11_throughput", lambda: anyio.run(lambda: throughput.measure(daemons=[1, 2, 3]))),
     ]
     unsound: list[str] = []
     started = time.monotonic()
