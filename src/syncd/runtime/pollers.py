@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -167,8 +168,14 @@ class TradeGeckoPoller(_Poller):
         config: Config,
         activated_at: datetime,
         wake: Callable[[], None],
+        *,
+        watch: inbox.InboxWatch | None = None,
     ) -> None:
         super().__init__(store, config, config.tradegecko.poll_interval, wake)
+        #: The daemon's look at the inbox, which wakes the import watcher when ``syncctl
+        #: import`` wrote a request; without one it looks every ``retry.backfill.initial``.
+        self.watch = watch
+        self._imports = anyio.Event()
         self.client = client
         self.supplier_name = config.tradegecko.supplier_name
         self.supplier_match = config.tradegecko.supplier_match
@@ -329,15 +336,31 @@ class TradeGeckoPoller(_Poller):
             tg.start_soon(self._serve_imports)
             await super().run()
 
+    def wake_imports(self) -> None:
+        """Tell the import watcher an import request waits in the inbox."""
+        self._imports.set()
+
     async def _serve_imports(self) -> None:
-        while True:
-            try:
-                for event in await self.store.pending_events(kinds=(inbox.IMPORT_REQUESTED,)):
-                    await self._import_requested(event)
-            except SyncdError as exc:
-                log.warning("import requests not read: %s", exc)
-            # syncctl writes requests from another process: they are looked for this often.
-            await anyio.sleep(self.retry.backfill.initial)
+        kinds = (inbox.IMPORT_REQUESTED,)
+        watching = (
+            nullcontext()
+            if self.watch is None
+            else self.watch.watching(self.store.factory, self.wake_imports, kinds=kinds)
+        )
+        # syncctl writes requests from another process: the watch wakes this while one
+        # waits (a request that failed for now is tried again at each look), else it looks
+        # this often itself.
+        patience = None if self.watch is not None else self.retry.backfill.initial
+        with watching:
+            while True:
+                try:
+                    for event in await self.store.pending_events(kinds=kinds):
+                        await self._import_requested(event)
+                except SyncdError as exc:
+                    log.warning("import requests not read: %s", exc)
+                with anyio.move_on_after(patience):
+                    await self._imports.wait()
+                self._imports = anyio.Event()
 
     async def _import_requested(self, event: InboxEvent) -> None:
         try:

@@ -29,6 +29,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import anyio
@@ -403,8 +404,13 @@ class WebhookConsumer:
         chart: Statechart | None = None,
         coalesce: float = 0.5,
         concurrency: int = 8,
+        watch: inbox.InboxWatch | None = None,
     ) -> None:
         self.store = store
+        #: The daemon's look at the inbox, which wakes the consumer when another daemon's
+        #: listener persisted a delivery; without one it looks every
+        #: :data:`inbox.LOOK_EVERY` seconds.
+        self.watch = watch
         self.tradegecko_poller = tradegecko_poller
         self.katana_poller = katana_poller
         self._wake_dispatcher = wake
@@ -446,16 +452,25 @@ class WebhookConsumer:
         self._kick.set()
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as tg:
-            while True:
-                try:
-                    await self._collect(tg)
-                except SyncdError as exc:
-                    log.warning("webhook deliveries not processed yet: %s", exc)
-                    await anyio.sleep(self.retry.webhook.initial)
-                with anyio.move_on_after(1.0):
-                    await self._kick.wait()
-                self._kick = anyio.Event()
+        watching = (
+            nullcontext()
+            if self.watch is None
+            else self.watch.watching(self.store.factory, self.wake, kinds=inbox.WEBHOOK_KINDS)
+        )
+        # With a watch, no timer: idle, the consumer sleeps until a delivery is persisted
+        # (deliveries left pending by a failure are seen by the watch's next look).
+        patience = None if self.watch is not None else inbox.LOOK_EVERY
+        with watching:
+            async with anyio.create_task_group() as tg:
+                while True:
+                    try:
+                        await self._collect(tg)
+                    except SyncdError as exc:
+                        log.warning("webhook deliveries not processed yet: %s", exc)
+                        await anyio.sleep(self.retry.webhook.initial)
+                    with anyio.move_on_after(patience):
+                        await self._kick.wait()
+                    self._kick = anyio.Event()
 
     async def _collect(self, tg: anyio.abc.TaskGroup) -> None:
         """Hand every new persisted delivery to its object's worker, starting one if idle."""
