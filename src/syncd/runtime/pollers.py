@@ -89,13 +89,21 @@ class _Poller:
         self.kick = anyio.Event()
         #: Polls in a row that found nothing (and were not kicked).
         self.idle_polls = 0
+        #: The wait for the next poll under way, and when it began (the last poll's end).
+        self._waiting: anyio.CancelScope | None = None
+        self._polled_at = 0.0
 
     async def poll_once(self) -> int:
         raise NotImplementedError
 
     def reconcile(self) -> None:
-        """Webhooks bring the changes now: poll only to catch what a delivery missed."""
+        """Webhooks bring the changes now: poll only to catch what a delivery missed, the
+        next time one reconcile interval after the last poll."""
         self.interval = max(self.interval, self._reconcile_interval)
+        if self._waiting is not None:
+            # The wait under way was set for the poll interval: at start, 1,000 factories'
+            # second polls came 30 s later, inside the first minutes of idling.
+            self._waiting.deadline = self._polled_at + self.next_wait()
 
     def _moved(self, added: int) -> bool:
         """Whether the poll found something that may move (``added``: new events)."""
@@ -148,8 +156,11 @@ class _Poller:
                     await self.store.set_meta(f"last_poll.{self.name}", str(self.last_success))
                 except SyncdError as exc:
                     log.warning("cannot record the %s poll: %s", self.name, exc)
-            with anyio.move_on_after(self.next_wait()):
+            self._polled_at = anyio.current_time()
+            self._waiting = anyio.move_on_after(self.next_wait())
+            with self._waiting:
                 await self.kick.wait()
+            self._waiting = None
             if self.kick.is_set():
                 self.idle_polls = 0  # asked to look now: something may move
             self.kick = anyio.Event()
