@@ -142,3 +142,16 @@ async def test_a_reader_that_left_is_not_woken_and_a_failed_look_is_made_again(
         "the inbox can be read agai",
     ]
     assert watch._readers == {}
+
+
+async def test_a_reader_waits_without_a_timer_only_with_a_watch(store: Store) -> None:
+    watch = InboxWatch(store)
+    wake = Woken()
+    with inbox.watched(None, "north", wake, alone=2.5) as patience:
+        assert patience == 2.5  # alone: it looks this often itself
+    with inbox.watched(watch, "north", wake, kinds=inbox.WEBHOOK_KINDS) as patience:
+        assert patience is None  # woken: no timer of its own
+        watch.wake_waiting({"north": {inbox.WEBHOOK_RECEIVED}, "south": {inbox.OPERATOR}})
+        assert wake.times == 1
+    watch.wake_waiting({"north": {inbox.WEBHOOK_RECEIVED}})
+    assert wake.times == 1  # it left the watch with its block

@@ -129,16 +129,10 @@ class Dispatcher:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        watching = (
-            nullcontext()
-            if self.watch is None
-            else self.watch.watching(
-                self.store.factory, self.wake, exclude_kinds=inbox.SOURCE_KINDS
-            )
-        )
         # With a watch, no timer: idle, the dispatcher sleeps until its events are written.
-        patience = None if self.watch is not None else inbox.LOOK_EVERY
-        with watching:
+        with inbox.watched(
+            self.watch, self.store.factory, self.wake, exclude_kinds=inbox.SOURCE_KINDS
+        ) as patience:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await self.drain()

@@ -43,6 +43,7 @@ __all__ = [
     "decode",
     "encode",
     "replayable",
+    "watched",
 ]
 
 PO_DISCOVERED = "po_discovered"
@@ -251,3 +252,23 @@ class InboxWatch:
             for reader in self._readers.get(factory, ()):
                 if reader.wants(kinds):
                     reader.wake()
+
+
+@contextmanager
+def watched(
+    watch: InboxWatch | None,
+    factory: str,
+    wake: Callable[[], None],
+    *,
+    kinds: Sequence[str] | None = None,
+    exclude_kinds: Sequence[str] = (),
+    alone: float = LOOK_EVERY,
+) -> Iterator[float | None]:
+    """A reader's wait for its work: while the block runs ``watch`` wakes it (see
+    :meth:`InboxWatch.watching`); yields how long the reader waits at most between its own
+    looks: ``None`` (until woken: no timer) with a watch, ``alone`` seconds without one."""
+    if watch is None:
+        yield alone
+        return
+    with watch.watching(factory, wake, kinds=kinds, exclude_kinds=exclude_kinds):
+        yield None

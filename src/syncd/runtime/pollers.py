@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -353,16 +352,16 @@ class TradeGeckoPoller(_Poller):
 
     async def _serve_imports(self) -> None:
         kinds = (inbox.IMPORT_REQUESTED,)
-        watching = (
-            nullcontext()
-            if self.watch is None
-            else self.watch.watching(self.store.factory, self.wake_imports, kinds=kinds)
-        )
         # syncctl writes requests from another process: the watch wakes this while one
-        # waits (a request that failed for now is tried again at each look), else it looks
-        # this often itself.
-        patience = None if self.watch is not None else self.retry.backfill.initial
-        with watching:
+        # waits (a request that failed for now is tried again at each look); alone, it
+        # looks every retry.backfill.initial.
+        with inbox.watched(
+            self.watch,
+            self.store.factory,
+            self.wake_imports,
+            kinds=kinds,
+            alone=self.retry.backfill.initial,
+        ) as patience:
             while True:
                 try:
                     for event in await self.store.pending_events(kinds=kinds):

@@ -29,7 +29,6 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import anyio
@@ -452,15 +451,11 @@ class WebhookConsumer:
         self._kick.set()
 
     async def run(self) -> None:
-        watching = (
-            nullcontext()
-            if self.watch is None
-            else self.watch.watching(self.store.factory, self.wake, kinds=inbox.WEBHOOK_KINDS)
-        )
         # With a watch, no timer: idle, the consumer sleeps until a delivery is persisted
         # (deliveries left pending by a failure are seen by the watch's next look).
-        patience = None if self.watch is not None else inbox.LOOK_EVERY
-        with watching:
+        with inbox.watched(
+            self.watch, self.store.factory, self.wake, kinds=inbox.WEBHOOK_KINDS
+        ) as patience:
             async with anyio.create_task_group() as tg:
                 while True:
                     try:
