@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -24,8 +25,10 @@ from syncd.config import (
 )
 from syncd.domain.orders import LinkedOrder
 from syncd.errors import AuthError
+from syncd.runtime import inbox
 from syncd.runtime.daemon import Daemon, running_daemon
 from syncd.sim import free_port
+from syncd.store import Store
 from test_metrics import samples, scrape
 
 pytestmark = pytest.mark.anyio
@@ -421,3 +424,69 @@ async def test_factories_start_a_bounded_number_at_a_time(
             assert list(daemon.factories) and set(daemon.factories) == set(names)
             assert all(runtime.refused is None for runtime in daemon.factories.values())
     assert most == 2
+
+
+async def test_idle_factories_read_their_inbox_only_when_the_daemons_one_look_wakes_them(
+    tmp_path: Path,
+) -> None:
+    names = ["north", "south", "east"]
+    async with running_sims(accounts=3) as sims:
+        config = factories_config(
+            sims, tmp_path / "syncd.db", names, webhook_port=free_port(), poll=60.0
+        )
+        async with running_daemon(config, katana_transport=sims.katana_contract) as daemon:
+            reads: dict[str, int] = dict.fromkeys(names, 0)
+            for name in names:
+                store = daemon.factories[name].store
+                real = store.pending_events
+
+                async def counted(
+                    *args: Any, _name: str = name, _real: Any = real, **kwargs: Any
+                ) -> Any:
+                    reads[_name] += 1
+                    return await _real(*args, **kwargs)
+
+                store.pending_events = counted  # type: ignore[method-assign]
+            looks = daemon.inbox_watch.looks
+            await anyio.sleep(2.5)
+            # Idle: no factory looked at its inbox by itself (each of its dispatcher, webhook
+            # consumer and import watcher used to, every second); the daemon's one watch did.
+            assert reads == dict.fromkeys(names, 0)
+            assert daemon.inbox_watch.looks >= looks + 2
+            # What another process writes (syncctl import, here a PO's discovery) is seen
+            # within about a second and a half, by that factory alone.
+            po = await sims.create_po(factory=sims.factories[1])
+            # A delivery another daemon's listener took (PostgreSQL; its NOTIFY is not
+            # heard here): the consumer finds it at the watch's next look.
+            delivery = inbox.WebhookReceived(
+                service="tradegecko",
+                event="purchase_order.create",
+                resource_type="purchase_order",
+                object_id=987_654,
+            )
+            other = await Store.open(config.daemon.database)
+            try:
+                request = inbox.ImportRequest(po_number=po["order_number"], operator="test")
+                requested = await other.for_factory("south").add_event(
+                    "syncctl", inbox.IMPORT_REQUESTED, inbox.encode(request)
+                )
+                delivered = await other.for_factory("east").add_event(
+                    "tradegecko", inbox.WEBHOOK_RECEIVED, inbox.encode(delivery)
+                )
+            finally:
+                await other.close()
+            await wait_in(daemon, "south", [po["order_number"]], "imported", seconds=3)
+            # Each request settled by the reader it was for (the PO may have come by its
+            # own webhook first: the import then finds it linked).
+            for factory, event_id in (("south", requested), ("east", delivered)):
+                assert event_id is not None
+                view = daemon.root.for_factory(factory)
+                with anyio.fail_after(3):
+                    while True:
+                        outcome = await view.event_outcome(event_id)
+                        if outcome is not None and outcome[0] is not None:
+                            break
+                        await anyio.sleep(0.05)
+            assert reads["north"] == 0
+            assert reads["south"] >= 2  # the import watcher, then the dispatcher
+            assert reads["east"] >= 1  # its consumer

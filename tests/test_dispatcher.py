@@ -26,7 +26,8 @@ from syncd.errors import RetryPolicy, StatechartError
 from syncd.runtime import inbox
 from syncd.runtime.dispatcher import Dispatcher, check_chart
 from syncd.runtime.effects import EFFECTS, Outcome
-from syncd.store import Store
+from syncd.runtime.inbox import InboxWatch
+from syncd.store import InboxEvent, Store
 
 pytestmark = pytest.mark.anyio
 
@@ -250,3 +251,45 @@ async def test_every_inbox_kind_is_handled_by_exactly_one_party(store: Store) ->
     kinds = set(inbox._TYPES)
     assert set(dispatcher.handlers) == kinds - set(inbox.SOURCE_KINDS)
     assert set(inbox.SOURCE_KINDS) == {inbox.WEBHOOK_RECEIVED, inbox.IMPORT_REQUESTED}
+
+
+async def test_with_the_daemons_watch_an_idle_dispatcher_sleeps_until_its_events_are_written(
+    store: Store,
+) -> None:
+    watch = InboxWatch(store, every=0.1)
+    dispatcher = Dispatcher(store, load_statechart(), ScriptedEffects(), watch=watch)
+    reads = 0
+    pending_events = store.pending_events
+
+    async def counted(*args: Any, **kwargs: Any) -> list[InboxEvent]:
+        nonlocal reads
+        reads += 1
+        return await pending_events(*args, **kwargs)
+
+    store.pending_events = counted  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch.run)
+        await tg.start(dispatcher.run)
+        reads = 0
+        await anyio.sleep(1.5)
+        # Idle, it looks at nothing by itself: no timer of its own (it used to look each
+        # second); the watch's looks found nothing for it.
+        assert reads == 0
+        assert watch.looks >= 5
+        # Written by another process (syncctl, another daemon): no one in this process
+        # tells the dispatcher, the watch's next look does.
+        other = await Store.open(store.path)
+        try:
+            await discover(other, 1, "PO1")
+        finally:
+            await other.close()
+        with anyio.fail_after(1.5):
+            await settle(store, ["PO1"], {"imported"})
+        # Written here: woken at once, not at the next look.
+        watch.every = 3600
+        await anyio.sleep(0.2)  # the watch's sleep under way takes its old length
+        await discover(store, 2, "PO2")
+        dispatcher.wake()
+        with anyio.fail_after(1):
+            await settle(store, ["PO2"], {"imported"})
+        tg.cancel_scope.cancel()

@@ -138,3 +138,28 @@ async def test_a_poll_finding_several_new_pos_reads_their_lines_together(
     assert {
         po_id: inbox.decode(inbox.PO_DISCOVERED, event.payload) for po_id, event in found.items()
     } == alone
+
+
+async def test_webhooks_registered_during_a_wait_put_the_next_poll_a_reconcile_interval_on(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with sims.daemon(sims.config(tmp_path / "syncd.db", poll=0.3)) as daemon:
+        poller = daemon.katana_poller
+        with anyio.fail_after(5):
+            while poller._waiting is None or poller.last_success is None:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        polled = poller.last_success
+        # As the listener does once the webhooks are registered (the daemon's start).
+        poller.reconcile()
+        assert poller.interval == 300.0
+        await anyio.sleep(1.0)
+        # The 0.3 s wait under way was moved: no second poll at the old interval (at start,
+        # 1,000 factories' second polls fell inside their first minute of idling).
+        assert poller.last_success == polled
+        assert poller._waiting is not None
+        assert poller._waiting.deadline - poller._polled_at == pytest.approx(300.0)
+        # Asked to look now, it still does at once.
+        poller.kick.set()
+        with anyio.fail_after(5):
+            while poller.last_success == polled:  # noqa: ASYNC110 - the poller's own record
+                await anyio.sleep(0.02)

@@ -1590,6 +1590,11 @@ async def test_idle_factories_share_one_query_for_what_waits_in_the_inbox(databa
         finally:
             await other.close()
         await anyio.sleep(PENDING_SUMMARY_AGE + 0.1)
+        # The same summary, by factory and kind, for the daemon's one look at the inbox.
+        assert await views[0].pending_kinds_per_factory() == {
+            "f7": {"webhook"},
+            "f9": {"webhook"},
+        }
         assert [e.id for e in await views[9].pending_events()] == [theirs]
         await views[9].mark_processed(theirs if theirs is not None else -1, "done")
         assert await views[9].pending_events() == []

@@ -46,6 +46,7 @@ from syncd.ops.statuspage import StatusPage
 from syncd.runtime.coordinator import Coordinator, LeaseGuard, LeaseTimes
 from syncd.runtime.dispatcher import Dispatcher, check_chart
 from syncd.runtime.effects import Effects, note_attempts_since
+from syncd.runtime.inbox import InboxWatch
 from syncd.runtime.observer import Observer, Observers
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
 from syncd.runtime.webhooks import (
@@ -147,6 +148,10 @@ class Daemon:
         #: Who runs which factory, when daemons share a PostgreSQL database; ``None``: this
         #: daemon runs every factory of its config (SQLite).
         self.coordinator: Coordinator | None = None
+        #: The one look at the inbox for every factory (run from the first factory's start):
+        #: their readers sleep until woken, no timer each.
+        self.inbox_watch = InboxWatch(root)
+        self._watching = False
 
     # -- the first factory, for one-factory callers ----------------------------------------
 
@@ -317,6 +322,14 @@ class Daemon:
         if runtime is not None:
             runtime.wake()
 
+    def _watch_inbox(self) -> InboxWatch:
+        """The daemon's :attr:`inbox_watch`, running in its task group from the first call."""
+        if not self._watching:
+            assert self._tg is not None
+            self._tg.start_soon(self.inbox_watch.run)
+            self._watching = True
+        return self.inbox_watch
+
     async def _run_factory(
         self,
         name: str,
@@ -336,6 +349,7 @@ class Daemon:
         retry = self._retry
         scope = anyio.CancelScope()
         runtime: FactoryRuntime | None = None
+        watch = self._watch_inbox()
         try:
             # Cancelled at the lease's deadline or when the coordinator revokes it, even if
             # nothing checks: nothing of the factory outlives its lease.
@@ -371,9 +385,10 @@ class Daemon:
                         retry=retry,
                         observer=watchers,
                         shadow=config.shadow,
+                        watch=watch,
                     )
                     tg_poller = TradeGeckoPoller(
-                        store, tradegecko, config, activated, dispatcher.wake
+                        store, tradegecko, config, activated, dispatcher.wake, watch=watch
                     )
                     kt_poller = KatanaPoller(
                         store, katana, config, chart, activated, dispatcher.wake
@@ -390,6 +405,7 @@ class Daemon:
                             coalesce=config.webhooks.coalesce,
                             concurrency=config.webhooks.concurrency,
                             trusted=config.webhooks.verify_signatures,
+                            watch=watch,
                         )
                         listener = WebhookListener(
                             config,

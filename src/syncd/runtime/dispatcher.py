@@ -89,8 +89,12 @@ class Dispatcher:
         retry: RetryPolicies = RETRY,
         observer: Observer | None = None,
         shadow: bool = False,
+        watch: inbox.InboxWatch | None = None,
     ) -> None:
         self.store = store
+        #: The daemon's look at the inbox, which wakes the dispatcher when another process
+        #: wrote its events; without one it looks every :data:`inbox.LOOK_EVERY` seconds.
+        self.watch = watch
         #: A shadow run: each effect's writes are planned (recorded, answered with
         #: placeholders), never sent, and the plan is kept instead of the outcome.
         self.shadow = shadow
@@ -125,16 +129,20 @@ class Dispatcher:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            await self.drain()
-            await self.resume_effects()
-            task_status.started()
-            while True:
-                if await self.drain() == 0:
-                    with anyio.move_on_after(1.0):
-                        await self._wake.wait()
-                    self._wake = anyio.Event()
+        # With a watch, no timer: idle, the dispatcher sleeps until its events are written.
+        with inbox.watched(
+            self.watch, self.store.factory, self.wake, exclude_kinds=inbox.SOURCE_KINDS
+        ) as patience:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await self.drain()
+                await self.resume_effects()
+                task_status.started()
+                while True:
+                    if await self.drain() == 0:
+                        with anyio.move_on_after(patience):
+                            await self._wake.wait()
+                        self._wake = anyio.Event()
 
     async def drain(self) -> int:
         """Process every pending inbox event; returns how many."""

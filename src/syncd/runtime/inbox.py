@@ -1,24 +1,31 @@
 """The kinds of event that enter the inbox, and their payloads.
 
 Sources (pollers, webhooks, effects) write these; only the dispatcher reads them. Each kind
-has one payload type, encoded as JSON in the inbox row.
+has one payload type, encoded as JSON in the inbox row. :class:`InboxWatch` is the daemon's
+one look at the inbox for work written by another process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
+import anyio
 import msgspec
 
 from syncd.domain import triggers
 from syncd.domain.orders import PurchaseOrderLine, PurchaseOrderSnapshot, SalesOrderFacts
 from syncd.domain.rules import Signal, purchase_order_signal, sales_order_signal
+from syncd.errors import SyncdError
 from syncd.runtime.effects import Outcome
-from syncd.store import InboxEvent
+from syncd.store import InboxEvent, Store
 
 __all__ = [
     "EFFECT_OUTCOME",
     "IMPORT_REQUESTED",
+    "LOOK_EVERY",
     "OPERATOR",
     "OPERATOR_ACTIONS",
     "PO_DISCOVERED",
@@ -29,12 +36,14 @@ __all__ = [
     "WEBHOOK_KINDS",
     "WEBHOOK_RECEIVED",
     "ImportRequest",
+    "InboxWatch",
     "OperatorCommand",
     "PurchaseOrderObserved",
     "WebhookReceived",
     "decode",
     "encode",
     "replayable",
+    "watched",
 ]
 
 PO_DISCOVERED = "po_discovered"
@@ -55,6 +64,12 @@ WEBHOOK_KINDS = (WEBHOOK_RECEIVED,)
 #: Requests to a source to look at a service, handled by that source, not the dispatcher:
 #: webhook deliveries (the webhook consumer) and imports on purpose (the TradeGecko poller).
 SOURCE_KINDS = (*WEBHOOK_KINDS, IMPORT_REQUESTED)
+#: Seconds between looks at the inbox for rows another process wrote (``syncctl retry``,
+#: ``replay``, ``import``; another daemon's listener): the daemon's :class:`InboxWatch`
+#: looks this often for all its factories; a reader without one looks this often itself.
+LOOK_EVERY = 1.0
+
+log = logging.getLogger("syncd.inbox")
 
 
 class PurchaseOrderObserved(msgspec.Struct, kw_only=True, frozen=True):
@@ -152,3 +167,108 @@ def replayable(events: Iterable[InboxEvent]) -> list[tuple[int, Signal]]:
         elif isinstance(payload, PurchaseOrderObserved):
             seen.append((event.id, purchase_order_signal(payload.status)))
     return seen
+
+
+@dataclass(frozen=True, eq=False)
+class _Reader:
+    """One task of a factory that reads the inbox, and which kinds it reads."""
+
+    wake: Callable[[], None]
+    kinds: frozenset[str] | None
+    exclude_kinds: frozenset[str]
+
+    def wants(self, waiting: set[str]) -> bool:
+        mine = waiting if self.kinds is None else waiting & self.kinds
+        return bool(mine - self.exclude_kinds)
+
+
+class InboxWatch:
+    """The daemon's one look at the inbox for every factory it runs.
+
+    A factory's inbox readers (its dispatcher, webhook consumer and import watcher) sleep
+    until woken: by whoever writes their work in this process (a poller, an effect, the
+    webhook listener), by another daemon's ``NOTIFY`` (PostgreSQL), or by this watch, which
+    every :data:`LOOK_EVERY` seconds reads which kinds of events wait for which factory (one
+    grouped query, :meth:`Store.pending_kinds_per_factory`) and wakes the readers that have
+    some: rows written by ``syncctl`` or another daemon are seen within that time plus the
+    summary's age. One timer for the daemon, where each reader used to look every second.
+    """
+
+    def __init__(self, store: Store, *, every: float = LOOK_EVERY) -> None:
+        self.store = store
+        self.every = every
+        self._readers: dict[str, list[_Reader]] = {}
+        #: Looks made at the inbox (for tests and the curious).
+        self.looks = 0
+
+    @contextmanager
+    def watching(
+        self,
+        factory: str,
+        wake: Callable[[], None],
+        *,
+        kinds: Sequence[str] | None = None,
+        exclude_kinds: Sequence[str] = (),
+    ) -> Iterator[None]:
+        """While the block runs, call ``wake`` when events of ``factory`` wait that
+        :meth:`Store.pending_events` with the same ``kinds`` and ``exclude_kinds`` returns
+        (woken again at each look while they wait)."""
+        reader = _Reader(
+            wake, None if kinds is None else frozenset(kinds), frozenset(exclude_kinds)
+        )
+        readers = self._readers.setdefault(factory, [])
+        readers.append(reader)
+        try:
+            yield
+        finally:
+            readers.remove(reader)
+            if not readers and self._readers.get(factory) is readers:
+                del self._readers[factory]
+
+    async def run(self) -> None:
+        """Look every :attr:`every` seconds until cancelled; a failed look is logged and
+        made again at the next."""
+        failing = False
+        while True:
+            await anyio.sleep(self.every)
+            if not self._readers:
+                continue
+            try:
+                waiting = await self.store.pending_kinds_per_factory()
+            except SyncdError as exc:
+                if not failing:
+                    log.warning("cannot look at the inbox (trying every %s s): %s", self.every, exc)
+                failing = True
+                continue
+            if failing:
+                log.info("the inbox can be read again")
+            failing = False
+            self.looks += 1
+            self.wake_waiting(waiting)
+
+    def wake_waiting(self, waiting: dict[str, set[str]]) -> None:
+        """Wake each reader that has events among ``waiting`` (kinds by factory)."""
+        for factory, kinds in waiting.items():
+            for reader in self._readers.get(factory, ()):
+                if reader.wants(kinds):
+                    reader.wake()
+
+
+@contextmanager
+def watched(
+    watch: InboxWatch | None,
+    factory: str,
+    wake: Callable[[], None],
+    *,
+    kinds: Sequence[str] | None = None,
+    exclude_kinds: Sequence[str] = (),
+    alone: float = LOOK_EVERY,
+) -> Iterator[float | None]:
+    """A reader's wait for its work: while the block runs ``watch`` wakes it (see
+    :meth:`InboxWatch.watching`); yields how long the reader waits at most between its own
+    looks: ``None`` (until woken: no timer) with a watch, ``alone`` seconds without one."""
+    if watch is None:
+        yield alone
+        return
+    with watch.watching(factory, wake, kinds=kinds, exclude_kinds=exclude_kinds):
+        yield None

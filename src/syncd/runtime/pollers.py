@@ -88,13 +88,21 @@ class _Poller:
         self.kick = anyio.Event()
         #: Polls in a row that found nothing (and were not kicked).
         self.idle_polls = 0
+        #: The wait for the next poll under way, and when it began (the last poll's end).
+        self._waiting: anyio.CancelScope | None = None
+        self._polled_at = 0.0
 
     async def poll_once(self) -> int:
         raise NotImplementedError
 
     def reconcile(self) -> None:
-        """Webhooks bring the changes now: poll only to catch what a delivery missed."""
+        """Webhooks bring the changes now: poll only to catch what a delivery missed, the
+        next time one reconcile interval after the last poll."""
         self.interval = max(self.interval, self._reconcile_interval)
+        if self._waiting is not None:
+            # The wait under way was set for the poll interval: at start, 1,000 factories'
+            # second polls came 30 s later, inside the first minutes of idling.
+            self._waiting.deadline = self._polled_at + self.next_wait()
 
     def _moved(self, added: int) -> bool:
         """Whether the poll found something that may move (``added``: new events)."""
@@ -147,8 +155,11 @@ class _Poller:
                     await self.store.set_meta(f"last_poll.{self.name}", str(self.last_success))
                 except SyncdError as exc:
                     log.warning("cannot record the %s poll: %s", self.name, exc)
-            with anyio.move_on_after(self.next_wait()):
+            self._polled_at = anyio.current_time()
+            self._waiting = anyio.move_on_after(self.next_wait())
+            with self._waiting:
                 await self.kick.wait()
+            self._waiting = None
             if self.kick.is_set():
                 self.idle_polls = 0  # asked to look now: something may move
             self.kick = anyio.Event()
@@ -167,8 +178,14 @@ class TradeGeckoPoller(_Poller):
         config: Config,
         activated_at: datetime,
         wake: Callable[[], None],
+        *,
+        watch: inbox.InboxWatch | None = None,
     ) -> None:
         super().__init__(store, config, config.tradegecko.poll_interval, wake)
+        #: The daemon's look at the inbox, which wakes the import watcher when ``syncctl
+        #: import`` wrote a request; without one it looks every ``retry.backfill.initial``.
+        self.watch = watch
+        self._imports = anyio.Event()
         self.client = client
         self.supplier_name = config.tradegecko.supplier_name
         self.supplier_match = config.tradegecko.supplier_match
@@ -329,15 +346,31 @@ class TradeGeckoPoller(_Poller):
             tg.start_soon(self._serve_imports)
             await super().run()
 
+    def wake_imports(self) -> None:
+        """Tell the import watcher an import request waits in the inbox."""
+        self._imports.set()
+
     async def _serve_imports(self) -> None:
-        while True:
-            try:
-                for event in await self.store.pending_events(kinds=(inbox.IMPORT_REQUESTED,)):
-                    await self._import_requested(event)
-            except SyncdError as exc:
-                log.warning("import requests not read: %s", exc)
-            # syncctl writes requests from another process: they are looked for this often.
-            await anyio.sleep(self.retry.backfill.initial)
+        kinds = (inbox.IMPORT_REQUESTED,)
+        # syncctl writes requests from another process: the watch wakes this while one
+        # waits (a request that failed for now is tried again at each look); alone, it
+        # looks every retry.backfill.initial.
+        with inbox.watched(
+            self.watch,
+            self.store.factory,
+            self.wake_imports,
+            kinds=kinds,
+            alone=self.retry.backfill.initial,
+        ) as patience:
+            while True:
+                try:
+                    for event in await self.store.pending_events(kinds=kinds):
+                        await self._import_requested(event)
+                except SyncdError as exc:
+                    log.warning("import requests not read: %s", exc)
+                with anyio.move_on_after(patience):
+                    await self._imports.wait()
+                self._imports = anyio.Event()
 
     async def _import_requested(self, event: InboxEvent) -> None:
         try:

@@ -425,8 +425,13 @@ class WebhookConsumer:
         coalesce: float = 0.5,
         concurrency: int = 8,
         trusted: bool = True,
+        watch: inbox.InboxWatch | None = None,
     ) -> None:
         self.store = store
+        #: The daemon's look at the inbox, which wakes the consumer when another daemon's
+        #: listener persisted a delivery; without one it looks every
+        #: :data:`inbox.LOOK_EVERY` seconds.
+        self.watch = watch
         self.tradegecko_poller = tradegecko_poller
         self.katana_poller = katana_poller
         self._wake_dispatcher = wake
@@ -468,16 +473,21 @@ class WebhookConsumer:
         self._kick.set()
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as tg:
-            while True:
-                try:
-                    await self._collect(tg)
-                except SyncdError as exc:
-                    log.warning("webhook deliveries not processed yet: %s", exc)
-                    await anyio.sleep(self.retry.webhook.initial)
-                with anyio.move_on_after(1.0):
-                    await self._kick.wait()
-                self._kick = anyio.Event()
+        # With a watch, no timer: idle, the consumer sleeps until a delivery is persisted
+        # (deliveries left pending by a failure are seen by the watch's next look).
+        with inbox.watched(
+            self.watch, self.store.factory, self.wake, kinds=inbox.WEBHOOK_KINDS
+        ) as patience:
+            async with anyio.create_task_group() as tg:
+                while True:
+                    try:
+                        await self._collect(tg)
+                    except SyncdError as exc:
+                        log.warning("webhook deliveries not processed yet: %s", exc)
+                        await anyio.sleep(self.retry.webhook.initial)
+                    with anyio.move_on_after(patience):
+                        await self._kick.wait()
+                    self._kick = anyio.Event()
 
     async def _collect(self, tg: anyio.abc.TaskGroup) -> None:
         """Hand every new persisted delivery to its object's worker, starting one if idle."""

@@ -590,11 +590,11 @@ class Store:
         With several factories asking, one grouped query (at most every
         :data:`PENDING_SUMMARY_AGE` seconds) says which factories have events of which kinds
         waiting, and a factory with none of those asked for gets ``[]`` without a query of its
-        own: 1,000 idle factories' dispatchers, webhook consumers and import watchers, each
-        looking every second, cost two queries a second instead of 3,000. Events this process
-        added after the summary was read are always looked for at once; another process's
-        (``syncctl``, another daemon) are seen within that age, as they were seen within the
-        askers' own cadence before.
+        own. The daemon's readers sleep until woken; its one look at the inbox
+        (:class:`~syncd.runtime.inbox.InboxWatch`) reads the same summary
+        (:meth:`pending_kinds_per_factory`) to wake those with events another process
+        (``syncctl``, another daemon) wrote. Events this process added after the summary was
+        read are always looked for at once.
         """
         if await self._root._nothing_pending(self.factory, kinds, exclude_kinds):
             return []
@@ -620,6 +620,21 @@ class Store:
         self._pending_askers.add(factory)
         if len(self._pending_askers) < 2:
             return False  # one factory: its own query is as cheap as the summary's
+        summary = await self._pending_summary()
+        if self._committed_for.get(factory, -1) > summary.commits:
+            return False  # this process added events the summary may not show
+        waiting = summary.kinds.get(factory, set())
+        if kinds is not None:
+            waiting = waiting & set(kinds)
+        return not waiting - set(exclude_kinds)
+
+    async def pending_kinds_per_factory(self) -> dict[str, set[str]]:
+        """Which kinds of events wait unprocessed, by factory: the summary
+        :meth:`pending_events` uses (read again when older than :data:`PENDING_SUMMARY_AGE`
+        seconds), for the daemon's one look at the inbox for all its factories."""
+        return (await self._root._pending_summary()).kinds
+
+    async def _pending_summary(self) -> _PendingSummary:
         summary = self._pending
         if summary is None or time.monotonic() - summary.at > PENDING_SUMMARY_AGE:
             async with self._pending_lock:
@@ -635,12 +650,7 @@ class Store:
                     for name, kind in rows:
                         kinds_by_factory.setdefault(str(name), set()).add(str(kind))
                     summary = self._pending = _PendingSummary(at, commits, kinds_by_factory)
-        if self._committed_for.get(factory, -1) > summary.commits:
-            return False  # this process added events the summary may not show
-        waiting = summary.kinds.get(factory, set())
-        if kinds is not None:
-            waiting = waiting & set(kinds)
-        return not waiting - set(exclude_kinds)
+        return summary
 
     async def has_pending_event(self, link_id: int, kind: str) -> bool:
         """Whether an event of ``kind`` for the link waits unprocessed in the inbox."""
