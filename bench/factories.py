@@ -385,16 +385,40 @@ def _agreement(parts: dict[str, Any], names: list[str]) -> tuple[list[str], dict
     }
 
 
+def _sim_totals(parts: dict[str, Any], count: int) -> dict[str, Counter[str]]:
+    """Every simulator account's requests so far, summed: service -> endpoint -> calls."""
+    out: dict[str, Counter[str]] = {}
+    for service, base in (("katana", _KATANA_TOKEN), ("tradegecko", _TRADEGECKO_TOKEN)):
+        tokens = [_token(base, i) for i in range(count)]
+        total: Counter[str] = Counter()
+        for answer in anyio.run(_sim_counts, parts[service], tokens):
+            for endpoint, calls in answer["requests"].items():
+                total[_template(endpoint)] += calls
+        out[service] = total
+    return out
+
+
+def _per_factory(
+    now: dict[str, Counter[str]], before: dict[str, Counter[str]] | None, count: int
+) -> dict[str, dict[str, float]]:
+    """The requests per factory by endpoint between two :func:`_sim_totals`."""
+    out: dict[str, dict[str, float]] = {}
+    for service, total in now.items():
+        made = total - (before or {}).get(service, Counter())
+        out[service] = {k: round(v / count, 2) for k, v in sorted(made.items()) if v}
+    return out
+
+
 def _template_count(requests: dict[str, int], endpoint: str) -> int:
     return sum(v for k, v in requests.items() if _template(k) == endpoint)
 
 
-def _one(count: int, idle_seconds: float) -> dict[str, Any]:
+def _one(count: int, idle_seconds: float, start_only: bool = False) -> dict[str, Any]:
     names = _names(count)
     out: dict[str, Any] = {"factories": count}
     with tempfile.TemporaryDirectory() as tmp, _processes(Path(tmp), count) as parts:
         try:
-            _measure_one(parts, names, idle_seconds, out)
+            _measure_one(parts, names, idle_seconds, out, start_only=start_only)
         except Unsound as exc:
             raise Unsound(f"{count} factories: {exc.why}", {**out, **exc.figures}) from None
         except Exception as exc:  # the figures so far, for the reader
@@ -403,13 +427,28 @@ def _one(count: int, idle_seconds: float) -> dict[str, Any]:
 
 
 def _measure_one(
-    parts: dict[str, Any], names: list[str], idle_seconds: float, out: dict[str, Any]
+    parts: dict[str, Any],
+    names: list[str],
+    idle_seconds: float,
+    out: dict[str, Any],
+    *,
+    start_only: bool = False,
 ) -> None:
     pid = parts["daemon"].pid
     seen = _wait_started(parts, names, 300)
     out["startup_s"] = round(seen["startup_s"], 2)
     out["startup_cpu_s"] = round(_cpu_seconds(pid), 2)
     out["rss_start_mb"] = round(_rss_mb(pid), 1)
+    at_start = _sim_totals(parts, len(names))
+    out["start_requests_per_factory"] = _per_factory(at_start, None, len(names))
+    if start_only:
+        before_restart = _sim_totals(parts, len(names))
+        _restart(parts, names, out)
+        out["restart_requests_per_factory"] = _per_factory(
+            _sim_totals(parts, len(names)), before_restart, len(names)
+        )
+        out["soundness"] = "sound (start only)"
+        return
     shares = _idle(pid, idle_seconds)
     out["idle_cpu_core_share"] = round(statistics.median(shares), 4)
     out["idle_cpu_windows"] = [round(s, 4) for s in shares]
@@ -418,7 +457,11 @@ def _measure_one(
     out["syncctl_status_s"] = round(statistics.median(status), 3)
     out["syncctl_status_runs_s"] = [round(t, 3) for t in status]
     print(json.dumps(out), file=sys.stderr, flush=True)
+    before_restart = _sim_totals(parts, len(names))
     _restart(parts, names, out)
+    out["restart_requests_per_factory"] = _per_factory(
+        _sim_totals(parts, len(names)), before_restart, len(names)
+    )
     pid = parts["daemon"].pid
     out["po_to_received_s"] = round(anyio.run(_orders, parts, names, 300.0), 2)
     problems, calls = _agreement(parts, names)
@@ -429,18 +472,24 @@ def _measure_one(
     out["soundness"] = problems or "sound"
 
 
-def measure(counts: list[int], idle_seconds: float = 30.0) -> dict[str, Any]:
+def measure(
+    counts: list[int], idle_seconds: float = 30.0, *, start_only: bool = False
+) -> dict[str, Any]:
     out: dict[str, Any] = {"load_at_start": os.getloadavg(), "idle_seconds": idle_seconds}
     runs = []
     for count in counts:
         try:
-            runs.append(_one(count, idle_seconds))
+            runs.append(_one(count, idle_seconds, start_only))
         except Unsound as exc:  # the other counts still run
             runs.append({**exc.figures, "soundness": exc.why})
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     out["runs"] = runs
     out["load_at_end"] = os.getloadavg()
-    bad = [f"{r['factories']}: {r['soundness']}" for r in runs if r["soundness"] != "sound"]
+    bad = [
+        f"{r['factories']}: {r['soundness']}"
+        for r in runs
+        if not str(r["soundness"]).startswith("sound")
+    ]
     if bad:
         raise Unsound("; ".join(bad), out)
     return out
@@ -450,6 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.factories", description=__doc__)
     parser.add_argument("--counts", default="1,10,100,1000")
     parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--start-only",
+        action="store_true",
+        help="measure the start, the restart and their requests only (no idle, status, POs)",
+    )
     args = parser.parse_args(argv)
     try:
         counts = [int(c) for c in args.counts.split(",")]
@@ -458,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     if not counts or min(counts) < 1:
         parser.error("--counts: each count must be at least 1")
     try:
-        result = measure(counts, args.idle_seconds)
+        result = measure(counts, args.idle_seconds, start_only=args.start_only)
     except Unsound as exc:
         print(json.dumps(exc.figures, indent=1, default=str))
         print(f"UNSOUND: {exc.why}")

@@ -94,6 +94,17 @@ async def wait_in(
             await anyio.sleep(0.05)
 
 
+async def registered(daemon: Daemon, names: list[str], seconds: float = 10) -> None:
+    """Wait until each factory's webhooks are registered (several factories register after
+    their start)."""
+    with anyio.fail_after(seconds):
+        for name in names:
+            hooks = daemon.factories[name].webhooks
+            assert hooks is not None
+            while not hooks.registered:  # noqa: ASYNC110 - a test's bounded look
+                await anyio.sleep(0.02)
+
+
 async def metric(
     daemon: Daemon, name: str, expected: float, *, at_least: bool = False, **labels: str
 ) -> None:
@@ -225,6 +236,7 @@ async def test_webhooks_are_routed_per_factory_and_a_stopped_factory_is_a_404(
         ):
             # `default` keeps today's paths; the others are named in theirs.
             paths = {"default": "/webhooks", "north": "/webhooks/north"}
+            await registered(daemon, names)  # beside others, after the start
             for name in names:
                 runtime = daemon.factories[name]
                 assert runtime.webhooks is not None and runtime.webhooks.registered
