@@ -613,15 +613,21 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-def guarded_transport(connections: int = 100) -> httpx.AsyncHTTPTransport:
+def guarded_transport(
+    connections: int = 100, *, verify: ssl.SSLContext | None = None
+) -> httpx.AsyncHTTPTransport:
     """An httpx transport (a connection pool of at most ``connections``, all kept alive)
     whose connections check the guard of the request they send right before each write
     (see :class:`RequestGuard`). Shared by several factories' clients: each request
-    carries its own client's guard."""
+    carries its own client's guard.
+
+    :param verify: the TLS context (default: a new one, which reads the CA bundle: 0.1 s).
+    """
     # Every connection kept alive: httpx's default keeps 20 of 100, so a burst closes and
     # reopens 80 connections per round.
     transport = httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        verify=verify if verify is not None else True,
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
     )
     # httpx takes no network backend; its pool (httpcore) does.
     pool = transport._pool
@@ -638,21 +644,35 @@ HOST_WAIT = 300.0
 
 
 class HostPool(httpx.AsyncBaseTransport):
-    """One service host's connections (:func:`guarded_transport`) behind a first-come,
-    first-served queue of ``connections`` slots.
+    """One service host's ``connections`` behind a first-come, first-served queue.
 
-    A request takes a slot before it reaches the pool and holds it until its body is read,
-    so the pool always has a connection for it: httpcore's own queue is never used (its
-    cost grows with the square of its length, and its wait counts against the request's
-    timeout: a burst of 1,000 factories failed with pool timeouts). The wait for a slot is
-    bounded by ``wait`` seconds (:class:`httpx.PoolTimeout` after, nothing sent); a
-    request's timeout starts once it has its slot.
+    A request takes a slot before it reaches a pool and holds it until its body is read,
+    so a pool always has a connection for it: httpcore's own queue is never used (its
+    wait counted against the request's timeout: a burst of 1,000 factories failed with
+    pool timeouts). The wait for a slot is bounded by ``wait`` seconds
+    (:class:`httpx.PoolTimeout` after, nothing sent); a request's timeout starts once it
+    has its slot.
+
+    The connections are split into pools of at most ``shard`` (:func:`guarded_transport`
+    each), a request going to the least busy: httpcore looks at every connection of its
+    pool at each request and each answer (a system call each), so one pool of 100 cost
+    a third of the daemon's CPU in a burst.
     """
 
-    def __init__(self, connections: int = HOST_CONNECTIONS, wait: float = HOST_WAIT) -> None:
+    def __init__(
+        self, connections: int = HOST_CONNECTIONS, wait: float = HOST_WAIT, shard: int = 10
+    ) -> None:
+        if connections < 1 or shard < 1:
+            raise ValueError("a host pool needs at least one connection")
         self.connections = connections
         self.wait = wait
-        self.transport = guarded_transport(connections)
+        sizes = [shard] * (connections // shard) + (
+            [connections % shard] if connections % shard else []
+        )
+        tls = httpx.create_ssl_context()  # one for all: each reads the CA bundle
+        self.transports = [guarded_transport(size, verify=tls) for size in sizes]
+        self._sizes = sizes
+        self._busy = [0] * len(sizes)
         self._slots = anyio.Semaphore(connections)
 
     @property
@@ -662,7 +682,8 @@ class HostPool(httpx.AsyncBaseTransport):
 
     @property
     def in_use(self) -> int:
-        return self.connections - self._slots.value
+        """Slots held: requests sent or being sent, and answers not read to their end."""
+        return sum(self._busy)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         with anyio.move_on_after(self.wait) as waiting:
@@ -672,26 +693,38 @@ class HostPool(httpx.AsyncBaseTransport):
                 f"no connection to {request.url.host} free within {self.wait:g} s",
                 request=request,
             )
-        try:
-            response = await self.transport.handle_async_request(request)
-        except BaseException:
+        # The least busy pool, in proportion to its size: one has room, as the slots held
+        # are fewer than the connections.
+        shard = min(range(len(self._busy)), key=lambda i: self._busy[i] / self._sizes[i])
+        self._busy[shard] += 1
+
+        def release() -> None:
+            self._busy[shard] -= 1
             self._slots.release()
+
+        try:
+            response = await self.transports[shard].handle_async_request(request)
+        except BaseException:
+            release()
             raise
-        response.stream = _SlotStream(response.stream, self._slots)
+        response.stream = _SlotStream(response.stream, release)
         return response
 
     async def aclose(self) -> None:
-        await self.transport.aclose()
+        for transport in self.transports:
+            await transport.aclose()
 
 
 class _SlotStream(httpx.AsyncByteStream):
     """A response body that gives its connection slot back once closed (read to its end or
-    dropped): then its connection is free again in the pool."""
+    dropped): then its connection is free again in its pool."""
 
-    def __init__(self, inner: httpx.SyncByteStream | httpx.AsyncByteStream, slots: anyio.Semaphore):
+    def __init__(
+        self, inner: httpx.SyncByteStream | httpx.AsyncByteStream, release: Callable[[], None]
+    ) -> None:
         assert isinstance(inner, httpx.AsyncByteStream)
         self._inner = inner
-        self._slots: anyio.Semaphore | None = slots
+        self._release: Callable[[], None] | None = release
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._inner:
@@ -701,9 +734,9 @@ class _SlotStream(httpx.AsyncByteStream):
         try:
             await self._inner.aclose()
         finally:
-            if self._slots is not None:
-                self._slots.release()
-                self._slots = None
+            if self._release is not None:
+                self._release()
+                self._release = None
 
 
 class _Retryable(Exception):

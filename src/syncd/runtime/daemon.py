@@ -156,6 +156,8 @@ class Daemon:
         #: daemon runs every factory of its config (SQLite).
         self.coordinator: Coordinator | None = None
         self._registering = anyio.Semaphore(_REGISTERING_AT_ONCE)
+        #: Set once every factory of the start runs (registrations wait for it).
+        self.started = anyio.Event()
 
     def _watchers(self, name: str) -> Observer:
         """What a factory's parts tell: its metrics, and the daemon's observer if any."""
@@ -472,6 +474,7 @@ class Daemon:
                                     self.webhooks_url,
                                     wait_first=not spread,
                                     turns=self._registering,
+                                    after=self.started,
                                 )
                             )
                         self.factories[name] = runtime
@@ -875,6 +878,7 @@ async def running_daemon(
             else:
                 for name in names:
                     await start(name)
+            daemon.started.set()
             if refused:
                 raise next(iter(refused.values()))
             if (

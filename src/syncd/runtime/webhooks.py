@@ -893,6 +893,7 @@ class WebhookListener:
         *,
         wait_first: bool = True,
         turns: anyio.Semaphore | None = None,
+        after: anyio.Event | None = None,
         task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Register the webhooks at ``webhooks.public_base_url`` (else ``url``, where the
@@ -909,6 +910,8 @@ class WebhookListener:
             factory: a change made right after the start comes as a webhook); else after.
         :param turns: taken around each registration or verification (many factories'
             registrations a bounded number at a time).
+        :param after: without ``wait_first``, registrations wait for it (the daemon's
+            whole start: they do not compete with the other factories' start).
         """
         self.url = url
         self.public_url = self.config.webhooks.public_base_url.rstrip("/") or url
@@ -926,6 +929,8 @@ class WebhookListener:
             done = await self._register_once(turns) if wait_first else False
             task_status.started(url)
             if not wait_first:
+                if after is not None:
+                    await after.wait()
                 done = await self._register_once(turns)
             policy = self.config.retry().registration
             failures = 0
