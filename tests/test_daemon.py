@@ -433,3 +433,59 @@ async def test_factories_start_a_bounded_number_at_a_time(
             assert list(daemon.factories) and set(daemon.factories) == set(names)
             assert all(runtime.refused is None for runtime in daemon.factories.values())
     assert most == 2
+
+
+async def test_a_restart_asks_no_service_again_unless_a_setting_changed(tmp_path: Path) -> None:
+    """Several factories: a service check passed with these very settings is not asked
+    again at the next start (counted in the metrics when it is); a token revoked since
+    pauses its factory at its first call, with the poller's message; a changed setting is
+    checked again."""
+    names = ["north", "south"]
+    async with running_sims(accounts=2) as sims:
+        config = factories_config(sims, tmp_path / "syncd.db", names)
+        worlds = [sims.katana_world_of(tokens) for tokens in sims.factories]
+        async with running_daemon(config, check=True) as daemon:
+            assert daemon.metrics_url is not None
+            text = await scrape(daemon.metrics_url)
+            for name in names:  # the check is counted like every other call
+                asked = samples(text).get(
+                    (
+                        "syncd_api_requests_total",
+                        frozenset(
+                            {
+                                "factory": name,
+                                "service": "katana",
+                                "method": "GET",
+                                "endpoint": "/factory",
+                                "status": "200",
+                            }.items()
+                        ),
+                    )
+                )
+                assert asked == 1, name
+        assert [world.requests["GET /factory"] for world in worlds] == [1, 1]
+
+        # South's TradeGecko token is revoked while syncd is down: the start asks nobody,
+        # south pauses at its first poll, north runs on.
+        sims.tradegecko_accounts[sims.factories[1].tradegecko_token].revoked = True
+        async with running_daemon(config, check=True) as daemon:
+            assert list(daemon.factories) == names
+            assert all(runtime.refused is None for runtime in daemon.factories.values())
+            assert [world.requests["GET /factory"] for world in worlds] == [1, 1]
+            south = daemon.root.for_factory("south")
+            with anyio.fail_after(10):
+                while (paused := await south.get_meta("paused.tradegecko")) is None:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            assert paused.startswith("tradegecko rejected the token (401) since ")
+            po = await sims.create_po(factory=sims.factories[0])
+            # (its import asks Katana's base currency: GET /factory once more)
+            await wait_in(daemon, "north", [po["order_number"]], "imported", "received")
+        before = worlds[0].requests["GET /factory"]
+
+        # A paused factory is asked again at the next start; one whose settings changed too.
+        north = config.factories["north"]
+        north.katana.base_url = north.katana.base_url + "/"
+        async with running_daemon(config, check=True) as daemon:
+            assert daemon.factories["south"].refused is not None  # asked, and refused
+            assert daemon.factories["north"].refused is None
+        assert worlds[0].requests["GET /factory"] == before + 1
