@@ -489,3 +489,39 @@ async def test_a_restart_asks_no_service_again_unless_a_setting_changed(tmp_path
             assert daemon.factories["south"].refused is not None  # asked, and refused
             assert daemon.factories["north"].refused is None
         assert worlds[0].requests["GET /factory"] == before + 1
+
+
+async def test_many_factories_first_polls_wait_for_the_start_and_a_kick() -> None:
+    """Beside others, a poller's first poll comes its delay after the daemon's whole start,
+    or at once when asked (``syncctl poll``, a webhook's hint)."""
+    from typing import cast
+
+    from syncd.runtime.daemon import _poll_from
+    from syncd.runtime.pollers import TradeGeckoPoller
+
+    class Poller:
+        def __init__(self) -> None:
+            self.kick = anyio.Event()
+            self.polled_at: float | None = None
+
+        async def run(self) -> None:
+            self.polled_at = anyio.current_time()
+            await anyio.sleep_forever()
+
+    started = anyio.Event()
+    waiting, kicked = Poller(), Poller()
+    async with anyio.create_task_group() as tg:
+        for poller in (waiting, kicked):
+            tg.start_soon(_poll_from, cast(TradeGeckoPoller, poller), 0.3, started)
+        await anyio.sleep(0.2)
+        assert waiting.polled_at is None and kicked.polled_at is None  # the start goes on
+        kicked.kick.set()
+        await anyio.sleep(0.05)
+        assert kicked.polled_at is not None and not kicked.kick.is_set()
+        began = anyio.current_time()
+        started.set()
+        with anyio.fail_after(5):
+            while waiting.polled_at is None:  # noqa: ASYNC110 - a test's bounded look
+                await anyio.sleep(0.02)
+        assert waiting.polled_at - began >= 0.29
+        tg.cancel_scope.cancel()

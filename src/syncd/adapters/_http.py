@@ -67,6 +67,7 @@ from syncd.errors import (
 
 __all__ = [
     "HOST_CONNECTIONS",
+    "HOST_KEEPALIVE",
     "HOST_WAIT",
     "HostPool",
     "Params",
@@ -613,6 +614,16 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+#: Connections to one service host, shared by every factory of the daemon.
+HOST_CONNECTIONS = 100
+#: Seconds an idle connection is kept (uvicorn closes them after 5, nginx after 75).
+HOST_KEEPALIVE = 4.0
+#: Seconds a request waits for one of them before it fails (nothing sent: retried as any
+#: passing failure, whatever its method). Far longer than a request's own timeout: the
+#: wait is the daemon's own queue, not the service being slow.
+HOST_WAIT = 300.0
+
+
 def guarded_transport(
     connections: int = 100, *, verify: ssl.SSLContext | None = None
 ) -> httpx.AsyncHTTPTransport:
@@ -623,24 +634,21 @@ def guarded_transport(
 
     :param verify: the TLS context (default: a new one, which reads the CA bundle: 0.1 s).
     """
-    # Every connection kept alive: httpx's default keeps 20 of 100, so a burst closes and
-    # reopens 80 connections per round.
+    # Every connection kept alive (httpx's default keeps 20 of 100, so a burst closes and
+    # reopens 80 connections per round), for less than the usual servers' 5 s at least:
+    # a request on a connection the server is closing fails unsent or, worse, unanswered.
     transport = httpx.AsyncHTTPTransport(
         verify=verify if verify is not None else True,
-        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        limits=httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=connections,
+            keepalive_expiry=HOST_KEEPALIVE,
+        ),
     )
     # httpx takes no network backend; its pool (httpcore) does.
     pool = transport._pool
     pool._network_backend = _GuardedBackend(pool._network_backend)
     return transport
-
-
-#: Connections to one service host, shared by every factory of the daemon.
-HOST_CONNECTIONS = 100
-#: Seconds a request waits for one of them before it fails (nothing sent: retried as any
-#: passing failure, whatever its method). Far longer than a request's own timeout: the
-#: wait is the daemon's own queue, not the service being slow.
-HOST_WAIT = 300.0
 
 
 class HostPool(httpx.AsyncBaseTransport):

@@ -442,8 +442,11 @@ class Daemon:
                     async with anyio.create_task_group() as tg:
                         await tg.start(dispatcher.run)
                         for poller in (tg_poller, kt_poller):
-                            delay = random.uniform(0.0, poller.interval) if spread else 0.0
-                            tg.start_soon(_poll_from, poller, delay)
+                            if spread:
+                                delay = random.uniform(0.0, poller.interval)
+                                tg.start_soon(_poll_from, poller, delay, self.started)
+                            else:
+                                tg.start_soon(poller.run)
                         tg.start_soon(
                             partial(
                                 metrics.refresh_forever,
@@ -757,12 +760,22 @@ async def _passed_before(store: Store, config: Config) -> bool:
     return True
 
 
-async def _poll_from(poller: TradeGeckoPoller | KatanaPoller, delay: float) -> None:
-    """Run ``poller`` with its first poll ``delay`` seconds from now, or at a kick."""
-    if delay > 0:
-        with anyio.move_on_after(delay):
+async def _poll_from(
+    poller: TradeGeckoPoller | KatanaPoller, delay: float, after: anyio.Event
+) -> None:
+    """Run ``poller`` with its first poll ``delay`` seconds after ``after`` (the daemon's
+    whole start: the polls do not compete with the other factories' start), or at a kick."""
+    async with anyio.create_task_group() as waiting:
+
+        async def kicked() -> None:
             await poller.kick.wait()
-        poller.kick = anyio.Event()  # the first poll is the one asked for
+            waiting.cancel_scope.cancel()
+
+        waiting.start_soon(kicked)
+        await after.wait()
+        await anyio.sleep(delay)
+        waiting.cancel_scope.cancel()
+    poller.kick = anyio.Event()  # the first poll is the one asked for
     await poller.run()
 
 
