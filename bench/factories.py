@@ -71,6 +71,8 @@ __all__ = ["measure"]
 _KATANA_TOKEN = "katana-sim-token"
 _TRADEGECKO_TOKEN = "tradegecko-sim-token"
 _BIN = Path(sys.executable).parent
+#: Seconds from spawning the daemon until every factory is registered, at most.
+_START_WAIT = 600.0
 #: Control calls to the simulators at once (one per factory otherwise: 1,000 sockets).
 _CONTROL_CONCURRENCY = 32
 #: Idle connections dropped before the simulators' (uvicorn's 5 s) keep-alive ends: a call
@@ -217,7 +219,13 @@ def _wait_started(parts: dict[str, Any], names: list[str], seconds: float) -> di
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise Unsound(f"not every factory running within {seconds} s", seen)
+                hooks = seen.get("health", {}).get("factories", {})
+                figures = {
+                    "startup_s": seen.get("startup_s"),
+                    "registered_factories": sum(1 for h in hooks.values() if h.get("registered")),
+                }
+                what = "registered" if "startup_s" in seen else "running"
+                raise Unsound(f"not every factory {what} within {seconds} s", figures)
             time.sleep(0.05)
 
 
@@ -235,7 +243,7 @@ def _restart(parts: dict[str, Any], names: list[str], out: dict[str, Any]) -> No
         raise Unsound(f"syncd run exited with {code} at SIGTERM")
     parts["spawned"] = time.monotonic()
     parts["daemon"] = parts["spawn"]()
-    seen = _wait_started(parts, names, 300)
+    seen = _wait_started(parts, names, _START_WAIT)
     out["restart_s"] = round(seen["startup_s"], 2)
     out["restart_registered_s"] = round(seen["registered_s"], 2)
     out["restart_cpu_s"] = round(_cpu_seconds(parts["daemon"].pid), 2)
@@ -440,13 +448,14 @@ def _measure_one(
     start_only: bool = False,
 ) -> None:
     pid = parts["daemon"].pid
-    seen = _wait_started(parts, names, 300)
+    seen = _wait_started(parts, names, _START_WAIT)
     out["startup_s"] = round(seen["startup_s"], 2)
     out["registered_s"] = round(seen["registered_s"], 2)
     out["startup_cpu_s"] = round(_cpu_seconds(pid), 2)
     out["rss_start_mb"] = round(_rss_mb(pid), 1)
     at_start = _sim_totals(parts, len(names))
     out["start_requests_per_factory"] = _per_factory(at_start, None, len(names))
+    print(json.dumps(out), file=sys.stderr, flush=True)  # so far, in case of a later failure
     if start_only:
         before_restart = _sim_totals(parts, len(names))
         _restart(parts, names, out)
