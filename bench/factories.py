@@ -89,7 +89,9 @@ def _names(count: int) -> list[str]:
     return [f"f{i}" for i in range(count)]
 
 
-def _config(tmp: Path, count: int, katana: str, tradegecko: str) -> tuple[Path, int, int]:
+def _config(
+    tmp: Path, count: int, katana: str, tradegecko: str, *, register: bool = True
+) -> tuple[Path, int, int]:
     hook_port, metrics_port = free_port(), free_port()
     lines = [
         f'[daemon]\ndatabase = "{tmp / "syncd.db"}"\nlog_level = "warning"\nretry_initial = 0.2',
@@ -98,7 +100,8 @@ def _config(tmp: Path, count: int, katana: str, tradegecko: str) -> tuple[Path, 
         f'[katana]\nbase_url = "{katana}/v1"\nrate_limit = 100000',
         # Katana registers only https:// addresses; the simulator delivers over http.
         f'[webhooks]\nenabled = true\nlisten = "127.0.0.1:{hook_port}"\n'
-        f'public_base_url = "https://127.0.0.1:{hook_port}"',
+        f'public_base_url = "https://127.0.0.1:{hook_port}"'
+        + ("" if register else "\nregister = false"),
     ]
     for i, name in enumerate(_names(count)):
         tg_token = _token(_TRADEGECKO_TOKEN, i)
@@ -144,14 +147,16 @@ def _scrape(text: str) -> dict[str, Any]:
 
 
 @contextmanager
-def _processes(tmp: Path, count: int) -> Iterator[dict[str, Any]]:
+def _processes(tmp: Path, count: int, *, register: bool = True) -> Iterator[dict[str, Any]]:
     procs: list[subprocess.Popen[str]] = []
     try:
         katana, katana_url = start_simulator("katana", count)
         procs.append(katana)
         tradegecko, tradegecko_url = start_simulator("tradegecko", count)
         procs.append(tradegecko)
-        config, hook_port, metrics_port = _config(tmp, count, katana_url, tradegecko_url)
+        config, hook_port, metrics_port = _config(
+            tmp, count, katana_url, tradegecko_url, register=register
+        )
         log = (tmp / "syncd.log").open("w")
 
         def spawn() -> subprocess.Popen[str]:
@@ -426,10 +431,15 @@ def _template_count(requests: dict[str, int], endpoint: str) -> int:
     return sum(v for k, v in requests.items() if _template(k) == endpoint)
 
 
-def _one(count: int, idle_seconds: float, start_only: bool = False) -> dict[str, Any]:
+def _one(
+    count: int, idle_seconds: float, start_only: bool = False, register: bool = True
+) -> dict[str, Any]:
     names = _names(count)
     out: dict[str, Any] = {"factories": count}
-    with tempfile.TemporaryDirectory() as tmp, _processes(Path(tmp), count) as parts:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        _processes(Path(tmp), count, register=register) as parts,
+    ):
         try:
             _measure_one(parts, names, idle_seconds, out, start_only=start_only)
         except Unsound as exc:
@@ -488,13 +498,17 @@ def _measure_one(
 
 
 def measure(
-    counts: list[int], idle_seconds: float = 30.0, *, start_only: bool = False
+    counts: list[int],
+    idle_seconds: float = 30.0,
+    *,
+    start_only: bool = False,
+    register: bool = True,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"load_at_start": os.getloadavg(), "idle_seconds": idle_seconds}
     runs = []
     for count in counts:
         try:
-            runs.append(_one(count, idle_seconds, start_only))
+            runs.append(_one(count, idle_seconds, start_only, register))
         except Unsound as exc:  # the other counts still run
             runs.append({**exc.figures, "soundness": exc.why})
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
@@ -519,6 +533,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure the start, the restart and their requests only (no idle, status, POs)",
     )
+    parser.add_argument(
+        "--no-register",
+        action="store_true",
+        help="webhooks.register = false (as registered by hand): the start without the "
+        "first registration, as a restart finds them recorded; with --start-only",
+    )
     args = parser.parse_args(argv)
     try:
         counts = [int(c) for c in args.counts.split(",")]
@@ -527,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     if not counts or min(counts) < 1:
         parser.error("--counts: each count must be at least 1")
     try:
-        result = measure(counts, args.idle_seconds, start_only=args.start_only)
+        result = measure(
+            counts, args.idle_seconds, start_only=args.start_only, register=not args.no_register
+        )
     except Unsound as exc:
         print(json.dumps(exc.figures, indent=1, default=str))
         print(f"UNSOUND: {exc.why}")
