@@ -12,9 +12,15 @@ What each figure is:
 
 - ``startup_s``: ``syncd run`` spawned → ``/metrics`` answers *and* has an
   ``syncd_inbox_backlog_events{factory=...}`` series for every factory *and* ``/healthz``
-  says every factory is registered. (``running_daemon`` serves ``/metrics`` only after every
-  factory's start returned, and a factory's start returns after its services were asked
-  and its webhooks' first registration ran.)
+  lists every factory: each one's routes take webhooks and its tasks are scheduled.
+  (``running_daemon`` serves ``/metrics`` only after every factory's start returned.)
+- ``registered_s``: spawned → ``/healthz`` also says every factory's webhooks are
+  registered (beside others, a factory registers after its start; a restart finds them
+  recorded in the database and counts them registered at once).
+- ``start_requests_per_factory`` / ``restart_requests_per_factory``: the simulators'
+  ``/_sim/counters`` over every account, by endpoint, divided by the factories: read once
+  every factory is registered (first start), and that reading's difference after the
+  restart. First polls are spread over one poll interval, so a poll may come after it.
 - ``rss_start_mb`` / ``rss_idle_mb``: the daemon's VmRSS right after start-up / after idling.
 - ``idle_cpu_core_share``: (utime + stime) of the daemon from ``/proc/PID/stat`` over
   ``--idle-seconds`` (measured in 3 equal windows; the median window is quoted, each is kept),
@@ -28,7 +34,8 @@ What each figure is:
 Sound when: every factory answered (``/healthz`` registered, a series each); every factory's
 PO was imported exactly once (the Katana simulator's ``POST /sales_orders`` per account is
 1) and received; and, per factory and service, the daemon's ``syncd_api_requests_total``
-equals the simulator's count for that account, endpoint by endpoint. Otherwise ``UNSOUND``
+(the start's service check included) equals the simulator's count for that account,
+endpoint by endpoint. Otherwise ``UNSOUND``
 and exit 1. The load average at start and end is recorded (the machine may be shared).
 
     python -m bench.factories [--counts 1,10,100,1000] [--idle-seconds 30]
@@ -64,8 +71,8 @@ __all__ = ["measure"]
 _KATANA_TOKEN = "katana-sim-token"
 _TRADEGECKO_TOKEN = "tradegecko-sim-token"
 _BIN = Path(sys.executable).parent
-#: The one call per service and factory that ``syncd run``'s start check makes.
-_START_CHECK = {"katana": "GET /factory", "tradegecko": "GET /accounts/current"}
+#: Seconds from spawning the daemon until every factory is registered, at most.
+_START_WAIT = 600.0
 #: Control calls to the simulators at once (one per factory otherwise: 1,000 sockets).
 _CONTROL_CONCURRENCY = 32
 #: Idle connections dropped before the simulators' (uvicorn's 5 s) keep-alive ends: a call
@@ -82,7 +89,9 @@ def _names(count: int) -> list[str]:
     return [f"f{i}" for i in range(count)]
 
 
-def _config(tmp: Path, count: int, katana: str, tradegecko: str) -> tuple[Path, int, int]:
+def _config(
+    tmp: Path, count: int, katana: str, tradegecko: str, *, register: bool = True
+) -> tuple[Path, int, int]:
     hook_port, metrics_port = free_port(), free_port()
     lines = [
         f'[daemon]\ndatabase = "{tmp / "syncd.db"}"\nlog_level = "warning"\nretry_initial = 0.2',
@@ -91,7 +100,8 @@ def _config(tmp: Path, count: int, katana: str, tradegecko: str) -> tuple[Path, 
         f'[katana]\nbase_url = "{katana}/v1"\nrate_limit = 100000',
         # Katana registers only https:// addresses; the simulator delivers over http.
         f'[webhooks]\nenabled = true\nlisten = "127.0.0.1:{hook_port}"\n'
-        f'public_base_url = "https://127.0.0.1:{hook_port}"',
+        f'public_base_url = "https://127.0.0.1:{hook_port}"'
+        + ("" if register else "\nregister = false"),
     ]
     for i, name in enumerate(_names(count)):
         tg_token = _token(_TRADEGECKO_TOKEN, i)
@@ -137,14 +147,16 @@ def _scrape(text: str) -> dict[str, Any]:
 
 
 @contextmanager
-def _processes(tmp: Path, count: int) -> Iterator[dict[str, Any]]:
+def _processes(tmp: Path, count: int, *, register: bool = True) -> Iterator[dict[str, Any]]:
     procs: list[subprocess.Popen[str]] = []
     try:
         katana, katana_url = start_simulator("katana", count)
         procs.append(katana)
         tradegecko, tradegecko_url = start_simulator("tradegecko", count)
         procs.append(tradegecko)
-        config, hook_port, metrics_port = _config(tmp, count, katana_url, tradegecko_url)
+        config, hook_port, metrics_port = _config(
+            tmp, count, katana_url, tradegecko_url, register=register
+        )
         log = (tmp / "syncd.log").open("w")
 
         def spawn() -> subprocess.Popen[str]:
@@ -184,7 +196,8 @@ def _processes(tmp: Path, count: int) -> Iterator[dict[str, Any]]:
 
 
 def _wait_started(parts: dict[str, Any], names: list[str], seconds: float) -> dict[str, Any]:
-    """Until every factory runs (see the module's ``startup_s``); what was seen then."""
+    """Until every factory runs and then until every factory's webhooks are registered (see
+    the module's ``startup_s`` and ``registered_s``); what was seen then."""
     daemon: subprocess.Popen[str] = parts["daemon"]
     deadline = parts["spawned"] + seconds
     seen: dict[str, Any] = {}
@@ -199,17 +212,25 @@ def _wait_started(parts: dict[str, Any], names: list[str], seconds: float) -> di
                 scraped = _scrape(client.get(parts["metrics"]).text)
                 if set(names) <= scraped["factories"]:
                     health = client.get(parts["healthz"]).json()
-                    seen = {"health": health, "scraped": scraped}
+                    seen.update(health=health, scraped=scraped)
                     hooks = health.get("factories", {names[0]: health})
+                    if "startup_s" not in seen and set(names) <= set(hooks):
+                        seen["startup_s"] = time.monotonic() - parts["spawned"]
                     if health.get("registered") and all(
                         hooks.get(n, {}).get("registered") for n in names
                     ):
-                        seen["startup_s"] = time.monotonic() - parts["spawned"]
+                        seen["registered_s"] = time.monotonic() - parts["spawned"]
                         return seen
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise Unsound(f"not every factory running within {seconds} s", seen)
+                hooks = seen.get("health", {}).get("factories", {})
+                figures = {
+                    "startup_s": seen.get("startup_s"),
+                    "registered_factories": sum(1 for h in hooks.values() if h.get("registered")),
+                }
+                what = "registered" if "startup_s" in seen else "running"
+                raise Unsound(f"not every factory {what} within {seconds} s", figures)
             time.sleep(0.05)
 
 
@@ -219,7 +240,6 @@ def _restart(parts: dict[str, Any], names: list[str], out: dict[str, Any]) -> No
     daemon: subprocess.Popen[str] = parts["daemon"]
     # What this daemon called, for the soundness check: the next one's metrics start at 0.
     parts["earlier_calls"] = _scrape(httpx.get(parts["metrics"], timeout=60).text)["calls"]
-    parts["starts"] = 2
     stopping = time.monotonic()
     daemon.send_signal(signal.SIGTERM)
     code = daemon.wait(120)
@@ -228,8 +248,9 @@ def _restart(parts: dict[str, Any], names: list[str], out: dict[str, Any]) -> No
         raise Unsound(f"syncd run exited with {code} at SIGTERM")
     parts["spawned"] = time.monotonic()
     parts["daemon"] = parts["spawn"]()
-    seen = _wait_started(parts, names, 300)
+    seen = _wait_started(parts, names, _START_WAIT)
     out["restart_s"] = round(seen["startup_s"], 2)
+    out["restart_registered_s"] = round(seen["registered_s"], 2)
     out["restart_cpu_s"] = round(_cpu_seconds(parts["daemon"].pid), 2)
     out["rss_restart_mb"] = round(_rss_mb(parts["daemon"].pid), 1)
 
@@ -364,9 +385,6 @@ def _agreement(parts: dict[str, Any], names: list[str]) -> tuple[list[str], dict
             )
             mine = Counter({k: v for k, v in after.get(name, {}).get(service, {}).items() if v})
             mine.update(parts.get("earlier_calls", {}).get(name, {}).get(service, Counter()))
-            # The start's check of each service (check_services) is made by a client of its
-            # own that syncd_api_requests_total does not count: one call each start, accounted.
-            mine[_START_CHECK[service]] += parts.get("starts", 1)
             totals[service] += sum(mine.values())
             if mine != theirs:
                 diff = {
@@ -385,16 +403,45 @@ def _agreement(parts: dict[str, Any], names: list[str]) -> tuple[list[str], dict
     }
 
 
+def _sim_totals(parts: dict[str, Any], count: int) -> dict[str, Counter[str]]:
+    """Every simulator account's requests so far, summed: service -> endpoint -> calls."""
+    out: dict[str, Counter[str]] = {}
+    for service, base in (("katana", _KATANA_TOKEN), ("tradegecko", _TRADEGECKO_TOKEN)):
+        tokens = [_token(base, i) for i in range(count)]
+        total: Counter[str] = Counter()
+        for answer in anyio.run(_sim_counts, parts[service], tokens):
+            for endpoint, calls in answer["requests"].items():
+                total[_template(endpoint)] += calls
+        out[service] = total
+    return out
+
+
+def _per_factory(
+    now: dict[str, Counter[str]], before: dict[str, Counter[str]] | None, count: int
+) -> dict[str, dict[str, float]]:
+    """The requests per factory by endpoint between two :func:`_sim_totals`."""
+    out: dict[str, dict[str, float]] = {}
+    for service, total in now.items():
+        made = total - (before or {}).get(service, Counter())
+        out[service] = {k: round(v / count, 2) for k, v in sorted(made.items()) if v}
+    return out
+
+
 def _template_count(requests: dict[str, int], endpoint: str) -> int:
     return sum(v for k, v in requests.items() if _template(k) == endpoint)
 
 
-def _one(count: int, idle_seconds: float) -> dict[str, Any]:
+def _one(
+    count: int, idle_seconds: float, start_only: bool = False, register: bool = True
+) -> dict[str, Any]:
     names = _names(count)
     out: dict[str, Any] = {"factories": count}
-    with tempfile.TemporaryDirectory() as tmp, _processes(Path(tmp), count) as parts:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        _processes(Path(tmp), count, register=register) as parts,
+    ):
         try:
-            _measure_one(parts, names, idle_seconds, out)
+            _measure_one(parts, names, idle_seconds, out, start_only=start_only)
         except Unsound as exc:
             raise Unsound(f"{count} factories: {exc.why}", {**out, **exc.figures}) from None
         except Exception as exc:  # the figures so far, for the reader
@@ -403,13 +450,30 @@ def _one(count: int, idle_seconds: float) -> dict[str, Any]:
 
 
 def _measure_one(
-    parts: dict[str, Any], names: list[str], idle_seconds: float, out: dict[str, Any]
+    parts: dict[str, Any],
+    names: list[str],
+    idle_seconds: float,
+    out: dict[str, Any],
+    *,
+    start_only: bool = False,
 ) -> None:
     pid = parts["daemon"].pid
-    seen = _wait_started(parts, names, 300)
+    seen = _wait_started(parts, names, _START_WAIT)
     out["startup_s"] = round(seen["startup_s"], 2)
+    out["registered_s"] = round(seen["registered_s"], 2)
     out["startup_cpu_s"] = round(_cpu_seconds(pid), 2)
     out["rss_start_mb"] = round(_rss_mb(pid), 1)
+    at_start = _sim_totals(parts, len(names))
+    out["start_requests_per_factory"] = _per_factory(at_start, None, len(names))
+    print(json.dumps(out), file=sys.stderr, flush=True)  # so far, in case of a later failure
+    if start_only:
+        before_restart = _sim_totals(parts, len(names))
+        _restart(parts, names, out)
+        out["restart_requests_per_factory"] = _per_factory(
+            _sim_totals(parts, len(names)), before_restart, len(names)
+        )
+        out["soundness"] = "sound (start only)"
+        return
     shares = _idle(pid, idle_seconds)
     out["idle_cpu_core_share"] = round(statistics.median(shares), 4)
     out["idle_cpu_windows"] = [round(s, 4) for s in shares]
@@ -418,7 +482,11 @@ def _measure_one(
     out["syncctl_status_s"] = round(statistics.median(status), 3)
     out["syncctl_status_runs_s"] = [round(t, 3) for t in status]
     print(json.dumps(out), file=sys.stderr, flush=True)
+    before_restart = _sim_totals(parts, len(names))
     _restart(parts, names, out)
+    out["restart_requests_per_factory"] = _per_factory(
+        _sim_totals(parts, len(names)), before_restart, len(names)
+    )
     pid = parts["daemon"].pid
     out["po_to_received_s"] = round(anyio.run(_orders, parts, names, 300.0), 2)
     problems, calls = _agreement(parts, names)
@@ -429,18 +497,28 @@ def _measure_one(
     out["soundness"] = problems or "sound"
 
 
-def measure(counts: list[int], idle_seconds: float = 30.0) -> dict[str, Any]:
+def measure(
+    counts: list[int],
+    idle_seconds: float = 30.0,
+    *,
+    start_only: bool = False,
+    register: bool = True,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"load_at_start": os.getloadavg(), "idle_seconds": idle_seconds}
     runs = []
     for count in counts:
         try:
-            runs.append(_one(count, idle_seconds))
+            runs.append(_one(count, idle_seconds, start_only, register))
         except Unsound as exc:  # the other counts still run
             runs.append({**exc.figures, "soundness": exc.why})
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     out["runs"] = runs
     out["load_at_end"] = os.getloadavg()
-    bad = [f"{r['factories']}: {r['soundness']}" for r in runs if r["soundness"] != "sound"]
+    bad = [
+        f"{r['factories']}: {r['soundness']}"
+        for r in runs
+        if not str(r["soundness"]).startswith("sound")
+    ]
     if bad:
         raise Unsound("; ".join(bad), out)
     return out
@@ -450,6 +528,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.factories", description=__doc__)
     parser.add_argument("--counts", default="1,10,100,1000")
     parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--start-only",
+        action="store_true",
+        help="measure the start, the restart and their requests only (no idle, status, POs)",
+    )
+    parser.add_argument(
+        "--no-register",
+        action="store_true",
+        help="webhooks.register = false (as registered by hand): the start without the "
+        "first registration, as a restart finds them recorded; with --start-only",
+    )
     args = parser.parse_args(argv)
     try:
         counts = [int(c) for c in args.counts.split(",")]
@@ -458,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     if not counts or min(counts) < 1:
         parser.error("--counts: each count must be at least 1")
     try:
-        result = measure(counts, args.idle_seconds)
+        result = measure(
+            counts, args.idle_seconds, start_only=args.start_only, register=not args.no_register
+        )
     except Unsound as exc:
         print(json.dumps(exc.figures, indent=1, default=str))
         print(f"UNSOUND: {exc.why}")

@@ -97,6 +97,17 @@ async def wait_in(
             await anyio.sleep(0.05)
 
 
+async def registered(daemon: Daemon, names: list[str], seconds: float = 10) -> None:
+    """Wait until each factory's webhooks are registered (several factories register after
+    their start)."""
+    with anyio.fail_after(seconds):
+        for name in names:
+            hooks = daemon.factories[name].webhooks
+            assert hooks is not None
+            while not hooks.registered:  # noqa: ASYNC110 - a test's bounded look
+                await anyio.sleep(0.02)
+
+
 async def metric(
     daemon: Daemon, name: str, expected: float, *, at_least: bool = False, **labels: str
 ) -> None:
@@ -228,6 +239,7 @@ async def test_webhooks_are_routed_per_factory_and_a_stopped_factory_is_a_404(
         ):
             # `default` keeps today's paths; the others are named in theirs.
             paths = {"default": "/webhooks", "north": "/webhooks/north"}
+            await registered(daemon, names)  # beside others, after the start
             for name in names:
                 runtime = daemon.factories[name]
                 assert runtime.webhooks is not None and runtime.webhooks.registered
@@ -490,3 +502,95 @@ async def test_idle_factories_read_their_inbox_only_when_the_daemons_one_look_wa
             assert reads["north"] == 0
             assert reads["south"] >= 2  # the import watcher, then the dispatcher
             assert reads["east"] >= 1  # its consumer
+
+
+async def test_a_restart_asks_no_service_again_unless_a_setting_changed(tmp_path: Path) -> None:
+    """Several factories: a service check passed with these very settings is not asked
+    again at the next start (counted in the metrics when it is); a token revoked since
+    pauses its factory at its first call, with the poller's message; a changed setting is
+    checked again."""
+    names = ["north", "south"]
+    async with running_sims(accounts=2) as sims:
+        config = factories_config(sims, tmp_path / "syncd.db", names)
+        worlds = [sims.katana_world_of(tokens) for tokens in sims.factories]
+        async with running_daemon(config, check=True) as daemon:
+            assert daemon.metrics_url is not None
+            text = await scrape(daemon.metrics_url)
+            for name in names:  # the check is counted like every other call
+                asked = samples(text).get(
+                    (
+                        "syncd_api_requests_total",
+                        frozenset(
+                            {
+                                "factory": name,
+                                "service": "katana",
+                                "method": "GET",
+                                "endpoint": "/factory",
+                                "status": "200",
+                            }.items()
+                        ),
+                    )
+                )
+                assert asked == 1, name
+        assert [world.requests["GET /factory"] for world in worlds] == [1, 1]
+
+        # South's TradeGecko token is revoked while syncd is down: the start asks nobody,
+        # south pauses at its first poll, north runs on.
+        sims.tradegecko_accounts[sims.factories[1].tradegecko_token].revoked = True
+        async with running_daemon(config, check=True) as daemon:
+            assert list(daemon.factories) == names
+            assert all(runtime.refused is None for runtime in daemon.factories.values())
+            assert [world.requests["GET /factory"] for world in worlds] == [1, 1]
+            south = daemon.root.for_factory("south")
+            with anyio.fail_after(10):
+                while (paused := await south.get_meta("paused.tradegecko")) is None:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            assert paused.startswith("tradegecko rejected the token (401) since ")
+            po = await sims.create_po(factory=sims.factories[0])
+            # (its import asks Katana's base currency: GET /factory once more)
+            await wait_in(daemon, "north", [po["order_number"]], "imported", "received")
+        before = worlds[0].requests["GET /factory"]
+
+        # A paused factory is asked again at the next start; one whose settings changed too.
+        north = config.factories["north"]
+        north.katana.base_url = north.katana.base_url + "/"
+        async with running_daemon(config, check=True) as daemon:
+            assert daemon.factories["south"].refused is not None  # asked, and refused
+            assert daemon.factories["north"].refused is None
+        assert worlds[0].requests["GET /factory"] == before + 1
+
+
+async def test_many_factories_first_polls_wait_for_the_start_and_a_kick() -> None:
+    """Beside others, a poller's first poll comes its delay after the daemon's whole start,
+    or at once when asked (``syncctl poll``, a webhook's hint)."""
+    from typing import cast
+
+    from syncd.runtime.daemon import _poll_from
+    from syncd.runtime.pollers import TradeGeckoPoller
+
+    class Poller:
+        def __init__(self) -> None:
+            self.kick = anyio.Event()
+            self.polled_at: float | None = None
+
+        async def run(self) -> None:
+            self.polled_at = anyio.current_time()
+            await anyio.sleep_forever()
+
+    started = anyio.Event()
+    waiting, kicked = Poller(), Poller()
+    async with anyio.create_task_group() as tg:
+        for poller in (waiting, kicked):
+            tg.start_soon(_poll_from, cast(TradeGeckoPoller, poller), 0.3, started)
+        await anyio.sleep(0.2)
+        assert waiting.polled_at is None and kicked.polled_at is None  # the start goes on
+        kicked.kick.set()
+        await anyio.sleep(0.05)
+        assert kicked.polled_at is not None and not kicked.kick.is_set()
+        began = anyio.current_time()
+        started.set()
+        with anyio.fail_after(5):
+            while waiting.polled_at is None:  # noqa: ASYNC110 - a test's bounded look
+                await anyio.sleep(0.02)
+        assert waiting.polled_at - began >= 0.29
+        tg.cancel_scope.cancel()

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import running_sims
 from syncd.adapters._http import (
+    HostPool,
     Priority,
     RequestBudget,
     ServiceClient,
@@ -582,3 +583,57 @@ async def test_a_guarded_client_sends_nothing_once_its_lease_may_be_lost() -> No
                 await client.request("GET", "/three")
         await transport.aclose()
         assert seen == ["/one", "/slow"]
+
+
+async def test_a_host_pool_queues_requests_first_come_and_a_long_wait_sends_nothing() -> None:
+    """The daemon's pool per host: never more requests on the wire than its connections,
+    the others queued in arrival order (no pool timeout while they wait their turn), and a
+    request that waited ``wait`` seconds fails as a transport error with nothing sent."""
+    on_wire, most, order = 0, 0, []
+    release = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal on_wire, most
+        if scope["type"] != "http":
+            return
+        order.append(scope["path"])
+        on_wire += 1
+        most = max(most, on_wire)
+        await release.wait()
+        on_wire -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async with serving(app) as url:
+        pool = HostPool(connections=3, shard=2)
+        assert len(pool.transports) == 2  # 3 connections in pools of at most 2
+        # A request timeout far shorter than the queue's wait: it starts with the slot.
+        async with ServiceClient(url, "tok", transport=pool, timeout=5.0, attempts=1) as client:
+            async with anyio.create_task_group() as tg:
+                for i in range(9):
+                    tg.start_soon(client.request, "GET", f"/{i}")
+                    await anyio.sleep(0.02)  # each queued after the one before
+                with anyio.fail_after(5):
+                    while len(order) < 3:  # noqa: ASYNC110 - a test's bounded look
+                        await anyio.sleep(0.01)
+                await anyio.sleep(0.2)
+                assert len(order) == 3 and pool.waiting == 6 and pool.in_use == 3
+                release.set()
+            assert most == 3 and pool.in_use == 0
+            # First come, first served: the three queued first go when the first three end.
+            assert set(order[3:6]) == {"/3", "/4", "/5"} and set(order[6:]) == {"/6", "/7", "/8"}
+
+            # Every slot held: the next request gives up after `wait`, having sent nothing.
+            release = anyio.Event()
+            pool.wait = 0.3
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(client.request, "GET", f"/held{i}")
+                with anyio.fail_after(5):
+                    while pool.in_use < 3:  # noqa: ASYNC110 - a test's bounded look
+                        await anyio.sleep(0.01)
+                with pytest.raises(TransportError, match="nothing sent: no connection"):
+                    await client.request("POST", "/late", body=b"{}")
+                release.set()
+            assert "/late" not in order
+        await pool.aclose()

@@ -1057,3 +1057,49 @@ async def test_a_row_edit_whose_delivery_is_lost_is_recorded_as_drift_by_the_rec
                 if any("drift in Katana" in note and "99" in note for note in link.notes):
                     break
                 await anyio.sleep(0.05)
+
+
+async def _webhook_lists(sims: Sims) -> tuple[int, int]:
+    """How often each service's webhooks were listed: (Katana, TradeGecko)."""
+    counters = (await sims.control.get(f"{sims.tradegecko_url}/_sim/counters")).json()
+    tradegecko = sum(n for k, n in counters["requests"].items() if k == "GET /webhooks")
+    return sims.katana_world.requests["GET /webhooks"], tradegecko
+
+
+async def test_a_restart_trusts_recorded_registrations_and_verifies_them_later(
+    sims: Sims, tmp_path: Path
+) -> None:
+    """Registrations recorded for these addresses are not listed again at start; they are
+    verified within the reconcile interval, and what the service lost is registered again."""
+    port = free_port()
+    config = sims.config(tmp_path / "syncd.db", port, reconcile=0.5)
+    async with sims.daemon(config):
+        pass
+    first = await _webhook_lists(sims)
+    assert first == (1, 1)
+    # Lost while syncd was down (deleted in the services' settings).
+    sims.tradegecko_webhooks.subscriptions.clear()
+    sims.katana_webhooks.subscriptions.clear()
+    async with sims.daemon(config) as daemon:
+        assert daemon.webhooks is not None and daemon.webhooks.registered
+        assert await _webhook_lists(sims) == first  # nothing asked at start
+        # The first verification, at a random moment within the 0.5 s reconcile interval.
+        with anyio.fail_after(10):
+            while len(sims.katana_webhooks.subscriptions) < 1:  # noqa: ASYNC110 - bounded look
+                await anyio.sleep(0.05)
+        assert len(sims.tradegecko_webhooks.subscriptions) == 3
+        (hook,) = sims.katana_webhooks.subscriptions.values()
+        assert hook.token in daemon.webhooks.keys.katana_tokens  # its deliveries verify
+        po = await sims.create_po()
+        await wait_for_state(daemon, po["order_number"], "imported", "in_production", seconds=10)
+    assert await _webhook_lists(sims) >= (2, 2)
+
+    # Another public address: the record does not match, so the start registers again.
+    config.webhooks.public_base_url = f"https://localhost:{port}"
+    lists = await _webhook_lists(sims)
+    async with sims.daemon(config) as daemon:
+        assert daemon.webhooks is not None and daemon.webhooks.registered
+        after = await _webhook_lists(sims)
+        assert after[0] > lists[0] and after[1] > lists[1]
+    addresses = {sub.url for sub in sims.katana_webhooks.subscriptions.values()}
+    assert any(url.startswith(f"https://localhost:{port}/") for url in addresses)

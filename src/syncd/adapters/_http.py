@@ -23,14 +23,25 @@ import json
 import logging
 import math
 import ssl
+import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from importlib.util import find_spec
 from typing import Any, ParamSpec, Protocol, Self, TypeVar
 
 import anyio
@@ -55,6 +66,10 @@ from syncd.errors import (
 )
 
 __all__ = [
+    "HOST_CONNECTIONS",
+    "HOST_KEEPALIVE",
+    "HOST_WAIT",
+    "HostPool",
     "Params",
     "PlannedRequest",
     "Priority",
@@ -74,6 +89,13 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# httpcore runs ``import sniffio`` for every lock and shield it makes (several per
+# request). anyio 4 no longer brings sniffio, and a failed import searches sys.path again
+# each time (0.7 ms: a third of the daemon's CPU while 200 factories started). A ``None``
+# entry fails it at once, and httpcore concludes "asyncio" as it does without sniffio.
+if find_spec("sniffio") is None:
+    sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
 
 log = logging.getLogger("syncd.http")
 
@@ -592,15 +614,137 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-def guarded_transport() -> httpx.AsyncHTTPTransport:
-    """An httpx transport (a connection pool) whose connections check the guard of the
-    request they send right before each write (see :class:`RequestGuard`). Shared by
-    several factories' clients: each request carries its own client's guard."""
-    transport = httpx.AsyncHTTPTransport()
+#: Connections to one service host, shared by every factory of the daemon.
+HOST_CONNECTIONS = 100
+#: Seconds an idle connection is kept (uvicorn closes them after 5, nginx after 75).
+HOST_KEEPALIVE = 4.0
+#: Seconds a request waits for one of them before it fails (nothing sent: retried as any
+#: passing failure, whatever its method). Far longer than a request's own timeout: the
+#: wait is the daemon's own queue, not the service being slow.
+HOST_WAIT = 300.0
+
+
+def guarded_transport(
+    connections: int = 100, *, verify: ssl.SSLContext | None = None
+) -> httpx.AsyncHTTPTransport:
+    """An httpx transport (a connection pool of at most ``connections``, all kept alive)
+    whose connections check the guard of the request they send right before each write
+    (see :class:`RequestGuard`). Shared by several factories' clients: each request
+    carries its own client's guard.
+
+    :param verify: the TLS context (default: a new one, which reads the CA bundle: 0.1 s).
+    """
+    # Every connection kept alive (httpx's default keeps 20 of 100, so a burst closes and
+    # reopens 80 connections per round), for less than the usual servers' 5 s at least:
+    # a request on a connection the server is closing fails unsent or, worse, unanswered.
+    transport = httpx.AsyncHTTPTransport(
+        verify=verify if verify is not None else True,
+        limits=httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=connections,
+            keepalive_expiry=HOST_KEEPALIVE,
+        ),
+    )
     # httpx takes no network backend; its pool (httpcore) does.
     pool = transport._pool
     pool._network_backend = _GuardedBackend(pool._network_backend)
     return transport
+
+
+class HostPool(httpx.AsyncBaseTransport):
+    """One service host's ``connections`` behind a first-come, first-served queue.
+
+    A request takes a slot before it reaches a pool and holds it until its body is read,
+    so a pool always has a connection for it: httpcore's own queue is never used (its
+    wait counted against the request's timeout: a burst of 1,000 factories failed with
+    pool timeouts). The wait for a slot is bounded by ``wait`` seconds
+    (:class:`httpx.PoolTimeout` after, nothing sent); a request's timeout starts once it
+    has its slot.
+
+    The connections are split into pools of at most ``shard`` (:func:`guarded_transport`
+    each), a request going to the least busy: httpcore looks at every connection of its
+    pool at each request and each answer (a system call each), so one pool of 100 cost
+    a third of the daemon's CPU in a burst.
+    """
+
+    def __init__(
+        self, connections: int = HOST_CONNECTIONS, wait: float = HOST_WAIT, shard: int = 10
+    ) -> None:
+        if connections < 1 or shard < 1:
+            raise ValueError("a host pool needs at least one connection")
+        self.connections = connections
+        self.wait = wait
+        sizes = [shard] * (connections // shard) + (
+            [connections % shard] if connections % shard else []
+        )
+        tls = httpx.create_ssl_context()  # one for all: each reads the CA bundle
+        self.transports = [guarded_transport(size, verify=tls) for size in sizes]
+        self._sizes = sizes
+        self._busy = [0] * len(sizes)
+        self._slots = anyio.Semaphore(connections)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot (for tests and the benchmark)."""
+        return self._slots.statistics().tasks_waiting
+
+    @property
+    def in_use(self) -> int:
+        """Slots held: requests sent or being sent, and answers not read to their end."""
+        return sum(self._busy)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        with anyio.move_on_after(self.wait) as waiting:
+            await self._slots.acquire()
+        if waiting.cancelled_caught:
+            raise httpx.PoolTimeout(
+                f"no connection to {request.url.host} free within {self.wait:g} s",
+                request=request,
+            )
+        # The least busy pool, in proportion to its size: one has room, as the slots held
+        # are fewer than the connections.
+        shard = min(range(len(self._busy)), key=lambda i: self._busy[i] / self._sizes[i])
+        self._busy[shard] += 1
+
+        def release() -> None:
+            self._busy[shard] -= 1
+            self._slots.release()
+
+        try:
+            response = await self.transports[shard].handle_async_request(request)
+        except BaseException:
+            release()
+            raise
+        response.stream = _SlotStream(response.stream, release)
+        return response
+
+    async def aclose(self) -> None:
+        for transport in self.transports:
+            await transport.aclose()
+
+
+class _SlotStream(httpx.AsyncByteStream):
+    """A response body that gives its connection slot back once closed (read to its end or
+    dropped): then its connection is free again in its pool."""
+
+    def __init__(
+        self, inner: httpx.SyncByteStream | httpx.AsyncByteStream, release: Callable[[], None]
+    ) -> None:
+        assert isinstance(inner, httpx.AsyncByteStream)
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            if self._release is not None:
+                self._release()
+                self._release = None
 
 
 class _Retryable(Exception):
@@ -794,6 +938,11 @@ class ServiceClient:
                     _sending_for.reset(sending)
             finally:
                 self.budget.complete()
+        except httpx.PoolTimeout as exc:
+            self._observe(method, endpoint, 0, started)
+            raise _Retryable(
+                TransportError(self.service, method, endpoint, f"nothing sent: {exc}")
+            ) from exc
         except httpx.TimeoutException as exc:
             self._observe(method, endpoint, 0, started)
             raise _Retryable(

@@ -4,7 +4,9 @@ one connection pool per service host)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext
@@ -17,7 +19,7 @@ from typing import Any, TypeVar
 import anyio
 import httpx
 
-from syncd.adapters._http import RequestBudget, ServiceClient, guarded_transport
+from syncd.adapters._http import HostPool, RequestBudget, ServiceClient
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import (
@@ -48,6 +50,7 @@ from syncd.runtime.dispatcher import Dispatcher, check_chart
 from syncd.runtime.effects import Effects, note_attempts_since
 from syncd.runtime.inbox import InboxWatch
 from syncd.runtime.observer import Observer, Observers
+from syncd.runtime.pauses import PAUSED_PREFIX
 from syncd.runtime.pollers import KatanaPoller, TradeGeckoPoller
 from syncd.runtime.webhooks import (
     WebhookConsumer,
@@ -64,6 +67,11 @@ log = logging.getLogger("syncd.daemon")
 
 #: Factories starting at the same time (each asks its services and registers its webhooks).
 _STARTING_AT_ONCE = 32
+#: Webhook registrations and verifications at once, when they run after the start.
+_REGISTERING_AT_ONCE = 32
+#: The services' answer to the start's check, for the settings it was asked with
+#: (:func:`_check_record`): a restart with the same settings does not ask again.
+_META_CHECKED = "start_check.passed"
 
 
 @dataclass
@@ -152,6 +160,15 @@ class Daemon:
         #: their readers sleep until woken, no timer each.
         self.inbox_watch = InboxWatch(root)
         self._watching = False
+        self._registering = anyio.Semaphore(_REGISTERING_AT_ONCE)
+        #: Set once every factory of the start runs (registrations wait for it).
+        self.started = anyio.Event()
+
+    def _watchers(self, name: str) -> Observer:
+        """What a factory's parts tell: its metrics, and the daemon's observer if any."""
+        assert self.metrics is not None
+        own = self.metrics.for_factory(name)
+        return Observers([own, self._observer]) if self._observer is not None else own
 
     # -- the first factory, for one-factory callers ----------------------------------------
 
@@ -262,7 +279,9 @@ class Daemon:
         store = self.root.for_factory(name, lease=None if guard is None else guard.lease)
         register_secrets([config.katana.token, config.tradegecko.token])
         refused: ApiError | None = None
-        if check:
+        # Beside others, a factory whose services passed the check with these very settings
+        # is not asked again: a token revoked since pauses it at its first call instead.
+        if check and (strict or not await _passed_before(store, config)):
             try:
                 await check_services(
                     config,
@@ -271,8 +290,10 @@ class Daemon:
                         "tradegecko", config.tradegecko.base_url
                     ),
                     on_wait=on_wait,
+                    observer=self._watchers(name),
                 )
             except ApiError as exc:
+                await store.delete_meta(_META_CHECKED)
                 if strict:
                     raise
                 refused = exc
@@ -282,6 +303,8 @@ class Daemon:
                     exc,
                     extra={"factory": name},
                 )
+            else:
+                await store.set_meta(_META_CHECKED, _check_record(config))
         activated = datetime.fromisoformat(
             await store.setdefault_meta("activated_at", datetime.now(UTC).isoformat())
         )
@@ -344,9 +367,11 @@ class Daemon:
         metrics = self.metrics
         assert metrics is not None
         metrics.known_states(list(chart.states), factory=name)
-        own = metrics.for_factory(name)
-        watchers: Observer = Observers([own, self._observer]) if self._observer is not None else own
+        watchers = self._watchers(name)
         retry = self._retry
+        # Many factories' first polls spread over one poll interval rather than all at
+        # once (a restart of 1,000 factories asked 2,000 lists in its first second).
+        spread = len(self.config.factories) > 1
         scope = anyio.CancelScope()
         runtime: FactoryRuntime | None = None
         watch = self._watch_inbox()
@@ -433,8 +458,12 @@ class Daemon:
                     )
                     async with anyio.create_task_group() as tg:
                         await tg.start(dispatcher.run)
-                        tg.start_soon(tg_poller.run)
-                        tg.start_soon(kt_poller.run)
+                        for poller in (tg_poller, kt_poller):
+                            if spread:
+                                delay = random.uniform(0.0, poller.interval)
+                                tg.start_soon(_poll_from, poller, delay, self.started)
+                            else:
+                                tg.start_soon(poller.run)
                         tg.start_soon(
                             partial(
                                 metrics.refresh_forever,
@@ -456,7 +485,18 @@ class Daemon:
                             self.router.add(name, listener)
                             tg.start_soon(listener.consumer.run)
                             assert self.webhooks_url is not None
-                            await tg.start(listener.register, self.webhooks_url)
+                            # One factory registers before it counts as started (a change
+                            # right after the start comes as a webhook); many register
+                            # after, a bounded number at a time, as polls reconcile.
+                            await tg.start(
+                                partial(
+                                    listener.register,
+                                    self.webhooks_url,
+                                    wait_first=not spread,
+                                    turns=self._registering,
+                                    after=self.started,
+                                )
+                            )
                         self.factories[name] = runtime
                         metrics.factory_running.labels(name).set(1)
                         task_status.started(runtime)
@@ -603,7 +643,7 @@ class Pools:
 
     def __init__(self, given: dict[str, httpx.AsyncBaseTransport | None]) -> None:
         self._given = given
-        self._pools: dict[str, httpx.AsyncBaseTransport] = {}
+        self._pools: dict[str, HostPool] = {}
 
     @property
     def hosts(self) -> list[str]:
@@ -617,8 +657,9 @@ class Pools:
         url = httpx.URL(base_url)
         host = f"{url.scheme}://{url.host}:{url.port or ''}"
         if host not in self._pools:
-            # Its connections check each request's lease guard right before writing it.
-            self._pools[host] = guarded_transport()
+            # A bounded queue for its connections, which check each request's lease guard
+            # right before writing it.
+            self._pools[host] = HostPool()
         return _Shared(self._pools[host])
 
     async def aclose(self) -> None:
@@ -635,6 +676,7 @@ async def check_services(
     tradegecko_transport: httpx.AsyncBaseTransport | None = None,
     on_wait: Callable[[str], None] | None = None,
     within: float | None = None,
+    observer: Observer | None = None,
 ) -> None:
     """Make one cheap authenticated call to each service before starting.
 
@@ -644,6 +686,7 @@ async def check_services(
 
     :param on_wait: told what is awaited after each passing failure (systemd's status line).
     :param within: seconds to keep retrying instead of ``daemon.start_timeout``; 0 asks once.
+    :param observer: told of each request (``syncd_api_requests_total``), as every client's.
     :raises AuthError: a token was rejected.
     :raises ApiError: a service refused, or could not be reached for the whole time.
     """
@@ -693,7 +736,8 @@ async def check_services(
         transport: httpx.AsyncBaseTransport | None,
     ) -> _Client:
         timeout = max(1.0, min(settings.timeout, 10.0, bound if bound > 0 else 10.0))
-        return _client(kind, settings, transport, timeout=timeout, attempts=1)
+        answered = None if observer is None else partial(observer.api_answered, kind.service)
+        return _client(kind, settings, transport, timeout=timeout, attempts=1, on_response=answered)
 
     async with (
         probing(KatanaClient, config.katana, katana_transport) as katana,
@@ -708,6 +752,48 @@ async def check_services(
             (errors[name] for name in ("katana", "tradegecko") if name in errors),
             key=_passing_at_start,
         )
+
+
+def _check_record(config: Config) -> str:
+    """What a passed start check vouches for: each service's address and token (hashed:
+    the database keeps no token). Any change to them asks the services again."""
+    settings = (
+        config.katana.base_url,
+        config.katana.token,
+        config.tradegecko.base_url,
+        config.tradegecko.token,
+    )
+    return hashlib.sha256("\0".join(settings).encode()).hexdigest()
+
+
+async def _passed_before(store: Store, config: Config) -> bool:
+    """Whether the factory's services passed the start check with these settings, and no
+    401 has paused it since (a paused factory is asked again, to say so at start)."""
+    if await store.get_meta(_META_CHECKED) != _check_record(config):
+        return False
+    for service in ("katana", "tradegecko"):
+        if await store.get_meta(f"{PAUSED_PREFIX}{service}") is not None:
+            return False
+    return True
+
+
+async def _poll_from(
+    poller: TradeGeckoPoller | KatanaPoller, delay: float, after: anyio.Event
+) -> None:
+    """Run ``poller`` with its first poll ``delay`` seconds after ``after`` (the daemon's
+    whole start: the polls do not compete with the other factories' start), or at a kick."""
+    async with anyio.create_task_group() as waiting:
+
+        async def kicked() -> None:
+            await poller.kick.wait()
+            waiting.cancel_scope.cancel()
+
+        waiting.start_soon(kicked)
+        await after.wait()
+        await anyio.sleep(delay)
+        waiting.cancel_scope.cancel()
+    poller.kick = anyio.Event()  # the first poll is the one asked for
+    await poller.run()
 
 
 def _passing_at_start(error: ApiError) -> bool:
@@ -822,6 +908,7 @@ async def running_daemon(
             else:
                 for name in names:
                     await start(name)
+            daemon.started.set()
             if refused:
                 raise next(iter(refused.values()))
             if (
@@ -898,6 +985,7 @@ async def _start_shared(
                         "tradegecko", settings.tradegecko.base_url
                     ),
                     on_wait=on_wait,
+                    observer=daemon._watchers(name),
                 )
             except ApiError as exc:
                 refused[name] = exc

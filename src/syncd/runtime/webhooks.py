@@ -25,12 +25,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import logging
 import math
+import random
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
@@ -78,6 +81,7 @@ __all__ = [
     "create_webhook_app",
     "katana_signature",
     "register_webhooks",
+    "registration_record",
     "tradegecko_signature",
     "webhook_paths",
 ]
@@ -104,6 +108,8 @@ KATANA_VARIANT_EVENTS = ("product.updated", "product.deleted", "variant.updated"
 TRADEGECKO_PATH = "/webhooks/tradegecko"
 KATANA_PATH = "/webhooks/katana"
 _META_KATANA_TOKEN = "webhooks.katana_token"
+#: What the last registration that worked made sure of (:func:`registration_record`).
+_META_REGISTERED = "webhooks.registered"
 
 
 def webhook_paths(factory: str | None = None) -> tuple[str, str]:
@@ -838,7 +844,11 @@ async def register_webhooks(
     Katana's returned token is kept in the database and added to ``keys``. ``factory`` names
     the factory in the paths (:func:`webhook_paths`); ``None`` registers the unprefixed ones.
 
+    Once both are, :func:`registration_record` is kept in the database: a start that finds
+    it needs not ask again (:class:`WebhookListener` verifies it later).
+
     :raises ApiError: a service refused or could not be reached.
+    :raises StoreError: the token or the record cannot be written.
     """
     base = base_url.rstrip("/")
     tg_path, kt_path = webhook_paths(factory)
@@ -849,8 +859,10 @@ async def register_webhooks(
             await tradegecko.create_webhook(tg_url, event)
             log.info("TradeGecko webhook %s registered", event)
     kt_url = f"{base}{kt_path}/{keys.path_token}"
+    record = registration_record(base_url, keys, factory)
     if not kt_url.startswith("https://"):
         log.error("Katana sends webhooks only to https:// addresses; %s is not", base)
+        await store.set_meta(_META_REGISTERED, record)
         return
     mine = [hook for hook in await katana.list_webhooks() if hook.url == kt_url]
     if mine:
@@ -883,6 +895,21 @@ async def register_webhooks(
     if token:
         keys.katana_tokens.add(token)
         await store.set_meta(_META_KATANA_TOKEN, token)
+    await store.set_meta(_META_REGISTERED, record)
+
+
+def registration_record(base_url: str, keys: WebhookKeys, factory: str | None = None) -> str:
+    """What a registration makes sure of: both addresses (the Katana one holds the path
+    token) and the events. A start finding the same one recorded registers nothing; any
+    change (``public_base_url``, the token, syncd's events) registers again."""
+    base = base_url.rstrip("/")
+    tg_path, kt_path = webhook_paths(factory)
+    return json.dumps(
+        {
+            "tradegecko": [base + tg_path, *TRADEGECKO_EVENTS],
+            "katana": [f"{base}{kt_path}/{keys.path_token}", *KATANA_EVENTS],
+        }
+    )
 
 
 def bind_listener(config: Config) -> socket.socket:
@@ -991,24 +1018,84 @@ class WebhookListener:
             if owned:
                 sock.close()
 
+    #: Seconds between two verifications of registered webhooks (each lists both
+    #: services' webhooks and creates what is gone), jittered by a tenth either way.
+    verify_every = 3600.0
+
     async def register(
-        self, url: str, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED
+        self,
+        url: str,
+        *,
+        wait_first: bool = True,
+        turns: anyio.Semaphore | None = None,
+        after: anyio.Event | None = None,
+        task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Register the webhooks at ``webhooks.public_base_url`` (else ``url``, where the
-        listener listens) until they are, then wait until cancelled; ``task_status`` gets
-        ``url`` after the first try."""
+        listener listens) until they are, then verify them every :attr:`verify_every`
+        seconds until cancelled; ``task_status`` gets ``url`` once the factory may count as
+        started.
+
+        Webhooks the database records as registered for these addresses (a restart) are
+        not asked about at start: they count as registered at once, and are first verified
+        at a random moment within ``webhooks.reconcile_interval`` (the polls reconcile
+        meanwhile, so a webhook gone while syncd was down loses nothing).
+
+        :param wait_first: make the first registration before ``task_status`` (one
+            factory: a change made right after the start comes as a webhook); else after.
+        :param turns: taken around each registration or verification (many factories'
+            registrations a bounded number at a time).
+        :param after: without ``wait_first``, registrations wait for it (the daemon's
+            whole start: they do not compete with the other factories' start).
+        """
         self.url = url
         self.public_url = self.config.webhooks.public_base_url.rstrip("/") or url
-        # One try before the daemon counts as started: a change made right after
-        # the start is sent as a webhook. Failures are tried again in the background.
-        await self._register_once()
-        task_status.started(url)
-        await self._register_forever()
+        hooks = self.config.webhooks
+        if not hooks.register:  # registered by hand (--no-register): nothing to ask
+            self._healthy()
+            task_status.started(url)
+            await anyio.sleep_forever()
+        recorded = await self.store.get_meta(_META_REGISTERED)
+        if recorded == registration_record(self.public_url, self.keys, self.factory):
+            self._healthy()
+            task_status.started(url)
+            await anyio.sleep(random.uniform(0.0, hooks.reconcile_interval))
+        else:
+            done = await self._register_once(turns) if wait_first else False
+            task_status.started(url)
+            if not wait_first:
+                if after is not None:
+                    await after.wait()
+                done = await self._register_once(turns)
+            policy = self.config.retry().registration
+            failures = 0
+            while not done:
+                failures += 1
+                await anyio.sleep(policy.delay(failures))
+                done = await self._register_once(turns)
+            await self._sleep_between_verifications()
+        await self._verify_forever(turns)
 
-    async def _register_once(self) -> bool:
+    async def _sleep_between_verifications(self) -> None:
+        every = self.verify_every
+        await anyio.sleep(random.uniform(0.9 * every, 1.1 * every))
+
+    async def _verify_forever(self, turns: anyio.Semaphore | None) -> None:
+        """List both services' webhooks now and then, and register again what is gone."""
+        policy = self.config.retry().registration
+        while True:
+            failures = 0
+            while not await self._register_once(turns, verifying=True):
+                failures += 1
+                await anyio.sleep(policy.delay(failures))
+            await self._sleep_between_verifications()
+
+    async def _register_once(
+        self, turns: anyio.Semaphore | None = None, *, verifying: bool = False
+    ) -> bool:
         assert self.public_url is not None
-        if self.config.webhooks.register:
-            try:
+        try:
+            async with turns if turns is not None else _no_turns():
                 await register_webhooks(
                     self.store,
                     self.katana,
@@ -1017,27 +1104,28 @@ class WebhookListener:
                     self.keys,
                     factory=self.factory,
                 )
-            except SyncdError as exc:
-                log.warning("webhooks not registered: %s", exc, extra=self._where())
-                return False
+        except SyncdError as exc:
+            what = "webhooks not verified" if verifying else "webhooks not registered"
+            log.warning("%s: %s", what, exc, extra=self._where())
+            return False
+        if not self.registered:
+            self._healthy()
+        return True
+
+    def _healthy(self) -> None:
         self.registered = True
         # Changes now come as webhooks: the polls only reconcile what a delivery missed.
         self.consumer.tradegecko_poller.reconcile()
         self.consumer.katana_poller.reconcile()
         log.info("webhooks healthy: polls reconcile", extra=self._where())
-        return True
 
     def _where(self) -> dict[str, str]:
         return {"factory": self.factory} if self.factory is not None else {}
 
-    async def _register_forever(self) -> None:
-        policy = self.config.retry().registration
-        failures = 0
-        while not self.registered:
-            failures += 1
-            await anyio.sleep(policy.delay(failures))
-            await self._register_once()
-        await anyio.sleep_forever()
+
+@asynccontextmanager
+async def _no_turns() -> AsyncIterator[None]:
+    yield
 
 
 class WebhookIntake:
