@@ -148,6 +148,36 @@ class Crashing(Coordinator):
             await self._stop(name, guard)
 
 
+class WritingRuntime(FakeRuntime):
+    """Each factory it runs writes on and on, each write a transaction held open ``hold``
+    seconds (a group of inbox inserts on a loaded machine): the writer session is never
+    free for long."""
+
+    def __init__(
+        self, log: list[Event], who: str, store: Store, tasks: anyio.abc.TaskGroup, hold: float
+    ) -> None:
+        super().__init__(log, who)
+        self.store, self.tasks, self.hold = store, tasks, hold
+        self.writes = 0
+
+    async def start_factory(self, name: str, guard: LeaseGuard) -> None:
+        await super().start_factory(name, guard)
+        self.tasks.start_soon(self._write_on, name, guard)
+
+    async def _write_on(self, name: str, guard: LeaseGuard) -> None:
+        view = self.store.for_factory(name, lease=guard.lease)
+        with guard.cancel_scope():
+            while True:
+                async with view._transaction() as db:
+                    await db.execute(
+                        "INSERT INTO meta (factory, key, value) VALUES (?, 'k', ?) "
+                        "ON CONFLICT (factory, key) DO UPDATE SET value = excluded.value",
+                        (name, str(self.writes)),
+                    )
+                    await anyio.sleep(self.hold)
+                self.writes += 1
+
+
 def counts(*runtimes: FakeRuntime) -> list[int]:
     return [len(r.running) for r in runtimes]
 
@@ -302,6 +332,28 @@ async def test_a_daemon_whose_renewals_hang_stops_its_factories_before_the_lease
     assert_never_two_owners(log)
 
 
+async def test_renewals_do_not_wait_for_the_factories_writes(pg_database: str) -> None:
+    """Six factories keep the daemon's writer busy (each write holds its transaction 0.3 s):
+    the renewals, on a session of their own, keep every lease; the watchdog stops nothing.
+    With one session for both, each renewal would wait behind every queued write (about
+    1.8 s, six renewals a round: the leases would lapse)."""
+    log: list[Event] = []
+    factories = FACTORIES[:6]
+    async with daemons(pg_database, log) as group:
+        store = await Store.open(pg_database)
+        group.stores.append(store)
+        runtime = WritingRuntime(log, "busy", store, group.tasks, hold=0.3)
+        coordinator = Coordinator(store, runtime, factories, owner="busy", times=TIMES)
+        await group.tasks.start(coordinator.run)
+        await wait_for(lambda: counts(runtime) == [6], 4 * TIMES.renew + 2, "all six taken")
+        writes = runtime.writes
+        await anyio.sleep(3 * TIMES.ttl)
+        assert [e for e in log if e[2] == "stop"] == []
+        assert counts(runtime) == [6]
+        assert runtime.writes > writes + 10, "the factories wrote on meanwhile"
+        assert all(r.owner == "busy" and r.fence == 1 for r in await store.leases())
+
+
 #: A daemon frozen halfway through a transaction that locked its lease's row: a fenced
 #: write's check (``FOR SHARE`` until it commits) or a renewal (the row updated).
 _HALFWAY = {
@@ -327,8 +379,10 @@ async def test_a_daemon_frozen_halfway_through_a_transaction_holds_no_takeover_u
         stuck = anyio.Event()
 
         async def frozen_halfway() -> None:
-            # The frozen daemon's own store and connection: the session as it opens it.
-            async with gone.store._db.transaction() as tx:
+            # The frozen daemon's own store and session, the one the statement runs on.
+            backend = gone.store._db
+            session = backend.lease_transaction if halfway == "a renewal" else backend.transaction
+            async with session() as tx:
                 await tx.execute(_HALFWAY[halfway], (factories[0],))
                 stuck.set()
                 await anyio.sleep_forever()

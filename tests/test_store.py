@@ -1354,6 +1354,136 @@ async def test_postgres_a_takeover_waits_for_a_fenced_write_in_flight(pg_databas
             await mine.set_meta("k", "w")
 
 
+async def lease_session_waits_on_a_lock(database: str) -> None:
+    """Until the store's lease session is seen waiting on a row lock (at most 3 s)."""
+    sql = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'syncd-leases' "
+        "AND datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    with anyio.fail_after(3):
+        while await anyio.to_thread.run_sync(raw, database, sql) != [(1,)]:  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+
+
+async def test_postgres_a_renewal_does_not_wait_for_another_factorys_write(
+    pg_database: str,
+) -> None:
+    """Leases and heartbeats have a session of their own: a renewal completes while a
+    factory's write transaction is still open on the writer."""
+    async with opened(pg_database) as store:
+        north = await store.acquire_lease("north", "d1", 30)
+        south = await store.acquire_lease("south", "d1", 30)
+        assert north is not None and south is not None
+        writing = store.for_factory("south", lease=south)
+        open_, renewed = anyio.Event(), anyio.Event()
+        order: list[str] = []
+
+        async def long_write() -> None:
+            async with writing._transaction() as db:
+                await db.execute(
+                    "INSERT INTO meta (factory, key, value) VALUES ('south', 'k', 'v')"
+                )
+                open_.set()
+                # Bounded below idle_in_transaction_session_timeout (2 s): with one
+                # writer for everything the renewal would wait all of it, then go.
+                with anyio.move_on_after(1.5):
+                    await renewed.wait()
+            order.append("write committed")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long_write)
+            await open_.wait()
+            lease = await store.renew_lease(north, 30)
+            await store.heartbeat("d1")
+            taken = await store.acquire_lease("east", "d1", 30)
+            order.append("renewed")
+            renewed.set()
+        assert order == ["renewed", "write committed"]
+        assert lease is not None and lease.fence == 1
+        assert taken is not None and taken.fence == 1
+        assert await store.live_owners(60) == ["d1"]
+        assert raw(pg_database, "SELECT value FROM meta WHERE factory = 'south'") == [("v",)]
+
+
+async def test_postgres_a_renewal_of_a_row_a_write_holds_waits_for_its_commit_only(
+    pg_database: str,
+) -> None:
+    """The fenced write's ``FOR SHARE`` holds its own factory's renewal until it commits;
+    the write meanwhile goes on writing (it never waits on the lease session)."""
+    async with opened(pg_database) as store:
+        lease = await store.acquire_lease("north", "d1", 30)
+        assert lease is not None
+        mine = store.for_factory("north", lease=lease)
+        renewed: list[Lease | None] = []
+
+        async def renew() -> None:
+            renewed.append(await store.renew_lease(lease, 60))
+
+        # The renewal is done soon after the write commits (the task group waits for it).
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg, mine._transaction() as db:
+                tg.start_soon(renew)
+                await lease_session_waits_on_a_lock(pg_database)
+                assert renewed == []
+                with anyio.fail_after(1):
+                    await db.execute(
+                        "INSERT INTO meta (factory, key, value) VALUES ('north', 'k', 'v')"
+                    )
+        assert renewed[0] is not None and renewed[0].fence == 1
+        assert renewed[0].expires_at >= lease.expires_at + 29
+        assert await mine.get_meta("k") == "v"
+
+
+async def test_postgres_the_lease_session_has_the_timeouts_and_survives_a_cancel(
+    pg_database: str,
+) -> None:
+    async with opened(pg_database) as store:
+        lease = await store.acquire_lease("north", "d1", 30)
+        assert lease is not None
+        async with store._db.lease_transaction() as db:
+            assert await db.fetchone("SHOW lock_timeout") == ("5s",)
+            assert await db.fetchone("SHOW idle_in_transaction_session_timeout") == ("2s",)
+            assert await db.fetchone("SELECT current_setting('application_name')") == (
+                "syncd-leases",
+            )
+        with psycopg.connect(pg_database) as holder:
+            holder.execute("SELECT * FROM leases WHERE factory = 'north' FOR UPDATE")
+            with anyio.move_on_after(0.3) as scope:
+                await store.renew_lease(lease, 30)  # waits on the row lock
+            assert scope.cancelled_caught
+            holder.rollback()
+        # The cancelled statement's connection was given up; the next one is clean.
+        renewed = await store.renew_lease(lease, 60)
+        assert renewed is not None and renewed.expires_at >= lease.expires_at + 29
+        assert raw(
+            pg_database,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'syncd-leases' "
+            "AND datname = current_database() AND state <> 'idle'",
+        ) == [(0,)]
+
+
+async def test_postgres_an_acquire_blocked_on_a_locked_row_fails_fast(pg_database: str) -> None:
+    async with opened(pg_database) as store:
+        assert await store.acquire_lease("north", "d1", 30) is not None
+        mine = await store.acquire_lease("south", "d2", 30)
+        assert mine is not None
+        expire(pg_database, "north")
+        with psycopg.connect(pg_database) as holder:
+            holder.execute("SELECT * FROM leases WHERE factory = 'north' FOR UPDATE")
+            started = anyio.current_time()
+            with pytest.raises(StoreUnavailable, match="lock timeout"):
+                await store.acquire_lease("north", "d2", 30)
+            # Its own bound (1 s), not the session's 5 s.
+            assert anyio.current_time() - started < 3.5
+            # The session's own timeout is back for the next statement.
+            async with store._db.lease_transaction() as db:
+                assert await db.fetchone("SHOW lock_timeout") == ("5s",)
+            assert await store.renew_lease(mine, 30) is not None
+            holder.rollback()
+        taken = await store.acquire_lease("north", "d2", 30)
+        assert taken is not None and taken.fence == 2
+
+
 # -- wake-ups ---------------------------------------------------------------------------------
 
 

@@ -78,7 +78,8 @@ class Backend(Queries, Protocol):
     """An open syncd database.
 
     Reads may run at any time and see committed data; writes run inside
-    :meth:`transaction`, one task at a time.
+    :meth:`transaction`, one task at a time, and the coordinator's lease and heartbeat
+    statements inside :meth:`lease_transaction`.
     """
 
     #: ``"sqlite"`` or ``"postgresql"``.
@@ -93,6 +94,17 @@ class Backend(Queries, Protocol):
         :raises StoreUnavailable: begin, a statement or commit failed for a reason that
             may pass by itself.
         :raises StoreError: they failed for a lasting reason.
+        """
+        ...
+
+    def lease_transaction(self) -> AbstractAsyncContextManager[Queries]:
+        """A write transaction like :meth:`transaction`'s, for leases and heartbeats: where
+        the database allows several writers (PostgreSQL), on a session of its own, so that
+        a renewal never waits for the factories' writes to finish; on SQLite (one writer
+        per file) the same as :meth:`transaction`.
+
+        :raises StoreUnavailable: as :meth:`transaction`.
+        :raises StoreError: as :meth:`transaction`.
         """
         ...
 

@@ -1,25 +1,38 @@
 """The PostgreSQL backend, through psycopg 3: several daemons can share one database.
 
-Two connections: one for reads, in autocommit, and one for write transactions, held by one
-task at a time. Reads therefore see committed data only, never another task's transaction
-half-way. Transactions run at PostgreSQL's default READ COMMITTED: every write the store
-makes is one statement whose ``WHERE`` re-checks what it depends on (``UPDATE links ...
-WHERE state = ?``, ``INSERT ... ON CONFLICT``), which PostgreSQL re-evaluates against the
-row another writer just committed, so two daemons cannot both move an order.
+Three connections: one for reads, in autocommit; one for write transactions, held by one
+task at a time; and one for the coordinator's lease and heartbeat statements
+(:meth:`PostgresBackend.lease_transaction`), so that a renewal or a takeover never queues
+behind the factories' writes. Reads therefore see committed data only, never another task's
+transaction half-way. Transactions run at PostgreSQL's default READ COMMITTED: every write
+the store makes is one statement whose ``WHERE`` re-checks what it depends on (``UPDATE
+links ... WHERE state = ?``, ``INSERT ... ON CONFLICT``), which PostgreSQL re-evaluates
+against the row another writer just committed, so two daemons cannot both move an order.
 
 ``lock_timeout`` plays SQLite's busy timeout (5 s); ``idle_in_transaction_session_timeout``
 (2 s) ends the session of a daemon frozen halfway through a transaction (SIGSTOP, a paused
 VM), whose locks would otherwise outlive its leases: a renewal's updated row, or a fenced
-write's ``FOR SHARE``, holds every other daemon's takeover of that factory for as long as
-it stays frozen. The store's transactions run statement after statement, nothing else in
-between, so a live daemon is never that long idle in one. A URL's own ``options`` come
-after ours and win. A connection found lost is opened again at the next call; the call
-that found it lost fails with ``StoreUnavailable``. Migrations take an advisory lock, so
-that two daemons starting together on an empty database do not both create the schema.
+write's ``FOR SHARE``, holds every other daemon's takeover of that factory for as long as it
+stays frozen. The store's transactions run statement after statement, nothing else in
+between, so a live daemon is never that long idle in one. Both apply to every connection,
+the lease session's included. A URL's own ``options`` come after ours and win. A connection
+found lost is opened again at the next call; the call that found it lost fails with
+``StoreUnavailable``. Migrations take an advisory lock, so that two daemons starting
+together on an empty database do not both create the schema.
+
+The lease session and the writer cannot deadlock. A fenced write locks its one factory's
+lease row ``FOR SHARE`` inside the writer's transaction; a renewal, release or takeover of
+that row (an ``UPDATE``) waits for the writer's commit, which comes after the write's few
+statements. The other way, a fenced write finding the row updated and not yet committed
+waits for the lease statement's ``COMMIT``, which follows its one statement at once and
+needs nothing the writer holds: the lease statements touch only ``leases`` and ``daemons``,
+which writes only read (``FOR SHARE`` on one row). No cycle, so no wait longer than the
+other side's transaction. Neither session's code opens the other's transaction, so the two
+anyio locks are never held together either.
 
 Wake-ups are ``NOTIFY syncd_wakeup`` with ``<schema>:<factory>`` as the payload (one
-database may hold several syncd deployments, each in its schema), heard on a third
-connection of their own, opened only while someone listens.
+database may hold several syncd deployments, each in its schema), heard on a connection of
+their own, opened only while someone listens.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import functools
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from types import TracebackType
 from typing import Any
 
@@ -58,6 +71,13 @@ _RELISTEN_FIRST, _RELISTEN_MAX = 0.5, 30.0
 def _sql(query: str) -> str:
     """The store's ``?`` placeholders as psycopg's ``%s`` (a literal ``%`` doubled)."""
     return query.replace("%", "%%").replace("?", "%s")
+
+
+def _named(conninfo: str, role: str) -> str:
+    """The connection string with ``-<role>`` after its application name, so that
+    pg_stat_activity tells the sessions apart."""
+    name = conninfo_to_dict(conninfo).get("application_name") or "syncd"
+    return make_conninfo(conninfo, application_name=f"{name}-{role}")
 
 
 def _message(exc: BaseException) -> str:
@@ -231,6 +251,8 @@ class PostgresBackend:
         self._readonly = readonly
         self._reader = _Session(conninfo, where)
         self._writer = _Session(conninfo, where)
+        # Opened at the first lease statement: syncctl and check never open it.
+        self._leaser = _Session(_named(conninfo, "leases"), where)
 
     @classmethod
     async def open(
@@ -265,6 +287,7 @@ class PostgresBackend:
     async def close(self) -> None:
         await self._reader.discard()
         await self._writer.discard()
+        await self._leaser.discard()
 
     # -- queries -------------------------------------------------------------------------
 
@@ -292,42 +315,49 @@ class PostgresBackend:
     def _read_error(self, exc: psycopg.Error) -> StoreError:
         return _error(exc)(f"cannot read from {self.where}: {_message(exc)}")
 
+    def transaction(self) -> AbstractAsyncContextManager[_Queries]:
+        return self._transaction(self._writer)
+
+    def lease_transaction(self) -> AbstractAsyncContextManager[_Queries]:
+        return self._transaction(self._leaser)
+
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[_Queries]:
-        async with self._writer.lock:
+    async def _transaction(self, session: _Session) -> AsyncIterator[_Queries]:
+        async with session.lock:
             try:
-                conn = await self._writer.connection()
+                conn = await session.connection()
                 await conn.execute("BEGIN")
             except psycopg.Error as exc:
-                await self._writer.discard()
+                await session.discard()
                 raise _error(exc)(f"cannot write to {self.where}: {_message(exc)}") from None
             except BaseException:
-                # Cancelled mid-command: the connection's state is unknown; the next writer
-                # gets a new one.
-                await self._writer.discard()
+                # Cancelled mid-command: the connection's state is unknown; the session's
+                # next transaction gets a new one.
+                await session.discard()
                 raise
             try:
                 yield _Queries(conn)
             except psycopg.Error as exc:
-                await self._rollback(conn)
+                await self._rollback(session, conn)
                 raise _error(exc)(f"write to {self.where} refused: {_message(exc)}") from exc
             except BaseException:
-                await self._rollback(conn)
+                await self._rollback(session, conn)
                 raise
             try:
                 await conn.execute("COMMIT")
             except psycopg.Error as exc:
                 # The outcome is unknown when the connection died during COMMIT; every write
                 # the store makes is safe to try again (its WHERE or ON CONFLICT re-checks).
-                await self._rollback(conn)
+                await self._rollback(session, conn)
                 raise _error(exc)(f"cannot commit to {self.where}: {_message(exc)}") from None
             except BaseException:
                 # Cancelled during COMMIT: committed or not, the server decides; this
                 # connection is mid-command, so it is not used again.
-                await self._writer.discard()
+                await session.discard()
                 raise
 
-    async def _rollback(self, conn: psycopg.AsyncConnection[Row]) -> None:
+    @staticmethod
+    async def _rollback(session: _Session, conn: psycopg.AsyncConnection[Row]) -> None:
         # Shielded: a cancelled task must not leave its transaction open for the next one.
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             try:
@@ -335,7 +365,7 @@ class PostgresBackend:
                 return
             except psycopg.Error as exc:
                 log.debug("rollback: %s", exc)
-        await self._writer.discard()
+        await session.discard()
 
     # -- wake-ups ------------------------------------------------------------------------
 
@@ -347,9 +377,7 @@ class PostgresBackend:
 
     def wakeups(self, catch_up: CatchUp) -> PostgresWakeups:
         # Named apart in pg_stat_activity: the connection that sits idle, listening.
-        name = conninfo_to_dict(self._conninfo).get("application_name") or "syncd"
-        conninfo = make_conninfo(self._conninfo, application_name=f"{name}-wakeups")
-        return PostgresWakeups(conninfo, self.where, catch_up)
+        return PostgresWakeups(_named(self._conninfo, "wakeups"), self.where, catch_up)
 
     # -- schema --------------------------------------------------------------------------
 

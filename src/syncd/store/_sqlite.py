@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -206,6 +206,10 @@ class SQLiteBackend:
             except sqlite3.Error as exc:
                 await self._rollback()
                 raise _error(exc)(f"cannot commit to {self.where}: {exc}") from None
+
+    def lease_transaction(self) -> AbstractAsyncContextManager[_Queries]:
+        """The one writer: SQLite has one per file, whatever the connection."""
+        return self.transaction()
 
     async def _rollback(self) -> None:
         try:

@@ -69,6 +69,9 @@ OBSERVATIONS_KEPT = 10_000
 #: The factory of today's single-factory configuration, and of every row written before
 #: there were several.
 DEFAULT_FACTORY = "default"
+#: How long (PostgreSQL's ``lock_timeout``) an acquire waits on a lease row another
+#: transaction holds, before it fails: the coordinator's renewals share its session.
+_ACQUIRE_LOCK_WAIT = "1s"
 
 
 @dataclass(frozen=True)
@@ -1157,7 +1160,9 @@ class Store:
     #
     # Times are the database's clock: PostgreSQL's now(), one clock for every daemon
     # whatever their hosts' clocks say; on SQLite (one host, one daemon per file) the
-    # store's clock. Acquiring and renewing are each one statement, atomic on both.
+    # store's clock. Acquiring and renewing are each one statement, atomic on both. They
+    # run in the backend's lease transactions: on PostgreSQL a session of their own, so a
+    # renewal never queues behind the factories' writes (see syncd.store._postgres).
 
     def _clock_cte(self) -> tuple[str, tuple[Any, ...]]:
         """A ``clock (ts)`` CTE holding the database's now, and its arguments."""
@@ -1171,10 +1176,18 @@ class Store:
 
         The fence rises by one at every takeover (a first lease has fence 1); acquiring a
         lease one still holds keeps its fence, like :meth:`renew_lease`.
+
+        :raises StoreUnavailable: on PostgreSQL, the row stayed locked for a second (its
+            last holder's write in flight, or that holder frozen mid-transaction until its
+            session is ended): try again later.
         """
         clock, args = self._clock_cte()
         deadline = time.monotonic() + ttl
-        async with self._db.transaction() as db:
+        async with self._db.lease_transaction() as db:
+            if self.dialect == "postgresql":
+                # Fail fast rather than hold the lease session (the round's renewals, the
+                # releases) for the default 5 s.
+                await db.execute(f"SET LOCAL lock_timeout = '{_ACQUIRE_LOCK_WAIT}'")
             row = await db.fetchone(
                 clock + "INSERT INTO leases (factory, owner, fence, expires_at, renewed_at) "
                 "VALUES (?, ?, 1, (SELECT ts FROM clock) + ?, (SELECT ts FROM clock)) "
@@ -1197,7 +1210,7 @@ class Store:
         over. A lost lease is acquired again with :meth:`acquire_lease`, a new fence."""
         clock, args = self._clock_cte()
         deadline = time.monotonic() + ttl
-        async with self._db.transaction() as db:
+        async with self._db.lease_transaction() as db:
             row = await db.fetchone(
                 clock + "UPDATE leases SET expires_at = (SELECT ts FROM clock) + ?, "
                 "renewed_at = (SELECT ts FROM clock) "
@@ -1212,7 +1225,7 @@ class Store:
     async def release_lease(self, lease: Lease) -> bool:
         """Give a lease up at once (another daemon may take it at its next claim): the row
         stays, expired, so that the fence keeps rising. ``False`` if it was lost already."""
-        async with self._db.transaction() as db:
+        async with self._db.lease_transaction() as db:
             changed = await db.execute(
                 "UPDATE leases SET expires_at = 0 WHERE factory = ? AND owner = ? AND fence = ?",
                 (lease.factory, lease.owner, lease.fence),
@@ -1265,7 +1278,7 @@ class Store:
     async def heartbeat(self, owner: str) -> None:
         """Say ``owner`` is alive (by the database's clock)."""
         clock, args = self._clock_cte()
-        async with self._db.transaction() as db:
+        async with self._db.lease_transaction() as db:
             await db.execute(
                 clock + "INSERT INTO daemons (owner, started_at, seen_at) "
                 "VALUES (?, (SELECT ts FROM clock), (SELECT ts FROM clock)) "
@@ -1286,7 +1299,7 @@ class Store:
     async def leave(self, owner: str) -> None:
         """A daemon stopping: its heartbeat goes and its leases expire at once, so that the
         others take its factories at their next claim instead of after the TTL."""
-        async with self._db.transaction() as db:
+        async with self._db.lease_transaction() as db:
             await db.execute("UPDATE leases SET expires_at = 0 WHERE owner = ?", (owner,))
             await db.execute("DELETE FROM daemons WHERE owner = ?", (owner,))
 
