@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,7 +35,7 @@ from syncd.errors import (
     is_transient,
 )
 from syncd.store import ImportResult, Lease, Store
-from syncd.store._backend import redact
+from syncd.store._backend import Row, Statement, redact
 from syncd.store._postgres import _transient
 from syncd.store._schema import MIGRATIONS
 from syncd.store._schema_postgres import POSTGRES_MIGRATIONS, VERSION_TABLE
@@ -372,16 +372,14 @@ async def test_concurrent_events_share_a_commit_and_each_gets_its_own_row(
     async with opened(database) as store:
         before = await store.add_event("webhook", "received", b"old", dedup_key="d:old")
         commits = 0
-        transaction = store._db.transaction
+        transact = store._db.transact
 
-        @asynccontextmanager
-        async def counted() -> AsyncIterator[Any]:
+        async def counted(statements: Sequence[Statement]) -> list[list[Row]]:
             nonlocal commits
             commits += 1
-            async with transaction() as db:
-                yield db
+            return await transact(statements)
 
-        store._db.transaction = counted  # type: ignore[method-assign]
+        store._db.transact = counted  # type: ignore[method-assign]
         results: dict[int, int | None] = {}
 
         def key(n: int) -> str:
@@ -434,28 +432,27 @@ async def test_a_writer_cancelled_at_any_step_leaves_no_transaction_open(
 
 async def test_a_refused_group_commit_fails_every_caller_in_it(database: str) -> None:
     async with opened(database) as store:
-        transaction = store._db.transaction
+        transact = store._db.transact
 
-        @asynccontextmanager
-        async def refusing() -> AsyncIterator[Any]:
-            async with transaction() as db:
-                yield db
-                raise StoreUnavailable("disk full")
+        async def refusing(statements: Sequence[Statement]) -> list[list[Row]]:
+            # The batch's INSERT runs, then the transaction is refused: all of it rolls back.
+            return await transact([*statements, ("SELECT * FROM no_such_table", ())])
 
-        store._db.transaction = refusing  # type: ignore[method-assign]
+        store._db.transact = refusing  # type: ignore[method-assign]
         errors: list[BaseException] = []
 
         async def add(n: int) -> None:
             try:
                 await store.add_event("webhook", "received", b"x", dedup_key=f"k{n}")
-            except StoreUnavailable as exc:
+            except StoreError as exc:
                 errors.append(exc)
 
         async with anyio.create_task_group() as tg:
             for n in range(10):
                 tg.start_soon(add, n)
         assert len(errors) == 10
-        store._db.transaction = transaction  # type: ignore[method-assign]
+        assert all("refused" in str(e) and "no_such_table" in str(e) for e in errors), errors
+        store._db.transact = transact  # type: ignore[method-assign]
         assert await store.pending_events() == []
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "CatchUp",
     "Queries",
     "Row",
+    "Statement",
     "Wakeups",
     "is_postgres_url",
     "newer_schema",
@@ -34,6 +35,8 @@ __all__ = [
 
 #: One result row, columns in the order the query named them.
 Row = tuple[Any, ...]
+#: A statement in the shared SQL and its arguments.
+Statement = tuple[str, Sequence[Any]]
 
 
 class Queries(Protocol):
@@ -93,6 +96,17 @@ class Backend(Queries, Protocol):
         :raises StoreUnavailable: begin, a statement or commit failed for a reason that
             may pass by itself.
         :raises StoreError: they failed for a lasting reason.
+        """
+        ...
+
+    async def transact(self, statements: Sequence[Statement]) -> list[list[Row]]:
+        """Run ``statements`` in one write transaction, as :meth:`transaction` would, and
+        return each one's rows. For a write decided before it starts (an inbox group
+        commit): SQLite runs it as one job on the connection's thread, not one per
+        statement, begin and commit.
+
+        :raises StoreUnavailable: as :meth:`transaction`.
+        :raises StoreError: as :meth:`transaction`.
         """
         ...
 
