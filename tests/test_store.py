@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -408,6 +409,76 @@ async def test_concurrent_events_share_a_commit_and_each_gets_its_own_row(
             told = [n for n in range(60) if key(n) == k and results[n] is not None]
             assert len(told) == 1, (k, told)
         assert all(results[n] is None for n in range(60) if key(n) == "d:old")
+
+
+async def test_callers_cancelled_while_waiting_for_a_group_commit_stall_no_one(
+    database: str,
+) -> None:
+    """Callers cancelled while a commit runs write nothing and are answered nothing, the
+    first in line (the one the turn to commit the next batch would go to) included: the
+    callers behind them are still committed, together, and nobody is left waiting."""
+    async with opened(database) as store:
+        transact = store._db.transact
+        held = anyio.Event()
+        commits: list[int] = []
+
+        async def slow(statements: Sequence[Statement]) -> list[list[Row]]:
+            if not commits:
+                await held.wait()
+            commits.append(len(statements[0][1]) // 9)  # rows in the batch
+            return await transact(statements)
+
+        store._db.transact = slow  # type: ignore[method-assign]
+        results: dict[int, int | None] = {}
+        scopes: dict[int, anyio.CancelScope] = {}
+
+        async def add(n: int) -> None:
+            with anyio.CancelScope() as scope:
+                scopes[n] = scope
+                results[n] = await store.add_event(
+                    "webhook", "received", str(n).encode(), dedup_key=f"k{n}"
+                )
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for n in range(5):
+                    tg.start_soon(add, n)
+                    await anyio.wait_all_tasks_blocked()  # 0 commits; 1, 2, 3, 4 queue
+                scopes[1].cancel()
+                scopes[2].cancel()
+                await anyio.wait_all_tasks_blocked()
+                held.set()
+            assert sorted(results) == [0, 3, 4]
+            assert commits == [1, 2]  # caller 0 alone, then 3 and 4 together
+            rows = {e.payload: e.id for e in await store.pending_events()}
+            assert rows == {b"0": results[0], b"3": results[3], b"4": results[4]}
+            assert await store.add_event("webhook", "received", b"5", dedup_key="k5") is not None
+
+
+async def test_a_group_commit_is_one_job_on_the_sqlite_connections_thread(
+    tmp_path: Path,
+) -> None:
+    """BEGIN IMMEDIATE, the INSERT and COMMIT of a batch go to aiosqlite's thread together:
+    one hop per batch, not one per statement, fetch and cursor."""
+    async with opened(tmp_path / "syncd.db") as store:
+        connection = store._db._db  # type: ignore[attr-defined]
+        execute = connection._execute
+        jobs: list[str] = []
+
+        async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            jobs.append(getattr(fn, "__name__", repr(fn)))
+            return await execute(fn, *args, **kwargs)
+
+        connection._execute = counted
+        async with anyio.create_task_group() as tg:
+            for n in range(20):
+                tg.start_soon(
+                    partial(store.add_event, dedup_key=f"k{n}"), "webhook", "received", b"x"
+                )
+        assert 1 <= len(jobs) <= 3, jobs
+        assert set(jobs) == {"_transact_on_thread"}
+        connection._execute = execute
+        assert len(await store.pending_events()) == 20
 
 
 async def test_a_writer_cancelled_at_any_step_leaves_no_transaction_open(
