@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import hmac
 import logging
 import math
@@ -117,8 +116,7 @@ class _NotLinkedYet(SyncdError):
 
 def tradegecko_signature(secret: str, body: bytes) -> str:
     """``X-Gecko-Signature``: Base64 of HMAC-SHA256 of the raw body, keyed with the secret."""
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).digest()
-    return base64.b64encode(digest).decode()
+    return base64.b64encode(hmac.digest(secret.encode(), body, "sha256")).decode()
 
 
 def katana_signature(token: str, body: bytes) -> str:
@@ -126,7 +124,7 @@ def katana_signature(token: str, body: bytes) -> str:
 
     *Unverified* whether Katana prefixes ``sha256=``; the listener accepts both.
     """
-    return hmac.new(token.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.digest(token.encode(), body, "sha256").hex()
 
 
 @dataclass

@@ -259,9 +259,13 @@ class _QueuedEvent:
         self.event_id: int | None = None
         self.error: Exception | None = None
         # Set once the row is committed, or once it is this caller's turn to commit the
-        # next batch (``leads``).
-        self.turn = anyio.Event()
+        # next batch (``leads``); made only for a caller that has to wait.
+        self.turn: anyio.Event | None = None
         self.leads = False
+
+    def wake(self) -> None:
+        if self.turn is not None:
+            self.turn.set()
 
 
 #: Rows in one multi-row INSERT of a group commit (9 values a row, well under SQLite's
@@ -513,8 +517,9 @@ class Store:
         )
         self._queued.append(queued)
         if self._committing:
+            queued.turn = turn = anyio.Event()
             try:
-                await queued.turn.wait()
+                await turn.wait()
             except BaseException:
                 # Cancelled while waiting: a row not yet taken is not written (its caller
                 # answers nothing), and a turn handed to it goes to the next in line.
@@ -535,7 +540,11 @@ class Store:
                 with anyio.CancelScope(shield=True):
                     await self._commit_events(batch)
             finally:
+                # The next leader first, so that it is the first of them to run: the next
+                # commit starts while this batch's answers are written.
                 self._hand_on()
+                for waiting in batch:
+                    waiting.wake()
         if queued.error is not None:
             raise queued.error
         return queued.event_id
@@ -545,14 +554,14 @@ class Store:
         if self._queued:
             first = self._queued[0]
             first.leads = True
-            first.turn.set()
+            first.wake()
         else:
             self._committing = False
 
     async def _commit_events(self, batch: list[_QueuedEvent]) -> None:
         """Insert ``batch`` in one transaction, one statement per :data:`_ROWS_PER_INSERT`
         rows; each row's id (``None``: a duplicate) or the error that refused the
-        transaction is left on it, and its caller woken."""
+        transaction is left on it."""
         fresh: list[_QueuedEvent] = []
         seen: set[str] = set()
         for queued in batch:
@@ -589,7 +598,6 @@ class Store:
             # Rows of these factories may be newer than the inbox summary (see pending_events).
             root._committed_for[queued.row[0]] = root._commits
             queued.done = True
-            queued.turn.set()
 
     async def pending_events(
         self,
