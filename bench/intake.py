@@ -298,9 +298,12 @@ def measure(rounds: int = 5, seconds: float = 5.0, *, stall_bare: bool = False) 
                     )
             time.sleep(0.5)  # the last answers' rows are committed before we count
             with sqlite3.connect(tmp / "syncd.db") as conn:
-                persisted = conn.execute(
-                    "SELECT count(*) FROM inbox WHERE kind = 'webhook_received'"
-                ).fetchone()[0]
+                # A group commit stamps its rows with one received_at: distinct stamps are
+                # commits (fsyncs).
+                persisted, commits = conn.execute(
+                    "SELECT count(*), count(DISTINCT received_at) FROM inbox "
+                    "WHERE kind = 'webhook_received'"
+                ).fetchone()
     result: dict[str, Any] = {
         "generator": generator,
         "connections": CONNECTIONS,
@@ -338,6 +341,7 @@ def measure(rounds: int = 5, seconds: float = 5.0, *, stall_bare: bool = False) 
             3,
         )
     result["syncd_persisted"] = persisted
+    result["syncd_rows_per_commit"] = round(persisted / max(commits, 1), 1)
     # wrk counts answers it read; up to one request per connection per round is cut off at
     # the end of a round, answered and persisted after wrk stopped counting.
     answered = warm["syncd"]["ok"] + sum(x["ok"] for x in runs["syncd"])
