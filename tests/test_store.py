@@ -455,53 +455,6 @@ async def test_callers_cancelled_while_waiting_for_a_group_commit_stall_no_one(
             assert await store.add_event("webhook", "received", b"5", dedup_key="k5") is not None
 
 
-async def test_deliveries_a_few_loop_turns_behind_join_the_same_commit(database: str) -> None:
-    """A commit first lets the callers the event loop is already running reach the queue
-    (a delivery read in the same turn is a few turns from add_event): one commit, one
-    fsync, for all of them; a caller cancelled meanwhile writes nothing and stalls no one."""
-    async with opened(database) as store:
-        transact = store._db.transact
-        commits: list[int] = []
-
-        async def counted(statements: Sequence[Statement]) -> list[list[Row]]:
-            commits.append(len(statements[0][1]) // 9)  # rows in the batch
-            return await transact(statements)
-
-        store._db.transact = counted  # type: ignore[method-assign]
-
-        async def add(n: int, turns: int) -> None:
-            for _ in range(turns):
-                await anyio.lowlevel.checkpoint()
-            await store.add_event("webhook", "received", str(n).encode(), dedup_key=f"k{n}")
-
-        async with anyio.create_task_group() as tg:
-            for n in range(6):
-                tg.start_soon(add, n, n // 2)  # 0 and 1 at once, 2 and 3 a turn later, ...
-        assert commits == [6]
-
-        # The caller gathering the batch cancelled: the others are committed without it.
-        commits.clear()
-        leader = anyio.CancelScope()
-
-        async def cancelled_leader() -> None:
-            with leader:
-                await add(10, 0)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(cancelled_leader)
-            await anyio.lowlevel.checkpoint()  # caller 10 leads and gathers
-            assert store._committing
-            tg.start_soon(add, 11, 0)
-            tg.start_soon(add, 12, 0)
-            await anyio.lowlevel.checkpoint()
-            leader.cancel()
-        assert leader.cancelled_caught
-        assert commits == [2]
-        payloads = {e.payload for e in await store.pending_events()}
-        assert payloads == {str(n).encode() for n in (0, 1, 2, 3, 4, 5, 11, 12)}
-        assert await store.add_event("webhook", "received", b"13", dedup_key="k13") is not None
-
-
 async def test_a_group_commit_is_one_job_on_the_sqlite_connections_thread(
     tmp_path: Path,
 ) -> None:

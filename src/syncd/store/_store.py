@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
-import anyio.lowlevel
 import msgspec
 
 from syncd.config import FACTORY_NAME
@@ -272,8 +271,6 @@ class _QueuedEvent:
 #: Rows in one multi-row INSERT of a group commit (9 values a row, well under SQLite's
 #: 32,766 variables).
 _ROWS_PER_INSERT = 500
-#: Turns of the event loop a group commit waits at most for deliveries under way to join it.
-_GATHER_TURNS = 16
 #: Seconds the summary of the inbox's waiting events is used (see Store.pending_events).
 PENDING_SUMMARY_AGE = 0.5
 
@@ -536,12 +533,6 @@ class Store:
             # caller of the batch at once, and hands the next batch to the first caller
             # that came meanwhile, so the next commit starts without waiting for them.
             self._committing = True
-            try:
-                await self._gather()
-            except BaseException:
-                self._queued.remove(queued)
-                self._hand_on()
-                raise
             batch, self._queued = self._queued, []
             try:
                 # Shielded: a cancelled caller must not cut the commit short for the others
@@ -557,21 +548,6 @@ class Store:
         if queued.error is not None:
             raise queued.error
         return queued.event_id
-
-    async def _gather(self) -> None:
-        """Let the deliveries the event loop is already handling join the batch: a turn of
-        the loop at a time, until two turns add none (one at an idle moment), at most
-        :data:`_GATHER_TURNS`. A commit costs an fsync however many rows it holds; the
-        loop's turns cost microseconds. Without it, under load, every commit takes the
-        few callers that were queued when the last one ended, and the rest wait a whole
-        commit for the next."""
-        quiet = 0
-        for _ in range(_GATHER_TURNS):
-            queued = len(self._queued)
-            await anyio.lowlevel.checkpoint()
-            quiet = quiet + 1 if len(self._queued) == queued else 0
-            if quiet == 2:
-                return
 
     def _hand_on(self) -> None:
         """Give the turn to commit to the first caller waiting, or end the turns."""
