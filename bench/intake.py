@@ -328,9 +328,10 @@ def measure(rounds: int = 5, seconds: float = 5.0, *, stall_bare: bool = False) 
     result["plain_vs_plain_asgi"] = round(plain / plain_asgi, 3)
     result["bare_vs_plain_asgi"] = round(bare / plain_asgi, 3)
     result["ratio_syncd_bare"] = round(syncd / bare, 3)
-    # Reported, not a gate: the bare endpoint's CPU per answer over syncd's. Unlike the rates
-    # it hardly moves when other processes share the machine (they delay the servers, they
-    # do not make an answer cost more), so it is the figure to compare runs on a busy machine.
+    # Reported, not a gate: the bare endpoint's CPU per answer over syncd's. Other processes
+    # on the machine move it less than the rates (on a shared machine, 0.39-0.55 where the
+    # rate ratio ran 0.13-0.56), but they still move it: syncd's batches, and so its cost
+    # per answer, depend on how fast its commits come back.
     if (
         "median_cpu_us_per_answer" in result["syncd"]
         and "median_cpu_us_per_answer" in result["bare"]
