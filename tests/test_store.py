@@ -9,11 +9,12 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +36,7 @@ from syncd.errors import (
     is_transient,
 )
 from syncd.store import ImportResult, Lease, Store
-from syncd.store._backend import redact
+from syncd.store._backend import Row, Statement, redact
 from syncd.store._postgres import _transient
 from syncd.store._schema import MIGRATIONS
 from syncd.store._schema_postgres import POSTGRES_MIGRATIONS, VERSION_TABLE
@@ -372,16 +373,14 @@ async def test_concurrent_events_share_a_commit_and_each_gets_its_own_row(
     async with opened(database) as store:
         before = await store.add_event("webhook", "received", b"old", dedup_key="d:old")
         commits = 0
-        transaction = store._db.transaction
+        transact = store._db.transact
 
-        @asynccontextmanager
-        async def counted() -> AsyncIterator[Any]:
+        async def counted(statements: Sequence[Statement]) -> list[list[Row]]:
             nonlocal commits
             commits += 1
-            async with transaction() as db:
-                yield db
+            return await transact(statements)
 
-        store._db.transaction = counted  # type: ignore[method-assign]
+        store._db.transact = counted  # type: ignore[method-assign]
         results: dict[int, int | None] = {}
 
         def key(n: int) -> str:
@@ -412,6 +411,76 @@ async def test_concurrent_events_share_a_commit_and_each_gets_its_own_row(
         assert all(results[n] is None for n in range(60) if key(n) == "d:old")
 
 
+async def test_callers_cancelled_while_waiting_for_a_group_commit_stall_no_one(
+    database: str,
+) -> None:
+    """Callers cancelled while a commit runs write nothing and are answered nothing, the
+    first in line (the one the turn to commit the next batch would go to) included: the
+    callers behind them are still committed, together, and nobody is left waiting."""
+    async with opened(database) as store:
+        transact = store._db.transact
+        held = anyio.Event()
+        commits: list[int] = []
+
+        async def slow(statements: Sequence[Statement]) -> list[list[Row]]:
+            if not commits:
+                await held.wait()
+            commits.append(len(statements[0][1]) // 9)  # rows in the batch
+            return await transact(statements)
+
+        store._db.transact = slow  # type: ignore[method-assign]
+        results: dict[int, int | None] = {}
+        scopes: dict[int, anyio.CancelScope] = {}
+
+        async def add(n: int) -> None:
+            with anyio.CancelScope() as scope:
+                scopes[n] = scope
+                results[n] = await store.add_event(
+                    "webhook", "received", str(n).encode(), dedup_key=f"k{n}"
+                )
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for n in range(5):
+                    tg.start_soon(add, n)
+                    await anyio.wait_all_tasks_blocked()  # 0 commits; 1, 2, 3, 4 queue
+                scopes[1].cancel()
+                scopes[2].cancel()
+                await anyio.wait_all_tasks_blocked()
+                held.set()
+            assert sorted(results) == [0, 3, 4]
+            assert commits == [1, 2]  # caller 0 alone, then 3 and 4 together
+            rows = {e.payload: e.id for e in await store.pending_events()}
+            assert rows == {b"0": results[0], b"3": results[3], b"4": results[4]}
+            assert await store.add_event("webhook", "received", b"5", dedup_key="k5") is not None
+
+
+async def test_a_group_commit_is_one_job_on_the_sqlite_connections_thread(
+    tmp_path: Path,
+) -> None:
+    """BEGIN IMMEDIATE, the INSERT and COMMIT of a batch go to aiosqlite's thread together:
+    one hop per batch, not one per statement, fetch and cursor."""
+    async with opened(tmp_path / "syncd.db") as store:
+        connection = store._db._db  # type: ignore[attr-defined]
+        execute = connection._execute
+        jobs: list[str] = []
+
+        async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            jobs.append(getattr(fn, "__name__", repr(fn)))
+            return await execute(fn, *args, **kwargs)
+
+        connection._execute = counted
+        async with anyio.create_task_group() as tg:
+            for n in range(20):
+                tg.start_soon(
+                    partial(store.add_event, dedup_key=f"k{n}"), "webhook", "received", b"x"
+                )
+        assert 1 <= len(jobs) <= 3, jobs
+        assert set(jobs) == {"_transact_on_thread"}
+        connection._execute = execute
+        assert len(await store.pending_events()) == 20
+
+
 async def test_a_writer_cancelled_at_any_step_leaves_no_transaction_open(
     database: str,
 ) -> None:
@@ -434,28 +503,27 @@ async def test_a_writer_cancelled_at_any_step_leaves_no_transaction_open(
 
 async def test_a_refused_group_commit_fails_every_caller_in_it(database: str) -> None:
     async with opened(database) as store:
-        transaction = store._db.transaction
+        transact = store._db.transact
 
-        @asynccontextmanager
-        async def refusing() -> AsyncIterator[Any]:
-            async with transaction() as db:
-                yield db
-                raise StoreUnavailable("disk full")
+        async def refusing(statements: Sequence[Statement]) -> list[list[Row]]:
+            # The batch's INSERT runs, then the transaction is refused: all of it rolls back.
+            return await transact([*statements, ("SELECT * FROM no_such_table", ())])
 
-        store._db.transaction = refusing  # type: ignore[method-assign]
+        store._db.transact = refusing  # type: ignore[method-assign]
         errors: list[BaseException] = []
 
         async def add(n: int) -> None:
             try:
                 await store.add_event("webhook", "received", b"x", dedup_key=f"k{n}")
-            except StoreUnavailable as exc:
+            except StoreError as exc:
                 errors.append(exc)
 
         async with anyio.create_task_group() as tg:
             for n in range(10):
                 tg.start_soon(add, n)
         assert len(errors) == 10
-        store._db.transaction = transaction  # type: ignore[method-assign]
+        assert all("refused" in str(e) and "no_such_table" in str(e) for e in errors), errors
+        store._db.transact = transact  # type: ignore[method-assign]
         assert await store.pending_events() == []
 
 

@@ -553,6 +553,35 @@ async def test_bad_bodies_are_refused_and_unknown_events_ignored(
     assert woken == []
 
 
+async def test_a_body_in_several_chunks_is_read_whole_and_its_limit_still_holds(
+    listener: tuple[httpx.AsyncClient, Store, list[int]],
+) -> None:
+    client, store, woken = listener
+
+    def chunked(body: bytes, size: int) -> Any:
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(body), size):
+                yield body[start : start + size]
+
+        # No Content-Length: the limit can only be kept while reading.
+        headers = tg_request(body, delivery="d-chunked")["headers"]
+        return {"content": chunks(), "headers": headers}
+
+    body = b'{"object_id": 5, "event": "purchase_order.create", "pad": "' + b"y" * 600 + b'"}'
+    answer = await client.post("/webhooks/tradegecko", **chunked(body, 100))
+    assert (answer.status_code, answer.json()) == (200, {"status": "accepted"})
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["content-length"] == str(len(answer.content))
+    big = b'{"object_id": 5, "event": "purchase_order.create", "pad": "' + b"x" * 4096 + b'"}'
+    answer = await client.post("/webhooks/tradegecko", **chunked(big, 1000))
+    assert (answer.status_code, answer.json()) == (413, {"status": "body too large"})
+    (event,) = await store.pending_events(kinds=inbox.WEBHOOK_KINDS)
+    note = inbox.decode(event.kind, event.payload)
+    assert isinstance(note, inbox.WebhookReceived)
+    assert (note.object_id, note.delivery_id) == (5, "d-chunked")
+    assert woken == [1]
+
+
 async def test_valid_deliveries_are_persisted_once_then_acknowledged(
     listener: tuple[httpx.AsyncClient, Store, list[int]],
 ) -> None:

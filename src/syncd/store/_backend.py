@@ -25,6 +25,7 @@ __all__ = [
     "CatchUp",
     "Queries",
     "Row",
+    "Statement",
     "Wakeups",
     "is_postgres_url",
     "newer_schema",
@@ -34,6 +35,8 @@ __all__ = [
 
 #: One result row, columns in the order the query named them.
 Row = tuple[Any, ...]
+#: A statement in the shared SQL and its arguments.
+Statement = tuple[str, Sequence[Any]]
 
 
 class Queries(Protocol):
@@ -102,6 +105,17 @@ class Backend(Queries, Protocol):
         the database allows several writers (PostgreSQL), on a session of its own, so that
         a renewal never waits for the factories' writes to finish; on SQLite (one writer
         per file) the same as :meth:`transaction`.
+
+        :raises StoreUnavailable: as :meth:`transaction`.
+        :raises StoreError: as :meth:`transaction`.
+        """
+        ...
+
+    async def transact(self, statements: Sequence[Statement]) -> list[list[Row]]:
+        """Run ``statements`` in one write transaction, as :meth:`transaction` would, and
+        return each one's rows. For a write decided before it starts (an inbox group
+        commit): SQLite runs it as one job on the connection's thread, not one per
+        statement, begin and commit.
 
         :raises StoreUnavailable: as :meth:`transaction`.
         :raises StoreError: as :meth:`transaction`.

@@ -51,7 +51,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
 from syncd.errors import StoreError, StoreUnavailable
-from syncd.store._backend import CatchUp, Row, newer_schema, redact
+from syncd.store._backend import CatchUp, Row, Statement, newer_schema, redact
 from syncd.store._schema_postgres import POSTGRES_MIGRATIONS, VERSION_TABLE
 
 __all__ = ["PostgresBackend", "PostgresWakeups"]
@@ -114,6 +114,11 @@ class _Queries:
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         cursor = await self._conn.execute(_sql(sql), args)
         return cursor.rowcount
+
+    async def rows(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """What the statement returned; empty for one that returns nothing."""
+        cursor = await self._conn.execute(_sql(sql), args)
+        return await cursor.fetchall() if cursor.description is not None else []
 
     async def script(self, sql: str) -> None:
         """Several statements at once (a migration): with no parameters psycopg sends the
@@ -355,6 +360,12 @@ class PostgresBackend:
                 # connection is mid-command, so it is not used again.
                 await session.discard()
                 raise
+
+    async def transact(self, statements: Sequence[Statement]) -> list[list[Row]]:
+        # The server's round trips are the cost here, not a thread's: one per statement,
+        # as in any transaction.
+        async with self.transaction() as tx:
+            return [await tx.rows(sql, args) for sql, args in statements]
 
     @staticmethod
     async def _rollback(session: _Session, conn: psycopg.AsyncConnection[Row]) -> None:

@@ -17,7 +17,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +27,7 @@ import aiosqlite
 import anyio
 
 from syncd.errors import StoreError, StoreInUse, StoreUnavailable
-from syncd.store._backend import CatchUp, Row, newer_schema
+from syncd.store._backend import CatchUp, Row, Statement, newer_schema
 from syncd.store._schema import MIGRATIONS
 
 __all__ = ["LocalWakeups", "SQLiteBackend", "ensure_not_in_use", "lock_path"]
@@ -217,6 +217,23 @@ class SQLiteBackend:
         except sqlite3.Error as exc:  # no transaction left to roll back
             log.debug("rollback: %s", exc)
 
+    async def transact(self, statements: Sequence[Statement]) -> list[list[Row]]:
+        # One job on the connection's thread (aiosqlite's own queue, so it runs in turn with
+        # every other statement on the connection): one thread hop and one wake-up of the
+        # event loop per transaction instead of one per BEGIN, statement, fetch, cursor
+        # close and COMMIT. The job ends its transaction itself, committed or rolled back,
+        # so a caller cancelled meanwhile leaves none open.
+        run: Callable[..., Awaitable[list[list[Row]]]] = (
+            self._db._execute
+        )  # aiosqlite: run on its thread
+        async with self._write_lock:
+            try:
+                return await run(_transact_on_thread, self._db, statements)
+            except _Refused as refused:
+                exc = refused.error
+                message = refused.message.format(where=self.where, exc=exc)
+                raise _error(exc)(message) from (exc if refused.step == "statement" else None)
+
     # -- wake-ups ------------------------------------------------------------------------
 
     async def notify(self, factory: str) -> None:
@@ -272,6 +289,54 @@ class SQLiteBackend:
         rows = await self.fetchall("PRAGMA integrity_check")
         problems = [str(r[0]) for r in rows]
         return [] if problems == ["ok"] else problems
+
+
+class _Refused(Exception):
+    """A :meth:`SQLiteBackend.transact` job's driver error, and at which step it came."""
+
+    #: The messages of :meth:`SQLiteBackend.transaction`, step by step.
+    MESSAGES = {
+        "begin": "cannot write to {where}: {exc}",
+        "statement": "write to {where} refused: {exc}",
+        "commit": "cannot commit to {where}: {exc}",
+    }
+
+    def __init__(self, step: str, error: sqlite3.Error) -> None:
+        super().__init__(step, error)
+        self.step = step
+        self.message = self.MESSAGES[step]
+        self.error = error
+
+
+def _transact_on_thread(
+    db: aiosqlite.Connection, statements: Sequence[Statement]
+) -> list[list[Row]]:
+    """The body of :meth:`SQLiteBackend.transact`, run on the connection's thread."""
+    conn = db._conn  # the sqlite3 connection, on its own thread
+    step = "begin"
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        step = "statement"
+        results = [
+            [tuple(row) for row in conn.execute(sql, args).fetchall()] for sql, args in statements
+        ]
+        step = "commit"
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if step != "begin":
+            _rollback_on_thread(conn)
+        raise _Refused(step, exc) from None
+    except BaseException:
+        _rollback_on_thread(conn)
+        raise
+    return results
+
+
+def _rollback_on_thread(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:  # no transaction left to roll back
+        log.debug("rollback: %s", exc)
 
 
 def _lock(path: str) -> int:

@@ -12,6 +12,7 @@ database share the factories through leases whose fence every owner's write re-c
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import socket
@@ -287,7 +288,7 @@ def _link(row: Sequence[Any]) -> LinkedOrder:
 class _QueuedEvent:
     """An inbox row waiting for its group commit, and then what became of it."""
 
-    __slots__ = ("dedup_key", "done", "error", "event_id", "row")
+    __slots__ = ("dedup_key", "done", "error", "event_id", "leads", "row", "turn")
 
     def __init__(self, dedup_key: str | None, row: tuple[Any, ...]) -> None:
         self.dedup_key = dedup_key
@@ -295,6 +296,14 @@ class _QueuedEvent:
         self.done = False
         self.event_id: int | None = None
         self.error: Exception | None = None
+        # Set once the row is committed, or once it is this caller's turn to commit the
+        # next batch (``leads``); made only for a caller that has to wait.
+        self.turn: anyio.Event | None = None
+        self.leads = False
+
+    def wake(self) -> None:
+        if self.turn is not None:
+            self.turn.set()
 
 
 #: Rows in one multi-row INSERT of a group commit (9 values a row, well under SQLite's
@@ -312,6 +321,17 @@ class _PendingSummary:
     at: float
     commits: int
     kinds: dict[str, set[str]]
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_events_sql(rows: int) -> str:
+    """The multi-row INSERT of a group commit of ``rows`` rows."""
+    return (
+        "INSERT INTO inbox (factory, source, kind, dedup_key, po_id, so_id, link_id, payload, "
+        "received_at) VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+        + " ON CONFLICT DO NOTHING RETURNING id, dedup_key"
+    )
 
 
 def _match_ids(chunk: Sequence[_QueuedEvent], returned: Sequence[Row]) -> None:
@@ -356,9 +376,10 @@ class Store:
         self.factory = factory
         self.lease = lease
         self._root = self if root is None else root
-        # Group commit of inbox rows (see add_event): rows waiting for the next commit.
+        # Group commit of inbox rows (see add_event): rows waiting for the next commit, and
+        # whether a caller is committing (or has been handed the turn to).
         self._queued: list[_QueuedEvent] = []
-        self._group_lock = anyio.Lock()
+        self._committing = False
         # The root's summary of what waits in the inbox (see _nothing_pending).
         self._pending: _PendingSummary | None = None
         self._pending_lock = anyio.Lock()
@@ -533,16 +554,47 @@ class Store:
             dedup_key, (self.factory, source, kind, dedup_key, po_id, so_id, link_id, payload)
         )
         self._queued.append(queued)
-        async with self._group_lock:
-            if not queued.done:
-                batch, self._queued = self._queued, []
+        if self._committing:
+            queued.turn = turn = anyio.Event()
+            try:
+                await turn.wait()
+            except BaseException:
+                # Cancelled while waiting: a row not yet taken is not written (its caller
+                # answers nothing), and a turn handed to it goes to the next in line.
+                if not queued.done and queued in self._queued:
+                    self._queued.remove(queued)
+                    if queued.leads:
+                        self._hand_on()
+                raise
+        if not queued.done:
+            # Our turn: commit everything queued, ours included. The committer wakes each
+            # caller of the batch at once, and hands the next batch to the first caller
+            # that came meanwhile, so the next commit starts without waiting for them.
+            self._committing = True
+            batch, self._queued = self._queued, []
+            try:
                 # Shielded: a cancelled caller must not cut the commit short for the others
                 # in its batch (their answers depend on it).
                 with anyio.CancelScope(shield=True):
                     await self._commit_events(batch)
+            finally:
+                # The next leader first, so that it is the first of them to run: the next
+                # commit starts while this batch's answers are written.
+                self._hand_on()
+                for waiting in batch:
+                    waiting.wake()
         if queued.error is not None:
             raise queued.error
         return queued.event_id
+
+    def _hand_on(self) -> None:
+        """Give the turn to commit to the first caller waiting, or end the turns."""
+        if self._queued:
+            first = self._queued[0]
+            first.leads = True
+            first.wake()
+        else:
+            self._committing = False
 
     async def _commit_events(self, batch: list[_QueuedEvent]) -> None:
         """Insert ``batch`` in one transaction, one statement per :data:`_ROWS_PER_INSERT`
@@ -556,19 +608,24 @@ class Store:
                     continue  # the same delivery twice in one batch: one row, one answer
                 seen.add(queued.dedup_key)
             fresh.append(queued)
+        received_at = self._now()
+        chunks = [fresh[i : i + _ROWS_PER_INSERT] for i in range(0, len(fresh), _ROWS_PER_INSERT)]
+        statements = [
+            (
+                _insert_events_sql(len(chunk)),
+                [value for queued in chunk for value in (*queued.row, received_at)],
+            )
+            for chunk in chunks
+        ]
         try:
-            async with self._transaction() as db:
-                received_at = self._now()
-                for start in range(0, len(fresh), _ROWS_PER_INSERT):
-                    chunk = fresh[start : start + _ROWS_PER_INSERT]
-                    rows = await db.fetchall(
-                        "INSERT INTO inbox (factory, source, kind, dedup_key, po_id, so_id, "
-                        "link_id, payload, received_at) VALUES "
-                        + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-                        + " ON CONFLICT DO NOTHING RETURNING id, dedup_key",
-                        [value for queued in chunk for value in (*queued.row, received_at)],
-                    )
-                    _match_ids(chunk, rows)
+            if self.lease is None:
+                # Decided before it starts: one job for the backend (see Backend.transact).
+                returned = await self._db.transact(statements)
+            else:
+                async with self._transaction() as db:
+                    returned = [await db.fetchall(sql, args) for sql, args in statements]
+            for chunk, rows in zip(chunks, returned, strict=True):
+                _match_ids(chunk, rows)
         except Exception as exc:
             for queued in batch:
                 queued.event_id = None
