@@ -464,6 +464,49 @@ async def _consistent(
     )
 
 
+#: Seconds between the sustained run's timeline samples.
+TIMELINE_STEP = 30.0
+
+
+def _short(calls: dict[Any, int]) -> dict[str, int]:
+    """Calls by endpoint alone (kinds folded), for a timeline row a reader can scan."""
+    out: Counter[str] = Counter()
+    for (_, endpoint), n in calls.items():
+        out[endpoint] += n
+    return dict(sorted(out.items()))
+
+
+async def _timeline(
+    daemon: Daemon, sims: Sims, started: float, open_orders: Any, rows: list[dict[str, Any]]
+) -> None:
+    """Every :data:`TIMELINE_STEP` s: the calls spent since the last row by endpoint, the
+    orders in each state, what the budgets hold and wait for, the effects running: where a
+    short window's orders stood (issue 13)."""
+    last = _both(sims)
+    while True:
+        await anyio.sleep(TIMELINE_STEP)
+        now = _both(sims)
+        pending = Counter(event.kind for event in await daemon.store.pending_events(1000))
+        row: dict[str, Any] = {"t": round(time.monotonic() - started)}
+        for name, client, i in (("katana", daemon.katana, 0), ("tradegecko", daemon.tradegecko, 1)):
+            spent = delta(now[i], last[i])
+            row[name] = {
+                "spent": sum(spent.values()),
+                "by_endpoint": _short(spent),
+                "used": client.budget.used,
+                "waiting": client.budget.waiting,
+            }
+        row["states"] = dict(sorted((await daemon.store.counts_by_state()).items()))
+        row["open"] = open_orders()
+        # The dispatcher's effects under way and those holding its concurrency (private:
+        # a bench-only look at what the daemon does not export).
+        row["effects_running"] = len(daemon.dispatcher._running)
+        row["effects_holding_slot"] = daemon.dispatcher._limiter.borrowed_tokens
+        row["inbox_pending"] = dict(pending)
+        rows.append(row)
+        last = now
+
+
 async def sustained(
     seconds: float | None = None,
     in_flight: int = 60,
@@ -494,6 +537,7 @@ async def sustained(
             {},
         )
     completions: list[float] = []
+    timeline: list[dict[str, Any]] = []
     created = 0
     load_at_start = os.getloadavg()
     cpu_at_start = time.process_time()
@@ -522,13 +566,23 @@ async def sustained(
                 started = time.monotonic()
                 # The recorders' counts at the warm-up's end and each whole window after.
                 marks: list[tuple[Counter[Any], Counter[Any]]] = []
-                while time.monotonic() - started < seconds:
-                    if time.monotonic() - started >= warmup + len(marks) * SUSTAINED_WINDOW:
-                        marks.append(_both(sims))
-                    while created - len(completions) < in_flight:
-                        await sims.create_po(1)
-                        created += 1
-                    await anyio.sleep(0.5)
+                async with anyio.create_task_group() as watch:
+                    watch.start_soon(
+                        _timeline,
+                        daemon,
+                        sims,
+                        started,
+                        lambda: created - len(completions),
+                        timeline,
+                    )
+                    while time.monotonic() - started < seconds:
+                        if time.monotonic() - started >= warmup + len(marks) * SUSTAINED_WINDOW:
+                            marks.append(_both(sims))
+                        while created - len(completions) < in_flight:
+                            await sims.create_po(1)
+                            created += 1
+                        await anyio.sleep(0.5)
+                    watch.cancel_scope.cancel()
                 if time.monotonic() - started >= warmup + len(marks) * SUSTAINED_WINDOW:
                     marks.append(_both(sims))
                 ended = time.monotonic()
@@ -597,6 +651,7 @@ async def sustained(
         "cpu_share_of_one_core": round(cpu / span, 2),
         "load_at_start": load_at_start,
         "load_at_end": os.getloadavg(),
+        "timeline": timeline,
     }
 
 
