@@ -588,7 +588,13 @@ async def sustained(
                 ended = time.monotonic()
                 # Checked while the daemon runs (a stopped factory's series leave its
                 # metrics): at an instant with no request in flight, all counts agree.
-                checked, _ = await _consistent(sims, daemon, nothing)
+                try:
+                    checked, _ = await _consistent(sims, daemon, nothing)
+                    disagreement = None
+                except Unsound as unsound:
+                    checked, disagreement = unsound.figures, unsound.why
+                final = await tally(sims, daemon.metrics)
+                unanswered = _unanswered(final, nothing)
                 budgets = {
                     name: {
                         "limit": client.budget.limit,
@@ -625,7 +631,7 @@ async def sustained(
         sum(1 for c in rel if lo <= c < lo + SUSTAINED_WINDOW)
         for lo in [n * SUSTAINED_WINDOW for n in range(int(-(-span // SUSTAINED_WINDOW)))]
     ]
-    return {
+    result = {
         "webhooks": webhooks,
         "seconds": round(span, 1),
         "warmup_s": warmup,
@@ -651,8 +657,48 @@ async def sustained(
         "cpu_share_of_one_core": round(cpu / span, 2),
         "load_at_start": load_at_start,
         "load_at_end": os.getloadavg(),
+        # Requests the daemon sent and got no answer to (a connection reset under load):
+        # the simulator may never have seen them.
+        "unanswered": unanswered,
         "timeline": timeline,
     }
+    if disagreement is not None:
+        explained = _explained_by_unanswered(final, nothing, unanswered)
+        result["counts_disagree"] = {"why": disagreement, "explained": explained}
+        if explained is not True:
+            # The whole result goes with it: a 20-minute run is not thrown away.
+            raise Unsound(disagreement, result)
+    return result
+
+
+def _unanswered(now: Tally, before: Tally) -> dict[str, int]:
+    """The daemon's requests without an answer since ``before``, by service."""
+    return {
+        svc: now.daemon_statuses[svc]["none"] - before.daemon_statuses[svc]["none"]
+        for svc in ("katana", "tradegecko")
+    }
+
+
+def _explained_by_unanswered(now: Tally, before: Tally, unanswered: dict[str, int]) -> Any:
+    """``True`` when the daemon's and the simulators' counts since ``before`` differ only
+    by requests the daemon got no answer to: no endpoint under the simulator's count, the
+    excess within the unanswered ones, the recorder agreeing with the daemon and the 429s
+    with the simulator. Else why not (a string)."""
+    for svc in ("katana", "tradegecko"):
+        mine = delta(now.daemon[svc], before.daemon[svc])
+        theirs = delta(now.sims[svc], before.sims[svc])
+        recorded = delta(now.recorder[svc], before.recorder[svc])
+        over = {k: mine.get(k, 0) - theirs.get(k, 0) for k in set(mine) | set(theirs)}
+        if any(n < 0 for n in over.values()):
+            return f"{svc}: the simulator counted calls the daemon did not: {over}"
+        if sum(over.values()) > unanswered[svc]:
+            return f"{svc}: {sum(over.values())} calls over, {unanswered[svc]} unanswered"
+        if sum(recorded.values()) != sum(mine.values()):
+            return f"{svc}: the recorder and the daemon's metrics differ"
+        saw = now.daemon_statuses[svc]["429"] - before.daemon_statuses[svc]["429"]
+        if now.responses_429[svc] - before.responses_429[svc] != saw:
+            return f"{svc}: the 429 counts differ"
+    return True
 
 
 async def sustained_webhooks(seconds: float | None = None) -> dict[str, Any]:
