@@ -513,6 +513,7 @@ async def sustained(
     *,
     webhooks: bool = False,
     warmup: float = SUSTAINED_WINDOW,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """Figure 2: simulators at the real limits, the daemon's default budgets and intervals;
     with ``webhooks``, the simulators deliver them and the daemon reconciles every 300 s.
@@ -529,6 +530,8 @@ async def sustained(
     """
     if seconds is None:
         seconds = float(os.environ.get("BENCH_SUSTAINED_S", "660"))
+    if rate is None and os.environ.get("BENCH_SUSTAINED_RATE"):
+        rate = float(os.environ["BENCH_SUSTAINED_RATE"])
     if seconds < warmup + SUSTAINED_WINDOW:
         raise Unsound(
             f"a run of {seconds:g} s measures no steady state: it needs the {warmup:g} s "
@@ -578,7 +581,12 @@ async def sustained(
                     while time.monotonic() - started < seconds:
                         if time.monotonic() - started >= warmup + len(marks) * SUSTAINED_WINDOW:
                             marks.append(_both(sims))
-                        while created - len(completions) < in_flight:
+                        if rate is None:
+                            due = len(completions) + in_flight
+                        else:
+                            # Open: buyers issue POs at their pace, whatever syncd completed.
+                            due = 1 + int((time.monotonic() - started) * rate / 3600)
+                        while created < due:
                             await sims.create_po(1)
                             created += 1
                         await anyio.sleep(0.5)
@@ -635,7 +643,7 @@ async def sustained(
         "webhooks": webhooks,
         "seconds": round(span, 1),
         "warmup_s": warmup,
-        "in_flight": in_flight,
+        "feed": f"open, {rate:g} POs/h" if rate else f"closed, {in_flight} open",
         "created": created,
         "completed": len(rel),
         "first_completion_s": round(rel[0], 1) if rel else None,
