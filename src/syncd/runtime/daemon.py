@@ -353,9 +353,7 @@ class Daemon:
                             settings.rate_limit,
                             settings.rate_period,
                             reserve=settings.reserve,
-                            burst=paced_burst(
-                                settings.rate_limit - settings.reserve, settings.rate_period
-                            ),
+                            burst=paced_burst(settings.rate_limit - settings.reserve),
                         ),
                         timeout=settings.timeout,
                         retry=retry.request,
