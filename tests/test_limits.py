@@ -17,7 +17,6 @@ import msgspec
 import pytest
 
 from conftest import Sims, running_sims
-from syncd.adapters._http import paced_burst
 from syncd.config import Config
 from syncd.runtime.daemon import running_daemon
 from syncd.sim.factory import play_factory
@@ -83,12 +82,11 @@ async def run_flow(
 @pytest.mark.timeout(180)
 async def test_the_real_katana_limit_is_never_hit(tmp_path: Path) -> None:
     async with simulators(katana_limit=(60, 60.0), tradegecko_limit=(300, 300.0)) as sims:
-        # The daemon's default budget (60 per 60 s, paced: 5 ahead of 50 a minute). Polling
-        # every 0.2 s asks for at least 150 Katana requests a minute while an order is
-        # followed (an SO list per poll, idle polls stretched to 0.4 s), so the pace sets
-        # the rate from the first seconds on, and the run goes past the first window's
-        # rollover at 60 s, where a budget a hair out of step with the service would meet
-        # a 429.
+        # The daemon's default budget (60 per 60 s). Polling every 0.2 s asks for at least
+        # 150 Katana requests a minute while an order is followed (an SO list per poll, idle
+        # polls stretched to 0.4 s), so the budget is spent within ~25 s and then sets the
+        # pace: nothing more goes out until the first window rolls over at 60 s, where a
+        # budget a hair out of step with the service would meet a 429.
         config = with_katana(sims.config(tmp_path / "syncd.db"), rate_limit=60, poll_interval=0.2)
         # TradeGecko at its real limit too (300 per 300 s): polled every 2 s, not every 0.1 s.
         config = msgspec.structs.replace(
@@ -104,7 +102,7 @@ async def test_the_real_katana_limit_is_never_hit(tmp_path: Path) -> None:
             for lines in LINES:
                 pos.append(await sims.create_po(lines))
                 daemon.poll_now()
-                await anyio.sleep(24)  # paced, the orders would all be done within 60 s
+                await anyio.sleep(8)
             numbers = [po["order_number"] for po in pos]
             await wait_for(daemon, numbers, is_state("received"), 90)
         took = anyio.current_time() - started
@@ -112,9 +110,7 @@ async def test_the_real_katana_limit_is_never_hit(tmp_path: Path) -> None:
     sent = sum(katana_counts["requests"].values())
     limited = katana_counts["responses_429"]
     print(f"\nreal limits: {sent} Katana requests in {took:.1f} s, 429s {limited}")
-    assert took > 60, "the run never went past Katana's first window"
-    # The pace held: its burst and 50 a minute, never the whole window at once.
-    assert sent <= paced_burst(50) + 50 * took / 60 + 1
+    assert sent > 60, "the run never went past Katana's first window"
     assert katana_counts["responses_429"] == 0
     assert tg_counts["responses_429"] == 0
     assert katana_counts["sales_orders_by_order_no"] == {
