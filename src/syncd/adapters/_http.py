@@ -55,6 +55,7 @@ from syncd.errors import (
 )
 
 __all__ = [
+    "PACED_ABOVE",
     "Params",
     "PlannedRequest",
     "Priority",
@@ -290,15 +291,22 @@ class _Waiter:
     since: float
 
 
-def paced_burst(share: int) -> int:
-    """The ``burst`` a budget of ``share`` requests per period is paced with: a tenth of
-    the share (27 of TradeGecko's 270 per 300 s, 5 of Katana's 50 per 60 s).
+#: Windows longer than this are paced (:func:`paced_burst`); a minute's burst-then-wait is
+#: short enough to leave alone.
+PACED_ABOVE = 60.0
 
-    Unpaced, a share goes out as fast as demand comes and then nothing goes until the
-    window has passed (up to 300 s for TradeGecko, 60 s for Katana). The effects waiting
-    meanwhile hold the dispatcher's slots, so the other service's work stalls behind them:
-    the two services take turns instead of overlapping, and the flow moves in waves.
+
+def paced_burst(share: int, period: float) -> int | None:
+    """The ``burst`` a budget of ``share`` requests per ``period`` s is paced with: a tenth
+    of the share (27 of TradeGecko's 270 per 300 s), ``None`` (unpaced) for a period of a
+    minute or less (Katana's 60 s).
+
+    Unpaced, a long window's share goes out as fast as demand comes and then nothing goes
+    for the rest of the window: the requests waiting meanwhile hold the dispatcher's effect
+    slots, so work for the other service stalls behind them and the flow swings.
     """
+    if period <= PACED_ABOVE:
+        return None
     return max(1, share // 10)
 
 

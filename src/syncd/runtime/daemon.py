@@ -353,7 +353,9 @@ class Daemon:
                             settings.rate_limit,
                             settings.rate_period,
                             reserve=settings.reserve,
-                            burst=paced_burst(settings.rate_limit - settings.reserve),
+                            burst=paced_burst(
+                                settings.rate_limit - settings.reserve, settings.rate_period
+                            ),
                         ),
                         timeout=settings.timeout,
                         retry=retry.request,
