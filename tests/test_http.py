@@ -28,7 +28,6 @@ from syncd.adapters._http import (
     format_time,
     guarded_transport,
     is_last_page,
-    paced_burst,
     parse_reset,
     request_priority,
 )
@@ -316,60 +315,6 @@ def test_a_budget_refuses_impossible_settings(
 ) -> None:
     with pytest.raises(ValueError, match="request budget"):
         RequestBudget(limit, 60.0, reserve=reserve, promote_after=promote_after, headroom=headroom)
-
-
-async def test_a_paced_budget_spreads_its_share_over_the_period() -> None:
-    # 270 of TradeGecko's 300 per 300 s, at most 27 ahead of one per 1.11 s: a burst of
-    # demand is served at the share's pace, not all at once and then nothing for a window.
-    clock = Clock()
-    budget = RequestBudget(300, 300.0, reserve=30, burst=27, clock=clock)
-    for _ in range(27):
-        assert budget._wait_time() == 0
-        await budget.acquire()
-        budget.complete()
-    assert budget._wait_time() == pytest.approx(300.0 / 270)
-    clock.now += 300.0 / 270
-    assert budget._wait_time() == 0
-    await budget.acquire()
-    budget.complete()
-    # Idle for a period: the pace saves at most its burst, the window still holds.
-    clock.now += 300.0
-    for _ in range(27):
-        await budget.acquire()
-        budget.complete()
-    assert budget._wait_time() > 0
-    assert budget.used == 27
-
-
-async def test_a_paced_budget_still_holds_the_window() -> None:
-    clock = Clock()
-    budget = RequestBudget(10, 60.0, burst=10, clock=clock)
-    for _ in range(10):
-        await budget.acquire()
-        budget.complete()
-    clock.now += 30.0  # the pace has 5 again, the window none
-    assert budget._wait_time() == pytest.approx(30.0)
-
-
-async def test_a_paced_waiter_is_woken_when_its_token_comes() -> None:
-    budget = RequestBudget(100, 10.0, burst=1)  # one per 0.1 s
-    started = time.monotonic()
-    for _ in range(4):
-        await budget.acquire()
-        budget.complete()
-    assert 0.25 <= time.monotonic() - started < 2.0
-
-
-def test_long_windows_are_paced_a_minute_is_not() -> None:
-    assert paced_burst(270, 300.0) == 27  # TradeGecko's share
-    assert paced_burst(5, 300.0) == 1
-    assert paced_burst(50, 60.0) is None  # Katana's: its wait lasts a minute at most
-
-
-@pytest.mark.parametrize("burst", [0, 8])
-def test_a_budget_refuses_a_burst_beyond_its_share(burst: int) -> None:
-    with pytest.raises(ValueError, match=r"burst must be 1\.\.7"):
-        RequestBudget(10, 60.0, reserve=3, burst=burst)
 
 
 @dataclass

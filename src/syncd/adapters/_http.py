@@ -55,7 +55,6 @@ from syncd.errors import (
 )
 
 __all__ = [
-    "PACED_ABOVE",
     "Params",
     "PlannedRequest",
     "Priority",
@@ -69,7 +68,6 @@ __all__ = [
     "format_time",
     "guarded_transport",
     "is_last_page",
-    "paced_burst",
     "parse_reset",
     "planning",
     "request_priority",
@@ -291,25 +289,6 @@ class _Waiter:
     since: float
 
 
-#: Windows longer than this are paced (:func:`paced_burst`); a minute's burst-then-wait is
-#: short enough to leave alone.
-PACED_ABOVE = 60.0
-
-
-def paced_burst(share: int, period: float) -> int | None:
-    """The ``burst`` a budget of ``share`` requests per ``period`` s is paced with: a tenth
-    of the share (27 of TradeGecko's 270 per 300 s), ``None`` (unpaced) for a period of a
-    minute or less (Katana's 60 s).
-
-    Unpaced, a long window's share goes out as fast as demand comes and then nothing goes
-    for the rest of the window: the requests waiting meanwhile hold the dispatcher's effect
-    slots, so work for the other service stalls behind them and the flow swings.
-    """
-    if period <= PACED_ABOVE:
-        return None
-    return max(1, share // 10)
-
-
 class RequestBudget:
     """A sliding-window allowance of ``limit`` requests per ``period`` seconds, of which
     ``reserve`` are left to the key's other users.
@@ -346,7 +325,6 @@ class RequestBudget:
         reserve: int = 0,
         promote_after: float | None = None,
         headroom: int | None = None,
-        burst: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         if limit < 1 or period <= 0:
@@ -358,10 +336,6 @@ class RequestBudget:
         if headroom is not None and not 0 <= 2 * headroom < limit - reserve:
             # A background request must still fit in an otherwise empty window.
             raise ValueError("a request budget's headroom must leave a poll room to send")
-        if burst is not None and not 1 <= burst <= limit - reserve:
-            raise ValueError(
-                f"a request budget's burst must be 1..{limit - reserve} (its share), got {burst}"
-            )
         self.limit = limit
         self.period = period
         self.reserve = reserve
@@ -369,11 +343,6 @@ class RequestBudget:
         # A twentieth of syncd's share: 2 of Katana's 50, 13 of TradeGecko's 270.
         self.headroom = headroom if headroom is not None else (limit - reserve) // 20
         self._clock = clock
-        #: Paced: at most ``burst`` requests ahead of an even spread of the share over the
-        #: period (a token bucket beside the window); ``None``: the window alone.
-        self.burst = burst
-        self._tokens = float(burst or 0)
-        self._tokens_at = clock()
         self._sent: deque[float] = deque()
         self._in_flight = 0
         self._blocked_until = 0.0
@@ -420,26 +389,11 @@ class RequestBudget:
         the slots that priority leaves to higher ones."""
         return self.limit - self.reserve - ours - 1 - self.headroom * (Priority.FINISH - priority)
 
-    def _refill(self, now: float) -> float:
-        """The pace's tokens at ``now``: one per ``period / share`` seconds, ``burst`` at most."""
-        assert self.burst is not None
-        share = self.limit - self.reserve
-        self._tokens = min(
-            float(self.burst), self._tokens + (now - self._tokens_at) * share / self.period
-        )
-        self._tokens_at = now
-        return self._tokens
-
     def _wait_time(self, priority: Priority = Priority.FINISH) -> float:
         """Seconds until one more request at ``priority`` fits (0: now)."""
         now = self._clock()
         self._prune(now)
         blocked = max(0.0, self._blocked_until - now)
-        if self.burst is not None:
-            # The pace holds every priority alike: the queue's order decides who goes next.
-            short = 1.0 - self._refill(now)
-            if short > 1e-9:  # a float's rounding is not a wait
-                blocked = max(blocked, short * self.period / (self.limit - self.reserve))
         if self.others(now) <= self._room(len(self._sent) + self._in_flight, priority):
             return blocked
         # Between these moments our count is steady and others' guess only grows (before
@@ -508,8 +462,6 @@ class RequestBudget:
                 with anyio.move_on_after(wait):
                     await changed.wait()
             self._in_flight += 1
-            if self.burst is not None:
-                self._tokens = self._refill(self._clock()) - 1.0
             self.sent_by_priority[waiter.priority] += 1
         finally:
             self._waiting.remove(waiter)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import anyio
 import httpx
 
-from syncd.adapters._http import RequestBudget, ServiceClient, guarded_transport, paced_burst
+from syncd.adapters._http import RequestBudget, ServiceClient, guarded_transport
 from syncd.adapters.katana import KatanaClient
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import (
@@ -350,12 +350,7 @@ class Daemon:
                         self.pools.shared(kind.service, settings.base_url),
                         # Limits are per key: each factory's own budget.
                         budget=RequestBudget(
-                            settings.rate_limit,
-                            settings.rate_period,
-                            reserve=settings.reserve,
-                            burst=paced_burst(
-                                settings.rate_limit - settings.reserve, settings.rate_period
-                            ),
+                            settings.rate_limit, settings.rate_period, reserve=settings.reserve
                         ),
                         timeout=settings.timeout,
                         retry=retry.request,
