@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 
 from bench.harness import (
     Sims,
@@ -550,6 +551,12 @@ async def sustained(
             config = sims.config(
                 Path(tmp) / "syncd.db", webhook_port=free_port() if webhooks else None
             )
+            if os.environ.get("BENCH_SUSTAINED_CONCURRENCY"):
+                # An experiment, not the default: the dispatcher's effect slots (issue 13).
+                concurrency = int(os.environ["BENCH_SUSTAINED_CONCURRENCY"])
+                config = msgspec.structs.replace(
+                    config, daemon=msgspec.structs.replace(config.daemon, concurrency=concurrency)
+                )
             nothing = await tally(sims, None)
 
             class Seen(Observer):
@@ -644,6 +651,7 @@ async def sustained(
         "seconds": round(span, 1),
         "warmup_s": warmup,
         "feed": f"open, {rate:g} POs/h" if rate else f"closed, {in_flight} open",
+        "concurrency": config.daemon.concurrency,
         "created": created,
         "completed": len(rel),
         "first_completion_s": round(rel[0], 1) if rel else None,
