@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 
 from bench.harness import (
     Sims,
@@ -489,12 +490,56 @@ async def _consistent(
     )
 
 
+#: Seconds between the sustained run's timeline samples.
+TIMELINE_STEP = 30.0
+
+
+def _short(calls: dict[Any, int]) -> dict[str, int]:
+    """Calls by endpoint alone (kinds folded), for a timeline row a reader can scan."""
+    out: Counter[str] = Counter()
+    for (_, endpoint), n in calls.items():
+        out[endpoint] += n
+    return dict(sorted(out.items()))
+
+
+async def _timeline(
+    daemon: Daemon, sims: Sims, started: float, open_orders: Any, rows: list[dict[str, Any]]
+) -> None:
+    """Every :data:`TIMELINE_STEP` s: the calls spent since the last row by endpoint, the
+    orders in each state, what the budgets hold and wait for, the effects running: where a
+    short window's orders stood (issue 13)."""
+    last = _both(sims)
+    while True:
+        await anyio.sleep(TIMELINE_STEP)
+        now = _both(sims)
+        pending = Counter(event.kind for event in await daemon.store.pending_events(1000))
+        row: dict[str, Any] = {"t": round(time.monotonic() - started)}
+        for name, client, i in (("katana", daemon.katana, 0), ("tradegecko", daemon.tradegecko, 1)):
+            spent = delta(now[i], last[i])
+            row[name] = {
+                "spent": sum(spent.values()),
+                "by_endpoint": _short(spent),
+                "used": client.budget.used,
+                "waiting": client.budget.waiting,
+            }
+        row["states"] = dict(sorted((await daemon.store.counts_by_state()).items()))
+        row["open"] = open_orders()
+        # The dispatcher's effects under way and those holding its concurrency (private:
+        # a bench-only look at what the daemon does not export).
+        row["effects_running"] = len(daemon.dispatcher._running)
+        row["effects_holding_slot"] = daemon.dispatcher._limiter.borrowed_tokens
+        row["inbox_pending"] = dict(pending)
+        rows.append(row)
+        last = now
+
+
 async def sustained(
     seconds: float | None = None,
     in_flight: int = 60,
     *,
     webhooks: bool = False,
     warmup: float = SUSTAINED_WINDOW,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """Figure 2: simulators at the real limits, the daemon's default budgets and intervals;
     with ``webhooks``, the simulators deliver them and the daemon reconciles every 300 s.
@@ -511,6 +556,8 @@ async def sustained(
     """
     if seconds is None:
         seconds = float(os.environ.get("BENCH_SUSTAINED_S", "660"))
+    if rate is None and os.environ.get("BENCH_SUSTAINED_RATE"):
+        rate = float(os.environ["BENCH_SUSTAINED_RATE"])
     if seconds < warmup + SUSTAINED_WINDOW:
         raise Unsound(
             f"a run of {seconds:g} s measures no steady state: it needs the {warmup:g} s "
@@ -519,6 +566,7 @@ async def sustained(
             {},
         )
     completions: list[float] = []
+    timeline: list[dict[str, Any]] = []
     created = 0
     load_at_start = os.getloadavg()
     cpu_at_start = time.process_time()
@@ -528,6 +576,12 @@ async def sustained(
             config = sims.config(
                 Path(tmp) / "syncd.db", webhook_port=free_port() if webhooks else None
             )
+            if os.environ.get("BENCH_SUSTAINED_CONCURRENCY"):
+                # An experiment, not the default: the dispatcher's effect slots (issue 13).
+                concurrency = int(os.environ["BENCH_SUSTAINED_CONCURRENCY"])
+                config = msgspec.structs.replace(
+                    config, daemon=msgspec.structs.replace(config.daemon, concurrency=concurrency)
+                )
             nothing = await tally(sims, None)
 
             class Seen(Observer):
@@ -547,19 +601,40 @@ async def sustained(
                 started = time.monotonic()
                 # The recorders' counts at the warm-up's end and each whole window after.
                 marks: list[tuple[Counter[Any], Counter[Any]]] = []
-                while time.monotonic() - started < seconds:
-                    if time.monotonic() - started >= warmup + len(marks) * SUSTAINED_WINDOW:
-                        marks.append(_both(sims))
-                    while created - len(completions) < in_flight:
-                        await sims.create_po(1)
-                        created += 1
-                    await anyio.sleep(0.5)
+                async with anyio.create_task_group() as watch:
+                    watch.start_soon(
+                        _timeline,
+                        daemon,
+                        sims,
+                        started,
+                        lambda: created - len(completions),
+                        timeline,
+                    )
+                    while time.monotonic() - started < seconds:
+                        if time.monotonic() - started >= warmup + len(marks) * SUSTAINED_WINDOW:
+                            marks.append(_both(sims))
+                        if rate is None:
+                            due = len(completions) + in_flight
+                        else:
+                            # Open: buyers issue POs at their pace, whatever syncd completed.
+                            due = 1 + int((time.monotonic() - started) * rate / 3600)
+                        while created < due:
+                            await sims.create_po(1)
+                            created += 1
+                        await anyio.sleep(0.5)
+                    watch.cancel_scope.cancel()
                 if time.monotonic() - started >= warmup + len(marks) * SUSTAINED_WINDOW:
                     marks.append(_both(sims))
                 ended = time.monotonic()
                 # Checked while the daemon runs (a stopped factory's series leave its
                 # metrics): at an instant with no request in flight, all counts agree.
-                checked, _ = await _consistent(sims, daemon, nothing)
+                try:
+                    checked, _ = await _consistent(sims, daemon, nothing)
+                    disagreement = None
+                except Unsound as unsound:
+                    checked, disagreement = unsound.figures, unsound.why
+                final = await tally(sims, daemon.metrics)
+                unanswered = _unanswered(final, nothing)
                 budgets = {
                     name: {
                         "limit": client.budget.limit,
@@ -596,11 +671,12 @@ async def sustained(
         sum(1 for c in rel if lo <= c < lo + SUSTAINED_WINDOW)
         for lo in [n * SUSTAINED_WINDOW for n in range(int(-(-span // SUSTAINED_WINDOW)))]
     ]
-    return {
+    result = {
         "webhooks": webhooks,
         "seconds": round(span, 1),
         "warmup_s": warmup,
-        "in_flight": in_flight,
+        "feed": f"open, {rate:g} POs/h" if rate else f"closed, {in_flight} open",
+        "concurrency": config.daemon.concurrency,
         "created": created,
         "completed": len(rel),
         "first_completion_s": round(rel[0], 1) if rel else None,
@@ -622,7 +698,48 @@ async def sustained(
         "cpu_share_of_one_core": round(cpu / span, 2),
         "load_at_start": load_at_start,
         "load_at_end": os.getloadavg(),
+        # Requests the daemon sent and got no answer to (a connection reset under load):
+        # the simulator may never have seen them.
+        "unanswered": unanswered,
+        "timeline": timeline,
     }
+    if disagreement is not None:
+        explained = _explained_by_unanswered(final, nothing, unanswered)
+        result["counts_disagree"] = {"why": disagreement, "explained": explained}
+        if explained is not True:
+            # The whole result goes with it: a 20-minute run is not thrown away.
+            raise Unsound(disagreement, result)
+    return result
+
+
+def _unanswered(now: Tally, before: Tally) -> dict[str, int]:
+    """The daemon's requests without an answer since ``before``, by service."""
+    return {
+        svc: now.daemon_statuses[svc]["none"] - before.daemon_statuses[svc]["none"]
+        for svc in ("katana", "tradegecko")
+    }
+
+
+def _explained_by_unanswered(now: Tally, before: Tally, unanswered: dict[str, int]) -> Any:
+    """``True`` when the daemon's and the simulators' counts since ``before`` differ only
+    by requests the daemon got no answer to: no endpoint under the simulator's count, the
+    excess within the unanswered ones, the recorder agreeing with the daemon and the 429s
+    with the simulator. Else why not (a string)."""
+    for svc in ("katana", "tradegecko"):
+        mine = delta(now.daemon[svc], before.daemon[svc])
+        theirs = delta(now.sims[svc], before.sims[svc])
+        recorded = delta(now.recorder[svc], before.recorder[svc])
+        over = {k: mine.get(k, 0) - theirs.get(k, 0) for k in set(mine) | set(theirs)}
+        if any(n < 0 for n in over.values()):
+            return f"{svc}: the simulator counted calls the daemon did not: {over}"
+        if sum(over.values()) > unanswered[svc]:
+            return f"{svc}: {sum(over.values())} calls over, {unanswered[svc]} unanswered"
+        if sum(recorded.values()) != sum(mine.values()):
+            return f"{svc}: the recorder and the daemon's metrics differ"
+        saw = now.daemon_statuses[svc]["429"] - before.daemon_statuses[svc]["429"]
+        if now.responses_429[svc] - before.responses_429[svc] != saw:
+            return f"{svc}: the 429 counts differ"
+    return True
 
 
 async def sustained_webhooks(seconds: float | None = None) -> dict[str, Any]:
