@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import ssl
-import sys
 import time
 from collections import deque
 from collections.abc import (
@@ -41,7 +40,6 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from importlib.util import find_spec
 from typing import Any, ParamSpec, Protocol, Self, TypeVar
 
 import anyio
@@ -89,13 +87,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-# httpcore runs ``import sniffio`` for every lock and shield it makes (several per
-# request). anyio 4 no longer brings sniffio, and a failed import searches sys.path again
-# each time (0.7 ms: a third of the daemon's CPU while 200 factories started). A ``None``
-# entry fails it at once, and httpcore concludes "asyncio" as it does without sniffio.
-if find_spec("sniffio") is None:
-    sys.modules.setdefault("sniffio", None)  # type: ignore[arg-type]
 
 log = logging.getLogger("syncd.http")
 
