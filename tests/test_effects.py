@@ -508,3 +508,53 @@ async def test_a_touched_duplicate_is_kept_and_reported_with_both_numbers(
         "settle it in Katana"
     ), note
     assert sorted(so["id"] for so in _sos_of(sims, link.po_id)) == [first.so_id, duplicate]
+
+
+async def test_a_duplicate_the_poller_sees_later_is_deleted_or_reported(
+    sims: Sims, tmp_path: Path
+) -> None:
+    """After the import, SOs with the order's key land behind syncd's back (a create that
+    landed later still): the Katana poll sees them; the untouched one is deleted, the other
+    (its rows not as created) noted in the order with both numbers."""
+    async with sims.daemon(tmp_path / "syncd.db") as daemon:
+        po = await sims.create_po()
+        daemon.poll_now()
+        (link,) = await wait_for(daemon, [po["order_number"]], lambda lk: lk.so_id is not None)
+        assert link.so_id is not None
+        config = sims.config(tmp_path / "unused.db")
+        async with KatanaClient(config.katana.base_url, config.katana.token) as katana:
+            so = await katana.get_sales_order(link.so_id)
+            (row,) = so.sales_order_rows
+
+            async def twin(order_no: str, quantity: Decimal) -> int:
+                made = await katana.create_sales_order(
+                    NewSalesOrder(
+                        customer_id=so.customer_id,
+                        order_no=order_no,
+                        sales_order_rows=[
+                            NewSalesOrderRow(
+                                variant_id=row.variant_id,
+                                quantity=quantity,
+                                price_per_unit=row.price_per_unit,
+                            )
+                        ],
+                        ecommerce_order_type=so.ecommerce_order_type,
+                        ecommerce_store_name=so.ecommerce_store_name,
+                        ecommerce_order_id=so.ecommerce_order_id,
+                    )
+                )
+                return made.id
+
+            untouched = await twin("LATE-1", row.quantity)
+            touched = await twin("LATE-2", row.quantity + 1)
+        expected = (
+            f"Katana SO LATE-2 (id {touched}) duplicates SO {so.order_no} (id {so.id}), "
+            "which syncd follows; not deleted (its rows were edited): settle it in Katana"
+        )
+        (noted,) = await wait_for(
+            daemon, [po["order_number"]], lambda lk: expected in lk.notes, seconds=20
+        )
+    live = sorted(s["id"] for s in _sos_of(sims, link.po_id))
+    assert live == [so.id, touched], live
+    assert any(n.startswith(f"deleted Katana SO LATE-1 (id {untouched})") for n in noted.notes)
+    assert noted.so_id == so.id

@@ -848,6 +848,22 @@ class Effects:
             == (key.order_id, key.store_name, key.order_type)
         ]
 
+    async def settle_duplicate(self, link: LinkedOrder, seen: KatanaSalesOrder) -> None:
+        """``seen`` (a poll's or a webhook's look) carries what looks like ``link``'s
+        natural key and is not its SO: look the key up and settle what carries it
+        (:meth:`resolve_duplicates`), noting it in the order's history. An SO carrying
+        another account's key is left alone."""
+        key = natural_key(await self._tradegecko_account_id(), link.po_id)
+        if seen.deleted_at is not None or (
+            seen.ecommerce_order_id,
+            seen.ecommerce_store_name,
+            seen.ecommerce_order_type,
+        ) != (key.order_id, key.store_name, key.order_type):
+            return
+        notes = await self.resolve_duplicates(link, await self._by_natural_key(key))
+        if notes and self.store is not None:
+            await self.store.note(link.id, notes=notes)
+
     async def resolve_duplicates(
         self,
         link: LinkedOrder,
