@@ -336,7 +336,7 @@ async def test_a_delivery_for_an_so_whose_import_is_not_recorded_yet_waits_for_i
     async with running_sims(katana_faults=hang, webhooks=True) as sims:
         # The hung create is uncertain: its retry looks after katana.timeout + settle.
         config = settling(
-            sims.config(database, free_port(), poll=60.0, reconcile=60.0), timeout=3.0
+            sims.config(database, free_port(), poll=60.0, reconcile=60.0), timeout=2.5, settle=0.2
         )
         async with sims.daemon(config) as daemon:
             po = await sims.create_po()
