@@ -214,12 +214,14 @@ class CrashHarness:
             )
         self.config_path.write_text(
             f'[daemon]\ndatabase = "{self.database}"\nlog_level = "warning"\n'
-            "concurrency = 4\nretry_initial = 0.1\nretry_max = 0.5\n"
+            # A create cut short by a kill waits katana.timeout + retry_settle after its
+            # intent before the next look: short here, so a run ends within the test's time.
+            "concurrency = 4\nretry_initial = 0.1\nretry_max = 0.5\nretry_settle = 0.5\n"
             "[metrics]\nenabled = false\n"
             f'[tradegecko]\nbase_url = "{self.tradegecko_url}"\ntoken = "tradegecko-sim-token"\n'
             f"poll_interval = {self.poll_interval}\nrate_limit = 100000\n"
             f'[katana]\nbase_url = "{self.katana_url}/v1"\ntoken = "katana-sim-token"\n'
-            f"poll_interval = {self.poll_interval}\nrate_limit = 100000\n"
+            f"poll_interval = {self.poll_interval}\nrate_limit = 100000\ntimeout = 5\n"
             f'make_to_order = "{self.make_to_order}"\n' + webhooks
         )
 

@@ -142,6 +142,7 @@ def test_make_to_order_auto_with_subassemblies() -> None:
         ),
         pytest.param("[katana]\npoll_interval = 0", "katana.poll_interval", id="zero-interval"),
         pytest.param("[daemon]\nretry_max = -5", "daemon.retry_max", id="negative-retry"),
+        pytest.param("[daemon]\nretry_settle = -1", "daemon.retry_settle", id="negative-settle"),
         pytest.param(
             "[metrics]\nrefresh_interval = 0", "metrics.refresh_interval", id="zero-refresh"
         ),
@@ -997,9 +998,12 @@ def test_the_lease_keys_are_positive_and_renew_well_before_the_ttl() -> None:
 
 
 def test_every_retry_policy_is_in_one_place_and_the_daemon_keys_set_the_effects() -> None:
-    config = parse_config("[daemon]\nretry_initial = 0.5\nretry_max = 8\n", require_tokens=False)
+    config = parse_config(
+        "[daemon]\nretry_initial = 0.5\nretry_max = 8\nretry_settle = 2\n", require_tokens=False
+    )
     policies = config.retry()
-    assert policies.effect == RetryPolicy(initial=0.5, maximum=8.0)
+    assert policies.effect == RetryPolicy(initial=0.5, maximum=8.0, settle=2.0)
+    assert RETRY.effect.settle == 5.0
     assert policies._replace(effect=RETRY.effect) == RETRY  # the rest as shipped
     assert RETRY.request.attempts == 5 and RETRY.effect.attempts is None
 

@@ -4,12 +4,14 @@ after an attempt that may have landed finds the SO by its natural key (create-on
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -18,8 +20,10 @@ import pytest
 from conftest import Sims, running_sims
 from syncd.adapters.katana import KatanaClient, NewSalesOrder, NewSalesOrderRow
 from syncd.adapters.tradegecko import TradeGeckoClient
+from syncd.config import Config
 from syncd.domain import triggers
 from syncd.domain.orders import LinkedOrder
+from syncd.errors import TransportError
 from syncd.runtime.effects import ECOMMERCE_ORDER_TYPE, Effects, Outcome, natural_key
 from syncd.runtime.pollers import snapshot_of
 from syncd.sim.faults import FaultRule, Faults
@@ -61,14 +65,29 @@ class Bench:
         return Counter({k: n for k, n in tradegecko["requests"].items() if k.startswith("GET")})
 
 
+def settling(config: Config, *, timeout: float = 2.0, settle: float = 0.5) -> Config:
+    """``config`` with a short Katana timeout and settle margin: a retry after an uncertain
+    create waits ``timeout + settle`` from its start, not the default 35 s."""
+    return msgspec.structs.replace(
+        config,
+        daemon=msgspec.structs.replace(config.daemon, retry_settle=settle),
+        katana=msgspec.structs.replace(config.katana, timeout=timeout),
+    )
+
+
 @asynccontextmanager
-async def bench(sims: Sims, tmp_path: Path, *, store: bool = True) -> AsyncIterator[Bench]:
-    config = sims.config(tmp_path / "syncd.db")
+async def bench(
+    sims: Sims, tmp_path: Path, *, store: bool = True, config: Config | None = None
+) -> AsyncIterator[Bench]:
+    config = config or sims.config(tmp_path / "syncd.db")
     opened = await Store.open(config.daemon.database)
     try:
         async with (
             KatanaClient(
-                config.katana.base_url, config.katana.token, transport=sims.katana_contract
+                config.katana.base_url,
+                config.katana.token,
+                transport=sims.katana_contract,
+                timeout=config.katana.timeout,
             ) as katana,
             TradeGeckoClient(config.tradegecko.base_url, config.tradegecko.token) as tradegecko,
         ):
@@ -338,7 +357,7 @@ async def test_a_create_whose_answer_is_dropped_is_found_by_its_key_not_made_twi
         rules=[FaultRule(path="/sales_orders", method="POST", drop_rate=1.0, after=True, times=1)]
     )
     async with running_sims(katana_faults=dropped) as sims:
-        async with sims.daemon(tmp_path / "syncd.db") as daemon:
+        async with sims.daemon(settling(sims.config(tmp_path / "syncd.db"))) as daemon:
             po = await sims.create_po()
             daemon.poll_now()
             (link,) = await wait_for(daemon, [po["order_number"]], lambda lk: lk.so_id is not None)
@@ -347,3 +366,195 @@ async def test_a_create_whose_answer_is_dropped_is_found_by_its_key_not_made_twi
     assert katana_counts["sales_orders_created"] == 1, katana_counts
     (so,) = sims.katana_world.sales_order_list()
     assert (link.so_id, so["ecommerce_order_id"]) == (so["id"], str(po["id"]))
+
+
+# -- a create that lands late ------------------------------------------------------------
+
+
+def _sos_of(sims: Sims, po_id: int, *, live: bool = True) -> list[dict[str, Any]]:
+    return [
+        so
+        for so in sims.katana_world.sales_order_list()
+        if so["ecommerce_order_id"] == str(po_id) and (so["deleted_at"] is None or not live)
+    ]
+
+
+async def test_an_uncertain_create_that_lands_after_the_timeout_ends_with_one_so(
+    sims: Sims, tmp_path: Path
+) -> None:
+    """The POST is held past the client's timeout, then lands (a proxy carried it through).
+    The retry, at once and from a new runner as after a restart, waits until the first
+    cannot land any more (its start + timeout + settle), then finds it: no second SO."""
+    config = settling(sims.config(tmp_path / "syncd.db"), timeout=0.5, settle=1.0)
+    async with bench(sims, tmp_path, config=config) as b:
+        await b.warm()
+        held = Faults(
+            rules=[
+                FaultRule(
+                    path="/sales_orders", method="POST", hold_rate=1.0, hold_seconds=1.0, times=1
+                )
+            ]
+        )
+        answer = await sims.control.put(
+            f"{sims.katana_url}/_sim/faults", json=msgspec.to_builtins(held)
+        )
+        assert answer.status_code == 200, answer.text
+        link = await b.link()
+        began = time.monotonic()
+        with pytest.raises(TransportError, match="timed out"):
+            await b.effects.import_order(link)
+        assert _sos_of(sims, link.po_id) == []  # not landed yet: a look now finds nothing
+        restarted = Effects(config, b.effects.katana, b.tradegecko, b.store)
+        again = await restarted.import_order(link)
+        waited = time.monotonic() - began
+        injected = (await sims.counters())[0]["faults_injected"]
+    assert injected == {"hold": 1}, injected
+    assert again.trigger == triggers.SO_CREATED, again
+    assert again.cause.startswith("found Katana SO"), again
+    (so,) = _sos_of(sims, link.po_id)
+    assert again.so_id == so["id"]
+    assert waited >= 0.5 + 1.0 - 0.1, waited
+
+
+async def test_a_create_refused_is_answered_so_a_later_look_does_not_wait(
+    sims: Sims, tmp_path: Path
+) -> None:
+    """An answered create leaves nothing in flight: an import run again at once (its outcome
+    lost) looks without waiting for the timeout."""
+    config = settling(sims.config(tmp_path / "syncd.db"), timeout=5.0, settle=5.0)
+    async with bench(sims, tmp_path, config=config) as b:
+        await b.warm()
+        link = await b.link()
+        first = await b.effects.import_order(link)
+        began = time.monotonic()
+        again = await b.effects.import_order(link)
+        waited = time.monotonic() - began
+    assert (first.so_id, again.so_id) == (again.so_id, first.so_id) and first.so_id is not None
+    assert waited < 5.0, waited
+
+
+# -- duplicates ----------------------------------------------------------------------------
+
+
+async def _duplicate(b: Bench, so_id: int) -> int:
+    """A second SO with the same natural key and rows, made behind syncd's back."""
+    so = await b.effects.katana.get_sales_order(so_id)
+    made = await b.effects.katana.create_sales_order(
+        NewSalesOrder(
+            customer_id=so.customer_id,
+            order_no=f"{so.order_no}-BIS",
+            sales_order_rows=[
+                NewSalesOrderRow(
+                    variant_id=row.variant_id,
+                    quantity=row.quantity,
+                    price_per_unit=row.price_per_unit,
+                )
+                for row in so.sales_order_rows
+            ],
+            ecommerce_order_type=so.ecommerce_order_type,
+            ecommerce_store_name=so.ecommerce_store_name,
+            ecommerce_order_id=so.ecommerce_order_id,
+        )
+    )
+    return made.id
+
+
+async def test_an_untouched_duplicate_is_deleted_and_noted(sims: Sims, tmp_path: Path) -> None:
+    async with bench(sims, tmp_path) as b:
+        await b.warm()
+        link = await b.link()
+        first = await b.effects.import_order(link)
+        assert first.so_id is not None
+        duplicate = await _duplicate(b, first.so_id)
+        again = await b.effects.import_order(link)
+        before = await b.katana_requests()
+        third = await b.effects.import_order(link)
+        spent = _spent(before, await b.katana_requests())
+    assert again.so_id == first.so_id, again
+    (note,) = [n for n in again.notes if "duplicate" in n]
+    assert note.startswith(f"deleted Katana SO {first.so_number}-BIS (id {duplicate})"), note
+    assert f"SO {first.so_number} (id {first.so_id})" in note, note
+    (live,) = _sos_of(sims, link.po_id)
+    assert live["id"] == first.so_id
+    # Done once: the next look finds one SO, deletes nothing, notes nothing.
+    assert third.so_id == first.so_id and not [n for n in third.notes if "duplicate" in n]
+    assert "DELETE /sales_orders/{id}" not in spent, spent
+
+
+async def test_a_touched_duplicate_is_kept_and_reported_with_both_numbers(
+    sims: Sims, tmp_path: Path
+) -> None:
+    """The link records the newer SO: the older one is the extra; a person edited its rows,
+    so syncd does not delete it and names both."""
+    async with bench(sims, tmp_path) as b:
+        await b.warm()
+        link = await b.link()
+        first = await b.effects.import_order(link)
+        assert first.so_id is not None
+        duplicate = await _duplicate(b, first.so_id)
+        row = (await b.effects.katana.get_sales_order(first.so_id)).sales_order_rows[0]
+        edited = await sims.control.patch(
+            f"{sims.katana_url}/_sim/sales_orders/{first.so_id}",
+            json={"rows": [{"id": row.id, "quantity": "7"}]},
+        )
+        assert edited.status_code == 200, edited.text
+        followed = msgspec.structs.replace(link, so_id=duplicate)
+        again = await b.effects.import_order(followed)
+    assert again.so_id == duplicate, again
+    (note,) = [n for n in again.notes if "duplicate" in n]
+    assert note == (
+        f"Katana SO {first.so_number} (id {first.so_id}) duplicates SO {first.so_number}-BIS "
+        f"(id {duplicate}), which syncd follows; not deleted (its rows were edited): "
+        "settle it in Katana"
+    ), note
+    assert sorted(so["id"] for so in _sos_of(sims, link.po_id)) == [first.so_id, duplicate]
+
+
+async def test_a_duplicate_the_poller_sees_later_is_deleted_or_reported(
+    sims: Sims, tmp_path: Path
+) -> None:
+    """After the import, SOs with the order's key land behind syncd's back (a create that
+    landed later still): the Katana poll sees them; the untouched one is deleted, the other
+    (its rows not as created) noted in the order with both numbers."""
+    async with sims.daemon(tmp_path / "syncd.db") as daemon:
+        po = await sims.create_po()
+        daemon.poll_now()
+        (link,) = await wait_for(daemon, [po["order_number"]], lambda lk: lk.so_id is not None)
+        assert link.so_id is not None
+        config = sims.config(tmp_path / "unused.db")
+        async with KatanaClient(config.katana.base_url, config.katana.token) as katana:
+            so = await katana.get_sales_order(link.so_id)
+            (row,) = so.sales_order_rows
+
+            async def twin(order_no: str, quantity: Decimal) -> int:
+                made = await katana.create_sales_order(
+                    NewSalesOrder(
+                        customer_id=so.customer_id,
+                        order_no=order_no,
+                        sales_order_rows=[
+                            NewSalesOrderRow(
+                                variant_id=row.variant_id,
+                                quantity=quantity,
+                                price_per_unit=row.price_per_unit,
+                            )
+                        ],
+                        ecommerce_order_type=so.ecommerce_order_type,
+                        ecommerce_store_name=so.ecommerce_store_name,
+                        ecommerce_order_id=so.ecommerce_order_id,
+                    )
+                )
+                return made.id
+
+            untouched = await twin("LATE-1", row.quantity)
+            touched = await twin("LATE-2", row.quantity + 1)
+        expected = (
+            f"Katana SO LATE-2 (id {touched}) duplicates SO {so.order_no} (id {so.id}), "
+            "which syncd follows; not deleted (its rows were edited): settle it in Katana"
+        )
+        (noted,) = await wait_for(
+            daemon, [po["order_number"]], lambda lk: expected in lk.notes, seconds=20
+        )
+    live = sorted(s["id"] for s in _sos_of(sims, link.po_id))
+    assert live == [so.id, touched], live
+    assert any(n.startswith(f"deleted Katana SO LATE-1 (id {untouched})") for n in noted.notes)
+    assert noted.so_id == so.id

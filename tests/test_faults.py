@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
 
+import anyio
 import httpx
 import msgspec
 import pytest
@@ -179,6 +180,22 @@ async def test_a_create_dropped_after_it_landed_exists_but_is_not_retried() -> N
         counters = (await http.get("/_sim/counters")).json()
     assert [so.order_no for so in found] == ["TG-PO2"]
     assert counters["sales_orders_by_order_no"] == {"TG-PO1": 1, "TG-PO2": 1}
+
+
+async def test_a_held_create_lands_after_the_client_gave_up() -> None:
+    held = every(path="/sales_orders", method="POST", hold_rate=1.0, hold_seconds=0.6, times=1)
+    async with katana(held) as http:
+        body = await _new_order_body(http, "TG-PO1")
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/v1/sales_orders", json=body, headers=KATANA, timeout=0.2)
+        assert (await http.get("/_sim/counters")).json()["sales_orders_by_order_no"] == {}
+        await anyio.sleep(0.8)
+        counters = (await http.get("/_sim/counters")).json()
+        # Held once: the next create is answered at once.
+        second = await http.post("/v1/sales_orders", json=body, headers=KATANA, timeout=2)
+    assert counters["sales_orders_by_order_no"] == {"TG-PO1": 1}
+    assert counters["faults_injected"] == {"hold": 1}
+    assert second.status_code == 200, second.text
 
 
 async def test_an_error_after_the_work_is_done() -> None:

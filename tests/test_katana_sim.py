@@ -147,6 +147,28 @@ async def test_soft_delete_hides_unless_asked(http: httpx.AsyncClient) -> None:
     assert rows.json()["data"][0]["deleted_at"] is not None
 
 
+async def test_delete_through_the_api_is_204_then_404_and_412_with_a_manufacturing_order(
+    http: httpx.AsyncClient,
+) -> None:
+    order = await _order(http, {"CHAIR-OAK": "1"})
+    deleted = await http.delete(f"/v1/sales_orders/{order['id']}", headers=AUTH)
+    assert deleted.status_code == 204, deleted.text
+    assert (await http.get(f"/v1/sales_orders/{order['id']}", headers=AUTH)).status_code == 404
+    again = await http.delete(f"/v1/sales_orders/{order['id']}", headers=AUTH)
+    assert again.status_code == 404, again.text
+    made = await _order(http, {"CHAIR-OAK": "1"}, order_no="PO-2")
+    mo = await http.post(
+        "/v1/manufacturing_order_make_to_order",
+        json={"sales_order_row_id": made["sales_order_rows"][0]["id"]},
+        headers=AUTH,
+    )
+    assert mo.status_code == 200, mo.text
+    refused = await http.delete(f"/v1/sales_orders/{made['id']}", headers=AUTH)
+    assert refused.status_code == 412, refused.text
+    assert refused.json()["name"] == "PreconditionFailedError"
+    assert (await http.get(f"/v1/sales_orders/{made['id']}", headers=AUTH)).status_code == 200
+
+
 async def test_unknown_or_null_fields_are_422(http: httpx.AsyncClient) -> None:
     answer = await http.post("/v1/customers", json={"name": "A", "nickname": "x"}, headers=AUTH)
     assert answer.status_code == 422

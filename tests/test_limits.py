@@ -21,6 +21,7 @@ from syncd.config import Config
 from syncd.runtime.daemon import running_daemon
 from syncd.sim.factory import play_factory
 from syncd.sim.faults import Burst, FaultRule, Faults
+from test_effects import settling
 from test_flow import is_state, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -150,7 +151,8 @@ async def test_faults_lose_nothing_and_do_nothing_twice(tmp_path: Path) -> None:
         katana_faults=CHAOS_KATANA,
         tradegecko_faults=CHAOS_TRADEGECKO,
     ) as sims:
-        config = sims.config(tmp_path / "syncd.db")
+        # The dropped creates are uncertain: each retry looks after katana.timeout + settle.
+        config = settling(sims.config(tmp_path / "syncd.db"), timeout=5.0)
         started = anyio.current_time()
         pos = await run_flow(sims, config, 90, validate=False)
         took = anyio.current_time() - started

@@ -17,6 +17,7 @@ from syncd.config import Config
 from syncd.domain.statechart import load_statechart
 from syncd.runtime.daemon import Daemon
 from syncd.sim.faults import FaultRule, Faults
+from test_effects import settling
 from test_flow import is_state, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -174,7 +175,8 @@ async def test_a_dropped_answer_is_retried_without_a_second_mo(tmp_path: Path) -
         ]
     )
     async with running_sims(katana_faults=faults) as sims:
-        config = auto(sims.config(tmp_path / "syncd.db"))
+        # The dropped POST is uncertain: the retry waits katana.timeout + settle first.
+        config = auto(settling(sims.config(tmp_path / "syncd.db")))
         async with sims.daemon(config) as daemon, sims.factory(make_to_order=False):
             po = await sims.create_po([CHAIR, TABLE])
             daemon.poll_now()

@@ -44,6 +44,7 @@ from syncd.sim import TRADEGECKO_WEBHOOK_SECRET, free_port
 from syncd.sim.factory import play_factory
 from syncd.sim.faults import FaultRule, Faults
 from syncd.store import Store
+from test_effects import settling
 
 pytestmark = pytest.mark.anyio
 
@@ -333,7 +334,10 @@ async def test_a_delivery_for_an_so_whose_import_is_not_recorded_yet_waits_for_i
     )
     database = tmp_path / "syncd.db"
     async with running_sims(katana_faults=hang, webhooks=True) as sims:
-        config = sims.config(database, free_port(), poll=60.0, reconcile=60.0)
+        # The hung create is uncertain: its retry looks after katana.timeout + settle.
+        config = settling(
+            sims.config(database, free_port(), poll=60.0, reconcile=60.0), timeout=2.5, settle=0.2
+        )
         async with sims.daemon(config) as daemon:
             po = await sims.create_po()
             with anyio.fail_after(5):

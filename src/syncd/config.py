@@ -82,8 +82,10 @@ class RetryPolicies(NamedTuple):
 
     #: One HTTP request, inside the client (idempotent ones only; a POST is never retried).
     request: RetryPolicy = RetryPolicy(initial=0.2, maximum=10.0, attempts=5)
-    #: An effect (import, receipt): until it works. ``daemon.retry_initial``/``retry_max``.
-    effect: RetryPolicy = RetryPolicy(initial=5.0, maximum=300.0)
+    #: An effect (import, receipt): until it works. ``daemon.retry_initial``/``retry_max``;
+    #: after an uncertain create, no look (and no new create) before its start + the
+    #: client's timeout + ``settle`` (``daemon.retry_settle``).
+    effect: RetryPolicy = RetryPolicy(initial=5.0, maximum=300.0, settle=5.0)
     #: An inbox event the dispatcher cannot apply: set aside (with why) after its attempts.
     event: RetryPolicy = RetryPolicy(initial=0.1, maximum=2.0, attempts=5)
     #: The database locked past its busy timeout, or the disk failing: until it works.
@@ -110,6 +112,9 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Seconds between retries of an effect that failed for a passing reason, doubling.
     retry_initial: float = 5.0
     retry_max: float = 300.0
+    #: Seconds past a create's timeout (``katana.timeout``) before a retry of a create whose
+    #: outcome is uncertain looks for it again, and only then creates.
+    retry_settle: float = 5.0
     #: Seconds the start-up check keeps retrying a service that fails for a passing reason
     #: (5xx, timeout, cut body); a refusal (401, 404) ends the start at once.
     start_timeout: float = 60.0
@@ -325,7 +330,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         """Every retry policy, with the configured ones (``daemon.retry_*``) applied."""
         return RETRY._replace(
             effect=replace(
-                RETRY.effect, initial=self.daemon.retry_initial, maximum=self.daemon.retry_max
+                RETRY.effect,
+                initial=self.daemon.retry_initial,
+                maximum=self.daemon.retry_max,
+                settle=self.daemon.retry_settle,
             )
         )
 
@@ -765,6 +773,11 @@ def config_problems(config: Config, *, require_tokens: bool = True) -> list[Conf
     ):
         if number <= 0:
             problem(f"must be a positive number of seconds, got {number}", key)
+    if daemon.retry_settle < 0:
+        problem(
+            f"must be zero or a positive number of seconds, got {daemon.retry_settle}",
+            "daemon.retry_settle",
+        )
     if daemon.concurrency < 1:
         problem(f"must be at least 1, got {daemon.concurrency}", "daemon.concurrency")
     if 0 < daemon.lease_ttl / 2 <= daemon.lease_renew:

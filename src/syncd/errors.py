@@ -232,6 +232,10 @@ class RetryPolicy:
     maximum: float
     coefficient: float = 2.0
     attempts: int | None = None
+    #: Seconds past a write's timeout before its retry looks for what the write may have
+    #: made: a request the client gave up on (a timeout, a dropped answer, a 5xx) may still
+    #: land while a proxy or the service carries it through.
+    settle: float = 0.0
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after the ``failures``-th failure in a row (1 for the first)."""

@@ -402,10 +402,11 @@ class Daemon:
                     serving(KatanaClient, config.katana) as katana,
                     serving(TradeGeckoClient, config.tradegecko) as tradegecko,
                 ):
+                    effects = Effects(config, katana, tradegecko, store)
                     dispatcher = Dispatcher(
                         store,
                         chart,
-                        Effects(config, katana, tradegecko, store),
+                        effects,
                         concurrency=config.daemon.concurrency,
                         retry=retry,
                         observer=watchers,
@@ -418,6 +419,8 @@ class Daemon:
                     kt_poller = KatanaPoller(
                         store, katana, config, chart, activated, dispatcher.wake
                     )
+                    # An SO with a followed order's key that is not its SO: settled at once.
+                    kt_poller.on_duplicate = effects.settle_duplicate
                     listener: WebhookListener | None = None
                     if self.router is not None:
                         consumer = WebhookConsumer(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -92,6 +93,16 @@ _TRADEGECKO = "tradegecko"
 ECOMMERCE_ORDER_TYPE = "tradegecko"
 #: Meta key (``+ link id``) noting that an import is about to create, or created, the SO.
 _ATTEMPT_KEY = "import_attempt:"
+#: Meta key (``+ link id``): until when an import's create whose outcome was uncertain (a
+#: timeout, a dropped answer, a 5xx) may still land: its start + the client's timeout, or
+#: when the client gave up if later.
+_UNCERTAIN_KEY = "import_uncertain:"
+#: How :data:`_UNCERTAIN_KEY`'s value begins once the attempt begun then was answered.
+_ANSWERED = "answered:"
+#: Meta key (``+ SO id``): the same for a make-to-order POST on one of the SO's rows.
+_MTO_UNCERTAIN_KEY = "make_to_order_uncertain:"
+#: The status of a sales order nobody has shipped: one a duplicate may be deleted in.
+_NOT_SHIPPED = "NOT_SHIPPED"
 #: Meta key: when syncd first noted attempts. A link made before it may have an SO from an
 #: earlier syncd that noted nothing, so its import always looks first.
 _ATTEMPTS_SINCE_KEY = "import_attempts_since"
@@ -464,7 +475,8 @@ class Effects:
     async def _import(
         self, link: LinkedOrder, snapshot: PurchaseOrderSnapshot, *, fresh: bool = False
     ) -> Outcome:
-        """``fresh``: look every variant up, trusting no cached one (Katana refused one)."""
+        """``fresh``: look every variant up, trusting no cached one (Katana refused one: an
+        answer, so nothing of that attempt is in flight)."""
         katana_config = self.config.katana
         rows, notes = lines_to_import(snapshot)
         if not rows:
@@ -517,12 +529,23 @@ class Effects:
         # own, Zapier) may have made the SO, which the run then follows as a live one would.
         shadow = self.katana.shadow
         if shadow or legacy or await self._attempted(link):
-            # An earlier attempt may have landed (a crash, a timeout, a dropped answer).
-            existing = await self._existing_sales_order(key, order_no if legacy or shadow else None)
-            if existing is not None:
-                so_id, so_number = existing
+            # An earlier attempt may have landed (a crash, a timeout, a dropped answer); one
+            # still in flight would land after a look that came too soon: wait it out.
+            if not fresh:
+                await self._until_settled(
+                    f"{_ATTEMPT_KEY}{link.id}", f"{_UNCERTAIN_KEY}{link.id}", snapshot.po_number
+                )
+            found, by_key = await self._existing_sales_orders(
+                key, order_no if legacy or shadow else None
+            )
+            if found:
+                kept = _kept(found, link.so_id)
+                if by_key and len(found) > 1:
+                    notes.extend(await self.resolve_duplicates(link, found, line_links))
                 return imported(
-                    so_id, so_number, f"found Katana SO {so_number} already made for this PO"
+                    kept.id,
+                    kept.order_no,
+                    f"found Katana SO {kept.order_no} already made for this PO",
                 )
 
         async with self._find_or_create:
@@ -549,6 +572,7 @@ class Effects:
         # look before creating.
         await self._note_attempt(link)
         crash_point("so_create_noted")
+        started = time.time()
         try:
             sales_order = await self.katana.create_sales_order(order)
         except (ValidationFailed, NotFound) as exc:
@@ -562,6 +586,7 @@ class Effects:
                     extra={"po": snapshot.po_number},
                 )
                 return await self._import(link, snapshot, fresh=True)
+            await self._note_answered(f"{_UNCERTAIN_KEY}{link.id}", started)
             if isinstance(exc, NotFound):
                 raise
             raise RuleViolation(f"Katana refused the sales order: {exc.reason}") from None
@@ -574,8 +599,10 @@ class Effects:
                     exc,
                     extra={"po": snapshot.po_number, "so": order_no},
                 )
+                await self._note_uncertain(f"{_UNCERTAIN_KEY}{link.id}", started)
             raise
         crash_point("so_created")
+        await self._note_answered(f"{_UNCERTAIN_KEY}{link.id}", started)
         return imported(
             sales_order.id,
             sales_order.order_no,
@@ -734,12 +761,82 @@ class Effects:
         if self.store is not None:
             await self.store.set_meta(f"{_ATTEMPT_KEY}{link.id}", repr(time.time()))
 
-    async def _existing_sales_order(
+    async def _note_uncertain(self, key: str, started: float) -> None:
+        """Note until when a write begun at ``started`` whose outcome is uncertain may still
+        land. A saving: without it the intent's time (and the timeout) bounds the wait."""
+        if self.store is None:
+            return
+        until = max(started + self.config.katana.timeout, time.time())
+        try:
+            await self.store.set_meta(key, repr(until))
+        except SyncdError as exc:
+            log.warning("uncertain write not noted: %s", exc)
+
+    async def _note_answered(self, key: str, started: float) -> None:
+        """Note that the write begun at ``started`` was answered: nothing of it is in flight,
+        so a later look (a crash before its outcome was recorded) need not wait."""
+        if self.store is None:
+            return
+        try:
+            await self.store.set_meta(key, f"{_ANSWERED}{started!r}")
+        except SyncdError as exc:
+            log.warning("answered write not noted: %s", exc)
+
+    async def _until_settled(self, intent_key: str | None, uncertain_key: str, po: str) -> None:
+        """Wait until a create that may be in flight can no longer land: its intent's time
+        (``intent_key``, noted before the POST: a crash leaves only that) + the client's
+        timeout, or the time noted when its outcome was uncertain, + the retry policy's
+        ``settle``. Persisted both, so this holds across a restart."""
+        if self.store is None:
+            return
+        intent = None if intent_key is None else await self.store.get_meta(intent_key)
+        uncertain = await self.store.get_meta(uncertain_key)
+        if uncertain is not None and uncertain.startswith(_ANSWERED):
+            if intent is None or _seconds(uncertain.removeprefix(_ANSWERED)) >= _seconds(intent):
+                return  # the last attempt was answered; none before it may land any more
+            uncertain = None
+        marks = [_seconds(uncertain)]
+        if intent is not None:
+            marks.append(_seconds(intent) + self.config.katana.timeout)
+        until = max(marks)
+        if until <= 0:
+            return
+        wait = until + self.config.retry().effect.settle - time.time()
+        if wait > 0:
+            log.info(
+                "waiting %.1f s before looking for what an earlier create for %s made: "
+                "it may still land",
+                wait,
+                po,
+                extra={"po": po},
+            )
+            await anyio.sleep(wait)
+
+    async def _existing_sales_orders(
         self, key: SalesOrderKey, order_no: str | None
-    ) -> tuple[int, str] | None:
-        """The SO an earlier attempt made: by natural key; then, for a link older than the
-        key (``order_no`` given), by ``order_no``, as syncd found it before."""
-        found = [
+    ) -> tuple[list[KatanaSalesOrder], bool]:
+        """The live SOs an earlier attempt made, and whether found by natural key: by that
+        key; then, for a link older than the key (``order_no`` given), by ``order_no``, as
+        syncd found it before."""
+        found = await self._by_natural_key(key)
+        if found or order_no is None:
+            return found, True
+        by_number = [
+            so
+            for so in await self.katana.list_sales_orders(order_no=order_no)
+            if so.order_no == order_no and so.deleted_at is None
+        ]
+        if len(by_number) > 1:
+            log.warning(
+                "several Katana SOs carry order_no %s; following %s",
+                order_no,
+                min(so.id for so in by_number),
+                extra={"so": order_no},
+            )
+        return by_number, False
+
+    async def _by_natural_key(self, key: SalesOrderKey) -> list[KatanaSalesOrder]:
+        return [
             so
             for so in await self.katana.list_sales_orders(
                 ecommerce_order_id=key.order_id,
@@ -750,25 +847,89 @@ class Effects:
             and (so.ecommerce_order_id, so.ecommerce_store_name, so.ecommerce_order_type)
             == (key.order_id, key.store_name, key.order_type)
         ]
-        named = f"{key.store_name} order {key.order_id}"
-        if not found and order_no is not None:
-            found = [
-                so
-                for so in await self.katana.list_sales_orders(order_no=order_no)
-                if so.order_no == order_no and so.deleted_at is None
-            ]
-            named = f"order_no {order_no}"
-        if not found:
-            return None
-        oldest = min(found, key=lambda so: so.id)
-        if len(found) > 1:
+
+    async def settle_duplicate(self, link: LinkedOrder, seen: KatanaSalesOrder) -> None:
+        """``seen`` (a poll's or a webhook's look) carries what looks like ``link``'s
+        natural key and is not its SO: look the key up and settle what carries it
+        (:meth:`resolve_duplicates`), noting it in the order's history. An SO carrying
+        another account's key is left alone."""
+        key = natural_key(await self._tradegecko_account_id(), link.po_id)
+        if seen.deleted_at is not None or (
+            seen.ecommerce_order_id,
+            seen.ecommerce_store_name,
+            seen.ecommerce_order_type,
+        ) != (key.order_id, key.store_name, key.order_type):
+            return
+        notes = await self.resolve_duplicates(link, await self._by_natural_key(key))
+        if notes and self.store is not None:
+            await self.store.note(link.id, notes=notes)
+
+    async def resolve_duplicates(
+        self,
+        link: LinkedOrder,
+        found: Sequence[KatanaSalesOrder],
+        lines: Sequence[LineLink] | None = None,
+    ) -> list[str]:
+        """Settle several live Katana SOs carrying ``link``'s natural key (``found``): keep
+        the one the link records (else the oldest); delete each other one that is untouched
+        (not shipped, no manufacturing order, its rows as syncd created them: ``lines``, by
+        default the link's); note each other one a person must settle. Safe to run again:
+        an SO already deleted is gone from the next look (a 404 is taken as done).
+
+        :return: the notes for the order's history.
+        """
+        if len(found) < 2:
+            return []
+        kept = _kept(found, link.so_id)
+        created = Counter(
+            (line.katana_variant_id, line.quantity, line.price)
+            for line in (link.lines if lines is None else lines)
+        )
+        notes: list[str] = []
+        extra = {"po": link.po_number, "so": kept.order_no}
+        for so in sorted(found, key=lambda so: so.id):
+            if so.id == kept.id:
+                continue
+            why = _touched(so, created)
+            if why is None and self.katana.shadow:
+                why = "found by a shadow run, which deletes nothing"
+            if why is None:
+                try:
+                    await self.katana.delete_sales_order(so.id)
+                except NotFound:
+                    pass  # deleted already, by an earlier run or a person
+                except ApiError as exc:
+                    if is_transient(exc):
+                        raise
+                    why = f"Katana refused to delete it: {exc}"
+            if why is None:
+                log.warning(
+                    "deleted Katana SO %s (id %s): a duplicate of SO %s for %s",
+                    so.order_no,
+                    so.id,
+                    kept.order_no,
+                    link.po_number,
+                    extra=extra,
+                )
+                notes.append(
+                    f"deleted Katana SO {so.order_no} (id {so.id}): an untouched duplicate of "
+                    f"SO {kept.order_no} (id {kept.id}), made by a create that landed late"
+                )
+                continue
             log.warning(
-                "several Katana SOs carry %s; following %s",
-                named,
-                oldest.id,
-                extra={"so": oldest.order_no},
+                "Katana SO %s (id %s) duplicates SO %s for %s and is not deleted: %s",
+                so.order_no,
+                so.id,
+                kept.order_no,
+                link.po_number,
+                why,
+                extra=extra,
             )
-        return oldest.id, oldest.order_no
+            notes.append(
+                f"Katana SO {so.order_no} (id {so.id}) duplicates SO {kept.order_no} "
+                f"(id {kept.id}), which syncd follows; not deleted ({why}): settle it in Katana"
+            )
+        return notes
 
     async def _customer_id(self) -> int:
         if self._customer.fresh():
@@ -811,6 +972,8 @@ class Effects:
         return await _settled(MAKE_TO_ORDER, self._make_to_order(link, link.so_id), "Katana")
 
     async def _make_to_order(self, link: LinkedOrder, so_id: int) -> Outcome:
+        # A POST an earlier run gave up on may still link a row: read the rows after it.
+        await self._until_settled(None, f"{_MTO_UNCERTAIN_KEY}{so_id}", link.po_number)
         try:
             order = await self.katana.get_sales_order(so_id)
         except NotFound:
@@ -868,6 +1031,7 @@ class Effects:
     async def _make_row(self, order: KatanaSalesOrder, row_id: int, po_number: str) -> bool:
         """Make the row's manufacturing order; ``False`` if it turned out to have one."""
         order_no = order.order_no
+        started = time.time()
         try:
             await self.katana.make_to_order(
                 row_id, create_subassemblies=self.config.katana.create_subassemblies
@@ -893,6 +1057,7 @@ class Effects:
                     exc,
                     extra={"po": po_number, "so": order_no},
                 )
+                await self._note_uncertain(f"{_MTO_UNCERTAIN_KEY}{order.id}", started)
             raise
         crash_point("mo_made")
         return True
@@ -1006,6 +1171,33 @@ class Effects:
             lines=tuple(costed),
             notes=tuple(notes),
         )
+
+
+def _seconds(value: str | None) -> float:
+    """A time noted in the store's meta (``repr`` of a float); 0 when none or unreadable."""
+    try:
+        return float(value) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+
+
+def _kept(found: Sequence[KatanaSalesOrder], so_id: int | None) -> KatanaSalesOrder:
+    """Of several SOs for one order, the one to follow: the link's, else the oldest."""
+    return next((so for so in found if so.id == so_id), None) or min(found, key=lambda so: so.id)
+
+
+def _touched(
+    so: KatanaSalesOrder, created: Counter[tuple[int, Decimal, Decimal | None]]
+) -> str | None:
+    """Why ``so`` is not as syncd created it (rows ``created``), or ``None``: untouched."""
+    if so.status != _NOT_SHIPPED:
+        return f"it is {so.status}"
+    rows = [row for row in so.sales_order_rows if row.deleted_at is None]
+    if any(row.linked_manufacturing_order_id is not None for row in rows):
+        return "it has a manufacturing order"
+    if Counter((row.variant_id, row.quantity, row.price_per_unit) for row in rows) != created:
+        return "its rows were edited"
+    return None
 
 
 def _names_variant(exc: ApiError) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -24,6 +24,7 @@ from syncd.adapters.katana import SalesOrder as KatanaSalesOrder
 from syncd.adapters.tradegecko import PurchaseOrder, PurchaseOrderLineItem, TradeGeckoClient
 from syncd.config import Config
 from syncd.domain.orders import (
+    LinkedOrder,
     PurchaseOrderLine,
     PurchaseOrderSnapshot,
     SalesOrderFacts,
@@ -34,6 +35,7 @@ from syncd.domain.statechart import Statechart
 from syncd.errors import AuthError, Retries, SyncdError, is_transient
 from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
+from syncd.runtime.effects import ECOMMERCE_ORDER_TYPE
 from syncd.runtime.pauses import PAUSED_PREFIX, pause_service
 from syncd.store import ImportResult as Import
 from syncd.store import InboxEvent, Store
@@ -558,6 +560,10 @@ class KatanaPoller(_Poller):
         self.mo_listed_at: float | None = time.monotonic()
         self._followed: set[int] = set()
         self._grown = False
+        #: Called with a followed order and a live SO that carries syncd's key for its PO
+        #: but is not its SO (a create that landed late): the effects settle it
+        #: (:meth:`~syncd.runtime.effects.Effects.settle_duplicate`). ``None``: not looked at.
+        self.on_duplicate: Callable[[LinkedOrder, KatanaSalesOrder], Awaitable[None]] | None = None
 
     @property
     def mo_every(self) -> float:
@@ -629,6 +635,10 @@ class KatanaPoller(_Poller):
         for so in orders:
             if so.id in followed:
                 added += await self._report(so, followed[so.id])
+            elif self.on_duplicate is not None and _keyed_by_syncd(so):
+                link = await self.store.link_by_po(int(so.ecommerce_order_id or 0))
+                if link is not None and link.so_id is not None and link.so_id != so.id:
+                    await self.on_duplicate(link, so)
         return added
 
     async def _advance(
@@ -655,6 +665,16 @@ class KatanaPoller(_Poller):
             link_id=link_id,
         )
         return int(event is not None)
+
+
+def _keyed_by_syncd(so: KatanaSalesOrder) -> bool:
+    """Whether ``so`` is live and carries a key of syncd's kind (``ecommerce_order_type``
+    ``"tradegecko"``, a PO id): the effects check the whole key."""
+    return (
+        so.deleted_at is None
+        and so.ecommerce_order_type == ECOMMERCE_ORDER_TYPE
+        and (so.ecommerce_order_id or "").isdigit()
+    )
 
 
 def facts_of(so: KatanaSalesOrder) -> SalesOrderFacts:

@@ -764,8 +764,16 @@ class KatanaWorld:
         self._emit("sales_order.updated", order.id, order.status)
         return self.sales_order_dict(order)
 
-    def delete_sales_order(self, sales_order_id: int) -> None:
+    def delete_sales_order(self, sales_order_id: int, *, api: bool = False) -> None:
+        """Delete an order; through the API (``api``) refused with 412, as Katana refuses a
+        delete blocked by linked child records, when a row has a manufacturing order."""
         order = self.get_sales_order(sales_order_id)
+        if api and any(r.linked_manufacturing_order_id is not None for r in self._live_rows(order)):
+            raise KatanaError(
+                412,
+                "PreconditionFailedError",
+                "Cannot delete sales orders as sales orders have manufacturing orders.",
+            )
         stamp = self.now()
         order.deleted_at = order.updated_at = stamp
         for row in self._live_rows(order):

@@ -8,6 +8,9 @@ request, may
 - hang (``timeout_rate``): answer nothing for ``timeout_seconds`` (or until the client gives
   up), then close the connection;
 - drop the connection without answering (``drop_rate``);
+- hold a request (``hold_rate``): read it whole, say nothing for ``hold_seconds``, then let
+  it land whether the client still waits or gave up (as a proxy or the service carries on
+  with a request its client abandoned), answering if anyone still listens;
 - cut a 2xx JSON body mid-way (``truncate_rate``), status and ``Content-Length`` consistent
   with the cut, so the client reads a complete but broken document;
 - answer 429 during a burst (the next ``requests`` API calls, or for ``seconds``), with the
@@ -34,6 +37,7 @@ clears them. Both simulators always carry the layer, so faults can be switched o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -95,6 +99,9 @@ class FaultRule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: How long a hang lasts (longer than the client's timeout); ends early when it gives up.
     timeout_seconds: NonNegative = 60.0
     drop_rate: Rate = 0.0
+    #: Held requests land after ``hold_seconds``, even when the client gave up before.
+    hold_rate: Rate = 0.0
+    hold_seconds: NonNegative = 5.0
     truncate_rate: Rate = 0.0
     latency_ms: NonNegative = 0.0
     jitter_ms: NonNegative = 0.0
@@ -281,14 +288,15 @@ class FaultLayer:
             for kind, rate in (
                 ("timeout", rule.timeout_rate),
                 ("drop", rule.drop_rate),
+                ("hold", rule.hold_rate),
                 ("error", rule.error_rate),
                 ("truncate", rule.truncate_rate),
             ):
                 if rate > 0 and rnd.random() < rate:
                     plan.kind = kind
-                    plan.after = rule.after and kind != "truncate"
+                    plan.after = rule.after and kind not in ("truncate", "hold")
                     plan.status = rule.error_status
-                    plan.hang = rule.timeout_seconds
+                    plan.hang = rule.hold_seconds if kind == "hold" else rule.timeout_seconds
                     self._fired[index] += 1
                     break
         return plan
@@ -399,6 +407,9 @@ class FaultInjector:
             await self.app(scope, receive, send)
             return
         layer.count(f"{plan.kind}_after" if plan.after else plan.kind, account)
+        if plan.kind == "hold":
+            await self._hold(scope, receive, send, plan.hang)
+            return
         if plan.kind == "truncate" or plan.after:
             start, body = await self._capture(scope, receive)
             if plan.kind == "truncate":
@@ -413,6 +424,34 @@ class FaultInjector:
         if plan.kind == "timeout":
             await _hang(receive, plan.hang)
         await _drop(receive)
+
+    async def _hold(self, scope: Scope, receive: Receive, send: Send, seconds: float) -> None:
+        """Read the request whole, wait ``seconds``, then run it: it lands even when the
+        client hung up meanwhile (its answer then goes nowhere)."""
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # gone before it was sent whole: nothing to carry through
+            chunks.append(bytes(message.get("body", b"")))
+            if not message.get("more_body", False):
+                break
+        await anyio.sleep(seconds)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        async def answer(message: Message) -> None:
+            # The client may be gone: the work stands, the answer is lost.
+            with contextlib.suppress(OSError, RuntimeError):
+                await send(message)
+
+        await self.app(scope, replay, answer)
 
     async def _capture(self, scope: Scope, receive: Receive) -> tuple[Message, bytes]:
         """Run the simulator and keep its answer instead of sending it."""

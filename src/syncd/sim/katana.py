@@ -563,6 +563,9 @@ async def _sales_order(request: Request, world: KatanaWorld) -> Any:
             if value is not msgspec.UNSET
         }
         return world.update_sales_order(sales_order_id, changes)
+    if request.method == "DELETE":
+        world.delete_sales_order(sales_order_id, api=True)
+        return Response(status_code=204)
     return world.sales_order_dict(world.get_sales_order(sales_order_id))
 
 
@@ -890,7 +893,7 @@ def create_app(
         api("/variants", _variants, ["GET"]),
         api("/products", _products, ["POST"]),
         api("/sales_orders", _sales_orders, ["GET", "POST"]),
-        api("/sales_orders/{id:int}", _sales_order, ["GET", "PATCH"]),
+        api("/sales_orders/{id:int}", _sales_order, ["GET", "PATCH", "DELETE"]),
         api("/sales_order_rows", _sales_order_rows, ["GET"]),
         api("/manufacturing_orders", _manufacturing_orders, ["GET"]),
         api("/manufacturing_orders/{id:int}", _manufacturing_order, ["PATCH"]),

@@ -210,6 +210,16 @@ class KatanaClient(ServiceClient):
         ``ecommerce_order_id``)."""
         return await self.fetch("POST", "/sales_orders", SalesOrder, body=encode_request(order))
 
+    async def delete_sales_order(self, sales_order_id: int) -> None:
+        """Delete a sales order (``DELETE /sales_orders/{id}``, idempotent).
+
+        :raises syncd.errors.NotFound: Katana has no such order (or it is deleted already).
+        :raises syncd.errors.ApiError: status 412: Katana refuses while the order has linked
+            records (manufacturing orders, return orders).
+        """
+        path = f"/sales_orders/{int(sales_order_id)}"
+        await self.request("DELETE", path, template="/sales_orders/{id}")
+
     async def list_sales_order_rows(
         self, sales_order_ids: Sequence[int], *, include_deleted: bool = False
     ) -> list[SalesOrderRow]:
