@@ -268,11 +268,14 @@ class Cluster:
             f'log_level = "info"\nfactories_dir = "{self.folder}"\n'
             f"lease_ttl = {self.ttl}\nlease_renew = {self.renew}\n"
             "retry_initial = 0.1\nretry_max = 0.5\nconcurrency = 4\n"
+            # A create cut short by a kill is retried only once it can no longer land
+            # (timeout + settle): short here, or a takeover would wait 35 s.
+            "retry_settle = 0.5\n"
             "[metrics]\nenabled = false\n"
             f'[tradegecko]\nbase_url = "{tradegecko}"\npoll_interval = 0.5\n'
             "rate_limit = 100000\n"
             f'[katana]\nbase_url = "{katana}{API_PREFIX}"\npoll_interval = 0.5\n'
-            "rate_limit = 100000\n"
+            "rate_limit = 100000\ntimeout = 5.0\n"
         )
         daemon = DaemonProcess(slot, config, self.workdir / f"d{slot}.log")
         self.daemons[slot] = daemon
