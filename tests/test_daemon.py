@@ -563,9 +563,10 @@ async def test_a_restart_asks_no_service_again_unless_a_setting_changed(tmp_path
 async def test_many_factories_first_polls_wait_for_the_start_and_a_kick() -> None:
     """Beside others, a poller's first poll comes its delay after the daemon's whole start,
     or at once when asked (``syncctl poll``, a webhook's hint)."""
+    from functools import partial
     from typing import cast
 
-    from syncd.runtime.daemon import _poll_from
+    from syncd.runtime.daemon import _first_poll
     from syncd.runtime.pollers import TradeGeckoPoller
 
     class Poller:
@@ -573,7 +574,8 @@ async def test_many_factories_first_polls_wait_for_the_start_and_a_kick() -> Non
             self.kick = anyio.Event()
             self.polled_at: float | None = None
 
-        async def run(self) -> None:
+        async def run(self, *, first: Any) -> None:
+            await first()
             self.polled_at = anyio.current_time()
             await anyio.sleep_forever()
 
@@ -581,7 +583,8 @@ async def test_many_factories_first_polls_wait_for_the_start_and_a_kick() -> Non
     waiting, kicked = Poller(), Poller()
     async with anyio.create_task_group() as tg:
         for poller in (waiting, kicked):
-            tg.start_soon(_poll_from, cast(TradeGeckoPoller, poller), 0.3, started)
+            first = partial(_first_poll, cast(TradeGeckoPoller, poller), 0.3, started)
+            tg.start_soon(partial(poller.run, first=first))
         await anyio.sleep(0.2)
         assert waiting.polled_at is None and kicked.polled_at is None  # the start goes on
         kicked.kick.set()

@@ -464,7 +464,8 @@ class Daemon:
                         for poller in (tg_poller, kt_poller):
                             if spread:
                                 delay = random.uniform(0.0, poller.interval)
-                                tg.start_soon(_poll_from, poller, delay, self.started)
+                                first = partial(_first_poll, poller, delay, self.started)
+                                tg.start_soon(partial(poller.run, first=first))
                             else:
                                 tg.start_soon(poller.run)
                         tg.start_soon(
@@ -780,11 +781,11 @@ async def _passed_before(store: Store, config: Config) -> bool:
     return True
 
 
-async def _poll_from(
+async def _first_poll(
     poller: TradeGeckoPoller | KatanaPoller, delay: float, after: anyio.Event
 ) -> None:
-    """Run ``poller`` with its first poll ``delay`` seconds after ``after`` (the daemon's
-    whole start: the polls do not compete with the other factories' start), or at a kick."""
+    """Wait for ``poller``'s first poll: ``delay`` seconds after ``after`` (the daemon's
+    whole start: the polls do not compete with the other factories' start), or a kick."""
     async with anyio.create_task_group() as waiting:
 
         async def kicked() -> None:
@@ -796,7 +797,6 @@ async def _poll_from(
         await anyio.sleep(delay)
         waiting.cancel_scope.cancel()
     poller.kick = anyio.Event()  # the first poll is the one asked for
-    await poller.run()
 
 
 def _passing_at_start(error: ApiError) -> bool:

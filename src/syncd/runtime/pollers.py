@@ -137,8 +137,14 @@ class _Poller:
             return False
 
     @request_priority(Priority.BACKGROUND)
-    async def run(self) -> None:
-        """Poll forever; a failed poll is logged and tried again next interval."""
+    async def run(self, *, first: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Poll forever; a failed poll is logged and tried again next interval.
+
+        :param first: awaited before the first poll (a daemon spreading many factories'
+            first polls); only the polls wait for it.
+        """
+        if first is not None:
+            await first()
         while True:
             try:
                 added = await self.poll_once()
@@ -342,11 +348,12 @@ class TradeGeckoPoller(_Poller):
 
     # -- imports on purpose (syncctl import) ---------------------------------------------
 
-    async def run(self) -> None:
-        """Poll forever, and serve the operators' import requests as they come."""
+    async def run(self, *, first: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Poll forever, and serve the operators' import requests as they come (from the
+        start: a delayed ``first`` poll delays no import)."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._serve_imports)
-            await super().run()
+            await super().run(first=first)
 
     def wake_imports(self) -> None:
         """Tell the import watcher an import request waits in the inbox."""
