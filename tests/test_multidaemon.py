@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -287,11 +288,11 @@ async def test_a_factory_that_fails_stops_alone_and_is_started_again(
     failures = {"south": 1}
     run = TradeGeckoPoller.run
 
-    async def failing(self: TradeGeckoPoller) -> None:
+    async def failing(self: TradeGeckoPoller, **kwargs: Any) -> None:
         if failures.get(self.store.factory, 0) > 0:
             failures[self.store.factory] -= 1
             raise RuntimeError("a bug in the poller")
-        await run(self)
+        await run(self, **kwargs)
 
     monkeypatch.setattr(TradeGeckoPoller, "run", failing)
     async with running_sims(accounts=4) as sims, sims.factory():
