@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
+from syncd.adapters._http import RequestBudget
 from syncd.config import RETRY
 from syncd.domain.orders import (
     LinkedOrder,
@@ -102,9 +103,11 @@ async def settle(store: Store, numbers: list[str], states: set[str]) -> list[Lin
 
 
 @asynccontextmanager
-async def run_dispatcher(store: Store, effects: Any) -> AsyncIterator[Dispatcher]:
+async def run_dispatcher(
+    store: Store, effects: Any, *, concurrency: int = 4
+) -> AsyncIterator[Dispatcher]:
     retry = RETRY._replace(effect=RetryPolicy(initial=0.05, maximum=0.1))
-    dispatcher = Dispatcher(store, load_statechart(), effects, retry=retry)
+    dispatcher = Dispatcher(store, load_statechart(), effects, retry=retry, concurrency=concurrency)
     async with anyio.create_task_group() as tg:
         await tg.start(dispatcher.run)
         yield dispatcher
@@ -157,6 +160,45 @@ async def test_each_effect_runs_once_when_work_was_waiting_at_start(store: Store
         await settle(store, ["PO1", "PO2"], {"imported"})
         await anyio.sleep(0.2)
     assert sorted(effects.runs) == [("import_order", "PO1"), ("import_order", "PO2")]
+
+
+class BudgetedEffects(ScriptedEffects):
+    """Each order's import sends one request, PO1's to a service whose budget is full."""
+
+    def __init__(self, full: RequestBudget, free: RequestBudget) -> None:
+        super().__init__()
+        self.budgets = {"PO1": full}
+        self.free = free
+        self.started: list[str] = []
+        self.done: list[str] = []
+
+    async def run(self, effect: str, link: LinkedOrder) -> Outcome:
+        self.started.append(link.po_number)
+        budget = self.budgets.get(link.po_number, self.free)
+        await budget.acquire()
+        budget.complete()
+        self.done.append(link.po_number)
+        return await super().run(effect, link)
+
+
+async def test_an_effect_parked_on_a_full_budget_leaves_its_slot_to_other_work(
+    store: Store,
+) -> None:
+    full = RequestBudget(1, 0.5)  # TradeGecko's window, full for half a second
+    await full.acquire()
+    full.complete()
+    effects = BudgetedEffects(full, RequestBudget(50, 60.0))
+    await discover(store, 1, "PO1")
+    await discover(store, 2, "PO2")
+    async with run_dispatcher(store, effects, concurrency=1) as dispatcher:
+        await settle(store, ["PO2"], {"imported"})
+        # PO1 took the only slot first and waits for its budget; PO2 ran meanwhile.
+        assert effects.started == ["PO1", "PO2"]
+        assert effects.done == ["PO2"]
+        assert full.waiting == 1
+        await settle(store, ["PO1"], {"imported"})
+        assert effects.done == ["PO2", "PO1"]
+        assert dispatcher._limiter.borrowed_tokens <= 1
 
 
 async def test_an_so_already_owned_by_another_order_needs_attention(store: Store) -> None:

@@ -5,6 +5,7 @@ their room), paging, chunking and the time format of filters."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -23,6 +24,7 @@ from syncd.adapters._http import (
     Priority,
     RequestBudget,
     ServiceClient,
+    Slot,
     _sending_for,
     chunks,
     current_priority,
@@ -155,6 +157,113 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
             await queue.release_one()
     assert queue.served == ["import"]
     assert budget.waiting == 0
+
+
+async def test_a_request_that_can_go_at_once_keeps_its_slot() -> None:
+    limiter = anyio.CapacityLimiter(1)
+    budget = RequestBudget(5, 60.0, clock=Clock())
+    async with Slot(limiter) as slot:
+        await budget.acquire()
+        assert slot.held
+        assert limiter.borrowed_tokens == 1
+    assert limiter.borrowed_tokens == 0
+
+
+async def test_a_request_that_waits_gives_its_slot_back_and_takes_it_again() -> None:
+    clock = Clock()
+    limiter = anyio.CapacityLimiter(1)
+    budget = RequestBudget(1, 60.0, clock=clock)
+    await budget.acquire()  # the window is full: the next request waits
+    steps: list[str] = []
+
+    async def parked() -> None:
+        async with Slot(limiter) as slot:
+            await budget.acquire()
+            assert slot.held
+            steps.append("parked request sent")
+
+    async def other_service() -> None:
+        async with Slot(limiter):
+            steps.append("other effect ran")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(parked)
+            await wait_until(lambda: budget.waiting == 1)
+            assert limiter.borrowed_tokens == 0  # parked: its slot is free
+            tg.start_soon(other_service)
+            await wait_until(lambda: steps == ["other effect ran"])
+            await Queue(budget, clock).release_one()  # now the parked request fits
+    assert steps == ["other effect ran", "parked request sent"]
+    assert limiter.borrowed_tokens == 0
+
+
+async def test_a_parked_request_cancelled_leaks_no_slot_and_releases_none_twice() -> None:
+    clock = Clock()
+    limiter = anyio.CapacityLimiter(1)
+    budget = RequestBudget(1, 60.0, clock=clock)
+    await budget.acquire()
+
+    async def parked(scope: anyio.CancelScope) -> None:
+        with scope:
+            async with Slot(limiter):
+                await budget.acquire()
+        # Releasing a slot twice would have raised (RuntimeError) out of Slot's exit.
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+            tg.start_soon(parked, scope)
+            await wait_until(lambda: budget.waiting == 1)
+            scope.cancel()
+    assert limiter.borrowed_tokens == 0
+    assert budget.waiting == 0
+    assert budget.used == 1  # only the request that was sent
+
+
+async def test_a_request_cancelled_while_taking_its_slot_again_is_uncounted() -> None:
+    clock = Clock()
+    limiter = anyio.CapacityLimiter(1)
+    budget = RequestBudget(1, 60.0, clock=clock)
+    await budget.acquire()
+    busy = anyio.Event()
+    finish = anyio.Event()
+
+    async def parked(scope: anyio.CancelScope) -> None:
+        with scope:
+            async with Slot(limiter):
+                await budget.acquire()
+
+    async def working() -> None:
+        async with Slot(limiter):
+            busy.set()
+            await finish.wait()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+            tg.start_soon(parked, scope)
+            await wait_until(lambda: budget.waiting == 1)
+            tg.start_soon(working)
+            await busy.wait()
+            await Queue(budget, clock).release_one()
+            # The budget let it go; now it waits for the slot the other effect holds.
+            await wait_until(lambda: budget.waiting == 0 and limiter.statistics().tasks_waiting)
+            assert budget.used == 1
+            scope.cancel()
+            await wait_until(lambda: budget.used == 0)
+            assert limiter.borrowed_tokens == 1  # the working effect's, nothing else
+            finish.set()
+    assert limiter.borrowed_tokens == 0
+    assert budget.sent_by_priority[Priority.START] == 1  # the first request, not the cancelled
+
+
+async def wait_until(condition: Callable[[], object]) -> None:
+    """Poll ``condition`` until it holds (the caller's ``fail_after`` bounds the wait)."""
+    while True:
+        if condition():
+            return
+        await anyio.sleep(0.005)
 
 
 async def test_the_priority_comes_from_the_caller_context() -> None:

@@ -74,6 +74,7 @@ __all__ = [
     "RequestBudget",
     "RequestGuard",
     "ServiceClient",
+    "Slot",
     "WritePlan",
     "chunks",
     "current_priority",
@@ -295,6 +296,58 @@ def current_priority() -> Priority:
     return _PRIORITY.get()
 
 
+class Slot:
+    """One of a bounded pool's places (the dispatcher's effect slots, ``daemon.concurrency``),
+    held by the task that entered it: ``async with Slot(limiter): ...``.
+
+    A request that must wait for its service's budget gives the slot back for the wait and
+    takes it again before it is sent (:meth:`RequestBudget.acquire`), so work that needs the
+    other service runs meanwhile. The slot itself is the limiter's borrower, so giving back
+    and taking again never touch another task's token; a task started inside inherits no
+    slot to give back (only the one that entered it holds it).
+    """
+
+    def __init__(self, limiter: anyio.CapacityLimiter) -> None:
+        self._limiter = limiter
+        self._owner: object = None
+        self._token: Token[Slot | None] | None = None
+        #: Whether the slot is taken now (false while its task is parked on a budget).
+        self.held = False
+
+    async def __aenter__(self) -> Self:
+        await self._limiter.acquire_on_behalf_of(self)
+        self.held = True
+        self._owner = anyio.get_current_task().id
+        self._token = _SLOT.set(self)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _SLOT.reset(self._token)
+            self._token = None
+        if self.held:
+            self.held = False
+            self._limiter.release_on_behalf_of(self)
+
+    def give_back(self) -> bool:
+        """Free the place for a wait; ``False`` (nothing done) if this task holds none."""
+        if not self.held or anyio.get_current_task().id != self._owner:
+            return False
+        self.held = False
+        self._limiter.release_on_behalf_of(self)
+        return True
+
+    async def take_again(self) -> None:
+        """Wait for a place again, in line behind those already waiting. Cancelled, it holds
+        nothing (the limiter hands no token to a cancelled borrower)."""
+        await self._limiter.acquire_on_behalf_of(self)
+        self.held = True
+
+
+#: The slot of the effect running in this task (none outside the dispatcher).
+_SLOT: ContextVar[Slot | None] = ContextVar("syncd_slot", default=None)
+
+
 @dataclass(eq=False)
 class _Waiter:
     priority: Priority
@@ -452,11 +505,19 @@ class RequestBudget:
         """Wait until one more request fits in syncd's share and it is the first waiting
         (by priority, then arrival), then count it as sent.
 
+        A caller that must wait and holds a dispatcher :class:`Slot` gives it back for the
+        wait and takes it again before returning: an effect parked on one service's budget
+        does not keep work for the other service from running. The request is counted
+        while the slot is taken again, so the budget never overcommits; cancelled then, it
+        is uncounted (it was never sent).
+
         :param priority: default: the one :class:`request_priority` set here.
         """
         waiter = _Waiter(
             priority if priority is not None else _PRIORITY.get(), next(self._seq), self._clock()
         )
+        slot = _SLOT.get()
+        parked = False
         self._waiting.append(waiter)
         try:
             while True:
@@ -471,6 +532,8 @@ class RequestBudget:
                     wait = math.inf
                 if wait <= 0:
                     break
+                if slot is not None and not parked:
+                    parked = slot.give_back()
                 changed = self._changed
                 with anyio.move_on_after(wait):
                     await changed.wait()
@@ -481,6 +544,15 @@ class RequestBudget:
             if self._head is waiter:
                 self._head = None
             self._notify()
+        if parked:
+            assert slot is not None
+            try:
+                await slot.take_again()
+            except BaseException:
+                self._in_flight -= 1
+                self.sent_by_priority[waiter.priority] -= 1
+                self._notify()
+                raise
 
     def complete(self) -> None:
         """The answer to an acquired request came (or it failed): it now ages out."""

@@ -1,11 +1,12 @@
 """The dispatcher: takes inbox events in order, lets the statechart decide, runs effects.
 
 One task reads the inbox; decisions are applied one at a time, each in one transaction with
-the event that caused it. Effects run concurrently (bounded), at most one per order at once,
-and write their outcome back to the inbox as the next event. After a restart the dispatcher
-first drains what was persisted, then re-runs the effect of every order that sits in an
-effect state: effects are idempotent, so a crash between an API call and its record is
-harmless.
+the event that caused it. Effects run concurrently (at most ``concurrency`` working at once;
+one waiting for a service's request budget gives its slot back meanwhile), at most one per
+order at once, and write their outcome back to the inbox as the next event. After a
+restart the dispatcher first drains what was persisted, then re-runs the effect of every
+order that sits in an effect state: effects are idempotent, so a crash between an API call
+and its record is harmless.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
-from syncd.adapters._http import PlannedRequest, WritePlan, planning
+from syncd.adapters._http import PlannedRequest, Slot, WritePlan, planning
 from syncd.config import RETRY, RetryPolicies
 from syncd.domain.orders import LinkedOrder, PurchaseOrderSnapshot, SalesOrderFacts
 from syncd.domain.replay import plan_replay
@@ -103,6 +104,7 @@ class Dispatcher:
         self.retry = retry
         #: Told each transition, effect run and newly recorded drift.
         self.observer = observer or Observer()
+        #: Effects actively working at once; one parked on a request budget holds none.
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._wake = anyio.Event()
         self._running: set[int] = set()
@@ -487,7 +489,9 @@ class Dispatcher:
             # The last run's outcome is not applied yet; running again could act twice.
             return
         failure: SyncdError | None = None
-        async with self._limiter:
+        # The effect's own slot: a request that waits for its budget gives it back for the
+        # wait (RequestBudget.acquire), so effects for the other service run meanwhile.
+        async with Slot(self._limiter):
             with planning() if self.shadow else nullcontext(WritePlan()) as plan:
                 try:
                     outcome = await self.effects.run(effect, link)
