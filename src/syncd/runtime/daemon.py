@@ -164,6 +164,19 @@ class Daemon:
         #: Set once every factory of the start runs (registrations wait for it).
         self.started = anyio.Event()
 
+    async def check_services(
+        self, name: str, config: Config, on_wait: Callable[[str], None] | None
+    ) -> None:
+        """The start check of factory ``name``'s services, on the daemon's shared pools and
+        counted in its metrics."""
+        await check_services(
+            config,
+            katana_transport=self.pools.shared("katana", config.katana.base_url),
+            tradegecko_transport=self.pools.shared("tradegecko", config.tradegecko.base_url),
+            on_wait=on_wait,
+            observer=self._watchers(name),
+        )
+
     def _watchers(self, name: str) -> Observer:
         """What a factory's parts tell: its metrics, and the daemon's observer if any."""
         assert self.metrics is not None
@@ -283,15 +296,7 @@ class Daemon:
         # is not asked again: a token revoked since pauses it at its first call instead.
         if check and (strict or not await _passed_before(store, config)):
             try:
-                await check_services(
-                    config,
-                    katana_transport=self.pools.shared("katana", config.katana.base_url),
-                    tradegecko_transport=self.pools.shared(
-                        "tradegecko", config.tradegecko.base_url
-                    ),
-                    on_wait=on_wait,
-                    observer=self._watchers(name),
-                )
+                await self.check_services(name, config, on_wait)
             except ApiError as exc:
                 await store.delete_meta(_META_CHECKED)
                 if strict:
@@ -981,15 +986,7 @@ async def _start_shared(
         async def ask(name: str) -> None:
             settings = daemon.factory_config(name)
             try:
-                await check_services(
-                    settings,
-                    katana_transport=daemon.pools.shared("katana", settings.katana.base_url),
-                    tradegecko_transport=daemon.pools.shared(
-                        "tradegecko", settings.tradegecko.base_url
-                    ),
-                    on_wait=on_wait,
-                    observer=daemon._watchers(name),
-                )
+                await daemon.check_services(name, settings, on_wait)
             except ApiError as exc:
                 refused[name] = exc
                 log.error(

@@ -958,6 +958,15 @@ def bind_listener(config: Config) -> socket.socket:
         ) from None
 
 
+async def _load_keys(keys: WebhookKeys, config: Config, store: Store) -> None:
+    """The factory's path token (made once, kept in the database) and every Katana token
+    its deliveries may be signed with (the configured one, the one registered)."""
+    if not keys.path_token:
+        keys.path_token = await store.setdefault_meta(_META_PATH_TOKEN, secrets.token_urlsafe(24))
+    stored = await store.get_meta(_META_KATANA_TOKEN)
+    keys.katana_tokens |= {t for t in (config.webhooks.katana_token, stored) if t}
+
+
 class WebhookListener:
     """One factory's side of the listener: its keys, its app, its registration and health.
 
@@ -995,13 +1004,7 @@ class WebhookListener:
         )
 
     async def _load_keys(self) -> None:
-        hooks = self.config.webhooks
-        if not self.keys.path_token:
-            self.keys.path_token = await self.store.setdefault_meta(
-                _META_PATH_TOKEN, secrets.token_urlsafe(24)
-            )
-        stored = await self.store.get_meta(_META_KATANA_TOKEN)
-        self.keys.katana_tokens |= {t for t in (hooks.katana_token, stored) if t}
+        await _load_keys(self.keys, self.config, self.store)
 
     def health(self) -> dict[str, object]:
         return {"registered": self.registered}
@@ -1186,13 +1189,7 @@ class WebhookIntake:
         self._loaded_at = -math.inf
 
     async def _load_keys(self) -> None:
-        hooks = self.config.webhooks
-        if not self.keys.path_token:
-            self.keys.path_token = await self.store.setdefault_meta(
-                _META_PATH_TOKEN, secrets.token_urlsafe(24)
-            )
-        stored = await self.store.get_meta(_META_KATANA_TOKEN)
-        self.keys.katana_tokens |= {t for t in (hooks.katana_token, stored) if t}
+        await _load_keys(self.keys, self.config, self.store)
         self._loaded_at = time.monotonic()
 
     async def prepare(self) -> ASGIApp:
