@@ -660,6 +660,7 @@ async def test_the_simulator_retries_on_the_real_schedule_compressed() -> None:
     from syncd.sim.webhooks import KATANA_SCHEDULE, katana_sender
 
     seen: list[tuple[float, str | None, str]] = []
+    in_flight: list[int] = []  # what the knobs said at each attempt
     answered = anyio.Event()
 
     async def endpoint(request: Request) -> Response:
@@ -672,6 +673,7 @@ async def test_the_simulator_retries_on_the_real_schedule_compressed() -> None:
             )
         )
         assert request.headers["x-sha2-signature"] == katana_signature("0123456789abcdef", body)
+        in_flight.append(sender.knobs()["in_flight"])
         if len(seen) < 3:
             return Response(status_code=500)
         answered.set()
@@ -686,8 +688,12 @@ async def test_the_simulator_retries_on_the_real_schedule_compressed() -> None:
         with anyio.fail_after(5):
             await answered.wait()
         await anyio.sleep(0.05)
+        ended = sender.knobs()
         tg.cancel_scope.cancel()
     assert [retry for _, retry, _ in seen] == [None, "1", "2"]
+    # A delivery between its retries is in flight, not queued; once answered, neither.
+    assert in_flight == [1, 1, 1]
+    assert (ended["queued"], ended["in_flight"]) == (0, 0)
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(seen)]
     for gap, planned in zip(gaps, KATANA_SCHEDULE, strict=False):
         assert gap >= planned / 300.0 * 0.9

@@ -384,6 +384,13 @@ async def _run_demo(options: DemoOptions, out: TextIO, interrupt: _Interrupt) ->
                                 await _wait_until_planned(daemon.store, po_numbers, out)
                             else:
                                 await _wait_until_settled(daemon.store, chart, po_numbers)
+                                # The services' last deliveries (echoes of the receipts)
+                                # are handled, not left waiting in the inbox.
+                                await _wait_until_quiet(
+                                    daemon.store,
+                                    control,
+                                    [katana_ctl, tg_ctl] if options.webhooks else [],
+                                )
                     tg.cancel_scope.cancel()
 
                 with anyio.CancelScope(shield=True):
@@ -470,6 +477,30 @@ async def _wait_until_settled(store: Store, chart: Statechart, po_numbers: list[
         if all(link is not None and link.state in settled for link in links):
             return
         await anyio.sleep(0.1)
+
+
+#: How long the demo waits, once every order settled, for the last deliveries.
+_QUIET_WAIT = 5.0
+
+
+async def _wait_until_quiet(
+    store: Store, control: httpx.AsyncClient, senders: list[str], *, limit: float = _QUIET_WAIT
+) -> None:
+    """Wait (at most ``limit`` seconds) until the simulators at ``senders`` have no webhook
+    queued or in flight and the daemon's inbox has nothing waiting."""
+    with anyio.move_on_after(limit):
+        while True:
+            pending = 0
+            for base in senders:
+                try:
+                    knobs = (await control.get(f"{base}/_sim/webhooks")).json()
+                    pending += int(knobs.get("queued", 0)) + int(knobs.get("in_flight", 0))
+                except (httpx.HTTPError, ValueError, TypeError, AttributeError):
+                    pass  # a simulator that cannot say: only the inbox is waited for
+            waiting, _ = await store.inbox_backlog()
+            if pending == 0 and waiting == 0:
+                return
+            await anyio.sleep(0.05)
 
 
 async def _wait_until_planned(store: Store, po_numbers: list[str], out: TextIO) -> None:

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 
 __all__ = [
@@ -126,6 +127,8 @@ class WebhookSender:
         self._ids = itertools.count(1)
         self._random = random.Random(seed)
         self._queue: list[Delivery] = []
+        #: Deliveries taken from the queue and not ended yet (sending or waiting to retry).
+        self._in_flight: list[Delivery] = []
         self._ready = anyio.Event()
         self._transport = transport
 
@@ -156,7 +159,8 @@ class WebhookSender:
         return self.account_counters.get(account, Counter())
 
     def knobs(self, account: str | None = None) -> dict[str, Any]:
-        """The knobs, and the queue, counters and subscriptions of ``account`` (or all)."""
+        """The knobs, and the queue, deliveries in flight, counters and subscriptions of
+        ``account`` (or all)."""
         subscriptions = (
             list(self.subscriptions.values()) if account is None else self.subscriptions_of(account)
         )
@@ -167,6 +171,9 @@ class WebhookSender:
             "drop": self.drop,
             "queued": sum(
                 1 for d in self._queue if account is None or d.subscription.account == account
+            ),
+            "in_flight": sum(
+                1 for d in self._in_flight if account is None or d.subscription.account == account
             ),
             "counters": dict(self.counters if account is None else self.counters_of(account)),
             "subscriptions": [
@@ -226,12 +233,22 @@ class WebhookSender:
                     if self._random.random() < self.drop:
                         self._count(delivery, "dropped")
                         continue
-                    tg.start_soon(self._deliver, client, delivery)
+                    self._start(tg, client, delivery)
                     if self._random.random() < self.duplicate:
                         self._count(delivery, "duplicated")
-                        tg.start_soon(self._deliver, client, delivery)
+                        self._start(tg, client, delivery)
+
+    def _start(self, tg: anyio.abc.TaskGroup, client: httpx.AsyncClient, d: Delivery) -> None:
+        self._in_flight.append(d)  # counted from here: the task may start later
+        tg.start_soon(self._deliver, client, d)
 
     async def _deliver(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
+        try:
+            await self._attempts(client, delivery)
+        finally:
+            self._in_flight.remove(delivery)
+
+    async def _attempts(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
         url = delivery.subscription.url
         if url.startswith("https://"):
             url = "http://" + url.removeprefix("https://")
