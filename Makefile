@@ -17,9 +17,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/syncd demo
 
-# Lint and types first, so that pytest's summary is the last line CI prints.
+# Lint and types first, so that pytest's summary is the last line CI prints. The tests
+# mostly wait on servers and subprocesses: one pytest worker per core halves the wall time.
+TEST_WORKERS ?= auto
 test: lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # Benchmarks print figures (see BENCHMARKS.md); not part of `make test`. About 8 minutes.
 bench: $(STAMP)
