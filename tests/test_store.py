@@ -1758,6 +1758,22 @@ async def test_oldest_by_state_per_factory_is_each_factorys_oldest(database: str
         assert found["south"] == await south.oldest_by_state()
 
 
+async def test_cursors_per_factory_are_each_factorys_cursors(database: str) -> None:
+    async with opened(database) as store:
+        north, south = store.for_factory("north"), store.for_factory("south")
+        await north.set_cursor("tradegecko.po", "n1")
+        await north.set_cursor("katana.so", "n2")
+        await south.set_cursor("tradegecko.po", "s1")
+        await store.for_factory("idle").set_meta("activated_at", "1")  # rows, no cursor
+        found = await north.cursors_per_factory()
+        assert {f: {n: v for n, (v, _) in by.items()} for f, by in found.items()} == {
+            "north": {"tradegecko.po": "n1", "katana.so": "n2"},
+            "south": {"tradegecko.po": "s1"},
+        }
+        assert found["north"] == await north.cursors()
+        assert found["south"] == await south.cursors()
+
+
 async def test_idle_factories_share_one_query_for_what_waits_in_the_inbox(database: str) -> None:
     async with opened(database) as store:
         views = [store.for_factory(f"f{i}") for i in range(20)]

@@ -1213,6 +1213,14 @@ class Store:
             found.setdefault(str(factory), {})[str(key)[len(prefix) :]] = str(value)
         return found
 
+    async def cursors_per_factory(self) -> dict[str, dict[str, tuple[str, float]]]:
+        """Factory → :meth:`cursors` of it (factories with cursors only)."""
+        rows = await self._fetchall("SELECT factory, name, value, updated_at FROM cursors")
+        found: dict[str, dict[str, tuple[str, float]]] = {}
+        for factory, name, value, updated_at in rows:
+            found.setdefault(str(factory), {})[str(name)] = (str(value), float(updated_at))
+        return found
+
     # -- leases --------------------------------------------------------------------------
     #
     # Times are the database's clock: PostgreSQL's now(), one clock for every daemon
