@@ -30,6 +30,8 @@ from syncd.domain.statechart import load_statechart
 from syncd.runtime.dispatcher import Dispatcher
 from syncd.runtime.effects import Outcome
 from syncd.store import Store
+from syncd.store._postgres import PostgresBackend
+from syncd.store._sqlite import SQLiteBackend
 from test_flow import is_state, wait_for
 
 SYNCCTL = str(Path(sys.executable).parent / "syncctl")
@@ -739,3 +741,155 @@ async def test_status_names_the_daemon_holding_each_factorys_lease(tmp_path: Pat
     code, text, err = await syncctl_process("--factory", "east", "--db", db, "status")
     assert code == 0, err
     assert "owner: host-a:101:aa (fence 1, expires in" in text
+
+
+async def _busy_factories(db: str, first: int, count: int) -> list[str]:
+    """``count`` factories from ``f{first}`` on, with orders in several states, cursors,
+    last polls, and in some an inbox backlog, a pause or a lease."""
+    chart = load_statechart()
+    store = await Store.open(db)
+    names = [f"f{i:02d}" for i in range(first, first + count)]
+    try:
+        for i, name in zip(range(first, first + count), names, strict=True):
+            view = store.for_factory(name)
+            for n in range(3):
+                snapshot = PurchaseOrderSnapshot(
+                    po_id=n + 1,
+                    po_number=f"{name}-{n}",
+                    status="active",
+                    company_id=1,
+                    currency_id=1,
+                    created_at=datetime.now(UTC),
+                    updated_at=datetime.now(UTC),
+                    lines=(),
+                )
+                link = await view.create_link(
+                    snapshot,
+                    state=chart.initial,
+                    trigger="po_discovered",
+                    cause="test",
+                    event_id=None,
+                )
+                assert link is not None
+                for trigger in ("so_created", "po_withdrawn")[: (n + i) % 3]:
+                    decision = chart.decide(link.state, trigger, resume_state=link.resume_state)
+                    assert decision is not None
+                    link = await view.apply(link, decision, cause=f"test: {trigger}")
+            await view.set_cursor("tradegecko.po", f"{name}-cursor")
+            await view.set_meta("last_poll.tradegecko", str(1764600000 + i))
+            if i % 2:
+                await view.add_event("tradegecko", "webhook", b"{}")
+            if i % 3 == 0:
+                await view.set_meta("paused.katana", f"katana rejected the token (401) since {i}")
+        assert await store.acquire_lease(names[-1], "host-a:101:aa", 600.0) is not None
+    finally:
+        await store.close()
+    return names
+
+
+async def _status_read_factory_by_factory(db: str, names: list[str]) -> dict[str, Any]:
+    """What ``status --json`` said of each factory when it read them one by one (the
+    reads and shapes of syncctl before the grouped reads)."""
+
+    def when(epoch: float | None) -> str | None:
+        return None if epoch is None else datetime.fromtimestamp(epoch, UTC).strftime(ISO)
+
+    chart = load_statechart()
+    store = await Store.open(db, readonly=True)
+    found: dict[str, Any] = {}
+    try:
+        leases = {r.factory: r for r in await store.leases()}
+        for name in names:
+            view = store.for_factory(name)
+            counts = await view.counts_by_state()
+            oldest = await view.oldest_by_state()
+            backlog, oldest_event = await view.inbox_backlog()
+            lease = leases.get(name)
+            found[name] = {
+                "states": {
+                    state: {
+                        "orders": count,
+                        "oldest_po_number": oldest[state][0],
+                        "oldest_since": when(oldest[state][1]),
+                    }
+                    for state, count in sorted(counts.items())
+                },
+                "total": sum(counts.values()),
+                "needs_attention": sum(counts.get(s, 0) for s in chart.attention_states()),
+                "paused": [
+                    {"service": service, "since": None, "message": message}
+                    for service, message in sorted((await view.meta_with_prefix("paused.")).items())
+                ],
+                "inbox_backlog": backlog,
+                "inbox_oldest_since": when(oldest_event),
+                "last_successful_poll": {
+                    source: when(float(value))
+                    for source, value in sorted((await view.meta_with_prefix("last_poll.")).items())
+                },
+                "cursors": {
+                    cursor: {"value": value, "updated_at": when(at)}
+                    for cursor, (value, at) in sorted((await view.cursors()).items())
+                },
+                "owner": None
+                if lease is None
+                else {"daemon": lease.owner, "fence": lease.fence, "held": lease.held},
+            }
+    finally:
+        await store.close()
+    return found
+
+
+ISO = "%Y-%m-%dT%H:%M:%SZ"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def status_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield str(tmp_path / "syncd.db")
+        return
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)
+
+
+def test_status_of_many_factories_is_a_fixed_number_of_queries(
+    status_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    statements: list[str] = []
+    backend: Any = SQLiteBackend if not status_db.startswith("postgresql") else PostgresBackend
+    for method in ("fetchone", "fetchall", "execute"):
+        real = getattr(backend, method)
+
+        def counted(self: Any, sql: str, *args: Any, _real: Any = real) -> Any:
+            statements.append(sql)
+            return _real(self, sql, *args)
+
+        monkeypatch.setattr(backend, method, counted)
+
+    def status(*args: str) -> tuple[Any, int]:
+        statements.clear()
+        result = CliRunner().invoke(syncctl, ["--db", status_db, *args, "status", "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output), len(statements)
+
+    names = anyio.run(_busy_factories, status_db, 0, 2)
+    _, two = status()
+    names += anyio.run(_busy_factories, status_db, 2, 7)
+    data, nine = status()
+    assert two == nine <= 10, "statements for 2 factories, for 9"
+    _, one = status("--factory", "f04")
+    assert one == nine
+
+    # The grouped reads say what reading each factory by itself said.
+    assert list(data["factories"]) == names and data["total"] == 27
+    for each in data["factories"].values():
+        if each["owner"] is not None:
+            assert 590 < each["owner"].pop("expires_in_s") <= 600
+    assert data["factories"] == anyio.run(_status_read_factory_by_factory, status_db, names)
+    assert {len(each["states"]) for each in data["factories"].values()} == {3}
+    assert data["needs_attention"] == 9
+    assert sum(each["inbox_backlog"] for each in data["factories"].values()) == 4
+    assert [n for n, each in data["factories"].items() if each["paused"]] == ["f00", "f03", "f06"]
+    f04, _ = status("--factory", "f04")
+    assert f04 == {"factory": "f04", **data["factories"]["f04"]}

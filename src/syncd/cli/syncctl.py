@@ -404,8 +404,13 @@ _PAUSED_SINCE = re.compile(r" since (\S+):(?: |$)")
 
 async def _paused(store: Store) -> list[dict[str, Any]]:
     """Services whose token was rejected: ``{"service", "since", "message"}``."""
+    return _pauses(await store.meta_with_prefix(PAUSED_PREFIX))
+
+
+def _pauses(meta: dict[str, str]) -> list[dict[str, Any]]:
+    """:func:`_paused` of a factory's ``paused.`` meta keys (without the prefix)."""
     result = []
-    for service, message in sorted((await store.meta_with_prefix(PAUSED_PREFIX)).items()):
+    for service, message in sorted(meta.items()):
         since: str | None = None
         found = _PAUSED_SINCE.search(message)
         if found:
@@ -495,42 +500,33 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Orders per state, the oldest in each, paused services, inbox backlog, last polls."""
 
     chart = _chart(ctx)
-    leases: dict[str, LeaseRecord] | None = None
 
-    async def work(store: Store) -> dict[str, Any]:
-        nonlocal leases
-        if leases is None:  # one read for every factory, not one each
-            leases = {r.factory: r for r in await store.leases()}
-        counts = await store.counts_by_state()
-        oldest = await store.oldest_by_state()
-        backlog, oldest_event = await store.inbox_backlog()
-        cursors = await store.cursors()
-        polls = await store.meta_with_prefix("last_poll.")
+    async def work(store: Store) -> dict[str, dict[str, Any]]:
+        names = await _factory_names(ctx, store)
+        # One grouped read of each kind for every factory, whatever their number (a read
+        # per factory each was ~6,000 queries for 1,000 factories).
+        leases = {r.factory: r for r in await store.leases()}
+        counts = await store.counts_by_state_per_factory()
+        oldest = await store.oldest_by_state_per_factory()
+        backlogs = await store.inbox_backlog_per_factory()
+        cursors = await store.cursors_per_factory()
+        polls = await store.meta_with_prefix_per_factory("last_poll.")
+        pauses = await store.meta_with_prefix_per_factory(PAUSED_PREFIX)
         return {
-            "states": {
-                state: {
-                    "orders": count,
-                    "oldest_po_number": oldest[state][0] if state in oldest else None,
-                    "oldest_since": _when(oldest[state][1]) if state in oldest else None,
-                }
-                for state, count in sorted(counts.items())
-            },
-            "total": sum(counts.values()),
-            "needs_attention": sum(counts.get(s, 0) for s in chart.attention_states()),
-            "paused": await _paused(store),
-            "inbox_backlog": backlog,
-            "inbox_oldest_since": _when(oldest_event),
-            "last_successful_poll": {
-                source: _poll_time(value) for source, value in sorted(polls.items())
-            },
-            "cursors": {
-                name: {"value": v, "updated_at": _when(t)}
-                for name, (v, t) in sorted(cursors.items())
-            },
-            "owner": _owner(leases.get(store.factory)),
+            name: _factory_status(
+                chart,
+                counts=counts.get(name, {}),
+                oldest=oldest.get(name, {}),
+                backlog=backlogs.get(name, (0, None)),
+                cursors=cursors.get(name, {}),
+                polls=polls.get(name, {}),
+                pauses=pauses.get(name, {}),
+                lease=leases.get(name),
+            )
+            for name in names
         }
 
-    each = _per_factory(ctx, work)
+    each = _run_store(ctx, work)
     if len(each) > 1:
         _status_of_factories(each, as_json)
         return
@@ -561,6 +557,43 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"last_successful_poll of {source}: {_text(when)}")
     for name, info in data["cursors"].items():
         click.echo(f"cursor {name}: {info['value']} (updated_at {_text(info['updated_at'])})")
+
+
+def _factory_status(
+    chart: Statechart,
+    *,
+    counts: dict[str, int],
+    oldest: dict[str, tuple[str, float]],
+    backlog: tuple[int, float | None],
+    cursors: dict[str, tuple[str, float]],
+    polls: dict[str, str],
+    pauses: dict[str, str],
+    lease: LeaseRecord | None,
+) -> dict[str, Any]:
+    """One factory's ``status --json`` (without its name) from the store's reads of it."""
+    waiting, oldest_event = backlog
+    return {
+        "states": {
+            state: {
+                "orders": count,
+                "oldest_po_number": oldest[state][0] if state in oldest else None,
+                "oldest_since": _when(oldest[state][1]) if state in oldest else None,
+            }
+            for state, count in sorted(counts.items())
+        },
+        "total": sum(counts.values()),
+        "needs_attention": sum(counts.get(s, 0) for s in chart.attention_states()),
+        "paused": _pauses(pauses),
+        "inbox_backlog": waiting,
+        "inbox_oldest_since": _when(oldest_event),
+        "last_successful_poll": {
+            source: _poll_time(value) for source, value in sorted(polls.items())
+        },
+        "cursors": {
+            name: {"value": v, "updated_at": _when(t)} for name, (v, t) in sorted(cursors.items())
+        },
+        "owner": _owner(lease),
+    }
 
 
 def _status_of_factories(each: dict[str, dict[str, Any]], as_json: bool) -> None:
