@@ -275,11 +275,28 @@ class Coordinator:
         # Where starts and stops run, apart from the rounds: a slow start or stop of one
         # factory must not hold up the renewal of the others (their guards would lapse).
         self._tasks: anyio.abc.TaskGroup | None = None
+        # A factory that failed here: not taken here again before this (event loop) time.
+        self._resting: dict[str, float] = {}
 
     @property
     def owned(self) -> dict[str, LeaseGuard]:
         """The factories running here now, and their guards."""
         return dict(self._owned)
+
+    def hold_off(self, name: str, seconds: float) -> None:
+        """``name`` failed here: do not take it here again for ``seconds`` (its backoff).
+        Once stopped, its lease is released: another daemon may take it meanwhile."""
+        self._resting[name] = anyio.current_time() + seconds
+        log.info("factory %s: not taken here again for %.1f s", name, seconds)
+
+    def _rests(self, name: str) -> bool:
+        until = self._resting.get(name)
+        if until is None:
+            return False
+        if anyio.current_time() < until:
+            return True
+        del self._resting[name]
+        return False
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -356,7 +373,7 @@ class Coordinator:
         for name in order:
             if len(self._owned) >= share:
                 break
-            if name in self._owned or name in taken:
+            if name in self._owned or name in taken or self._rests(name):
                 continue
             sent = self._clock()
             lease = await store.acquire_lease(name, owner, ttl)
@@ -409,17 +426,30 @@ class Coordinator:
         if forgotten is None:
             return
         assert self._tasks is not None
-        self._tasks.start_soon(self._stopped, name, guard, forgotten, release, share)
+        # A factory that failed here is let go: it would only wait out its backoff here.
+        resting = self._rests(name)
+        self._tasks.start_soon(
+            self._stopped, name, guard, forgotten, release or resting, share, resting
+        )
 
     async def _stopped(
-        self, name: str, guard: LeaseGuard, forgotten: _Stopping, release: bool, share: int
+        self,
+        name: str,
+        guard: LeaseGuard,
+        forgotten: _Stopping,
+        release: bool,
+        share: int,
+        failed: bool = False,
     ) -> None:
         await self._finish_stop(name, *forgotten)
         if release:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.times.ttl):
                 try:
                     await self.store.release_lease(guard.lease)
-                    log.info("factory %s: handed over (share %d)", name, share)
+                    if failed:
+                        log.info("factory %s: released (it failed here)", name)
+                    else:
+                        log.info("factory %s: handed over (share %d)", name, share)
                 except StoreError as exc:
                     log.warning("factory %s: lease not released (it expires): %s", name, exc)
 
