@@ -26,7 +26,7 @@ from syncd.config import (
     load_config,
 )
 from syncd.domain.orders import LinkedOrder
-from syncd.errors import AuthError, first_error
+from syncd.errors import AuthError, RetryPolicy, first_error
 from syncd.runtime import daemon as daemon_module
 from syncd.runtime import inbox
 from syncd.runtime.daemon import Daemon, running_daemon
@@ -774,3 +774,16 @@ async def test_a_daemon_of_one_factory_ends_with_its_failure(
                 pytest.fail("the daemon ran on without its only factory")
     assert first_error(raised.value, RuntimeError) is not None, raised.value
     assert len(failed) == 1 and fault["on"]
+
+
+def test_a_factorys_restart_waits_double_jittered_down_and_a_long_run_resets_them() -> None:
+    restarts = daemon_module._Restarts(RetryPolicy(initial=0.5, maximum=2.0))
+    waits = [restarts.failed("south", ran_for=0.1) for _ in range(5)]
+    assert [w.number for w in waits] == [1, 2, 3, 4, 5]
+    for failure, policy in zip(waits, (0.5, 1.0, 2.0, 2.0, 2.0), strict=True):
+        assert failure.delay is not None and 0.75 * policy <= failure.delay <= policy
+    assert restarts.last("south") == waits[-1].delay
+    # A run as long as the longest wait was healthy: its failure is the first again.
+    again = restarts.failed("south", ran_for=2.0)
+    assert again.number == 1 and again.delay is not None and again.delay <= 0.5
+    assert restarts.failed("north", ran_for=0.0).number == 1  # each factory its own count

@@ -287,7 +287,6 @@ class Coordinator:
         """``name`` failed here: do not take it here again for ``seconds`` (its backoff).
         Once stopped, its lease is released: another daemon may take it meanwhile."""
         self._resting[name] = anyio.current_time() + seconds
-        log.info("factory %s: not taken here again for %.1f s", name, seconds)
 
     def _rests(self, name: str) -> bool:
         until = self._resting.get(name)

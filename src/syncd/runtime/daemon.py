@@ -411,8 +411,10 @@ class Daemon:
         """Stop the factory ``name``: its pollers, webhook routes (404 from now on) and
         effects (cancelled at a step boundary, as on SIGTERM: they run again at its next
         start). Its rows stay in the database. Nothing when it does not run."""
-        self._cancel_restart(name)  # stopped on purpose: not started again by itself
         runtime = self.factories.get(name)
+        # Stopped on purpose: not started again by itself.
+        if self._cancel_restart(name) and runtime is None and self.metrics is not None:
+            self.metrics.forget_factory(name)  # the series it kept for its return
         if runtime is None:
             return
         runtime.scope.cancel()
@@ -600,9 +602,9 @@ class Daemon:
                 log.exception("factory %s failed: stopping it", name, extra={"factory": name})
             else:
                 log.exception(
-                    "factory %s failed: stopping it; it starts again in %.1f s "
-                    "(failure %d in a row)",
+                    "factory %s failed: stopping it; %s %.1f s (failure %d in a row)",
                     name,
+                    "it starts again in" if guard is None else "not taken here again for",
                     failure.delay,
                     failure.number,
                     extra={"factory": name, "restart_in": round(failure.delay or 0.0, 3)},
@@ -646,10 +648,12 @@ class Daemon:
         scope = self._pending[name] = anyio.CancelScope()
         self._tg.start_soon(self._restart, name, delay, scope)
 
-    def _cancel_restart(self, name: str) -> None:
+    def _cancel_restart(self, name: str) -> bool:
+        """Cancel ``name``'s restart; whether one was pending."""
         pending = self._pending.pop(name, None)
         if pending is not None:
             pending.cancel()
+        return pending is not None
 
     async def _restart(self, name: str, delay: float, scope: anyio.CancelScope) -> None:
         with scope:
