@@ -709,6 +709,27 @@ async def test_a_failing_factory_stops_alone_and_is_started_again_with_growing_w
     ]
 
 
+async def test_a_factory_stopped_while_waiting_for_its_restart_stays_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = ["north", "south"]
+    _, failed = failing_tradegecko_polls(monkeypatch, "south")
+    async with running_sims(accounts=2) as sims:
+        config = restarting(factories_config(sims, tmp_path / "syncd.db", names), 1.0, 2.0)
+        async with running_daemon(config, katana_transport=sims.katana_contract) as daemon:
+            with anyio.fail_after(10):
+                while not daemon.restart_pending("south"):  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            await metric(daemon, "syncd_factory_running", 0, factory="south")
+            await daemon.stop_factory("south")  # a reload removing it does so
+            assert not daemon.restart_pending("south")
+            await anyio.sleep(1.5)  # past its restart's time
+            assert list(daemon.factories) == ["north"] and len(failed) == 1
+            text = await scrape(daemon.metrics_url or "")
+            assert 'factory="south"' not in text  # its series left with it
+            assert 'syncd_factory_running{factory="north"} 1.0' in text
+
+
 async def test_a_factorys_start_failing_on_a_reload_leaves_the_others_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
