@@ -612,22 +612,21 @@ def restarting(config: Config, initial: float, maximum: float) -> Config:
 
 
 def failing_tradegecko_polls(
-    monkeypatch: pytest.MonkeyPatch, factory: str
-) -> tuple[dict[str, bool], list[float]]:
-    """Make each TradeGecko poll of ``factory`` raise a bug-like error while
-    ``fault["on"]``; the loop times of the failures."""
-    fault = {"on": True}
+    monkeypatch: pytest.MonkeyPatch, factory: str, times: int = 1_000
+) -> list[float]:
+    """Make the first ``times`` TradeGecko polls of ``factory`` raise a bug-like error (the
+    fault then gone); the loop times of the failures."""
     failed: list[float] = []
     poll = TradeGeckoPoller.poll_once
 
     async def failing(self: TradeGeckoPoller) -> int:
-        if fault["on"] and self.store.factory == factory:
+        if self.store.factory == factory and len(failed) < times:
             failed.append(anyio.current_time())
             raise RuntimeError("a bug in the poller")
         return await poll(self)
 
     monkeypatch.setattr(TradeGeckoPoller, "poll_once", failing)
-    return fault, failed
+    return failed
 
 
 async def test_a_failing_factory_stops_alone_and_is_started_again_with_growing_waits(
@@ -638,7 +637,7 @@ async def test_a_failing_factory_stops_alone_and_is_started_again_with_growing_w
     0.5 s, 1 s, 2 s (less a quarter of jitter at most), the others finish their orders
     meanwhile; once the fault is gone south finishes its order, exactly once."""
     names = ["north", "south", "east"]
-    fault, failed = failing_tradegecko_polls(monkeypatch, "south")
+    failed = failing_tradegecko_polls(monkeypatch, "south", times=4)
     port = free_port()
     async with running_sims(accounts=3, webhooks=True) as sims:
         config = restarting(
@@ -668,11 +667,8 @@ async def test_a_failing_factory_stops_alone_and_is_started_again_with_growing_w
             }
             for name, po in others.items():
                 await wait_in(daemon, name, [po["order_number"]], "received")
-            with anyio.fail_after(10):
-                while len(failed) < 4:  # noqa: ASYNC110 - a test's bounded look
-                    await anyio.sleep(0.02)
-            fault["on"] = False
-            # Started again after its next wait (2 s at most): it finishes its order.
+            # The fault gone after its fourth failure, started again after its next wait
+            # (2 s at most): it finishes its order.
             (link,) = await wait_in(daemon, "south", [south_po["order_number"]], "received")
             assert link.so_id is not None
             assert "south" in daemon.factories and not daemon.restart_pending("south")
@@ -713,7 +709,7 @@ async def test_a_factory_stopped_while_waiting_for_its_restart_stays_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     names = ["north", "south"]
-    _, failed = failing_tradegecko_polls(monkeypatch, "south")
+    failed = failing_tradegecko_polls(monkeypatch, "south")
     async with running_sims(accounts=2) as sims:
         config = restarting(factories_config(sims, tmp_path / "syncd.db", names), 1.0, 2.0)
         async with running_daemon(config, katana_transport=sims.katana_contract) as daemon:
@@ -736,14 +732,13 @@ async def test_a_factorys_start_failing_on_a_reload_leaves_the_others_running(
     """A factory added by a reload whose start raises (a bug before it runs) is logged and
     started again after its backoff; the running factories go on."""
     names = ["north", "south"]
-    broken = {"on": True}
     tries: list[float] = []
     run = Dispatcher.run
 
     async def failing(self: Dispatcher, **kwargs: Any) -> None:
         if self.store.factory == "east":
             tries.append(anyio.current_time())
-            if broken["on"]:
+            if len(tries) <= 2:  # its first two starts
                 raise RuntimeError("a bug in the dispatcher's start")
         await run(self, **kwargs)
 
@@ -767,10 +762,6 @@ async def test_a_factorys_start_failing_on_a_reload_leaves_the_others_running(
             po = await sims.create_po(factory=sims.factories[0])
             await wait_in(daemon, "north", [po["order_number"]], "received")
             with anyio.fail_after(10):
-                while len(tries) < 2:  # noqa: ASYNC110 - a test's bounded look
-                    await anyio.sleep(0.02)
-            broken["on"] = False
-            with anyio.fail_after(10):
                 while "east" not in daemon.factories:  # noqa: ASYNC110
                     await anyio.sleep(0.02)
             east = await sims.create_po(factory=sims.factories[2])
@@ -786,7 +777,7 @@ async def test_a_daemon_of_one_factory_ends_with_its_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One factory: its failure ends the daemon (syncd exits; systemd starts it again)."""
-    fault, failed = failing_tradegecko_polls(monkeypatch, "default")
+    failed = failing_tradegecko_polls(monkeypatch, "default")
     async with running_sims(accounts=1) as sims:
         config = factories_config(sims, tmp_path / "syncd.db", ["default"])
         with pytest.raises(BaseException) as raised:
@@ -794,7 +785,7 @@ async def test_a_daemon_of_one_factory_ends_with_its_failure(
                 await anyio.sleep(10)
                 pytest.fail("the daemon ran on without its only factory")
     assert first_error(raised.value, RuntimeError) is not None, raised.value
-    assert len(failed) == 1 and fault["on"]
+    assert len(failed) == 1
 
 
 def test_a_factorys_restart_waits_double_jittered_down_and_a_long_run_resets_them() -> None:
