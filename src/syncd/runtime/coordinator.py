@@ -287,6 +287,11 @@ class Coordinator:
         """``name`` failed here: do not take it here again for ``seconds`` (its backoff).
         Once stopped, its lease is released: another daemon may take it meanwhile."""
         self._resting[name] = anyio.current_time() + seconds
+        guard = self._owned.get(name)
+        # Stopped and let go now: a round or the watchdog would see the revoked guard only
+        # later, maybe past a short backoff. A start that failed lets go by itself.
+        if guard is not None and name not in self._starting:
+            self._stop_soon(name, guard, release=True, failed=True)
 
     def _rests(self, name: str) -> bool:
         until = self._resting.get(name)
@@ -417,7 +422,13 @@ class Coordinator:
                 del self._starting[name]
 
     def _stop_soon(
-        self, name: str, guard: LeaseGuard, *, release: bool = False, share: int = 0
+        self,
+        name: str,
+        guard: LeaseGuard,
+        *,
+        release: bool = False,
+        share: int = 0,
+        failed: bool = False,
     ) -> None:
         """Revoke and forget ``name`` now, stop it in the background (then release its
         lease when handed over)."""
@@ -425,11 +436,7 @@ class Coordinator:
         if forgotten is None:
             return
         assert self._tasks is not None
-        # A factory that failed here is let go: it would only wait out its backoff here.
-        resting = self._rests(name)
-        self._tasks.start_soon(
-            self._stopped, name, guard, forgotten, release or resting, share, resting
-        )
+        self._tasks.start_soon(self._stopped, name, guard, forgotten, release, share, failed)
 
     async def _stopped(
         self,
