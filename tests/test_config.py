@@ -1008,6 +1008,28 @@ def test_every_retry_policy_is_in_one_place_and_the_daemon_keys_set_the_effects(
     assert RETRY.request.attempts == 5 and RETRY.effect.attempts is None
 
 
+def test_the_restart_keys_set_the_factories_restart_policy_and_are_checked() -> None:
+    config = parse_config("[daemon]\nrestart_initial = 2\nrestart_max = 60\n", require_tokens=False)
+    assert config.retry().restart == RetryPolicy(initial=2.0, maximum=60.0)
+    assert RETRY.restart == RetryPolicy(initial=5.0, maximum=300.0)  # 5 s doubling to 5 min
+    assert RETRY.restart.attempts is None  # a factory is never given up on
+    for toml, says in (
+        (
+            "restart_initial = 0",
+            "daemon.restart_initial: must be a positive number of seconds, got 0.0",
+        ),
+        ("restart_max = -1", "daemon.restart_max: must be a positive number of seconds, got -1.0"),
+        (
+            "restart_initial = 10\nrestart_max = 5",
+            "daemon.restart_max: must be at least daemon.restart_initial (10.0), got 5.0",
+        ),
+        ('restart_max = "soon"', "daemon.restart_max"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(f"[daemon]\n{toml}\n", require_tokens=False)
+        assert str(caught.value).startswith(says), str(caught.value)
+
+
 def test_a_copy_with_other_service_settings_changes_the_default_factory() -> None:
     # Tests and the bench copy configs with msgspec.structs.replace: the top-level tables
     # are the default factory's, so the copy's factory follows (it once kept the old ones).

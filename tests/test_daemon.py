@@ -3,12 +3,14 @@ webhook paths, against simulators serving one account per factory."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import pytest
 
 from conftest import Sims, running_sims
@@ -24,9 +26,12 @@ from syncd.config import (
     load_config,
 )
 from syncd.domain.orders import LinkedOrder
-from syncd.errors import AuthError
+from syncd.errors import AuthError, RetryPolicy, first_error
+from syncd.runtime import daemon as daemon_module
 from syncd.runtime import inbox
 from syncd.runtime.daemon import Daemon, running_daemon
+from syncd.runtime.dispatcher import Dispatcher
+from syncd.runtime.pollers import TradeGeckoPoller
 from syncd.sim import free_port
 from syncd.store import Store
 from test_metrics import samples, scrape
@@ -597,3 +602,200 @@ async def test_many_factories_first_polls_wait_for_the_start_and_a_kick() -> Non
                 await anyio.sleep(0.02)
         assert waiting.polled_at - began >= 0.29
         tg.cancel_scope.cancel()
+
+
+def restarting(config: Config, initial: float, maximum: float) -> Config:
+    """``config`` with a factory's restart after a failure ``initial`` s, doubling to
+    ``maximum`` s."""
+    daemon = msgspec.structs.replace(config.daemon, restart_initial=initial, restart_max=maximum)
+    return msgspec.structs.replace(config, daemon=daemon)
+
+
+def failing_tradegecko_polls(
+    monkeypatch: pytest.MonkeyPatch, factory: str, times: int = 1_000
+) -> list[float]:
+    """Make the first ``times`` TradeGecko polls of ``factory`` raise a bug-like error (the
+    fault then gone); the loop times of the failures."""
+    failed: list[float] = []
+    poll = TradeGeckoPoller.poll_once
+
+    async def failing(self: TradeGeckoPoller) -> int:
+        if self.store.factory == factory and len(failed) < times:
+            failed.append(anyio.current_time())
+            raise RuntimeError("a bug in the poller")
+        return await poll(self)
+
+    monkeypatch.setattr(TradeGeckoPoller, "poll_once", failing)
+    return failed
+
+
+async def test_a_failing_factory_stops_alone_and_is_started_again_with_growing_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite, three factories: south's poller raises at each of its polls. South alone
+    stops (its routes 404, syncd_factory_running 0), the daemon starts it again after
+    0.5 s, 1 s, 2 s (less a quarter of jitter at most), the others finish their orders
+    meanwhile; once the fault is gone south finishes its order, exactly once."""
+    names = ["north", "south", "east"]
+    failed = failing_tradegecko_polls(monkeypatch, "south", times=4)
+    port = free_port()
+    async with running_sims(accounts=3, webhooks=True) as sims:
+        config = restarting(
+            factories_config(sims, tmp_path / "syncd.db", names, webhook_port=port), 0.5, 2.0
+        )
+        async with (
+            running_daemon(config, katana_transport=sims.katana_contract) as daemon,
+            sims.factory(),
+            httpx.AsyncClient(timeout=5) as http,
+        ):
+            south_po = await sims.create_po(factory=sims.factories[1])
+            with anyio.fail_after(10):
+                while len(failed) < 2:  # noqa: ASYNC110 - a test's bounded look
+                    await anyio.sleep(0.02)
+            # In its backoff (at least 0.75 s after the second failure): stopped alone.
+            await anyio.sleep(0.1)
+            assert sorted(daemon.factories) == ["east", "north"]
+            assert daemon.restart_pending("south")
+            answer = await http.post(f"http://127.0.0.1:{port}/webhooks/south/tradegecko")
+            assert answer.status_code == 404
+            found = samples(await scrape(daemon.metrics_url or ""))
+            assert found[("syncd_factory_running", frozenset({"factory": "south"}.items()))] == 0
+            assert found[("syncd_factory_running", frozenset({"factory": "north"}.items()))] == 1
+            others = {
+                name: await sims.create_po(factory=sims.factories[names.index(name)])
+                for name in ("north", "east")
+            }
+            for name, po in others.items():
+                await wait_in(daemon, name, [po["order_number"]], "received")
+            # The fault gone after its fourth failure, started again after its next wait
+            # (2 s at most): it finishes its order.
+            (link,) = await wait_in(daemon, "south", [south_po["order_number"]], "received")
+            assert link.so_id is not None
+            assert "south" in daemon.factories and not daemon.restart_pending("south")
+            await metric(daemon, "syncd_factory_running", 1, factory="south")
+        gaps = [later - earlier for earlier, later in itertools.pairwise(failed)]
+        # Growing waits, never a tight loop: each at least its policy's wait less a quarter
+        # (0.375, 0.75, 1.5 s), each longer than the one before.
+        assert len(gaps) == 3, gaps
+        for gap, wait in zip(gaps, (0.5, 1.0, 2.0), strict=True):
+            assert gap >= 0.75 * wait, gaps
+        assert gaps[0] < gaps[1] < gaps[2], gaps
+        assert gaps[0] < 1.5, gaps  # and not the first one held back
+        # Exactly one SO and one receipt each, south's included.
+        for name, po in {"south": south_po, **others}.items():
+            katana_counts, tg_counts = await sims.counters(sims.factories[names.index(name)])
+            assert katana_counts["sales_orders_by_order_no"] == {f"TG-{po['order_number']}": 1}
+            assert tg_counts["receipts_per_po"] == {str(po["id"]): 1}
+    # Each failure logged once, with its traceback and the wait before the next start (a
+    # poll failing before its restart counted as started is said as a start that failed);
+    # no other factory ever stopped.
+    logged = [
+        r
+        for r in caplog.records
+        if r.getMessage().startswith(("factory south failed", "factory south not started"))
+    ]
+    assert len(logged) == 4, [r.getMessage() for r in caplog.records]
+    assert all(r.exc_info is not None for r in logged)
+    assert logged[0].getMessage().startswith("factory south failed: stopping it; it starts again")
+    assert "(failure 4 in a row)" in logged[-1].getMessage() or "not started" in str(logged[-1])
+    assert not [
+        r
+        for r in caplog.records
+        if "failed: stopping it" in r.getMessage() and "south" not in r.getMessage()
+    ]
+
+
+async def test_a_factory_stopped_while_waiting_for_its_restart_stays_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = ["north", "south"]
+    failed = failing_tradegecko_polls(monkeypatch, "south")
+    async with running_sims(accounts=2) as sims:
+        config = restarting(factories_config(sims, tmp_path / "syncd.db", names), 1.0, 2.0)
+        async with running_daemon(config, katana_transport=sims.katana_contract) as daemon:
+            with anyio.fail_after(10):
+                while not daemon.restart_pending("south"):  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            await metric(daemon, "syncd_factory_running", 0, factory="south")
+            await daemon.stop_factory("south")  # a reload removing it does so
+            assert not daemon.restart_pending("south")
+            await anyio.sleep(1.5)  # past its restart's time
+            assert list(daemon.factories) == ["north"] and len(failed) == 1
+            text = await scrape(daemon.metrics_url or "")
+            assert 'factory="south"' not in text  # its series left with it
+            assert 'syncd_factory_running{factory="north"} 1.0' in text
+
+
+async def test_a_factorys_start_failing_on_a_reload_leaves_the_others_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A factory added by a reload whose start raises (a bug before it runs) is logged and
+    started again after its backoff; the running factories go on."""
+    names = ["north", "south"]
+    tries: list[float] = []
+    run = Dispatcher.run
+
+    async def failing(self: Dispatcher, **kwargs: Any) -> None:
+        if self.store.factory == "east":
+            tries.append(anyio.current_time())
+            if len(tries) <= 2:  # its first two starts
+                raise RuntimeError("a bug in the dispatcher's start")
+        await run(self, **kwargs)
+
+    monkeypatch.setattr(Dispatcher, "run", failing)
+    async with running_sims(accounts=3) as sims:
+        config = restarting(factories_config(sims, tmp_path / "syncd.db", names), 0.5, 2.0)
+        async with (
+            running_daemon(config, katana_transport=sims.katana_contract) as daemon,
+            sims.factory(),
+        ):
+            path = tmp_path / "syncd.toml"
+            path.write_text("")
+            added = restarting(
+                factories_config(sims, tmp_path / "syncd.db", [*names, "east"]), 0.5, 2.0
+            )
+            monkeypatch.setattr(daemon_module, "read_config", lambda _: added)
+            change = await daemon.reload(path)
+            assert change is not None and change.added == ("east",)
+            assert sorted(daemon.factories) == ["north", "south"]
+            assert daemon.restart_pending("east")
+            po = await sims.create_po(factory=sims.factories[0])
+            await wait_in(daemon, "north", [po["order_number"]], "received")
+            with anyio.fail_after(10):
+                while "east" not in daemon.factories:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            east = await sims.create_po(factory=sims.factories[2])
+            await wait_in(daemon, "east", [east["order_number"]], "received")
+            assert sorted(daemon.factories) == ["east", "north", "south"]
+    assert len(tries) == 3
+    assert tries[1] - tries[0] >= 0.375 and tries[2] - tries[1] >= 0.75, tries
+    not_started = [r for r in caplog.records if r.getMessage().startswith("factory east not")]
+    assert len(not_started) == 2 and all(r.exc_info is not None for r in not_started)
+
+
+async def test_a_daemon_of_one_factory_ends_with_its_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One factory: its failure ends the daemon (syncd exits; systemd starts it again)."""
+    failed = failing_tradegecko_polls(monkeypatch, "default")
+    async with running_sims(accounts=1) as sims:
+        config = factories_config(sims, tmp_path / "syncd.db", ["default"])
+        with pytest.raises(BaseException) as raised:
+            async with running_daemon(config, katana_transport=sims.katana_contract):
+                await anyio.sleep(10)
+                pytest.fail("the daemon ran on without its only factory")
+    assert first_error(raised.value, RuntimeError) is not None, raised.value
+    assert len(failed) == 1
+
+
+def test_a_factorys_restart_waits_double_jittered_down_and_a_long_run_resets_them() -> None:
+    restarts = daemon_module._Restarts(RetryPolicy(initial=0.5, maximum=2.0))
+    waits = [restarts.failed("south", ran_for=0.1) for _ in range(5)]
+    assert [w.number for w in waits] == [1, 2, 3, 4, 5]
+    for failure, policy in zip(waits, (0.5, 1.0, 2.0, 2.0, 2.0), strict=True):
+        assert failure.delay is not None and 0.75 * policy <= failure.delay <= policy
+    assert restarts.last("south") == waits[-1].delay
+    # A run as long as the longest wait was healthy: its failure is the first again.
+    again = restarts.failed("south", ran_for=2.0)
+    assert again.number == 1 and again.delay is not None and again.delay <= 0.5
+    assert restarts.failed("north", ran_for=0.0).number == 1  # each factory its own count

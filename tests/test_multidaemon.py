@@ -6,6 +6,7 @@ the end-to-end test below."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -283,20 +284,29 @@ async def test_three_daemons_twelve_factories_killed_frozen_added_removed_and_re
 async def test_a_factory_that_fails_stops_alone_and_is_started_again(
     pg_database: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A bug in one factory's work (here its TradeGecko poller, once) stops that factory
-    alone; the coordinator starts it again at a later round and it finishes its PO."""
-    failures = {"south": 1}
+    """A bug in one factory's work (here its TradeGecko poller, twice) stops that factory
+    alone; the coordinator takes it again only after its backoff (0.5 s, then 1 s, less a
+    quarter of jitter at most) and it finishes its PO."""
+    failures = {"south": 2}
+    runs: list[float] = []
     run = TradeGeckoPoller.run
 
     async def failing(self: TradeGeckoPoller, **kwargs: Any) -> None:
+        if self.store.factory == "south":
+            runs.append(anyio.current_time())
         if failures.get(self.store.factory, 0) > 0:
             failures[self.store.factory] -= 1
             raise RuntimeError("a bug in the poller")
         await run(self, **kwargs)
 
     monkeypatch.setattr(TradeGeckoPoller, "run", failing)
+    caplog.set_level(logging.INFO, logger="syncd.coordinator")
     async with running_sims(accounts=4) as sims, sims.factory():
         config = shared_config(sims, pg_database)
+        config = msgspec.structs.replace(
+            config,
+            daemon=msgspec.structs.replace(config.daemon, restart_initial=0.5, restart_max=2.0),
+        )
         async with daemons(sims, [config]) as (daemon,):
             pos = {
                 name: await sims.create_po(factory=tokens)
@@ -305,8 +315,18 @@ async def test_a_factory_that_fails_stops_alone_and_is_started_again(
             for name in NAMES:
                 await wait_in(daemon, name, [pos[name]["order_number"]], "received")
             assert failures == {"south": 0}
+    # Not taken again before its backoff ended, however soon the next round came.
+    assert len(runs) == 3, runs
+    assert runs[1] - runs[0] >= 0.375 and runs[2] - runs[1] >= 0.75, runs
     failed = [r for r in caplog.records if "factory south failed" in r.getMessage()]
-    assert len(failed) == 1, [r.getMessage() for r in caplog.records]
+    assert len(failed) == 2, [r.getMessage() for r in caplog.records]
+    assert "; not taken here again for " in failed[0].getMessage()
+    assert "(failure 2 in a row)" in failed[1].getMessage()
+    # Its lease let go meanwhile (another daemon may take it), each time once it stopped.
+    released = [
+        r for r in caplog.records if r.getMessage() == "factory south: released (it failed here)"
+    ]
+    assert len(released) == 2, [r.getMessage() for r in caplog.records]
     assert not [
         r
         for r in caplog.records

@@ -98,6 +98,10 @@ class RetryPolicies(NamedTuple):
     registration: RetryPolicy = RetryPolicy(initial=5.0, maximum=300.0)
     #: The start-up check of each service, within ``daemon.start_timeout``.
     start: RetryPolicy = RetryPolicy(initial=0.5, maximum=10.0)
+    #: A factory whose work failed (a bug), started again by its daemon: until it works.
+    #: ``daemon.restart_initial``/``restart_max``; each wait jittered down by up to a
+    #: quarter; a run as long as ``maximum`` makes the next failure the first again.
+    restart: RetryPolicy = RetryPolicy(initial=5.0, maximum=300.0)
 
 
 #: The retry policies as shipped; :meth:`Config.retry` applies the config's keys to them.
@@ -137,6 +141,11 @@ class DaemonConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Seconds between renewals of the leases (and the daemon's heartbeat); less than
     #: half of ``lease_ttl``, so that one failed renewal loses nothing.
     lease_renew: float = 3.0
+    #: Seconds before a factory whose work failed (a bug: logged with its traceback) is
+    #: started again, doubling at each failure in a row up to ``restart_max``; the other
+    #: factories run on meanwhile. A run of ``restart_max`` seconds resets the wait.
+    restart_initial: float = 5.0
+    restart_max: float = 300.0
 
 
 class TradeGeckoConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -327,14 +336,20 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         )
 
     def retry(self) -> RetryPolicies:
-        """Every retry policy, with the configured ones (``daemon.retry_*``) applied."""
+        """Every retry policy, with the configured ones (``daemon.retry_*``,
+        ``daemon.restart_*``) applied."""
         return RETRY._replace(
             effect=replace(
                 RETRY.effect,
                 initial=self.daemon.retry_initial,
                 maximum=self.daemon.retry_max,
                 settle=self.daemon.retry_settle,
-            )
+            ),
+            restart=replace(
+                RETRY.restart,
+                initial=self.daemon.restart_initial,
+                maximum=self.daemon.restart_max,
+            ),
         )
 
     @property
@@ -767,6 +782,8 @@ def config_problems(config: Config, *, require_tokens: bool = True) -> list[Conf
         ("daemon.start_timeout", daemon.start_timeout),
         ("daemon.lease_ttl", daemon.lease_ttl),
         ("daemon.lease_renew", daemon.lease_renew),
+        ("daemon.restart_initial", daemon.restart_initial),
+        ("daemon.restart_max", daemon.restart_max),
         ("metrics.refresh_interval", config.metrics.refresh_interval),
         ("webhooks.reconcile_interval", hooks.reconcile_interval),
         ("webhooks.replay_window", hooks.replay_window),
@@ -780,6 +797,12 @@ def config_problems(config: Config, *, require_tokens: bool = True) -> list[Conf
         )
     if daemon.concurrency < 1:
         problem(f"must be at least 1, got {daemon.concurrency}", "daemon.concurrency")
+    if 0 < daemon.restart_max < daemon.restart_initial:
+        problem(
+            f"must be at least daemon.restart_initial ({daemon.restart_initial}), "
+            f"got {daemon.restart_max}",
+            "daemon.restart_max",
+        )
     if 0 < daemon.lease_ttl / 2 <= daemon.lease_renew:
         problem(
             f"must be less than half of daemon.lease_ttl ({daemon.lease_ttl}), "

@@ -275,11 +275,32 @@ class Coordinator:
         # Where starts and stops run, apart from the rounds: a slow start or stop of one
         # factory must not hold up the renewal of the others (their guards would lapse).
         self._tasks: anyio.abc.TaskGroup | None = None
+        # A factory that failed here: not taken here again before this (event loop) time.
+        self._resting: dict[str, float] = {}
 
     @property
     def owned(self) -> dict[str, LeaseGuard]:
         """The factories running here now, and their guards."""
         return dict(self._owned)
+
+    def hold_off(self, name: str, seconds: float) -> None:
+        """``name`` failed here: do not take it here again for ``seconds`` (its backoff).
+        Once stopped, its lease is released: another daemon may take it meanwhile."""
+        self._resting[name] = anyio.current_time() + seconds
+        guard = self._owned.get(name)
+        # Stopped and let go now: a round or the watchdog would see the revoked guard only
+        # later, maybe past a short backoff. A start that failed lets go by itself.
+        if guard is not None and name not in self._starting:
+            self._stop_soon(name, guard, release=True, failed=True)
+
+    def _rests(self, name: str) -> bool:
+        until = self._resting.get(name)
+        if until is None:
+            return False
+        if anyio.current_time() < until:
+            return True
+        del self._resting[name]
+        return False
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -356,7 +377,7 @@ class Coordinator:
         for name in order:
             if len(self._owned) >= share:
                 break
-            if name in self._owned or name in taken:
+            if name in self._owned or name in taken or self._rests(name):
                 continue
             sent = self._clock()
             lease = await store.acquire_lease(name, owner, ttl)
@@ -401,7 +422,13 @@ class Coordinator:
                 del self._starting[name]
 
     def _stop_soon(
-        self, name: str, guard: LeaseGuard, *, release: bool = False, share: int = 0
+        self,
+        name: str,
+        guard: LeaseGuard,
+        *,
+        release: bool = False,
+        share: int = 0,
+        failed: bool = False,
     ) -> None:
         """Revoke and forget ``name`` now, stop it in the background (then release its
         lease when handed over)."""
@@ -409,17 +436,26 @@ class Coordinator:
         if forgotten is None:
             return
         assert self._tasks is not None
-        self._tasks.start_soon(self._stopped, name, guard, forgotten, release, share)
+        self._tasks.start_soon(self._stopped, name, guard, forgotten, release, share, failed)
 
     async def _stopped(
-        self, name: str, guard: LeaseGuard, forgotten: _Stopping, release: bool, share: int
+        self,
+        name: str,
+        guard: LeaseGuard,
+        forgotten: _Stopping,
+        release: bool,
+        share: int,
+        failed: bool = False,
     ) -> None:
         await self._finish_stop(name, *forgotten)
         if release:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.times.ttl):
                 try:
                     await self.store.release_lease(guard.lease)
-                    log.info("factory %s: handed over (share %d)", name, share)
+                    if failed:
+                        log.info("factory %s: released (it failed here)", name)
+                    else:
+                        log.info("factory %s: handed over (share %d)", name, share)
                 except StoreError as exc:
                     log.warning("factory %s: lease not released (it expires): %s", name, exc)
 

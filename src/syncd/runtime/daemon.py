@@ -38,7 +38,12 @@ from syncd.errors import (
     AuthError,
     ConfigError,
     DecodeError,
+    LeaseLost,
+    Retries,
+    RetryPolicy,
     SyncdError,
+    Try,
+    first_error,
     is_transient,
 )
 from syncd.ops.asgi import bind_socket, serving_socket
@@ -72,6 +77,34 @@ _REGISTERING_AT_ONCE = 32
 #: The services' answer to the start's check, for the settings it was asked with
 #: (:func:`_check_record`): a restart with the same settings does not ask again.
 _META_CHECKED = "start_check.passed"
+#: A restart's wait is the policy's less up to this share of it: factories failing together
+#: (a bug hit by all) do not start again all at once, and each wait still grows.
+_RESTART_JITTER = 0.25
+
+
+class _Restarts:
+    """Each factory's failures in a row on this daemon, under the restart policy
+    (``daemon.restart_initial`` doubling to ``daemon.restart_max``). A run as long as the
+    longest wait counts as healthy: its failure is the first again."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self._failures: Retries[str] = Retries(policy)
+        self._waits: dict[str, float] = {}
+
+    def failed(self, name: str, ran_for: float) -> Try:
+        """Count a failure of ``name`` after ``ran_for`` seconds of work (0: at its start):
+        which one in a row, and how long to wait before its next start."""
+        if ran_for >= self.policy.maximum:
+            self._failures.succeeded(name)
+        failure = self._failures.failed(name)
+        assert failure.delay is not None  # the restart policy never gives up
+        wait = self._waits[name] = failure.delay * (1 - random.uniform(0, _RESTART_JITTER))
+        return Try(failure.number, wait)
+
+    def last(self, name: str) -> float:
+        """The wait after ``name``'s last failure counted (the policy's first without)."""
+        return self._waits.get(name, self.policy.initial)
 
 
 @dataclass
@@ -163,6 +196,22 @@ class Daemon:
         self._registering = anyio.Semaphore(_REGISTERING_AT_ONCE)
         #: Set once every factory of the start runs (registrations wait for it).
         self.started = anyio.Event()
+        self._restarts = _Restarts(retry.restart)
+        #: The factories that failed, waiting for their restart (cancelled by a stop).
+        self._pending: dict[str, anyio.CancelScope] = {}
+
+    @property
+    def supervised(self) -> bool:
+        """Whether a factory whose work fails is stopped alone and started again here after
+        a backoff: beside other factories. A daemon of one factory ends instead (its error's
+        exit code, the traceback logged), so that systemd starts the whole process again
+        (``Restart=on-failure``, 15 s apart) and the unit's failure is seen; with a lease
+        guard (daemons sharing the factories) the coordinator takes it again."""
+        return len(self.config.factories) > 1
+
+    def restart_pending(self, name: str) -> bool:
+        """Whether ``name`` failed and waits for its restart here."""
+        return name in self._pending
 
     async def check_services(
         self, name: str, config: Config, on_wait: Callable[[str], None] | None
@@ -272,7 +321,11 @@ class Daemon:
             once it moved on), every request of its clients checks the guard first and
             waits no longer than it lasts, and its work is cancelled when the guard ends.
             A failure of its work then stops that factory alone (logged, the guard revoked:
-            the coordinator starts it again at a later round).
+            the coordinator takes it again at its first round after the factory's backoff).
+            Without a guard, beside other factories (:attr:`supervised`), a failure of its
+            work stops it alone too and this daemon starts it again after the backoff
+            (``daemon.restart_initial`` doubling to ``daemon.restart_max``). A failure of
+            the start itself is raised here, and counted into that backoff.
 
         :param check: first make one call to each of its services (:func:`check_services`).
         :param strict: with ``check``, a refusal raises; else it is logged and the factory
@@ -288,6 +341,28 @@ class Daemon:
         if name in self.factories:
             raise ValueError(f"factory {name} runs already")
         config = self.factory_config(name)
+        self._cancel_restart(name)  # it starts now
+        try:
+            return await self._start_factory(
+                name, config, guard, check=check, strict=strict, on_wait=on_wait
+            )
+        except Exception as exc:
+            # Counted like a failure of its work: a start failing every time (on a reload, a
+            # restart, a coordinator's round) is tried again less and less often.
+            self._failed(name, exc, ran_for=0.0)
+            raise
+
+    async def _start_factory(
+        self,
+        name: str,
+        config: Config,
+        guard: LeaseGuard | None,
+        *,
+        check: bool,
+        strict: bool,
+        on_wait: Callable[[str], None] | None,
+    ) -> FactoryRuntime:
+        assert self._tg is not None
         chart = self.chart_for(config)
         store = self.root.for_factory(name, lease=None if guard is None else guard.lease)
         register_secrets([config.katana.token, config.tradegecko.token])
@@ -337,6 +412,9 @@ class Daemon:
         effects (cancelled at a step boundary, as on SIGTERM: they run again at its next
         start). Its rows stay in the database. Nothing when it does not run."""
         runtime = self.factories.get(name)
+        # Stopped on purpose: not started again by itself.
+        if self._cancel_restart(name) and runtime is None and self.metrics is not None:
+            self.metrics.forget_factory(name)  # the series it kept for its return
         if runtime is None:
             return
         runtime.scope.cancel()
@@ -379,6 +457,7 @@ class Daemon:
         spread = len(self.config.factories) > 1
         scope = anyio.CancelScope()
         runtime: FactoryRuntime | None = None
+        since = 0.0
         watch = self._watch_inbox()
         try:
             # Cancelled at the lease's deadline or when the coordinator revokes it, even if
@@ -508,24 +587,118 @@ class Daemon:
                             )
                         self.factories[name] = runtime
                         metrics.factory_running.labels(name).set(1)
+                        since = anyio.current_time()
                         task_status.started(runtime)
-        except Exception:
-            if guard is None or runtime is None or name not in self.factories:
-                raise  # one factory alone, or a failed start: said as before
+        except Exception as exc:
+            if runtime is None or name not in self.factories:
+                raise  # a failed start: its caller says it
+            if guard is None and not self.supervised:
+                raise  # one factory alone: the daemon ends with it (see supervised)
             # One factory's fault (a bug, a write refused because the lease moved on) stops
-            # that factory alone; the coordinator starts it again at a later round.
-            log.exception("factory %s failed: stopping it", name, extra={"factory": name})
-            guard.revoke("its work failed")
+            # that factory alone; it starts again after its backoff (here, or on SQLite by
+            # this daemon; with a lease, at the coordinator's first round after it).
+            failure = self._failed(name, exc, ran_for=anyio.current_time() - since)
+            if failure is None:
+                log.exception("factory %s failed: stopping it", name, extra={"factory": name})
+            else:
+                log.exception(
+                    "factory %s failed: stopping it; %s %.1f s (failure %d in a row)",
+                    name,
+                    "it starts again in" if guard is None else "not taken here again for",
+                    failure.delay,
+                    failure.number,
+                    extra={"factory": name, "restart_in": round(failure.delay or 0.0, 3)},
+                )
+            if guard is not None:
+                guard.revoke("its work failed")
+            elif failure is not None and failure.delay is not None:
+                self._restart_later(name, failure.delay)
         finally:
             if self.router is not None:
                 self.router.remove(name)
             if self.factories.get(name) is runtime:
                 del self.factories[name]
-            metrics.forget_factory(name)
+            if self.restart_pending(name):
+                # Its series stay for its return; the gauge says it does not run meanwhile.
+                metrics.factory_running.labels(name).set(0)
+            else:
+                metrics.forget_factory(name)
             if guard is not None:
                 metrics.factories_owned.set(len(self.factories))
             if runtime is not None:
                 runtime.stopped.set()
+
+    def _failed(self, name: str, error: BaseException, *, ran_for: float) -> Try | None:
+        """Count a failure of ``name``'s work or start; with a coordinator, it takes the
+        factory here again only after the backoff. ``None``: not counted (its lease moved
+        on: no fault of the factory's)."""
+        if first_error(error, LeaseLost) is not None:
+            return None
+        failure = self._restarts.failed(name, ran_for)
+        assert failure.delay is not None
+        if self.coordinator is not None:
+            self.coordinator.hold_off(name, failure.delay)
+        return failure
+
+    def _restart_later(self, name: str, delay: float) -> None:
+        """Start ``name`` again in ``delay`` seconds, unless it is stopped or started first
+        (without a coordinator: SQLite, this daemon runs every factory)."""
+        assert self._tg is not None
+        self._cancel_restart(name)
+        scope = self._pending[name] = anyio.CancelScope()
+        self._tg.start_soon(self._restart, name, delay, scope)
+
+    def _cancel_restart(self, name: str) -> bool:
+        """Cancel ``name``'s restart; whether one was pending."""
+        pending = self._pending.pop(name, None)
+        if pending is not None:
+            pending.cancel()
+        return pending is not None
+
+    async def _restart(self, name: str, delay: float, scope: anyio.CancelScope) -> None:
+        with scope:
+            await anyio.sleep(delay)
+            # After a reload under way, which may have started, changed or removed it.
+            async with self._reloading:
+                if self._pending.get(name) is not scope:
+                    return
+                del self._pending[name]
+                if name in self.factories:
+                    return
+                if name not in self.config.factories:
+                    assert self.metrics is not None
+                    self.metrics.forget_factory(name)  # removed while it waited
+                    return
+                log.info("factory %s: starting it again", name, extra={"factory": name})
+                try:
+                    await self.start_factory(name)
+                except Exception as exc:
+                    # Its start failed too (counted by start_factory): once more, later.
+                    self._after_failed_start(name, exc)
+
+    def _after_failed_start(self, name: str, error: Exception) -> None:
+        """A start that failed on a reload or a restart: logged (the traceback unless it is
+        one of syncd's errors, which say what is wrong) and tried again after the backoff
+        the failure was counted into, without stopping the other factories."""
+        delay = self._restarts.last(name)
+        if isinstance(error, SyncdError):
+            log.error(
+                "factory %s not started: %s; trying again in %.1f s",
+                name,
+                error,
+                delay,
+                extra={"factory": name},
+            )
+        else:
+            log.exception(
+                "factory %s not started; trying again in %.1f s",
+                name,
+                delay,
+                extra={"factory": name},
+            )
+        assert self.metrics is not None
+        self.metrics.factory_running.labels(name).set(0)
+        self._restart_later(name, delay)
 
     # -- reloading ---------------------------------------------------------------------------
 
@@ -554,8 +727,15 @@ class Daemon:
                 for name in (*change.changed, *change.added):
                     try:
                         await self.start_factory(name, check=True, strict=False)
-                    except SyncdError as exc:
-                        log.error("factory %s not started: %s", name, exc, extra={"factory": name})
+                    except Exception as exc:
+                        if self.supervised:
+                            self._after_failed_start(name, exc)  # the others run on
+                        elif isinstance(exc, SyncdError):
+                            log.error(
+                                "factory %s not started: %s", name, exc, extra={"factory": name}
+                            )
+                        else:
+                            raise  # one factory alone: the daemon ends (see supervised)
             if "daemon.log_level" in change.settings:
                 logging.getLogger().setLevel(self.config.daemon.log_level.upper())
             log.info(
