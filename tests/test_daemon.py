@@ -402,10 +402,12 @@ async def test_the_start_fails_only_when_every_factory_is_refused(tmp_path: Path
         config = factories_config(sims, tmp_path / "syncd.db", ["north", "south"])
         for tokens in sims.factories:
             sims.katana_accounts[tokens.katana_token].revoked = True
-        # A task group may wrap it: unwrapped below.
-        with pytest.raises(BaseException) as raised:
-            async with running_daemon(config, check=True):
-                pytest.fail("the daemon started with every token refused")
+        # Both start (webhooks taken at once), then their checks end the daemon with the
+        # refusal, as one factory's would. A task group may wrap it: unwrapped below.
+        with pytest.raises(BaseException) as raised, anyio.fail_after(10):
+            async with running_daemon(config, check=True) as daemon:
+                assert sorted(daemon.factories) == ["north", "south"]
+                await anyio.sleep_forever()
         error = raised.value
         while isinstance(error, BaseExceptionGroup):
             error = error.exceptions[0]
@@ -416,18 +418,21 @@ async def test_factories_start_a_bounded_number_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """1,000 factories' checks and registrations at once queued on the shared pools until
-    they timed out; the start takes a few at a time, each one's start whole."""
+    they timed out; the start takes a few at a time, each one's start whole, and checks
+    their services after the whole start, a few at a time too."""
     import syncd.runtime.daemon as daemon_module
 
     monkeypatch.setattr(daemon_module, "_STARTING_AT_ONCE", 2)
     checking, most = 0, 0
     check = daemon_module.check_services
+    release = anyio.Event()
 
     async def counted(*args: object, **kwargs: object) -> None:
         nonlocal checking, most
         checking += 1
         most = max(most, checking)
         try:
+            await release.wait()  # the daemon runs before any check ends
             await anyio.sleep(0.05)  # long enough for the others to pile up if unbounded
             await check(*args, **kwargs)  # type: ignore[arg-type]
         finally:
@@ -439,6 +444,10 @@ async def test_factories_start_a_bounded_number_at_a_time(
         config = factories_config(sims, tmp_path / "syncd.db", names)
         async with running_daemon(config, check=True) as daemon:
             assert list(daemon.factories) and set(daemon.factories) == set(names)
+            assert not daemon.checked.is_set()
+            release.set()
+            with anyio.fail_after(10):  # checked after the whole start
+                await daemon.checked.wait()
             assert all(runtime.refused is None for runtime in daemon.factories.values())
     assert most == 2
 
@@ -519,6 +528,7 @@ async def test_a_restart_asks_no_service_again_unless_a_setting_changed(tmp_path
         config = factories_config(sims, tmp_path / "syncd.db", names)
         worlds = [sims.katana_world_of(tokens) for tokens in sims.factories]
         async with running_daemon(config, check=True) as daemon:
+            await daemon.checked.wait()  # the checks come after the start
             assert daemon.metrics_url is not None
             text = await scrape(daemon.metrics_url)
             for name in names:  # the check is counted like every other call
@@ -543,6 +553,7 @@ async def test_a_restart_asks_no_service_again_unless_a_setting_changed(tmp_path
         # south pauses at its first poll, north runs on.
         sims.tradegecko_accounts[sims.factories[1].tradegecko_token].revoked = True
         async with running_daemon(config, check=True) as daemon:
+            await daemon.checked.wait()  # the checks come after the start
             assert list(daemon.factories) == names
             assert all(runtime.refused is None for runtime in daemon.factories.values())
             assert [world.requests["GET /factory"] for world in worlds] == [1, 1]
@@ -560,6 +571,7 @@ async def test_a_restart_asks_no_service_again_unless_a_setting_changed(tmp_path
         north = config.factories["north"]
         north.katana.base_url = north.katana.base_url + "/"
         async with running_daemon(config, check=True) as daemon:
+            await daemon.checked.wait()  # the checks come after the start
             assert daemon.factories["south"].refused is not None  # asked, and refused
             assert daemon.factories["north"].refused is None
         assert worlds[0].requests["GET /factory"] == before + 1

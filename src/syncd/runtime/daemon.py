@@ -196,6 +196,10 @@ class Daemon:
         self._registering = anyio.Semaphore(_REGISTERING_AT_ONCE)
         #: Set once every factory of the start runs (registrations wait for it).
         self.started = anyio.Event()
+        #: Set when the whole daemon stops: its factories' metrics go with it.
+        self.closing = False
+        #: Set once the start check of every factory is done (at once without a check).
+        self.checked = anyio.Event()
         self._restarts = _Restarts(retry.restart)
         #: The factories that failed, waiting for their restart (cancelled by a stop).
         self._pending: dict[str, anyio.CancelScope] = {}
@@ -366,25 +370,11 @@ class Daemon:
         chart = self.chart_for(config)
         store = self.root.for_factory(name, lease=None if guard is None else guard.lease)
         register_secrets([config.katana.token, config.tradegecko.token])
-        refused: ApiError | None = None
-        # Beside others, a factory whose services passed the check with these very settings
-        # is not asked again: a token revoked since pauses it at its first call instead.
-        if check and (strict or not await _passed_before(store, config)):
-            try:
-                await self.check_services(name, config, on_wait)
-            except ApiError as exc:
-                await store.delete_meta(_META_CHECKED)
-                if strict:
-                    raise
-                refused = exc
-                log.error(
-                    "factory %s: %s; starting it anyway: it stays paused until it answers",
-                    name,
-                    exc,
-                    extra={"factory": name},
-                )
-            else:
-                await store.set_meta(_META_CHECKED, _check_record(config))
+        refused = (
+            await self._check_factory(name, config, store, strict=strict, on_wait=on_wait)
+            if check
+            else None
+        )
         activated = datetime.fromisoformat(
             await store.setdefault_meta("activated_at", datetime.now(UTC).isoformat())
         )
@@ -406,6 +396,73 @@ class Daemon:
             },
         )
         return runtime
+
+    async def _check_factory(
+        self,
+        name: str,
+        config: Config,
+        store: Store,
+        *,
+        strict: bool,
+        on_wait: Callable[[str], None] | None,
+    ) -> ApiError | None:
+        """The start check of one factory's services: its refusal, or ``None`` when they
+        answered (or had answered before with these very settings, beside others: a token
+        revoked since pauses the factory at its first call instead).
+
+        :raises ApiError: with ``strict``, a service refused.
+        """
+        if not strict and await _passed_before(store, config):
+            return None
+        try:
+            await self.check_services(name, config, on_wait)
+        except ApiError as exc:
+            await store.delete_meta(_META_CHECKED)
+            if strict:
+                raise
+            log.error(
+                "factory %s: %s; it runs anyway: it stays paused until it answers",
+                name,
+                exc,
+                extra={"factory": name},
+            )
+            return exc
+        await store.set_meta(_META_CHECKED, _check_record(config))
+        return None
+
+    async def check_started(
+        self, names: list[str], on_wait: Callable[[str], None] | None = None
+    ) -> None:
+        """Check the services of factories that started unchecked, after the whole start
+        and a bounded number at a time (as registrations are): 1,000 factories serve their
+        webhooks at once rather than after 2,000 calls. A refused factory runs on, paused
+        at its first call until it answers (``refused`` says why).
+
+        :raises ApiError: every one of them was refused: the config (a base URL, the tokens)
+            is wrong, not one factory's account; said as with one factory (exit 4 or 5).
+        """
+        asking = anyio.Semaphore(_STARTING_AT_ONCE)
+        refused: dict[str, ApiError] = {}
+
+        async def ask(name: str) -> None:
+            runtime = self.factories.get(name)
+            if runtime is None:  # stopped meanwhile (a reload)
+                return
+            async with asking:
+                exc = await self._check_factory(
+                    name, runtime.config, runtime.store, strict=False, on_wait=on_wait
+                )
+            if exc is not None:
+                runtime.refused = refused[name] = exc
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    tg.start_soon(ask, name)
+        finally:
+            self.checked.set()
+        if names and len(refused) == len(names):
+            raise refused[names[0]]
 
     async def stop_factory(self, name: str) -> None:
         """Stop the factory ``name``: its pollers, webhook routes (404 from now on) and
@@ -621,7 +678,7 @@ class Daemon:
             if self.restart_pending(name):
                 # Its series stay for its return; the gauge says it does not run meanwhile.
                 metrics.factory_running.labels(name).set(0)
-            else:
+            elif not self.closing:  # stopped alone: its series go (O(series) per factory)
                 metrics.forget_factory(name)
             if guard is not None:
                 metrics.factories_owned.set(len(self.factories))
@@ -1077,8 +1134,9 @@ async def running_daemon(
             async def start(name: str) -> None:
                 try:
                     async with starting_now:
+                        # Beside others, checked after the whole start (below).
                         await daemon.start_factory(
-                            name, check=check, strict=len(names) == 1, on_wait=on_wait
+                            name, check=check and len(names) == 1, on_wait=on_wait
                         )
                 except ApiError as exc:  # only with one factory
                     refused[name] = exc
@@ -1086,29 +1144,22 @@ async def running_daemon(
             if shared:
                 pass  # the coordinator started this daemon's share
             elif check and len(names) > 1:
-                # Asked together, a bounded number at a time: a slow factory does not hold
-                # the others' start, and 1,000 factories' checks and registrations do not
-                # queue at once on the shared pools (they timed out waiting for a connection,
-                # and httpcore's queue costs CPU by its length squared).
+                # Started together, a bounded number at a time, and checked after the whole
+                # start (Daemon.check_started): a slow factory does not hold the others'
+                # start, 1,000 factories take webhooks without waiting for 2,000 calls, and
+                # their calls do not queue at once on the shared pools (they timed out waiting
+                # for a connection, and httpcore's queue costs CPU by its length squared).
                 async with anyio.create_task_group() as starting:
                     for name in names:
                         starting.start_soon(start, name)
+                tg.start_soon(daemon.check_started, names, on_wait)
             else:
                 for name in names:
                     await start(name)
+                daemon.checked.set()
             daemon.started.set()
             if refused:
                 raise next(iter(refused.values()))
-            if (
-                check
-                and daemon.factories
-                and all(runtime.refused is not None for runtime in daemon.factories.values())
-            ):
-                # Every factory refused: the config (a base URL, the tokens) is wrong, not
-                # one factory's account. Said as with one factory (exit 4 or 5).
-                first = next(iter(daemon.factories.values())).refused
-                assert first is not None
-                raise first
             if metrics_sock is not None:
                 page = StatusPage(
                     config.daemon.database,
@@ -1135,6 +1186,7 @@ async def running_daemon(
             try:
                 yield daemon
             finally:
+                daemon.closing = True
                 tg.cancel_scope.cancel()
     finally:
         for sock in (metrics_sock, webhooks_sock):
