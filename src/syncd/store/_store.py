@@ -500,6 +500,11 @@ class Store:
 
     async def setdefault_meta(self, key: str, value: str) -> str:
         """Set ``key`` unless it is set; return the value in force."""
+        # Read first: at a restart every such key is set, and a write transaction each was
+        # most of the database's work in a 1,000-factory start.
+        stored = await self.get_meta(key)
+        if stored is not None:
+            return stored
         async with self._transaction() as db:
             await db.execute(
                 "INSERT INTO meta (factory, key, value) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
