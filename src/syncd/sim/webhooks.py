@@ -265,7 +265,7 @@ class WebhookSender:
                 response = await client.post(url, content=delivery.body, headers=headers)
             except httpx.HTTPError as exc:
                 self._count(delivery, "failed_attempts")
-                log.info("webhook %s to %s failed: %s", delivery.event, url, exc)
+                log.info("webhook %s to %s failed: %r", delivery.event, url, exc)
                 continue
             if self.success(response.status_code):
                 self._count(delivery, "delivered")
