@@ -30,6 +30,9 @@ What each figure is:
 - ``po_to_received_s``: one PO created in each factory's TradeGecko account at once; its
   SO delivered in Katana (a person's step, through the simulator's control panel) as soon as
   the daemon made it; until every factory's PO is ``received``.
+- ``webhook_deliveries``: per service, the simulator's webhook counters over every account
+  once the POs were received (or the wait ran out): ``published``, ``delivered``,
+  ``failed_attempts`` (each waits for the service's retry schedule), ``waiting``.
 
 Sound when: every factory answered (``/healthz`` registered, a series each); every factory's
 PO was imported exactly once (the Katana simulator's ``POST /sales_orders`` per account is
@@ -344,22 +347,37 @@ async def _orders(parts: dict[str, Any], names: list[str], seconds: float) -> fl
             await anyio.sleep(0.2)
 
 
-async def _sim_counts(base: str, tokens: list[str]) -> list[dict[str, Any]]:
+async def _sim_counts(
+    base: str, tokens: list[str], path: str = "/_sim/counters"
+) -> list[dict[str, Any]]:
     limit = anyio.Semaphore(_CONTROL_CONCURRENCY)
     out: list[dict[str, Any]] = [{} for _ in tokens]
     async with httpx.AsyncClient(timeout=60, limits=_LIMITS) as client:
 
         async def one(i: int) -> None:
             async with limit:
-                response = await client.get(
-                    f"{base}/_sim/counters", headers={"X-Sim-Account": tokens[i]}
-                )
+                response = await client.get(f"{base}{path}", headers={"X-Sim-Account": tokens[i]})
                 response.raise_for_status()
                 out[i] = response.json()
 
         async with anyio.create_task_group() as tg:
             for i in range(len(tokens)):
                 tg.start_soon(one, i)
+    return out
+
+
+async def _deliveries(parts: dict[str, Any], count: int) -> dict[str, dict[str, int]]:
+    """Per service, the simulator's webhook counters summed over every account
+    (``published``, ``delivered``, ``failed_attempts``, ...) and how many still wait
+    (``queued`` + ``in_flight``: a failed one waits for its retry)."""
+    out: dict[str, dict[str, int]] = {}
+    for service, base in (("katana", _KATANA_TOKEN), ("tradegecko", _TRADEGECKO_TOKEN)):
+        tokens = [_token(base, i) for i in range(count)]
+        total: Counter[str] = Counter()
+        for knobs in await _sim_counts(parts[service], tokens, "/_sim/webhooks"):
+            total.update(knobs.get("counters", {}))
+            total["waiting"] += int(knobs.get("queued", 0)) + int(knobs.get("in_flight", 0))
+        out[service] = dict(total)
     return out
 
 
@@ -497,7 +515,12 @@ def _measure_one(
         _sim_totals(parts, len(names)), before_restart, len(names)
     )
     pid = parts["daemon"].pid
-    out["po_to_received_s"] = round(anyio.run(_orders, parts, names, 300.0), 2)
+    try:
+        out["po_to_received_s"] = round(anyio.run(_orders, parts, names, 300.0), 2)
+    finally:
+        # What became of the services' webhook deliveries (a failed attempt waits for the
+        # service's retry schedule): said whether or not every PO arrived.
+        out["webhook_deliveries"] = anyio.run(_deliveries, parts, len(names))
     problems, calls = _agreement(parts, names)
     out.update(calls)
     out["rss_end_mb"] = round(_rss_mb(pid), 1)

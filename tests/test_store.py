@@ -1868,3 +1868,44 @@ async def test_production_evidence_keeps_looks_placements_and_what_was_heard_sin
         other = store.for_factory("other")
         assert await other.placement(70) is None
         assert await other.sales_order_evidence(7) is None
+
+
+async def test_sqlite_inbox_commits_go_before_the_transactions_waiting(tmp_path: Path) -> None:
+    """A webhook is answered once its row is committed: it must not wait behind every
+    factory's transactions (at 1,000 factories the answer came after the senders' 10 s)."""
+    store = await Store.open(tmp_path / "turns.db")
+    finished: list[str] = []
+    try:
+        backend = store._db
+        async with anyio.create_task_group() as tg:
+
+            async def write(name: str) -> None:
+                await store.set_meta(name, "x")
+                finished.append(name)
+
+            async def delivery() -> None:
+                assert await store.add_event("katana", "webhook_received", b"{}") is not None
+                finished.append("delivery")
+
+            scopes: list[anyio.CancelScope] = []
+
+            async def given_up() -> None:
+                with anyio.CancelScope() as scope:
+                    scopes.append(scope)
+                    await store.set_meta("given-up", "x")
+
+            async with backend.transaction():  # a factory's transaction, under way
+                tg.start_soon(write, "first")
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(given_up)  # waits, then its caller goes away
+                await anyio.wait_all_tasks_blocked()
+                scopes[0].cancel()
+                tg.start_soon(write, "second")
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(delivery)  # came last, goes first
+                await anyio.wait_all_tasks_blocked()
+                assert finished == []
+        assert finished == ["delivery", "first", "second"]
+        assert await store.get_meta("given-up") is None  # its place given up, none lost
+    finally:
+        await store.close()
