@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-__all__ = ["PostgresServer", "find_binaries", "pg_server_fixture"]
+__all__ = ["PostgresServer", "database_fixture", "find_binaries", "pg_server_fixture"]
 
 USER = "syncd"
 PASSWORD = "syncd-test-password"
@@ -175,3 +175,15 @@ def pg_server_fixture() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], name="database")
+def database_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Where a fresh store goes: a file path, or the URL of a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "syncd.db")
+        return
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)

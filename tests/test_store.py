@@ -24,7 +24,11 @@ import msgspec
 import psycopg
 import pytest
 
-from pg_server import PostgresServer, pg_server_fixture  # noqa: F401 - for pytest to find
+from pg_server import (  # noqa: F401 - fixtures, for pytest to find
+    PostgresServer,
+    database_fixture,
+    pg_server_fixture,
+)
 from syncd.domain.orders import LinkedOrder, PurchaseOrderLine, PurchaseOrderSnapshot
 from syncd.domain.statechart import Decision, load_statechart
 from syncd.errors import (
@@ -47,18 +51,6 @@ T = TypeVar("T")
 
 CHART = load_statechart()
 WHEN = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Where a fresh store goes: a file path, or the URL of a new PostgreSQL database."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "syncd.db")
-        return
-    server: PostgresServer = request.getfixturevalue("pg_server")
-    url = server.create_database()
-    yield url
-    server.drop_database(url)
 
 
 @pytest.fixture

@@ -21,7 +21,12 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import KATANA_TOKEN, TRADEGECKO_TOKEN, Sims
-from pg_server import PASSWORD, PostgresServer, pg_server_fixture  # noqa: F401 - pytest's
+from pg_server import (  # noqa: F401 - fixtures, for pytest to find
+    PASSWORD,
+    PostgresServer,
+    database_fixture,
+    pg_server_fixture,
+)
 from syncd import __version__
 from syncd.cli.syncctl import main as syncctl
 from syncd.cli.syncctl import parse_duration
@@ -842,22 +847,11 @@ async def _status_read_factory_by_factory(db: str, names: list[str]) -> dict[str
 ISO = "%Y-%m-%dT%H:%M:%SZ"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def status_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield str(tmp_path / "syncd.db")
-        return
-    server: PostgresServer = request.getfixturevalue("pg_server")
-    url = server.create_database()
-    yield url
-    server.drop_database(url)
-
-
 def test_status_of_many_factories_is_a_fixed_number_of_queries(
-    status_db: str, monkeypatch: pytest.MonkeyPatch
+    database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     statements: list[str] = []
-    backend: Any = SQLiteBackend if not status_db.startswith("postgresql") else PostgresBackend
+    backend: Any = SQLiteBackend if not database.startswith("postgresql") else PostgresBackend
     for method in ("fetchone", "fetchall", "execute"):
         real = getattr(backend, method)
 
@@ -869,13 +863,13 @@ def test_status_of_many_factories_is_a_fixed_number_of_queries(
 
     def status(*args: str) -> tuple[Any, int]:
         statements.clear()
-        result = CliRunner().invoke(syncctl, ["--db", status_db, *args, "status", "--json"])
+        result = CliRunner().invoke(syncctl, ["--db", database, *args, "status", "--json"])
         assert result.exit_code == 0, result.output
         return json.loads(result.output), len(statements)
 
-    names = anyio.run(_busy_factories, status_db, 0, 2)
+    names = anyio.run(_busy_factories, database, 0, 2)
     _, two = status()
-    names += anyio.run(_busy_factories, status_db, 2, 7)
+    names += anyio.run(_busy_factories, database, 2, 7)
     data, nine = status()
     assert two == nine <= 10, "statements for 2 factories, for 9"
     _, one = status("--factory", "f04")
@@ -886,7 +880,7 @@ def test_status_of_many_factories_is_a_fixed_number_of_queries(
     for each in data["factories"].values():
         if each["owner"] is not None:
             assert 590 < each["owner"].pop("expires_in_s") <= 600
-    assert data["factories"] == anyio.run(_status_read_factory_by_factory, status_db, names)
+    assert data["factories"] == anyio.run(_status_read_factory_by_factory, database, names)
     assert {len(each["states"]) for each in data["factories"].values()} == {3}
     assert data["needs_attention"] == 9
     assert sum(each["inbox_backlog"] for each in data["factories"].values()) == 4

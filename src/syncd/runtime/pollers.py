@@ -49,6 +49,7 @@ __all__ = [
     "TradeGeckoPoller",
     "facts_of",
     "parse_time",
+    "report_sales_order",
     "snapshot_of",
     "supplier_matches",
     "utcnow",
@@ -658,20 +659,8 @@ class KatanaPoller(_Poller):
             await self.store.set_cursor(name, min(max(stamps), ceiling).isoformat())
 
     async def _report(self, so: KatanaSalesOrder, link_id: int) -> int:
-        facts = facts_of(so)
         stamp = so.updated_at.isoformat() if so.updated_at else ""
-        event = await self.store.add_event(
-            "katana",
-            inbox.SO_OBSERVED,
-            inbox.encode(facts),
-            dedup_key=(
-                f"so:{so.id}:{stamp}:{so.status}:{so.production_status}:{facts.deleted}"
-                f":{len(facts.manufacturing_order_ids)}"
-            ),
-            so_id=so.id,
-            link_id=link_id,
-        )
-        return int(event is not None)
+        return await report_sales_order(self.store, facts_of(so), stamp, link_id)
 
 
 def _keyed_by_syncd(so: KatanaSalesOrder) -> bool:
@@ -682,6 +671,24 @@ def _keyed_by_syncd(so: KatanaSalesOrder) -> bool:
         and so.ecommerce_order_type == ECOMMERCE_ORDER_TYPE
         and (so.ecommerce_order_id or "").isdigit()
     )
+
+
+async def report_sales_order(store: Store, facts: SalesOrderFacts, stamp: str, link_id: int) -> int:
+    """Write what was seen of an SO as an observation event of its order; 1 if new, 0 if
+    the same ``stamp`` (the SO's ``updated_at``, or what signed deliveries said) saw the same
+    before."""
+    event = await store.add_event(
+        "katana",
+        inbox.SO_OBSERVED,
+        inbox.encode(facts),
+        dedup_key=(
+            f"so:{facts.so_id}:{stamp}:{facts.status}:{facts.production_status}"
+            f":{facts.deleted}:{len(facts.manufacturing_order_ids)}"
+        ),
+        so_id=facts.so_id,
+        link_id=link_id,
+    )
+    return int(event is not None)
 
 
 def facts_of(so: KatanaSalesOrder) -> SalesOrderFacts:

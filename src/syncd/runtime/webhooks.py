@@ -63,7 +63,13 @@ from syncd.runtime import inbox
 from syncd.runtime.crashpoints import crash_point
 from syncd.runtime.effects import PurchaseOrderReads
 from syncd.runtime.observer import Observer
-from syncd.runtime.pollers import OTHER_SUPPLIER, KatanaPoller, TradeGeckoPoller, facts_of
+from syncd.runtime.pollers import (
+    OTHER_SUPPLIER,
+    KatanaPoller,
+    TradeGeckoPoller,
+    facts_of,
+    report_sales_order,
+)
 from syncd.store import SalesOrderEvidence, Store
 
 __all__ = [
@@ -741,18 +747,7 @@ class WebhookConsumer:
         """The event a look would have written, from the evidence: under a key the same
         evidence makes again (workers racing on one SO write it once)."""
         heard = max([evidence.heard or 0, *(p.heard or 0 for p in evidence.placements)], default=0)
-        event = await self.store.add_event(
-            "katana",
-            inbox.SO_OBSERVED,
-            inbox.encode(facts),
-            dedup_key=(
-                f"so:{facts.so_id}:heard:{heard}:{facts.status}:{facts.production_status}"
-                f":{facts.deleted}:{len(facts.manufacturing_order_ids)}"
-            ),
-            so_id=facts.so_id,
-            link_id=link_id,
-        )
-        added = int(event is not None)
+        added = await report_sales_order(self.store, facts, f"heard:{heard}", link_id)
         return ("delivered, as signed deliveries say" if added else "nothing new"), added
 
     async def _manufacturing_order(self, mo_id: int, batch: _Batch, newest: int) -> tuple[str, int]:
