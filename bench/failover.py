@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from bench.harness import TESTS, load_test_module
+from bench.harness import TESTS, start_postgres
 
 
 class Daemon:
@@ -95,12 +95,7 @@ def main() -> int:
     parser.add_argument("--ttl", type=float, default=3.0)
     parser.add_argument("--renew", type=float, default=0.5)
     args = parser.parse_args()
-    pg = load_test_module("pg_server")
-    binaries = pg.find_binaries()
-    if binaries is None:
-        raise SystemExit("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)")
-    server = pg.PostgresServer(binaries)
-    server.start()
+    server = start_postgres()
     names = [f"f{i:02d}" for i in range(args.factories)]
     daemons: list[Daemon] = []
     total: int = args.factories

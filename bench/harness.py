@@ -51,6 +51,7 @@ __all__ = [
     "load_test_module",
     "percentile",
     "running_sims",
+    "start_postgres",
     "start_simulator",
     "tally",
     "wait_until",
@@ -351,6 +352,20 @@ def load_test_module(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def start_postgres() -> Any:
+    """The tests' PostgreSQL server (tests/pg_server.py), started; the caller stops it.
+
+    :raises SystemExit: PostgreSQL is not installed.
+    """
+    pg = load_test_module("pg_server")
+    binaries = pg.find_binaries()
+    if binaries is None:
+        raise SystemExit("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)")
+    server = pg.PostgresServer(binaries)
+    server.start()
+    return server
 
 
 def start_simulator(service: str, accounts: int = 1) -> tuple[subprocess.Popen[str], str]:

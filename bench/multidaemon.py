@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from bench.harness import Unsound, load_test_module
+from bench.harness import Unsound, load_test_module, start_postgres
 
 
 async def _taken_over(run: Any, owner: str, factories: list[str], within: float) -> float:
@@ -58,13 +58,8 @@ async def measure(
         that acted for a factory it had lost.
     """
     harness = load_test_module("multidaemon_harness")
-    pg = load_test_module("pg_server")
-    binaries = pg.find_binaries()
-    if binaries is None:
-        raise SystemExit("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)")
     rng = random.Random(seed)
-    server = pg.PostgresServer(binaries)
-    server.start()
+    server = start_postgres()
     failovers: list[float] = []
     frozen_checks: list[dict[str, Any]] = []
     events: list[str] = []

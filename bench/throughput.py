@@ -69,7 +69,14 @@ import httpx
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness import Unsound, _template, free_port, load_test_module, start_simulator
+from bench.harness import (
+    Unsound,
+    _template,
+    free_port,
+    load_test_module,
+    start_postgres,
+    start_simulator,
+)
 from syncd.sim import FactoryTokens, Simulators
 from syncd.sim.katana import API_PREFIX
 from syncd.store import Store
@@ -654,12 +661,7 @@ async def measure(
     :raises Unsound: a trial failed a check (every trial still runs first).
     """
     harness = load_test_module("multidaemon_harness")
-    pg = load_test_module("pg_server")
-    binaries = pg.find_binaries()
-    if binaries is None:
-        raise SystemExit("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)")
-    server = pg.PostgresServer(binaries)
-    server.start()
+    server = start_postgres()
     out: dict[str, Any] = {
         "factories": factories,
         "orders": orders,
