@@ -577,6 +577,37 @@ async def test_a_restart_asks_no_service_again_unless_a_setting_changed(tmp_path
         assert worlds[0].requests["GET /factory"] == before + 1
 
 
+async def test_a_first_start_sets_every_factorys_first_keys_together_and_a_restart_keeps_them(
+    tmp_path: Path,
+) -> None:
+    """What each factory's first start sets (activation time, import attempts' mark, webhook
+    path token) is set for all of them in one transaction before they start (one activation
+    time for all: 1,000 factories wrote three transactions each), their starts use it, and a
+    restart changes none of it."""
+    names = ["north", "south", "east"]
+    keys = ("activated_at", "import_attempts_since", "webhooks.path_token")
+    async with running_sims(accounts=3) as sims:
+        config = factories_config(sims, tmp_path / "syncd.db", names, webhook_port=free_port())
+        async with running_daemon(config) as daemon:
+            first = {
+                name: {key: await daemon.root.for_factory(name).get_meta(key) for key in keys}
+                for name in names
+            }
+            assert len({meta["activated_at"] for meta in first.values()}) == 1
+            assert len({meta["webhooks.path_token"] for meta in first.values()}) == 3
+            for name, runtime in daemon.factories.items():
+                assert runtime.activated_at.isoformat() == first[name]["activated_at"]
+                assert runtime.webhooks is not None
+                assert runtime.webhooks.keys.path_token == first[name]["webhooks.path_token"]
+            assert await daemon.set_first_meta(names) == 0
+        async with running_daemon(config) as daemon:
+            again = {
+                name: {key: await daemon.root.for_factory(name).get_meta(key) for key in keys}
+                for name in names
+            }
+            assert again == first
+
+
 async def test_many_factories_first_polls_wait_for_the_start_and_a_kick() -> None:
     """Beside others, a poller's first poll comes its delay after the daemon's whole start,
     or at once when asked (``syncctl poll``, a webhook's hint)."""

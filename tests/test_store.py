@@ -293,6 +293,36 @@ async def test_reopening_is_idempotent_and_keeps_the_data(database: str) -> None
     assert schema(database) == before
 
 
+async def test_setdefault_meta_of_sets_only_what_is_unset_in_one_transaction(
+    database: str,
+) -> None:
+    async with opened(database) as store:
+        await store.for_factory("f1").set_meta("activated_at", "kept")
+        rows = [(f"f{n}", key, f"{key}-{n}") for n in range(1200) for key in ("activated_at", "t")]
+        # 2,399 rows: over one INSERT's worth, so the chunks are proven too.
+        assert await store.setdefault_meta_of(rows) == 2399
+        assert await store.for_factory("f1").get_meta("activated_at") == "kept"
+        assert await store.for_factory("f1").get_meta("t") == "t-1"
+        assert await store.for_factory("f1199").get_meta("activated_at") == "activated_at-1199"
+        # A restart's call: every key set, so nothing is written (no write transaction).
+        before = raw(database, "SELECT factory, key, value FROM meta ORDER BY factory, key")
+        writes = 0
+        real = store._transaction
+
+        def counting() -> Any:
+            nonlocal writes
+            writes += 1
+            return real()
+
+        store._transaction = counting  # type: ignore[method-assign]
+        assert await store.setdefault_meta_of([(f, k, "other") for f, k, _ in rows]) == 0
+        assert writes == 0
+        assert raw(database, "SELECT factory, key, value FROM meta ORDER BY factory, key") == before
+        assert await store.setdefault_meta_of([]) == 0
+        with pytest.raises(ValueError, match="not a factory name"):
+            await store.setdefault_meta_of([("no such/name", "k", "v")])
+
+
 @pytest.mark.parametrize("readonly", [False, True])
 async def test_a_newer_database_is_refused(database: str, readonly: bool) -> None:
     future = len(MIGRATIONS) + 1

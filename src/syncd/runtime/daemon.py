@@ -8,7 +8,7 @@ import hashlib
 import logging
 import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -52,7 +52,7 @@ from syncd.ops.metrics import Metrics, serve_metrics
 from syncd.ops.statuspage import StatusPage
 from syncd.runtime.coordinator import Coordinator, LeaseGuard, LeaseTimes
 from syncd.runtime.dispatcher import Dispatcher, check_chart
-from syncd.runtime.effects import Effects, note_attempts_since
+from syncd.runtime.effects import Effects, attempts_since_meta, note_attempts_since
 from syncd.runtime.inbox import InboxWatch
 from syncd.runtime.observer import Observer, Observers
 from syncd.runtime.pauses import PAUSED_PREFIX
@@ -63,6 +63,7 @@ from syncd.runtime.webhooks import (
     WebhookListener,
     WebhookRouter,
     bind_listener,
+    path_token_meta,
 )
 from syncd.store import DEFAULT_FACTORY, Store
 
@@ -375,9 +376,7 @@ class Daemon:
             if check
             else None
         )
-        activated = datetime.fromisoformat(
-            await store.setdefault_meta("activated_at", datetime.now(UTC).isoformat())
-        )
+        activated = datetime.fromisoformat(await store.setdefault_meta(*_activated_meta()))
         await note_attempts_since(store)
         runtime: FactoryRuntime = await self._tg.start(
             self._run_factory, name, config, chart, store, activated, guard
@@ -396,6 +395,16 @@ class Daemon:
             },
         )
         return runtime
+
+    async def set_first_meta(self, names: Sequence[str]) -> int:
+        """Set, in one transaction, what each factory's first start sets (its activation
+        time, the import attempts' mark, its webhook path token) where it is not set yet;
+        each factory's start then only reads them. Return how many keys were set."""
+        at_once = (_activated_meta(), attempts_since_meta())  # one start: one time for all
+        rows = [(name, key, value) for name in names for key, value in at_once]
+        if self.router is not None:
+            rows += [(name, *path_token_meta()) for name in names]  # each its own token
+        return await self.root.setdefault_meta_of(rows)
 
     async def _check_factory(
         self,
@@ -1000,6 +1009,11 @@ async def check_services(
         )
 
 
+def _activated_meta() -> tuple[str, str]:
+    # A factory's activation: its first start (POs created before it are not synced).
+    return "activated_at", datetime.now(UTC).isoformat()
+
+
 def _check_record(config: Config) -> str:
     """What a passed start check vouches for: each service's address and token (hashed:
     the database keeps no token). Any change to them asks the services again."""
@@ -1121,6 +1135,7 @@ async def running_daemon(
             daemon.chart_for(daemon.factory_config(name))
         if shared is None:
             shared = store.dialect != "sqlite"
+        await daemon.set_first_meta(names)
         async with anyio.create_task_group() as tg:
             if router is not None and webhooks_sock is not None:
                 await tg.start(_serve_webhooks, router, webhooks_sock)

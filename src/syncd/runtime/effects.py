@@ -73,6 +73,7 @@ __all__ = [
     "Outcome",
     "PurchaseOrderReads",
     "SalesOrderKey",
+    "attempts_since_meta",
     "natural_key",
     "note_attempts_since",
 ]
@@ -108,11 +109,17 @@ _NOT_SHIPPED = "NOT_SHIPPED"
 _ATTEMPTS_SINCE_KEY = "import_attempts_since"
 
 
+def attempts_since_meta() -> tuple[str, str]:
+    """The meta key and value :func:`note_attempts_since` sets if unset (a daemon sets it
+    for many factories at once with :meth:`Store.setdefault_meta_of`)."""
+    return _ATTEMPTS_SINCE_KEY, repr(time.time())
+
+
 async def note_attempts_since(store: Store) -> None:
     """Note, once per database, when this syncd began noting import attempts: at its first
     start, before any import. Links made before (by an older syncd) look their SO up first;
     on a new database no link does (the first import then costs no look-up either)."""
-    await store.setdefault_meta(_ATTEMPTS_SINCE_KEY, repr(time.time()))
+    await store.setdefault_meta(*attempts_since_meta())
 
 
 @dataclass(frozen=True)
@@ -748,7 +755,7 @@ class Effects:
         if self.store is None:
             return True
         if self._attempts_since is None:
-            since = await self.store.setdefault_meta(_ATTEMPTS_SINCE_KEY, repr(time.time()))
+            since = await self.store.setdefault_meta(*attempts_since_meta())
             self._attempts_since = float(since)
         return link.created_at is None or link.created_at.timestamp() < self._attempts_since
 

@@ -86,6 +86,7 @@ __all__ = [
     "bind_listener",
     "create_webhook_app",
     "katana_signature",
+    "path_token_meta",
     "register_webhooks",
     "registration_record",
     "tradegecko_signature",
@@ -953,11 +954,17 @@ def bind_listener(config: Config) -> socket.socket:
         ) from None
 
 
+def path_token_meta() -> tuple[str, str]:
+    """The meta key of a factory's path token and a new token, set if unset (a daemon sets
+    it for many factories at once with :meth:`Store.setdefault_meta_of`)."""
+    return _META_PATH_TOKEN, secrets.token_urlsafe(24)
+
+
 async def _load_keys(keys: WebhookKeys, config: Config, store: Store) -> None:
     """The factory's path token (made once, kept in the database) and every Katana token
     its deliveries may be signed with (the configured one, the one registered)."""
     if not keys.path_token:
-        keys.path_token = await store.setdefault_meta(_META_PATH_TOKEN, secrets.token_urlsafe(24))
+        keys.path_token = await store.setdefault_meta(*path_token_meta())
     stored = await store.get_meta(_META_KATANA_TOKEN)
     keys.katana_tokens |= {t for t in (config.webhooks.katana_token, stored) if t}
 

@@ -309,6 +309,8 @@ class _QueuedEvent:
 #: Rows in one multi-row INSERT of a group commit (9 values a row, well under SQLite's
 #: 32,766 variables).
 _ROWS_PER_INSERT = 500
+#: Rows in one multi-row INSERT of :meth:`Store.setdefault_meta_of` (3 values a row).
+_META_ROWS_PER_INSERT = 1000
 #: Seconds the summary of the inbox's waiting events is used (see Store.pending_events).
 PENDING_SUMMARY_AGE = 0.5
 
@@ -513,6 +515,36 @@ class Store:
         stored = await self.get_meta(key)
         assert stored is not None
         return stored
+
+    async def setdefault_meta_of(self, rows: Iterable[tuple[str, str, str]]) -> int:
+        """:meth:`setdefault_meta` for many factories at once: each ``(factory, key,
+        value)`` not set yet is set, all in one transaction (none when every key is set);
+        return how many were set. A daemon's first start of 1,000 factories wrote three
+        keys each in a transaction of its own: 3,000 fsyncs, most of the start."""
+        wanted = {(factory, key): value for factory, key, value in rows}
+        for factory, _ in wanted:
+            if not FACTORY_NAME.fullmatch(factory):
+                raise ValueError(f"not a factory name: {factory!r}")
+        keys = sorted({key for _, key in wanted})
+        if not keys:
+            return 0
+        marks = ", ".join("?" * len(keys))
+        found = await self._fetchall(f"SELECT factory, key FROM meta WHERE key IN ({marks})", keys)
+        for row in found:
+            wanted.pop((str(row[0]), str(row[1])), None)
+        missing = [(factory, key, value) for (factory, key), value in wanted.items()]
+        if not missing:
+            return 0
+        async with self._transaction() as db:
+            for start in range(0, len(missing), _META_ROWS_PER_INSERT):
+                chunk = missing[start : start + _META_ROWS_PER_INSERT]
+                await db.execute(
+                    "INSERT INTO meta (factory, key, value) VALUES "
+                    + ", ".join(["(?, ?, ?)"] * len(chunk))
+                    + " ON CONFLICT DO NOTHING",
+                    [value for row in chunk for value in row],
+                )
+        return len(missing)
 
     async def get_cursor(self, name: str) -> str | None:
         row = await self._fetchone(
