@@ -371,6 +371,20 @@ async def test_integrity_check_of_a_fresh_store_is_clean(database: str) -> None:
 # -- inbox ------------------------------------------------------------------------------------
 
 
+def counting_commits(store: Store) -> list[int]:
+    """The store's one-job transactions (its group commits) from now on, a statement
+    count each."""
+    commits: list[int] = []
+    transact = store._db.transact
+
+    async def counted(statements: Sequence[Statement]) -> list[list[Row]]:
+        commits.append(len(statements))
+        return await transact(statements)
+
+    store._db.transact = counted  # type: ignore[method-assign]
+    return commits
+
+
 async def test_add_event_deduplicates_on_its_key(database: str) -> None:
     async with opened(database) as store:
         first = await store.add_event("poller", "so_observed", b"{}", dedup_key="so:9:t1")
@@ -394,15 +408,7 @@ async def test_concurrent_events_share_a_commit_and_each_gets_its_own_row(
     event, or of another in the same batch) gets None, and nothing is lost."""
     async with opened(database) as store:
         before = await store.add_event("webhook", "received", b"old", dedup_key="d:old")
-        commits = 0
-        transact = store._db.transact
-
-        async def counted(statements: Sequence[Statement]) -> list[list[Row]]:
-            nonlocal commits
-            commits += 1
-            return await transact(statements)
-
-        store._db.transact = counted  # type: ignore[method-assign]
+        commits = counting_commits(store)
         results: dict[int, int | None] = {}
 
         def key(n: int) -> str:
@@ -417,7 +423,7 @@ async def test_concurrent_events_share_a_commit_and_each_gets_its_own_row(
         async with anyio.create_task_group() as tg:
             for n in range(60):
                 tg.start_soon(add, n)
-        assert commits <= 3, f"{commits} commits for 60 concurrent events: not grouped"
+        assert len(commits) <= 3, f"{len(commits)} commits for 60 concurrent events: not grouped"
 
         rows = {e.id: e.payload for e in await store.pending_events(limit=500)}
         assert set(rows) == {before} | {i for i in results.values() if i is not None}
@@ -444,15 +450,7 @@ async def test_deliveries_of_many_factories_share_a_commit_keyed_per_factory(
     async with opened(database) as store:
         views = [store.for_factory(f"f{n}") for n in range(40)]
         await views[0].add_event("webhook", "received", b"old", dedup_key="d:same")
-        commits = 0
-        transact = store._db.transact
-
-        async def counted(statements: Sequence[Statement]) -> list[list[Row]]:
-            nonlocal commits
-            commits += 1
-            return await transact(statements)
-
-        store._db.transact = counted  # type: ignore[method-assign]
+        commits = counting_commits(store)
         results: dict[tuple[int, int], int | None] = {}
 
         async def add(n: int, copy: int) -> None:
@@ -464,7 +462,7 @@ async def test_deliveries_of_many_factories_share_a_commit_keyed_per_factory(
             for copy in range(2):
                 for n in range(40):
                     tg.start_soon(add, n, copy)
-        assert commits <= 3, f"{commits} commits for 40 factories' deliveries: not shared"
+        assert len(commits) <= 3, f"{len(commits)} commits for 40 factories' deliveries: not shared"
         # f0 had the key already; every other factory got one row, for one of its copies.
         assert results[0, 0] is None and results[0, 1] is None
         for n in range(1, 40):
