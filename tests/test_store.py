@@ -439,62 +439,6 @@ async def test_concurrent_events_share_a_commit_and_each_gets_its_own_row(
         assert all(results[n] is None for n in range(60) if key(n) == "d:old")
 
 
-async def test_deliveries_of_many_factories_share_a_commit_keyed_per_factory(
-    database: str,
-) -> None:
-    """The views without a lease (webhook intake, one per factory) share one group commit:
-    1,000 factories' deliveries at once are a few transactions, not one each. A dedup key
-    is unique per factory, so two factories' equal keys are two rows, and a repeat within a
-    factory is still a duplicate. A view with a lease commits alone: its fence check must
-    not refuse the others' rows."""
-    async with opened(database) as store:
-        views = [store.for_factory(f"f{n}") for n in range(40)]
-        await views[0].add_event("webhook", "received", b"old", dedup_key="d:same")
-        commits = counting_commits(store)
-        results: dict[tuple[int, int], int | None] = {}
-
-        async def add(n: int, copy: int) -> None:
-            results[n, copy] = await views[n].add_event(
-                "webhook", "received", f"{n}.{copy}".encode(), dedup_key="d:same"
-            )
-
-        async with anyio.create_task_group() as tg:
-            for copy in range(2):
-                for n in range(40):
-                    tg.start_soon(add, n, copy)
-        assert len(commits) <= 3, f"{len(commits)} commits for 40 factories' deliveries: not shared"
-        # f0 had the key already; every other factory got one row, for one of its copies.
-        assert results[0, 0] is None and results[0, 1] is None
-        for n in range(1, 40):
-            told = [copy for copy in range(2) if results[n, copy] is not None]
-            assert len(told) == 1, (n, results[n, 0], results[n, 1])
-            rows = await views[n].pending_events()
-            assert [(e.id, e.payload) for e in rows] == [
-                (results[n, told[0]], f"{n}.{told[0]}".encode())
-            ]
-
-        # A fenced view's commit is its own, and a lost lease refuses its rows alone.
-        lease = await store.acquire_lease("f1", "d1", 30)
-        assert lease is not None
-        fenced = store.for_factory("f1", lease=lease)
-        assert fenced._group is not views[1]._group and views[1]._group is views[2]._group
-        expire(database, "f1")
-        assert await store.acquire_lease("f1", "d2", 30) is not None
-        kept: list[int | None] = []
-
-        async def refused() -> None:
-            with pytest.raises(LeaseLost):
-                await fenced.add_event("effect", "outcome", b"x")
-
-        async def unfenced() -> None:
-            kept.append(await views[5].add_event("webhook", "received", b"y", dedup_key="new"))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(refused)
-            tg.start_soon(unfenced)
-        assert kept[0] is not None
-
-
 async def test_callers_cancelled_while_waiting_for_a_group_commit_stall_no_one(
     database: str,
 ) -> None:

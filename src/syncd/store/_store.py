@@ -285,19 +285,6 @@ def _link(row: Sequence[Any]) -> LinkedOrder:
     )
 
 
-class _GroupCommit:
-    """The inbox rows waiting for the next group commit (see :meth:`Store.add_event`), and
-    whether a caller is committing (or has been handed the turn to). One for every view
-    without a lease, so deliveries of many factories share a commit; a view with a lease
-    has its own (its commits check its fence, which must not refuse another's rows)."""
-
-    __slots__ = ("committing", "queued")
-
-    def __init__(self) -> None:
-        self.queued: list[_QueuedEvent] = []
-        self.committing = False
-
-
 class _QueuedEvent:
     """An inbox row waiting for its group commit, and then what became of it."""
 
@@ -345,33 +332,23 @@ def _insert_events_sql(rows: int) -> str:
         "INSERT INTO inbox (factory, source, kind, dedup_key, po_id, so_id, link_id, payload, "
         "received_at) VALUES "
         + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
-        + " ON CONFLICT DO NOTHING RETURNING id, dedup_key, factory"
+        + " ON CONFLICT DO NOTHING RETURNING id, dedup_key"
     )
 
 
 def _match_ids(chunk: Sequence[_QueuedEvent], returned: Sequence[Row]) -> None:
     """Give each row of one multi-row INSERT its id from what ``RETURNING`` gave back.
 
-    A row whose factory and dedup key are not returned was a duplicate. ``RETURNING`` has
-    no set order, but the rows are inserted in ``VALUES`` order and each takes the next
-    rowid (SQLite) or sequence value (PostgreSQL), so their ids ascend in that order."""
-    inserted_keys = {(row[2], row[1]) for row in returned if row[1] is not None}
+    A row whose dedup key is not returned was a duplicate. ``RETURNING`` has no set order,
+    but the rows are inserted in ``VALUES`` order and each takes the next rowid (SQLite) or
+    sequence value (PostgreSQL), so their ids ascend in that order."""
+    inserted_keys = {row[1] for row in returned if row[1] is not None}
     ids = iter(sorted(int(row[0]) for row in returned))
     for queued in chunk:
-        if queued.dedup_key is not None and (queued.row[0], queued.dedup_key) not in inserted_keys:
+        if queued.dedup_key is not None and queued.dedup_key not in inserted_keys:
             queued.event_id = None
         else:
             queued.event_id = next(ids)
-
-
-def _hand_on(group: _GroupCommit) -> None:
-    """Give the turn to commit to the first caller waiting, or end the turns."""
-    if group.queued:
-        first = group.queued[0]
-        first.leads = True
-        first.wake()
-    else:
-        group.committing = False
 
 
 class Store:
@@ -401,10 +378,10 @@ class Store:
         self.factory = factory
         self.lease = lease
         self._root = self if root is None else root
-        # Group commit of inbox rows (see add_event): the root's for every unfenced view.
-        self._group: _GroupCommit = (
-            root._group if root is not None and lease is None else _GroupCommit()
-        )
+        # Group commit of inbox rows (see add_event): rows waiting for the next commit, and
+        # whether a caller is committing (or has been handed the turn to).
+        self._queued: list[_QueuedEvent] = []
+        self._committing = False
         # The root's summary of what waits in the inbox (see _nothing_pending).
         self._pending: _PendingSummary | None = None
         self._pending_lock = anyio.Lock()
@@ -613,26 +590,25 @@ class Store:
         queued = _QueuedEvent(
             dedup_key, (self.factory, source, kind, dedup_key, po_id, so_id, link_id, payload)
         )
-        group = self._group
-        group.queued.append(queued)
-        if group.committing:
+        self._queued.append(queued)
+        if self._committing:
             queued.turn = turn = anyio.Event()
             try:
                 await turn.wait()
             except BaseException:
                 # Cancelled while waiting: a row not yet taken is not written (its caller
                 # answers nothing), and a turn handed to it goes to the next in line.
-                if not queued.done and queued in group.queued:
-                    group.queued.remove(queued)
+                if not queued.done and queued in self._queued:
+                    self._queued.remove(queued)
                     if queued.leads:
-                        _hand_on(group)
+                        self._hand_on()
                 raise
         if not queued.done:
             # Our turn: commit everything queued, ours included. The committer wakes each
             # caller of the batch at once, and hands the next batch to the first caller
             # that came meanwhile, so the next commit starts without waiting for them.
-            group.committing = True
-            batch, group.queued = group.queued, []
+            self._committing = True
+            batch, self._queued = self._queued, []
             try:
                 # Shielded: a cancelled caller must not cut the commit short for the others
                 # in its batch (their answers depend on it).
@@ -641,25 +617,33 @@ class Store:
             finally:
                 # The next leader first, so that it is the first of them to run: the next
                 # commit starts while this batch's answers are written.
-                _hand_on(group)
+                self._hand_on()
                 for waiting in batch:
                     waiting.wake()
         if queued.error is not None:
             raise queued.error
         return queued.event_id
 
+    def _hand_on(self) -> None:
+        """Give the turn to commit to the first caller waiting, or end the turns."""
+        if self._queued:
+            first = self._queued[0]
+            first.leads = True
+            first.wake()
+        else:
+            self._committing = False
+
     async def _commit_events(self, batch: list[_QueuedEvent]) -> None:
         """Insert ``batch`` in one transaction, one statement per :data:`_ROWS_PER_INSERT`
         rows; each row's id (``None``: a duplicate) or the error that refused the
         transaction is left on it."""
         fresh: list[_QueuedEvent] = []
-        seen: set[tuple[str, str]] = set()
+        seen: set[str] = set()
         for queued in batch:
             if queued.dedup_key is not None:
-                key = (queued.row[0], queued.dedup_key)  # unique per factory
-                if key in seen:
+                if queued.dedup_key in seen:
                     continue  # the same delivery twice in one batch: one row, one answer
-                seen.add(key)
+                seen.add(queued.dedup_key)
             fresh.append(queued)
         received_at = self._now()
         chunks = [fresh[i : i + _ROWS_PER_INSERT] for i in range(0, len(fresh), _ROWS_PER_INSERT)]
