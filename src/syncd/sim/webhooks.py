@@ -62,7 +62,13 @@ KATANA_SCHEDULE: tuple[float, ...] = (30.0, 120.0, 900.0)
 #: TradeGecko retries "with exponential backoff for up to 3 days" (exact steps unverified):
 #: 1 min doubling, twelve retries, about 68 hours in all.
 TRADEGECKO_SCHEDULE: tuple[float, ...] = tuple(60.0 * 2**n for n in range(12))
+#: Seconds a receiver has to connect, read and answer a delivery.
 TIMEOUT = 10.0
+#: The receiver's time only: a delivery waiting for one of the sender's connections (every
+#: account's deliveries share this client) has not been sent, so that wait is no failed
+#: attempt. The services send from fleets of workers; at 1,000 accounts' deliveries at once
+#: the shared pool's 10 s wait failed hundreds of attempts with ``PoolTimeout``.
+_TIMEOUTS = httpx.Timeout(TIMEOUT, pool=None)
 
 
 @dataclass
@@ -219,7 +225,7 @@ class WebhookSender:
     async def run(self) -> None:
         """Deliver queued events until cancelled, each delivery with its own retries."""
         async with (
-            httpx.AsyncClient(timeout=TIMEOUT, transport=self._transport) as client,
+            httpx.AsyncClient(timeout=_TIMEOUTS, transport=self._transport) as client,
             anyio.create_task_group() as tg,
         ):
             while True:
