@@ -147,7 +147,9 @@ async def test_manual_mode_makes_no_mo(sims: Sims, tmp_path: Path) -> None:
         await anyio.sleep(0.5)
         assert await mos_per_row(sims) == {}
         assert (await daemon.store.get_link(link.id)).state == "imported"  # type: ignore[union-attr]
-        async with sims.factory():
+        # Production lasts 1 s: several polls see it (at the default 0.05 s a poll at 0.1 s,
+        # stretched to 0.2 s while idle, could miss it and see the SO delivered at once).
+        async with sims.factory(step_delay=1.0):
             await wait_for(daemon, [po["order_number"]], is_state("received"))
         steps = await steps_of(daemon, po["order_number"], holding=set())
     assert [s[1] for s in steps] == [
