@@ -66,7 +66,7 @@ import anyio
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness import Unsound, _template, free_port, start_simulator
+from bench.harness import Unsound, _template, free_ports, start_simulator
 from syncd.sim import CHAIR_LINE, TRADEGECKO_WEBHOOK_SECRET
 
 __all__ = ["measure"]
@@ -95,7 +95,7 @@ def _names(count: int) -> list[str]:
 def _config(
     tmp: Path, count: int, katana: str, tradegecko: str, *, register: bool = True
 ) -> tuple[Path, int, int]:
-    hook_port, metrics_port = free_port(), free_port()
+    hook_port, metrics_port = free_ports(2)
     lines = [
         f'[daemon]\ndatabase = "{tmp / "syncd.db"}"\nlog_level = "warning"\nretry_initial = 0.2',
         f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"',

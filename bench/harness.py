@@ -33,6 +33,7 @@ from syncd.sim import (
     TRADEGECKO_WEBHOOK_SECRET,
     Simulators,
     free_port,
+    free_ports,
     running_simulators,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "delta",
     "find_unsound",
     "free_port",
+    "free_ports",
     "load_test_module",
     "percentile",
     "running_sims",

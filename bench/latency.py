@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from bench.harness import Unsound, free_port, percentile, start_simulator
+from bench.harness import Unsound, free_ports, percentile, start_simulator
 from syncd.sim import CHAIR_LINE, TRADEGECKO_WEBHOOK_SECRET
 
 __all__ = ["measure"]
@@ -56,7 +56,7 @@ def _processes(tmp: Path) -> Iterator[dict[str, Any]]:
         procs.append(katana)
         tradegecko, tradegecko_url = start_simulator("tradegecko")
         procs.append(tradegecko)
-        hook_port, metrics_port = free_port(), free_port()
+        hook_port, metrics_port = free_ports(2)
         db = tmp / "syncd.db"
         config = tmp / "syncd.toml"
         config.write_text(

@@ -33,7 +33,7 @@ import httpx
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.domain.statechart import load_statechart
 from syncd.runtime.crashpoints import CRASH_POINTS, ENV, EXIT_CODE
-from syncd.sim import TRADEGECKO_WEBHOOK_SECRET, free_port
+from syncd.sim import TRADEGECKO_WEBHOOK_SECRET, free_ports
 from syncd.store import Store
 
 __all__ = [
@@ -160,7 +160,8 @@ class CrashHarness:
     def running(self) -> Iterator[CrashHarness]:
         """Start both simulators and write the config; stop everything on the way out."""
         try:
-            tg_port, kt_port = free_port(), free_port()
+            # The listener's port too: one the simulators are about to take is no use.
+            tg_port, kt_port, hook_port = free_ports(3)
             self.tradegecko_url = f"http://127.0.0.1:{tg_port}"
             self.katana_url = f"http://127.0.0.1:{kt_port}"
             self._sims.append(self._spawn_sim("tradegecko", tg_port))
@@ -171,7 +172,7 @@ class CrashHarness:
             for url in (self.tradegecko_url, self.katana_url):
                 self._wait_up(url)
             if self.webhooks:
-                self.webhooks_url = f"http://127.0.0.1:{free_port()}"
+                self.webhooks_url = f"http://127.0.0.1:{hook_port}"
             self._write_config()
             yield self
         finally:

@@ -26,7 +26,7 @@ from syncd.config import Config, DaemonConfig
 from syncd.runtime.daemon import Daemon, running_daemon
 from syncd.runtime.pollers import TradeGeckoPoller
 from syncd.runtime.webhooks import tradegecko_signature
-from syncd.sim import free_port
+from syncd.sim import free_ports
 from test_daemon import factories_config, wait_in
 from test_metrics import samples, scrape
 
@@ -141,7 +141,7 @@ async def test_two_daemons_share_four_factories_and_one_takes_all_when_the_other
 async def test_any_daemon_takes_any_factorys_webhook_and_the_owner_is_woken_at_once(
     pg_database: str,
 ) -> None:
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     async with running_sims(accounts=4) as sims, sims.factory():
         # Polls every 60 s: only the wake-up can make a delivery's PO arrive quickly.
         configs = [shared_config(sims, pg_database, webhook_port=port, poll=60.0) for port in ports]

@@ -11,6 +11,7 @@ from syncd.sim._harness import (
     Simulators,
     catalogue_lines,
     free_port,
+    free_ports,
     running_simulators,
 )
 from syncd.sim._katana_world import KatanaWorld
@@ -28,5 +29,6 @@ __all__ = [
     "TradeGeckoWorld",
     "catalogue_lines",
     "free_port",
+    "free_ports",
     "running_simulators",
 ]

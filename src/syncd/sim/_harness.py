@@ -31,6 +31,7 @@ __all__ = [
     "Simulators",
     "catalogue_lines",
     "free_port",
+    "free_ports",
     "running_simulators",
 ]
 
@@ -54,10 +55,19 @@ def catalogue_lines(count: int) -> list[dict[str, Any]]:
 
 def free_port() -> int:
     """A loopback port nothing listens on right now (for a server started later)."""
-    sock = bind_socket()
-    port = int(sock.getsockname()[1])
-    sock.close()
-    return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different loopback ports nothing listens on right now: each is held until
+    all are found (two calls of :func:`free_port` can give the same port, and two servers
+    started on it made a crash test fail with "Address already in use")."""
+    socks = [bind_socket() for _ in range(count)]
+    try:
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 @dataclass(frozen=True)
