@@ -393,22 +393,18 @@ async def _deliveries(parts: dict[str, Any], count: int) -> dict[str, dict[str, 
 
 def _agreement(parts: dict[str, Any], names: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Per factory and service, the daemon's calls vs the simulator account's, endpoint by
-    endpoint. The simulators' counts are read between two scrapes of the daemon. When the
-    daemon's counts stood still in between, they must equal the simulators'. At 1,000
-    factories the periodic calls never stop for the seconds the reading takes, so each
-    endpoint's count is bracketed instead: a simulator counts a request before the daemon
-    counts its answer, so scrape before <= simulator <= scrape after. The first daemon's
+    endpoint. The simulators' counts are read between two scrapes of the daemon, and each
+    endpoint's count is bracketed: a simulator counts a request before the daemon counts its
+    answer, so scrape before <= simulator <= scrape after (equal when the daemon's counts
+    stood still; at 1,000 factories the periodic calls never stop for the seconds a reading
+    takes). The first daemon's
     calls between its last scrape and its exit (a poll cut off by the SIGTERM: the simulator
     counted it, the daemon never saw its answer) are read from the simulators once it has
     exited, allowed in the upper bound and reported (``calls_at_stop``)."""
     problems: list[str] = []
-    for _ in range(5):
-        before = _scrape(httpx.get(parts["metrics"], timeout=30).text)["calls"]
-        sims = _sim_requests(parts, len(names))
-        after = _scrape(httpx.get(parts["metrics"], timeout=30).text)["calls"]
-        if before == after:
-            break
-        time.sleep(2)  # calls were in flight (a reconcile, a retry): read again
+    before = _scrape(httpx.get(parts["metrics"], timeout=30).text)["calls"]
+    sims = _sim_requests(parts, len(names))
+    after = _scrape(httpx.get(parts["metrics"], timeout=30).text)["calls"]
     totals: Counter[str] = Counter()
     creates = []
     for i, name in enumerate(names):

@@ -1135,7 +1135,10 @@ async def running_daemon(
             daemon.chart_for(daemon.factory_config(name))
         if shared is None:
             shared = store.dialect != "sqlite"
-        await daemon.set_first_meta(names)
+        if not shared and len(names) > 1:
+            # Their checks come after the start anyway (below). One factory, or shared ones,
+            # are checked first: a refused first start must not become the activation.
+            await daemon.set_first_meta(names)
         async with anyio.create_task_group() as tg:
             if router is not None and webhooks_sock is not None:
                 await tg.start(_serve_webhooks, router, webhooks_sock)

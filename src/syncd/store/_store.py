@@ -520,7 +520,8 @@ class Store:
         """:meth:`setdefault_meta` for many factories at once: each ``(factory, key,
         value)`` not set yet is set, all in one transaction (none when every key is set);
         return how many were set. A daemon's first start of 1,000 factories wrote three
-        keys each in a transaction of its own: 3,000 fsyncs, most of the start."""
+        keys each in a transaction of its own: 3,000 turns of the one writer, ~1.7 s of a
+        6 s start."""
         wanted = {(factory, key): value for factory, key, value in rows}
         for factory, _ in wanted:
             if not FACTORY_NAME.fullmatch(factory):
