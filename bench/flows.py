@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import statistics
@@ -450,6 +451,28 @@ async def baseline_flow(orders: int = 10, poll: float = 1.0, rounds: int = 3) ->
 #: TradeGecko's window (300 requests per 300 s, fixed): a run's first window spends the whole
 #: allowance at once, so it measures the allowance, not the sustained rate.
 SUSTAINED_WINDOW = 300.0
+#: Orders the closed loop keeps open (``BENCH_SUSTAINED_IN_FLIGHT``).
+SUSTAINED_IN_FLIGHT = 60
+#: A steady window that spent this share of a service's allowance was bound by it.
+BOUND_SHARE = 0.9
+
+
+def _bounds(
+    marks: list[tuple[Counter[Any], Counter[Any]]], shares: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Per steady window: the calls each service spent of its allowance (``shares``: what
+    syncd may take per window, the reserve left out), and what bound the window: the
+    services that spent at least :data:`BOUND_SHARE` of it, else the feed (the closed loop's
+    open orders, or the open feed's rate): then the window measured the feed, not syncd."""
+    rows: list[dict[str, Any]] = []
+    for before, after in itertools.pairwise(marks):
+        spent = {
+            "katana": sum(delta(after[0], before[0]).values()),
+            "tradegecko": sum(delta(after[1], before[1]).values()),
+        }
+        bound = [svc for svc, n in spent.items() if n >= BOUND_SHARE * shares[svc]]
+        rows.append({"spent": spent, "of": shares, "bound_by": bound or ["feed"]})
+    return rows
 
 
 def _per_order(calls: dict[Any, int], orders: int) -> dict[str, Any]:
@@ -535,7 +558,7 @@ async def _timeline(
 
 async def sustained(
     seconds: float | None = None,
-    in_flight: int = 60,
+    in_flight: int | None = None,
     *,
     webhooks: bool = False,
     warmup: float = SUSTAINED_WINDOW,
@@ -556,6 +579,8 @@ async def sustained(
     """
     if seconds is None:
         seconds = float(os.environ.get("BENCH_SUSTAINED_S", "660"))
+    if in_flight is None:
+        in_flight = int(os.environ.get("BENCH_SUSTAINED_IN_FLIGHT", str(SUSTAINED_IN_FLIGHT)))
     if rate is None and os.environ.get("BENCH_SUSTAINED_RATE"):
         rate = float(os.environ["BENCH_SUSTAINED_RATE"])
     if seconds < warmup + SUSTAINED_WINDOW:
@@ -685,6 +710,13 @@ async def sustained(
         "completed_steady": len(steady),
         "per_hour_steady": round(len(steady) * 3600 / steady_s, 1),
         "per_hour_whole_run": round(len(rel) * 3600 / span, 1),
+        "steady_windows": _bounds(
+            marks,
+            {
+                name: (client.rate_limit - client.reserve) * SUSTAINED_WINDOW / client.rate_period
+                for name, client in (("katana", config.katana), ("tradegecko", config.tradegecko))
+            },
+        ),
         "steady_calls": {
             "katana": _per_order(delta(at_last[0], at_warmup[0]), len(steady)),
             "tradegecko": _per_order(delta(at_last[1], at_warmup[1]), len(steady)),
