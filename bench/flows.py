@@ -660,9 +660,18 @@ async def sustained(
                     checked, disagreement = unsound.figures, unsound.why
                 final = await tally(sims, daemon.metrics)
                 unanswered = _unanswered(final, nothing)
+                # What syncd may take in one of the bench's windows (reserve left out).
+                shares = {
+                    name: (b.limit - b.reserve) * SUSTAINED_WINDOW / b.period
+                    for name, b in (
+                        ("katana", daemon.katana.budget),
+                        ("tradegecko", daemon.tradegecko.budget),
+                    )
+                }
                 budgets = {
                     name: {
                         "limit": client.budget.limit,
+                        "share_per_window": shares[name],
                         "sent_by_priority": {
                             p.name.lower(): n for p, n in client.budget.sent_by_priority.items()
                         },
@@ -710,13 +719,7 @@ async def sustained(
         "completed_steady": len(steady),
         "per_hour_steady": round(len(steady) * 3600 / steady_s, 1),
         "per_hour_whole_run": round(len(rel) * 3600 / span, 1),
-        "steady_windows": _bounds(
-            marks,
-            {
-                name: (client.rate_limit - client.reserve) * SUSTAINED_WINDOW / client.rate_period
-                for name, client in (("katana", config.katana), ("tradegecko", config.tradegecko))
-            },
-        ),
+        "steady_windows": _bounds(marks, shares),
         "steady_calls": {
             "katana": _per_order(delta(at_last[0], at_warmup[0]), len(steady)),
             "tradegecko": _per_order(delta(at_last[1], at_warmup[1]), len(steady)),
