@@ -56,6 +56,25 @@ class Bench:
         outcome = await self.effects.import_order(await self.link())
         assert outcome.trigger == triggers.SO_CREATED, outcome
 
+    async def imported(self, *lines: int, state: str = "delivered") -> list[LinkedOrder]:
+        """New POs (``lines`` each), imported, their links stored in ``state`` (by default
+        waiting for their receipts: what the PO read-ahead looks for)."""
+        links = []
+        for count in lines:
+            po = await self.sims.create_po(count)
+            link = await self.store.create_link(
+                snapshot_of(*await self.tradegecko.get_purchase_order(po["id"])),
+                state=state,
+                trigger="po_discovered",
+                cause="test",
+                event_id=None,
+            )
+            assert link is not None
+            made = await self.effects.import_order(link)
+            assert made.trigger == triggers.SO_CREATED, made
+            links.append(msgspec.structs.replace(link, so_id=made.so_id, lines=made.lines))
+        return links
+
     async def katana_requests(self) -> Counter[str]:
         katana, _ = await self.sims.counters()
         return Counter(katana["requests"])
@@ -224,20 +243,8 @@ async def test_a_cached_variant_katana_refuses_is_looked_up_again_with_one_so(
 async def test_receipts_due_together_share_one_inventory_read(sims: Sims, tmp_path: Path) -> None:
     async with bench(sims, tmp_path) as b:
         await b.warm()
-        links = []
-        for lines in (1, 2, 1):
-            po = await sims.create_po(lines)
-            link = await b.store.create_link(
-                snapshot_of(*await b.tradegecko.get_purchase_order(po["id"])),
-                state="discovered",
-                trigger="po_discovered",
-                cause="test",
-                event_id=None,
-            )
-            assert link is not None
-            made = await b.effects.import_order(link)
-            assert made.trigger == triggers.SO_CREATED, made
-            links.append(msgspec.structs.replace(link, so_id=made.so_id, lines=made.lines))
+        # Not yet due: the PO read-ahead leaves them be (this test is the inventory's).
+        links = await b.imported(1, 2, 1, state="discovered")
         b.effects.inventory.window = 1.0  # wide: the PO reads before it vary under load
         before = await b.katana_requests()
         outcomes: list[Outcome] = []
@@ -269,21 +276,7 @@ async def test_receipts_due_together_share_one_po_read_and_read_ahead_those_due(
 ) -> None:
     async with bench(sims, tmp_path) as b:
         await b.warm()
-        links = []
-        for lines in (1, 2, 1, 1, 1):
-            po = await sims.create_po(lines)
-            # Stored as waiting for its receipt: what the read-ahead looks for.
-            link = await b.store.create_link(
-                snapshot_of(*await b.tradegecko.get_purchase_order(po["id"])),
-                state="delivered",
-                trigger="po_discovered",
-                cause="test",
-                event_id=None,
-            )
-            assert link is not None
-            made = await b.effects.import_order(link)
-            assert made.trigger == triggers.SO_CREATED, made
-            links.append(msgspec.structs.replace(link, so_id=made.so_id, lines=made.lines))
+        links = await b.imported(1, 2, 1, 1, 1)
         reads = b.effects.purchase_orders
         reads.window = 1.0  # wide: the two receipts start together under load
         before = await b.tradegecko_reads()
@@ -321,6 +314,59 @@ async def test_receipts_due_together_share_one_po_read_and_read_ahead_those_due(
     assert sum(retry.values()) >= 1 and "GET /purchase_orders" in retry, retry
     # Two receipts together, three ahead (one voided), the retry by its own batch.
     assert (reads.reads, reads.served) == (2, 6)
+
+
+async def test_a_receipt_whose_po_is_being_read_ahead_waits_for_that_read(
+    tmp_path: Path,
+) -> None:
+    # The list read answers after 1.5 s: the other receipts ask while it is on its way.
+    slow = Faults(rules=[FaultRule(path="/purchase_orders", method="GET", latency_ms=1500)])
+    async with running_sims(tradegecko_faults=slow) as sims, bench(sims, tmp_path) as b:
+        await b.warm()
+        links = await b.imported(1, 1, 1, 1, 1)
+        reads = b.effects.purchase_orders
+        reads.window = 0.0
+        before = await b.tradegecko_reads()
+        outcomes: list[Outcome] = []
+
+        async def receive(link: LinkedOrder) -> None:
+            outcomes.append(await b.effects.receive_order(link))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receive, links[0])
+            await anyio.sleep(0.5)  # its read (the others read ahead) is on its way
+            for link in links[1:]:
+                tg.start_soon(receive, link)
+        spent = _spent(before, await b.tradegecko_reads())
+    assert [o.trigger for o in outcomes] == [triggers.PO_RECEIVED] * 5, outcomes
+    # One read for all five: before, each later receipt read its PO again.
+    assert spent == {"GET /purchase_orders": 1, "GET /purchase_order_line_items": 1}, spent
+    assert (reads.reads, reads.served) == (1, 5), (reads.reads, reads.served, outcomes)
+
+
+async def test_the_read_ahead_takes_only_what_the_budget_serves_while_fresh(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with bench(sims, tmp_path) as b:
+        await b.warm()
+        links = await b.imported(1, 1, 1, 1, 1, 1)
+        reads = b.effects.purchase_orders
+        reads.window = 0.0
+        budget = b.tradegecko.budget
+        # 300 calls per 300 s: 6 calls within 6 s, 2 of them this receipt's own, so two
+        # receipts more (2 calls each) can use a read ahead before it is stale.
+        assert (budget.limit, budget.period, budget.reserve) == (300, 300.0, 0)
+        reads.fresh_for = 6.0
+        first = await b.effects.receive_order(links[0])
+        read_ahead = set(reads._ahead)
+        # Room for none: the receipt reads its PO alone.
+        reads.fresh_for = 2.0
+        before = await b.tradegecko_reads()
+        alone = await b.effects.receive_order(links[5])
+        spent = _spent(before, await b.tradegecko_reads())
+    assert first.trigger == alone.trigger == triggers.PO_RECEIVED, (first, alone)
+    assert len(read_ahead) == 2 and read_ahead < {link.po_id for link in links[1:5]}, read_ahead
+    assert spent == {"GET /purchase_orders/{id}": 1}, spent
 
 
 def test_the_natural_key_names_tradegecko_the_account_and_the_po() -> None:

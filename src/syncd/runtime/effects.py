@@ -323,14 +323,17 @@ class PurchaseOrderReads:
     The first receipt to ask waits :attr:`window` seconds, then reads, in one
     ``GET /purchase_orders?ids[]=`` and one ``GET /purchase_order_line_items?purchase_order_id[]=``,
     every PO asked for meanwhile and the POs of orders whose receipt is due (``due``: the
-    orders waiting for it in the dispatcher's queue), up to a page of their lines. A PO read
-    ahead so serves its receipt once, if that receipt asks within :attr:`fresh_for` seconds;
-    a retry reads again. A PO missing from the list, or whose lines came back other than its
+    orders waiting for it in the dispatcher's queue), up to a page of their lines and no
+    more receipts than TradeGecko's budget can serve within :attr:`fresh_for` seconds (none
+    while that many calls wait for it). A PO read ahead so serves its receipt once, if that
+    receipt asks within :attr:`fresh_for` seconds of the answer; a retry reads again. A
+    receipt whose PO is being read ahead waits for that read instead of reading again. A PO
+    missing from the list, or whose lines came back other than its
     ``purchase_order_line_item_ids`` say, is read by itself (``GET /purchase_orders/{id}``),
     as is a batch of one. With ``patience``, a batch stays open up to that many seconds
     while TradeGecko's budget has callers waiting (its read would wait behind them anyway):
-    for the webhook consumer's look-ups. Receipts use none: a receipt waiting holds one of
-    the dispatcher's slots, and the read-ahead already serves most of them.
+    for the webhook consumer's look-ups. Receipts use none: the read-ahead already serves
+    most of them.
     A failed read fails every receipt that shared it (each retries as before).
     """
 
@@ -339,6 +342,8 @@ class PurchaseOrderReads:
     fresh_for = 60.0
     #: Lines read ahead at most: one page of ``/purchase_order_line_items``.
     ahead_lines = 250
+    #: TradeGecko calls a receipt makes after its read (a price PUT and the receive).
+    calls_per_receipt = 2
 
     def __init__(
         self,
@@ -356,6 +361,8 @@ class PurchaseOrderReads:
             self._read_together, RECEIPT_WINDOW if window is None else window, self._linger
         )
         self._ahead: dict[int, tuple[float, _PurchaseOrderRead]] = {}
+        #: POs being read ahead now, each to the end of its read.
+        self._reading: dict[int, anyio.Event] = {}
         #: Shared reads made, and receipts they served (for tests and the benches).
         self.reads = 0
         self.served = 0
@@ -365,6 +372,11 @@ class PurchaseOrderReads:
 
         :raises syncd.errors.NotFound: the purchase order does not exist.
         """
+        reading = self._reading.get(po_id)
+        if reading is not None:
+            # Read ahead by a batch still waiting for its answer: reading again would
+            # spend a call on what is on its way (under a backlog, once per receipt).
+            await reading.wait()
         ahead = self._ahead.pop(po_id, None)
         if ahead is not None and time.monotonic() - ahead[0] <= self.fresh_for:
             self.served += 1
@@ -398,32 +410,54 @@ class PurchaseOrderReads:
             if now - at > self.fresh_for:
                 del self._ahead[po_id]
         ahead: list[int] = []
-        room = self.ahead_lines
-        due = await self.due() if self.due is not None else []
+        room, receipts = self.ahead_lines, self._ahead_room(len(asked))
+        due = await self.due() if self.due is not None and receipts > 0 else []
         for link in due:
-            if link.po_id in asked or link.po_id in self._ahead or link.po_id in ahead:
+            if len(ahead) >= receipts:
+                break
+            po_id = link.po_id
+            if po_id in asked or po_id in self._ahead or po_id in self._reading:
                 continue
             count = max(1, len(link.lines))
-            if count <= room:
+            if count <= room and po_id not in ahead:
                 room -= count
-                ahead.append(link.po_id)
+                ahead.append(po_id)
         ids = sorted(asked.union(ahead))
         self.reads += 1
         if len(ids) == 1:
             # Alone: one read with its lines side-loaded (NotFound is the asker's).
             return {ids[0]: await self.tradegecko.get_purchase_order(ids[0])}
-        orders = await self.tradegecko.list_purchase_orders(ids=ids)
-        lines_of = await self.tradegecko.lines_of_purchase_orders([po.id for po in orders])
-        found: dict[int, _PurchaseOrderRead] = {}
-        for po in orders:
-            order = {line_id: i for i, line_id in enumerate(po.purchase_order_line_item_ids)}
-            read = lines_of.get(po.id, [])
-            if {line.id for line in read} == set(order):
-                found[po.id] = (po, sorted(read, key=lambda line: order[line.id]))
-        for po_id in ahead:
-            if po_id in found:
-                self._ahead[po_id] = (now, found[po_id])
+        answered = anyio.Event()
+        self._reading.update(dict.fromkeys(ahead, answered))
+        try:
+            orders = await self.tradegecko.list_purchase_orders(ids=ids)
+            lines_of = await self.tradegecko.lines_of_purchase_orders([po.id for po in orders])
+            # Fresh from the answer: the wait for the budget before it is no age.
+            at = time.monotonic()
+            found: dict[int, _PurchaseOrderRead] = {}
+            for po in orders:
+                order = {line_id: i for i, line_id in enumerate(po.purchase_order_line_item_ids)}
+                read = lines_of.get(po.id, [])
+                if {line.id for line in read} == set(order):
+                    found[po.id] = (po, sorted(read, key=lambda line: order[line.id]))
+            for po_id in ahead:
+                if po_id in found:
+                    self._ahead[po_id] = (at, found[po_id])
+        finally:
+            for po_id in ahead:
+                if self._reading.get(po_id) is answered:
+                    del self._reading[po_id]
+            answered.set()
         return found
+
+    def _ahead_room(self, asked: int) -> int:
+        """Receipts to read ahead for: those TradeGecko's budget can serve within
+        :attr:`fresh_for` after the calls already waiting and the ``asked`` receipts'. A PO
+        read ahead that its receipt cannot use in time is a call spent twice."""
+        budget = self.tradegecko.budget
+        calls = (budget.limit - budget.reserve) * self.fresh_for / budget.period
+        calls -= budget.waiting + asked * self.calls_per_receipt
+        return max(0, int(calls // self.calls_per_receipt))
 
 
 class Effects:
