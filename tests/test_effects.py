@@ -24,6 +24,8 @@ from syncd.config import Config
 from syncd.domain import triggers
 from syncd.domain.orders import LinkedOrder
 from syncd.errors import TransportError
+from syncd.runtime import effects as effects_module
+from syncd.runtime import inbox
 from syncd.runtime.effects import ECOMMERCE_ORDER_TYPE, Effects, Outcome, natural_key
 from syncd.runtime.pollers import snapshot_of
 from syncd.sim.faults import FaultRule, Faults
@@ -367,6 +369,111 @@ async def test_the_read_ahead_takes_only_what_the_budget_serves_while_fresh(
     assert first.trigger == alone.trigger == triggers.PO_RECEIVED, (first, alone)
     assert len(read_ahead) == 2 and read_ahead < {link.po_id for link in links[1:5]}, read_ahead
     assert spent == {"GET /purchase_orders/{id}": 1}, spent
+
+
+def test_the_po_observed_kind_is_inboxs() -> None:
+    assert effects_module._PO_OBSERVED == inbox.PO_OBSERVED
+
+
+async def _tradegecko_requests(sims: Sims) -> Counter[str]:
+    _, tradegecko = await sims.counters()
+    return Counter(tradegecko["requests"])
+
+
+async def test_a_first_receipt_of_a_po_the_polls_saw_unchanged_reads_nothing(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with bench(sims, tmp_path) as b:
+        await b.warm()
+        (link,) = await b.imported(2)
+        for n, line in enumerate(link.lines):
+            sims.katana_world.set_average_cost(line.katana_variant_id, Decimal(f"3.2{n}"))
+        b.effects.purchase_orders_seen = lambda created_at: time.monotonic()
+        before = await _tradegecko_requests(sims)
+        outcome = await b.effects.receive_order(link)
+        spent = _spent(before, await _tradegecko_requests(sims))
+        po, lines = await b.tradegecko.get_purchase_order(link.po_id)
+    assert outcome.trigger == triggers.PO_RECEIVED, outcome
+    assert spent == {
+        "PUT /purchase_order_line_items/{id}": 2,
+        "POST /purchase_orders/{id}/actions/receive": 1,
+    }, spent
+    assert (b.effects.unread_receipts, b.effects.unread_refused) == (1, 0)
+    # The record as a read would have made it: before, the imported price; after, the PO's.
+    assert outcome.lines is not None
+    assert [(ln.cost_before, ln.cost_after) for ln in outcome.lines] == [
+        (imported.price, now.price) for imported, now in zip(link.lines, lines, strict=True)
+    ]
+    assert po.status == "received"
+
+
+@pytest.mark.parametrize("why", ["drift seen", "poll stale", "a retry", "no poll yet"])
+async def test_a_receipt_reads_its_po_unless_the_polls_saw_it_unchanged_just_now(
+    sims: Sims, tmp_path: Path, why: str
+) -> None:
+    async with bench(sims, tmp_path) as b:
+        await b.warm()
+        (link,) = await b.imported(1)
+        seen: float | None = time.monotonic()
+        if why == "drift seen":
+            await b.store.add_event(
+                "tradegecko",
+                inbox.PO_OBSERVED,
+                inbox.encode(inbox.PurchaseOrderObserved(po_id=link.po_id, status="active")),
+                dedup_key=f"po:{link.po_id}:updated:test",
+                po_id=link.po_id,
+                link_id=link.id,
+            )
+        elif why == "poll stale":
+            seen = time.monotonic() - b.effects.purchase_orders.fresh_for - 1
+        elif why == "a retry":
+            await b.store.set_meta(f"receipt_attempt:{link.id}", repr(time.time()))
+        else:
+            seen = None
+        b.effects.purchase_orders_seen = lambda created_at: seen
+        before = await b.tradegecko_reads()
+        outcome = await b.effects.receive_order(link)
+        spent = _spent(before, await b.tradegecko_reads())
+    assert outcome.trigger == triggers.PO_RECEIVED, outcome
+    assert spent == {"GET /purchase_orders/{id}": 1}, spent
+    assert b.effects.unread_receipts == 0
+
+
+@pytest.mark.parametrize("edit", ["void", "received", "line removed"])
+async def test_a_po_changed_since_the_last_poll_is_read_when_a_write_is_refused(
+    sims: Sims, tmp_path: Path, edit: str
+) -> None:
+    async with bench(sims, tmp_path) as b:
+        await b.warm()
+        (link,) = await b.imported(2)
+        for line in link.lines:
+            sims.katana_world.set_average_cost(line.katana_variant_id, Decimal("4.5"))
+        b.effects.purchase_orders_seen = lambda created_at: time.monotonic()
+        change: dict[str, Any] = {"remove_line_ids": [link.lines[0].line_id]}
+        if edit != "line removed":
+            change = {"status": edit}
+        # A person, after the poll that last saw the PO.
+        answer = await sims.control.patch(
+            f"{sims.tradegecko_url}/_sim/purchase_orders/{link.po_id}", json=change
+        )
+        assert answer.status_code == 200, answer.text
+        outcome = await b.effects.receive_order(link)
+        _, tradegecko = await sims.counters()
+    if edit == "void":
+        # The price PUT is refused: the PO read says why nothing is received.
+        assert outcome.trigger == triggers.RECEIVE_FAILED and "void" in (outcome.reason or "")
+        assert b.effects.unread_refused == 1
+    elif edit == "received":
+        # The prices are set (as after a read a minute old), the receive refused: received.
+        assert outcome.trigger == triggers.PO_RECEIVED, outcome
+        assert outcome.cause == f"PO {link.po_number} was already received"
+        assert tradegecko["receipts_per_po"].get(str(link.po_id), 0) == 0
+    else:
+        # The gone line's PUT is refused (404): read, the other line re-costed, received.
+        assert outcome.trigger == triggers.PO_RECEIVED, outcome
+        assert f"line {link.lines[0].line_id} is gone from the PO: not re-costed" in outcome.notes
+        assert tradegecko["receipts_per_po"] == {str(link.po_id): 1}
+        assert b.effects.unread_refused == 1
 
 
 def test_the_natural_key_names_tradegecko_the_account_and_the_po() -> None:

@@ -16,6 +16,7 @@ from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.domain.orders import LinkedOrder
 from syncd.domain.statechart import load_statechart
 from syncd.runtime.daemon import Daemon
+from syncd.runtime.effects import Effects
 from syncd.sim import katana as katana_sim
 from syncd.sim.catalog import MATERIALS, PRODUCTS
 
@@ -168,6 +169,23 @@ async def test_whole_flow_imports_follows_and_receives_each_po_once(
     assert "landed cost 12.5 left out" in odd_notes
     assert "Shipping" in odd_notes
     assert sims.katana_contract.checked, "no Katana traffic went through the validator"
+
+
+async def test_a_receipt_of_a_po_the_polls_saw_unchanged_reads_no_po(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with sims.daemon(tmp_path / "syncd.db") as daemon, sims.factory():
+        po = await sims.create_po()
+        daemon.poll_now()
+        (link,) = await wait_for(daemon, [po["order_number"]], is_state("received"))
+        effects = daemon.dispatcher.effects
+    _, tg_counts = await sims.counters()
+    assert isinstance(effects, Effects) and effects.unread_receipts == 1
+    # Its receipt read no PO (a poll between its PUT and its receive may read it: drift
+    # of syncd's own write, not noted).
+    assert (effects.purchase_orders.reads, effects.purchase_orders.served) == (0, 0)
+    assert tg_counts["receipts_per_po"] == {str(po["id"]): 1}
+    assert link.lines and all(line.cost_before == line.price for line in link.lines)
 
 
 async def test_history_is_not_imported_and_a_second_run_changes_nothing(

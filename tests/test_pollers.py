@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from conftest import Sims
 from syncd.adapters.tradegecko import TradeGeckoClient
+from syncd.errors import TransportError
 from syncd.runtime import inbox
 from syncd.runtime.daemon import Daemon
 from syncd.runtime.pollers import TradeGeckoPoller, snapshot_of
@@ -38,6 +41,19 @@ async def imported(sims: Sims, daemon: Daemon) -> None:
             await anyio.sleep(0.1)
     await wait_for(daemon, [po["order_number"]], is_state("imported"))
     await anyio.sleep(0.5)  # the kicked polls are done
+
+
+@asynccontextmanager
+async def tradegecko_poller(sims: Sims, tmp_path: Path) -> AsyncIterator[TradeGeckoPoller]:
+    """A TradeGecko poller of its own (no daemon), activated a second ago."""
+    config = sims.config(tmp_path / "syncd.db", poll=60.0)
+    store = await Store.open(config.daemon.database)
+    try:
+        async with TradeGeckoClient(config.tradegecko.base_url, config.tradegecko.token) as tg:
+            activated = datetime.now(UTC) - timedelta(seconds=1)
+            yield TradeGeckoPoller(store, tg, config, activated, lambda: None)
+    finally:
+        await store.close()
 
 
 async def spent_by_poll(sims: Sims, daemon: Daemon) -> dict[str, int]:
@@ -114,21 +130,16 @@ async def test_a_kick_or_a_new_followed_order_brings_the_interval_back(
 async def test_a_poll_finding_several_new_pos_reads_their_lines_together(
     sims: Sims, tmp_path: Path
 ) -> None:
-    config = sims.config(tmp_path / "syncd.db", poll=60.0)
-    store = await Store.open(config.daemon.database)
-    try:
-        async with TradeGeckoClient(config.tradegecko.base_url, config.tradegecko.token) as tg:
-            activated = datetime.now(UTC) - timedelta(seconds=1)
-            poller = TradeGeckoPoller(store, tg, config, activated, lambda: None)
-            pos = [await sims.create_po(lines) for lines in (1, 3, 2)]
-            await poller.supplier_ids()
-            _, before = await sims.counters()
-            added = await poller.poll_once()
-            _, after = await sims.counters()
-            pending = await store.pending_events()
-            alone = {po["id"]: snapshot_of(*await tg.get_purchase_order(po["id"])) for po in pos}
-    finally:
-        await store.close()
+    async with tradegecko_poller(sims, tmp_path) as poller:
+        pos = [await sims.create_po(lines) for lines in (1, 3, 2)]
+        await poller.supplier_ids()
+        _, before = await sims.counters()
+        added = await poller.poll_once()
+        _, after = await sims.counters()
+        pending = await poller.store.pending_events()
+        alone = {
+            po["id"]: snapshot_of(*await poller.client.get_purchase_order(po["id"])) for po in pos
+        }
     spent = dict(Counter(after["requests"]) - Counter(before["requests"]))
     assert added == 3
     # One list of the POs, one read of all their lines: no read of each PO.
@@ -163,3 +174,29 @@ async def test_webhooks_registered_during_a_wait_put_the_next_poll_a_reconcile_i
         with anyio.fail_after(5):
             while poller.last_success == polled:  # noqa: ASYNC110 - the poller's own record
                 await anyio.sleep(0.02)
+
+
+async def test_changes_are_seen_up_to_the_last_poll_that_skipped_no_po(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with tradegecko_poller(sims, tmp_path) as poller:
+        now = datetime.now(UTC)
+        never = poller.changes_seen_at(now)
+        await sims.create_po()
+        before = time.monotonic()
+        await poller.poll_once()
+        seen = poller.changes_seen_at(now)
+        # Made before activation (imported on purpose): the polls never list it.
+        unlisted = poller.changes_seen_at(poller.activated_at - timedelta(seconds=1))
+
+        async def fails(po: object, **_: object) -> int:
+            raise TransportError("TradeGecko", "GET", "/purchase_orders/1", "reset")
+
+        await sims.create_po()
+        poller.consider = fails  # type: ignore[method-assign]
+        await poller.poll_once()
+        after_skip = poller.changes_seen_at(now)
+    assert never is None and unlisted is None
+    assert seen is not None and before <= seen <= time.monotonic()
+    # A PO this poll skipped may have changed unseen: the moment stays where it was.
+    assert after_skip == seen

@@ -571,6 +571,8 @@ class Daemon:
                     )
                     # An SO with a followed order's key that is not its SO: settled at once.
                     kt_poller.on_duplicate = effects.settle_duplicate
+                    # A receipt of a PO the polls saw unchanged need not read it.
+                    effects.purchase_orders_seen = tg_poller.changes_seen_at
                     listener: WebhookListener | None = None
                     if self.router is not None:
                         consumer = WebhookConsumer(

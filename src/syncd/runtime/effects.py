@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Generic, Protocol, TypeVar
 
@@ -102,6 +103,11 @@ _UNCERTAIN_KEY = "import_uncertain:"
 _ANSWERED = "answered:"
 #: Meta key (``+ SO id``): the same for a make-to-order POST on one of the SO's rows.
 _MTO_UNCERTAIN_KEY = "make_to_order_uncertain:"
+#: Meta key (``+ link id``) noting that a receipt began writing (a price, the receive).
+_RECEIPT_KEY = "receipt_attempt:"
+#: The inbox kind of a PO change the poller saw (``inbox.PO_OBSERVED``; inbox imports this
+#: module, so the name is repeated, and a test checks the two agree).
+_PO_OBSERVED = "purchase_order_observed"
 #: The status of a sales order nobody has shipped: one a duplicate may be deleted in.
 _NOT_SHIPPED = "NOT_SHIPPED"
 #: Meta key: when syncd first noted attempts. A link made before it may have an SO from an
@@ -377,10 +383,9 @@ class PurchaseOrderReads:
             # Read ahead by a batch still waiting for its answer: reading again would
             # spend a call on what is on its way (under a backlog, once per receipt).
             await reading.wait()
-        ahead = self._ahead.pop(po_id, None)
-        if ahead is not None and time.monotonic() - ahead[0] <= self.fresh_for:
-            self.served += 1
-            return ahead[1]
+        ahead = self.take_ahead(po_id)
+        if ahead is not None:
+            return ahead
         found = await self._shared.read([po_id])
         read = None if found is None else found.get(po_id)
         if read is None:
@@ -388,6 +393,14 @@ class PurchaseOrderReads:
             return await self.tradegecko.get_purchase_order(po_id)
         self.served += 1
         return read
+
+    def take_ahead(self, po_id: int) -> _PurchaseOrderRead | None:
+        """The PO ``po_id`` as read ahead, if it is fresh (it serves once), else ``None``."""
+        ahead = self._ahead.pop(po_id, None)
+        if ahead is None or time.monotonic() - ahead[0] > self.fresh_for:
+            return None
+        self.served += 1
+        return ahead[1]
 
     @property
     def window(self) -> float:
@@ -488,6 +501,14 @@ class Effects:
         self.inventory = InventoryReads(katana)
         #: Receipts' PO reads, shared by receipts due together and read ahead for those due.
         self.purchase_orders = PurchaseOrderReads(tradegecko, self._receipts_due)
+        #: When every change to a PO created at the given moment was last seen (monotonic),
+        #: or ``None``: the TradeGecko poller's last poll that skipped none (the daemon sets
+        #: it). Within :attr:`PurchaseOrderReads.fresh_for` of it, a first receipt of a PO
+        #: with no drift seen takes the PO as imported instead of reading it.
+        self.purchase_orders_seen: Callable[[datetime], float | None] = _never_seen
+        #: Receipts that took their PO as imported, and those a refusal sent to read it.
+        self.unread_receipts = 0
+        self.unread_refused = 0
         self._registered: dict[str, Callable[[LinkedOrder], Awaitable[Outcome]]] = {
             IMPORT_ORDER.name: self.import_order,
             MAKE_TO_ORDER.name: self.make_to_order,
@@ -1120,10 +1141,31 @@ class Effects:
         return await _settled(RECEIVE_ORDER, self._receive(link), "TradeGecko or Katana")
 
     async def _receive(self, link: LinkedOrder) -> Outcome:
+        ahead = self.purchase_orders.take_ahead(link.po_id)
+        if ahead is None and await self._unchanged_since_import(link):
+            # The poller saw no change to it: the PO is as imported, its lines at the
+            # imported prices. A refusal says otherwise, and the PO is read after all.
+            await self._note_receipt_attempt(link)
+            try:
+                outcome = await self._recost_and_receive(
+                    link, {line.line_id: line.price for line in link.lines}, assumed=True
+                )
+            except _NotAsImported as exc:
+                self.unread_refused += 1
+                log.info(
+                    "PO %s is not as imported (%s): read before its receipt",
+                    link.po_number,
+                    exc,
+                    extra={"po": link.po_number, "po_id": link.po_id},
+                )
+            else:
+                self.unread_receipts += 1
+                return outcome
         try:
-            po, po_lines = await self.purchase_orders.read(link.po_id)
+            po, po_lines = ahead or await self.purchase_orders.read(link.po_id)
         except NotFound:
             raise RuleViolation(f"PO {link.po_number} no longer exists in TradeGecko") from None
+        prices = {line.id: line.price for line in po_lines}
         if po.status == "received":
             # Received by an earlier run that died before recording it (or by a person): the
             # record still says what the lines cost before and after.
@@ -1131,12 +1173,38 @@ class Effects:
                 effect=RECEIVE_ORDER.name,
                 trigger=RECEIVE_ORDER.done,
                 cause=f"PO {link.po_number} is received in TradeGecko",
-                lines=_costs_found(link.lines, {line.id: line.price for line in po_lines}),
+                lines=_costs_found(link.lines, prices),
             )
         if po.status in PO_WITHDRAWN:
             raise RuleViolation(f"PO {link.po_number} is {po.status} in TradeGecko: not received")
+        await self._note_receipt_attempt(link)
+        return await self._recost_and_receive(link, prices)
 
-        current = {line.id: line for line in po_lines}
+    async def _unchanged_since_import(self, link: LinkedOrder) -> bool:
+        """Whether ``link``'s PO may be taken as imported: a first receipt (none was begun
+        before, so none crashed half-way), of a PO whose every change up to at most
+        ``fresh_for`` seconds ago the poller saw, with no drift among them."""
+        if self.store is None or link.snapshot is None or not link.lines:
+            return False
+        seen = self.purchase_orders_seen(link.snapshot.created_at)
+        if seen is None or time.monotonic() - seen > self.purchase_orders.fresh_for:
+            return False
+        if await self.store.get_meta(f"{_RECEIPT_KEY}{link.id}") is not None:
+            return False
+        events = await self.store.events_for_link(link.id)
+        return not any(event.kind == _PO_OBSERVED for event in events)
+
+    async def _note_receipt_attempt(self, link: LinkedOrder) -> None:
+        # Before the first write: a retry (after a crash, say) reads the PO first.
+        if self.store is not None:
+            await self.store.set_meta(f"{_RECEIPT_KEY}{link.id}", repr(time.time()))
+
+    async def _recost_and_receive(
+        self, link: LinkedOrder, prices: Mapping[int, Decimal | None], *, assumed: bool = False
+    ) -> Outcome:
+        """Set each line's price (``prices``: the PO's, by line id) to Katana's average
+        cost, then receive the PO. ``assumed``: the prices are the imported ones, not read;
+        a refusal that says the PO is otherwise raises :class:`_NotAsImported`."""
         variant_ids = sorted({line.katana_variant_id for line in link.lines})
         records = await self.inventory.read(variant_ids) if variant_ids else []
         by_variant: dict[int, list[tuple[int, Decimal | None, Decimal | None]]] = {}
@@ -1151,18 +1219,18 @@ class Effects:
         notes: list[str] = []
         costed: list[LineLink] = []
         for line in link.lines:
-            po_line = current.get(line.line_id)
-            if po_line is None:
+            if line.line_id not in prices:
                 notes.append(f"line {line.line_id} is gone from the PO: not re-costed")
                 costed.append(line)
                 continue
+            current = prices[line.line_id]
             average = pick_average_cost(by_variant.get(line.katana_variant_id, []), location_id)
-            new_price = cost_update(po_line.price, average)
-            before = po_line.price
+            new_price = cost_update(current, average)
+            before = current
             if (
                 new_price is None
-                and po_line.price != line.price
-                and cost_update(line.price, average) == po_line.price
+                and current != line.price
+                and cost_update(line.price, average) == current
             ):
                 # An earlier run set this price and died before the receipt: what the line
                 # cost before is the price as imported.
@@ -1175,17 +1243,21 @@ class Effects:
                         f"line {line.line_id} ({line.sku}): Katana average cost is {said}: "
                         "price kept"
                     )
-                costed.append(
-                    msgspec.structs.replace(line, cost_before=before, cost_after=po_line.price)
-                )
+                costed.append(msgspec.structs.replace(line, cost_before=before, cost_after=current))
                 continue
-            await self.tradegecko.update_line_item_price(
-                line.line_id, new_price, idempotency_key=f"syncd-price-{line.line_id}-{new_price}"
-            )
+            try:
+                await self.tradegecko.update_line_item_price(
+                    line.line_id,
+                    new_price,
+                    idempotency_key=f"syncd-price-{line.line_id}-{new_price}",
+                )
+            except (NotFound, ValidationFailed) as exc:
+                if assumed:
+                    # The line is gone, or the PO is void or deleted: not as imported.
+                    raise _NotAsImported(f"line {line.line_id}: {exc}") from exc
+                raise
             crash_point("price_updated")
-            costed.append(
-                msgspec.structs.replace(line, cost_before=po_line.price, cost_after=new_price)
-            )
+            costed.append(msgspec.structs.replace(line, cost_before=current, cost_after=new_price))
 
         try:
             procurement = await self.tradegecko.receive_purchase_order(
@@ -1194,7 +1266,8 @@ class Effects:
         except ValidationFailed:
             po, _ = await self.tradegecko.get_purchase_order(link.po_id)
             if po.status in PO_WITHDRAWN:
-                # Withdrawn since the PO was read (a read ahead may be a minute old).
+                # Withdrawn since the PO was read (a read ahead may be a minute old), or
+                # since the poll that last saw it.
                 raise RuleViolation(
                     f"PO {link.po_number} is {po.status} in TradeGecko: not received"
                 ) from None
@@ -1212,6 +1285,15 @@ class Effects:
             lines=tuple(costed),
             notes=tuple(notes),
         )
+
+
+class _NotAsImported(Exception):
+    """A receipt that took its PO as imported was refused in a way that says it is not."""
+
+
+def _never_seen(created_at: datetime) -> float | None:
+    """No poller: no PO is known unchanged."""
+    return None
 
 
 def _seconds(value: str | None) -> float:

@@ -203,6 +203,14 @@ class TradeGeckoPoller(_Poller):
         self._suppliers_at = -1e18
         self.retry = config.retry()
         self._import_retries: Retries[int] = Retries(self.retry.backfill)
+        #: When the last poll that skipped no PO was answered (monotonic), or ``None``.
+        self._seen_at: float | None = None
+
+    def changes_seen_at(self, created_at: datetime) -> float | None:
+        """When every change to a PO created at ``created_at`` was last seen (monotonic):
+        the answer of the last poll that skipped none. ``None`` before the first, or when
+        the polls never list it (a PO made before activation, imported on purpose)."""
+        return None if created_at < self.activated_at else self._seen_at
 
     async def supplier_ids(self) -> list[int]:
         """The ids of the TradeGecko suppliers named like the configured supplier."""
@@ -232,6 +240,7 @@ class TradeGeckoPoller(_Poller):
             created_at_min=self.activated_at,
             updated_at_min=cursor - OVERLAP,
         )
+        answered, skipped = time.monotonic(), False
         linked = await self.store.linked_po_ids([po.id for po in orders])
         lines = await self._lines_of_new(orders, linked)
         added = 0
@@ -250,10 +259,14 @@ class TradeGeckoPoller(_Poller):
                     extra={"po": po.order_number, "po_id": po.id},
                 )
                 ceiling = min(ceiling, po.updated_at - timedelta(microseconds=1))
+                skipped = True
         if orders:
             newest = min(max(po.updated_at for po in orders), ceiling)
             if newest > cursor:
                 await self.store.set_cursor(self.cursor_name, newest.isoformat())
+        if not skipped:
+            # Every change up to the answer is in the inbox now (a drift as its event).
+            self._seen_at = answered
         return added
 
     async def _lines_of_new(

@@ -967,6 +967,12 @@ class KatanaWorld:
     def stock_of(self, variant_id: int, location_id: int = DEFAULT_LOCATION_ID) -> _Stock:
         return self.stock.get((variant_id, location_id), _Stock())
 
+    def set_average_cost(
+        self, variant_id: int, cost: Decimal, location_id: int = DEFAULT_LOCATION_ID
+    ) -> None:
+        """What stock already made at ``cost`` a unit leaves (for tests: no MO needed)."""
+        self.stock.setdefault((variant_id, location_id), _Stock()).average_cost = cost
+
     def inventory_list(self) -> list[dict[str, Any]]:
         """One record per variant per location, oldest location first."""
         records = []
