@@ -689,6 +689,9 @@ async def sustained(
                     "receipts_served": po_reads.served,
                     "katana_inventory_reads": stock.reads,
                     "inventory_receipts_served": stock.served,
+                    # Receipts that took their PO as imported (the polls saw it unchanged).
+                    "receipts_unread": effects.unread_receipts,
+                    "receipts_unread_refused": effects.unread_refused,
                 }
             k, t = await sims.counters()
     cpu = time.process_time() - cpu_at_start

@@ -33,6 +33,7 @@ from syncd.adapters._http import (
     is_last_page,
     parse_reset,
     request_priority,
+    slot_given_back,
 )
 from syncd.errors import LeaseLost, TransportError
 from syncd.ops.asgi import serving
@@ -195,6 +196,44 @@ async def test_a_request_that_waits_gives_its_slot_back_and_takes_it_again() -> 
             await wait_until(lambda: steps == ["other effect ran"])
             await Queue(budget, clock).release_one()  # now the parked request fits
     assert steps == ["other effect ran", "parked request sent"]
+    assert limiter.borrowed_tokens == 0
+
+
+async def test_an_effect_waiting_on_anothers_read_frees_its_slot_for_it() -> None:
+    # The reader parks on a full budget (its slot given back), the joiner takes the only
+    # slot and waits for the reader's answer: holding it there, the reader could never
+    # take its slot again to send (the read-ahead deadlock the sustained bench found).
+    clock = Clock()
+    limiter = anyio.CapacityLimiter(1)
+    budget = RequestBudget(1, 60.0, clock=clock)
+    await budget.acquire()
+    answered, joined = anyio.Event(), anyio.Event()
+    steps: list[str] = []
+
+    async def reader() -> None:
+        async with Slot(limiter):
+            await budget.acquire()
+            steps.append("read sent")
+            answered.set()
+
+    async def joiner() -> None:
+        async with Slot(limiter) as slot:
+            async with slot_given_back():
+                assert not slot.held
+                joined.set()
+                await answered.wait()
+            assert slot.held
+            steps.append("joiner served")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            await wait_until(lambda: budget.waiting == 1)
+            tg.start_soon(joiner)
+            await joined.wait()
+            assert limiter.borrowed_tokens == 0
+            await Queue(budget, clock).release_one()
+    assert steps == ["read sent", "joiner served"]
     assert limiter.borrowed_tokens == 0
 
 

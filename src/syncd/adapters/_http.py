@@ -35,7 +35,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -85,6 +85,7 @@ __all__ = [
     "parse_reset",
     "planning",
     "request_priority",
+    "slot_given_back",
 ]
 
 T = TypeVar("T")
@@ -346,6 +347,22 @@ class Slot:
 
 #: The slot of the effect running in this task (none outside the dispatcher).
 _SLOT: ContextVar[Slot | None] = ContextVar("syncd_slot", default=None)
+
+
+@asynccontextmanager
+async def slot_given_back() -> AsyncIterator[None]:
+    """Give this task's :class:`Slot` (if it holds one) back for the body, then take it
+    again in line: for a wait on another effect's work, such as a shared read it joined.
+    That effect may wait for a slot itself (after a wait for its budget), and slots held
+    by the effects waiting for it would never come free."""
+    slot = _SLOT.get()
+    parked = slot is not None and slot.give_back()
+    try:
+        yield
+    finally:
+        if parked:
+            assert slot is not None
+            await slot.take_again()
 
 
 @dataclass(eq=False)

@@ -31,7 +31,7 @@ from typing import Generic, Protocol, TypeVar
 import anyio
 import msgspec
 
-from syncd.adapters._http import Priority, request_priority
+from syncd.adapters._http import Priority, request_priority, slot_given_back
 from syncd.adapters.katana import InventoryRecord, KatanaClient, NewSalesOrder, NewSalesOrderRow
 from syncd.adapters.katana import SalesOrder as KatanaSalesOrder
 from syncd.adapters.katana import Variant as KatanaVariant
@@ -245,7 +245,8 @@ class _SharedRead(Generic[_K, _V]):
         batch = self._batch
         if batch is not None:
             batch.keys.update(keys)
-            await batch.done.wait()
+            async with slot_given_back():
+                await batch.done.wait()
             if batch.result is None and batch.error is not None:
                 raise batch.error
             return batch.result
@@ -382,7 +383,8 @@ class PurchaseOrderReads:
         if reading is not None:
             # Read ahead by a batch still waiting for its answer: reading again would
             # spend a call on what is on its way (under a backlog, once per receipt).
-            await reading.wait()
+            async with slot_given_back():
+                await reading.wait()
         ahead = self.take_ahead(po_id)
         if ahead is not None:
             return ahead
