@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from conftest import Sims, running_sims
+from syncd.adapters._http import RequestBudget, Slot
 from syncd.adapters.katana import KatanaClient, NewSalesOrder, NewSalesOrderRow
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.config import Config
@@ -31,6 +32,7 @@ from syncd.runtime.pollers import snapshot_of
 from syncd.sim.faults import FaultRule, Faults
 from syncd.store import Store
 from test_flow import is_state, wait_for
+from test_http import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -344,6 +346,37 @@ async def test_a_receipt_whose_po_is_being_read_ahead_waits_for_that_read(
     # One read for all five: before, each later receipt read its PO again.
     assert spent == {"GET /purchase_orders": 1, "GET /purchase_order_line_items": 1}, spent
     assert (reads.reads, reads.served) == (1, 5), (reads.reads, reads.served, outcomes)
+
+
+async def test_receipts_waiting_for_a_read_ahead_free_their_slots_for_its_reader(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with bench(sims, tmp_path) as b:
+        await b.warm()
+        first, second = await b.imported(1, 1)
+        reads = b.effects.purchase_orders
+        reads.window = 0.0
+        # A full budget: the first receipt's read (the second's PO read ahead) must wait.
+        budget = b.tradegecko.budget = RequestBudget(2, 2.0)
+        for _ in range(2):
+            await budget.acquire()
+            budget.complete()
+        limiter = anyio.CapacityLimiter(1)  # the dispatcher's slots, one
+        outcomes: list[Outcome] = []
+
+        async def receive(link: LinkedOrder) -> None:
+            async with Slot(limiter):
+                outcomes.append(await b.effects.receive_order(link))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(receive, first)
+                await wait_until(lambda: budget.waiting == 1)  # parked: the slot is free
+                tg.start_soon(receive, second)
+    # The second waited for the read ahead without its slot: the first could take its slot
+    # again to send (holding it, both waited for ever).
+    assert [o.trigger for o in outcomes] == [triggers.PO_RECEIVED] * 2, outcomes
+    assert (reads.reads, reads.served) == (1, 2)
 
 
 async def test_the_read_ahead_takes_only_what_the_budget_serves_while_fresh(
