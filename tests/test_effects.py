@@ -404,6 +404,30 @@ async def test_the_read_ahead_takes_only_what_the_budget_serves_while_fresh(
     assert spent == {"GET /purchase_orders/{id}": 1}, spent
 
 
+async def test_imports_that_find_the_currencies_stale_together_read_them_once(
+    sims: Sims, tmp_path: Path
+) -> None:
+    async with bench(sims, tmp_path) as b:
+        await b.warm()
+        links = [await b.link() for _ in range(4)]
+        b.effects._currencies.at = b.effects._base_currency.at = -1e18  # both expired
+        before = await _tradegecko_requests(sims)
+        katana_before = await b.katana_requests()
+        outcomes: list[Outcome] = []
+
+        async def run(link: LinkedOrder) -> None:
+            outcomes.append(await b.effects.import_order(link))
+
+        async with anyio.create_task_group() as tg:
+            for link in links:
+                tg.start_soon(run, link)
+        spent = _spent(before, await _tradegecko_requests(sims))
+        katana_spent = _spent(katana_before, await b.katana_requests())
+    assert [o.trigger for o in outcomes] == [triggers.SO_CREATED] * 4, outcomes
+    assert spent == {"GET /currencies": 1}, spent
+    assert katana_spent.get("GET /factory") == 1, katana_spent
+
+
 def test_the_po_observed_kind_is_inboxs() -> None:
     assert effects_module._PO_OBSERVED == inbox.PO_OBSERVED
 

@@ -200,3 +200,20 @@ async def test_changes_are_seen_up_to_the_last_poll_that_skipped_no_po(
     assert seen is not None and before <= seen <= time.monotonic()
     # A PO this poll skipped may have changed unseen: the moment stays where it was.
     assert after_skip == seen
+
+
+async def test_suppliers_asked_for_together_are_read_once(sims: Sims, tmp_path: Path) -> None:
+    async with tradegecko_poller(sims, tmp_path) as poller:
+        _, before = await sims.counters()
+        found: list[list[int]] = []
+
+        async def ask() -> None:
+            found.append(await poller.supplier_ids())
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(ask)
+        _, after = await sims.counters()
+    spent = dict(Counter(after["requests"]) - Counter(before["requests"]))
+    assert spent == {"GET /companies": 1}, spent
+    assert len(found) == 5 and all(ids == found[0] != [] for ids in found)

@@ -208,12 +208,28 @@ class EffectRunner(Protocol):
 class _Cache:
     value: object = None
     at: float = field(default=-1e18)
+    _loading: anyio.Lock = field(default_factory=anyio.Lock)
 
     def fresh(self) -> bool:
         return self.value is not None and time.monotonic() - self.at < _CACHE_SECONDS
 
     def set(self, value: object) -> None:
         self.value, self.at = value, time.monotonic()
+
+    async def get(self, load: Callable[[], Awaitable[object]]) -> object:
+        """The value, loaded by ``load`` when stale: once for all who ask meanwhile (when
+        it expired under load, 24 imports at once each read the currencies)."""
+        if self.fresh():
+            return self.value
+        # Waiting for another's load, hold no slot: the loader may need one to send.
+        async with slot_given_back():
+            await self._loading.acquire()
+        try:
+            if not self.fresh():
+                self.set(await load())
+        finally:
+            self._loading.release()
+        return self.value
 
 
 #: Seconds the first receipt waits for others to share its read: short beside an order's hours.
@@ -782,10 +798,11 @@ class Effects:
     async def _currency_iso(self, currency_id: int | None) -> str | None:
         if currency_id is None:
             return None
-        if not self._currencies.fresh():
-            currencies = await self.tradegecko.list_currencies()
-            self._currencies.set({c.id: c.iso for c in currencies})
-        table = self._currencies.value
+
+        async def load() -> dict[int, str]:
+            return {c.id: c.iso for c in await self.tradegecko.list_currencies()}
+
+        table = await self._currencies.get(load)
         assert isinstance(table, dict)
         iso = table.get(currency_id)
         if iso is None:
@@ -793,10 +810,10 @@ class Effects:
         return str(iso)
 
     async def _katana_base_currency(self) -> str | None:
-        if not self._base_currency.fresh():
-            factory = await self.katana.get_factory()
-            self._base_currency.set(factory.base_currency_code)
-        value = self._base_currency.value
+        async def load() -> str:
+            return (await self.katana.get_factory()).base_currency_code
+
+        value = await self._base_currency.get(load)
         return str(value) if value else None
 
     async def _tradegecko_account_id(self) -> int:

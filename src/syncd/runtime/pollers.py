@@ -201,6 +201,7 @@ class TradeGeckoPoller(_Poller):
         self.activated_at = activated_at
         self._suppliers: list[int] = []
         self._suppliers_at = -1e18
+        self._suppliers_lock = anyio.Lock()
         self.retry = config.retry()
         self._import_retries: Retries[int] = Retries(self.retry.backfill)
         #: When the last poll that skipped no PO was answered (monotonic), or ``None``.
@@ -213,8 +214,14 @@ class TradeGeckoPoller(_Poller):
         return None if created_at < self.activated_at else self._seen_at
 
     async def supplier_ids(self) -> list[int]:
-        """The ids of the TradeGecko suppliers named like the configured supplier."""
-        if time.monotonic() - self._suppliers_at > _SUPPLIER_CACHE_SECONDS or not self._suppliers:
+        """The ids of the TradeGecko suppliers named like the configured supplier (read
+        once for all who ask while it is read: the poll and the webhook deliveries)."""
+        read_at = self._suppliers_at
+        if time.monotonic() - read_at <= _SUPPLIER_CACHE_SECONDS and self._suppliers:
+            return self._suppliers
+        async with self._suppliers_lock:
+            if self._suppliers_at != read_at:
+                return self._suppliers  # read by another while this one waited
             companies = await self.client.list_companies(company_type="supplier")
             self._suppliers = sorted(
                 c.id
