@@ -97,6 +97,24 @@ async def test_po_becomes_so_within_a_second_by_webhook(sims: Sims, tmp_path: Pa
     assert rows and all(row[2] is not None for row in rows)
 
 
+async def test_the_procurement_delivery_of_syncds_own_receipt_asks_no_poll(
+    sims: Sims, tmp_path: Path
+) -> None:
+    config = sims.config(tmp_path / "syncd.db", free_port())
+    database = tmp_path / "syncd.db"
+    async with sims.daemon(config) as daemon, sims.factory():
+        po = await sims.create_po()
+        await wait_for_state(daemon, po["order_number"], "received", seconds=30)
+        with anyio.fail_after(10):
+            while True:
+                outcomes = [row[3] for row in inbox_rows(database, inbox.WEBHOOK_RECEIVED)]
+                if "syncd's own receipt" in outcomes:
+                    break
+                await anyio.sleep(0.05)
+    # Its echo costs nothing (before: a TradeGecko poll, kicked).
+    assert "poll asked" not in outcomes, outcomes
+
+
 async def test_registration_creates_only_what_is_missing_and_keeps_the_token(
     sims: Sims, tmp_path: Path
 ) -> None:

@@ -587,6 +587,7 @@ class Daemon:
                             trusted=config.webhooks.verify_signatures,
                             watch=watch,
                         )
+                        consumer.own_procurement = effects.made_procurement
                         listener = WebhookListener(
                             config,
                             store,

@@ -103,6 +103,8 @@ _UNCERTAIN_KEY = "import_uncertain:"
 _ANSWERED = "answered:"
 #: Meta key (``+ SO id``): the same for a make-to-order POST on one of the SO's rows.
 _MTO_UNCERTAIN_KEY = "make_to_order_uncertain:"
+#: Procurements made by syncd's receipts remembered, to know their deliveries as echoes.
+_PROCUREMENTS_KEPT = 10_000
 #: Meta key (``+ link id``) noting that a receipt began writing (a price, the receive).
 _RECEIPT_KEY = "receipt_attempt:"
 #: The inbox kind of a PO change the poller saw (``inbox.PO_OBSERVED``; inbox imports this
@@ -527,6 +529,9 @@ class Effects:
         #: Receipts that took their PO as imported, and those a refusal sent to read it.
         self.unread_receipts = 0
         self.unread_refused = 0
+        #: The procurements syncd's receipts made lately (oldest first, bounded): their
+        #: ``procurement.create`` deliveries are echoes. Lost on a restart: then a poll.
+        self._procurements: dict[int, None] = {}
         self._registered: dict[str, Callable[[LinkedOrder], Awaitable[Outcome]]] = {
             IMPORT_ORDER.name: self.import_order,
             MAKE_TO_ORDER.name: self.make_to_order,
@@ -1199,6 +1204,10 @@ class Effects:
         await self._note_receipt_attempt(link)
         return await self._recost_and_receive(link, prices)
 
+    def made_procurement(self, procurement_id: int) -> bool:
+        """Whether a receipt of this daemon made the procurement ``procurement_id``."""
+        return procurement_id in self._procurements
+
     async def _unchanged_since_import(self, link: LinkedOrder) -> bool:
         """Whether ``link``'s PO may be taken as imported: a first receipt (none was begun
         before, so none crashed half-way), of a PO whose every change up to at most
@@ -1295,6 +1304,9 @@ class Effects:
             # The lines were costed by this run just now: the record keeps them.
             cause = f"PO {link.po_number} was already received"
         else:
+            self._procurements[procurement.id] = None
+            if len(self._procurements) > _PROCUREMENTS_KEPT:
+                del self._procurements[next(iter(self._procurements))]
             crash_point("po_received")
             cause = f"received PO {link.po_number} (procurement {procurement.id})"
         return Outcome(

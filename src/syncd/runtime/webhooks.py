@@ -503,6 +503,9 @@ class WebhookConsumer:
         self._looked: dict[int, int] = {}
         #: Re-fetches made, by resource (for tests and the curious).
         self.refetches: dict[str, int] = {}
+        #: Whether syncd's own receipt made a procurement (the daemon sets it): its
+        #: delivery is an echo, and asks no poll.
+        self.own_procurement: Callable[[int], bool] = lambda procurement_id: False
         #: PO look-ups due together share one read (several new POs at once); while the
         #: budget is contended they wait up to 5 s for more.
         # No fixed window: deliveries handled together still share a read (they join while
@@ -619,7 +622,9 @@ class WebhookConsumer:
         if resource == "purchase_order":
             return await self._purchase_order(object_id, [note for _, note in batch])
         if resource == "procurement":
-            # A receipt: the poll reads the PO's new state.
+            if self.own_procurement(object_id):
+                return "syncd's own receipt", 0
+            # A receipt by someone else: the poll reads the PO's new state.
             self.tradegecko_poller.kick.set()
             return "poll asked", 0
         if resource == "manufacturing_order":
