@@ -662,7 +662,7 @@ async def sustained(
                 unanswered = _unanswered(final, nothing)
                 # What syncd may take in one of the bench's windows (reserve left out).
                 shares = {
-                    name: (b.limit - b.reserve) * SUSTAINED_WINDOW / b.period
+                    name: b.share(SUSTAINED_WINDOW)
                     for name, b in (
                         ("katana", daemon.katana.budget),
                         ("tradegecko", daemon.tradegecko.budget),

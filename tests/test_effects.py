@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
@@ -79,13 +79,32 @@ class Bench:
             links.append(msgspec.structs.replace(link, so_id=made.so_id, lines=made.lines))
         return links
 
+    async def together(
+        self, run: Callable[[LinkedOrder], Awaitable[Outcome]], links: Sequence[LinkedOrder]
+    ) -> list[Outcome]:
+        """``run`` (an effect) for every one of ``links`` at once: their outcomes, as they
+        finished."""
+        outcomes: list[Outcome] = []
+
+        async def one(link: LinkedOrder) -> None:
+            outcomes.append(await run(link))
+
+        async with anyio.create_task_group() as tg:
+            for link in links:
+                tg.start_soon(one, link)
+        return outcomes
+
     async def katana_requests(self) -> Counter[str]:
         katana, _ = await self.sims.counters()
         return Counter(katana["requests"])
 
-    async def tradegecko_reads(self) -> Counter[str]:
+    async def tradegecko_requests(self) -> Counter[str]:
         _, tradegecko = await self.sims.counters()
-        return Counter({k: n for k, n in tradegecko["requests"].items() if k.startswith("GET")})
+        return Counter(tradegecko["requests"])
+
+    async def tradegecko_reads(self) -> Counter[str]:
+        requests = await self.tradegecko_requests()
+        return Counter({k: n for k, n in requests.items() if k.startswith("GET")})
 
 
 def settling(config: Config, *, timeout: float = 2.0, settle: float = 0.5) -> Config:
@@ -251,14 +270,7 @@ async def test_receipts_due_together_share_one_inventory_read(sims: Sims, tmp_pa
         links = await b.imported(1, 2, 1, state="discovered")
         b.effects.inventory.window = 1.0  # wide: the PO reads before it vary under load
         before = await b.katana_requests()
-        outcomes: list[Outcome] = []
-
-        async def receive(link: LinkedOrder) -> None:
-            outcomes.append(await b.effects.receive_order(link))
-
-        async with anyio.create_task_group() as tg:
-            for link in links:
-                tg.start_soon(receive, link)
+        outcomes = await b.together(b.effects.receive_order, links)
         spent = _spent(before, await b.katana_requests())
         # One alone still reads once.
         alone = await b.link()
@@ -284,19 +296,12 @@ async def test_receipts_due_together_share_one_po_read_and_read_ahead_those_due(
         reads = b.effects.purchase_orders
         reads.window = 1.0  # wide: the two receipts start together under load
         before = await b.tradegecko_reads()
-        outcomes: list[Outcome] = []
-
-        async def receive(link: LinkedOrder) -> None:
-            outcomes.append(await b.effects.receive_order(link))
-
-        async with anyio.create_task_group() as tg:
-            for link in links[:2]:
-                tg.start_soon(receive, link)
+        outcomes = await b.together(b.effects.receive_order, links[:2])
         together = _spent(before, await b.tradegecko_reads())
         # The other three were read ahead with them: their receipts read nothing.
         before = await b.tradegecko_reads()
         for link in links[2:4]:
-            await receive(link)
+            outcomes.append(await b.effects.receive_order(link))
         ahead = _spent(before, await b.tradegecko_reads())
         # Voided after its PO was read ahead: the refused receipt reads again and says so.
         await sims.control.patch(
@@ -411,17 +416,10 @@ async def test_imports_that_find_the_currencies_stale_together_read_them_once(
         await b.warm()
         links = [await b.link() for _ in range(4)]
         b.effects._currencies.at = b.effects._base_currency.at = -1e18  # both expired
-        before = await _tradegecko_requests(sims)
+        before = await b.tradegecko_requests()
         katana_before = await b.katana_requests()
-        outcomes: list[Outcome] = []
-
-        async def run(link: LinkedOrder) -> None:
-            outcomes.append(await b.effects.import_order(link))
-
-        async with anyio.create_task_group() as tg:
-            for link in links:
-                tg.start_soon(run, link)
-        spent = _spent(before, await _tradegecko_requests(sims))
+        outcomes = await b.together(b.effects.import_order, links)
+        spent = _spent(before, await b.tradegecko_requests())
         katana_spent = _spent(katana_before, await b.katana_requests())
     assert [o.trigger for o in outcomes] == [triggers.SO_CREATED] * 4, outcomes
     assert spent == {"GET /currencies": 1}, spent
@@ -430,11 +428,6 @@ async def test_imports_that_find_the_currencies_stale_together_read_them_once(
 
 def test_the_po_observed_kind_is_inboxs() -> None:
     assert effects_module._PO_OBSERVED == inbox.PO_OBSERVED
-
-
-async def _tradegecko_requests(sims: Sims) -> Counter[str]:
-    _, tradegecko = await sims.counters()
-    return Counter(tradegecko["requests"])
 
 
 async def test_a_first_receipt_of_a_po_the_polls_saw_unchanged_reads_nothing(
@@ -446,9 +439,9 @@ async def test_a_first_receipt_of_a_po_the_polls_saw_unchanged_reads_nothing(
         for n, line in enumerate(link.lines):
             sims.katana_world.set_average_cost(line.katana_variant_id, Decimal(f"3.2{n}"))
         b.effects.purchase_orders_seen = lambda created_at: time.monotonic()
-        before = await _tradegecko_requests(sims)
+        before = await b.tradegecko_requests()
         outcome = await b.effects.receive_order(link)
-        spent = _spent(before, await _tradegecko_requests(sims))
+        spent = _spent(before, await b.tradegecko_requests())
         po, lines = await b.tradegecko.get_purchase_order(link.po_id)
     assert outcome.trigger == triggers.PO_RECEIVED, outcome
     assert spent == {

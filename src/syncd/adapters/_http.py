@@ -603,6 +603,11 @@ class RequestBudget:
         """Stop every caller for ``seconds`` (a 429, or the service saying nothing remains)."""
         self._blocked_until = max(self._blocked_until, self._clock() + max(0.0, seconds))
 
+    def share(self, seconds: float) -> float:
+        """The requests syncd may send in ``seconds`` at its steady rate (the reserve left
+        to the key's other users)."""
+        return (self.limit - self.reserve) * seconds / self.period
+
     @property
     def used(self) -> int:
         """Requests counted in the current window, those on the wire included."""

@@ -488,8 +488,7 @@ class PurchaseOrderReads:
         :attr:`fresh_for` after the calls already waiting and the ``asked`` receipts'. A PO
         read ahead that its receipt cannot use in time is a call spent twice."""
         budget = self.tradegecko.budget
-        calls = (budget.limit - budget.reserve) * self.fresh_for / budget.period
-        calls -= budget.waiting + asked * self.calls_per_receipt
+        calls = budget.share(self.fresh_for) - budget.waiting - asked * self.calls_per_receipt
         return max(0, int(calls // self.calls_per_receipt))
 
 
