@@ -544,6 +544,7 @@ async def _timeline(
                 "by_endpoint": _short(spent),
                 "used": client.budget.used,
                 "waiting": client.budget.waiting,
+                "waiting_by_priority": client.budget.waiting_by_priority(),
             }
         row["states"] = dict(sorted((await daemon.store.counts_by_state()).items()))
         row["open"] = open_orders()

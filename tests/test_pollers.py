@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from conftest import Sims
+from syncd.adapters._http import Priority
 from syncd.adapters.tradegecko import TradeGeckoClient
 from syncd.errors import TransportError
 from syncd.runtime import inbox
@@ -217,3 +218,32 @@ async def test_suppliers_asked_for_together_are_read_once(sims: Sims, tmp_path: 
     spent = dict(Counter(after["requests"]) - Counter(before["requests"]))
     assert spent == {"GET /companies": 1}, spent
     assert len(found) == 5 and all(ids == found[0] != [] for ids in found)
+
+
+async def test_a_poll_goes_at_the_priority_of_the_work_it_feeds(sims: Sims, tmp_path: Path) -> None:
+    async with sims.daemon(sims.config(tmp_path / "syncd.db", poll=60.0)) as daemon:
+        tradegecko, katana = daemon.tradegecko_poller, daemon.katana_poller
+        # New POs start work; production and deliveries seen move orders to receipt.
+        assert (tradegecko.priority(), katana.priority()) == (Priority.START, Priority.FINISH)
+        # Under webhooks a due poll is the safety net; one a delivery asked for is not.
+        katana.reconcile()
+        assert katana.priority() is Priority.BACKGROUND
+        katana.kicked = True
+        assert katana.priority() is Priority.FINISH
+    async with tradegecko_poller(sims, tmp_path) as poller:
+        await sims.create_po()
+        # A window full but for the slots a poll at background leaves to the others (a
+        # burst of receipts ageing out): it starved there for 90-150 s; it goes now.
+        budget = poller.client.budget
+        ours = budget.limit - budget.reserve - 2 * budget.headroom  # background: one short
+        assert budget.headroom >= 3  # room at start for the poll's reads (suppliers, POs, lines)
+        budget._sent.extend([time.monotonic()] * ours)
+        assert budget._wait_time(Priority.BACKGROUND) > 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poller.run)
+            with anyio.fail_after(5):
+                while poller.last_success is None:  # noqa: ASYNC110 - the poller's own record
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+    assert budget.sent_by_priority[Priority.START] >= 1
+    assert budget.sent_by_priority[Priority.BACKGROUND] == 0

@@ -24,7 +24,7 @@ import logging
 import math
 import ssl
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -243,8 +243,9 @@ class Priority(enum.IntEnum):
     """How urgent a request is; waiting requests are served highest first.
 
     ``FINISH``: work on an order already under way (a receipt, the reads that move an
-    order forward); ``START``: new work (an import); ``BACKGROUND``: polls and
-    reconciliation, which lose nothing by waiting.
+    order forward, Katana's polls); ``START``: new work (an import, TradeGecko's polls,
+    which find new POs); ``BACKGROUND``: reconciliation under webhooks, which loses nothing
+    by waiting.
     """
 
     BACKGROUND = 0
@@ -618,6 +619,13 @@ class RequestBudget:
     def waiting(self) -> int:
         """Requests waiting for room."""
         return len(self._waiting)
+
+    def waiting_by_priority(self) -> dict[str, int]:
+        """Requests waiting for room by the priority they rank at now (promotions counted),
+        named in lower case: what a full window holds back."""
+        now = self._clock()
+        ranks = Counter(self._promoted(waiter, now).name.lower() for waiter in self._waiting)
+        return dict(sorted(ranks.items()))
 
 
 class RequestGuard(Protocol):

@@ -77,6 +77,9 @@ class _Poller:
     #: How far polls that find nothing stretch the interval (at most this many times it);
     #: a kick or a poll that finds something brings it back. 1: never stretched.
     idle_stretch = 1.0
+    #: The priority of the work a poll feeds, at which its requests go while polls are the
+    #: way changes arrive (:meth:`priority`).
+    feeds = Priority.START
 
     def __init__(
         self, store: Store, config: Config, interval: float, wake: Callable[[], None]
@@ -91,6 +94,8 @@ class _Poller:
         self.kick = anyio.Event()
         #: Polls in a row that found nothing (and were not kicked).
         self.idle_polls = 0
+        #: Whether the coming poll was asked for (:attr:`kick`), not only due.
+        self.kicked = False
         #: The wait for the next poll under way, and when it began (the last poll's end).
         self._waiting: anyio.CancelScope | None = None
         self._polled_at = 0.0
@@ -110,6 +115,16 @@ class _Poller:
     def _moved(self, added: int) -> bool:
         """Whether the poll found something that may move (``added``: new events)."""
         return bool(added)
+
+    def priority(self) -> Priority:
+        """The priority of this poll's requests: that of the work it feeds (:attr:`feeds`);
+        background for a due reconcile poll under webhooks, the safety net that loses
+        nothing by waiting. At background a poll left the last slots of syncd's share to
+        the others and starved while a burst of receipts aged out of TradeGecko's window:
+        the POs it would have found sat unseen for 90-150 s, then came as one convoy."""
+        if self.interval >= self._reconcile_interval and not self.kicked:
+            return Priority.BACKGROUND
+        return self.feeds
 
     def next_wait(self) -> float:
         """Seconds until the next poll: the interval, stretched (doubling, up to
@@ -137,7 +152,6 @@ class _Poller:
         except SyncdError:
             return False
 
-    @request_priority(Priority.BACKGROUND)
     async def run(self, *, first: Callable[[], Awaitable[None]] | None = None) -> None:
         """Poll forever; a failed poll is logged and tried again next interval.
 
@@ -148,7 +162,8 @@ class _Poller:
             await first()
         while True:
             try:
-                added = await self.poll_once()
+                with request_priority(self.priority()):
+                    added = await self.poll_once()
             except AuthError as exc:
                 await self._pause(exc)
             except SyncdError as exc:
@@ -169,7 +184,8 @@ class _Poller:
             with self._waiting:
                 await self.kick.wait()
             self._waiting = None
-            if self.kick.is_set():
+            self.kicked = self.kick.is_set()
+            if self.kicked:
                 self.idle_polls = 0  # asked to look now: something may move
             self.kick = anyio.Event()
 
@@ -566,6 +582,8 @@ class KatanaPoller(_Poller):
     so_cursor = "katana.sales_orders"
     mo_cursor = "katana.manufacturing_orders"
     idle_stretch = 2.0
+    #: What it finds (production done, an SO delivered) moves orders under way to receipt.
+    feeds = Priority.FINISH
     #: The MO list, in poll intervals: at most once per this many.
     MO_EVERY_POLLS = 4
 
