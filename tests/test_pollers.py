@@ -228,8 +228,7 @@ async def test_a_poll_goes_at_the_priority_of_the_work_it_feeds(sims: Sims, tmp_
         # Under webhooks a due poll is the safety net; one a delivery asked for is not.
         katana.reconcile()
         assert katana.priority() is Priority.BACKGROUND
-        katana.kicked = True
-        assert katana.priority() is Priority.FINISH
+        assert katana.priority(kicked=True) is Priority.FINISH
     async with tradegecko_poller(sims, tmp_path) as poller:
         await sims.create_po()
         # A window full but for the slots a poll at background leaves to the others (a

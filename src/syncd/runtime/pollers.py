@@ -94,8 +94,6 @@ class _Poller:
         self.kick = anyio.Event()
         #: Polls in a row that found nothing (and were not kicked).
         self.idle_polls = 0
-        #: Whether the coming poll was asked for (:attr:`kick`), not only due.
-        self.kicked = False
         #: The wait for the next poll under way, and when it began (the last poll's end).
         self._waiting: anyio.CancelScope | None = None
         self._polled_at = 0.0
@@ -116,13 +114,17 @@ class _Poller:
         """Whether the poll found something that may move (``added``: new events)."""
         return bool(added)
 
-    def priority(self) -> Priority:
-        """The priority of this poll's requests: that of the work it feeds (:attr:`feeds`);
-        background for a due reconcile poll under webhooks, the safety net that loses
-        nothing by waiting. At background a poll left the last slots of syncd's share to
-        the others and starved while a burst of receipts aged out of TradeGecko's window:
-        the POs it would have found sat unseen for 90-150 s, then came as one convoy."""
-        if self.interval >= self._reconcile_interval and not self.kicked:
+    @property
+    def reconciling(self) -> bool:
+        """Whether webhooks bring the changes and polls only catch what they missed."""
+        return self.interval >= self._reconcile_interval
+
+    def priority(self, *, kicked: bool = False) -> Priority:
+        """The priority of a poll's requests: that of the work it feeds (:attr:`feeds`);
+        background only for a due (not ``kicked``) reconcile poll, the webhooks' safety
+        net. A poll at background starved while a burst of receipts aged out of
+        TradeGecko's window: the POs it would have found sat unseen for 90-150 s."""
+        if self.reconciling and not kicked:
             return Priority.BACKGROUND
         return self.feeds
 
@@ -130,7 +132,7 @@ class _Poller:
         """Seconds until the next poll: the interval, stretched (doubling, up to
         :attr:`idle_stretch` times) after the second poll in a row that found nothing. The
         reconcile interval is never stretched: it is the webhooks' safety net."""
-        if self.interval >= self._reconcile_interval or self.idle_polls < 2:
+        if self.reconciling or self.idle_polls < 2:
             return self.interval
         return self.interval * min(self.idle_stretch, 2.0 ** (self.idle_polls - 1))
 
@@ -160,9 +162,10 @@ class _Poller:
         """
         if first is not None:
             await first()
+        kicked = False
         while True:
             try:
-                with request_priority(self.priority()):
+                with request_priority(self.priority(kicked=kicked)):
                     added = await self.poll_once()
             except AuthError as exc:
                 await self._pause(exc)
@@ -184,8 +187,8 @@ class _Poller:
             with self._waiting:
                 await self.kick.wait()
             self._waiting = None
-            self.kicked = self.kick.is_set()
-            if self.kicked:
+            kicked = self.kick.is_set()
+            if kicked:
                 self.idle_polls = 0  # asked to look now: something may move
             self.kick = anyio.Event()
 
@@ -642,7 +645,7 @@ class KatanaPoller(_Poller):
         due = (
             self.mo_listed_at is None
             or time.monotonic() - self.mo_listed_at >= self.mo_every
-            or self.interval >= self._reconcile_interval
+            or self.reconciling
         )
         if due and not set(followed) <= seen:
             manufacturing = await self.client.list_manufacturing_orders(
